@@ -33,6 +33,11 @@ impl ValidationErrors {
         });
     }
 
+    /// Takes in every error of `other`.
+    pub fn extend(&mut self, other: ValidationErrors) {
+        self.0.extend(other.0);
+    }
+
     /// Checks that `value` has between `min` and `max` characters.
     pub fn check_len(&mut self, field: impl Into<String>, value: &str, min: usize, max: usize) {
         let len = value.chars().count();

@@ -61,20 +61,18 @@ impl FromStr for NotificationKind {
     }
 }
 
-/// What a notification says and to whom; checked on construction.
+/// What a notification says; checked on construction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NotificationContent {
-    pub recipient: UserId,
+pub struct NotificationMessage {
     pub kind: NotificationKind,
     pub title: String,
     pub body: String,
     pub link: Option<String>,
 }
 
-impl NotificationContent {
+impl NotificationMessage {
     /// Checks the sizes of title, body and link (the title is trimmed).
     pub fn new(
-        recipient: UserId,
         kind: NotificationKind,
         title: String,
         body: String,
@@ -90,13 +88,20 @@ impl NotificationContent {
             }
         }
         errors.into_result(Self {
-            recipient,
             kind,
             title: title.trim().to_string(),
             body,
             link,
         })
     }
+}
+
+/// A message and its one recipient.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotificationContent {
+    pub recipient: UserId,
+    #[serde(flatten)]
+    pub message: NotificationMessage,
 }
 
 /// A notification as its events left it.
@@ -204,14 +209,17 @@ mod tests {
     }
 
     fn content(title: &str) -> NotificationContent {
-        NotificationContent::new(
-            user("bob"),
+        let message = NotificationMessage::new(
             NotificationKind::Announcement,
             title.into(),
             "Exams start Monday".into(),
             Some("https://example.org/exams".into()),
         )
-        .unwrap()
+        .unwrap();
+        NotificationContent {
+            recipient: user("bob"),
+            message,
+        }
     }
 
     fn create(title: &str) -> NotificationCommand {
@@ -268,8 +276,7 @@ mod tests {
 
     #[test]
     fn content_is_checked() {
-        let errors = NotificationContent::new(
-            user("bob"),
+        let errors = NotificationMessage::new(
             NotificationKind::Announcement,
             "  ".into(),
             String::new(),

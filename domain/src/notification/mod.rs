@@ -7,7 +7,9 @@ mod commands;
 mod events;
 mod inbox;
 
-pub use aggregate::{Notification, NotificationContent, NotificationError, NotificationKind};
+pub use aggregate::{
+    Notification, NotificationContent, NotificationError, NotificationKind, NotificationMessage,
+};
 pub use commands::NotificationCommand;
 pub use events::NotificationEvent;
 pub use inbox::{Inbox, InboxCommand, InboxEvent};

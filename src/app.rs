@@ -1,0 +1,115 @@
+//! Builds the server from settings and runs it until a shutdown signal.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::auth::JwtKeys;
+use crate::config::Settings;
+use crate::eventstore::Aggregates;
+use crate::http::{self, AppState};
+
+/// How often expired idempotency keys are purged.
+const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// A server bound to its port, ready to run.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    shutdown_timeout: Duration,
+}
+
+impl Application {
+    /// Connects to Postgres, applies migrations and binds the listener.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let secret = settings
+            .auth
+            .jwt_secret
+            .as_ref()
+            .context("PODIUM_JWT_SECRET is not set: the server refuses to start without it")?;
+        let keys = JwtKeys::new(secret.expose())?;
+        let pool = crate::db::connect(&settings.database).await?;
+        crate::db::migrate(&pool).await?;
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let state = AppState {
+            aggregates: Arc::new(Aggregates::new(&pool)),
+            pool,
+            keys: Arc::new(keys),
+            body_limit: settings.body_limit,
+        };
+        Ok(Self {
+            listener,
+            state,
+            shutdown_timeout: Duration::from_secs(settings.shutdown_timeout_secs),
+        })
+    }
+
+    /// The port actually bound (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.listener
+            .local_addr()
+            .map(|addr| addr.port())
+            .unwrap_or_default()
+    }
+
+    /// Serves until `shutdown` resolves, then lets in-flight requests finish
+    /// for at most the configured shutdown timeout.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let purge = tokio::spawn(purge_idempotency_keys(
+            self.state.pool.clone(),
+            stop_rx.clone(),
+        ));
+        tracing::info!(address = %self.listener.local_addr()?, "podium is listening");
+        let serve = axum::serve(self.listener, http::router(self.state)).with_graceful_shutdown(
+            async move {
+                shutdown.await;
+                let _ = stop_tx.send(true);
+            },
+        );
+        let mut server = tokio::spawn(async move { serve.await });
+        let timeout = self.shutdown_timeout;
+        let mut stopped = stop_rx;
+        let drain_deadline = async move {
+            if stopped.wait_for(|stop| *stop).await.is_ok() {
+                tokio::time::sleep(timeout).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let result = tokio::select! {
+            result = &mut server => result.context("the server task failed").and_then(|r| Ok(r?)),
+            () = drain_deadline => {
+                tracing::warn!(?timeout, "in-flight requests did not finish in time; exiting");
+                server.abort();
+                Ok(())
+            }
+        };
+        purge.abort();
+        result
+    }
+}
+
+async fn purge_idempotency_keys(pool: sqlx::PgPool, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(PURGE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => match http::idempotency::purge_expired(&pool).await {
+                Ok(0) => {}
+                Ok(purged) => tracing::info!(purged, "purged expired idempotency keys"),
+                Err(err) => tracing::warn!(%err, "cannot purge expired idempotency keys"),
+            },
+            // The only change ever sent is "stop".
+            _ = stop.changed() => return,
+        }
+    }
+}

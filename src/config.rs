@@ -1,0 +1,101 @@
+//! Settings, from command-line flags and environment variables (README.md
+//! documents each). Secrets are never printed: `Debug` redacts them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+
+pub const DEFAULT_DB_MAX_CONNECTIONS: u32 = 10;
+pub const DEFAULT_DB_ACQUIRE_TIMEOUT_SECS: u64 = 5;
+pub const DEFAULT_BODY_LIMIT: usize = 2 * 1024 * 1024;
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+
+/// A secret string whose `Debug` output is redacted.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
+/// Where the database is and how many connections to hold.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseSettings {
+    /// Postgres connection string of the primary (event store and read models).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<Secret>,
+    /// Most connections in the pool.
+    #[arg(long, env = "PODIUM_DB_MAX_CONNECTIONS", default_value_t = DEFAULT_DB_MAX_CONNECTIONS)]
+    pub db_max_connections: u32,
+    /// Seconds to wait for a free connection before answering 503.
+    #[arg(long, env = "PODIUM_DB_ACQUIRE_TIMEOUT_SECS", default_value_t = DEFAULT_DB_ACQUIRE_TIMEOUT_SECS)]
+    pub db_acquire_timeout_secs: u64,
+}
+
+impl DatabaseSettings {
+    pub fn acquire_timeout(&self) -> Duration {
+        Duration::from_secs(self.db_acquire_timeout_secs)
+    }
+}
+
+/// The JWT secret shared by everything that signs or checks tokens.
+#[derive(Debug, Clone, Args)]
+pub struct AuthSettings {
+    /// HS256 secret for bearer tokens (at least 32 bytes).
+    #[arg(long, env = "PODIUM_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
+}
+
+/// Everything `podium serve` needs.
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    #[command(flatten)]
+    pub database: DatabaseSettings,
+    #[command(flatten)]
+    pub auth: AuthSettings,
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, env = "PODIUM_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Largest accepted request body, in bytes (larger ones get 413).
+    #[arg(long, env = "PODIUM_BODY_LIMIT", default_value_t = DEFAULT_BODY_LIMIT)]
+    pub body_limit: usize,
+    /// Seconds that in-flight requests get to finish after a shutdown signal.
+    #[arg(long, env = "PODIUM_SHUTDOWN_TIMEOUT_SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_SECS)]
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Settings {
+    /// Settings for a server on `listen` with the given database and secret,
+    /// everything else at its default.
+    pub fn new(listen: SocketAddr, database_url: String, jwt_secret: String) -> Self {
+        Self {
+            database: DatabaseSettings {
+                database_url: Some(database_url.into()),
+                db_max_connections: DEFAULT_DB_MAX_CONNECTIONS,
+                db_acquire_timeout_secs: DEFAULT_DB_ACQUIRE_TIMEOUT_SECS,
+            },
+            auth: AuthSettings {
+                jwt_secret: Some(jwt_secret.into()),
+            },
+            listen,
+            body_limit: DEFAULT_BODY_LIMIT,
+            shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! The Postgres pool and the embedded migrations.
+
+use anyhow::Context;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+use crate::config::DatabaseSettings;
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Connects a pool to `DATABASE_URL`.
+pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+    let url = settings
+        .database_url
+        .as_ref()
+        .context("DATABASE_URL is not set: Podium needs a Postgres database (see README.md)")?;
+    PgPoolOptions::new()
+        .max_connections(settings.db_max_connections)
+        .acquire_timeout(settings.acquire_timeout())
+        .connect(url.expose())
+        .await
+        .context("cannot connect to Postgres at DATABASE_URL")
+}
+
+/// Applies every migration not yet applied. Safe to run from several
+/// processes at once: sqlx serialises them with an advisory lock.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    MIGRATOR
+        .run(pool)
+        .await
+        .context("cannot apply database migrations")
+}
+
+/// Whether Postgres answers a trivial query.
+pub async fn is_ready(pool: &PgPool) -> bool {
+    sqlx::query("SELECT 1").execute(pool).await.is_ok()
+}

@@ -1,0 +1,73 @@
+//! The event store: one cqrs-es framework per aggregate over postgres-es, all
+//! on one sqlx pool, with upcasters applied to every event read.
+
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::{Aggregate, AggregateContext, AggregateError, CqrsFramework, EventStore};
+use podium_domain::attempt::Attempt;
+use podium_domain::notification::{Inbox, Notification};
+use podium_domain::test::Test;
+use podium_domain::EventMetadata;
+use postgres_es::PostgresEventRepository;
+use sqlx::PgPool;
+
+type Persisted<A> = PersistedEventStore<PostgresEventRepository, A>;
+
+/// One aggregate type's command side: execute commands, load current state.
+pub struct Store<A: Aggregate> {
+    cqrs: CqrsFramework<A, Persisted<A>>,
+    events: Persisted<A>,
+}
+
+impl<A> Store<A>
+where
+    A: Aggregate<Services = ()>,
+{
+    fn new(pool: &PgPool) -> Self {
+        let persisted = || {
+            PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()))
+                .with_upcasters(podium_domain::upcasting::upcasters())
+        };
+        Self {
+            cqrs: CqrsFramework::new(persisted(), Vec::new(), ()),
+            events: persisted(),
+        }
+    }
+
+    /// Runs `command` against aggregate `id` and stores its events with
+    /// `metadata`, or fails with the aggregate's rejection or a conflict.
+    pub async fn execute(
+        &self,
+        id: &str,
+        command: A::Command,
+        metadata: EventMetadata,
+    ) -> Result<(), AggregateError<A::Error>> {
+        self.cqrs
+            .execute_with_metadata(id, command, metadata.into_map())
+            .await
+    }
+
+    /// The aggregate's current state (its default when it has no events).
+    pub async fn load(&self, id: &str) -> Result<A, AggregateError<A::Error>> {
+        let mut context = self.events.load_aggregate(id).await?;
+        Ok(std::mem::take(context.aggregate()))
+    }
+}
+
+/// Every aggregate's store.
+pub struct Aggregates {
+    pub tests: Store<Test>,
+    pub attempts: Store<Attempt>,
+    pub notifications: Store<Notification>,
+    pub inboxes: Store<Inbox>,
+}
+
+impl Aggregates {
+    pub fn new(pool: &PgPool) -> Self {
+        Self {
+            tests: Store::new(pool),
+            attempts: Store::new(pool),
+            notifications: Store::new(pool),
+            inboxes: Store::new(pool),
+        }
+    }
+}

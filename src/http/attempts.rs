@@ -1,0 +1,276 @@
+//! Attempts: start, answer, submit (graded by the server), read back.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use cqrs_es::AggregateError;
+use podium_domain::attempt::{Attempt, AttemptCommand, AttemptError, StartedAttempt};
+use podium_domain::test::TestDefinition;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::catalog::load_published;
+use super::error::{ApiError, Rejection as _};
+use super::extract::{ApiJson, ApiPath, OptionalJson, RequestId};
+use super::AppState;
+use crate::auth::Principal;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/tests/{test_id}/attempts", post(start))
+        .route("/v1/attempts/{attempt_id}", get(show))
+        .route(
+            "/v1/attempts/{attempt_id}/answers/{question_id}",
+            put(answer),
+        )
+        .route("/v1/attempts/{attempt_id}/submit", post(submit))
+}
+
+#[derive(Default, Deserialize)]
+struct StartBody {
+    attempt_id: Option<Uuid>,
+}
+
+#[derive(Serialize)]
+struct Started {
+    attempt_id: Uuid,
+    test_id: Uuid,
+    started_at: DateTime<Utc>,
+}
+
+impl From<&StartedAttempt> for Started {
+    fn from(attempt: &StartedAttempt) -> Self {
+        Self {
+            attempt_id: attempt.attempt_id,
+            test_id: attempt.test_id,
+            started_at: attempt.started_at,
+        }
+    }
+}
+
+/// 201 for a new attempt; 200 with the same body when the caller repeats a
+/// start with an attempt id they already used for this test.
+async fn start(
+    State(state): State<AppState>,
+    principal: Principal,
+    request: RequestId,
+    ApiPath(test_id): ApiPath<Uuid>,
+    OptionalJson(body): OptionalJson<StartBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    let attempt_id = body.attempt_id.unwrap_or_else(Uuid::new_v4);
+    let test = state
+        .aggregates
+        .tests
+        .load(&test_id.to_string())
+        .await?
+        .published;
+    let command = AttemptCommand::StartAttempt {
+        attempt_id,
+        user_id: principal.user_id.clone(),
+        test,
+        now: Utc::now(),
+    };
+    let id = attempt_id.to_string();
+    let attempts = &state.aggregates.attempts;
+    let status = match attempts
+        .execute(&id, command, request.metadata(&principal))
+        .await
+    {
+        Ok(()) => StatusCode::CREATED,
+        Err(AggregateError::UserError(AttemptError::AlreadyStarted))
+        | Err(AggregateError::AggregateConflict) => StatusCode::OK,
+        Err(other) => return Err(other.into()),
+    };
+    let attempt = attempts.load(&id).await?;
+    let started = attempt
+        .started
+        .as_ref()
+        .filter(|s| s.user_id == principal.user_id && s.test_id == test_id)
+        .ok_or_else(|| {
+            ApiError::conflict(
+                "already-exists",
+                "this attempt id is already used for another test or user",
+            )
+        })?;
+    Ok((
+        status,
+        [(header::LOCATION, format!("/v1/attempts/{attempt_id}"))],
+        Json(Started::from(started)),
+    ))
+}
+
+#[derive(Deserialize)]
+struct AnswerBody {
+    choice: i64,
+}
+
+async fn answer(
+    State(state): State<AppState>,
+    principal: Principal,
+    request: RequestId,
+    ApiPath((attempt_id, question_id)): ApiPath<(Uuid, String)>,
+    ApiJson(body): ApiJson<AnswerBody>,
+) -> Result<StatusCode, ApiError> {
+    let test = load_for_owner(&state, attempt_id, &principal).await?;
+    let command = AttemptCommand::RecordAnswer {
+        by: principal.user_id.clone(),
+        question_id,
+        choice: body.choice,
+        test,
+        now: Utc::now(),
+    };
+    state
+        .aggregates
+        .attempts
+        .execute(
+            &attempt_id.to_string(),
+            command,
+            request.metadata(&principal),
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Default, Deserialize)]
+struct SubmitBody {
+    #[serde(default)]
+    answers: BTreeMap<String, i64>,
+}
+
+/// The graded result, as the submit endpoint answers it.
+#[derive(Serialize)]
+struct Submitted {
+    attempt_id: Uuid,
+    test_id: Uuid,
+    #[serde(flatten)]
+    grade: GradeView,
+}
+
+async fn submit(
+    State(state): State<AppState>,
+    principal: Principal,
+    request: RequestId,
+    ApiPath(attempt_id): ApiPath<Uuid>,
+    OptionalJson(body): OptionalJson<SubmitBody>,
+) -> Result<Json<Submitted>, ApiError> {
+    let test = load_for_owner(&state, attempt_id, &principal).await?;
+    let command = AttemptCommand::SubmitAttempt {
+        by: principal.user_id.clone(),
+        answers: body.answers,
+        test,
+        now: Utc::now(),
+    };
+    let id = attempt_id.to_string();
+    let attempts = &state.aggregates.attempts;
+    attempts
+        .execute(&id, command, request.metadata(&principal))
+        .await
+        .map_err(|err| match err {
+            // Several submits raced and another won: that is "already submitted".
+            AggregateError::AggregateConflict => AttemptError::AlreadySubmitted.into_api_error(),
+            other => other.into(),
+        })?;
+    let attempt = attempts.load(&id).await?;
+    let view = AttemptView::new(&attempt).ok_or_else(|| ApiError::internal("attempt vanished"))?;
+    let grade = view
+        .grade
+        .ok_or_else(|| ApiError::internal("submitted attempt has no grade"))?;
+    Ok(Json(Submitted {
+        attempt_id,
+        test_id: view.test_id,
+        grade,
+    }))
+}
+
+/// The definition of the test of attempt `attempt_id`, if `principal` owns it.
+async fn load_for_owner(
+    state: &AppState,
+    attempt_id: Uuid,
+    principal: &Principal,
+) -> Result<TestDefinition, ApiError> {
+    let attempt = state
+        .aggregates
+        .attempts
+        .load(&attempt_id.to_string())
+        .await?;
+    let started = attempt
+        .started
+        .ok_or_else(|| AttemptError::NotFound.into_api_error())?;
+    if started.user_id != principal.user_id {
+        return Err(AttemptError::NotOwner.into_api_error());
+    }
+    let test = load_published(state, started.test_id).await?;
+    Ok(test.definition)
+}
+
+#[derive(Serialize)]
+struct AttemptView {
+    attempt_id: Uuid,
+    test_id: Uuid,
+    user_id: String,
+    status: &'static str,
+    answers: BTreeMap<String, u32>,
+    started_at: DateTime<Utc>,
+    /// The last instant a submission is accepted, for timed tests.
+    deadline: Option<DateTime<Utc>>,
+    #[serde(flatten)]
+    grade: Option<GradeView>,
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct GradeView {
+    score: u32,
+    max_score: u32,
+    correct: u32,
+    duration_ms: u64,
+    submitted_at: DateTime<Utc>,
+}
+
+impl AttemptView {
+    fn new(attempt: &Attempt) -> Option<Self> {
+        let started = attempt.started.as_ref()?;
+        Some(Self {
+            attempt_id: started.attempt_id,
+            test_id: started.test_id,
+            user_id: started.user_id.to_string(),
+            status: if attempt.grade.is_some() {
+                "submitted"
+            } else {
+                "in_progress"
+            },
+            answers: attempt.answers.clone(),
+            started_at: started.started_at,
+            deadline: started.deadline(),
+            grade: attempt.grade.as_ref().map(|g| GradeView {
+                score: g.score,
+                max_score: g.max_score,
+                correct: g.correct,
+                duration_ms: g.duration_ms,
+                submitted_at: g.submitted_at,
+            }),
+        })
+    }
+}
+
+/// The attempt, for its owner or an admin.
+async fn show(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(attempt_id): ApiPath<Uuid>,
+) -> Result<Json<AttemptView>, ApiError> {
+    let attempt = state
+        .aggregates
+        .attempts
+        .load(&attempt_id.to_string())
+        .await?;
+    let view = AttemptView::new(&attempt).ok_or_else(|| AttemptError::NotFound.into_api_error())?;
+    if view.user_id != principal.user_id.as_str() && !principal.is_admin() {
+        return Err(AttemptError::NotOwner.into_api_error());
+    }
+    Ok(Json(view))
+}

@@ -1,0 +1,245 @@
+//! The one API error type, and its mapping to `application/problem+json`
+//! (RFC 9457). Handlers return `Result<_, ApiError>`; domain rejections and
+//! store failures are translated here and nowhere else.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use cqrs_es::AggregateError;
+use podium_domain::attempt::AttemptError;
+use podium_domain::notification::NotificationError;
+use podium_domain::test::TestError;
+use podium_domain::{FieldError, ValidationErrors};
+use serde::Serialize;
+
+use crate::auth::AuthError;
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(#[from] AuthError),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// `kind` names the conflict in the problem type, e.g. `already-submitted`.
+    #[error("{detail}")]
+    Conflict { kind: &'static str, detail: String },
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{detail}")]
+    Unprocessable {
+        detail: String,
+        errors: Vec<FieldError>,
+    },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(Box<dyn std::error::Error + Send + Sync>),
+}
+
+#[derive(Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'a str,
+    status: u16,
+    detail: String,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    errors: &'a [FieldError],
+}
+
+impl ApiError {
+    pub fn conflict(kind: &'static str, detail: impl Into<String>) -> Self {
+        Self::Conflict {
+            kind,
+            detail: detail.into(),
+        }
+    }
+
+    pub fn invalid(errors: ValidationErrors) -> Self {
+        Self::Unprocessable {
+            detail: format!("the request has invalid values: {errors}"),
+            errors: errors.fields().to_vec(),
+        }
+    }
+
+    pub fn internal(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Internal(err.into())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The last segment of the problem `type` URI.
+    fn slug(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "malformed-request",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
+            Self::NotFound(_) => "not-found",
+            Self::MethodNotAllowed => "method-not-allowed",
+            Self::Conflict { kind, .. } => kind,
+            Self::PayloadTooLarge(_) => "payload-too-large",
+            Self::UnsupportedMediaType(_) => "unsupported-media-type",
+            Self::Unprocessable { .. } => "invalid-values",
+            Self::Unavailable(_) => "service-unavailable",
+            Self::Internal(_) => "internal-error",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let detail = match &self {
+            // Never leak internals: log the cause chain, answer generically.
+            Self::Internal(err) => {
+                let mut chain = err.to_string();
+                let mut source = err.source();
+                while let Some(cause) = source {
+                    chain.push_str(": ");
+                    chain.push_str(&cause.to_string());
+                    source = cause.source();
+                }
+                tracing::error!(error = chain, "internal error");
+                "an unexpected error occurred; it has been logged".to_string()
+            }
+            Self::Unavailable(detail) => {
+                tracing::warn!(detail, "dependency unavailable");
+                detail.clone()
+            }
+            other => other.to_string(),
+        };
+        let errors = match &self {
+            Self::Unprocessable { errors, .. } => errors.as_slice(),
+            _ => &[],
+        };
+        let problem = Problem {
+            kind: format!("urn:podium:problem:{}", self.slug()),
+            title: status.canonical_reason().unwrap_or("Error"),
+            status: status.as_u16(),
+            detail,
+            errors,
+        };
+        let body = serde_json::to_vec(&problem).expect("a problem always serializes");
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// How a domain rejection reads to a client.
+pub trait Rejection {
+    fn into_api_error(self) -> ApiError;
+}
+
+impl Rejection for TestError {
+    fn into_api_error(self) -> ApiError {
+        match self {
+            Self::AlreadyExists => ApiError::conflict("already-exists", self.to_string()),
+            Self::NotFound => ApiError::NotFound(self.to_string()),
+        }
+    }
+}
+
+impl Rejection for AttemptError {
+    fn into_api_error(self) -> ApiError {
+        match self {
+            Self::TestNotFound | Self::NotFound => ApiError::NotFound(self.to_string()),
+            Self::TestArchived => ApiError::conflict("test-archived", self.to_string()),
+            Self::AlreadyStarted => ApiError::conflict("already-exists", self.to_string()),
+            Self::NotOwner => ApiError::Forbidden(self.to_string()),
+            Self::AlreadySubmitted => ApiError::conflict("already-submitted", self.to_string()),
+            Self::TimeLimitExceeded { .. } => {
+                ApiError::conflict("time-limit-exceeded", self.to_string())
+            }
+            Self::InvalidAnswers(errors) => ApiError::invalid(errors),
+        }
+    }
+}
+
+impl Rejection for NotificationError {
+    fn into_api_error(self) -> ApiError {
+        match self {
+            Self::AlreadyExists => ApiError::conflict("already-exists", self.to_string()),
+            Self::NotFound => ApiError::NotFound(self.to_string()),
+            Self::NotRecipient => ApiError::Forbidden(self.to_string()),
+        }
+    }
+}
+
+impl Rejection for std::convert::Infallible {
+    fn into_api_error(self) -> ApiError {
+        match self {}
+    }
+}
+
+impl<E: Rejection + std::error::Error> From<AggregateError<E>> for ApiError {
+    fn from(err: AggregateError<E>) -> Self {
+        match err {
+            AggregateError::UserError(rejection) => rejection.into_api_error(),
+            AggregateError::AggregateConflict => ApiError::conflict(
+                "concurrent-change",
+                "another request changed this resource at the same time; retry",
+            ),
+            AggregateError::DatabaseConnectionError(err) => {
+                ApiError::Unavailable(format!("the database is unreachable: {err}"))
+            }
+            AggregateError::UnexpectedError(err) if is_unavailable(err.as_ref()) => {
+                ApiError::Unavailable(format!("the database is unavailable: {err}"))
+            }
+            AggregateError::DeserializationError(err) | AggregateError::UnexpectedError(err) => {
+                ApiError::Internal(err)
+            }
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        if is_unavailable(&err) {
+            ApiError::Unavailable(format!("the database is unavailable: {err}"))
+        } else {
+            ApiError::internal(err)
+        }
+    }
+}
+
+/// Whether a store error means "the database cannot be reached right now"
+/// (answer 503) rather than a bug (answer 500).
+fn is_unavailable(err: &(dyn std::error::Error + 'static)) -> bool {
+    match err.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)) => true,
+        Some(sqlx::Error::Database(db)) => {
+            // Class 08: connection exceptions; 57P0x: the server is shutting down.
+            db.code()
+                .is_some_and(|code| code.starts_with("08") || code.starts_with("57P0"))
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,32 @@
+//! `/healthz` (the process is up) and `/readyz` (its dependencies answer).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use super::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+}
+
+async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let postgres = crate::db::is_ready(&state.pool).await;
+    let status = if postgres {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let word = |up: bool| if up { "up" } else { "down" };
+    (
+        status,
+        Json(json!({
+            "status": word(postgres),
+            "checks": {"postgres": word(postgres)},
+        })),
+    )
+}

@@ -1,0 +1,61 @@
+//! The HTTP API: one router per resource, merged here, with the layers every
+//! request passes through (request ids, tracing, body limit, idempotency,
+//! panics turned into problem+json).
+
+mod attempts;
+mod catalog;
+pub mod error;
+pub mod extract;
+mod health;
+pub mod idempotency;
+mod notifications;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::HeaderName;
+use axum::response::IntoResponse;
+use axum::{middleware, Router};
+use sqlx::PgPool;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::auth::JwtKeys;
+use crate::eventstore::Aggregates;
+use error::ApiError;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub aggregates: Arc<Aggregates>,
+    pub keys: Arc<JwtKeys>,
+    /// Largest accepted request body, in bytes.
+    pub body_limit: usize,
+}
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.body_limit;
+    Router::new()
+        .merge(health::router())
+        .merge(catalog::router())
+        .merge(attempts::router())
+        .merge(notifications::router())
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::middleware,
+        ))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal("the request handler panicked").into_response()
+        }))
+        .layer(TraceLayer::new_for_http())
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .with_state(state)
+}

@@ -1,0 +1,177 @@
+//! Notification commands: admins send announcements; users mark theirs read.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Extension, Json, Router};
+use chrono::Utc;
+use podium_domain::notification::{
+    InboxCommand, NotificationCommand, NotificationContent, NotificationKind, NotificationMessage,
+};
+use podium_domain::{UserId, ValidationErrors};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::extract::{Admin, ApiJson, ApiPath, RequestId};
+use super::idempotency::IdempotencyScope;
+use super::AppState;
+use crate::auth::Principal;
+
+/// Most recipients of one `POST /v1/notifications`.
+pub const MAX_RECIPIENTS: usize = 1_000;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/notifications", post(send))
+        .route("/v1/me/notifications/{id}/read", post(mark_read))
+        .route("/v1/me/notifications/read-all", post(read_all))
+}
+
+#[derive(Deserialize)]
+struct SendBody {
+    user_ids: Vec<String>,
+    kind: Option<String>,
+    title: String,
+    body: String,
+    link: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Sent {
+    notification_ids: Vec<Uuid>,
+}
+
+impl SendBody {
+    /// One checked content per recipient, or every problem found.
+    fn parse(self) -> Result<Vec<NotificationContent>, ValidationErrors> {
+        let mut errors = ValidationErrors::new();
+        if self.user_ids.is_empty() || self.user_ids.len() > MAX_RECIPIENTS {
+            errors.add(
+                "user_ids",
+                format!("must hold 1 to {MAX_RECIPIENTS} user ids"),
+            );
+        }
+        let mut recipients = Vec::with_capacity(self.user_ids.len());
+        let mut seen = std::collections::HashSet::new();
+        for (i, raw) in self.user_ids.into_iter().enumerate() {
+            match UserId::parse(raw) {
+                Ok(user) if !seen.insert(user.clone()) => {
+                    errors.add(
+                        format!("user_ids[{i}]"),
+                        format!("duplicate user id {user}"),
+                    );
+                }
+                Ok(user) => recipients.push(user),
+                Err(err) => errors.add(format!("user_ids[{i}]"), err.to_string()),
+            }
+        }
+        let kind = match self.kind.as_deref().map(str::parse::<NotificationKind>) {
+            None => NotificationKind::Announcement,
+            Some(Ok(kind)) => kind,
+            Some(Err(message)) => {
+                errors.add("kind", message);
+                NotificationKind::Announcement
+            }
+        };
+        let message = match NotificationMessage::new(kind, self.title, self.body, self.link) {
+            Ok(message) => message,
+            Err(message_errors) => {
+                errors.extend(message_errors);
+                return Err(errors);
+            }
+        };
+        errors.into_result(
+            recipients
+                .into_iter()
+                .map(|recipient| NotificationContent {
+                    recipient,
+                    message: message.clone(),
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Creates one notification per recipient. With an `Idempotency-Key`, ids are
+/// derived from it, so a retry after a crash half-way creates no duplicates.
+async fn send(
+    State(state): State<AppState>,
+    Admin(admin): Admin,
+    request: RequestId,
+    scope: Option<Extension<IdempotencyScope>>,
+    ApiJson(body): ApiJson<SendBody>,
+) -> Result<(StatusCode, Json<Sent>), ApiError> {
+    let contents = body.parse().map_err(ApiError::invalid)?;
+    let now = Utc::now();
+    let mut notification_ids = Vec::with_capacity(contents.len());
+    for content in contents {
+        let notification_id = match &scope {
+            Some(Extension(scope)) => scope.derive_id(content.recipient.as_str()),
+            None => Uuid::new_v4(),
+        };
+        let command = NotificationCommand::CreateNotification {
+            notification_id,
+            content,
+            now,
+        };
+        state
+            .aggregates
+            .notifications
+            .execute(
+                &notification_id.to_string(),
+                command,
+                request.metadata(&admin),
+            )
+            .await?;
+        notification_ids.push(notification_id);
+    }
+    Ok((StatusCode::ACCEPTED, Json(Sent { notification_ids })))
+}
+
+async fn mark_read(
+    State(state): State<AppState>,
+    principal: Principal,
+    request: RequestId,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    let command = NotificationCommand::MarkRead {
+        by: principal.user_id.clone(),
+        now: Utc::now(),
+    };
+    let result = state
+        .aggregates
+        .notifications
+        .execute(&id.to_string(), command, request.metadata(&principal))
+        .await;
+    match result {
+        // Two marks raced: the other one recorded the read; same outcome.
+        Ok(()) | Err(cqrs_es::AggregateError::AggregateConflict) => Ok(StatusCode::NO_CONTENT),
+        Err(err) => Err(err.into()),
+    }
+}
+
+async fn read_all(
+    State(state): State<AppState>,
+    principal: Principal,
+    request: RequestId,
+) -> Result<StatusCode, ApiError> {
+    let command = InboxCommand::ReadAll {
+        user_id: principal.user_id.clone(),
+        now: Utc::now(),
+    };
+    let result = state
+        .aggregates
+        .inboxes
+        .execute(
+            principal.user_id.as_str(),
+            command,
+            request.metadata(&principal),
+        )
+        .await;
+    match result {
+        // A concurrent read-all was recorded instead: everything is read.
+        Ok(()) | Err(cqrs_es::AggregateError::AggregateConflict) => Ok(StatusCode::NO_CONTENT),
+        Err(err) => Err(err.into()),
+    }
+}

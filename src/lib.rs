@@ -1,0 +1,18 @@
+//! The `podium` binary's library: configuration, the HTTP API (commands,
+//! queries, auth, problem+json errors, idempotency), the event-store wiring and
+//! the command line. `main.rs` only parses the command line and calls [`cli::run`];
+//! tests start the same [`app::Application`] on port 0.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod eventstore;
+pub mod http;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use app::Application;
+pub use config::Settings;
