@@ -136,7 +136,7 @@ mod tests {
     #[test]
     fn another_secret_or_garbage_is_refused() {
         let keys = JwtKeys::new(SECRET).unwrap();
-        let other = JwtKeys::new(&SECRET.replace('0', 'x')).unwrap();
+        let other = JwtKeys::new(&SECRET.replace('0', "x")).unwrap();
         let token = other.issue(
             &UserId::parse("a").unwrap(),
             Role::User,

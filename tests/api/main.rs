@@ -1,1 +1,11 @@
+//! Integration tests: the real server on a random port, its own fresh Postgres
+//! database per test, driven over HTTP.
 
+mod helpers;
+
+mod auth;
+mod bad_input;
+mod commands;
+mod concurrency;
+mod idempotency;
+mod notifications;

@@ -1,0 +1,229 @@
+//! `spawn_app()` and one helper per endpoint.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use podium::auth::{JwtKeys, Role};
+use podium::Settings;
+use podium_domain::UserId;
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde_json::{json, Value};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
+
+/// The maintenance database tests create their own databases from.
+fn maintenance_url() -> String {
+    std::env::var("PODIUM_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+fn database_url(name: &str) -> String {
+    let base = maintenance_url();
+    let (server, _) = base
+        .rsplit_once('/')
+        .expect("a database URL ends in /dbname");
+    format!("{server}/{name}")
+}
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    /// A small pool on the test's database, for checking what was stored.
+    pub pool: PgPool,
+    keys: JwtKeys,
+    db_name: String,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    let db_name = format!("podium_test_{}", Uuid::new_v4().simple());
+    let mut admin = PgConnection::connect(&maintenance_url())
+        .await
+        .expect("Postgres must be reachable at PODIUM_TEST_DATABASE_URL (see README.md)");
+    sqlx::query(&format!("CREATE DATABASE {db_name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create the test database");
+    let mut settings = Settings::new(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        database_url(&db_name),
+        SECRET.to_string(),
+    );
+    settings.database.db_max_connections = 5;
+    let app = podium::Application::build(settings)
+        .await
+        .expect("the app builds");
+    let port = app.port();
+    let (shutdown, stopped) = oneshot::channel::<()>();
+    tokio::spawn(app.run_until(async move {
+        let _ = stopped.await;
+    }));
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&database_url(&db_name))
+        .await
+        .expect("connect to the test database");
+    TestApp {
+        address: format!("http://127.0.0.1:{port}"),
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap(),
+        pool,
+        keys: JwtKeys::new(SECRET).unwrap(),
+        db_name,
+        shutdown: Some(shutdown),
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        let db_name = self.db_name.clone();
+        // Drop runs inside the test's runtime, so clean up on a thread of our own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                if let Ok(mut conn) = PgConnection::connect(&maintenance_url()).await {
+                    let drop = format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)");
+                    let _ = sqlx::query(&drop).execute(&mut conn).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A ten-point test: q1 (answer 1, 4 points), q2 (answer 0, 6 points).
+pub fn sample_test() -> Value {
+    json!({
+        "title": "Geography",
+        "time_limit_secs": 600,
+        "questions": [
+            {"id": "q1", "prompt": "Capital of France?", "choices": ["Lyon", "Paris", "Nice"], "answer": 1, "points": 4},
+            {"id": "q2", "prompt": "Longest river?", "choices": ["Nile", "Seine"], "answer": 0, "points": 6}
+        ]
+    })
+}
+
+impl TestApp {
+    pub fn token(&self, sub: &str, role: Role) -> String {
+        let user = UserId::parse(sub).unwrap();
+        self.keys.issue(&user, role, Duration::from_secs(600))
+    }
+
+    pub fn admin(&self) -> String {
+        self.token("admin-1", Role::Admin)
+    }
+
+    pub fn user(&self, sub: &str) -> String {
+        self.token(sub, Role::User)
+    }
+
+    pub fn request(&self, method: Method, path: &str, token: Option<&str>) -> RequestBuilder {
+        let builder = self
+            .client
+            .request(method, format!("{}{}", self.address, path));
+        match token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        }
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Option<Value>) -> Response {
+        let builder = self.request(Method::POST, path, Some(token));
+        let builder = match body {
+            Some(body) => builder.json(&body),
+            None => builder,
+        };
+        builder.send().await.expect("the request is sent")
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Response {
+        self.request(Method::GET, path, Some(token))
+            .send()
+            .await
+            .expect("the request is sent")
+    }
+
+    pub async fn publish_test(&self, body: Value) -> Response {
+        self.post("/v1/tests", &self.admin(), Some(body)).await
+    }
+
+    /// Publishes [`sample_test`] and returns its id.
+    pub async fn published_test(&self) -> String {
+        let response = self.publish_test(sample_test()).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let body: Value = response.json().await.unwrap();
+        body["id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn start_attempt(&self, test_id: &str, token: &str, body: Option<Value>) -> Response {
+        self.post(&format!("/v1/tests/{test_id}/attempts"), token, body)
+            .await
+    }
+
+    /// Starts an attempt on `test_id` as `token` and returns its id.
+    pub async fn started_attempt(&self, test_id: &str, token: &str) -> String {
+        let response = self.start_attempt(test_id, token, None).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let body: Value = response.json().await.unwrap();
+        body["attempt_id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn answer(
+        &self,
+        attempt_id: &str,
+        question: &str,
+        token: &str,
+        choice: i64,
+    ) -> Response {
+        self.request(
+            Method::PUT,
+            &format!("/v1/attempts/{attempt_id}/answers/{question}"),
+            Some(token),
+        )
+        .json(&json!({ "choice": choice }))
+        .send()
+        .await
+        .unwrap()
+    }
+
+    pub async fn submit(&self, attempt_id: &str, token: &str, body: Option<Value>) -> Response {
+        self.post(&format!("/v1/attempts/{attempt_id}/submit"), token, body)
+            .await
+    }
+
+    /// How many events the log holds.
+    pub async fn event_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+/// Asserts a problem+json response with `status` and returns its body.
+pub async fn assert_problem(response: Response, status: StatusCode) -> Value {
+    assert_eq!(response.status(), status, "unexpected status");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string());
+    assert_eq!(content_type.as_deref(), Some("application/problem+json"));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], status.as_u16());
+    assert!(body["type"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(body["title"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(body["detail"].as_str().is_some_and(|t| !t.is_empty()));
+    body
+}
