@@ -12,6 +12,11 @@ use crate::auth::JwtKeys;
 use crate::config::Settings;
 use crate::eventstore::Aggregates;
 use crate::http::{self, AppState};
+use crate::relay::{Relay, RelayConfig};
+use podium_nats::{EventBus, StreamLimits};
+
+/// How long background tasks get to stop after the server has.
+const TASK_GRACE: Duration = Duration::from_secs(10);
 
 /// How often expired idempotency keys are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
@@ -34,6 +39,18 @@ impl Application {
         let keys = JwtKeys::new(secret.expose())?;
         let pool = crate::db::connect(&settings.database).await?;
         crate::db::migrate(&pool).await?;
+        crate::eventlog::sync_epoch(&pool).await?;
+        let bus = match &settings.nats.nats_url {
+            Some(url) => {
+                let bus = EventBus::connect(url, &settings.nats.nats_prefix).await?;
+                bus.ensure_streams(&StreamLimits::default()).await?;
+                Some(bus)
+            }
+            None => {
+                tracing::warn!("NATS_URL is not set: events stay in Postgres and are not relayed");
+                None
+            }
+        };
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
@@ -42,6 +59,7 @@ impl Application {
             pool,
             keys: Arc::new(keys),
             body_limit: settings.body_limit,
+            bus,
         };
         Ok(Self {
             listener,
@@ -65,10 +83,14 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let purge = tokio::spawn(purge_idempotency_keys(
+        let mut tasks = vec![tokio::spawn(purge_idempotency_keys(
             self.state.pool.clone(),
             stop_rx.clone(),
-        ));
+        ))];
+        if let Some(bus) = &self.state.bus {
+            let relay = Relay::new(self.state.pool.clone(), bus.clone(), RelayConfig::default());
+            tasks.push(tokio::spawn(relay.run(stop_rx.clone())));
+        }
         tracing::info!(address = %self.listener.local_addr()?, "podium is listening");
         let serve = axum::serve(self.listener, http::router(self.state)).with_graceful_shutdown(
             async move {
@@ -94,7 +116,14 @@ impl Application {
                 Ok(())
             }
         };
-        purge.abort();
+        // Background tasks saw the same stop signal; give them a moment to
+        // finish their batch, then end them.
+        for mut task in tasks {
+            if tokio::time::timeout(TASK_GRACE, &mut task).await.is_err() {
+                tracing::warn!("a background task did not stop in time; ending it");
+                task.abort();
+            }
+        }
         result
     }
 }

@@ -11,6 +11,7 @@ pub const DEFAULT_DB_MAX_CONNECTIONS: u32 = 10;
 pub const DEFAULT_DB_ACQUIRE_TIMEOUT_SECS: u64 = 5;
 pub const DEFAULT_BODY_LIMIT: usize = 2 * 1024 * 1024;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+pub const DEFAULT_NATS_PREFIX: &str = "podium";
 
 /// A secret string whose `Debug` output is redacted.
 #[derive(Clone)]
@@ -62,6 +63,18 @@ pub struct AuthSettings {
     pub jwt_secret: Option<Secret>,
 }
 
+/// Where NATS is and which subjects and streams are ours.
+#[derive(Debug, Clone, Args)]
+pub struct NatsSettings {
+    /// NATS server with JetStream, e.g. `nats://127.0.0.1:4222`. Without it
+    /// events stay in Postgres and nothing is relayed.
+    #[arg(long, env = "NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Prefix of subjects and stream names, so deployments can share a server.
+    #[arg(long, env = "PODIUM_NATS_PREFIX", default_value = DEFAULT_NATS_PREFIX)]
+    pub nats_prefix: String,
+}
+
 /// Everything `podium serve` needs.
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
@@ -69,6 +82,8 @@ pub struct Settings {
     pub database: DatabaseSettings,
     #[command(flatten)]
     pub auth: AuthSettings,
+    #[command(flatten)]
+    pub nats: NatsSettings,
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, env = "PODIUM_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -92,6 +107,10 @@ impl Settings {
             },
             auth: AuthSettings {
                 jwt_secret: Some(jwt_secret.into()),
+            },
+            nats: NatsSettings {
+                nats_url: None,
+                nats_prefix: DEFAULT_NATS_PREFIX.to_string(),
             },
             listen,
             body_limit: DEFAULT_BODY_LIMIT,

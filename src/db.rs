@@ -1,10 +1,15 @@
 //! The Postgres pool and the embedded migrations.
 
 use anyhow::Context;
-use sqlx::postgres::PgPoolOptions;
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
 use crate::config::DatabaseSettings;
+
+/// How long a session may sit idle inside a transaction before Postgres ends it.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "30s";
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -15,10 +20,18 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         .database_url
         .as_ref()
         .context("DATABASE_URL is not set: Podium needs a Postgres database (see README.md)")?;
+    let options = PgConnectOptions::from_str(url.expose())
+        .context("DATABASE_URL is not a valid Postgres URL")?
+        // A transaction left open holds back every tailer of the log (they
+        // read only below the oldest running transaction): end such sessions.
+        .options([(
+            "idle_in_transaction_session_timeout",
+            IDLE_IN_TRANSACTION_TIMEOUT,
+        )]);
     PgPoolOptions::new()
         .max_connections(settings.db_max_connections)
         .acquire_timeout(settings.acquire_timeout())
-        .connect(url.expose())
+        .connect_with(options)
         .await
         .context("cannot connect to Postgres at DATABASE_URL")
 }

@@ -9,10 +9,13 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod eventlog;
 pub mod eventstore;
 pub mod http;
+pub mod relay;
 pub mod shutdown;
 pub mod telemetry;
+pub mod workers;
 
 pub use app::Application;
 pub use config::Settings;

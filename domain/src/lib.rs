@@ -8,11 +8,13 @@
 //!
 //! Layout: one folder per aggregate (`test/`, `attempt/`, `notification/`), each
 //! with `aggregate.rs`, `commands.rs` and `events.rs`; shared value types in
-//! [`ids`], [`validation`] and [`metadata`]; event upcasting in [`upcasting`].
+//! [`ids`], [`validation`] and [`metadata`]; event upcasting in [`upcasting`];
+//! the log as readers see it (ordered, decodable) in [`log`].
 #![forbid(unsafe_code)]
 
 pub mod attempt;
 pub mod ids;
+pub mod log;
 pub mod metadata;
 pub mod notification;
 pub mod test;

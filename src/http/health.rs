@@ -16,17 +16,21 @@ pub fn router() -> Router<AppState> {
 
 async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let postgres = crate::db::is_ready(&state.pool).await;
-    let status = if postgres {
+    // Without NATS configured there is nothing to wait for.
+    let nats = state.bus.as_ref().map(|bus| bus.is_connected());
+    let ready = postgres && nats != Some(false);
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let word = |up: bool| if up { "up" } else { "down" };
+    let mut checks = json!({"postgres": word(postgres)});
+    if let Some(nats) = nats {
+        checks["nats"] = json!(word(nats));
+    }
     (
         status,
-        Json(json!({
-            "status": word(postgres),
-            "checks": {"postgres": word(postgres)},
-        })),
+        Json(json!({"status": word(ready), "checks": checks})),
     )
 }

@@ -35,6 +35,8 @@ pub struct AppState {
     pub keys: Arc<JwtKeys>,
     /// Largest accepted request body, in bytes.
     pub body_limit: usize,
+    /// The NATS connection, when configured.
+    pub bus: Option<podium_nats::EventBus>,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -29,31 +29,98 @@ fn database_url(name: &str) -> String {
     format!("{server}/{name}")
 }
 
+/// A fresh database of the test's own, migrated; dropped with the value.
+pub struct TestDb {
+    pub name: String,
+    /// A small pool for the test's own queries and components.
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        Self::with_pool_size(4).await
+    }
+
+    pub async fn with_pool_size(connections: u32) -> Self {
+        let name = format!("podium_test_{}", Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&maintenance_url())
+            .await
+            .expect("Postgres must be reachable at PODIUM_TEST_DATABASE_URL (see README.md)");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create the test database");
+        let pool = PgPoolOptions::new()
+            .max_connections(connections)
+            .connect(&database_url(&name))
+            .await
+            .expect("connect to the test database");
+        podium::db::migrate(&pool).await.expect("migrations apply");
+        Self { name, pool }
+    }
+
+    pub fn url(&self) -> String {
+        database_url(&self.name)
+    }
+
+    /// How many events the log holds.
+    pub async fn event_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime, so clean up on a thread of our own.
+        run_blocking(async move {
+            if let Ok(mut conn) = PgConnection::connect(&maintenance_url()).await {
+                let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                let _ = sqlx::query(&drop).execute(&mut conn).await;
+            }
+        });
+    }
+}
+
+/// Runs `work` to completion on a runtime of its own, off the caller's.
+pub fn run_blocking(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(work);
+    })
+    .join();
+}
+
 pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
-    /// A small pool on the test's database, for checking what was stored.
+    pub db: TestDb,
+    /// The test database's pool (the same as `db.pool`).
     pub pool: PgPool,
     keys: JwtKeys,
-    db_name: String,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
 pub async fn spawn_app() -> TestApp {
-    let db_name = format!("podium_test_{}", Uuid::new_v4().simple());
-    let mut admin = PgConnection::connect(&maintenance_url())
-        .await
-        .expect("Postgres must be reachable at PODIUM_TEST_DATABASE_URL (see README.md)");
-    sqlx::query(&format!("CREATE DATABASE {db_name}"))
-        .execute(&mut admin)
-        .await
-        .expect("create the test database");
+    spawn_app_with(|_| {}).await
+}
+
+/// Starts the app with settings adjusted by `configure`.
+pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    let db = TestDb::with_pool_size(2).await;
     let mut settings = Settings::new(
         SocketAddr::from(([127, 0, 0, 1], 0)),
-        database_url(&db_name),
+        db.url(),
         SECRET.to_string(),
     );
     settings.database.db_max_connections = 5;
+    configure(&mut settings);
     let app = podium::Application::build(settings)
         .await
         .expect("the app builds");
@@ -62,20 +129,15 @@ pub async fn spawn_app() -> TestApp {
     tokio::spawn(app.run_until(async move {
         let _ = stopped.await;
     }));
-    let pool = PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&database_url(&db_name))
-        .await
-        .expect("connect to the test database");
     TestApp {
         address: format!("http://127.0.0.1:{port}"),
         client: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
             .unwrap(),
-        pool,
+        pool: db.pool.clone(),
+        db,
         keys: JwtKeys::new(SECRET).unwrap(),
-        db_name,
         shutdown: Some(shutdown),
     }
 }
@@ -85,21 +147,6 @@ impl Drop for TestApp {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
-        let db_name = self.db_name.clone();
-        // Drop runs inside the test's runtime, so clean up on a thread of our own.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                if let Ok(mut conn) = PgConnection::connect(&maintenance_url()).await {
-                    let drop = format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)");
-                    let _ = sqlx::query(&drop).execute(&mut conn).await;
-                }
-            });
-        })
-        .join();
     }
 }
 
@@ -205,10 +252,7 @@ impl TestApp {
 
     /// How many events the log holds.
     pub async fn event_count(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM events")
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
+        self.db.event_count().await
     }
 }
 

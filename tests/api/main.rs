@@ -2,10 +2,12 @@
 //! database per test, driven over HTTP.
 
 mod helpers;
+mod nats;
 
 mod auth;
 mod bad_input;
 mod commands;
 mod concurrency;
+mod fanout;
 mod idempotency;
 mod notifications;

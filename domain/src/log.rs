@@ -1,0 +1,166 @@
+//! The event log as its readers see it: every stored event with its place in
+//! the one total order (`seq`) that the relay publishes and replay reproduces.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use cqrs_es::persist::SerializedEvent;
+use cqrs_es::{Aggregate, DomainEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::attempt::{Attempt, AttemptEvent};
+use crate::notification::{Inbox, InboxEvent, Notification, NotificationEvent};
+use crate::test::{Test, TestEvent};
+
+/// One event of the log, with its global order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordedEvent {
+    /// 1-based place in the log's total (commit-safe) order: contiguous, so a
+    /// reader that has applied `n` knows the next one is `n + 1`.
+    pub seq: u64,
+    /// The row's identity column: unique, but in insertion, not commit, order.
+    pub position: i64,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    /// The event's number within its aggregate, from 1.
+    pub sequence: u64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: serde_json::Value,
+    pub metadata: HashMap<String, String>,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// What a projection changed in its read model, announced after it commits
+/// so caches and live streams can refresh. `topic` names the read model
+/// (`leaderboard`, `feed`…), `key` the part that changed (a test id, a user
+/// id); `data` says what changed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    pub topic: String,
+    pub key: String,
+    /// The log seq of the event that caused the change.
+    pub seq: u64,
+    pub data: serde_json::Value,
+}
+
+/// A decoded event of any aggregate.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PodiumEvent {
+    Test(TestEvent),
+    Attempt(AttemptEvent),
+    Notification(NotificationEvent),
+    Inbox(InboxEvent),
+}
+
+/// Why a recorded event cannot be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("unknown aggregate type {0:?}")]
+    UnknownAggregate(String),
+    #[error("cannot decode {event_type} v{version}: {source}")]
+    Payload {
+        event_type: String,
+        version: String,
+        source: serde_json::Error,
+    },
+}
+
+impl RecordedEvent {
+    /// A stable identity for de-duplication: aggregate type, id and sequence.
+    pub fn identity(&self) -> String {
+        format!(
+            "{}:{}:{}",
+            self.aggregate_type, self.aggregate_id, self.sequence
+        )
+    }
+
+    /// The event after every upcaster of [`crate::upcasting`] has run.
+    pub fn decode(&self) -> Result<PodiumEvent, DecodeError> {
+        let mut serialized = SerializedEvent::new(
+            self.aggregate_id.clone(),
+            self.sequence as usize,
+            self.aggregate_type.clone(),
+            self.event_type.clone(),
+            self.event_version.clone(),
+            self.payload.clone(),
+            serde_json::Value::Null,
+        );
+        for upcaster in crate::upcasting::upcasters() {
+            if upcaster.can_upcast(&serialized.event_type, &serialized.event_version) {
+                serialized = upcaster.upcast(serialized);
+            }
+        }
+        let payload = serialized.payload;
+        let fail = |source| DecodeError::Payload {
+            event_type: self.event_type.clone(),
+            version: self.event_version.clone(),
+            source,
+        };
+        Ok(match self.aggregate_type.as_str() {
+            Test::TYPE => PodiumEvent::Test(serde_json::from_value(payload).map_err(fail)?),
+            Attempt::TYPE => PodiumEvent::Attempt(serde_json::from_value(payload).map_err(fail)?),
+            Notification::TYPE => {
+                PodiumEvent::Notification(serde_json::from_value(payload).map_err(fail)?)
+            }
+            Inbox::TYPE => PodiumEvent::Inbox(serde_json::from_value(payload).map_err(fail)?),
+            other => return Err(DecodeError::UnknownAggregate(other.to_string())),
+        })
+    }
+}
+
+impl PodiumEvent {
+    pub fn event_type(&self) -> String {
+        match self {
+            Self::Test(e) => e.event_type(),
+            Self::Attempt(e) => e.event_type(),
+            Self::Notification(e) => e.event_type(),
+            Self::Inbox(e) => e.event_type(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn recorded(aggregate_type: &str, payload: serde_json::Value) -> RecordedEvent {
+        RecordedEvent {
+            seq: 1,
+            position: 1,
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: "x".into(),
+            sequence: 1,
+            event_type: "TestArchived".into(),
+            event_version: "1.0".into(),
+            payload,
+            metadata: HashMap::new(),
+            recorded_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn decodes_a_stored_payload_into_its_aggregate_event() {
+        let test_id = Uuid::from_u128(5);
+        let payload = serde_json::to_value(TestEvent::TestArchived { test_id }).unwrap();
+        let event = recorded("Test", payload).decode().unwrap();
+        assert_eq!(
+            event,
+            PodiumEvent::Test(TestEvent::TestArchived { test_id })
+        );
+        assert_eq!(event.event_type(), "TestArchived");
+    }
+
+    #[test]
+    fn reports_unknown_aggregates_and_bad_payloads() {
+        let unknown = recorded("Invoice", serde_json::json!({}));
+        assert!(matches!(
+            unknown.decode(),
+            Err(DecodeError::UnknownAggregate(_))
+        ));
+        let bad = recorded("Test", serde_json::json!({"Nope": {}}));
+        assert!(matches!(bad.decode(), Err(DecodeError::Payload { .. })));
+    }
+}

@@ -1,0 +1,194 @@
+//! The connection to NATS: stream set-up, publishing log events (with
+//! JetStream de-duplication) and "changed" notifications.
+
+use std::time::Duration;
+
+use async_nats::header::{HeaderMap, NATS_MESSAGE_ID};
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use futures::future::try_join_all;
+use podium_domain::log::{Change, RecordedEvent};
+
+use crate::Subjects;
+
+/// Header carrying the event's log seq, so consumers need not parse the body
+/// to order messages.
+pub const SEQ_HEADER: &str = "Podium-Seq";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot connect to NATS: {0}")]
+    Connect(String),
+    #[error("cannot set up JetStream stream {stream}: {reason}")]
+    Stream { stream: String, reason: String },
+    #[error("cannot publish to NATS: {0}")]
+    Publish(String),
+    #[error("invalid NATS configuration: {0}")]
+    Config(String),
+}
+
+/// Limits of the events stream. The stream is derived data: the log in
+/// Postgres is the truth, so limits only bound disk use; a consumer that falls
+/// behind them is rebuilt by replay.
+#[derive(Debug, Clone)]
+pub struct StreamLimits {
+    /// Oldest message kept.
+    pub max_age: Duration,
+    /// Most bytes kept (older messages are dropped first).
+    pub max_bytes: i64,
+    /// How long a `Nats-Msg-Id` is remembered: a relay retrying within this
+    /// window publishes nothing twice. Consumers skip repeats anyway.
+    pub duplicate_window: Duration,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self {
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_bytes: 10 * 1024 * 1024 * 1024,
+            duplicate_window: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// A connected bus for one subject prefix.
+#[derive(Clone)]
+pub struct EventBus {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    subjects: Subjects,
+}
+
+impl EventBus {
+    /// Connects to `url` (retrying in the background if NATS goes away
+    /// later) for the deployment named by `prefix`.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, BusError> {
+        let subjects = Subjects::new(prefix).map_err(BusError::Config)?;
+        let client = async_nats::ConnectOptions::new()
+            .name("podium")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|err| BusError::Connect(err.to_string()))?;
+        Ok(Self::new(client, subjects))
+    }
+
+    pub fn new(client: async_nats::Client, subjects: Subjects) -> Self {
+        let mut jetstream = jetstream::new(client.clone());
+        jetstream.set_timeout(Duration::from_secs(5));
+        Self {
+            client,
+            jetstream,
+            subjects,
+        }
+    }
+
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.jetstream
+    }
+
+    /// Whether the connection to NATS is up.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Creates the events and dead-letter streams, or updates their limits.
+    pub async fn ensure_streams(&self, limits: &StreamLimits) -> Result<(), BusError> {
+        let events = stream::Config {
+            name: self.subjects.events_stream(),
+            description: Some("Podium's event log, relayed from Postgres".into()),
+            subjects: vec![self.subjects.all_events()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::Old,
+            max_age: limits.max_age,
+            max_bytes: limits.max_bytes,
+            duplicate_window: limits.duplicate_window,
+            ..Default::default()
+        };
+        let dead_letters = stream::Config {
+            name: self.subjects.dead_letter_stream(),
+            description: Some("Events a projection could not apply, with the error".into()),
+            subjects: vec![self.subjects.all_dead_letters()],
+            storage: stream::StorageType::File,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            ..Default::default()
+        };
+        for config in [events, dead_letters] {
+            let name = config.name.clone();
+            self.jetstream
+                .create_or_update_stream(config)
+                .await
+                .map_err(|err| BusError::Stream {
+                    stream: name,
+                    reason: err.to_string(),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Publishes `events` in order and waits until JetStream stored each one.
+    /// Each carries `Nats-Msg-Id` = its identity, so publishing a batch again
+    /// (after a crash or a failed ack) stores nothing twice.
+    pub async fn publish_events(&self, events: &[RecordedEvent]) -> Result<(), BusError> {
+        let mut acks = Vec::with_capacity(events.len());
+        for event in events {
+            let mut headers = HeaderMap::new();
+            headers.insert(NATS_MESSAGE_ID, event.identity().as_str());
+            headers.insert(SEQ_HEADER, event.seq.to_string().as_str());
+            let payload =
+                serde_json::to_vec(event).map_err(|e| BusError::Publish(e.to_string()))?;
+            let subject = self
+                .subjects
+                .event(&event.aggregate_type, &event.event_type);
+            let ack = self
+                .jetstream
+                .publish_with_headers(subject, headers, Bytes::from(payload))
+                .await
+                .map_err(|err| BusError::Publish(err.to_string()))?;
+            acks.push(std::future::IntoFuture::into_future(ack));
+        }
+        try_join_all(acks)
+            .await
+            .map_err(|err| BusError::Publish(err.to_string()))?;
+        Ok(())
+    }
+
+    /// Publishes a "changed" notification on core NATS (fire and forget:
+    /// listeners that miss one fall back to their TTL or resync).
+    pub async fn publish_change(&self, change: &Change) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(change).map_err(|e| BusError::Publish(e.to_string()))?;
+        self.client
+            .publish(
+                self.subjects.changed(&change.topic, &change.key),
+                Bytes::from(payload),
+            )
+            .await
+            .map_err(|err| BusError::Publish(err.to_string()))
+    }
+
+    /// Publishes a dead letter and waits for JetStream to store it.
+    pub async fn publish_dead_letter(
+        &self,
+        projection: &str,
+        body: &serde_json::Value,
+    ) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(body).map_err(|e| BusError::Publish(e.to_string()))?;
+        self.jetstream
+            .publish(self.subjects.dead_letter(projection), Bytes::from(payload))
+            .await
+            .map_err(|err| BusError::Publish(err.to_string()))?
+            .await
+            .map_err(|err| BusError::Publish(err.to_string()))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,132 @@
+//! A projection whose read model and checkpoint live in one Postgres
+//! transaction.
+
+use std::future::Future;
+
+use podium_domain::log::{Change, RecordedEvent};
+use sqlx::{PgConnection, PgPool};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a projection does with one event, inside its transaction.
+pub trait ProjectionLogic: Send + Sync + 'static {
+    /// The checkpoint's name; also the durable consumer's name.
+    fn name(&self) -> &str;
+
+    /// Applies `event` to the read model through `conn` (a transaction) and
+    /// returns what changed. Events the projection ignores return nothing.
+    fn apply(
+        &self,
+        conn: &mut PgConnection,
+        event: &RecordedEvent,
+    ) -> impl Future<Output = Result<Vec<Change>, BoxError>> + Send;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("the projection is at seq {checkpoint}; the events start later")]
+    Gap { checkpoint: u64 },
+    #[error("event seq {seq}: {error}")]
+    Failed { seq: u64, error: String },
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// A [`ProjectionLogic`] with its checkpoint in `projection_checkpoints`.
+pub struct Checkpointed<L> {
+    pool: PgPool,
+    logic: L,
+}
+
+impl<L: ProjectionLogic> Checkpointed<L> {
+    pub fn new(pool: PgPool, logic: L) -> Self {
+        Self { pool, logic }
+    }
+
+    pub fn name(&self) -> &str {
+        self.logic.name()
+    }
+
+    pub fn logic(&self) -> &L {
+        &self.logic
+    }
+
+    /// The seq of the last event applied, 0 before any.
+    pub async fn checkpoint(&self) -> Result<u64, sqlx::Error> {
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT seq FROM projection_checkpoints WHERE name = $1")
+                .bind(self.name())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(seq.unwrap_or(0) as u64)
+    }
+
+    /// Locks the checkpoint row for this transaction and reads it.
+    async fn lock_checkpoint(&self, conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (name, seq) VALUES ($1, 0)
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(self.name())
+        .execute(&mut *conn)
+        .await?;
+        let seq: i64 =
+            sqlx::query_scalar("SELECT seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE")
+                .bind(self.name())
+                .fetch_one(&mut *conn)
+                .await?;
+        Ok(seq as u64)
+    }
+
+    async fn store_checkpoint(&self, conn: &mut PgConnection, seq: u64) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE projection_checkpoints SET seq = $2, updated_at = now() WHERE name = $1",
+        )
+        .bind(self.name())
+        .bind(seq as i64)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Applies consecutive events after the checkpoint and advances it, all in
+    /// one transaction; events at or below the checkpoint are skipped.
+    /// Returns the new checkpoint and the changes to announce.
+    pub async fn apply(&self, events: &[RecordedEvent]) -> Result<(u64, Vec<Change>), ApplyError> {
+        let mut tx = self.pool.begin().await?;
+        let mut checkpoint = self.lock_checkpoint(&mut tx).await?;
+        let mut changes = Vec::new();
+        for event in events {
+            if event.seq <= checkpoint {
+                continue;
+            }
+            if event.seq != checkpoint + 1 {
+                return Err(ApplyError::Gap { checkpoint });
+            }
+            let applied =
+                self.logic
+                    .apply(&mut tx, event)
+                    .await
+                    .map_err(|error| ApplyError::Failed {
+                        seq: event.seq,
+                        error: error.to_string(),
+                    })?;
+            changes.extend(applied);
+            checkpoint = event.seq;
+        }
+        self.store_checkpoint(&mut tx, checkpoint).await?;
+        tx.commit().await?;
+        Ok((checkpoint, changes))
+    }
+
+    /// Moves the checkpoint past `seq` without applying it.
+    pub async fn skip(&self, seq: u64) -> Result<(), ApplyError> {
+        let mut tx = self.pool.begin().await?;
+        let checkpoint = self.lock_checkpoint(&mut tx).await?;
+        if seq == checkpoint + 1 {
+            self.store_checkpoint(&mut tx, seq).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}

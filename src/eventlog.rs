@@ -1,0 +1,187 @@
+//! Reading the event log in its one total order, safely while writers commit
+//! out of order.
+//!
+//! The order key is `(epoch, txid, position)`. Within the current epoch a
+//! reader only takes rows whose writing transaction id is below
+//! `pg_snapshot_xmin(pg_current_snapshot())`: every transaction that could
+//! still insert a row there has finished, so nothing can later appear behind
+//! a reader. Rows of earlier epochs (written before a restore into another
+//! cluster) are all committed and come first.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use podium_domain::log::RecordedEvent;
+use sqlx::{PgConnection, PgPool, Row};
+
+/// Where a row sits in the log's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogKey {
+    pub epoch: i32,
+    /// The writing transaction's id (`xid8`), in decimal.
+    pub txid: String,
+    pub position: i64,
+}
+
+impl LogKey {
+    /// Before the first event.
+    pub fn start() -> Self {
+        Self {
+            epoch: 0,
+            txid: "0".into(),
+            position: 0,
+        }
+    }
+}
+
+/// One row read from the log: its key and the event (whose `seq` the caller
+/// assigns by counting, as the relay and replay both do).
+pub struct LogRow {
+    pub key: LogKey,
+    pub event: RecordedEvent,
+}
+
+/// A reader's place in the log: the last event's key and seq. Reading on from
+/// it numbers events by counting, so every reader that starts from the
+/// beginning — the relay, a replay — gives every event the same seq.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogCursor {
+    pub key: LogKey,
+    pub seq: u64,
+}
+
+impl LogCursor {
+    pub fn start() -> Self {
+        Self {
+            key: LogKey::start(),
+            seq: 0,
+        }
+    }
+
+    /// The next events after this cursor (at most `limit`), numbered, and
+    /// the cursor after them. Does not move `self`.
+    pub async fn peek(
+        &self,
+        conn: &mut PgConnection,
+        limit: i64,
+    ) -> Result<(Vec<RecordedEvent>, LogCursor), sqlx::Error> {
+        let rows = read_after(conn, &self.key, limit).await?;
+        let mut next = self.clone();
+        let events = rows
+            .into_iter()
+            .map(|row| {
+                next.seq += 1;
+                next.key = row.key;
+                RecordedEvent {
+                    seq: next.seq,
+                    ..row.event
+                }
+            })
+            .collect();
+        Ok((events, next))
+    }
+}
+
+const COLUMNS: &str = "epoch, txid::text AS txid, position, aggregate_type, aggregate_id, sequence,
+    event_type, event_version, payload, metadata, recorded_at";
+
+/// Up to `limit` rows after `after`, in order, that no running transaction
+/// can still precede.
+pub async fn read_after(
+    conn: &mut PgConnection,
+    after: &LogKey,
+    limit: i64,
+) -> Result<Vec<LogRow>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM events
+          WHERE (epoch, txid, position) > ($1, $2::text::xid8, $3)
+            AND (epoch < podium_log_epoch()
+                 OR txid < pg_snapshot_xmin(pg_current_snapshot()))
+          ORDER BY epoch, txid, position
+          LIMIT $4"
+    ))
+    .bind(after.epoch)
+    .bind(&after.txid)
+    .bind(after.position)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(decode_row).collect()
+}
+
+fn decode_row(row: &sqlx::postgres::PgRow) -> Result<LogRow, sqlx::Error> {
+    let metadata: serde_json::Value = row.try_get("metadata")?;
+    let metadata: HashMap<String, String> =
+        serde_json::from_value(metadata).map_err(|err| sqlx::Error::Decode(Box::new(err)))?;
+    let sequence: i64 = row.try_get("sequence")?;
+    let recorded_at: DateTime<Utc> = row.try_get("recorded_at")?;
+    Ok(LogRow {
+        key: LogKey {
+            epoch: row.try_get("epoch")?,
+            txid: row.try_get("txid")?,
+            position: row.try_get("position")?,
+        },
+        event: RecordedEvent {
+            seq: 0,
+            position: row.try_get("position")?,
+            aggregate_type: row.try_get("aggregate_type")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+            sequence: sequence as u64,
+            event_type: row.try_get("event_type")?,
+            event_version: row.try_get("event_version")?,
+            payload: row.try_get("payload")?,
+            metadata,
+            recorded_at,
+        },
+    })
+}
+
+/// How many committed events lie after `after` (readable or not yet).
+pub async fn count_after(pool: &PgPool, after: &LogKey) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE (epoch, txid, position) > ($1, $2::text::xid8, $3)",
+    )
+    .bind(after.epoch)
+    .bind(&after.txid)
+    .bind(after.position)
+    .fetch_one(pool)
+    .await
+}
+
+/// Seconds the oldest open write transaction has been running: while one
+/// runs, every tailer waits behind it. 0 when none.
+pub async fn oldest_writer_age_secs(pool: &PgPool) -> Result<f64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT COALESCE(EXTRACT(EPOCH FROM max(now() - xact_start)), 0)::float8
+           FROM pg_stat_activity
+          WHERE backend_xid IS NOT NULL AND datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Records the cluster this database runs on and starts a new epoch when it
+/// changed since the last start (the database was restored elsewhere).
+/// Runs at every start, before anything writes events.
+pub async fn sync_epoch(pool: &PgPool) -> Result<i32, sqlx::Error> {
+    let (epoch, bumped): (i32, bool) = sqlx::query_as(
+        "WITH current AS (SELECT system_identifier AS id FROM pg_control_system()),
+              old AS (SELECT epoch, system_identifier FROM log_epoch FOR UPDATE)
+         UPDATE log_epoch
+            SET epoch = CASE WHEN old.system_identifier IS DISTINCT FROM current.id
+                              AND old.system_identifier IS NOT NULL
+                             THEN old.epoch + 1 ELSE old.epoch END,
+                system_identifier = current.id
+           FROM current, old
+         RETURNING log_epoch.epoch, log_epoch.epoch <> old.epoch",
+    )
+    .fetch_one(pool)
+    .await?;
+    if bumped {
+        tracing::warn!(
+            epoch,
+            "this database now runs on another Postgres cluster (restored?): started a new log epoch"
+        );
+    }
+    Ok(epoch)
+}

@@ -1,0 +1,253 @@
+//! The outbox relay: tails the event log in its commit-safe order and
+//! publishes every event to JetStream, checkpointing only after JetStream
+//! acknowledged the batch.
+//!
+//! Exactly one relay is active per NATS prefix: it holds a Postgres advisory
+//! lock on a dedicated connection. Standbys poll for the lock and take over
+//! when the active relay's connection goes away. A relay that dies between
+//! publishing and checkpointing publishes that batch again; the messages carry
+//! `Nats-Msg-Id`, so JetStream stores them once.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use podium_domain::log::RecordedEvent;
+use podium_nats::EventBus;
+use sqlx::postgres::PgListener;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::eventlog::{LogCursor, LogKey};
+
+/// The channel the `events` insert trigger notifies on.
+const CHANNEL: &str = "podium_events";
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Events per batch.
+    pub batch_size: i64,
+    /// Longest wait between looks at the log when no notification arrives.
+    pub poll_interval: Duration,
+    /// How often a standby tries to take the lead.
+    pub standby_poll: Duration,
+    /// Longest wait between publish retries while NATS is down.
+    pub max_backoff: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+            standby_poll: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Whether this relay is the active one.
+    pub leader: AtomicBool,
+    /// Seq of the last event published and checkpointed.
+    pub seq: AtomicU64,
+    /// Events published by this process (a batch published twice counts twice).
+    pub published: AtomicU64,
+    pub batches: AtomicU64,
+    pub publish_failures: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("stopped")]
+    Stopped,
+}
+
+pub struct Relay {
+    pool: PgPool,
+    bus: EventBus,
+    config: RelayConfig,
+    stats: Arc<RelayStats>,
+}
+
+impl Relay {
+    pub fn new(pool: PgPool, bus: EventBus, config: RelayConfig) -> Self {
+        Self {
+            pool,
+            bus,
+            config,
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<RelayStats> {
+        self.stats.clone()
+    }
+
+    /// The checkpoint's name: one relay position per NATS prefix.
+    fn name(&self) -> &str {
+        self.bus.subjects().prefix()
+    }
+
+    /// Relays until `stop` turns true: waits to lead, then publishes; after
+    /// a database error it steps down and tries again.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        loop {
+            match self.lead(&mut stop).await {
+                Ok(()) | Err(RelayError::Stopped) => break,
+                Err(err) => {
+                    self.stats.leader.store(false, Ordering::Relaxed);
+                    tracing::warn!(%err, "relay stepped down; retrying");
+                    if sleep_or_stop(self.config.standby_poll, &mut stop).await {
+                        break;
+                    }
+                }
+            }
+        }
+        self.stats.leader.store(false, Ordering::Relaxed);
+    }
+
+    async fn lead(&self, stop: &mut watch::Receiver<bool>) -> Result<(), RelayError> {
+        // A connection of its own: the lock lives and dies with it.
+        let mut conn = self.pool.acquire().await?.detach();
+        while !self.try_lock(&mut conn).await? {
+            if sleep_or_stop(self.config.standby_poll, stop).await {
+                return Err(RelayError::Stopped);
+            }
+        }
+        tracing::info!(relay = self.name(), "this relay is now the active one");
+        self.stats.leader.store(true, Ordering::Relaxed);
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(CHANNEL).await?;
+        let mut cursor = self.load_checkpoint(&mut conn).await?;
+        self.stats.seq.store(cursor.seq, Ordering::Relaxed);
+        loop {
+            if *stop.borrow() {
+                return Err(RelayError::Stopped);
+            }
+            let (events, next) = cursor.peek(&mut conn, self.config.batch_size).await?;
+            if events.is_empty() {
+                tokio::select! {
+                    notification = listener.recv() => { notification?; }
+                    () = tokio::time::sleep(self.config.poll_interval) => {}
+                    _ = stop.changed() => return Err(RelayError::Stopped),
+                }
+                continue;
+            }
+            let span = tracing::debug_span!("relay_batch", from = cursor.seq + 1, to = next.seq);
+            self.publish(&events, stop).instrument(span).await?;
+            self.save_checkpoint(&mut conn, &next).await?;
+            cursor = next;
+            self.stats.seq.store(cursor.seq, Ordering::Relaxed);
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    async fn try_lock(&self, conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+            .bind(format!("podium-relay:{}", self.name()))
+            .fetch_one(conn)
+            .await
+    }
+
+    /// Publishes until JetStream acknowledged every event, backing off while
+    /// NATS is unreachable.
+    async fn publish(
+        &self,
+        events: &[RecordedEvent],
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), RelayError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.bus.publish_events(events).await {
+                Ok(()) => {
+                    self.stats
+                        .published
+                        .fetch_add(events.len() as u64, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(err) => {
+                    self.stats.publish_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%err, ?backoff, "cannot publish to NATS; will retry");
+                    if sleep_or_stop(backoff, stop).await {
+                        return Err(RelayError::Stopped);
+                    }
+                    backoff = (backoff * 2).min(self.config.max_backoff);
+                }
+            }
+        }
+    }
+
+    async fn load_checkpoint(&self, conn: &mut PgConnection) -> Result<LogCursor, sqlx::Error> {
+        let row: Option<(i64, i32, String, i64)> = sqlx::query_as(
+            "SELECT seq, epoch, txid::text, position FROM relay_checkpoints WHERE name = $1",
+        )
+        .bind(self.name())
+        .fetch_optional(conn)
+        .await?;
+        Ok(match row {
+            None => LogCursor::start(),
+            Some((seq, epoch, txid, position)) => LogCursor {
+                seq: seq as u64,
+                key: LogKey {
+                    epoch,
+                    txid,
+                    position,
+                },
+            },
+        })
+    }
+
+    async fn save_checkpoint(
+        &self,
+        conn: &mut PgConnection,
+        cursor: &LogCursor,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO relay_checkpoints (name, seq, epoch, txid, position)
+             VALUES ($1, $2, $3, $4::text::xid8, $5)
+             ON CONFLICT (name) DO UPDATE
+                SET seq = EXCLUDED.seq, epoch = EXCLUDED.epoch, txid = EXCLUDED.txid,
+                    position = EXCLUDED.position, updated_at = now()",
+        )
+        .bind(self.name())
+        .bind(cursor.seq as i64)
+        .bind(cursor.key.epoch)
+        .bind(&cursor.key.txid)
+        .bind(cursor.key.position)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// How far the relay named `name` is behind the head of the log, in events.
+pub async fn lag(pool: &PgPool, name: &str) -> Result<i64, sqlx::Error> {
+    let row: Option<(i32, String, i64)> =
+        sqlx::query_as("SELECT epoch, txid::text, position FROM relay_checkpoints WHERE name = $1")
+            .bind(name)
+            .fetch_optional(pool)
+            .await?;
+    let key = match row {
+        None => LogKey::start(),
+        Some((epoch, txid, position)) => LogKey {
+            epoch,
+            txid,
+            position,
+        },
+    };
+    crate::eventlog::count_after(pool, &key).await
+}
+
+/// Sleeps for `duration`; true if `stop` turned true meanwhile.
+async fn sleep_or_stop(duration: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(duration) => *stop.borrow(),
+        _ = stop.changed() => true,
+    }
+}

@@ -1,0 +1,495 @@
+//! The relay and the worker runtime against real Postgres and NATS.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt;
+use podium::eventlog::LogCursor;
+use podium::eventstore::Aggregates;
+use podium::relay::{Relay, RelayConfig};
+use podium::workers::PgProjection;
+use podium_domain::log::{Change, RecordedEvent};
+use podium_domain::notification::InboxCommand;
+use podium_domain::{EventMetadata, UserId};
+use podium_nats::{DeadLetterPolicy, Worker, WorkerConfig};
+use podium_projections::{BoxError, Checkpointed, ProjectionLogic};
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::watch;
+
+use crate::helpers::TestDb;
+use crate::nats::{wait_until, PrivateNats, TestBus};
+
+/// A projection that records every event it applies, in the order applied,
+/// and can be told to fail on some seqs.
+struct Recorder {
+    /// seq → how many more times applying it fails (`u32::MAX`: always).
+    failing: HashMap<u64, AtomicU32>,
+}
+
+impl Recorder {
+    fn new() -> Self {
+        Self {
+            failing: HashMap::new(),
+        }
+    }
+
+    fn failing(mut self, seq: u64, times: u32) -> Self {
+        self.failing.insert(seq, AtomicU32::new(times));
+        self
+    }
+}
+
+async fn create_recording_table(pool: &PgPool) {
+    sqlx::query(
+        "CREATE TABLE recorded (
+            applied_order bigserial PRIMARY KEY,
+            seq bigint NOT NULL UNIQUE,
+            identity text NOT NULL UNIQUE)",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+impl ProjectionLogic for Recorder {
+    fn name(&self) -> &str {
+        "recorder"
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        event: &RecordedEvent,
+    ) -> Result<Vec<Change>, BoxError> {
+        if let Some(left) = self.failing.get(&event.seq) {
+            let failing = left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
+                    0 => None,
+                    u32::MAX => Some(u32::MAX),
+                    n => Some(n - 1),
+                })
+                .is_ok();
+            if failing {
+                return Err(format!("recorder refuses seq {}", event.seq).into());
+            }
+        }
+        sqlx::query("INSERT INTO recorded (seq, identity) VALUES ($1, $2)")
+            .bind(event.seq as i64)
+            .bind(event.identity())
+            .execute(conn)
+            .await?;
+        Ok(vec![Change {
+            topic: "recorder".into(),
+            key: event.aggregate_id.clone(),
+            seq: event.seq,
+            data: serde_json::json!({"event_type": event.event_type}),
+        }])
+    }
+}
+
+fn metadata() -> EventMetadata {
+    EventMetadata {
+        actor: "writer".into(),
+        request_id: "test".into(),
+        recorded_at: Utc::now(),
+    }
+}
+
+/// Appends `count` events through the real event store: "read all" on one of
+/// `users` inboxes, so aggregates see concurrent writers; conflicts retry.
+async fn append(aggregates: &Aggregates, writer: usize, count: usize, users: usize) {
+    for i in 0..count {
+        let user = UserId::parse(format!("user-{}", (writer * 7 + i) % users)).unwrap();
+        loop {
+            let command = InboxCommand::ReadAll {
+                user_id: user.clone(),
+                now: Utc::now(),
+            };
+            match aggregates
+                .inboxes
+                .execute(user.as_str(), command, metadata())
+                .await
+            {
+                Ok(()) => break,
+                Err(cqrs_es::AggregateError::AggregateConflict) => continue,
+                Err(err) => panic!("append failed: {err}"),
+            }
+        }
+    }
+}
+
+/// Every event of the log, read from Postgres from the start: what a replay sees.
+async fn replay_order(pool: &PgPool) -> Vec<(u64, String)> {
+    let mut conn = pool.acquire().await.unwrap();
+    let mut cursor = LogCursor::start();
+    let mut all = Vec::new();
+    loop {
+        let (events, next) = cursor.peek(&mut conn, 1000).await.unwrap();
+        if events.is_empty() {
+            return all;
+        }
+        all.extend(events.iter().map(|e| (e.seq, e.identity())));
+        cursor = next;
+    }
+}
+
+async fn recorded(pool: &PgPool) -> Vec<(i64, String)> {
+    sqlx::query_as("SELECT seq, identity FROM recorded ORDER BY applied_order")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+fn spawn_relay(
+    db: &TestDb,
+    bus: &TestBus,
+    config: RelayConfig,
+) -> (
+    Arc<podium::relay::RelayStats>,
+    tokio::task::JoinHandle<()>,
+    watch::Sender<bool>,
+) {
+    let relay = Relay::new(db.pool.clone(), bus.bus.clone(), config);
+    let stats = relay.stats();
+    let (stop, stopped) = watch::channel(false);
+    (stats, tokio::spawn(relay.run(stopped)), stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_writers_twenty_thousand_events_each_consumed_once_in_replay_order() {
+    let db = TestDb::with_pool_size(12).await;
+    let bus = TestBus::new().await;
+    create_recording_table(&db.pool).await;
+    let (_relay, _relay_task, _stop_relay) = spawn_relay(&db, &bus, RelayConfig::default());
+    let projection = Arc::new(PgProjection(Checkpointed::new(
+        db.pool.clone(),
+        Recorder::new(),
+    )));
+    let worker = Worker::new(bus.bus.clone(), projection, WorkerConfig::default());
+    let stats = worker.stats();
+    let (_stop_worker, stopped) = watch::channel(false);
+    let worker_task = tokio::spawn(worker.run(stopped));
+
+    let aggregates = Arc::new(Aggregates::new(&db.pool));
+    let writers: Vec<_> = (0..16)
+        .map(|writer| {
+            let aggregates = aggregates.clone();
+            tokio::spawn(async move { append(&aggregates, writer, 1250, 1000).await })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    assert_eq!(db.event_count().await, 20_000);
+    let written = std::time::Instant::now();
+    let report = || {
+        format!(
+            "checkpoint {} applied {} repeats {} out-of-order {} retries {}",
+            stats.checkpoint.load(Ordering::Relaxed),
+            stats.applied.load(Ordering::Relaxed),
+            stats.repeats.load(Ordering::Relaxed),
+            stats.out_of_order.load(Ordering::Relaxed),
+            stats.retries.load(Ordering::Relaxed),
+        )
+    };
+    let caught_up = tokio::time::timeout(Duration::from_secs(120), async {
+        while stats.checkpoint.load(Ordering::Relaxed) < 20_000 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(caught_up.is_ok(), "the consumer fell behind: {}", report());
+    eprintln!(
+        "consumer caught up {:?} after the last write; {}",
+        written.elapsed(),
+        report()
+    );
+    assert!(!worker_task.is_finished());
+
+    let recorded = recorded(&db.pool).await;
+    let replay = replay_order(&db.pool).await;
+    assert_eq!(recorded.len(), 20_000);
+    let recorded: Vec<(u64, String)> = recorded.into_iter().map(|(s, i)| (s as u64, i)).collect();
+    // Applied in seq order 1..=20000, and the same order a replay reads.
+    assert!(recorded
+        .iter()
+        .enumerate()
+        .all(|(i, (seq, _))| *seq == i as u64 + 1));
+    assert_eq!(recorded, replay);
+    // Each aggregate's events arrive in their sequence order.
+    let mut last_sequence: HashMap<String, u64> = HashMap::new();
+    for (_, identity) in &recorded {
+        let (aggregate, sequence) = identity.rsplit_once(':').unwrap();
+        let sequence: u64 = sequence.parse().unwrap();
+        let previous = last_sequence
+            .insert(aggregate.to_string(), sequence)
+            .unwrap_or(0);
+        assert_eq!(sequence, previous + 1, "{identity}");
+    }
+    assert_eq!(bus.stream_messages().await, 20_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_mid_stream_is_replaced_and_nothing_is_stored_twice() {
+    let db = TestDb::new().await;
+    let bus = TestBus::new().await;
+    let aggregates = Aggregates::new(&db.pool);
+    append(&aggregates, 0, 2_000, 50).await;
+    let slow = RelayConfig {
+        batch_size: 20,
+        ..RelayConfig::default()
+    };
+    let (first, first_task, _stop_first) = spawn_relay(&db, &bus, slow.clone());
+    wait_until(
+        Duration::from_secs(30),
+        "the first relay published some",
+        || async { first.seq.load(Ordering::Relaxed) >= 200 },
+    )
+    .await;
+    first_task.abort();
+    let _ = first_task.await;
+    assert!(
+        first.seq.load(Ordering::Relaxed) < 2_000,
+        "killed mid-stream"
+    );
+    // Rewind the checkpoint as if the kill had come between publish and
+    // checkpoint for every batch: everything is published again.
+    sqlx::query("DELETE FROM relay_checkpoints")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (second, _second_task, _stop_second) = spawn_relay(&db, &bus, slow);
+    wait_until(
+        Duration::from_secs(60),
+        "the second relay caught up",
+        || async { second.seq.load(Ordering::Relaxed) == 2_000 },
+    )
+    .await;
+    assert!(second.published.load(Ordering::Relaxed) >= 2_000);
+    assert_eq!(
+        bus.stream_messages().await,
+        2_000,
+        "de-duplication by Nats-Msg-Id"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_relays_one_publishes_and_the_standby_takes_over() {
+    let db = TestDb::new().await;
+    let bus = TestBus::new().await;
+    let aggregates = Aggregates::new(&db.pool);
+    let (a, a_task, _stop_a) = spawn_relay(&db, &bus, RelayConfig::default());
+    let (b, b_task, _stop_b) = spawn_relay(&db, &bus, RelayConfig::default());
+    wait_until(Duration::from_secs(10), "one relay leads", || async {
+        a.leader.load(Ordering::Relaxed) || b.leader.load(Ordering::Relaxed)
+    })
+    .await;
+    append(&aggregates, 0, 100, 10).await;
+    wait_until(
+        Duration::from_secs(30),
+        "100 events are published and checkpointed",
+        || async {
+            a.seq
+                .load(Ordering::Relaxed)
+                .max(b.seq.load(Ordering::Relaxed))
+                == 100
+        },
+    )
+    .await;
+    assert_eq!(bus.stream_messages().await, 100);
+    let (leader, leader_task, standby) = if a.leader.load(Ordering::Relaxed) {
+        (a, a_task, b)
+    } else {
+        (b, b_task, a)
+    };
+    assert!(!standby.leader.load(Ordering::Relaxed));
+    assert_eq!(standby.published.load(Ordering::Relaxed), 0);
+    assert_eq!(leader.published.load(Ordering::Relaxed), 100);
+
+    leader_task.abort();
+    let _ = leader_task.await;
+    wait_until(
+        Duration::from_secs(10),
+        "the standby takes over",
+        || async { standby.leader.load(Ordering::Relaxed) },
+    )
+    .await;
+    append(&aggregates, 1, 100, 10).await;
+    wait_until(
+        Duration::from_secs(30),
+        "the new leader publishes the rest",
+        || async { standby.seq.load(Ordering::Relaxed) == 200 },
+    )
+    .await;
+    assert_eq!(bus.stream_messages().await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_succeed_while_nats_is_down_and_every_event_arrives_after() {
+    let mut nats = PrivateNats::start();
+    let url = nats.url();
+    let prefix = crate::nats::unique_prefix();
+    let app = crate::helpers::spawn_app_with(|settings| {
+        settings.nats.nats_url = Some(url.clone());
+        settings.nats.nats_prefix = prefix.clone();
+    })
+    .await;
+    nats.stop();
+    let admin = app.admin();
+    for i in 0..20 {
+        let body = serde_json::json!({"user_ids": [format!("u{i}")], "title": "Hi", "body": "NATS is down"});
+        let response = app.post("/v1/notifications", &admin, Some(body)).await;
+        assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+    }
+    assert_eq!(app.event_count().await, 20);
+    nats.restart();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream_name = podium_nats::Subjects::new(&prefix).unwrap().events_stream();
+    wait_until(
+        Duration::from_secs(60),
+        "all 20 events reach the stream",
+        || async {
+            match js.get_stream(&stream_name).await {
+                Ok(mut stream) => stream
+                    .info()
+                    .await
+                    .map(|i| i.state.messages == 20)
+                    .unwrap_or(false),
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+}
+
+async fn run_until_halted_or(
+    db: &TestDb,
+    bus: &TestBus,
+    recorder: Recorder,
+    policy: DeadLetterPolicy,
+    done: impl Fn(u64) -> bool,
+) -> Option<podium_nats::worker::WorkerError> {
+    let projection = Arc::new(PgProjection(Checkpointed::new(db.pool.clone(), recorder)));
+    let config = WorkerConfig {
+        max_failures: 3,
+        backoff_base: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(50),
+        fetch_wait: Duration::from_millis(200),
+        policy,
+        ..WorkerConfig::default()
+    };
+    let worker = Worker::new(bus.bus.clone(), projection, config);
+    let stats = worker.stats();
+    let (stop, stopped) = watch::channel(false);
+    let mut task = tokio::spawn(worker.run(stopped));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        tokio::select! {
+            result = &mut task => return result.unwrap().err(),
+            () = tokio::time::sleep(Duration::from_millis(20)) => {
+                if done(stats.checkpoint.load(Ordering::Relaxed)) {
+                    let _ = stop.send(true);
+                    return task.await.unwrap().err();
+                }
+                assert!(tokio::time::Instant::now() < deadline, "the worker neither halted nor finished");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_event_is_retried_dead_lettered_and_never_applied_twice_or_out_of_order() {
+    let db = TestDb::new().await;
+    let bus = TestBus::new().await;
+    create_recording_table(&db.pool).await;
+    let aggregates = Aggregates::new(&db.pool);
+    append(&aggregates, 0, 30, 5).await;
+    let (relay, _relay_task, _stop) = spawn_relay(&db, &bus, RelayConfig::default());
+    wait_until(Duration::from_secs(30), "30 events are relayed", || async {
+        relay.seq.load(Ordering::Relaxed) == 30
+    })
+    .await;
+    let mut changes = bus
+        .bus
+        .client()
+        .subscribe(bus.bus.subjects().all_changed("recorder"))
+        .await
+        .unwrap();
+
+    // Seq 7 fails twice, then works; seq 12 always fails: the worker stops there.
+    let recorder = Recorder::new().failing(7, 2).failing(12, u32::MAX);
+    let halted = run_until_halted_or(&db, &bus, recorder, DeadLetterPolicy::Stop, |_| false).await;
+    match halted {
+        Some(podium_nats::worker::WorkerError::Halted { seq, attempts, .. }) => {
+            assert_eq!((seq, attempts), (12, 3));
+        }
+        other => panic!("expected the worker to halt, got {other:?}"),
+    }
+    let applied: Vec<i64> = recorded(&db.pool).await.iter().map(|(s, _)| *s).collect();
+    assert_eq!(applied, (1..=11).collect::<Vec<_>>());
+    assert_eq!(bus.dead_letters().await, 1);
+    let mut seen = HashSet::new();
+    while seen.len() < 11 {
+        let message = tokio::time::timeout(Duration::from_secs(10), changes.next())
+            .await
+            .expect("a change notification")
+            .unwrap();
+        let change: Change = serde_json::from_slice(&message.payload).unwrap();
+        seen.insert(change.seq);
+    }
+    assert_eq!(seen, (1..=11).collect());
+
+    // With the skip policy the event is dead-lettered again and passed over.
+    let recorder = Recorder::new().failing(12, u32::MAX);
+    let halted =
+        run_until_halted_or(&db, &bus, recorder, DeadLetterPolicy::Skip, |c| c == 30).await;
+    assert!(halted.is_none(), "{halted:?}");
+    let applied: Vec<i64> = recorded(&db.pool).await.iter().map(|(s, _)| *s).collect();
+    let expected: Vec<i64> = (1..=30).filter(|s| *s != 12).collect();
+    assert_eq!(applied, expected);
+    assert_eq!(bus.dead_letters().await, 2);
+    let letter = bus
+        .bus
+        .jetstream()
+        .get_stream(bus.bus.subjects().dead_letter_stream())
+        .await
+        .unwrap()
+        .get_raw_message(1)
+        .await
+        .unwrap();
+    let letter: serde_json::Value = serde_json::from_slice(&letter.payload).unwrap();
+    assert_eq!(letter["seq"], 12);
+    assert_eq!(letter["projection"], "recorder");
+    assert!(letter["error"]
+        .as_str()
+        .unwrap()
+        .contains("recorder refuses seq 12"));
+}
+
+#[tokio::test]
+async fn a_restore_into_another_cluster_starts_a_new_epoch_that_sorts_last() {
+    let db = TestDb::new().await;
+    let aggregates = Aggregates::new(&db.pool);
+    assert_eq!(podium::eventlog::sync_epoch(&db.pool).await.unwrap(), 1);
+    append(&aggregates, 0, 3, 3).await;
+    // Pretend the database was written by another cluster before.
+    sqlx::query("UPDATE log_epoch SET system_identifier = 42")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(podium::eventlog::sync_epoch(&db.pool).await.unwrap(), 2);
+    // Starting again on the same cluster keeps the epoch.
+    assert_eq!(podium::eventlog::sync_epoch(&db.pool).await.unwrap(), 2);
+    append(&aggregates, 1, 3, 3).await;
+    let epochs: Vec<i32> = sqlx::query_scalar("SELECT epoch FROM events ORDER BY position")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(epochs, [1, 1, 1, 2, 2, 2]);
+    let replay = replay_order(&db.pool).await;
+    assert_eq!(replay.len(), 6);
+}
