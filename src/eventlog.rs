@@ -93,10 +93,12 @@ pub async fn read_after(
     limit: i64,
 ) -> Result<Vec<LogRow>, sqlx::Error> {
     let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM events
+        "WITH bounds AS MATERIALIZED (
+             SELECT (SELECT epoch FROM log_epoch) AS epoch,
+                    pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
+         SELECT {COLUMNS} FROM events
           WHERE (epoch, txid, position) > ($1, $2::text::xid8, $3)
-            AND (epoch < podium_log_epoch()
-                 OR txid < pg_snapshot_xmin(pg_current_snapshot()))
+            AND (epoch < (SELECT epoch FROM bounds) OR txid < (SELECT xmin FROM bounds))
           ORDER BY epoch, txid, position
           LIMIT $4"
     ))
@@ -137,14 +139,14 @@ fn decode_row(row: &sqlx::postgres::PgRow) -> Result<LogRow, sqlx::Error> {
 }
 
 /// How many committed events lie after `after` (readable or not yet).
-pub async fn count_after(pool: &PgPool, after: &LogKey) -> Result<i64, sqlx::Error> {
+pub async fn count_after(conn: &mut PgConnection, after: &LogKey) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT count(*) FROM events WHERE (epoch, txid, position) > ($1, $2::text::xid8, $3)",
     )
     .bind(after.epoch)
     .bind(&after.txid)
     .bind(after.position)
-    .fetch_one(pool)
+    .fetch_one(conn)
     .await
 }
 

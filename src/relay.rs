@@ -30,6 +30,9 @@ pub struct RelayConfig {
     pub batch_size: i64,
     /// Longest wait between looks at the log when no notification arrives.
     pub poll_interval: Duration,
+    /// How soon to look again when committed events wait behind a running
+    /// transaction (which may never notify).
+    pub blocked_poll: Duration,
     /// How often a standby tries to take the lead.
     pub standby_poll: Duration,
     /// Longest wait between publish retries while NATS is down.
@@ -41,6 +44,7 @@ impl Default for RelayConfig {
         Self {
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
+            blocked_poll: Duration::from_millis(5),
             standby_poll: Duration::from_secs(1),
             max_backoff: Duration::from_secs(5),
         }
@@ -132,9 +136,17 @@ impl Relay {
             }
             let (events, next) = cursor.peek(&mut conn, self.config.batch_size).await?;
             if events.is_empty() {
+                // Committed events that we may not read yet wait behind an
+                // older transaction that is still running — perhaps one that
+                // writes no event and so will not notify: look again soon.
+                let wait = if crate::eventlog::count_after(&mut conn, &cursor.key).await? > 0 {
+                    self.config.blocked_poll
+                } else {
+                    self.config.poll_interval
+                };
                 tokio::select! {
                     notification = listener.recv() => { notification?; }
-                    () = tokio::time::sleep(self.config.poll_interval) => {}
+                    () = tokio::time::sleep(wait) => {}
                     _ = stop.changed() => return Err(RelayError::Stopped),
                 }
                 continue;
@@ -241,7 +253,7 @@ pub async fn lag(pool: &PgPool, name: &str) -> Result<i64, sqlx::Error> {
             position,
         },
     };
-    crate::eventlog::count_after(pool, &key).await
+    crate::eventlog::count_after(&mut *pool.acquire().await?, &key).await
 }
 
 /// Sleeps for `duration`; true if `stop` turned true meanwhile.

@@ -51,6 +51,14 @@ impl Default for StreamLimits {
     }
 }
 
+/// A durable consumer's backlog, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsumerBacklog {
+    pub pending: u64,
+    pub ack_pending: u64,
+    pub redelivered: u64,
+}
+
 /// A connected bus for one subject prefix.
 #[derive(Clone)]
 pub struct EventBus {
@@ -174,6 +182,32 @@ impl EventBus {
             )
             .await
             .map_err(|err| BusError::Publish(err.to_string()))
+    }
+
+    /// How a projection's durable consumer stands: messages not yet
+    /// delivered, delivered but not acknowledged, and redelivered.
+    pub async fn consumer_backlog(&self, projection: &str) -> Result<ConsumerBacklog, BusError> {
+        let stream = self
+            .jetstream
+            .get_stream(self.subjects.events_stream())
+            .await
+            .map_err(|e| BusError::Stream {
+                stream: self.subjects.events_stream(),
+                reason: e.to_string(),
+            })?;
+        let mut consumer: jetstream::consumer::PullConsumer = stream
+            .get_consumer(projection)
+            .await
+            .map_err(|e| BusError::Config(e.to_string()))?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| BusError::Config(e.to_string()))?;
+        Ok(ConsumerBacklog {
+            pending: info.num_pending,
+            ack_pending: info.num_ack_pending as u64,
+            redelivered: info.num_redelivered as u64,
+        })
     }
 
     /// Publishes a dead letter and waits for JetStream to store it.

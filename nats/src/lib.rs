@@ -15,7 +15,7 @@ pub mod bus;
 pub mod subjects;
 pub mod worker;
 
-pub use bus::{BusError, EventBus, StreamLimits};
+pub use bus::{BusError, ConsumerBacklog, EventBus, StreamLimits};
 pub use subjects::Subjects;
 pub use worker::{
     Applied, DeadLetterPolicy, Projection, ProjectionError, Worker, WorkerConfig, WorkerStats,

@@ -87,8 +87,6 @@ pub struct WorkerConfig {
     pub backoff_max: Duration,
     /// Delay before an event that arrived ahead of its turn comes back.
     pub out_of_order_delay: Duration,
-    /// How long a fetch waits for messages.
-    pub fetch_wait: Duration,
     /// How long JetStream waits for an acknowledgement before redelivering.
     pub ack_wait: Duration,
     pub policy: DeadLetterPolicy,
@@ -102,7 +100,6 @@ impl Default for WorkerConfig {
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             out_of_order_delay: Duration::from_millis(50),
-            fetch_wait: Duration::from_secs(1),
             ack_wait: Duration::from_secs(30),
             policy: DeadLetterPolicy::Stop,
         }
@@ -203,7 +200,7 @@ impl<P: Projection> Worker<P> {
                     // The worker counts failures itself: JetStream's count
                     // also grows with out-of-order sends back.
                     max_deliver: -1,
-                    max_ack_pending: (self.config.batch_size * 4) as i64,
+                    max_ack_pending: 20_000,
                     ..Default::default()
                 },
             )
@@ -225,37 +222,45 @@ impl<P: Projection> Worker<P> {
             .store(self.checkpoint, Ordering::Relaxed);
         let mut bus_backoff = self.config.backoff_base;
         loop {
-            if *stop.borrow() {
-                return Ok(());
-            }
-            let fetch = consumer
-                .fetch()
-                .max_messages(self.config.batch_size)
-                .expires(self.config.fetch_wait)
-                .messages();
-            let batch = tokio::select! {
-                batch = fetch => batch,
+            // A continuous pull: messages arrive as soon as they are stored,
+            // and every message already waiting is taken into one batch.
+            let messages = tokio::select! {
+                messages = consumer.stream().max_messages_per_batch(self.config.batch_size).messages() => messages,
                 _ = stop.changed() => return Ok(()),
             };
-            let mut batch = match batch {
-                Ok(batch) => batch,
+            let mut chunks = match messages {
+                Ok(messages) => messages.ready_chunks(self.config.batch_size),
                 Err(err) => {
-                    tracing::warn!(projection = self.projection.name(), %err, "fetch failed; retrying");
-                    tokio::time::sleep(bus_backoff).await;
+                    tracing::warn!(projection = self.projection.name(), %err, "cannot pull; retrying");
+                    if sleep_or_stop(bus_backoff, &mut stop).await {
+                        return Ok(());
+                    }
                     bus_backoff = (bus_backoff * 2).min(self.config.backoff_max);
                     continue;
                 }
             };
             bus_backoff = self.config.backoff_base;
-            let mut deliveries = Vec::new();
-            while let Some(message) = batch.next().await {
-                match message {
-                    Ok(message) => deliveries.push(delivery(message)),
-                    Err(err) => tracing::warn!(%err, "a fetched message failed"),
+            loop {
+                let chunk = tokio::select! {
+                    chunk = chunks.next() => chunk,
+                    _ = stop.changed() => return Ok(()),
+                };
+                let Some(chunk) = chunk else { break };
+                let mut deliveries = Vec::with_capacity(chunk.len());
+                for message in chunk {
+                    match message {
+                        Ok(message) => deliveries.push(delivery(message)),
+                        Err(err) => {
+                            tracing::warn!(projection = self.projection.name(), %err, "pull error")
+                        }
+                    }
                 }
-            }
-            if !deliveries.is_empty() {
-                self.process(deliveries).await?;
+                if !deliveries.is_empty() {
+                    self.process(deliveries).await?;
+                }
+                if *stop.borrow() {
+                    return Ok(());
+                }
             }
         }
     }
@@ -502,5 +507,13 @@ fn delivery(message: Message) -> Delivery {
         seq,
         event,
         message,
+    }
+}
+
+/// Sleeps for `duration`; true if `stop` turned true meanwhile.
+async fn sleep_or_stop(duration: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(duration) => *stop.borrow(),
+        _ = stop.changed() => true,
     }
 }

@@ -230,6 +230,8 @@ async fn sixteen_writers_twenty_thousand_events_each_consumed_once_in_replay_ord
         assert_eq!(sequence, previous + 1, "{identity}");
     }
     assert_eq!(bus.stream_messages().await, 20_000);
+    let backlog = bus.bus.consumer_backlog("recorder").await.unwrap();
+    assert_eq!(backlog.pending, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,7 +380,6 @@ async fn run_until_halted_or(
         max_failures: 3,
         backoff_base: Duration::from_millis(10),
         backoff_max: Duration::from_millis(50),
-        fetch_wait: Duration::from_millis(200),
         policy,
         ..WorkerConfig::default()
     };
