@@ -15,6 +15,9 @@ use crate::http::{self, AppState};
 use crate::relay::{Relay, RelayConfig};
 use podium_nats::{EventBus, StreamLimits};
 
+/// Connections in the projection workers' pool.
+const WORKER_CONNECTIONS: u32 = 4;
+
 /// How long background tasks get to stop after the server has.
 const TASK_GRACE: Duration = Duration::from_secs(10);
 
@@ -25,6 +28,9 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
 pub struct Application {
     listener: TcpListener,
     state: AppState,
+    /// Connections of the projection workers' own, so that a burst of
+    /// commands queueing for the main pool cannot starve them.
+    worker_pool: sqlx::PgPool,
     shutdown_timeout: Duration,
 }
 
@@ -38,6 +44,11 @@ impl Application {
             .context("PODIUM_JWT_SECRET is not set: the server refuses to start without it")?;
         let keys = JwtKeys::new(secret.expose())?;
         let pool = crate::db::connect(&settings.database).await?;
+        let worker_pool = crate::db::connect(&crate::config::DatabaseSettings {
+            db_max_connections: WORKER_CONNECTIONS,
+            ..settings.database.clone()
+        })
+        .await?;
         crate::db::migrate(&pool).await?;
         crate::eventlog::sync_epoch(&pool).await?;
         let bus = match &settings.nats.nats_url {
@@ -64,6 +75,7 @@ impl Application {
         Ok(Self {
             listener,
             state,
+            worker_pool,
             shutdown_timeout: Duration::from_secs(settings.shutdown_timeout_secs),
         })
     }
@@ -90,6 +102,13 @@ impl Application {
         if let Some(bus) = &self.state.bus {
             let relay = Relay::new(self.state.pool.clone(), bus.clone(), RelayConfig::default());
             tasks.push(tokio::spawn(relay.run(stop_rx.clone())));
+            let projections = crate::workers::spawn_all(
+                &self.worker_pool,
+                bus,
+                self.state.aggregates.clone(),
+                &stop_rx,
+            );
+            tasks.extend(projections);
         }
         tracing::info!(address = %self.listener.local_addr()?, "podium is listening");
         let serve = axum::serve(self.listener, http::router(self.state)).with_graceful_shutdown(

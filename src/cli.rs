@@ -28,6 +28,17 @@ pub enum Command {
     Migrate(DatabaseSettings),
     /// Print a bearer token signed with the configured secret.
     Token(TokenArgs),
+    /// Rebuild read models from the event log and swap them in atomically.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// Which read model to rebuild.
+    #[arg(long, value_enum, default_value = "all")]
+    pub projection: crate::replay::Target,
+    #[command(flatten)]
+    pub database: DatabaseSettings,
 }
 
 #[derive(Debug, clap::Args)]
@@ -54,6 +65,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let pool = crate::db::connect(&database).await?;
             crate::db::migrate(&pool).await?;
             eprintln!("migrations applied");
+            Ok(())
+        }
+        Command::Replay(args) => {
+            let pool = crate::db::connect(&args.database).await?;
+            crate::db::migrate(&pool).await?;
+            let mut progress = crate::replay::stderr_progress();
+            for rebuilt in crate::replay::replay(&pool, args.projection, &mut progress).await? {
+                eprintln!(
+                    "replay {}: rebuilt and swapped in at seq {}",
+                    rebuilt.projection, rebuilt.checkpoint
+                );
+            }
             Ok(())
         }
         Command::Token(args) => {

@@ -94,7 +94,18 @@ impl<L: ProjectionLogic> Checkpointed<L> {
     /// Returns the new checkpoint and the changes to announce.
     pub async fn apply(&self, events: &[RecordedEvent]) -> Result<(u64, Vec<Change>), ApplyError> {
         let mut tx = self.pool.begin().await?;
-        let mut checkpoint = self.lock_checkpoint(&mut tx).await?;
+        let applied = self.apply_in(&mut tx, events).await?;
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    /// [`Self::apply`] inside the caller's transaction.
+    pub async fn apply_in(
+        &self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<(u64, Vec<Change>), ApplyError> {
+        let mut checkpoint = self.lock_checkpoint(conn).await?;
         let mut changes = Vec::new();
         for event in events {
             if event.seq <= checkpoint {
@@ -105,7 +116,7 @@ impl<L: ProjectionLogic> Checkpointed<L> {
             }
             let applied =
                 self.logic
-                    .apply(&mut tx, event)
+                    .apply(conn, event)
                     .await
                     .map_err(|error| ApplyError::Failed {
                         seq: event.seq,
@@ -114,8 +125,7 @@ impl<L: ProjectionLogic> Checkpointed<L> {
             changes.extend(applied);
             checkpoint = event.seq;
         }
-        self.store_checkpoint(&mut tx, checkpoint).await?;
-        tx.commit().await?;
+        self.store_checkpoint(conn, checkpoint).await?;
         Ok((checkpoint, changes))
     }
 

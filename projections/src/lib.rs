@@ -1,9 +1,19 @@
-//! Podium's read models and the machinery that keeps them: each projection
-//! turns log events into read-model changes, applied in Postgres together with
-//! its checkpoint in one transaction ([`checkpointed`]), so a redelivered event
-//! is skipped and nothing is applied twice.
+//! Podium's read models and the machinery that keeps them.
+//!
+//! - [`checkpointed`]: a projection applies events and advances its checkpoint
+//!   in one Postgres transaction, so a redelivered event is skipped and
+//!   nothing is applied twice.
+//! - [`ranking`]: the leaderboard rules, pure (and an in-memory board).
+//! - [`leaderboard`], [`feed`], [`attempts`]: the projections and their stores.
+//! - [`tables`]: live tables versus the `__next` copies a replay fills.
 #![forbid(unsafe_code)]
 
+pub mod attempts;
 pub mod checkpointed;
+pub mod feed;
+pub mod leaderboard;
+pub mod ranking;
+pub mod tables;
 
 pub use checkpointed::{ApplyError, BoxError, Checkpointed, ProjectionLogic};
+pub use tables::Generation;

@@ -1,0 +1,210 @@
+//! The notification policy: a process manager that turns submissions into
+//! notifications — `attempt_graded` for each, `personal_best` when a user
+//! beats their best, `rank_overtaken` to those pushed down inside a test's
+//! top 10. It issues `Notification` commands whose ids derive from the source
+//! event, so a redelivered event creates nothing new.
+//!
+//! It keeps its own memory of bests (`policy_bests`) in its checkpointed
+//! transaction, so its decisions follow the log alone.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use cqrs_es::AggregateError;
+use podium_domain::attempt::AttemptEvent;
+use podium_domain::log::{Change, PodiumEvent, RecordedEvent};
+use podium_domain::metadata::SYSTEM_ACTOR;
+use podium_domain::notification::{
+    NotificationCommand, NotificationContent, NotificationKind, NotificationMessage,
+};
+use podium_domain::{EventMetadata, UserId};
+use podium_projections::{BoxError, ProjectionLogic};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::eventstore::Aggregates;
+
+pub const NAME: &str = "notification-policy";
+/// How many places at the top of a test count for `rank_overtaken`.
+pub const TOP: i64 = 10;
+const NAMESPACE: Uuid = Uuid::from_u128(0x3b9e_11c4_27d5_4f08_a6e1_90c2_55d7_e1aa);
+
+pub struct NotificationPolicy {
+    aggregates: Arc<Aggregates>,
+}
+
+struct Notice {
+    recipient: UserId,
+    kind: NotificationKind,
+    title: String,
+    body: String,
+    link: Option<String>,
+}
+
+impl NotificationPolicy {
+    pub fn new(aggregates: Arc<Aggregates>) -> Self {
+        Self { aggregates }
+    }
+
+    /// The users in the test's top 10, best first.
+    async fn top(conn: &mut PgConnection, test_id: Uuid) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT user_id FROM policy_bests WHERE test_id = $1
+              ORDER BY best_score DESC, achieved_at, user_id LIMIT $2",
+        )
+        .bind(test_id)
+        .bind(TOP)
+        .fetch_all(conn)
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn decide(
+        &self,
+        conn: &mut PgConnection,
+        test_id: Uuid,
+        user_id: &UserId,
+        attempt_id: Uuid,
+        score: u32,
+        max_score: u32,
+        correct: u32,
+        submitted_at: DateTime<Utc>,
+    ) -> Result<Vec<Notice>, sqlx::Error> {
+        let link = Some(format!("/v1/attempts/{attempt_id}"));
+        let mut notices = vec![Notice {
+            recipient: user_id.clone(),
+            kind: NotificationKind::AttemptGraded,
+            title: "Your attempt was graded".into(),
+            body: format!("You scored {score} of {max_score} ({correct} correct)."),
+            link: link.clone(),
+        }];
+        let previous: Option<i32> = sqlx::query_scalar(
+            "SELECT best_score FROM policy_bests WHERE test_id = $1 AND user_id = $2 FOR UPDATE",
+        )
+        .bind(test_id)
+        .bind(user_id.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+        let improved = previous.is_none_or(|best| score as i32 > best);
+        if !improved {
+            return Ok(notices);
+        }
+        if let Some(best) = previous {
+            notices.push(Notice {
+                recipient: user_id.clone(),
+                kind: NotificationKind::PersonalBest,
+                title: "New personal best".into(),
+                body: format!("You beat your best of {best} with {score} of {max_score}."),
+                link: link.clone(),
+            });
+        }
+        let before = Self::top(conn, test_id).await?;
+        sqlx::query(
+            "INSERT INTO policy_bests (test_id, user_id, best_score, achieved_at)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (test_id, user_id) DO UPDATE
+                SET best_score = EXCLUDED.best_score, achieved_at = EXCLUDED.achieved_at",
+        )
+        .bind(test_id)
+        .bind(user_id.as_str())
+        .bind(score as i32)
+        .bind(submitted_at)
+        .execute(&mut *conn)
+        .await?;
+        let after = Self::top(conn, test_id).await?;
+        for (old_index, other) in before.iter().enumerate() {
+            if other == user_id.as_str() {
+                continue;
+            }
+            let new_index = after.iter().position(|u| u == other);
+            if new_index.is_none_or(|i| i > old_index) {
+                let new_rank = new_index.map_or(format!("below {TOP}"), |i| (i + 1).to_string());
+                notices.push(Notice {
+                    recipient: UserId::parse(other.clone())
+                        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                    kind: NotificationKind::RankOvertaken,
+                    title: "You were overtaken".into(),
+                    body: format!(
+                        "{user_id} scored {score}: you moved from rank {} to {new_rank}.",
+                        old_index + 1
+                    ),
+                    link: Some(format!("/v1/tests/{test_id}/leaderboard")),
+                });
+            }
+        }
+        Ok(notices)
+    }
+}
+
+impl ProjectionLogic for NotificationPolicy {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        event: &RecordedEvent,
+    ) -> Result<Vec<Change>, BoxError> {
+        if event.event_type != "AttemptSubmitted" {
+            return Ok(Vec::new());
+        }
+        let PodiumEvent::Attempt(AttemptEvent::AttemptSubmitted {
+            attempt_id,
+            test_id,
+            user_id,
+            score,
+            max_score,
+            correct,
+            submitted_at,
+            ..
+        }) = event.decode()?
+        else {
+            return Ok(Vec::new());
+        };
+        let notices = self
+            .decide(
+                conn,
+                test_id,
+                &user_id,
+                attempt_id,
+                score,
+                max_score,
+                correct,
+                submitted_at,
+            )
+            .await?;
+        // The commands commit on their own; if this transaction then fails,
+        // the event comes back and the same ids make the commands no-ops.
+        for notice in notices {
+            let source = format!("{}:{}:{}", notice.kind, event.identity(), notice.recipient);
+            let notification_id = Uuid::new_v5(&NAMESPACE, source.as_bytes());
+            let message =
+                NotificationMessage::new(notice.kind, notice.title, notice.body, notice.link)?;
+            let command = NotificationCommand::CreateNotification {
+                notification_id,
+                content: NotificationContent {
+                    recipient: notice.recipient,
+                    message,
+                },
+                now: event.recorded_at,
+            };
+            let metadata = EventMetadata {
+                actor: SYSTEM_ACTOR.to_string(),
+                request_id: event.identity(),
+                recorded_at: Utc::now(),
+            };
+            match self
+                .aggregates
+                .notifications
+                .execute(&notification_id.to_string(), command, metadata)
+                .await
+            {
+                // Another delivery of the same event created it meanwhile.
+                Ok(()) | Err(AggregateError::AggregateConflict) => {}
+                Err(err) => return Err(Box::new(err)),
+            }
+        }
+        Ok(Vec::new())
+    }
+}

@@ -1,0 +1,223 @@
+//! Rebuilding read models from the event log in Postgres.
+//!
+//! A replay fills fresh copies of a projection's tables (`<table>__next`)
+//! from the whole log while the live tables keep answering queries. Then, in
+//! one transaction that locks the live tables, it applies the events written
+//! meanwhile, swaps the copies in by renaming, and hands its checkpoint to the
+//! live projection, whose worker carries on from there: nothing written during
+//! the rebuild is lost, nothing is applied twice.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use podium_projections::attempts::{self, AttemptsProjection};
+use podium_projections::feed::{self, FeedProjection};
+use podium_projections::leaderboard::{self, LeaderboardProjection};
+use podium_projections::{Checkpointed, Generation, ProjectionLogic};
+use sqlx::{PgConnection, PgPool};
+
+use crate::eventlog::LogCursor;
+
+/// Events per transaction while rebuilding.
+const BATCH: i64 = 1_000;
+
+/// The projections a replay can rebuild.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    Leaderboard,
+    Feed,
+    Attempts,
+    All,
+}
+
+impl Target {
+    fn expand(self) -> Vec<Target> {
+        match self {
+            Self::All => vec![Self::Leaderboard, Self::Feed, Self::Attempts],
+            one => vec![one],
+        }
+    }
+}
+
+/// What a replay did, per projection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebuilt {
+    pub projection: &'static str,
+    /// The log seq the rebuilt read model is at.
+    pub checkpoint: u64,
+}
+
+/// Rebuilds `target` from the log and swaps it in; reports progress through
+/// `progress` (events done, events in all).
+pub async fn replay(
+    pool: &PgPool,
+    target: Target,
+    progress: &mut dyn FnMut(&'static str, u64, u64),
+) -> anyhow::Result<Vec<Rebuilt>> {
+    let mut rebuilt = Vec::new();
+    for one in target.expand() {
+        let result = match one {
+            Target::Leaderboard => {
+                rebuild(
+                    pool,
+                    leaderboard::NAME,
+                    &leaderboard::TABLES,
+                    LeaderboardProjection::new,
+                    progress,
+                )
+                .await?
+            }
+            Target::Feed => {
+                rebuild(
+                    pool,
+                    feed::NAME,
+                    &feed::TABLES,
+                    FeedProjection::new,
+                    progress,
+                )
+                .await?
+            }
+            Target::Attempts => {
+                rebuild(
+                    pool,
+                    attempts::NAME,
+                    &attempts::TABLES,
+                    AttemptsProjection::new,
+                    progress,
+                )
+                .await?
+            }
+            Target::All => unreachable!("expanded above"),
+        };
+        rebuilt.push(result);
+    }
+    Ok(rebuilt)
+}
+
+async fn rebuild<L: ProjectionLogic>(
+    pool: &PgPool,
+    name: &'static str,
+    tables: &[&str],
+    logic: impl Fn(Generation) -> L,
+    progress: &mut dyn FnMut(&'static str, u64, u64),
+) -> anyhow::Result<Rebuilt> {
+    let next = Checkpointed::new(pool.clone(), logic(Generation::Next));
+    prepare_next(pool, next.name(), tables).await?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(pool)
+        .await?;
+    let mut reader = pool.acquire().await?;
+    let mut cursor = LogCursor::start();
+    loop {
+        let (events, after) = cursor.peek(&mut reader, BATCH).await?;
+        if events.is_empty() {
+            break;
+        }
+        next.apply(&events)
+            .await
+            .with_context(|| format!("rebuilding {name}"))?;
+        cursor = after;
+        progress(name, cursor.seq, total.max(cursor.seq as i64) as u64);
+    }
+    drop(reader);
+    let checkpoint = swap(pool, name, tables, &next, cursor).await?;
+    Ok(Rebuilt {
+        projection: name,
+        checkpoint,
+    })
+}
+
+/// Fresh, empty `__next` copies of the live tables, and no checkpoint.
+async fn prepare_next(pool: &PgPool, checkpoint: &str, tables: &[&str]) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    for table in tables {
+        let next = Generation::Next.table(table);
+        sqlx::query(&format!("DROP TABLE IF EXISTS {next}"))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!("CREATE TABLE {next} (LIKE {table} INCLUDING ALL)"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query("DELETE FROM projection_checkpoints WHERE name = $1")
+        .bind(checkpoint)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+/// Under a lock on the live tables: applies what was written meanwhile, then
+/// renames the copies in and moves the checkpoint over.
+async fn swap<L: ProjectionLogic>(
+    pool: &PgPool,
+    name: &str,
+    tables: &[&str],
+    next: &Checkpointed<L>,
+    mut cursor: LogCursor,
+) -> anyhow::Result<u64> {
+    let mut tx = pool.begin().await?;
+    let live: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+    sqlx::query(&format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        live.join(", ")
+    ))
+    .execute(&mut *tx)
+    .await?;
+    // The live worker's checkpoint row too: it cannot commit in between.
+    sqlx::query("SELECT 1 FROM projection_checkpoints WHERE name = $1 FOR UPDATE")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    loop {
+        let (events, after) = cursor.peek(&mut tx, BATCH).await?;
+        if events.is_empty() {
+            break;
+        }
+        next.apply_in(&mut tx, &events).await?;
+        cursor = after;
+    }
+    for table in tables {
+        let next_table = Generation::Next.table(table);
+        rename(&mut tx, table, &format!("{table}__old")).await?;
+        rename(&mut tx, &next_table, table).await?;
+        sqlx::query(&format!("DROP TABLE {table}__old"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (name, seq) VALUES ($1, $2)
+         ON CONFLICT (name) DO UPDATE SET seq = EXCLUDED.seq, updated_at = now()",
+    )
+    .bind(name)
+    .bind(cursor.seq as i64)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM projection_checkpoints WHERE name = $1")
+        .bind(next.name())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(cursor.seq)
+}
+
+async fn rename(conn: &mut PgConnection, from: &str, to: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!("ALTER TABLE {from} RENAME TO {to}"))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Progress lines on stderr, at most one a second: events done, rate, ETA.
+pub fn stderr_progress() -> impl FnMut(&'static str, u64, u64) {
+    let started = Instant::now();
+    let mut last = Instant::now() - Duration::from_secs(2);
+    move |name, done, total| {
+        if last.elapsed() < Duration::from_secs(1) && done < total {
+            return;
+        }
+        last = Instant::now();
+        let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-3);
+        let eta = total.saturating_sub(done) as f64 / rate.max(1.0);
+        eprintln!("replay {name}: {done}/{total} events, {rate:.0} events/s, ETA {eta:.0} s");
+    }
+}
