@@ -192,7 +192,7 @@ impl ProjectionLogic for NotificationPolicy {
             let metadata = EventMetadata {
                 actor: SYSTEM_ACTOR.to_string(),
                 request_id: event.identity(),
-                recorded_at: Utc::now(),
+                recorded_at: crate::clock::now(),
             };
             match self
                 .aggregates

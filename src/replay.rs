@@ -52,7 +52,7 @@ pub struct Rebuilt {
 pub async fn replay(
     pool: &PgPool,
     target: Target,
-    progress: &mut dyn FnMut(&'static str, u64, u64),
+    progress: &mut (dyn FnMut(&'static str, u64, u64) + Send),
 ) -> anyhow::Result<Vec<Rebuilt>> {
     let mut rebuilt = Vec::new();
     for one in target.expand() {
@@ -99,7 +99,7 @@ async fn rebuild<L: ProjectionLogic>(
     name: &'static str,
     tables: &[&str],
     logic: impl Fn(Generation) -> L,
-    progress: &mut dyn FnMut(&'static str, u64, u64),
+    progress: &mut (dyn FnMut(&'static str, u64, u64) + Send),
 ) -> anyhow::Result<Rebuilt> {
     let next = Checkpointed::new(pool.clone(), logic(Generation::Next));
     prepare_next(pool, next.name(), tables).await?;
@@ -208,7 +208,7 @@ async fn rename(conn: &mut PgConnection, from: &str, to: &str) -> Result<(), sql
 }
 
 /// Progress lines on stderr, at most one a second: events done, rate, ETA.
-pub fn stderr_progress() -> impl FnMut(&'static str, u64, u64) {
+pub fn stderr_progress() -> impl FnMut(&'static str, u64, u64) + Send {
     let started = Instant::now();
     let mut last = Instant::now() - Duration::from_secs(2);
     move |name, done, total| {

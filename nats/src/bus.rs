@@ -34,7 +34,9 @@ pub enum BusError {
 pub struct StreamLimits {
     /// Oldest message kept.
     pub max_age: Duration,
-    /// Most bytes kept (older messages are dropped first).
+    /// Most bytes kept, older messages dropped first; -1 for no limit but
+    /// `max_age`. JetStream reserves this much of its storage for the
+    /// stream up front, so set it only as high as the disk allows.
     pub max_bytes: i64,
     /// How long a `Nats-Msg-Id` is remembered: a relay retrying within this
     /// window publishes nothing twice. Consumers skip repeats anyway.
@@ -45,7 +47,7 @@ impl Default for StreamLimits {
     fn default() -> Self {
         Self {
             max_age: Duration::from_secs(7 * 24 * 3600),
-            max_bytes: 10 * 1024 * 1024 * 1024,
+            max_bytes: -1,
             duplicate_window: Duration::from_secs(5 * 60),
         }
     }

@@ -211,7 +211,6 @@ impl<P: Projection> Worker<P> {
     /// Consumes until `stop` turns true (finishing the batch in hand) or the
     /// projection halts on a dead letter.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), WorkerError> {
-        let consumer = self.consumer().await?;
         self.checkpoint = self
             .projection
             .checkpoint()
@@ -224,8 +223,19 @@ impl<P: Projection> Worker<P> {
         loop {
             // A continuous pull: messages arrive as soon as they are stored,
             // and every message already waiting is taken into one batch.
+            // Looked up (or created) afresh after every interruption, so a
+            // deleted consumer is recreated and replays from the start.
+            let pull = async {
+                let consumer = self.consumer().await?;
+                consumer
+                    .stream()
+                    .max_messages_per_batch(self.config.batch_size)
+                    .messages()
+                    .await
+                    .map_err(|e| WorkerError::Bus(e.to_string()))
+            };
             let messages = tokio::select! {
-                messages = consumer.stream().max_messages_per_batch(self.config.batch_size).messages() => messages,
+                messages = pull => messages,
                 _ = stop.changed() => return Ok(()),
             };
             let mut chunks = match messages {
@@ -247,16 +257,25 @@ impl<P: Projection> Worker<P> {
                 };
                 let Some(chunk) = chunk else { break };
                 let mut deliveries = Vec::with_capacity(chunk.len());
+                let mut interrupted = false;
                 for message in chunk {
                     match message {
                         Ok(message) => deliveries.push(delivery(message)),
                         Err(err) => {
-                            tracing::warn!(projection = self.projection.name(), %err, "pull error")
+                            tracing::warn!(projection = self.projection.name(), %err, "pull interrupted");
+                            interrupted = true;
                         }
                     }
                 }
                 if !deliveries.is_empty() {
                     self.process(deliveries).await?;
+                }
+                if interrupted {
+                    // Pull afresh (the consumer may be gone), after a pause.
+                    if sleep_or_stop(self.config.backoff_base, &mut stop).await {
+                        return Ok(());
+                    }
+                    break;
                 }
                 if *stop.borrow() {
                     return Ok(());

@@ -36,16 +36,26 @@ impl FeedProjection {
         user_id: &str,
         delta: i32,
     ) -> Result<i32, sqlx::Error> {
-        sqlx::query_scalar(&format!(
-            "INSERT INTO {c} (user_id, unread) VALUES ($1, $2)
-             ON CONFLICT (user_id) DO UPDATE SET unread = {c}.unread + $2
-             RETURNING unread",
-            c = self.counters
-        ))
-        .bind(user_id)
-        .bind(delta)
-        .fetch_one(conn)
-        .await
+        // A decrement only follows items counted in, so the row exists; an
+        // upsert would check the constraint on `delta` itself.
+        let query = if delta < 0 {
+            format!(
+                "UPDATE {c} SET unread = unread + $2 WHERE user_id = $1 RETURNING unread",
+                c = self.counters
+            )
+        } else {
+            format!(
+                "INSERT INTO {c} (user_id, unread) VALUES ($1, $2)
+                 ON CONFLICT (user_id) DO UPDATE SET unread = {c}.unread + $2
+                 RETURNING unread",
+                c = self.counters
+            )
+        };
+        sqlx::query_scalar(&query)
+            .bind(user_id)
+            .bind(delta)
+            .fetch_one(conn)
+            .await
     }
 
     fn change(&self, user_id: &str, seq: u64, data: serde_json::Value) -> Change {

@@ -49,21 +49,38 @@ impl LeaderboardProjection {
         row.map(|row| entry_from_row(&row)).transpose()
     }
 
-    async fn count_score(
+    /// Counts one more entry at `score`.
+    async fn count_in(
         &self,
         conn: &mut PgConnection,
         test_id: Uuid,
         score: u32,
-        delta: i32,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(&format!(
-            "INSERT INTO {counts} (test_id, score, entries) VALUES ($1, $2, $3)
-             ON CONFLICT (test_id, score) DO UPDATE SET entries = {counts}.entries + $3",
+            "INSERT INTO {counts} (test_id, score, entries) VALUES ($1, $2, 1)
+             ON CONFLICT (test_id, score) DO UPDATE SET entries = {counts}.entries + 1",
             counts = self.counts
         ))
         .bind(test_id)
         .bind(score as i32)
-        .bind(delta)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Counts one entry fewer at `score` (it moved to a better one).
+    async fn count_out(
+        &self,
+        conn: &mut PgConnection,
+        test_id: Uuid,
+        score: u32,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "UPDATE {} SET entries = entries - 1 WHERE test_id = $1 AND score = $2",
+            self.counts
+        ))
+        .bind(test_id)
+        .bind(score as i32)
         .execute(conn)
         .await?;
         Ok(())
@@ -113,10 +130,10 @@ impl LeaderboardProjection {
         .await?;
         if Entry::improved_by(previous.as_ref(), submission) {
             if let Some(previous) = &previous {
-                self.count_score(conn, submission.test_id, previous.best_score, -1)
+                self.count_out(conn, submission.test_id, previous.best_score)
                     .await?;
             }
-            self.count_score(conn, submission.test_id, entry.best_score, 1)
+            self.count_in(conn, submission.test_id, entry.best_score)
                 .await?;
         }
         if !live {

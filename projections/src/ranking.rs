@@ -120,3 +120,114 @@ impl Board {
         entries
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use chrono::TimeDelta;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn at(minute: i64) -> DateTime<Utc> {
+        DateTime::<Utc>::UNIX_EPOCH + TimeDelta::minutes(minute)
+    }
+
+    fn submission(user: u8, score: u32, minute: i64) -> Submission {
+        Submission {
+            test_id: Uuid::nil(),
+            user_id: format!("u{user}"),
+            attempt_id: Uuid::from_u128(minute as u128),
+            score,
+            max_score: 10,
+            submitted_at: at(minute),
+        }
+    }
+
+    /// The rules applied directly: per user, the best score, the earliest
+    /// time it was reached, and the number of attempts; ranked by sorting.
+    fn naive(submissions: &[Submission]) -> Vec<(String, u32, DateTime<Utc>, u32)> {
+        let mut by_user: HashMap<&str, Vec<&Submission>> = HashMap::new();
+        for s in submissions {
+            by_user.entry(&s.user_id).or_default().push(s);
+        }
+        let mut rows: Vec<_> = by_user
+            .into_iter()
+            .map(|(user, subs)| {
+                let best = subs.iter().map(|s| s.score).max().unwrap();
+                let first = subs
+                    .iter()
+                    .filter(|s| s.score == best)
+                    .map(|s| s.submitted_at)
+                    .min()
+                    .unwrap();
+                (user.to_string(), best, first, subs.len() as u32)
+            })
+            .collect();
+        rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.2.cmp(&b.2)).then(a.0.cmp(&b.0)));
+        rows
+    }
+
+    fn submissions() -> impl Strategy<Value = Vec<Submission>> {
+        // Few users and scores so that ties and repeats are common; minutes
+        // increase, as submissions arrive in log order.
+        prop::collection::vec((0u8..8, 0u32..6), 1..60).prop_map(|raw| {
+            raw.into_iter()
+                .enumerate()
+                .map(|(i, (user, score))| submission(user, score, i as i64))
+                .collect()
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn the_incremental_board_equals_the_rules_applied_directly(subs in submissions()) {
+            let mut board = Board::default();
+            for (i, s) in subs.iter().enumerate() {
+                let (_, rank) = board.record(s);
+                // The rank reported at each step is the rank by the rules so far.
+                let expected = naive(&subs[..=i]).iter().position(|r| r.0 == s.user_id).unwrap() + 1;
+                prop_assert_eq!(rank, expected);
+            }
+            let ranked: Vec<_> = board
+                .ranked()
+                .into_iter()
+                .map(|e| (e.user_id, e.best_score, e.achieved_at, e.attempts))
+                .collect();
+            prop_assert_eq!(ranked, naive(&subs));
+        }
+
+        #[test]
+        fn rebuilding_from_any_prefix_gives_the_same_board(subs in submissions(), cut in 0usize..60) {
+            let mut whole = Board::default();
+            for s in &subs {
+                whole.record(s);
+            }
+            // A board rebuilt up to `cut` and then continued live ends equal.
+            let cut = cut.min(subs.len());
+            let mut resumed = Board::default();
+            for s in &subs[..cut] {
+                resumed.record(s);
+            }
+            let mut continued = resumed.clone();
+            for s in &subs[cut..] {
+                continued.record(s);
+            }
+            prop_assert_eq!(continued, whole);
+        }
+    }
+
+    #[test]
+    fn a_tie_keeps_the_earliest_time_and_counts_the_attempt() {
+        let first = Entry::record(None, &submission(1, 5, 1));
+        let tie = Entry::record(Some(&first), &submission(1, 5, 9));
+        assert_eq!(tie.achieved_at, at(1));
+        assert_eq!(tie.attempts, 2);
+        let better = Entry::record(Some(&tie), &submission(1, 6, 10));
+        assert_eq!(
+            (better.best_score, better.achieved_at, better.attempts),
+            (6, at(10), 3)
+        );
+    }
+}

@@ -73,7 +73,7 @@ async fn start(
         attempt_id,
         user_id: principal.user_id.clone(),
         test,
-        now: Utc::now(),
+        now: crate::clock::now(),
     };
     let id = attempt_id.to_string();
     let attempts = &state.aggregates.attempts;
@@ -122,7 +122,7 @@ async fn answer(
         question_id,
         choice: body.choice,
         test,
-        now: Utc::now(),
+        now: crate::clock::now(),
     };
     state
         .aggregates
@@ -163,7 +163,7 @@ async fn submit(
         by: principal.user_id.clone(),
         answers: body.answers,
         test,
-        now: Utc::now(),
+        now: crate::clock::now(),
     };
     let id = attempt_id.to_string();
     let attempts = &state.aggregates.attempts;

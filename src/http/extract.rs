@@ -6,7 +6,6 @@ use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
-use chrono::Utc;
 use podium_domain::EventMetadata;
 use serde::de::DeserializeOwned;
 
@@ -147,7 +146,7 @@ impl RequestId {
         EventMetadata {
             actor: principal.user_id.to_string(),
             request_id: self.0.clone(),
-            recorded_at: Utc::now(),
+            recorded_at: crate::clock::now(),
         }
     }
 }

@@ -4,7 +4,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Extension, Json, Router};
-use chrono::Utc;
 use podium_domain::notification::{
     InboxCommand, NotificationCommand, NotificationContent, NotificationKind, NotificationMessage,
 };
@@ -103,7 +102,7 @@ async fn send(
     ApiJson(body): ApiJson<SendBody>,
 ) -> Result<(StatusCode, Json<Sent>), ApiError> {
     let contents = body.parse().map_err(ApiError::invalid)?;
-    let now = Utc::now();
+    let now = crate::clock::now();
     let mut notification_ids = Vec::with_capacity(contents.len());
     for content in contents {
         let notification_id = match &scope {
@@ -137,7 +136,7 @@ async fn mark_read(
 ) -> Result<StatusCode, ApiError> {
     let command = NotificationCommand::MarkRead {
         by: principal.user_id.clone(),
-        now: Utc::now(),
+        now: crate::clock::now(),
     };
     let result = state
         .aggregates
@@ -158,7 +157,7 @@ async fn read_all(
 ) -> Result<StatusCode, ApiError> {
     let command = InboxCommand::ReadAll {
         user_id: principal.user_id.clone(),
-        now: Utc::now(),
+        now: crate::clock::now(),
     };
     let result = state
         .aggregates

@@ -105,6 +105,8 @@ pub struct TestApp {
     pub pool: PgPool,
     keys: JwtKeys,
     shutdown: Option<oneshot::Sender<()>>,
+    /// NATS server and prefix whose streams the app created, if any.
+    nats: Option<(String, String)>,
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -113,6 +115,10 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts the app with settings adjusted by `configure`.
 pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    // Quiet unless asked: RUST_LOG=warn (say) shows the app's logs.
+    if std::env::var_os("RUST_LOG").is_some() {
+        podium::telemetry::init();
+    }
     let db = TestDb::with_pool_size(2).await;
     let mut settings = Settings::new(
         SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -121,6 +127,11 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     );
     settings.database.db_max_connections = 5;
     configure(&mut settings);
+    let nats = settings
+        .nats
+        .nats_url
+        .clone()
+        .map(|url| (url, settings.nats.nats_prefix.clone()));
     let app = podium::Application::build(settings)
         .await
         .expect("the app builds");
@@ -139,6 +150,7 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
         db,
         keys: JwtKeys::new(SECRET).unwrap(),
         shutdown: Some(shutdown),
+        nats,
     }
 }
 
@@ -146,6 +158,9 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
+        }
+        if let Some((url, prefix)) = self.nats.take() {
+            crate::nats::delete_streams(url, prefix);
         }
     }
 }

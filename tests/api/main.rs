@@ -11,3 +11,4 @@ mod concurrency;
 mod fanout;
 mod idempotency;
 mod notifications;
+mod read_models;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use podium_nats::EventBus;
+use podium_nats::{EventBus, Subjects};
 use uuid::Uuid;
 
 pub fn nats_url() -> String {
@@ -66,16 +66,22 @@ impl TestBus {
 
 impl Drop for TestBus {
     fn drop(&mut self) {
-        let url = self.url.clone();
-        let subjects = self.bus.subjects().clone();
-        crate::helpers::run_blocking(async move {
-            if let Ok(client) = async_nats::connect(url).await {
-                let js = async_nats::jetstream::new(client);
-                let _ = js.delete_stream(subjects.events_stream()).await;
-                let _ = js.delete_stream(subjects.dead_letter_stream()).await;
-            }
-        });
+        delete_streams(self.url.clone(), self.bus.subjects().prefix().to_string());
     }
+}
+
+/// Deletes the streams of `prefix` (off the caller's runtime).
+pub fn delete_streams(url: String, prefix: String) {
+    crate::helpers::run_blocking(async move {
+        let Ok(subjects) = Subjects::new(&prefix) else {
+            return;
+        };
+        if let Ok(client) = async_nats::connect(url).await {
+            let js = async_nats::jetstream::new(client);
+            let _ = js.delete_stream(subjects.events_stream()).await;
+            let _ = js.delete_stream(subjects.dead_letter_stream()).await;
+        }
+    });
 }
 
 /// A nats-server of the test's own, on a free port, with its own store.

@@ -1,0 +1,521 @@
+//! Read models kept live by the workers of a running app, compared with a
+//! replay and with the rules applied directly to the log.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use podium::eventlog::LogCursor;
+use podium::replay::{replay, Target};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+use crate::helpers::{spawn_app_with, TestApp};
+use crate::nats::{nats_url, unique_prefix, wait_until};
+
+async fn spawn_app_with_workers() -> (TestApp, String) {
+    let prefix = unique_prefix();
+    let app = spawn_app_with(|settings| {
+        settings.nats.nats_url = Some(nats_url());
+        settings.nats.nats_prefix = prefix.clone();
+    })
+    .await;
+    (app, prefix)
+}
+
+/// Leaderboards by test id: (user, best score, reached at, attempts), ranked.
+type Boards = BTreeMap<String, Vec<(String, i64, DateTime<Utc>, i64)>>;
+
+/// A small deterministic pseudo-random sequence (no seed to manage).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % below
+    }
+}
+
+/// Publishes `tests` tests and drives `rounds` rounds of traffic: attempts
+/// with random answers, announcements, reads and read-alls.
+async fn traffic(app: &TestApp, test_ids: &[String], rounds: usize, seed: u64) {
+    let mut rng = Lcg(seed);
+    let admin = app.admin();
+    for _ in 0..rounds {
+        let user = format!("user-{}", rng.next(12));
+        let token = app.user(&user);
+        match rng.next(10) {
+            0 => {
+                let to: Vec<String> = (0..1 + rng.next(3))
+                    .map(|i| format!("user-{}", (rng.next(12) + i) % 12))
+                    .collect();
+                let mut to = to;
+                to.sort();
+                to.dedup();
+                let body = json!({"user_ids": to, "title": "News", "body": "Read this"});
+                assert_eq!(
+                    app.post("/v1/notifications", &admin, Some(body))
+                        .await
+                        .status(),
+                    StatusCode::ACCEPTED
+                );
+            }
+            1 => {
+                let response = app
+                    .post("/v1/me/notifications/read-all", &token, None)
+                    .await;
+                assert_eq!(response.status(), StatusCode::NO_CONTENT);
+            }
+            2 => {
+                let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+                    "SELECT aggregate_id::uuid FROM events WHERE event_type = 'NotificationCreated'
+                       AND payload->'NotificationCreated'->>'recipient' = $1",
+                )
+                .bind(&user)
+                .fetch_all(&app.pool)
+                .await
+                .unwrap();
+                if let Some(id) = ids.get(rng.next(ids.len().max(1) as u64) as usize) {
+                    let path = format!("/v1/me/notifications/{id}/read");
+                    assert_eq!(
+                        app.post(&path, &token, None).await.status(),
+                        StatusCode::NO_CONTENT
+                    );
+                }
+            }
+            _ => {
+                let test_id = &test_ids[rng.next(test_ids.len() as u64) as usize];
+                let attempt = app.started_attempt(test_id, &token).await;
+                let answers = json!({"q1": rng.next(3), "q2": rng.next(2)});
+                let response = app
+                    .submit(&attempt, &token, Some(json!({"answers": answers})))
+                    .await;
+                assert_eq!(response.status(), StatusCode::OK);
+            }
+        }
+    }
+}
+
+/// Waits until every projection has applied the whole log and the log has
+/// stopped growing (the policy adds notifications as it goes).
+async fn settle(pool: &PgPool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let state: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT p.name, COALESCE(c.seq, 0)
+               FROM (VALUES ('leaderboard'), ('feed'), ('attempts'), ('notification-policy')) p(name)
+               LEFT JOIN projection_checkpoints c USING (name) ORDER BY 1",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        // The head after the checkpoints: the policy commits its commands
+        // before its checkpoint, so events it added are counted here.
+        let head: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        if state.iter().all(|(_, seq)| *seq == head) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "projections did not reach the head of the log ({head}): {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Asserts two snapshots are equal, showing the first differing rows.
+fn assert_same(
+    actual: &BTreeMap<&'static str, Vec<Value>>,
+    expected: &BTreeMap<&'static str, Vec<Value>>,
+) {
+    for (table, rows) in expected {
+        let other = &actual[table];
+        let differing: Vec<_> = rows
+            .iter()
+            .zip(other.iter())
+            .filter(|(a, b)| a != b)
+            .take(3)
+            .collect();
+        assert!(
+            differing.is_empty() && rows.len() == other.len(),
+            "{table}: {} rows expected, {} found; first differences (expected, found): {differing:?}",
+            rows.len(),
+            other.len()
+        );
+    }
+}
+
+/// Every read-model row, in a stable order, as JSON.
+async fn snapshot(pool: &PgPool) -> BTreeMap<&'static str, Vec<Value>> {
+    let queries = [
+        (
+            "lb_entries",
+            "SELECT to_jsonb(t) FROM lb_entries t ORDER BY test_id, user_id",
+        ),
+        (
+            "lb_score_counts",
+            "SELECT to_jsonb(t) FROM lb_score_counts t WHERE entries > 0 ORDER BY test_id, score",
+        ),
+        (
+            "feed_items",
+            "SELECT to_jsonb(t) FROM feed_items t ORDER BY notification_id",
+        ),
+        (
+            "feed_counters",
+            "SELECT to_jsonb(t) FROM feed_counters t ORDER BY user_id",
+        ),
+        (
+            "my_attempts",
+            "SELECT to_jsonb(t) FROM my_attempts t ORDER BY attempt_id",
+        ),
+    ];
+    let mut all = BTreeMap::new();
+    for (name, query) in queries {
+        all.insert(
+            name,
+            sqlx::query_scalar(query).fetch_all(pool).await.unwrap(),
+        );
+    }
+    all
+}
+
+/// The leaderboards and unread counts computed straight from the log by the
+/// rules of API.md, without any projection code.
+async fn naive(pool: &PgPool) -> (Boards, BTreeMap<String, i64>) {
+    let mut conn = pool.acquire().await.unwrap();
+    let mut cursor = LogCursor::start();
+    let mut best: HashMap<(String, String), (i64, DateTime<Utc>, i64)> = HashMap::new();
+    let mut unread: HashMap<String, Vec<(String, bool)>> = HashMap::new();
+    let mut owner: HashMap<String, String> = HashMap::new();
+    loop {
+        let (events, next) = cursor.peek(&mut conn, 500).await.unwrap();
+        if events.is_empty() {
+            break;
+        }
+        for e in &events {
+            let body = &e.payload[&e.event_type];
+            match e.event_type.as_str() {
+                "AttemptSubmitted" => {
+                    let key = (
+                        body["test_id"].as_str().unwrap().to_string(),
+                        body["user_id"].as_str().unwrap().to_string(),
+                    );
+                    let score = body["score"].as_i64().unwrap();
+                    let at: DateTime<Utc> =
+                        serde_json::from_value(body["submitted_at"].clone()).unwrap();
+                    let entry = best.entry(key).or_insert((score, at, 0));
+                    if score > entry.0 {
+                        *entry = (score, at, entry.2);
+                    }
+                    entry.2 += 1;
+                }
+                "NotificationCreated" => {
+                    let user = body["recipient"].as_str().unwrap().to_string();
+                    let id = body["notification_id"].as_str().unwrap().to_string();
+                    owner.insert(id.clone(), user.clone());
+                    unread.entry(user).or_default().push((id, false));
+                }
+                "NotificationRead" => {
+                    let id = body["notification_id"].as_str().unwrap();
+                    let user = &owner[id];
+                    for item in unread.get_mut(user).unwrap() {
+                        if item.0 == id {
+                            item.1 = true;
+                        }
+                    }
+                }
+                "AllNotificationsRead" => {
+                    let user = body["user_id"].as_str().unwrap();
+                    for item in unread.entry(user.to_string()).or_default() {
+                        item.1 = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        cursor = next;
+    }
+    let mut boards: Boards = BTreeMap::new();
+    for ((test, user), (score, at, attempts)) in best {
+        boards
+            .entry(test)
+            .or_default()
+            .push((user, score, at, attempts));
+    }
+    for board in boards.values_mut() {
+        board.sort_by(|a, b| b.1.cmp(&a.1).then(a.2.cmp(&b.2)).then(a.0.cmp(&b.0)));
+    }
+    let counts = unread
+        .into_iter()
+        .map(|(user, items)| (user, items.iter().filter(|i| !i.1).count() as i64))
+        .collect();
+    (boards, counts)
+}
+
+/// The live leaderboards in rank order, read through the rank queries.
+async fn ranked_boards(pool: &PgPool) -> Boards {
+    use podium_projections::leaderboard::LeaderboardQueries;
+    let tests: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT DISTINCT test_id FROM lb_entries")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let mut boards = BTreeMap::new();
+    for test in tests {
+        let page = LeaderboardQueries::page_after(&mut conn, test, None, 1, 1000)
+            .await
+            .unwrap();
+        for (i, ranked) in page.iter().enumerate() {
+            assert_eq!(ranked.rank, i as u64 + 1);
+            let by_lookup = LeaderboardQueries::entry_of(&mut conn, test, &ranked.entry.user_id)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                by_lookup.rank, ranked.rank,
+                "rank lookup agrees with the page"
+            );
+            let at_offset = LeaderboardQueries::page_at_offset(&mut conn, test, i as u64, 1)
+                .await
+                .unwrap();
+            assert_eq!(at_offset[0].entry, ranked.entry, "offset page agrees");
+        }
+        assert_eq!(
+            LeaderboardQueries::total(&mut *conn, test).await.unwrap(),
+            page.len() as u64
+        );
+        let rows = page
+            .into_iter()
+            .map(|r| {
+                (
+                    r.entry.user_id,
+                    r.entry.best_score as i64,
+                    r.entry.achieved_at,
+                    r.entry.attempts as i64,
+                )
+            })
+            .collect();
+        boards.insert(test.to_string(), rows);
+    }
+    boards
+}
+
+async fn unread_counts(pool: &PgPool) -> BTreeMap<String, i64> {
+    let rows: Vec<(String, i32)> = sqlx::query_as("SELECT user_id, unread FROM feed_counters")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    rows.into_iter().map(|(u, n)| (u, n as i64)).collect()
+}
+
+async fn published_tests(app: &TestApp, count: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for _ in 0..count {
+        ids.push(app.published_test().await);
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_read_models_equal_a_replay_and_the_rules_applied_to_the_log() {
+    let (app, _) = spawn_app_with_workers().await;
+    let tests = published_tests(&app, 3).await;
+    traffic(&app, &tests, 150, 7).await;
+    settle(&app.pool).await;
+
+    let live = snapshot(&app.pool).await;
+    let (boards, unread) = naive(&app.pool).await;
+    assert_eq!(ranked_boards(&app.pool).await, boards);
+    let counted: BTreeMap<String, i64> = unread_counts(&app.pool).await;
+    let expected: BTreeMap<String, i64> = unread
+        .into_iter()
+        .filter(|(u, _)| counted.contains_key(u))
+        .collect();
+    assert_eq!(counted, expected);
+    let submitted: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'AttemptSubmitted'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let graded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM feed_items WHERE kind = 'attempt_graded'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        graded, submitted,
+        "one attempt_graded notification per submission"
+    );
+
+    let mut progress = |_: &'static str, _: u64, _: u64| {};
+    replay(&app.pool, Target::All, &mut progress).await.unwrap();
+    assert_same(&snapshot(&app.pool).await, &live);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_keeps_flowing_during_a_replay_and_nothing_is_lost_or_doubled() {
+    let (app, _) = spawn_app_with_workers().await;
+    let tests = published_tests(&app, 2).await;
+    traffic(&app, &tests, 60, 11).await;
+    let pool = app.pool.clone();
+    let rebuild = tokio::spawn(async move {
+        let mut progress = |_: &'static str, _: u64, _: u64| {};
+        replay(&pool, Target::All, &mut progress).await
+    });
+    traffic(&app, &tests, 80, 13).await;
+    rebuild.await.unwrap().unwrap();
+    traffic(&app, &tests, 20, 17).await;
+    settle(&app.pool).await;
+    let live = snapshot(&app.pool).await;
+    let (boards, _) = naive(&app.pool).await;
+    assert_eq!(ranked_boards(&app.pool).await, boards);
+    let mut progress = |_: &'static str, _: u64, _: u64| {};
+    replay(&app.pool, Target::All, &mut progress).await.unwrap();
+    assert_same(&snapshot(&app.pool).await, &live);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivering_every_event_changes_nothing_and_notifies_no_one_twice() {
+    let (app, prefix) = spawn_app_with_workers().await;
+    let tests = published_tests(&app, 2).await;
+    traffic(&app, &tests, 60, 23).await;
+    settle(&app.pool).await;
+    let before = snapshot(&app.pool).await;
+    let events = app.event_count().await;
+
+    // Reset every durable consumer: JetStream delivers the whole stream again.
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_stream(podium_nats::Subjects::new(&prefix).unwrap().events_stream())
+        .await
+        .unwrap();
+    for name in ["leaderboard", "feed", "attempts", "notification-policy"] {
+        stream.delete_consumer(name).await.unwrap();
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "the consumers are recreated and drained",
+        || async {
+            let mut done = true;
+            for name in ["leaderboard", "feed", "attempts", "notification-policy"] {
+                let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+                    match stream.get_consumer(name).await {
+                        Ok(c) => c,
+                        Err(_) => return false,
+                    };
+                let info = consumer.info().await.unwrap();
+                done &= info.num_pending == 0
+                    && info.num_ack_pending == 0
+                    && info.delivered.stream_sequence >= events as u64;
+            }
+            done
+        },
+    )
+    .await;
+    settle(&app.pool).await;
+    assert_eq!(
+        app.event_count().await,
+        events,
+        "no notification was created twice"
+    );
+    assert_same(&snapshot(&app.pool).await, &before);
+
+    // The policy forgets everything and decides again over the whole log:
+    // the same notifications, under the same ids, so nothing new is recorded.
+    sqlx::query("TRUNCATE policy_bests")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let aggregates = std::sync::Arc::new(podium::eventstore::Aggregates::new(&app.pool));
+    let policy = podium_projections::Checkpointed::new(
+        app.pool.clone(),
+        Renamed(podium::policy::NotificationPolicy::new(aggregates)),
+    );
+    let mut conn = app.pool.acquire().await.unwrap();
+    let (log, _) = LogCursor::start().peek(&mut conn, i64::MAX).await.unwrap();
+    drop(conn);
+    for batch in log.chunks(200) {
+        policy.apply(batch).await.unwrap();
+    }
+    assert_eq!(
+        app.event_count().await,
+        events,
+        "the policy decided the same again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_notifies_grades_personal_bests_and_overtaken_users() {
+    let (app, _) = spawn_app_with_workers().await;
+    let test = app.published_test().await;
+    let submit = |user: &'static str, answers: Value| {
+        let app = &app;
+        let test = test.clone();
+        async move {
+            let token = app.user(user);
+            let attempt = app.started_attempt(&test, &token).await;
+            let response = app
+                .submit(&attempt, &token, Some(json!({"answers": answers})))
+                .await;
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+    };
+    submit("alice", json!({"q1": 1})).await; // 4 points: rank 1
+    submit("bob", json!({"q2": 0})).await; // 6 points: alice pushed to 2
+    submit("alice", json!({"q1": 1, "q2": 0})).await; // 10: personal best, bob pushed to 2
+    settle(&app.pool).await;
+    let kinds = |user: &'static str| {
+        let pool = app.pool.clone();
+        async move {
+            let kinds: Vec<String> = sqlx::query_scalar(
+                "SELECT kind FROM feed_items WHERE user_id = $1 ORDER BY feed_seq",
+            )
+            .bind(user)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            kinds
+        }
+    };
+    assert_eq!(
+        kinds("alice").await,
+        [
+            "attempt_graded",
+            "rank_overtaken",
+            "attempt_graded",
+            "personal_best"
+        ]
+    );
+    assert_eq!(kinds("bob").await, ["attempt_graded", "rank_overtaken"]);
+    let unread: i32 =
+        sqlx::query_scalar("SELECT unread FROM feed_counters WHERE user_id = 'alice'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(unread, 4);
+}
+
+/// The policy under another checkpoint name, to run it a second time.
+struct Renamed(podium::policy::NotificationPolicy);
+
+impl podium_projections::ProjectionLogic for Renamed {
+    fn name(&self) -> &str {
+        "again"
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        event: &podium_domain::log::RecordedEvent,
+    ) -> Result<Vec<podium_domain::log::Change>, podium_projections::BoxError> {
+        self.0.apply(conn, event).await
+    }
+}
