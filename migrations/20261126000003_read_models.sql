@@ -13,9 +13,12 @@ CREATE TABLE lb_entries
     attempts    integer     NOT NULL,
     PRIMARY KEY (test_id, user_id)
 );
--- Rank order: score descending, then earliest, then user id. Serves top pages,
--- keyset pages and the tie-break part of a rank lookup.
-CREATE INDEX lb_entries_rank ON lb_entries (test_id, best_score DESC, achieved_at, user_id);
+-- Rank order: score descending, then earliest, then user id. Negating the
+-- score makes the order all-ascending, so "ranked before (s, t, u)" is one
+-- row comparison, (-best_score, achieved_at, user_id) < (-s, t, u): an index
+-- range in either direction for top pages, keyset pages, neighbours and the
+-- tie-break part of a rank lookup.
+CREATE INDEX lb_entries_rank ON lb_entries (test_id, (-best_score), achieved_at, user_id);
 
 -- How many entries of a test hold each best score: a rank is the sum of the
 -- counts above a score plus a short index range inside it, so a lookup never

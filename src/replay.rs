@@ -10,10 +10,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use podium_domain::log::RecordedEvent;
 use podium_projections::attempts::{self, AttemptsProjection};
 use podium_projections::feed::{self, FeedProjection};
 use podium_projections::leaderboard::{self, LeaderboardProjection};
-use podium_projections::{Checkpointed, Generation, ProjectionLogic};
+use podium_projections::{ApplyError, Checkpointed, Generation};
 use sqlx::{PgConnection, PgPool};
 
 use crate::eventlog::LogCursor;
@@ -47,62 +48,87 @@ pub struct Rebuilt {
     pub checkpoint: u64,
 }
 
-/// Rebuilds `target` from the log and swaps it in; reports progress through
-/// `progress` (events done, events in all).
+/// One projection being rebuilt into its `__next` tables.
+enum Rebuilding {
+    Leaderboard(Checkpointed<LeaderboardProjection>),
+    Feed(Checkpointed<FeedProjection>),
+    Attempts(Checkpointed<AttemptsProjection>),
+}
+
+impl Rebuilding {
+    fn new(pool: &PgPool, target: Target) -> Self {
+        let pool = pool.clone();
+        match target {
+            Target::Leaderboard => Self::Leaderboard(Checkpointed::new(
+                pool,
+                LeaderboardProjection::new(Generation::Next),
+            )),
+            Target::Feed => Self::Feed(Checkpointed::new(
+                pool,
+                FeedProjection::new(Generation::Next),
+            )),
+            Target::Attempts => Self::Attempts(Checkpointed::new(
+                pool,
+                AttemptsProjection::new(Generation::Next),
+            )),
+            Target::All => unreachable!("expanded by the caller"),
+        }
+    }
+
+    /// The live projection's name (its checkpoint).
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Leaderboard(_) => leaderboard::NAME,
+            Self::Feed(_) => feed::NAME,
+            Self::Attempts(_) => attempts::NAME,
+        }
+    }
+
+    fn next_name(&self) -> &str {
+        match self {
+            Self::Leaderboard(p) => p.name(),
+            Self::Feed(p) => p.name(),
+            Self::Attempts(p) => p.name(),
+        }
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        match self {
+            Self::Leaderboard(_) => &leaderboard::TABLES,
+            Self::Feed(_) => &feed::TABLES,
+            Self::Attempts(_) => &attempts::TABLES,
+        }
+    }
+
+    async fn apply_in(
+        &self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<u64, ApplyError> {
+        let (checkpoint, _) = match self {
+            Self::Leaderboard(p) => p.apply_in(conn, events).await?,
+            Self::Feed(p) => p.apply_in(conn, events).await?,
+            Self::Attempts(p) => p.apply_in(conn, events).await?,
+        };
+        Ok(checkpoint)
+    }
+}
+
+/// Rebuilds `target` from the log in one pass and swaps it in; reports
+/// progress through `progress` (events done, events in all).
 pub async fn replay(
     pool: &PgPool,
     target: Target,
-    progress: &mut (dyn FnMut(&'static str, u64, u64) + Send),
+    progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> anyhow::Result<Vec<Rebuilt>> {
-    let mut rebuilt = Vec::new();
-    for one in target.expand() {
-        let result = match one {
-            Target::Leaderboard => {
-                rebuild(
-                    pool,
-                    leaderboard::NAME,
-                    &leaderboard::TABLES,
-                    LeaderboardProjection::new,
-                    progress,
-                )
-                .await?
-            }
-            Target::Feed => {
-                rebuild(
-                    pool,
-                    feed::NAME,
-                    &feed::TABLES,
-                    FeedProjection::new,
-                    progress,
-                )
-                .await?
-            }
-            Target::Attempts => {
-                rebuild(
-                    pool,
-                    attempts::NAME,
-                    &attempts::TABLES,
-                    AttemptsProjection::new,
-                    progress,
-                )
-                .await?
-            }
-            Target::All => unreachable!("expanded above"),
-        };
-        rebuilt.push(result);
+    let projections: Vec<Rebuilding> = target
+        .expand()
+        .into_iter()
+        .map(|t| Rebuilding::new(pool, t))
+        .collect();
+    for projection in &projections {
+        prepare_next(pool, projection.next_name(), projection.tables()).await?;
     }
-    Ok(rebuilt)
-}
-
-async fn rebuild<L: ProjectionLogic>(
-    pool: &PgPool,
-    name: &'static str,
-    tables: &[&str],
-    logic: impl Fn(Generation) -> L,
-    progress: &mut (dyn FnMut(&'static str, u64, u64) + Send),
-) -> anyhow::Result<Rebuilt> {
-    let next = Checkpointed::new(pool.clone(), logic(Generation::Next));
-    prepare_next(pool, next.name(), tables).await?;
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(pool)
         .await?;
@@ -113,18 +139,31 @@ async fn rebuild<L: ProjectionLogic>(
         if events.is_empty() {
             break;
         }
-        next.apply(&events)
-            .await
-            .with_context(|| format!("rebuilding {name}"))?;
+        // Rebuilt tables are thrown away if the replay fails, so their
+        // commits need not wait for the disk.
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
+        for projection in &projections {
+            projection
+                .apply_in(&mut tx, &events)
+                .await
+                .with_context(|| format!("rebuilding {}", projection.name()))?;
+        }
+        tx.commit().await?;
         cursor = after;
-        progress(name, cursor.seq, total.max(cursor.seq as i64) as u64);
+        progress(cursor.seq, total.max(cursor.seq as i64) as u64);
     }
     drop(reader);
-    let checkpoint = swap(pool, name, tables, &next, cursor).await?;
-    Ok(Rebuilt {
-        projection: name,
-        checkpoint,
-    })
+    let checkpoint = swap(pool, &projections, cursor).await?;
+    Ok(projections
+        .iter()
+        .map(|p| Rebuilt {
+            projection: p.name(),
+            checkpoint,
+        })
+        .collect())
 }
 
 /// Fresh, empty `__next` copies of the live tables, and no checkpoint.
@@ -147,55 +186,62 @@ async fn prepare_next(pool: &PgPool, checkpoint: &str, tables: &[&str]) -> Resul
 }
 
 /// Under a lock on the live tables: applies what was written meanwhile, then
-/// renames the copies in and moves the checkpoint over.
-async fn swap<L: ProjectionLogic>(
+/// renames the copies in and moves the checkpoints over.
+async fn swap(
     pool: &PgPool,
-    name: &str,
-    tables: &[&str],
-    next: &Checkpointed<L>,
+    projections: &[Rebuilding],
     mut cursor: LogCursor,
 ) -> anyhow::Result<u64> {
     let mut tx = pool.begin().await?;
-    let live: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+    let live: Vec<&str> = projections
+        .iter()
+        .flat_map(|p| p.tables().iter().copied())
+        .collect();
     sqlx::query(&format!(
         "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
         live.join(", ")
     ))
     .execute(&mut *tx)
     .await?;
-    // The live worker's checkpoint row too: it cannot commit in between.
-    sqlx::query("SELECT 1 FROM projection_checkpoints WHERE name = $1 FOR UPDATE")
-        .bind(name)
-        .execute(&mut *tx)
-        .await?;
+    // The live workers' checkpoint rows too: they cannot commit in between.
+    for projection in projections {
+        sqlx::query("SELECT 1 FROM projection_checkpoints WHERE name = $1 FOR UPDATE")
+            .bind(projection.name())
+            .execute(&mut *tx)
+            .await?;
+    }
     loop {
         let (events, after) = cursor.peek(&mut tx, BATCH).await?;
         if events.is_empty() {
             break;
         }
-        next.apply_in(&mut tx, &events).await?;
+        for projection in projections {
+            projection.apply_in(&mut tx, &events).await?;
+        }
         cursor = after;
     }
-    for table in tables {
-        let next_table = Generation::Next.table(table);
-        rename(&mut tx, table, &format!("{table}__old")).await?;
-        rename(&mut tx, &next_table, table).await?;
-        sqlx::query(&format!("DROP TABLE {table}__old"))
+    for projection in projections {
+        for table in projection.tables() {
+            let next_table = Generation::Next.table(table);
+            rename(&mut tx, table, &format!("{table}__old")).await?;
+            rename(&mut tx, &next_table, table).await?;
+            sqlx::query(&format!("DROP TABLE {table}__old"))
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (name, seq) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET seq = EXCLUDED.seq, updated_at = now()",
+        )
+        .bind(projection.name())
+        .bind(cursor.seq as i64)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM projection_checkpoints WHERE name = $1")
+            .bind(projection.next_name())
             .execute(&mut *tx)
             .await?;
     }
-    sqlx::query(
-        "INSERT INTO projection_checkpoints (name, seq) VALUES ($1, $2)
-         ON CONFLICT (name) DO UPDATE SET seq = EXCLUDED.seq, updated_at = now()",
-    )
-    .bind(name)
-    .bind(cursor.seq as i64)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("DELETE FROM projection_checkpoints WHERE name = $1")
-        .bind(next.name())
-        .execute(&mut *tx)
-        .await?;
     tx.commit().await?;
     Ok(cursor.seq)
 }
@@ -208,16 +254,16 @@ async fn rename(conn: &mut PgConnection, from: &str, to: &str) -> Result<(), sql
 }
 
 /// Progress lines on stderr, at most one a second: events done, rate, ETA.
-pub fn stderr_progress() -> impl FnMut(&'static str, u64, u64) + Send {
+pub fn stderr_progress() -> impl FnMut(u64, u64) + Send {
     let started = Instant::now();
     let mut last = Instant::now() - Duration::from_secs(2);
-    move |name, done, total| {
+    move |done, total| {
         if last.elapsed() < Duration::from_secs(1) && done < total {
             return;
         }
         last = Instant::now();
         let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-3);
         let eta = total.saturating_sub(done) as f64 / rate.max(1.0);
-        eprintln!("replay {name}: {done}/{total} events, {rate:.0} events/s, ETA {eta:.0} s");
+        eprintln!("replay: {done}/{total} events, {rate:.0} events/s, ETA {eta:.0} s");
     }
 }

@@ -1,8 +1,10 @@
 //! The "my attempts" projection: each user's attempts with status and score.
 
+use chrono::{DateTime, Utc};
 use podium_domain::attempt::AttemptEvent;
 use podium_domain::log::{Change, PodiumEvent, RecordedEvent};
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 use crate::checkpointed::{BoxError, ProjectionLogic};
 use crate::tables::Generation;
@@ -37,58 +39,114 @@ impl ProjectionLogic for AttemptsProjection {
         conn: &mut PgConnection,
         event: &RecordedEvent,
     ) -> Result<Vec<Change>, BoxError> {
-        if event.aggregate_type != "Attempt" || event.event_type == "AnswerRecorded" {
-            return Ok(Vec::new());
+        self.apply_batch(conn, std::slice::from_ref(event)).await
+    }
+
+    /// Starts are inserted, then submissions update them, each set-wise: a
+    /// submission always follows its start in the log.
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<Vec<Change>, BoxError> {
+        let mut started = Started::default();
+        let mut submitted = Submitted::default();
+        for event in events {
+            if event.aggregate_type != "Attempt" || event.event_type == "AnswerRecorded" {
+                continue;
+            }
+            match event.decode()? {
+                PodiumEvent::Attempt(AttemptEvent::AttemptStarted {
+                    attempt_id,
+                    test_id,
+                    user_id,
+                    started_at,
+                    max_score,
+                    ..
+                }) => {
+                    started.attempt_id.push(attempt_id);
+                    started.user_id.push(user_id.to_string());
+                    started.test_id.push(test_id);
+                    started.max_score.push(max_score as i32);
+                    started.started_at.push(started_at);
+                }
+                PodiumEvent::Attempt(AttemptEvent::AttemptSubmitted {
+                    attempt_id,
+                    score,
+                    max_score,
+                    correct,
+                    duration_ms,
+                    submitted_at,
+                    ..
+                }) => {
+                    submitted.attempt_id.push(attempt_id);
+                    submitted.score.push(score as i32);
+                    submitted.max_score.push(max_score as i32);
+                    submitted.correct.push(correct as i32);
+                    submitted.duration_ms.push(duration_ms as i64);
+                    submitted.submitted_at.push(submitted_at);
+                }
+                _ => {}
+            }
         }
-        match event.decode()? {
-            PodiumEvent::Attempt(AttemptEvent::AttemptStarted {
-                attempt_id,
-                test_id,
-                user_id,
-                started_at,
-                max_score,
-                ..
-            }) => {
-                sqlx::query(&format!(
-                    "INSERT INTO {} (attempt_id, user_id, test_id, status, max_score, started_at)
-                     VALUES ($1, $2, $3, 'in_progress', $4, $5)
-                     ON CONFLICT (attempt_id) DO NOTHING",
-                    self.table
-                ))
-                .bind(attempt_id)
-                .bind(user_id.as_str())
-                .bind(test_id)
-                .bind(max_score as i32)
-                .bind(started_at)
-                .execute(conn)
-                .await?;
-            }
-            PodiumEvent::Attempt(AttemptEvent::AttemptSubmitted {
-                attempt_id,
-                score,
-                max_score,
-                correct,
-                duration_ms,
-                submitted_at,
-                ..
-            }) => {
-                sqlx::query(&format!(
-                    "UPDATE {} SET status = 'submitted', score = $2, max_score = $3, correct = $4,
-                                   duration_ms = $5, submitted_at = $6
-                      WHERE attempt_id = $1",
-                    self.table
-                ))
-                .bind(attempt_id)
-                .bind(score as i32)
-                .bind(max_score as i32)
-                .bind(correct as i32)
-                .bind(duration_ms as i64)
-                .bind(submitted_at)
-                .execute(conn)
-                .await?;
-            }
-            _ => {}
+        if !started.attempt_id.is_empty() {
+            sqlx::query(&format!(
+                "INSERT INTO {} (attempt_id, user_id, test_id, status, max_score, started_at)
+                 SELECT a, u, t, 'in_progress', m, s
+                   FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::int[], $5::timestamptz[])
+                        AS x(a, u, t, m, s)
+                 ON CONFLICT (attempt_id) DO NOTHING",
+                self.table
+            ))
+            .bind(&started.attempt_id)
+            .bind(&started.user_id)
+            .bind(&started.test_id)
+            .bind(&started.max_score)
+            .bind(&started.started_at)
+            .execute(&mut *conn)
+            .await?;
+        }
+        if !submitted.attempt_id.is_empty() {
+            sqlx::query(&format!(
+                "UPDATE {t} SET status = 'submitted', score = x.score, max_score = x.max_score,
+                                correct = x.correct, duration_ms = x.duration_ms,
+                                submitted_at = x.submitted_at
+                   FROM UNNEST($1::uuid[], $2::int[], $3::int[], $4::int[], $5::bigint[],
+                               $6::timestamptz[])
+                        AS x(attempt_id, score, max_score, correct, duration_ms, submitted_at)
+                  WHERE {t}.attempt_id = x.attempt_id",
+                t = self.table
+            ))
+            .bind(&submitted.attempt_id)
+            .bind(&submitted.score)
+            .bind(&submitted.max_score)
+            .bind(&submitted.correct)
+            .bind(&submitted.duration_ms)
+            .bind(&submitted.submitted_at)
+            .execute(&mut *conn)
+            .await?;
         }
         Ok(Vec::new())
     }
+}
+
+/// Columns of the attempts started in a batch.
+#[derive(Default)]
+struct Started {
+    attempt_id: Vec<Uuid>,
+    user_id: Vec<String>,
+    test_id: Vec<Uuid>,
+    max_score: Vec<i32>,
+    started_at: Vec<DateTime<Utc>>,
+}
+
+/// Columns of the attempts submitted in a batch.
+#[derive(Default)]
+struct Submitted {
+    attempt_id: Vec<Uuid>,
+    score: Vec<i32>,
+    max_score: Vec<i32>,
+    correct: Vec<i32>,
+    duration_ms: Vec<i64>,
+    submitted_at: Vec<DateTime<Utc>>,
 }

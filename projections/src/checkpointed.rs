@@ -20,6 +20,36 @@ pub trait ProjectionLogic: Send + Sync + 'static {
         conn: &mut PgConnection,
         event: &RecordedEvent,
     ) -> impl Future<Output = Result<Vec<Change>, BoxError>> + Send;
+
+    /// Applies consecutive events at once. The default applies them one by
+    /// one; a projection that can write a batch in a few statements (as a
+    /// rebuild does) overrides it. On an error, nothing of the batch counts:
+    /// the transaction is rolled back.
+    fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> impl Future<Output = Result<Vec<Change>, BoxError>> + Send {
+        apply_each(self, conn, events)
+    }
+}
+
+/// Applies `events` one by one with [`ProjectionLogic::apply`].
+pub async fn apply_each<L: ProjectionLogic + ?Sized>(
+    logic: &L,
+    conn: &mut PgConnection,
+    events: &[RecordedEvent],
+) -> Result<Vec<Change>, BoxError> {
+    let mut changes = Vec::new();
+    for event in events {
+        changes.extend(
+            logic
+                .apply(&mut *conn, event)
+                .await
+                .map_err(|error| BoxError::from(format!("event seq {}: {error}", event.seq)))?,
+        );
+    }
+    Ok(changes)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,26 +135,27 @@ impl<L: ProjectionLogic> Checkpointed<L> {
         conn: &mut PgConnection,
         events: &[RecordedEvent],
     ) -> Result<(u64, Vec<Change>), ApplyError> {
-        let mut checkpoint = self.lock_checkpoint(conn).await?;
-        let mut changes = Vec::new();
-        for event in events {
-            if event.seq <= checkpoint {
-                continue;
-            }
-            if event.seq != checkpoint + 1 {
-                return Err(ApplyError::Gap { checkpoint });
-            }
-            let applied =
-                self.logic
-                    .apply(conn, event)
-                    .await
-                    .map_err(|error| ApplyError::Failed {
-                        seq: event.seq,
-                        error: error.to_string(),
-                    })?;
-            changes.extend(applied);
-            checkpoint = event.seq;
+        let checkpoint = self.lock_checkpoint(conn).await?;
+        let Some(start) = events.iter().position(|e| e.seq > checkpoint) else {
+            return Ok((checkpoint, Vec::new()));
+        };
+        let fresh = &events[start..];
+        let contiguous = fresh
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.seq == checkpoint + 1 + i as u64);
+        if !contiguous {
+            return Err(ApplyError::Gap { checkpoint });
         }
+        let changes =
+            self.logic
+                .apply_batch(conn, fresh)
+                .await
+                .map_err(|error| ApplyError::Failed {
+                    seq: fresh[0].seq,
+                    error: error.to_string(),
+                })?;
+        let checkpoint = fresh.last().map_or(checkpoint, |e| e.seq);
         self.store_checkpoint(conn, checkpoint).await?;
         Ok((checkpoint, changes))
     }

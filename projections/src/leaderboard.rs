@@ -6,7 +6,9 @@ use serde_json::json;
 use sqlx::{PgConnection, PgExecutor, Row};
 use uuid::Uuid;
 
-use crate::checkpointed::{BoxError, ProjectionLogic};
+use std::collections::HashMap;
+
+use crate::checkpointed::{apply_each, BoxError, ProjectionLogic};
 use crate::ranking::{Entry, RankKey, Submission};
 use crate::tables::Generation;
 
@@ -162,6 +164,140 @@ impl LeaderboardProjection {
     }
 }
 
+impl LeaderboardProjection {
+    /// A rebuild's batch: the entries of everyone in it are read once, the
+    /// rules run in memory, and entries and score counts are written back in
+    /// a few set-wise statements instead of several per event.
+    async fn record_batch(
+        &self,
+        conn: &mut PgConnection,
+        submissions: &[Submission],
+    ) -> Result<(), sqlx::Error> {
+        let mut keys: Vec<(Uuid, String)> = submissions
+            .iter()
+            .map(|s| (s.test_id, s.user_id.clone()))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let (tests, users): (Vec<Uuid>, Vec<String>) = keys.into_iter().unzip();
+        let rows = sqlx::query(&format!(
+            "SELECT e.test_id, e.user_id, e.best_score, e.max_score, e.attempt_id, e.achieved_at, e.attempts
+               FROM {} e JOIN UNNEST($1::uuid[], $2::text[]) k(test_id, user_id)
+                 ON e.test_id = k.test_id AND e.user_id = k.user_id",
+            self.entries
+        ))
+        .bind(&tests)
+        .bind(&users)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut entries: HashMap<(Uuid, String), Entry> = HashMap::new();
+        for row in &rows {
+            let test: Uuid = row.try_get("test_id")?;
+            let entry = entry_from_row(row)?;
+            entries.insert((test, entry.user_id.clone()), entry);
+        }
+        let mut deltas: HashMap<(Uuid, u32), i32> = HashMap::new();
+        for submission in submissions {
+            let key = (submission.test_id, submission.user_id.clone());
+            let previous = entries.get(&key);
+            let entry = Entry::record(previous, submission);
+            if Entry::improved_by(previous, submission) {
+                if let Some(previous) = previous {
+                    *deltas
+                        .entry((submission.test_id, previous.best_score))
+                        .or_default() -= 1;
+                }
+                *deltas
+                    .entry((submission.test_id, entry.best_score))
+                    .or_default() += 1;
+            }
+            entries.insert(key, entry);
+        }
+        let touched: Vec<(&(Uuid, String), &Entry)> = entries.iter().collect();
+        sqlx::query(&format!(
+            "INSERT INTO {} (test_id, user_id, best_score, max_score, attempt_id, achieved_at, attempts)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::int[], $5::uuid[],
+                                  $6::timestamptz[], $7::int[])
+             ON CONFLICT (test_id, user_id) DO UPDATE
+                SET best_score = EXCLUDED.best_score, max_score = EXCLUDED.max_score,
+                    attempt_id = EXCLUDED.attempt_id, achieved_at = EXCLUDED.achieved_at,
+                    attempts = EXCLUDED.attempts",
+            self.entries
+        ))
+        .bind(touched.iter().map(|(k, _)| k.0).collect::<Vec<_>>())
+        .bind(touched.iter().map(|(k, _)| k.1.clone()).collect::<Vec<_>>())
+        .bind(touched.iter().map(|(_, e)| e.best_score as i32).collect::<Vec<_>>())
+        .bind(touched.iter().map(|(_, e)| e.max_score as i32).collect::<Vec<_>>())
+        .bind(touched.iter().map(|(_, e)| e.attempt_id).collect::<Vec<_>>())
+        .bind(touched.iter().map(|(_, e)| e.achieved_at).collect::<Vec<_>>())
+        .bind(touched.iter().map(|(_, e)| e.attempts as i32).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+        let (gains, losses): (Vec<_>, Vec<_>) = deltas
+            .into_iter()
+            .filter(|(_, d)| *d != 0)
+            .partition(|(_, d)| *d > 0);
+        for (changes, statement) in [
+            (
+                gains,
+                format!(
+                    "INSERT INTO {c} (test_id, score, entries)
+                     SELECT * FROM UNNEST($1::uuid[], $2::int[], $3::int[])
+                     ON CONFLICT (test_id, score) DO UPDATE SET entries = {c}.entries + EXCLUDED.entries",
+                    c = self.counts
+                ),
+            ),
+            (
+                losses,
+                format!(
+                    "UPDATE {c} SET entries = {c}.entries + d.delta
+                       FROM UNNEST($1::uuid[], $2::int[], $3::int[]) d(test_id, score, delta)
+                      WHERE {c}.test_id = d.test_id AND {c}.score = d.score",
+                    c = self.counts
+                ),
+            ),
+        ] {
+            if changes.is_empty() {
+                continue;
+            }
+            sqlx::query(&statement)
+                .bind(changes.iter().map(|((t, _), _)| *t).collect::<Vec<_>>())
+                .bind(changes.iter().map(|((_, s), _)| *s as i32).collect::<Vec<_>>())
+                .bind(changes.iter().map(|(_, d)| *d).collect::<Vec<_>>())
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The submission an event records, if it is one.
+fn submission_of(event: &RecordedEvent) -> Result<Option<Submission>, BoxError> {
+    if event.event_type != "AttemptSubmitted" {
+        return Ok(None);
+    }
+    let PodiumEvent::Attempt(AttemptEvent::AttemptSubmitted {
+        attempt_id,
+        test_id,
+        user_id,
+        score,
+        max_score,
+        submitted_at,
+        ..
+    }) = event.decode()?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(Submission {
+        test_id,
+        user_id: user_id.to_string(),
+        attempt_id,
+        score,
+        max_score,
+        submitted_at,
+    }))
+}
+
 impl ProjectionLogic for LeaderboardProjection {
     fn name(&self) -> &str {
         match self.generation {
@@ -175,30 +311,29 @@ impl ProjectionLogic for LeaderboardProjection {
         conn: &mut PgConnection,
         event: &RecordedEvent,
     ) -> Result<Vec<Change>, BoxError> {
-        if event.event_type != "AttemptSubmitted" {
-            return Ok(Vec::new());
+        match submission_of(event)? {
+            Some(submission) => self.record(conn, &submission, event.seq).await,
+            None => Ok(Vec::new()),
         }
-        let PodiumEvent::Attempt(AttemptEvent::AttemptSubmitted {
-            attempt_id,
-            test_id,
-            user_id,
-            score,
-            max_score,
-            submitted_at,
-            ..
-        }) = event.decode()?
-        else {
-            return Ok(Vec::new());
-        };
-        let submission = Submission {
-            test_id,
-            user_id: user_id.to_string(),
-            attempt_id,
-            score,
-            max_score,
-            submitted_at,
-        };
-        self.record(conn, &submission, event.seq).await
+    }
+
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<Vec<Change>, BoxError> {
+        // Live batches announce each entry's new rank, one event at a time.
+        if self.generation == Generation::Live {
+            return apply_each(self, conn, events).await;
+        }
+        let submissions: Vec<Submission> = events
+            .iter()
+            .filter_map(|e| submission_of(e).transpose())
+            .collect::<Result<_, _>>()?;
+        if !submissions.is_empty() {
+            self.record_batch(conn, &submissions).await?;
+        }
+        Ok(Vec::new())
     }
 }
 
@@ -226,7 +361,7 @@ async fn rank_in(
     let ahead: i64 = sqlx::query_scalar(&format!(
         "SELECT (SELECT COALESCE(sum(entries), 0) FROM {counts} WHERE test_id = $1 AND score > $2)::bigint
               + (SELECT count(*) FROM {entries}
-                  WHERE test_id = $1 AND best_score = $2 AND (achieved_at, user_id) < ($3, $4))"
+                  WHERE test_id = $1 AND -best_score = -$2 AND (achieved_at, user_id) < ($3, $4))"
     ))
     .bind(test_id)
     .bind(key.score as i32)
@@ -300,7 +435,7 @@ impl LeaderboardQueries {
             None => {
                 sqlx::query(&format!(
                     "SELECT {ENTRY_COLUMNS} FROM lb_entries WHERE test_id = $1
-                      ORDER BY best_score DESC, achieved_at, user_id LIMIT $2"
+                      ORDER BY -best_score, achieved_at, user_id LIMIT $2"
                 ))
                 .bind(test_id)
                 .bind(limit)
@@ -311,9 +446,8 @@ impl LeaderboardQueries {
                 sqlx::query(&format!(
                     "SELECT {ENTRY_COLUMNS} FROM lb_entries
                       WHERE test_id = $1
-                        AND (best_score < $2
-                             OR (best_score = $2 AND (achieved_at, user_id) > ($3, $4)))
-                      ORDER BY best_score DESC, achieved_at, user_id LIMIT $5"
+                        AND (-best_score, achieved_at, user_id) > (-$2, $3, $4)
+                      ORDER BY -best_score, achieved_at, user_id LIMIT $5"
                 ))
                 .bind(test_id)
                 .bind(key.score as i32)
@@ -363,8 +497,8 @@ impl LeaderboardQueries {
         };
         let rows = sqlx::query(&format!(
             "SELECT {ENTRY_COLUMNS} FROM lb_entries
-              WHERE test_id = $1 AND best_score <= $2
-              ORDER BY best_score DESC, achieved_at, user_id
+              WHERE test_id = $1 AND -best_score >= -$2
+              ORDER BY -best_score, achieved_at, user_id
               OFFSET $3 LIMIT $4"
         ))
         .bind(test_id)
@@ -395,8 +529,8 @@ impl LeaderboardQueries {
         let rows = sqlx::query(&format!(
             "SELECT {ENTRY_COLUMNS} FROM lb_entries
               WHERE test_id = $1
-                AND (best_score > $2 OR (best_score = $2 AND (achieved_at, user_id) < ($3, $4)))
-              ORDER BY best_score, achieved_at DESC, user_id DESC LIMIT $5"
+                AND (-best_score, achieved_at, user_id) < (-$2, $3, $4)
+              ORDER BY -best_score DESC, achieved_at DESC, user_id DESC LIMIT $5"
         ))
         .bind(test_id)
         .bind(key.score as i32)

@@ -354,7 +354,7 @@ async fn live_read_models_equal_a_replay_and_the_rules_applied_to_the_log() {
         "one attempt_graded notification per submission"
     );
 
-    let mut progress = |_: &'static str, _: u64, _: u64| {};
+    let mut progress = |_: u64, _: u64| {};
     replay(&app.pool, Target::All, &mut progress).await.unwrap();
     assert_same(&snapshot(&app.pool).await, &live);
 }
@@ -366,7 +366,7 @@ async fn traffic_keeps_flowing_during_a_replay_and_nothing_is_lost_or_doubled() 
     traffic(&app, &tests, 60, 11).await;
     let pool = app.pool.clone();
     let rebuild = tokio::spawn(async move {
-        let mut progress = |_: &'static str, _: u64, _: u64| {};
+        let mut progress = |_: u64, _: u64| {};
         replay(&pool, Target::All, &mut progress).await
     });
     traffic(&app, &tests, 80, 13).await;
@@ -376,7 +376,7 @@ async fn traffic_keeps_flowing_during_a_replay_and_nothing_is_lost_or_doubled() 
     let live = snapshot(&app.pool).await;
     let (boards, _) = naive(&app.pool).await;
     assert_eq!(ranked_boards(&app.pool).await, boards);
-    let mut progress = |_: &'static str, _: u64, _: u64| {};
+    let mut progress = |_: u64, _: u64| {};
     replay(&app.pool, Target::All, &mut progress).await.unwrap();
     assert_same(&snapshot(&app.pool).await, &live);
 }
