@@ -92,6 +92,9 @@ pub async fn read_after(
     after: &LogKey,
     limit: i64,
 ) -> Result<Vec<LogRow>, sqlx::Error> {
+    // The limit is written into the statement: as a parameter, a generic
+    // plan assumes it is large and sorts every row after `after` instead of
+    // walking the index.
     let rows = sqlx::query(&format!(
         "WITH bounds AS MATERIALIZED (
              SELECT (SELECT epoch FROM log_epoch) AS epoch,
@@ -99,13 +102,12 @@ pub async fn read_after(
          SELECT {COLUMNS} FROM events
           WHERE (epoch, txid, position) > ($1, $2::text::xid8, $3)
             AND (epoch < (SELECT epoch FROM bounds) OR txid < (SELECT xmin FROM bounds))
-          ORDER BY epoch, txid, position
-          LIMIT $4"
+          ORDER BY events.epoch, events.txid, events.position
+          LIMIT {limit}"
     ))
     .bind(after.epoch)
     .bind(&after.txid)
     .bind(after.position)
-    .bind(limit)
     .fetch_all(conn)
     .await?;
     rows.iter().map(decode_row).collect()

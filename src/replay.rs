@@ -21,6 +21,8 @@ use crate::eventlog::LogCursor;
 
 /// Events per transaction while rebuilding.
 const BATCH: i64 = 1_000;
+/// Events between refreshes of the copies' planner statistics.
+const ANALYZE_EVERY: u64 = 100_000;
 
 /// The projections a replay can rebuild.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -154,6 +156,19 @@ pub async fn replay(
         tx.commit().await?;
         cursor = after;
         progress(cursor.seq, total.max(cursor.seq as i64) as u64);
+        // The copies start empty; without fresh statistics the planner keeps
+        // treating them as tiny and scans them whole on every batch.
+        let batches = cursor.seq / BATCH as u64;
+        if batches.is_power_of_two() || cursor.seq % ANALYZE_EVERY < BATCH as u64 {
+            for projection in &projections {
+                for table in projection.tables() {
+                    let next = Generation::Next.table(table);
+                    sqlx::query(&format!("ANALYZE {next}"))
+                        .execute(pool)
+                        .await?;
+                }
+            }
+        }
     }
     drop(reader);
     let checkpoint = swap(pool, &projections, cursor).await?;

@@ -494,3 +494,38 @@ async fn a_restore_into_another_cluster_starts_a_new_epoch_that_sorts_last() {
     let replay = replay_order(&db.pool).await;
     assert_eq!(replay.len(), 6);
 }
+
+#[tokio::test]
+async fn the_log_is_read_in_numeric_transaction_order() {
+    let db = TestDb::new().await;
+    // Rows of an earlier epoch are all readable; their transaction ids cross
+    // a digit boundary, where text order ("10" before "9") would differ.
+    for txid in ["100", "9", "10"] {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                                 payload, metadata, epoch, txid)
+             VALUES ('Inbox', $1, 1, 'AllNotificationsRead', '1.0', '{}', '{}', 0, $1::xid8)",
+        )
+        .bind(txid)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let mut conn = db.pool.acquire().await.unwrap();
+    let mut cursor = LogCursor::start();
+    let mut order = Vec::new();
+    // One event per read, so the cursor's key does the ordering too.
+    loop {
+        let (events, next) = cursor.peek(&mut conn, 1).await.unwrap();
+        let Some(event) = events.first() else { break };
+        order.push((event.seq, event.aggregate_id.clone()));
+        cursor = next;
+    }
+    assert_eq!(
+        order,
+        [(1, "9".to_string()), (2, "10".into()), (3, "100".into())]
+    );
+    let (all, _) = LogCursor::start().peek(&mut conn, 10).await.unwrap();
+    let ids: Vec<&str> = all.iter().map(|e| e.aggregate_id.as_str()).collect();
+    assert_eq!(ids, ["9", "10", "100"]);
+}
