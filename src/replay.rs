@@ -172,6 +172,15 @@ pub async fn replay(
     }
     drop(reader);
     let checkpoint = swap(pool, &projections, cursor).await?;
+    // Fresh statistics and visibility map for the swapped-in tables, so that
+    // rank counts are index-only scans from the start.
+    for projection in &projections {
+        for table in projection.tables() {
+            sqlx::query(&format!("VACUUM ANALYZE {table}"))
+                .execute(pool)
+                .await?;
+        }
+    }
     Ok(projections
         .iter()
         .map(|p| Rebuilt {
