@@ -12,3 +12,4 @@ mod fanout;
 mod idempotency;
 mod notifications;
 mod read_models;
+mod stores;
