@@ -27,7 +27,7 @@ use podium_domain::{EventMetadata, UserId};
 use podium_nats::{EventBus, Worker, WorkerConfig};
 use podium_projections::{BoxError, Checkpointed, ProjectionLogic};
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection, PgConnection};
+use sqlx::PgConnection;
 use tokio::sync::watch;
 
 /// Notes when each event reached the consumer.
@@ -80,36 +80,21 @@ async fn append(aggregates: &Aggregates, user: &UserId) {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
+mod support;
+use support::{numeric_args, percentile, ScratchDb};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<u64> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse().unwrap())
-        .collect();
+    let args = numeric_args();
     let events = *args.first().unwrap_or(&50_000);
     let rate = *args.get(1).unwrap_or(&500);
     let seconds = *args.get(2).unwrap_or(&10);
 
-    let maintenance = std::env::var("PODIUM_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let nats_url =
         std::env::var("PODIUM_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let name = format!("podium_bench_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = PgConnection::connect(&maintenance).await?;
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await?;
-    let url = format!("{}/{name}", maintenance.rsplit_once('/').unwrap().0);
-    let pool = PgPoolOptions::new()
-        .max_connections(20)
-        .connect(&url)
-        .await?;
-    podium::db::migrate(&pool).await?;
-    let bus = EventBus::connect(&nats_url, &format!("bench{}", &name[13..25])).await?;
+    let db = ScratchDb::create(20).await?;
+    let (pool, url) = (db.pool.clone(), db.url.clone());
+    let bus = EventBus::connect(&nats_url, &format!("bench{}", &db.name[13..25])).await?;
     bus.ensure_streams(&Default::default()).await?;
     let aggregates = Arc::new(Aggregates::new(&pool));
 
@@ -248,11 +233,9 @@ async fn main() -> anyhow::Result<()> {
     );
 
     eprintln!("worker: {worker_stats:?}");
-    pool.close().await;
+    drop(pool);
     worker_pool.close().await;
-    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
+    db.drop().await?;
     let js = bus.jetstream();
     js.delete_stream(bus.subjects().events_stream()).await?;
     js.delete_stream(bus.subjects().dead_letter_stream())

@@ -9,43 +9,22 @@
 //! then times LOOKUPS rank lookups of random users (entry and rank, and the
 //! 5 neighbours above). Needs Postgres (PODIUM_TEST_DATABASE_URL).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use podium::replay::{replay, Target};
 use podium_projections::leaderboard::LeaderboardQueries;
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
+mod support;
+use support::{ms, numeric_args, percentile, ScratchDb};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<u64> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse().unwrap())
-        .collect();
+    let args = numeric_args();
     let events = *args.first().unwrap_or(&1_000_000);
     let lookups = *args.get(1).unwrap_or(&2_000);
-    let maintenance = std::env::var("PODIUM_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let name = format!("podium_bench_{}", Uuid::new_v4().simple());
-    let mut admin = PgConnection::connect(&maintenance).await?;
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await?;
-    let url = format!("{}/{name}", maintenance.rsplit_once('/').unwrap().0);
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&url)
-        .await?;
-    podium::db::migrate(&pool).await?;
+    let db = ScratchDb::create(4).await?;
+    let pool = db.pool.clone();
     let test_id = Uuid::new_v4();
 
     eprintln!("writing {events} events…");
@@ -126,9 +105,7 @@ async fn main() -> anyhow::Result<()> {
         total - 59
     );
     drop(conn);
-    pool.close().await;
-    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
+    drop(pool);
+    db.drop().await?;
     Ok(())
 }
