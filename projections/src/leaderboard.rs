@@ -51,43 +51,6 @@ impl LeaderboardProjection {
         row.map(|row| entry_from_row(&row)).transpose()
     }
 
-    /// Counts one more entry at `score`.
-    async fn count_in(
-        &self,
-        conn: &mut PgConnection,
-        test_id: Uuid,
-        score: u32,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(&format!(
-            "INSERT INTO {counts} (test_id, score, entries) VALUES ($1, $2, 1)
-             ON CONFLICT (test_id, score) DO UPDATE SET entries = {counts}.entries + 1",
-            counts = self.counts
-        ))
-        .bind(test_id)
-        .bind(score as i32)
-        .execute(conn)
-        .await?;
-        Ok(())
-    }
-
-    /// Counts one entry fewer at `score` (it moved to a better one).
-    async fn count_out(
-        &self,
-        conn: &mut PgConnection,
-        test_id: Uuid,
-        score: u32,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(&format!(
-            "UPDATE {} SET entries = entries - 1 WHERE test_id = $1 AND score = $2",
-            self.counts
-        ))
-        .bind(test_id)
-        .bind(score as i32)
-        .execute(conn)
-        .await?;
-        Ok(())
-    }
-
     async fn record(
         &self,
         conn: &mut PgConnection,
@@ -130,14 +93,9 @@ impl LeaderboardProjection {
         .bind(entry.attempts as i32)
         .execute(&mut *conn)
         .await?;
-        if Entry::improved_by(previous.as_ref(), submission) {
-            if let Some(previous) = &previous {
-                self.count_out(conn, submission.test_id, previous.best_score)
-                    .await?;
-            }
-            self.count_in(conn, submission.test_id, entry.best_score)
-                .await?;
-        }
+        let mut deltas = HashMap::new();
+        count_move(&mut deltas, previous.as_ref(), &entry, submission);
+        self.apply_count_deltas(conn, deltas).await?;
         if !live {
             return Ok(Vec::new());
         }
@@ -201,16 +159,7 @@ impl LeaderboardProjection {
             let key = (submission.test_id, submission.user_id.clone());
             let previous = entries.get(&key);
             let entry = Entry::record(previous, submission);
-            if Entry::improved_by(previous, submission) {
-                if let Some(previous) = previous {
-                    *deltas
-                        .entry((submission.test_id, previous.best_score))
-                        .or_default() -= 1;
-                }
-                *deltas
-                    .entry((submission.test_id, entry.best_score))
-                    .or_default() += 1;
-            }
+            count_move(&mut deltas, previous, &entry, submission);
             entries.insert(key, entry);
         }
         let touched: Vec<(&(Uuid, String), &Entry)> = entries.iter().collect();
@@ -233,6 +182,17 @@ impl LeaderboardProjection {
         .bind(touched.iter().map(|(_, e)| e.attempts as i32).collect::<Vec<_>>())
         .execute(&mut *conn)
         .await?;
+        self.apply_count_deltas(conn, deltas).await
+    }
+
+    /// Adds `deltas` ((test, score) → change in entries) to the score table:
+    /// gains by upsert, losses by update (an upsert would check the
+    /// constraint `entries >= 0` on the negative delta itself).
+    async fn apply_count_deltas(
+        &self,
+        conn: &mut PgConnection,
+        deltas: HashMap<(Uuid, u32), i32>,
+    ) -> Result<(), sqlx::Error> {
         let (gains, losses): (Vec<_>, Vec<_>) = deltas
             .into_iter()
             .filter(|(_, d)| *d != 0)
@@ -268,6 +228,25 @@ impl LeaderboardProjection {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// Records in `deltas` how `submission` moved its user between scores.
+fn count_move(
+    deltas: &mut HashMap<(Uuid, u32), i32>,
+    previous: Option<&Entry>,
+    entry: &Entry,
+    submission: &Submission,
+) {
+    if Entry::improved_by(previous, submission) {
+        if let Some(previous) = previous {
+            *deltas
+                .entry((submission.test_id, previous.best_score))
+                .or_default() -= 1;
+        }
+        *deltas
+            .entry((submission.test_id, entry.best_score))
+            .or_default() += 1;
     }
 }
 
