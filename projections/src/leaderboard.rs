@@ -351,6 +351,22 @@ async fn rank_in(
     Ok(ahead as u64 + 1)
 }
 
+/// Entries from `rows`, the `i`-th one with rank `rank_of(i)`.
+fn ranked(
+    rows: &[sqlx::postgres::PgRow],
+    rank_of: impl Fn(u64) -> u64,
+) -> Result<Vec<RankedEntry>, sqlx::Error> {
+    rows.iter()
+        .enumerate()
+        .map(|(i, row)| {
+            Ok(RankedEntry {
+                rank: rank_of(i as u64),
+                entry: entry_from_row(row)?,
+            })
+        })
+        .collect()
+}
+
 /// A ranked leaderboard entry as queries return it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RankedEntry {
@@ -437,15 +453,7 @@ impl LeaderboardQueries {
                 .await?
             }
         };
-        rows.iter()
-            .enumerate()
-            .map(|(i, row)| {
-                Ok(RankedEntry {
-                    rank: first_rank + i as u64,
-                    entry: entry_from_row(row)?,
-                })
-            })
-            .collect()
+        ranked(&rows, |i| first_rank + i)
     }
 
     /// Up to `limit` entries from rank `offset + 1`: the score table finds the
@@ -486,15 +494,7 @@ impl LeaderboardQueries {
         .bind(limit)
         .fetch_all(&mut *conn)
         .await?;
-        rows.iter()
-            .enumerate()
-            .map(|(i, row)| {
-                Ok(RankedEntry {
-                    rank: offset + 1 + i as u64,
-                    entry: entry_from_row(row)?,
-                })
-            })
-            .collect()
+        ranked(&rows, |i| offset + 1 + i)
     }
 
     /// Up to `radius` entries ranked just above `key`, in rank order.
@@ -518,16 +518,7 @@ impl LeaderboardQueries {
         .bind(radius)
         .fetch_all(&mut *conn)
         .await?;
-        let mut above: Vec<RankedEntry> = rows
-            .iter()
-            .enumerate()
-            .map(|(i, row)| {
-                Ok(RankedEntry {
-                    rank: rank - 1 - i as u64,
-                    entry: entry_from_row(row)?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()?;
+        let mut above = ranked(&rows, |i| rank - 1 - i)?;
         above.reverse();
         Ok(above)
     }
