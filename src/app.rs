@@ -9,11 +9,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::JwtKeys;
+use crate::cache::{CacheConfig, QueryCache};
+use crate::changes::ChangeHub;
 use crate::config::Settings;
 use crate::eventstore::Aggregates;
 use crate::http::{self, AppState};
+use crate::metrics::Metrics;
 use crate::relay::{Relay, RelayConfig};
 use podium_nats::{EventBus, StreamLimits};
+use podium_projections::leaderboard::LeaderboardQueries;
 
 /// Connections in the projection workers' pool.
 const WORKER_CONNECTIONS: u32 = 4;
@@ -21,13 +25,20 @@ const WORKER_CONNECTIONS: u32 = 4;
 /// How long background tasks get to stop after the server has.
 const TASK_GRACE: Duration = Duration::from_secs(10);
 
-/// How often expired idempotency keys are purged.
-const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+/// How often expired idempotency keys and old leaderboard moves are purged.
+const PURGE_INTERVAL: Duration = Duration::from_secs(300);
+
+/// How long a leaderboard cursor can be continued exactly.
+const CURSOR_RETENTION: Duration = Duration::from_secs(3600);
 
 /// A server bound to its port, ready to run.
 pub struct Application {
     listener: TcpListener,
     state: AppState,
+    /// Turns true on shutdown; handlers and tasks hold receivers.
+    stop: watch::Sender<bool>,
+    /// Whether this process runs the relay and projection workers.
+    workers: bool,
     /// Connections of the projection workers' own, so that a burst of
     /// commands queueing for the main pool cannot starve them.
     worker_pool: sqlx::PgPool,
@@ -50,6 +61,7 @@ impl Application {
         })
         .await?;
         crate::db::migrate(&pool).await?;
+        let read_pool = crate::db::connect_read(&settings.database, &pool).await?;
         crate::eventlog::sync_epoch(&pool).await?;
         let bus = match &settings.nats.nats_url {
             Some(url) => {
@@ -65,16 +77,41 @@ impl Application {
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let query = settings.query.clone();
+        let cache_ttl = Duration::from_secs(query.cache_ttl_secs);
+        let hub = ChangeHub::new(query.sse_buffer, cache_ttl);
+        let metrics = Metrics::new();
+        let cache = QueryCache::new(
+            CacheConfig {
+                // Without NATS nothing says when answers change.
+                enabled: query.cache_max_bytes > 0 && bus.is_some(),
+                max_bytes: query.cache_max_bytes,
+                ttl: cache_ttl,
+                refresh_after: Duration::from_millis(query.cache_refresh_ms),
+            },
+            hub.clone(),
+            metrics.clone(),
+        );
+        let (stop, shutdown) = watch::channel(false);
         let state = AppState {
             aggregates: Arc::new(Aggregates::new(&pool)),
             pool,
+            read_pool,
             keys: Arc::new(keys),
             body_limit: settings.body_limit,
             bus,
+            hub,
+            cache,
+            metrics,
+            streams: Arc::default(),
+            query: Arc::new(query),
+            shutdown,
         };
         Ok(Self {
             listener,
             state,
+            stop,
+            workers: settings.workers,
             worker_pool,
             shutdown_timeout: Duration::from_secs(settings.shutdown_timeout_secs),
         })
@@ -94,12 +131,18 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let mut tasks = vec![tokio::spawn(purge_idempotency_keys(
+        let stop_tx = self.stop;
+        let stop_rx = self.state.shutdown.clone();
+        let mut tasks = vec![tokio::spawn(maintain(
             self.state.pool.clone(),
             stop_rx.clone(),
         ))];
         if let Some(bus) = &self.state.bus {
+            tasks.push(tokio::spawn(
+                self.state.hub.clone().listen(bus.clone(), stop_rx.clone()),
+            ));
+        }
+        if let Some(bus) = self.state.bus.as_ref().filter(|_| self.workers) {
             let relay = Relay::new(self.state.pool.clone(), bus.clone(), RelayConfig::default());
             tasks.push(tokio::spawn(relay.run(stop_rx.clone())));
             let projections = crate::workers::spawn_all(
@@ -147,15 +190,24 @@ impl Application {
     }
 }
 
-async fn purge_idempotency_keys(pool: sqlx::PgPool, mut stop: watch::Receiver<bool>) {
+/// Purges what has expired: idempotency keys, and leaderboard moves older
+/// than any cursor that can still be continued.
+async fn maintain(pool: sqlx::PgPool, mut stop: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(PURGE_INTERVAL);
     loop {
         tokio::select! {
-            _ = ticker.tick() => match http::idempotency::purge_expired(&pool).await {
-                Ok(0) => {}
-                Ok(purged) => tracing::info!(purged, "purged expired idempotency keys"),
-                Err(err) => tracing::warn!(%err, "cannot purge expired idempotency keys"),
-            },
+            _ = ticker.tick() => {
+                match http::idempotency::purge_expired(&pool).await {
+                    Ok(0) => {}
+                    Ok(purged) => tracing::info!(purged, "purged expired idempotency keys"),
+                    Err(err) => tracing::warn!(%err, "cannot purge expired idempotency keys"),
+                }
+                match LeaderboardQueries::prune_moves(&pool, CURSOR_RETENTION).await {
+                    Ok(0) => {}
+                    Ok(pruned) => tracing::info!(pruned, "pruned old leaderboard moves"),
+                    Err(err) => tracing::warn!(%err, "cannot prune leaderboard moves"),
+                }
+            }
             // The only change ever sent is "stop".
             _ = stop.changed() => return,
         }

@@ -41,9 +41,16 @@ pub struct DatabaseSettings {
     /// Postgres connection string of the primary (event store and read models).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<Secret>,
+    /// Postgres connection string of a read replica for queries; the
+    /// primary when unset.
+    #[arg(long, env = "DATABASE_READ_URL", hide_env_values = true)]
+    pub database_read_url: Option<Secret>,
     /// Most connections in the pool.
     #[arg(long, env = "PODIUM_DB_MAX_CONNECTIONS", default_value_t = DEFAULT_DB_MAX_CONNECTIONS)]
     pub db_max_connections: u32,
+    /// Most connections in the read replica's pool.
+    #[arg(long, env = "PODIUM_DB_READ_MAX_CONNECTIONS", default_value_t = DEFAULT_DB_MAX_CONNECTIONS)]
+    pub db_read_max_connections: u32,
     /// Seconds to wait for a free connection before answering 503.
     #[arg(long, env = "PODIUM_DB_ACQUIRE_TIMEOUT_SECS", default_value_t = DEFAULT_DB_ACQUIRE_TIMEOUT_SECS)]
     pub db_acquire_timeout_secs: u64,
@@ -75,6 +82,42 @@ pub struct NatsSettings {
     pub nats_prefix: String,
 }
 
+/// The query side: cache and streams.
+#[derive(Debug, Clone, Args)]
+pub struct QuerySettings {
+    /// Bytes of answers the query cache holds; 0 turns it off.
+    #[arg(long, env = "PODIUM_CACHE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub cache_max_bytes: u64,
+    /// Seconds a cached answer lives at most, should a change notification be lost.
+    #[arg(long, env = "PODIUM_CACHE_TTL_SECS", default_value_t = 30)]
+    pub cache_ttl_secs: u64,
+    /// Milliseconds between reloads of a cached answer that keeps changing.
+    #[arg(long, env = "PODIUM_CACHE_REFRESH_MS", default_value_t = 5)]
+    pub cache_refresh_ms: u64,
+    /// Seconds between SSE heartbeat comments.
+    #[arg(long, env = "PODIUM_SSE_HEARTBEAT_SECS", default_value_t = 15)]
+    pub sse_heartbeat_secs: u64,
+    /// Changes an SSE client may fall behind before it is caught up from the read model.
+    #[arg(long, env = "PODIUM_SSE_BUFFER", default_value_t = 256)]
+    pub sse_buffer: usize,
+    /// Open SSE streams one user may hold on one instance.
+    #[arg(long, env = "PODIUM_SSE_MAX_STREAMS_PER_USER", default_value_t = 8)]
+    pub sse_max_streams_per_user: usize,
+}
+
+impl Default for QuerySettings {
+    fn default() -> Self {
+        Self {
+            cache_max_bytes: 64 * 1024 * 1024,
+            cache_ttl_secs: 30,
+            cache_refresh_ms: 5,
+            sse_heartbeat_secs: 15,
+            sse_buffer: 256,
+            sse_max_streams_per_user: 8,
+        }
+    }
+}
+
 /// Everything `podium serve` needs.
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
@@ -84,6 +127,12 @@ pub struct Settings {
     pub auth: AuthSettings,
     #[command(flatten)]
     pub nats: NatsSettings,
+    #[command(flatten)]
+    pub query: QuerySettings,
+    /// Run the relay and the projection workers in this process (with NATS).
+    /// API-only instances set it to false.
+    #[arg(long, env = "PODIUM_WORKERS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub workers: bool,
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, env = "PODIUM_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -102,7 +151,9 @@ impl Settings {
         Self {
             database: DatabaseSettings {
                 database_url: Some(database_url.into()),
+                database_read_url: None,
                 db_max_connections: DEFAULT_DB_MAX_CONNECTIONS,
+                db_read_max_connections: DEFAULT_DB_MAX_CONNECTIONS,
                 db_acquire_timeout_secs: DEFAULT_DB_ACQUIRE_TIMEOUT_SECS,
             },
             auth: AuthSettings {
@@ -112,6 +163,8 @@ impl Settings {
                 nats_url: None,
                 nats_prefix: DEFAULT_NATS_PREFIX.to_string(),
             },
+            query: QuerySettings::default(),
+            workers: true,
             listen,
             body_limit: DEFAULT_BODY_LIMIT,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-use crate::config::DatabaseSettings;
+use crate::config::{DatabaseSettings, Secret};
 
 /// How long a session may sit idle inside a transaction before Postgres ends it.
 pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "30s";
@@ -20,8 +20,34 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         .database_url
         .as_ref()
         .context("DATABASE_URL is not set: Podium needs a Postgres database (see README.md)")?;
+    connect_to(url, "DATABASE_URL", settings.db_max_connections, settings).await
+}
+
+/// The pool queries read from: `DATABASE_READ_URL` (a read replica) when
+/// set, else `primary`.
+pub async fn connect_read(settings: &DatabaseSettings, primary: &PgPool) -> anyhow::Result<PgPool> {
+    match &settings.database_read_url {
+        Some(url) => {
+            connect_to(
+                url,
+                "DATABASE_READ_URL",
+                settings.db_read_max_connections,
+                settings,
+            )
+            .await
+        }
+        None => Ok(primary.clone()),
+    }
+}
+
+async fn connect_to(
+    url: &Secret,
+    variable: &str,
+    max_connections: u32,
+    settings: &DatabaseSettings,
+) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::from_str(url.expose())
-        .context("DATABASE_URL is not a valid Postgres URL")?
+        .with_context(|| format!("{variable} is not a valid Postgres URL"))?
         // A transaction left open holds back every tailer of the log (they
         // read only below the oldest running transaction): end such sessions.
         .options([(
@@ -29,11 +55,20 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
             IDLE_IN_TRANSACTION_TIMEOUT,
         )]);
     PgPoolOptions::new()
-        .max_connections(settings.db_max_connections)
+        .max_connections(max_connections)
         .acquire_timeout(settings.acquire_timeout())
         .connect_with(options)
         .await
-        .context("cannot connect to Postgres at DATABASE_URL")
+        .with_context(|| format!("cannot connect to Postgres at {variable}"))
+}
+
+/// A read-only transaction whose reads all see one snapshot: a page, its
+/// total and the projection checkpoint it reflects agree with each other.
+pub async fn snapshot(
+    pool: &PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await
 }
 
 /// Applies every migration not yet applied. Safe to run from several

@@ -6,6 +6,8 @@
 
 pub mod app;
 pub mod auth;
+pub mod cache;
+pub mod changes;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -13,6 +15,7 @@ pub mod db;
 pub mod eventlog;
 pub mod eventstore;
 pub mod http;
+pub mod metrics;
 pub mod policy;
 pub mod relay;
 pub mod replay;

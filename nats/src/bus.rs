@@ -1,6 +1,7 @@
 //! The connection to NATS: stream set-up, publishing log events (with
 //! JetStream de-duplication) and "changed" notifications.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::header::{HeaderMap, NATS_MESSAGE_ID};
@@ -8,6 +9,7 @@ use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures::future::try_join_all;
 use podium_domain::log::{Change, RecordedEvent};
+use tokio::sync::watch;
 
 use crate::Subjects;
 
@@ -67,6 +69,10 @@ pub struct EventBus {
     client: async_nats::Client,
     jetstream: jetstream::Context,
     subjects: Subjects,
+    /// Counts (re)connections: core NATS messages sent while the connection
+    /// was down are lost, so subscribers that must miss nothing catch up from
+    /// the read models whenever this moves.
+    connections: watch::Receiver<u64>,
 }
 
 impl EventBus {
@@ -74,14 +80,26 @@ impl EventBus {
     /// later) for the deployment named by `prefix`.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, BusError> {
         let subjects = Subjects::new(prefix).map_err(BusError::Config)?;
+        let (connected, connections) = watch::channel(0u64);
+        let connected = Arc::new(connected);
         let client = async_nats::ConnectOptions::new()
             .name("podium")
+            .event_callback(move |event| {
+                let connected = connected.clone();
+                async move {
+                    if matches!(event, async_nats::Event::Connected) {
+                        connected.send_modify(|n| *n += 1);
+                    }
+                }
+            })
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
             .connect(url)
             .await
             .map_err(|err| BusError::Connect(err.to_string()))?;
-        Ok(Self::new(client, subjects))
+        let mut bus = Self::new(client, subjects);
+        bus.connections = connections;
+        Ok(bus)
     }
 
     pub fn new(client: async_nats::Client, subjects: Subjects) -> Self {
@@ -91,7 +109,21 @@ impl EventBus {
             client,
             jetstream,
             subjects,
+            connections: watch::channel(0).1,
         }
+    }
+
+    /// Changes whenever the connection is (re-)established.
+    pub fn connections(&self) -> watch::Receiver<u64> {
+        self.connections.clone()
+    }
+
+    /// Every "changed" notification of this deployment, on one subscription.
+    pub async fn subscribe_changes(&self) -> Result<async_nats::Subscriber, BusError> {
+        self.client
+            .subscribe(self.subjects.every_change())
+            .await
+            .map_err(|err| BusError::Connect(err.to_string()))
     }
 
     pub fn subjects(&self) -> &Subjects {

@@ -73,6 +73,11 @@ impl Subjects {
         format!("{}.changed.{}.{}", self.prefix, token(topic), token(key))
     }
 
+    /// Every change notification.
+    pub fn every_change(&self) -> String {
+        format!("{}.changed.>", self.prefix)
+    }
+
     /// Every change notification of `topic`.
     pub fn all_changed(&self, topic: &str) -> String {
         format!("{}.changed.{}.>", self.prefix, token(topic))

@@ -3,7 +3,8 @@
 use chrono::{DateTime, Utc};
 use podium_domain::attempt::AttemptEvent;
 use podium_domain::log::{Change, PodiumEvent, RecordedEvent};
-use sqlx::PgConnection;
+use serde::Serialize;
+use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use crate::checkpointed::{BoxError, ProjectionLogic};
@@ -149,4 +150,76 @@ struct Submitted {
     correct: Vec<i32>,
     duration_ms: Vec<i64>,
     submitted_at: Vec<DateTime<Utc>>,
+}
+
+/// An attempt as the caller's list shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AttemptSummary {
+    pub attempt_id: Uuid,
+    pub test_id: Uuid,
+    pub user_id: String,
+    /// `in_progress` or `submitted`.
+    pub status: String,
+    pub started_at: DateTime<Utc>,
+    pub max_score: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correct: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub submitted_at: Option<DateTime<Utc>>,
+}
+
+/// Reads the live `my_attempts` table.
+pub struct AttemptQueries;
+
+impl AttemptQueries {
+    /// Up to `limit` of `user_id`'s attempts, newest first, after the one
+    /// started at `after` (a `(started_at, attempt_id)` pair); the flag tells
+    /// whether more follow.
+    pub async fn page(
+        conn: &mut PgConnection,
+        user_id: &str,
+        after: Option<(DateTime<Utc>, Uuid)>,
+        limit: i64,
+    ) -> Result<(Vec<AttemptSummary>, bool), sqlx::Error> {
+        let (started_at, attempt_id) = after.unzip();
+        let rows = sqlx::query(
+            "SELECT attempt_id, test_id, user_id, status, started_at, max_score, score, correct,
+                    duration_ms, submitted_at
+               FROM my_attempts
+              WHERE user_id = $1 AND ($2::timestamptz IS NULL OR (started_at, attempt_id) < ($2, $3))
+              ORDER BY started_at DESC, attempt_id DESC LIMIT $4",
+        )
+        .bind(user_id)
+        .bind(started_at)
+        .bind(attempt_id)
+        .bind(limit + 1)
+        .fetch_all(conn)
+        .await?;
+        let mut attempts = rows
+            .iter()
+            .map(|row| {
+                Ok(AttemptSummary {
+                    attempt_id: row.try_get("attempt_id")?,
+                    test_id: row.try_get("test_id")?,
+                    user_id: row.try_get("user_id")?,
+                    status: row.try_get("status")?,
+                    started_at: row.try_get("started_at")?,
+                    max_score: row.try_get::<i32, _>("max_score")? as u32,
+                    score: row.try_get::<Option<i32>, _>("score")?.map(|v| v as u32),
+                    correct: row.try_get::<Option<i32>, _>("correct")?.map(|v| v as u32),
+                    duration_ms: row
+                        .try_get::<Option<i64>, _>("duration_ms")?
+                        .map(|v| v as u64),
+                    submitted_at: row.try_get("submitted_at")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let more = attempts.len() as i64 > limit;
+        attempts.truncate(limit as usize);
+        Ok((attempts, more))
+    }
 }

@@ -83,12 +83,7 @@ impl<L: ProjectionLogic> Checkpointed<L> {
 
     /// The seq of the last event applied, 0 before any.
     pub async fn checkpoint(&self) -> Result<u64, sqlx::Error> {
-        let seq: Option<i64> =
-            sqlx::query_scalar("SELECT seq FROM projection_checkpoints WHERE name = $1")
-                .bind(self.name())
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(seq.unwrap_or(0) as u64)
+        checkpoint_of(&self.pool, self.name()).await
     }
 
     /// Locks the checkpoint row for this transaction and reads it.
@@ -170,4 +165,19 @@ impl<L: ProjectionLogic> Checkpointed<L> {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// The checkpoint of projection `name` as `db` sees it (0 before any event):
+/// read in the same snapshot as a read model, it is the log seq that the
+/// read model reflects exactly.
+pub async fn checkpoint_of<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    name: &str,
+) -> Result<u64, sqlx::Error> {
+    let seq: Option<i64> =
+        sqlx::query_scalar("SELECT seq FROM projection_checkpoints WHERE name = $1")
+            .bind(name)
+            .fetch_optional(db)
+            .await?;
+    Ok(seq.unwrap_or(0) as u64)
 }

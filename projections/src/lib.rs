@@ -15,5 +15,5 @@ pub mod leaderboard;
 pub mod ranking;
 pub mod tables;
 
-pub use checkpointed::{ApplyError, BoxError, Checkpointed, ProjectionLogic};
+pub use checkpointed::{checkpoint_of, ApplyError, BoxError, Checkpointed, ProjectionLogic};
 pub use tables::Generation;

@@ -39,10 +39,24 @@ pub enum ApiError {
         detail: String,
         errors: Vec<FieldError>,
     },
+    /// A 400 about a pagination cursor; `kind` names it in the problem type
+    /// (`invalid-cursor`, `cursor-expired`).
+    #[error("{detail}")]
+    BadCursor { kind: &'static str, detail: String },
+    /// 429 with `Retry-After: retry_after_secs`.
+    #[error("{detail}")]
+    TooManyRequests {
+        detail: String,
+        retry_after_secs: u64,
+    },
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
     Internal(Box<dyn std::error::Error + Send + Sync>),
+    /// One error answered to several requests, as a cached or coalesced
+    /// load's failure is.
+    #[error("{0}")]
+    Shared(std::sync::Arc<ApiError>),
 }
 
 #[derive(Serialize)]
@@ -86,8 +100,11 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::BadCursor { .. } => StatusCode::BAD_REQUEST,
+            Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Shared(inner) => inner.status(),
         }
     }
 
@@ -103,16 +120,29 @@ impl ApiError {
             Self::PayloadTooLarge(_) => "payload-too-large",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
             Self::Unprocessable { .. } => "invalid-values",
+            Self::BadCursor { kind, .. } => kind,
+            Self::TooManyRequests { .. } => "rate-limited",
             Self::Unavailable(_) => "service-unavailable",
             Self::Internal(_) => "internal-error",
+            Self::Shared(inner) => inner.slug(),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        self.to_response()
+    }
+}
+
+impl ApiError {
+    /// The problem+json response; internal causes are logged, not sent.
+    pub fn to_response(&self) -> Response {
+        if let Self::Shared(inner) = self {
+            return inner.to_response();
+        }
         let status = self.status();
-        let detail = match &self {
+        let detail = match self {
             // Never leak internals: log the cause chain, answer generically.
             Self::Internal(err) => {
                 let mut chain = err.to_string();
@@ -131,7 +161,7 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let errors = match &self {
+        let errors = match self {
             Self::Unprocessable { errors, .. } => errors.as_slice(),
             _ => &[],
         };
@@ -148,6 +178,12 @@ impl IntoResponse for ApiError {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Self::TooManyRequests {
+            retry_after_secs, ..
+        } = self
+        {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
         }
         response
     }

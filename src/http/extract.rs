@@ -80,6 +80,23 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJ
     }
 }
 
+/// Query parameters: values that do not fit are a 422.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiError::Unprocessable {
+                detail: format!("invalid query parameters: {}", rejection.body_text()),
+                errors: Vec::new(),
+            }),
+        }
+    }
+}
+
 /// Path parameters: a malformed one (say, a bad UUID) is a 400.
 pub struct ApiPath<T>(pub T);
 

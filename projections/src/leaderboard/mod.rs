@@ -3,7 +3,7 @@
 use podium_domain::attempt::AttemptEvent;
 use podium_domain::log::{Change, PodiumEvent, RecordedEvent};
 use serde_json::json;
-use sqlx::{PgConnection, PgExecutor, Row};
+use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use std::collections::HashMap;
@@ -11,6 +11,9 @@ use std::collections::HashMap;
 use crate::checkpointed::{apply_each, BoxError, ProjectionLogic};
 use crate::ranking::{Entry, RankKey, Submission};
 use crate::tables::Generation;
+
+mod queries;
+pub use queries::{LeaderboardQueries, Page, PageStart, RankedEntry};
 
 pub const NAME: &str = "leaderboard";
 pub const TABLES: [&str; 2] = ["lb_entries", "lb_score_counts"];
@@ -76,12 +79,13 @@ impl LeaderboardProjection {
             _ => None,
         };
         sqlx::query(&format!(
-            "INSERT INTO {} (test_id, user_id, best_score, max_score, attempt_id, achieved_at, attempts)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+            "INSERT INTO {} (test_id, user_id, best_score, max_score, attempt_id, achieved_at,
+                             attempts, changed_seq)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (test_id, user_id) DO UPDATE
                 SET best_score = EXCLUDED.best_score, max_score = EXCLUDED.max_score,
                     attempt_id = EXCLUDED.attempt_id, achieved_at = EXCLUDED.achieved_at,
-                    attempts = EXCLUDED.attempts",
+                    attempts = EXCLUDED.attempts, changed_seq = EXCLUDED.changed_seq",
             self.entries
         ))
         .bind(submission.test_id)
@@ -91,6 +95,7 @@ impl LeaderboardProjection {
         .bind(entry.attempt_id)
         .bind(entry.achieved_at)
         .bind(entry.attempts as i32)
+        .bind(seq as i64)
         .execute(&mut *conn)
         .await?;
         let mut deltas = HashMap::new();
@@ -98,6 +103,12 @@ impl LeaderboardProjection {
         self.apply_count_deltas(conn, deltas).await?;
         if !live {
             return Ok(Vec::new());
+        }
+        if let Some(previous) = previous
+            .as_ref()
+            .filter(|p| p.rank_key() != entry.rank_key())
+        {
+            record_move(conn, seq, submission.test_id, previous).await?;
         }
         let rank = rank_in(
             &mut *conn,
@@ -129,17 +140,18 @@ impl LeaderboardProjection {
     async fn record_batch(
         &self,
         conn: &mut PgConnection,
-        submissions: &[Submission],
+        submissions: &[(u64, Submission)],
     ) -> Result<(), sqlx::Error> {
         let mut keys: Vec<(Uuid, String)> = submissions
             .iter()
-            .map(|s| (s.test_id, s.user_id.clone()))
+            .map(|(_, s)| (s.test_id, s.user_id.clone()))
             .collect();
         keys.sort();
         keys.dedup();
         let (tests, users): (Vec<Uuid>, Vec<String>) = keys.into_iter().unzip();
         let rows = sqlx::query(&format!(
-            "SELECT e.test_id, e.user_id, e.best_score, e.max_score, e.attempt_id, e.achieved_at, e.attempts
+            "SELECT e.test_id, e.user_id, e.best_score, e.max_score, e.attempt_id, e.achieved_at,
+                    e.attempts, e.changed_seq
                FROM {} e JOIN UNNEST($1::uuid[], $2::text[]) k(test_id, user_id)
                  ON e.test_id = k.test_id AND e.user_id = k.user_id",
             self.entries
@@ -148,38 +160,71 @@ impl LeaderboardProjection {
         .bind(&users)
         .fetch_all(&mut *conn)
         .await?;
-        let mut entries: HashMap<(Uuid, String), Entry> = HashMap::new();
+        // Each entry with the seq of its last change.
+        let mut entries: HashMap<(Uuid, String), (Entry, u64)> = HashMap::new();
         for row in &rows {
             let test: Uuid = row.try_get("test_id")?;
             let entry = entry_from_row(row)?;
-            entries.insert((test, entry.user_id.clone()), entry);
+            let changed: i64 = row.try_get("changed_seq")?;
+            entries.insert((test, entry.user_id.clone()), (entry, changed as u64));
         }
         let mut deltas: HashMap<(Uuid, u32), i32> = HashMap::new();
-        for submission in submissions {
+        for (seq, submission) in submissions {
             let key = (submission.test_id, submission.user_id.clone());
-            let previous = entries.get(&key);
+            let previous = entries.get(&key).map(|(entry, _)| entry);
             let entry = Entry::record(previous, submission);
             count_move(&mut deltas, previous, &entry, submission);
-            entries.insert(key, entry);
+            entries.insert(key, (entry, *seq));
         }
-        let touched: Vec<(&(Uuid, String), &Entry)> = entries.iter().collect();
+        let touched: Vec<(&(Uuid, String), &Entry)> = entries
+            .iter()
+            .map(|(key, (entry, _))| (key, entry))
+            .collect();
+        let changed: Vec<i64> = entries.values().map(|(_, seq)| *seq as i64).collect();
         sqlx::query(&format!(
-            "INSERT INTO {} (test_id, user_id, best_score, max_score, attempt_id, achieved_at, attempts)
+            "INSERT INTO {} (test_id, user_id, best_score, max_score, attempt_id, achieved_at,
+                             attempts, changed_seq)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::int[], $5::uuid[],
-                                  $6::timestamptz[], $7::int[])
+                                  $6::timestamptz[], $7::int[], $8::bigint[])
              ON CONFLICT (test_id, user_id) DO UPDATE
                 SET best_score = EXCLUDED.best_score, max_score = EXCLUDED.max_score,
                     attempt_id = EXCLUDED.attempt_id, achieved_at = EXCLUDED.achieved_at,
-                    attempts = EXCLUDED.attempts",
+                    attempts = EXCLUDED.attempts, changed_seq = EXCLUDED.changed_seq",
             self.entries
         ))
         .bind(touched.iter().map(|(k, _)| k.0).collect::<Vec<_>>())
         .bind(touched.iter().map(|(k, _)| k.1.clone()).collect::<Vec<_>>())
-        .bind(touched.iter().map(|(_, e)| e.best_score as i32).collect::<Vec<_>>())
-        .bind(touched.iter().map(|(_, e)| e.max_score as i32).collect::<Vec<_>>())
-        .bind(touched.iter().map(|(_, e)| e.attempt_id).collect::<Vec<_>>())
-        .bind(touched.iter().map(|(_, e)| e.achieved_at).collect::<Vec<_>>())
-        .bind(touched.iter().map(|(_, e)| e.attempts as i32).collect::<Vec<_>>())
+        .bind(
+            touched
+                .iter()
+                .map(|(_, e)| e.best_score as i32)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            touched
+                .iter()
+                .map(|(_, e)| e.max_score as i32)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            touched
+                .iter()
+                .map(|(_, e)| e.attempt_id)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            touched
+                .iter()
+                .map(|(_, e)| e.achieved_at)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            touched
+                .iter()
+                .map(|(_, e)| e.attempts as i32)
+                .collect::<Vec<_>>(),
+        )
+        .bind(&changed)
         .execute(&mut *conn)
         .await?;
         self.apply_count_deltas(conn, deltas).await
@@ -305,9 +350,9 @@ impl ProjectionLogic for LeaderboardProjection {
         if self.generation == Generation::Live {
             return apply_each(self, conn, events).await;
         }
-        let submissions: Vec<Submission> = events
+        let submissions: Vec<(u64, Submission)> = events
             .iter()
-            .filter_map(|e| submission_of(e).transpose())
+            .filter_map(|e| submission_of(e).map(|s| s.map(|s| (e.seq, s))).transpose())
             .collect::<Result<_, _>>()?;
         if !submissions.is_empty() {
             self.record_batch(conn, &submissions).await?;
@@ -316,7 +361,28 @@ impl ProjectionLogic for LeaderboardProjection {
     }
 }
 
-fn entry_from_row(row: &sqlx::postgres::PgRow) -> Result<Entry, sqlx::Error> {
+/// Notes where `previous` stood before the submission at `seq` moved it up.
+async fn record_move(
+    conn: &mut PgConnection,
+    seq: u64,
+    test_id: Uuid,
+    previous: &Entry,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO lb_moves (seq, test_id, user_id, old_score, old_achieved_at)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO NOTHING",
+    )
+    .bind(seq as i64)
+    .bind(test_id)
+    .bind(&previous.user_id)
+    .bind(previous.best_score as i32)
+    .bind(previous.achieved_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub(crate) fn entry_from_row(row: &sqlx::postgres::PgRow) -> Result<Entry, sqlx::Error> {
     Ok(Entry {
         user_id: row.try_get("user_id")?,
         best_score: row.try_get::<i32, _>("best_score")? as u32,
@@ -330,7 +396,7 @@ fn entry_from_row(row: &sqlx::postgres::PgRow) -> Result<Entry, sqlx::Error> {
 /// The 1-based rank `key` has (or would have) on test `test_id`: the entries
 /// with a higher score, counted from the score table, plus the entries with
 /// the same score that rank ahead, from a short index range.
-async fn rank_in(
+pub(crate) async fn rank_in(
     conn: &mut PgConnection,
     entries: &str,
     counts: &str,
@@ -349,177 +415,4 @@ async fn rank_in(
     .fetch_one(conn)
     .await?;
     Ok(ahead as u64 + 1)
-}
-
-/// Entries from `rows`, the `i`-th one with rank `rank_of(i)`.
-fn ranked(
-    rows: &[sqlx::postgres::PgRow],
-    rank_of: impl Fn(u64) -> u64,
-) -> Result<Vec<RankedEntry>, sqlx::Error> {
-    rows.iter()
-        .enumerate()
-        .map(|(i, row)| {
-            Ok(RankedEntry {
-                rank: rank_of(i as u64),
-                entry: entry_from_row(row)?,
-            })
-        })
-        .collect()
-}
-
-/// A ranked leaderboard entry as queries return it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RankedEntry {
-    pub rank: u64,
-    pub entry: Entry,
-}
-
-/// Reads the live leaderboard tables.
-pub struct LeaderboardQueries;
-
-const ENTRY_COLUMNS: &str = "user_id, best_score, max_score, attempt_id, achieved_at, attempts";
-
-impl LeaderboardQueries {
-    /// Entries on test `test_id`.
-    pub async fn total<'e>(db: impl PgExecutor<'e>, test_id: Uuid) -> Result<u64, sqlx::Error> {
-        let total: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(sum(entries), 0)::bigint FROM lb_score_counts WHERE test_id = $1",
-        )
-        .bind(test_id)
-        .fetch_one(db)
-        .await?;
-        Ok(total as u64)
-    }
-
-    /// The entry of `user_id` with its rank, if any.
-    pub async fn entry_of(
-        conn: &mut PgConnection,
-        test_id: Uuid,
-        user_id: &str,
-    ) -> Result<Option<RankedEntry>, sqlx::Error> {
-        let row = sqlx::query(&format!(
-            "SELECT {ENTRY_COLUMNS} FROM lb_entries WHERE test_id = $1 AND user_id = $2"
-        ))
-        .bind(test_id)
-        .bind(user_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let entry = entry_from_row(&row)?;
-        let rank = rank_in(
-            conn,
-            "lb_entries",
-            "lb_score_counts",
-            test_id,
-            &entry.rank_key(),
-        )
-        .await?;
-        Ok(Some(RankedEntry { rank, entry }))
-    }
-
-    /// Up to `limit` entries ranked after `after` (from the top when `None`),
-    /// in rank order; `first_rank` is the rank of the first one returned.
-    pub async fn page_after(
-        conn: &mut PgConnection,
-        test_id: Uuid,
-        after: Option<&RankKey>,
-        first_rank: u64,
-        limit: i64,
-    ) -> Result<Vec<RankedEntry>, sqlx::Error> {
-        let rows = match after {
-            None => {
-                sqlx::query(&format!(
-                    "SELECT {ENTRY_COLUMNS} FROM lb_entries WHERE test_id = $1
-                      ORDER BY -best_score, achieved_at, user_id LIMIT $2"
-                ))
-                .bind(test_id)
-                .bind(limit)
-                .fetch_all(&mut *conn)
-                .await?
-            }
-            Some(key) => {
-                sqlx::query(&format!(
-                    "SELECT {ENTRY_COLUMNS} FROM lb_entries
-                      WHERE test_id = $1
-                        AND (-best_score, achieved_at, user_id) > (-$2, $3, $4)
-                      ORDER BY -best_score, achieved_at, user_id LIMIT $5"
-                ))
-                .bind(test_id)
-                .bind(key.score as i32)
-                .bind(key.achieved_at)
-                .bind(&key.user_id)
-                .bind(limit)
-                .fetch_all(&mut *conn)
-                .await?
-            }
-        };
-        ranked(&rows, |i| first_rank + i)
-    }
-
-    /// Up to `limit` entries from rank `offset + 1`: the score table finds the
-    /// score holding that rank, an index range the rest.
-    pub async fn page_at_offset(
-        conn: &mut PgConnection,
-        test_id: Uuid,
-        offset: u64,
-        limit: i64,
-    ) -> Result<Vec<RankedEntry>, sqlx::Error> {
-        // The highest score whose entries reach past `offset`, and how many
-        // entries rank above that score.
-        let bucket: Option<(i32, i64)> = sqlx::query_as(
-            "SELECT score, above FROM (
-                 SELECT score,
-                        (COALESCE(sum(entries) OVER (ORDER BY score DESC
-                             ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0))::bigint AS above,
-                        (sum(entries) OVER (ORDER BY score DESC))::bigint AS through
-                   FROM lb_score_counts WHERE test_id = $1 AND entries > 0) buckets
-              WHERE through > $2 ORDER BY score DESC LIMIT 1",
-        )
-        .bind(test_id)
-        .bind(offset as i64)
-        .fetch_optional(&mut *conn)
-        .await?;
-        let Some((score, above)) = bucket else {
-            return Ok(Vec::new());
-        };
-        let rows = sqlx::query(&format!(
-            "SELECT {ENTRY_COLUMNS} FROM lb_entries
-              WHERE test_id = $1 AND -best_score >= -$2
-              ORDER BY -best_score, achieved_at, user_id
-              OFFSET $3 LIMIT $4"
-        ))
-        .bind(test_id)
-        .bind(score)
-        .bind(offset as i64 - above)
-        .bind(limit)
-        .fetch_all(&mut *conn)
-        .await?;
-        ranked(&rows, |i| offset + 1 + i)
-    }
-
-    /// Up to `radius` entries ranked just above `key`, in rank order.
-    pub async fn above(
-        conn: &mut PgConnection,
-        test_id: Uuid,
-        key: &RankKey,
-        rank: u64,
-        radius: i64,
-    ) -> Result<Vec<RankedEntry>, sqlx::Error> {
-        let rows = sqlx::query(&format!(
-            "SELECT {ENTRY_COLUMNS} FROM lb_entries
-              WHERE test_id = $1
-                AND (-best_score, achieved_at, user_id) < (-$2, $3, $4)
-              ORDER BY -best_score DESC, achieved_at DESC, user_id DESC LIMIT $5"
-        ))
-        .bind(test_id)
-        .bind(key.score as i32)
-        .bind(key.achieved_at)
-        .bind(&key.user_id)
-        .bind(radius)
-        .fetch_all(&mut *conn)
-        .await?;
-        let mut above = ranked(&rows, |i| rank - 1 - i)?;
-        above.reverse();
-        Ok(above)
-    }
 }

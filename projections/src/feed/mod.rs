@@ -9,6 +9,9 @@ use sqlx::PgConnection;
 use crate::checkpointed::{BoxError, ProjectionLogic};
 use crate::tables::Generation;
 
+mod queries;
+pub use queries::{FeedChange, FeedItem, FeedQueries};
+
 pub const NAME: &str = "feed";
 pub const TABLES: [&str; 2] = ["feed_items", "feed_counters"];
 /// The topic of feed change notifications (key: the user id).

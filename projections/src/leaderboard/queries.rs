@@ -1,0 +1,356 @@
+//! Reads of the live leaderboard tables: pages by rank, by offset and by
+//! cursor, a user's neighbours, and what changed since a point in the log.
+//! Callers run them in one snapshot (a repeatable-read transaction) so that a
+//! page, its total and its ranks agree with each other.
+
+use std::time::Duration;
+
+use sqlx::{PgConnection, PgExecutor, PgPool};
+use uuid::Uuid;
+
+use super::{entry_from_row, rank_in};
+use crate::ranking::{Entry, RankKey};
+
+/// Entries from `rows`, the `i`-th one with rank `rank_of(i)`.
+fn ranked(
+    rows: &[sqlx::postgres::PgRow],
+    rank_of: impl Fn(u64) -> u64,
+) -> Result<Vec<RankedEntry>, sqlx::Error> {
+    rows.iter()
+        .enumerate()
+        .map(|(i, row)| {
+            Ok(RankedEntry {
+                rank: rank_of(i as u64),
+                entry: entry_from_row(row)?,
+            })
+        })
+        .collect()
+}
+
+/// The rank `key` has in the live tables.
+async fn live_rank(
+    conn: &mut PgConnection,
+    test_id: Uuid,
+    key: &RankKey,
+) -> Result<u64, sqlx::Error> {
+    rank_in(conn, "lb_entries", "lb_score_counts", test_id, key).await
+}
+
+async fn with_rank(
+    conn: &mut PgConnection,
+    test_id: Uuid,
+    entry: Entry,
+) -> Result<RankedEntry, sqlx::Error> {
+    let rank = live_rank(conn, test_id, &entry.rank_key()).await?;
+    Ok(RankedEntry { rank, entry })
+}
+
+/// A ranked leaderboard entry as queries return it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankedEntry {
+    pub rank: u64,
+    pub entry: Entry,
+}
+
+/// Reads the live leaderboard tables.
+pub struct LeaderboardQueries;
+
+const ENTRY_COLUMNS: &str = "user_id, best_score, max_score, attempt_id, achieved_at, attempts";
+const ENTRY_COLUMNS_E: &str =
+    "e.user_id, e.best_score, e.max_score, e.attempt_id, e.achieved_at, e.attempts";
+
+impl LeaderboardQueries {
+    /// Entries on test `test_id`.
+    pub async fn total<'e>(db: impl PgExecutor<'e>, test_id: Uuid) -> Result<u64, sqlx::Error> {
+        let total: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(sum(entries), 0)::bigint FROM lb_score_counts WHERE test_id = $1",
+        )
+        .bind(test_id)
+        .fetch_one(db)
+        .await?;
+        Ok(total as u64)
+    }
+
+    /// The entry of `user_id` with its rank, if any.
+    pub async fn entry_of(
+        conn: &mut PgConnection,
+        test_id: Uuid,
+        user_id: &str,
+    ) -> Result<Option<RankedEntry>, sqlx::Error> {
+        let row = sqlx::query(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM lb_entries WHERE test_id = $1 AND user_id = $2"
+        ))
+        .bind(test_id)
+        .bind(user_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(Some(with_rank(conn, test_id, entry_from_row(&row)?).await?))
+    }
+
+    /// Up to `limit` entries ranked after `after` (from the top when `None`),
+    /// in rank order; `first_rank` is the rank of the first one returned.
+    pub async fn page_after(
+        conn: &mut PgConnection,
+        test_id: Uuid,
+        after: Option<&RankKey>,
+        first_rank: u64,
+        limit: i64,
+    ) -> Result<Vec<RankedEntry>, sqlx::Error> {
+        let rows = match after {
+            None => {
+                sqlx::query(&format!(
+                    "SELECT {ENTRY_COLUMNS} FROM lb_entries WHERE test_id = $1
+                      ORDER BY -best_score, achieved_at, user_id LIMIT $2"
+                ))
+                .bind(test_id)
+                .bind(limit)
+                .fetch_all(&mut *conn)
+                .await?
+            }
+            Some(key) => {
+                sqlx::query(&format!(
+                    "SELECT {ENTRY_COLUMNS} FROM lb_entries
+                      WHERE test_id = $1
+                        AND (-best_score, achieved_at, user_id) > (-$2, $3, $4)
+                      ORDER BY -best_score, achieved_at, user_id LIMIT $5"
+                ))
+                .bind(test_id)
+                .bind(key.score as i32)
+                .bind(key.achieved_at)
+                .bind(&key.user_id)
+                .bind(limit)
+                .fetch_all(&mut *conn)
+                .await?
+            }
+        };
+        ranked(&rows, |i| first_rank + i)
+    }
+
+    /// Up to `limit` entries from rank `offset + 1`: the score table finds the
+    /// score holding that rank, an index range the rest.
+    pub async fn page_at_offset(
+        conn: &mut PgConnection,
+        test_id: Uuid,
+        offset: u64,
+        limit: i64,
+    ) -> Result<Vec<RankedEntry>, sqlx::Error> {
+        // The highest score whose entries reach past `offset`, and how many
+        // entries rank above that score.
+        let bucket: Option<(i32, i64)> = sqlx::query_as(
+            "SELECT score, above FROM (
+                 SELECT score,
+                        (COALESCE(sum(entries) OVER (ORDER BY score DESC
+                             ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0))::bigint AS above,
+                        (sum(entries) OVER (ORDER BY score DESC))::bigint AS through
+                   FROM lb_score_counts WHERE test_id = $1 AND entries > 0) buckets
+              WHERE through > $2 ORDER BY score DESC LIMIT 1",
+        )
+        .bind(test_id)
+        .bind(offset as i64)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some((score, above)) = bucket else {
+            return Ok(Vec::new());
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM lb_entries
+              WHERE test_id = $1 AND -best_score >= -$2
+              ORDER BY -best_score, achieved_at, user_id
+              OFFSET $3 LIMIT $4"
+        ))
+        .bind(test_id)
+        .bind(score)
+        .bind(offset as i64 - above)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+        ranked(&rows, |i| offset + 1 + i)
+    }
+
+    /// Up to `radius` entries ranked just above `key`, in rank order.
+    pub async fn above(
+        conn: &mut PgConnection,
+        test_id: Uuid,
+        key: &RankKey,
+        rank: u64,
+        radius: i64,
+    ) -> Result<Vec<RankedEntry>, sqlx::Error> {
+        let rows = sqlx::query(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM lb_entries
+              WHERE test_id = $1
+                AND (-best_score, achieved_at, user_id) < (-$2, $3, $4)
+              ORDER BY -best_score DESC, achieved_at DESC, user_id DESC LIMIT $5"
+        ))
+        .bind(test_id)
+        .bind(key.score as i32)
+        .bind(key.achieved_at)
+        .bind(&key.user_id)
+        .bind(radius)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut above = ranked(&rows, |i| rank - 1 - i)?;
+        above.reverse();
+        Ok(above)
+    }
+
+    /// A page: from the top, from rank `offset + 1`, or after a cursor.
+    /// `limit` entries at most in rank order, plus, after a cursor, the
+    /// entries that moved from behind it to ahead of it since the cursor's
+    /// snapshot (`since`): with those, walking every cursor returns each entry
+    /// that existed throughout exactly once, whatever moved meanwhile.
+    pub async fn page(
+        conn: &mut PgConnection,
+        test_id: Uuid,
+        start: &PageStart,
+        limit: i64,
+    ) -> Result<Page, sqlx::Error> {
+        let total = Self::total(&mut *conn, test_id).await?;
+        let (mut entries, rest) = match start {
+            PageStart::Offset(0) => {
+                let mut rows = Self::page_after(conn, test_id, None, 1, limit + 1).await?;
+                let more = rows.len() as i64 > limit;
+                rows.truncate(limit as usize);
+                (rows, more)
+            }
+            PageStart::Offset(offset) => {
+                let mut rows = Self::page_at_offset(conn, test_id, *offset, limit + 1).await?;
+                let more = rows.len() as i64 > limit;
+                rows.truncate(limit as usize);
+                (rows, more)
+            }
+            PageStart::After { key, since } => {
+                let mut jumped = Self::jumped(conn, test_id, key, *since).await?;
+                let room = (limit - jumped.len() as i64).max(1);
+                let mut rows = Self::page_after(conn, test_id, Some(key), 0, room + 1).await?;
+                let more = rows.len() as i64 > room;
+                rows.truncate(room as usize);
+                if let Some(first) = rows.first() {
+                    let first_rank = live_rank(conn, test_id, &first.entry.rank_key()).await?;
+                    for (i, row) in rows.iter_mut().enumerate() {
+                        row.rank = first_rank + i as u64;
+                    }
+                }
+                jumped.append(&mut rows);
+                (jumped, more)
+            }
+        };
+        entries.sort_by_key(|e| e.rank);
+        Ok(Page {
+            total,
+            entries,
+            more: rest,
+        })
+    }
+
+    /// Entries that stood behind `key` at seq `since` and stand at or ahead
+    /// of it now, each with its rank.
+    async fn jumped(
+        conn: &mut PgConnection,
+        test_id: Uuid,
+        key: &RankKey,
+        since: u64,
+    ) -> Result<Vec<RankedEntry>, sqlx::Error> {
+        // The first move of each user after `since` tells where they stood then.
+        let rows = sqlx::query(&format!(
+            "SELECT {ENTRY_COLUMNS_E} FROM lb_entries e
+               JOIN (SELECT DISTINCT ON (user_id) user_id, old_score, old_achieved_at
+                       FROM lb_moves WHERE test_id = $1 AND seq > $5
+                      ORDER BY user_id, seq) m ON m.user_id = e.user_id
+              WHERE e.test_id = $1
+                AND (-m.old_score, m.old_achieved_at, m.user_id) > (-$2, $3, $4)
+                AND (-e.best_score, e.achieved_at, e.user_id) <= (-$2, $3, $4)"
+        ))
+        .bind(test_id)
+        .bind(key.score as i32)
+        .bind(key.achieved_at)
+        .bind(&key.user_id)
+        .bind(since as i64)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut jumped = Vec::with_capacity(rows.len());
+        for row in &rows {
+            jumped.push(with_rank(conn, test_id, entry_from_row(row)?).await?);
+        }
+        Ok(jumped)
+    }
+
+    /// Up to `limit` entries changed after seq `after`, oldest change first,
+    /// each with its current rank and the seq of its change.
+    pub async fn changed_since(
+        conn: &mut PgConnection,
+        test_id: Uuid,
+        after: u64,
+        limit: i64,
+    ) -> Result<Vec<(u64, RankedEntry)>, sqlx::Error> {
+        let rows = sqlx::query(&format!(
+            "SELECT {ENTRY_COLUMNS}, changed_seq FROM lb_entries
+              WHERE test_id = $1 AND changed_seq > $2 ORDER BY changed_seq LIMIT $3"
+        ))
+        .bind(test_id)
+        .bind(after as i64)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut changed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let seq: i64 = sqlx::Row::try_get(row, "changed_seq")?;
+            let entry = with_rank(conn, test_id, entry_from_row(row)?).await?;
+            changed.push((seq as u64, entry));
+        }
+        Ok(changed)
+    }
+
+    /// The seq at or below which moves are no longer all known: a cursor
+    /// whose snapshot is older cannot be continued exactly.
+    pub async fn moves_horizon<'e>(db: impl PgExecutor<'e>) -> Result<u64, sqlx::Error> {
+        let seq: i64 = sqlx::query_scalar("SELECT seq FROM lb_moves_horizon")
+            .fetch_one(db)
+            .await?;
+        Ok(seq as u64)
+    }
+
+    /// Forgets moves older than `retention` and raises the horizon past them.
+    /// Returns how many were deleted.
+    pub async fn prune_moves(pool: &PgPool, retention: Duration) -> Result<u64, sqlx::Error> {
+        let (deleted,): (i64,) = sqlx::query_as(
+            "WITH gone AS (DELETE FROM lb_moves WHERE moved_at < now() - $1 RETURNING seq),
+                  raised AS (UPDATE lb_moves_horizon
+                                SET seq = GREATEST(seq, (SELECT max(seq) FROM gone)))
+             SELECT count(*) FROM gone",
+        )
+        .bind(retention)
+        .fetch_one(pool)
+        .await?;
+        Ok(deleted as u64)
+    }
+
+    /// Raises the horizon to `seq`: moves up to it were not all recorded.
+    pub async fn raise_moves_horizon(conn: &mut PgConnection, seq: u64) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE lb_moves_horizon SET seq = GREATEST(seq, $1)")
+            .bind(seq as i64)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Where a page starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageStart {
+    /// From rank `offset + 1` (0: the top).
+    Offset(u64),
+    /// After `key`, given by a page read when the projection was at `since`.
+    After { key: RankKey, since: u64 },
+}
+
+/// One page of a leaderboard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// Entries on the whole leaderboard.
+    pub total: u64,
+    /// In rank order.
+    pub entries: Vec<RankedEntry>,
+    /// Whether entries follow the last one.
+    pub more: bool,
+}

@@ -1,0 +1,215 @@
+//! The query cache: leaderboard pages, around-a-user views and unread counts,
+//! held per API instance in moka and kept fresh by the change notifications
+//! every instance receives (see [`crate::changes`]).
+//!
+//! Each cached answer remembers the projection checkpoint it was read at (in
+//! the same snapshot). It is stale once a change with a later seq has been
+//! seen for its key — exact even when reads go to a lagging replica. A stale
+//! answer is reloaded at most once per `refresh_after`, so a hot page under a
+//! stream of submissions is recomputed every few milliseconds, not per
+//! request; concurrent misses for one key share one load. A TTL bounds what a
+//! lost notification could leave stale.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use uuid::Uuid;
+
+use crate::changes::ChangeHub;
+use crate::http::error::ApiError;
+use crate::metrics::Metrics;
+
+/// What is cached, by key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CacheKey {
+    /// A leaderboard page: `start` is the offset or the cursor as given.
+    LeaderboardPage {
+        test_id: Uuid,
+        start: String,
+        limit: u16,
+    },
+    /// A user's entry and neighbours.
+    Around {
+        test_id: Uuid,
+        user_id: String,
+        radius: u16,
+    },
+    /// A user's unread count.
+    Unread { user_id: String },
+}
+
+impl CacheKey {
+    /// The change notifications (topic, key) that make this answer stale.
+    fn topic_key(&self) -> (&'static str, String) {
+        match self {
+            Self::LeaderboardPage { test_id, .. } | Self::Around { test_id, .. } => {
+                (podium_projections::leaderboard::TOPIC, test_id.to_string())
+            }
+            Self::Unread { user_id } => (podium_projections::feed::TOPIC, user_id.clone()),
+        }
+    }
+
+    /// The cache's name in metrics.
+    fn cache_name(&self) -> &'static str {
+        match self {
+            Self::LeaderboardPage { .. } => "leaderboard_page",
+            Self::Around { .. } => "leaderboard_around",
+            Self::Unread { .. } => "unread_count",
+        }
+    }
+}
+
+/// A JSON answer ready to send, with its `Link: rel="next"` if any.
+#[derive(Debug, Clone)]
+pub struct JsonBody {
+    pub json: Bytes,
+    pub link: Option<HeaderValue>,
+}
+
+impl JsonBody {
+    pub fn new(value: &impl serde::Serialize, link: Option<HeaderValue>) -> Result<Self, ApiError> {
+        let json = serde_json::to_vec(value).map_err(ApiError::internal)?;
+        Ok(Self {
+            json: Bytes::from(json),
+            link,
+        })
+    }
+}
+
+impl IntoResponse for &JsonBody {
+    fn into_response(self) -> Response {
+        let mut response = self.json.clone().into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(link) = &self.link {
+            headers.insert(header::LINK, link.clone());
+        }
+        response
+    }
+}
+
+/// What a load read: the answer (a 404 is an answer too) and the checkpoint
+/// of the projection it was read at.
+pub struct Loaded {
+    pub answer: Result<JsonBody, ApiError>,
+    pub seq: u64,
+}
+
+struct Cached {
+    answer: Result<JsonBody, Arc<ApiError>>,
+    seq: u64,
+    epoch: u64,
+    loaded_at: Instant,
+}
+
+impl Cached {
+    fn stale(&self, epoch: u64, version: u64, refresh_after: Duration) -> bool {
+        let failed = matches!(&self.answer, Err(err) if err.status().is_server_error());
+        failed
+            || self.epoch != epoch
+            || (self.seq < version && self.loaded_at.elapsed() >= refresh_after)
+    }
+}
+
+/// How the cache behaves.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheConfig {
+    /// Off: every request reads the database.
+    pub enabled: bool,
+    pub max_bytes: u64,
+    /// Longest an answer is served without a reload.
+    pub ttl: Duration,
+    /// Shortest time between reloads of an answer that changes constantly.
+    pub refresh_after: Duration,
+}
+
+#[derive(Clone)]
+pub struct QueryCache {
+    entries: moka::future::Cache<CacheKey, Arc<Cached>>,
+    hub: Arc<ChangeHub>,
+    config: CacheConfig,
+    metrics: Metrics,
+}
+
+impl QueryCache {
+    pub fn new(config: CacheConfig, hub: Arc<ChangeHub>, metrics: Metrics) -> Self {
+        let entries = moka::future::Cache::builder()
+            .max_capacity(config.max_bytes)
+            .weigher(|key: &CacheKey, value: &Arc<Cached>| {
+                let body = value.answer.as_ref().map_or(64, |b| b.json.len());
+                u32::try_from(body + std::mem::size_of_val(key) + 64).unwrap_or(u32::MAX)
+            })
+            .time_to_live(config.ttl)
+            .build();
+        Self {
+            entries,
+            hub,
+            config,
+            metrics,
+        }
+    }
+
+    /// The answer for `key`: cached if fresh, else from `load` — run once
+    /// for all concurrent callers of the same key.
+    pub async fn get_or_load(
+        &self,
+        key: CacheKey,
+        load: impl Future<Output = Result<Loaded, ApiError>> + Send,
+    ) -> Result<JsonBody, ApiError> {
+        let name = key.cache_name();
+        if !self.config.enabled {
+            self.count(name, "miss");
+            let loaded = load.await?;
+            return loaded.answer;
+        }
+        let (topic, topic_key) = key.topic_key();
+        let epoch = self.hub.epoch();
+        let version = self.hub.version(topic, &topic_key);
+        let refresh_after = self.config.refresh_after;
+        let ran = AtomicBool::new(false);
+        let init = async {
+            ran.store(true, Ordering::Relaxed);
+            let loaded_at = Instant::now();
+            let (answer, seq) = match load.await {
+                Ok(loaded) => (loaded.answer.map_err(Arc::new), loaded.seq),
+                Err(err) => (Err(Arc::new(err)), 0),
+            };
+            Arc::new(Cached {
+                answer,
+                seq,
+                epoch,
+                loaded_at,
+            })
+        };
+        let entry = self
+            .entries
+            .entry(key)
+            .or_insert_with_if(init, |cached| cached.stale(epoch, version, refresh_after))
+            .await;
+        let outcome = if ran.load(Ordering::Relaxed) {
+            "miss"
+        } else {
+            "hit"
+        };
+        self.count(name, outcome);
+        match &entry.value().answer {
+            Ok(body) => Ok(body.clone()),
+            Err(err) => Err(ApiError::Shared(err.clone())),
+        }
+    }
+
+    fn count(&self, cache: &str, outcome: &str) {
+        self.metrics
+            .cache_lookups
+            .with_label_values(&[cache, outcome])
+            .inc();
+    }
+}

@@ -1,0 +1,201 @@
+//! Each API instance's one subscription to the projections' "changed"
+//! notifications (`<prefix>.changed.>`), routed to the instance's own
+//! subscribers — SSE streams — and remembered as per-key versions for the
+//! query cache. One NATS subscription serves any number of clients.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use podium_domain::log::Change;
+use podium_nats::EventBus;
+use tokio::sync::{broadcast, watch};
+
+/// A topic (`leaderboard`, `feed`) and a key in it (a test id, a user id).
+type TopicKey = (String, String);
+
+/// A change as handed to subscribers, with its SSE rendering done once for
+/// all of them.
+pub struct Delivered {
+    pub change: Change,
+    rendered: OnceLock<Vec<axum::response::sse::Event>>,
+}
+
+impl Delivered {
+    /// The change's SSE events, rendered by `render` for the first caller.
+    pub fn events(
+        &self,
+        render: impl FnOnce(&Change) -> Vec<axum::response::sse::Event>,
+    ) -> &[axum::response::sse::Event] {
+        self.rendered.get_or_init(|| render(&self.change))
+    }
+}
+
+/// Routes change notifications to local subscribers.
+pub struct ChangeHub {
+    /// One broadcast channel per key that has subscribers; each subscriber
+    /// reads at its own pace from the shared buffer.
+    channels: Mutex<HashMap<TopicKey, broadcast::Sender<Arc<Delivered>>>>,
+    /// Messages each channel buffers for its slowest subscriber.
+    buffer: usize,
+    /// The seq of the last change seen per key, for as long as cached reads
+    /// can live: a cached read older than its key's version is stale.
+    versions: moka::sync::Cache<TopicKey, u64>,
+    /// Moves whenever notifications may have been lost (the NATS connection
+    /// was re-established): versions are unknown then, and subscribers catch
+    /// up from the read models.
+    epoch: watch::Sender<u64>,
+}
+
+impl ChangeHub {
+    /// `buffer`: changes a slow subscriber may fall behind before it must
+    /// catch up from the read model; `remember`: how long a key's version is
+    /// kept (at least as long as anything cached from it).
+    pub fn new(buffer: usize, remember: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            channels: Mutex::new(HashMap::new()),
+            buffer: buffer.max(1),
+            versions: moka::sync::Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(remember)
+                .build(),
+            epoch: watch::channel(0).0,
+        })
+    }
+
+    /// Changes of `topic`/`key` from now on.
+    pub fn subscribe(self: &Arc<Self>, topic: &str, key: &str) -> Subscription {
+        let key = (topic.to_string(), key.to_string());
+        let mut channels = self
+            .channels
+            .lock()
+            .expect("the hub's lock is never poisoned");
+        let changes = channels
+            .entry(key.clone())
+            .or_insert_with(|| broadcast::channel(self.buffer).0)
+            .subscribe();
+        Subscription {
+            changes,
+            hub: self.clone(),
+            key,
+        }
+    }
+
+    /// Records `change` and hands it to the subscribers of its key.
+    pub fn deliver(&self, change: Change) {
+        let key = (change.topic.clone(), change.key.clone());
+        let seq = change.seq;
+        self.versions
+            .entry(key.clone())
+            .and_upsert_with(|current| current.map_or(seq, |v| v.into_value().max(seq)));
+        let channels = self
+            .channels
+            .lock()
+            .expect("the hub's lock is never poisoned");
+        if let Some(sender) = channels.get(&key) {
+            // No receivers left is fine: the last one is unsubscribing.
+            let _ = sender.send(Arc::new(Delivered {
+                change,
+                rendered: OnceLock::new(),
+            }));
+        }
+    }
+
+    /// The seq of the last change seen for `topic`/`key` (0: none lately).
+    pub fn version(&self, topic: &str, key: &str) -> u64 {
+        self.versions
+            .get(&(topic.to_string(), key.to_string()))
+            .unwrap_or(0)
+    }
+
+    /// Changes whenever notifications may have been lost.
+    pub fn epoch(&self) -> u64 {
+        *self.epoch.borrow()
+    }
+
+    pub fn epochs(&self) -> watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
+    /// Notifications may have been lost: forget versions, wake subscribers.
+    pub fn mark_lost(&self) {
+        self.versions.invalidate_all();
+        self.epoch.send_modify(|n| *n += 1);
+    }
+
+    /// Subscribers across all keys, for tests and metrics.
+    pub fn subscribers(&self) -> usize {
+        let channels = self
+            .channels
+            .lock()
+            .expect("the hub's lock is never poisoned");
+        channels.values().map(|s| s.receiver_count()).sum()
+    }
+
+    /// Feeds the hub from `bus` until `stop`: one subscription to every
+    /// change notification; when the connection comes back after a loss, or
+    /// the subscription ends, subscribers are told to catch up.
+    pub async fn listen(self: Arc<Self>, bus: EventBus, mut stop: watch::Receiver<bool>) {
+        let mut connections = bus.connections();
+        loop {
+            let mut subscriber = match bus.subscribe_changes().await {
+                Ok(subscriber) => subscriber,
+                Err(err) => {
+                    tracing::warn!(%err, "cannot subscribe to change notifications; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = stop.changed() => return,
+                    }
+                }
+            };
+            loop {
+                tokio::select! {
+                    message = subscriber.next() => match message {
+                        Some(message) => match serde_json::from_slice::<Change>(&message.payload) {
+                            Ok(change) => self.deliver(change),
+                            Err(err) => tracing::warn!(%err, "ignoring a malformed change notification"),
+                        },
+                        None => break,
+                    },
+                    changed = connections.changed() => {
+                        if changed.is_err() {
+                            // The bus is gone; only the stop signal is left to wait for.
+                            let _ = stop.changed().await;
+                            return;
+                        }
+                        tracing::info!("NATS connection re-established; subscribers catch up");
+                        self.mark_lost();
+                    }
+                    _ = stop.changed() => return,
+                }
+            }
+            tracing::warn!("the change subscription ended; subscribing again");
+            self.mark_lost();
+        }
+    }
+}
+
+/// A subscription to one key's changes; unsubscribes when dropped.
+pub struct Subscription {
+    pub changes: broadcast::Receiver<Arc<Delivered>>,
+    hub: Arc<ChangeHub>,
+    key: TopicKey,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut channels = self
+            .hub
+            .channels
+            .lock()
+            .expect("the hub's lock is never poisoned");
+        // Ours is the last receiver (subscribing takes the same lock).
+        if channels
+            .get(&self.key)
+            .is_some_and(|sender| sender.receiver_count() <= 1)
+        {
+            channels.remove(&self.key);
+        }
+    }
+}

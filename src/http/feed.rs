@@ -1,0 +1,212 @@
+//! The caller's notification feed: pages newest first, the unread count, and
+//! the stream of `notification`, `read` and `unread_count` events.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use podium_domain::log::Change;
+use podium_projections::checkpoint_of;
+use podium_projections::feed::{self, FeedItem, FeedQueries};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::error::ApiError;
+use super::extract::ApiQuery;
+use super::pagination::{self, next_link};
+use super::sse::{self, CatchUp, StreamQuery, StreamSource};
+use super::AppState;
+use crate::auth::Principal;
+use crate::cache::{CacheKey, JsonBody, Loaded};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/me/notifications", get(page))
+        .route("/v1/me/notifications/unread-count", get(unread_count))
+        .route("/v1/me/notifications/stream", get(stream))
+}
+
+/// Items older than the one created at log seq `before`, of `user`.
+#[derive(Serialize, Deserialize)]
+struct Cursor {
+    #[serde(rename = "feed")]
+    user: String,
+    before: u64,
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    limit: Option<i64>,
+    cursor: Option<String>,
+    #[serde(default)]
+    unread_only: bool,
+}
+
+#[derive(Serialize)]
+struct PageView {
+    items: Vec<FeedItem>,
+    unread_count: u64,
+    next_cursor: Option<String>,
+}
+
+async fn page(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiQuery(query): ApiQuery<PageQuery>,
+) -> Result<Response, ApiError> {
+    let limit = pagination::limit(query.limit)?;
+    let user = principal.user_id.as_str();
+    let before = match &query.cursor {
+        None => None,
+        Some(raw) => {
+            let cursor: Cursor = pagination::decode(raw)?;
+            if cursor.user != user {
+                return Err(pagination::foreign());
+            }
+            Some(cursor.before)
+        }
+    };
+    let mut tx = crate::db::snapshot(&state.read_pool).await?;
+    let (items, more) = FeedQueries::page(&mut tx, user, before, query.unread_only, limit).await?;
+    let unread_count = FeedQueries::unread(&mut *tx, user).await?;
+    tx.commit().await?;
+    let next_cursor = items.last().filter(|_| more).map(|last| {
+        pagination::encode(&Cursor {
+            user: user.to_string(),
+            before: last.feed_seq,
+        })
+    });
+    let link = next_cursor.as_ref().and_then(|cursor| {
+        next_link(
+            "/v1/me/notifications",
+            &[
+                ("limit", limit.to_string()),
+                ("unread_only", query.unread_only.to_string()),
+                ("cursor", cursor.clone()),
+            ],
+        )
+    });
+    let view = PageView {
+        items,
+        unread_count,
+        next_cursor,
+    };
+    let mut response = Json(view).into_response();
+    if let Some(link) = link {
+        response
+            .headers_mut()
+            .insert(axum::http::header::LINK, link);
+    }
+    Ok(response)
+}
+
+async fn unread_count(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> Result<Response, ApiError> {
+    let user = principal.user_id.to_string();
+    let key = CacheKey::Unread {
+        user_id: user.clone(),
+    };
+    let load = async {
+        let mut tx = crate::db::snapshot(&state.read_pool).await?;
+        let seq = checkpoint_of(&mut *tx, feed::NAME).await?;
+        let unread_count = FeedQueries::unread(&mut *tx, &user).await?;
+        tx.commit().await?;
+        Ok(Loaded {
+            answer: JsonBody::new(&json!({ "unread_count": unread_count }), None),
+            seq,
+        })
+    };
+    let body = state.cache.get_or_load(key, load).await?;
+    Ok((&body).into_response())
+}
+
+/// Feed events of one user.
+struct Notifications {
+    state: AppState,
+    user: String,
+}
+
+impl StreamSource for Notifications {
+    fn kind(&self) -> &'static str {
+        "feed"
+    }
+
+    /// Items created since `after` as `notification` events (in their
+    /// current state), items read since as `read` events, then the unread
+    /// count; a fresh client gets the unread count alone.
+    async fn catch_up(&self, after: Option<u64>) -> Result<CatchUp, ApiError> {
+        let mut tx = crate::db::snapshot(&self.state.read_pool).await?;
+        let mut caught = CatchUp::at(checkpoint_of(&mut *tx, feed::NAME).await?);
+        let changed = match after {
+            Some(after) => {
+                FeedQueries::changed_since(&mut tx, &self.user, after, sse::CATCH_UP_LIMIT + 1)
+                    .await?
+            }
+            None => Vec::new(),
+        };
+        let unread_count = FeedQueries::unread(&mut *tx, &self.user).await?;
+        tx.commit().await?;
+        if changed.len() as i64 > sse::CATCH_UP_LIMIT {
+            caught.resync();
+        } else {
+            let after = after.unwrap_or(0);
+            let mut read: Vec<&FeedItem> = Vec::new();
+            for (i, change) in changed.iter().enumerate() {
+                if change.item.feed_seq > after {
+                    caught.push(change.seq, "notification", &json!(change.item));
+                    continue;
+                }
+                // Items read by one event (a read-all) form one `read` event.
+                read.push(&change.item);
+                if changed.get(i + 1).is_none_or(|next| next.seq != change.seq) {
+                    let ids: Vec<_> = read.drain(..).map(|item| item.id).collect();
+                    caught.push(change.seq, "read", &json!({ "ids": ids }));
+                }
+            }
+        }
+        let seq = caught.seq;
+        caught.push(
+            seq,
+            "unread_count",
+            &json!({ "unread_count": unread_count }),
+        );
+        Ok(caught)
+    }
+
+    fn render(change: &Change) -> Vec<axum::response::sse::Event> {
+        let data = &change.data;
+        let mut events = Vec::with_capacity(2);
+        if let Some(item) = data.get("notification") {
+            events.push(sse::event(change.seq, "notification", item));
+        }
+        if let Some(ids) = data.get("read") {
+            events.push(sse::event(change.seq, "read", &json!({ "ids": ids })));
+        }
+        if let Some(unread_count) = data.get("unread_count") {
+            events.push(sse::event(
+                change.seq,
+                "unread_count",
+                &json!({ "unread_count": unread_count }),
+            ));
+        }
+        events
+    }
+}
+
+async fn stream(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiQuery(query): ApiQuery<StreamQuery>,
+) -> Result<Response, ApiError> {
+    let principal = query.caller(&state, &headers)?;
+    let last_event_id = query.last_event_id(&headers)?;
+    let user = principal.user_id.to_string();
+    let source = Notifications {
+        state: state.clone(),
+        user: user.clone(),
+    };
+    sse::open(&state, &user, source, feed::TOPIC, &user, last_event_id).await
+}

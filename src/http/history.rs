@@ -1,0 +1,82 @@
+//! The caller's attempts, newest first.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use podium_projections::attempts::{AttemptQueries, AttemptSummary};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::extract::ApiQuery;
+use super::pagination::{self, next_link};
+use super::AppState;
+use crate::auth::Principal;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/me/attempts", get(list))
+}
+
+/// Attempts after the one started at `at` with id `id`, of `user`.
+#[derive(Serialize, Deserialize)]
+struct Cursor {
+    #[serde(rename = "attempts")]
+    user: String,
+    at: DateTime<Utc>,
+    id: Uuid,
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ListView {
+    items: Vec<AttemptSummary>,
+    next_cursor: Option<String>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Result<Response, ApiError> {
+    let limit = pagination::limit(query.limit)?;
+    let user = principal.user_id.as_str();
+    let after = match &query.cursor {
+        None => None,
+        Some(raw) => {
+            let cursor: Cursor = pagination::decode(raw)?;
+            if cursor.user != user {
+                return Err(pagination::foreign());
+            }
+            Some((cursor.at, cursor.id))
+        }
+    };
+    let mut conn = state.read_pool.acquire().await?;
+    let (items, more) = AttemptQueries::page(&mut conn, user, after, limit).await?;
+    let next_cursor = items.last().filter(|_| more).map(|last| {
+        pagination::encode(&Cursor {
+            user: user.to_string(),
+            at: last.started_at,
+            id: last.attempt_id,
+        })
+    });
+    let link = next_cursor.as_ref().and_then(|cursor| {
+        next_link(
+            "/v1/me/attempts",
+            &[("limit", limit.to_string()), ("cursor", cursor.clone())],
+        )
+    });
+    let mut response = Json(ListView { items, next_cursor }).into_response();
+    if let Some(link) = link {
+        response
+            .headers_mut()
+            .insert(axum::http::header::LINK, link);
+    }
+    Ok(response)
+}

@@ -1,0 +1,365 @@
+//! Leaderboard queries and stream: pages by offset or cursor, a user's
+//! neighbours, and live `entry` events.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use chrono::{DateTime, Utc};
+use podium_domain::log::Change;
+use podium_domain::UserId;
+use podium_projections::checkpoint_of;
+use podium_projections::leaderboard::{self, LeaderboardQueries, Page, PageStart, RankedEntry};
+use podium_projections::ranking::RankKey;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::catalog::load_published;
+use super::error::ApiError;
+use super::extract::{ApiPath, ApiQuery};
+use super::pagination::{self, next_link};
+use super::sse::{self, CatchUp, StreamQuery, StreamSource};
+use super::AppState;
+use crate::auth::Principal;
+use crate::cache::{CacheKey, JsonBody, Loaded};
+
+/// Most neighbours on each side of a user.
+pub const MAX_RADIUS: u16 = 50;
+const DEFAULT_RADIUS: u16 = 5;
+/// Largest offset accepted (beyond any real leaderboard, within Postgres' bigint).
+const MAX_OFFSET: u64 = 1 << 40;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/tests/{test_id}/leaderboard", get(page))
+        .route(
+            "/v1/tests/{test_id}/leaderboard/users/{user_id}",
+            get(around),
+        )
+        .route("/v1/tests/{test_id}/leaderboard/stream", get(stream))
+}
+
+/// An entry as the API shows it.
+#[derive(Serialize)]
+struct EntryView {
+    rank: u64,
+    user_id: String,
+    score: u32,
+    max_score: u32,
+    achieved_at: DateTime<Utc>,
+    attempts: u32,
+}
+
+impl From<&RankedEntry> for EntryView {
+    fn from(ranked: &RankedEntry) -> Self {
+        let e = &ranked.entry;
+        Self {
+            rank: ranked.rank,
+            user_id: e.user_id.clone(),
+            score: e.best_score,
+            max_score: e.max_score,
+            achieved_at: e.achieved_at,
+            attempts: e.attempts,
+        }
+    }
+}
+
+/// Where the next page starts: after `key`, with moves since `since`.
+#[derive(Serialize, Deserialize)]
+struct Cursor {
+    #[serde(rename = "lb")]
+    test_id: Uuid,
+    since: u64,
+    score: u32,
+    at: DateTime<Utc>,
+    user: String,
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    limit: Option<i64>,
+    cursor: Option<String>,
+    offset: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct PageView {
+    test_id: Uuid,
+    total: u64,
+    entries: Vec<EntryView>,
+    next_cursor: Option<String>,
+}
+
+async fn page(
+    State(state): State<AppState>,
+    _: Principal,
+    ApiPath(test_id): ApiPath<Uuid>,
+    ApiQuery(query): ApiQuery<PageQuery>,
+) -> Result<Response, ApiError> {
+    let limit = pagination::limit(query.limit)?;
+    let (start, key) = match (&query.cursor, query.offset) {
+        (Some(_), Some(_)) => {
+            return Err(pagination::invalid(
+                "offset",
+                "give either a cursor or an offset, not both",
+            ))
+        }
+        (Some(raw), None) => {
+            let cursor: Cursor = pagination::decode(raw)?;
+            if cursor.test_id != test_id {
+                return Err(pagination::foreign());
+            }
+            let start = PageStart::After {
+                key: RankKey {
+                    score: cursor.score,
+                    achieved_at: cursor.at,
+                    user_id: cursor.user,
+                },
+                since: cursor.since,
+            };
+            (start, raw.clone())
+        }
+        (None, offset) => {
+            let offset = offset.unwrap_or(0);
+            if offset > MAX_OFFSET {
+                return Err(pagination::invalid(
+                    "offset",
+                    format!("must be at most {MAX_OFFSET}"),
+                ));
+            }
+            (PageStart::Offset(offset), format!("offset:{offset}"))
+        }
+    };
+    let key = CacheKey::LeaderboardPage {
+        test_id,
+        start: key,
+        limit: limit as u16,
+    };
+    let body = state
+        .cache
+        .get_or_load(key, load_page(&state, test_id, start, limit))
+        .await?;
+    Ok((&body).into_response())
+}
+
+async fn load_page(
+    state: &AppState,
+    test_id: Uuid,
+    start: PageStart,
+    limit: i64,
+) -> Result<Loaded, ApiError> {
+    let mut tx = crate::db::snapshot(&state.read_pool).await?;
+    let seq = checkpoint_of(&mut *tx, leaderboard::NAME).await?;
+    if let PageStart::After { since, .. } = &start {
+        if *since < LeaderboardQueries::moves_horizon(&mut *tx).await? {
+            let expired = ApiError::BadCursor {
+                kind: "cursor-expired",
+                detail:
+                    "the cursor is too old to continue exactly; start again from the first page"
+                        .into(),
+            };
+            return Ok(Loaded {
+                answer: Err(expired),
+                seq,
+            });
+        }
+    }
+    let page = LeaderboardQueries::page(&mut tx, test_id, &start, limit).await?;
+    tx.commit().await?;
+    if page.total == 0 {
+        if let Err(err) = load_published(state, test_id).await {
+            return Ok(Loaded {
+                answer: Err(err),
+                seq,
+            });
+        }
+    }
+    let next_cursor = next_cursor(test_id, &page, seq);
+    let link = match (&start, &next_cursor) {
+        (_, None) => None,
+        (PageStart::Offset(offset), Some(_)) => next_link(
+            &format!("/v1/tests/{test_id}/leaderboard"),
+            &[
+                ("limit", limit.to_string()),
+                ("offset", (offset + limit as u64).to_string()),
+            ],
+        ),
+        (PageStart::After { .. }, Some(cursor)) => next_link(
+            &format!("/v1/tests/{test_id}/leaderboard"),
+            &[("limit", limit.to_string()), ("cursor", cursor.clone())],
+        ),
+    };
+    let view = PageView {
+        test_id,
+        total: page.total,
+        entries: page.entries.iter().map(EntryView::from).collect(),
+        next_cursor,
+    };
+    Ok(Loaded {
+        answer: JsonBody::new(&view, link),
+        seq,
+    })
+}
+
+fn next_cursor(test_id: Uuid, page: &Page, since: u64) -> Option<String> {
+    let last = page.entries.last().filter(|_| page.more)?;
+    Some(pagination::encode(&Cursor {
+        test_id,
+        since,
+        score: last.entry.best_score,
+        at: last.entry.achieved_at,
+        user: last.entry.user_id.clone(),
+    }))
+}
+
+#[derive(Deserialize)]
+struct AroundQuery {
+    radius: Option<u16>,
+}
+
+#[derive(Serialize)]
+struct AroundView {
+    test_id: Uuid,
+    total: u64,
+    entry: EntryView,
+    above: Vec<EntryView>,
+    below: Vec<EntryView>,
+}
+
+async fn around(
+    State(state): State<AppState>,
+    _: Principal,
+    ApiPath((test_id, user_id)): ApiPath<(Uuid, String)>,
+    ApiQuery(query): ApiQuery<AroundQuery>,
+) -> Result<Response, ApiError> {
+    let user = UserId::parse(user_id)
+        .map_err(|err| ApiError::BadRequest(format!("invalid user id in the path: {err}")))?;
+    let radius = query.radius.unwrap_or(DEFAULT_RADIUS);
+    if radius > MAX_RADIUS {
+        return Err(pagination::invalid(
+            "radius",
+            format!("must be between 0 and {MAX_RADIUS}"),
+        ));
+    }
+    let key = CacheKey::Around {
+        test_id,
+        user_id: user.to_string(),
+        radius,
+    };
+    let body = state
+        .cache
+        .get_or_load(key, load_around(&state, test_id, user, radius))
+        .await?;
+    Ok((&body).into_response())
+}
+
+async fn load_around(
+    state: &AppState,
+    test_id: Uuid,
+    user: UserId,
+    radius: u16,
+) -> Result<Loaded, ApiError> {
+    let mut tx = crate::db::snapshot(&state.read_pool).await?;
+    let seq = checkpoint_of(&mut *tx, leaderboard::NAME).await?;
+    let Some(entry) = LeaderboardQueries::entry_of(&mut tx, test_id, user.as_str()).await? else {
+        let missing = ApiError::NotFound(format!("{user} has no entry on this leaderboard"));
+        return Ok(Loaded {
+            answer: Err(missing),
+            seq,
+        });
+    };
+    let key = entry.entry.rank_key();
+    let radius = i64::from(radius);
+    let above = LeaderboardQueries::above(&mut tx, test_id, &key, entry.rank, radius).await?;
+    let below =
+        LeaderboardQueries::page_after(&mut tx, test_id, Some(&key), entry.rank + 1, radius)
+            .await?;
+    let total = LeaderboardQueries::total(&mut *tx, test_id).await?;
+    tx.commit().await?;
+    let view = AroundView {
+        test_id,
+        total,
+        entry: EntryView::from(&entry),
+        above: above.iter().map(EntryView::from).collect(),
+        below: below.iter().map(EntryView::from).collect(),
+    };
+    Ok(Loaded {
+        answer: JsonBody::new(&view, None),
+        seq,
+    })
+}
+
+/// `entry` events of one test's leaderboard.
+struct Entries {
+    state: AppState,
+    test_id: Uuid,
+}
+
+impl StreamSource for Entries {
+    fn kind(&self) -> &'static str {
+        "leaderboard"
+    }
+
+    async fn catch_up(&self, after: Option<u64>) -> Result<CatchUp, ApiError> {
+        let mut tx = crate::db::snapshot(&self.state.read_pool).await?;
+        let mut caught = CatchUp::at(checkpoint_of(&mut *tx, leaderboard::NAME).await?);
+        let Some(after) = after else {
+            return Ok(caught);
+        };
+        let changed = LeaderboardQueries::changed_since(
+            &mut tx,
+            self.test_id,
+            after,
+            sse::CATCH_UP_LIMIT + 1,
+        )
+        .await?;
+        tx.commit().await?;
+        if changed.len() as i64 > sse::CATCH_UP_LIMIT {
+            caught.resync();
+            return Ok(caught);
+        }
+        for (seq, ranked) in &changed {
+            let e = &ranked.entry;
+            let data = json!({
+                "user_id": e.user_id,
+                "score": e.best_score,
+                "rank": ranked.rank,
+                // The rank before this change is not kept in the read model.
+                "previous_rank": null,
+                "attempts": e.attempts,
+            });
+            caught.push(*seq, "entry", &data);
+        }
+        Ok(caught)
+    }
+
+    fn render(change: &Change) -> Vec<axum::response::sse::Event> {
+        vec![sse::event(change.seq, "entry", &change.data)]
+    }
+}
+
+async fn stream(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(test_id): ApiPath<Uuid>,
+    ApiQuery(query): ApiQuery<StreamQuery>,
+) -> Result<Response, ApiError> {
+    let principal = query.caller(&state, &headers)?;
+    let last_event_id = query.last_event_id(&headers)?;
+    load_published(&state, test_id).await?;
+    let source = Entries {
+        state: state.clone(),
+        test_id,
+    };
+    sse::open(
+        &state,
+        principal.user_id.as_str(),
+        source,
+        leaderboard::TOPIC,
+        &test_id.to_string(),
+        last_event_id,
+    )
+    .await
+}
