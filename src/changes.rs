@@ -85,10 +85,7 @@ impl ChangeHub {
     /// Records `change` and hands it to the subscribers of its key.
     pub fn deliver(&self, change: Change) {
         let key = (change.topic.clone(), change.key.clone());
-        let seq = change.seq;
-        self.versions
-            .entry(key.clone())
-            .and_upsert_with(|current| current.map_or(seq, |v| v.into_value().max(seq)));
+        self.raise_version(key.clone(), change.seq);
         let channels = self
             .channels
             .lock()
@@ -100,6 +97,17 @@ impl ChangeHub {
                 rendered: OnceLock::new(),
             }));
         }
+    }
+
+    /// Notes that what was read of `topic`/`key` before seq `seq` is stale.
+    pub fn mark_stale(&self, topic: &str, key: &str, seq: u64) {
+        self.raise_version((topic.to_string(), key.to_string()), seq);
+    }
+
+    fn raise_version(&self, key: TopicKey, seq: u64) {
+        self.versions
+            .entry(key)
+            .and_upsert_with(|current| current.map_or(seq, |v| v.into_value().max(seq)));
     }
 
     /// The seq of the last change seen for `topic`/`key` (0: none lately).

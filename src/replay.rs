@@ -13,7 +13,7 @@ use anyhow::Context;
 use podium_domain::log::RecordedEvent;
 use podium_projections::attempts::{self, AttemptsProjection};
 use podium_projections::feed::{self, FeedProjection};
-use podium_projections::leaderboard::{self, LeaderboardProjection};
+use podium_projections::leaderboard::{self, LeaderboardProjection, LeaderboardQueries};
 use podium_projections::{ApplyError, Checkpointed, Generation};
 use sqlx::{PgConnection, PgPool};
 
@@ -228,12 +228,20 @@ async fn swap(
     .execute(&mut *tx)
     .await?;
     // The live workers' checkpoint rows too: they cannot commit in between.
+    let mut live_leaderboard = 0;
     for projection in projections {
-        sqlx::query("SELECT 1 FROM projection_checkpoints WHERE name = $1 FOR UPDATE")
-            .bind(projection.name())
-            .execute(&mut *tx)
-            .await?;
+        let live: Option<i64> =
+            sqlx::query_scalar("SELECT seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE")
+                .bind(projection.name())
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Rebuilding::Leaderboard(_) = projection {
+            live_leaderboard = live.unwrap_or(0) as u64;
+        }
     }
+    // The last submission applied here that the live leaderboard had not
+    // seen: its move is not recorded (rebuilds record none).
+    let mut unrecorded_move = None;
     loop {
         let (events, after) = cursor.peek(&mut tx, BATCH).await?;
         if events.is_empty() {
@@ -242,6 +250,12 @@ async fn swap(
         for projection in projections {
             projection.apply_in(&mut tx, &events).await?;
         }
+        unrecorded_move = events
+            .iter()
+            .filter(|e| e.event_type == "AttemptSubmitted" && e.seq > live_leaderboard)
+            .map(|e| e.seq)
+            .next_back()
+            .or(unrecorded_move);
         cursor = after;
     }
     for projection in projections {
@@ -265,6 +279,10 @@ async fn swap(
             .bind(projection.next_name())
             .execute(&mut *tx)
             .await?;
+        if let (Rebuilding::Leaderboard(_), Some(seq)) = (projection, unrecorded_move) {
+            // Cursors from before that submission cannot be continued exactly.
+            LeaderboardQueries::raise_moves_horizon(&mut tx, seq).await?;
+        }
     }
     tx.commit().await?;
     Ok(cursor.seq)

@@ -1,17 +1,35 @@
-//! `/healthz` (the process is up) and `/readyz` (its dependencies answer).
+//! `/healthz` (the process is up), `/readyz` (its dependencies answer) and
+//! `/metrics` (Prometheus text).
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use super::error::ApiError;
 use super::AppState;
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    use prometheus::Encoder as _;
+    let encoder = prometheus::TextEncoder::new();
+    let mut body = Vec::new();
+    if let Err(err) = encoder.encode(&state.metrics.registry.gather(), &mut body) {
+        return ApiError::internal(err).into_response();
+    }
+    (
+        [(header::CONTENT_TYPE, encoder.format_type().to_string())],
+        body,
+    )
+        .into_response()
 }
 
 async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {

@@ -139,7 +139,10 @@ async fn page(
     };
     let body = state
         .cache
-        .get_or_load(key, load_page(&state, test_id, start, limit))
+        .get_or_load(
+            key,
+            load_page(&state, test_id, start, limit, query.offset.is_some()),
+        )
         .await?;
     Ok((&body).into_response())
 }
@@ -149,11 +152,17 @@ async fn load_page(
     test_id: Uuid,
     start: PageStart,
     limit: i64,
+    by_offset: bool,
 ) -> Result<Loaded, ApiError> {
     let mut tx = crate::db::snapshot(&state.read_pool).await?;
     let seq = checkpoint_of(&mut *tx, leaderboard::NAME).await?;
     if let PageStart::After { since, .. } = &start {
-        if *since < LeaderboardQueries::moves_horizon(&mut *tx).await? {
+        let horizon = LeaderboardQueries::moves_horizon(&mut *tx).await?;
+        if *since < horizon {
+            // Cached pages may carry such cursors: read them afresh.
+            state
+                .hub
+                .mark_stale(leaderboard::TOPIC, &test_id.to_string(), horizon);
             let expired = ApiError::BadCursor {
                 kind: "cursor-expired",
                 detail:
@@ -177,16 +186,17 @@ async fn load_page(
         }
     }
     let next_cursor = next_cursor(test_id, &page, seq);
+    // Clients that page by offset are linked by offset; others by cursor.
     let link = match (&start, &next_cursor) {
         (_, None) => None,
-        (PageStart::Offset(offset), Some(_)) => next_link(
+        (PageStart::Offset(offset), Some(_)) if by_offset => next_link(
             &format!("/v1/tests/{test_id}/leaderboard"),
             &[
                 ("limit", limit.to_string()),
                 ("offset", (offset + limit as u64).to_string()),
             ],
         ),
-        (PageStart::After { .. }, Some(cursor)) => next_link(
+        (_, Some(cursor)) => next_link(
             &format!("/v1/tests/{test_id}/leaderboard"),
             &[("limit", limit.to_string()), ("cursor", cursor.clone())],
         ),

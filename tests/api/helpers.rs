@@ -100,7 +100,8 @@ pub fn run_blocking(work: impl std::future::Future<Output = ()> + Send + 'static
 pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
-    pub db: TestDb,
+    /// Shared by every instance started with [`TestApp::another_instance`].
+    pub db: std::sync::Arc<TestDb>,
     /// The test database's pool (the same as `db.pool`).
     pub pool: PgPool,
     keys: JwtKeys,
@@ -119,7 +120,24 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     if std::env::var_os("RUST_LOG").is_some() {
         podium::telemetry::init();
     }
-    let db = TestDb::with_pool_size(2).await;
+    let db = std::sync::Arc::new(TestDb::with_pool_size(2).await);
+    start(db, configure, true).await
+}
+
+impl TestApp {
+    /// A second API instance on the same database (and NATS prefix, when
+    /// `configure` sets the same), as behind a load balancer.
+    pub async fn another_instance(&self, configure: impl FnOnce(&mut Settings)) -> TestApp {
+        start(self.db.clone(), configure, false).await
+    }
+}
+
+/// Starts an app on `db`; `owns_streams`: it deletes its NATS streams when dropped.
+async fn start(
+    db: std::sync::Arc<TestDb>,
+    configure: impl FnOnce(&mut Settings),
+    owns_streams: bool,
+) -> TestApp {
     let mut settings = Settings::new(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         db.url(),
@@ -131,6 +149,7 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
         .nats
         .nats_url
         .clone()
+        .filter(|_| owns_streams)
         .map(|url| (url, settings.nats.nats_prefix.clone()));
     let app = podium::Application::build(settings)
         .await
@@ -208,6 +227,25 @@ impl TestApp {
             None => builder,
         };
         builder.send().await.expect("the request is sent")
+    }
+
+    /// The value of metric `name` with `labels` (each `key="value"`) from
+    /// `/metrics`, 0 when absent.
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let text = self
+            .client
+            .get(format!("{}/metrics", self.address))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|line| line.starts_with(name) && !line.starts_with('#'))
+            .filter(|line| labels.iter().all(|label| line.contains(label)))
+            .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
     }
 
     pub async fn get(&self, path: &str, token: &str) -> Response {

@@ -11,5 +11,8 @@ mod concurrency;
 mod fanout;
 mod idempotency;
 mod notifications;
+mod queries;
 mod read_models;
+mod sse;
 mod stores;
+mod streams;

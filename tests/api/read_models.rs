@@ -14,7 +14,7 @@ use sqlx::PgPool;
 use crate::helpers::{spawn_app_with, TestApp};
 use crate::nats::{nats_url, unique_prefix, wait_until};
 
-async fn spawn_app_with_workers() -> (TestApp, String) {
+pub async fn spawn_app_with_workers() -> (TestApp, String) {
     let prefix = unique_prefix();
     let app = spawn_app_with(|settings| {
         settings.nats.nats_url = Some(nats_url());
