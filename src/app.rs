@@ -154,12 +154,11 @@ impl Application {
             tasks.extend(projections);
         }
         tracing::info!(address = %self.listener.local_addr()?, "podium is listening");
-        let serve = axum::serve(self.listener, http::router(self.state)).with_graceful_shutdown(
-            async move {
+        let serve = axum::serve(self.listener, http::router(self.state).into_make_service())
+            .with_graceful_shutdown(async move {
                 shutdown.await;
                 let _ = stop_tx.send(true);
-            },
-        );
+            });
         let mut server = tokio::spawn(async move { serve.await });
         let timeout = self.shutdown_timeout;
         let mut stopped = stop_rx;
