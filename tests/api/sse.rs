@@ -133,3 +133,17 @@ impl SseClient {
         true
     }
 }
+
+impl SseClient {
+    /// Whether the server ends the stream within `timeout`.
+    pub async fn ends_within(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.response.chunk()).await {
+                Err(_) => return false,
+                Ok(Ok(None)) | Ok(Err(_)) => return true,
+                Ok(Ok(Some(_))) => continue,
+            }
+        }
+    }
+}

@@ -323,3 +323,68 @@ async fn a_stream_for_an_unknown_test_is_not_found() {
     let response = app.get(&path, &app.user("viewer")).await;
     assert_problem(response, StatusCode::NOT_FOUND).await;
 }
+
+#[tokio::test]
+async fn a_client_behind_a_tiny_buffer_still_gets_every_change_once() {
+    let (app, prefix) = spawn_app_with_workers().await;
+    let tiny = app
+        .another_instance(|settings| {
+            settings.nats.nats_url = Some(nats_url());
+            settings.nats.nats_prefix = prefix.clone();
+            settings.workers = false;
+            settings.query.sse_buffer = 1;
+        })
+        .await;
+    let path = "/v1/me/notifications/stream";
+    let mut stream = SseClient::open(&tiny, path, &app.user("frank"), None).await;
+    stream.next_named("unread_count", WAIT).await.unwrap();
+    // One request, five notifications to frank: one worker batch, five
+    // changes in a burst.
+    let body = json!({"user_ids": ["frank"], "title": "burst", "body": "x"});
+    for _ in 0..5 {
+        let response = app
+            .post("/v1/notifications", &app.admin(), Some(body.clone()))
+            .await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+    }
+    let mut ids = std::collections::HashSet::new();
+    let mut unread = 0;
+    while unread < 5 {
+        let event = stream.next(WAIT).await.expect("the changes arrive");
+        match event.event.as_str() {
+            "notification" => assert!(ids.insert(event.data["id"].to_string()), "a repeat"),
+            "unread_count" => unread = event.data["unread_count"].as_u64().unwrap(),
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(ids.len(), 5);
+    println!(
+        "slow-client catch-ups: {}",
+        tiny.metric("podium_sse_slow_clients_total", &[]).await
+    );
+}
+
+#[tokio::test]
+async fn streams_end_cleanly_when_the_server_shuts_down() {
+    let (app, prefix) = spawn_app_with_workers().await;
+    let leaving = app
+        .another_instance(|settings| {
+            settings.nats.nats_url = Some(nats_url());
+            settings.nats.nats_prefix = prefix.clone();
+            settings.workers = false;
+        })
+        .await;
+    let mut stream = SseClient::open(
+        &leaving,
+        "/v1/me/notifications/stream",
+        &app.user("gina"),
+        None,
+    )
+    .await;
+    stream.next_named("unread_count", WAIT).await.unwrap();
+    drop(leaving);
+    assert!(
+        stream.ends_within(WAIT).await,
+        "the stream outlived the server"
+    );
+}
