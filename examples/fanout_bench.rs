@@ -137,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
         .max_connections(2)
         .connect(&url)
         .await?;
-    let projection = Arc::new(PgProjection(Checkpointed::new(
+    let projection = Arc::new(PgProjection::new(Checkpointed::new(
         worker_pool.clone(),
         stopwatch,
     )));

@@ -1,6 +1,7 @@
 //! Builds the server from settings and runs it until a shutdown signal.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use crate::config::Settings;
 use crate::eventstore::Aggregates;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
+use crate::ratelimit::RateLimiter;
 use crate::relay::{Relay, RelayConfig};
 use podium_nats::{EventBus, StreamLimits};
 use podium_projections::leaderboard::LeaderboardQueries;
@@ -93,8 +95,21 @@ impl Application {
             metrics.clone(),
         );
         let (stop, shutdown) = watch::channel(false);
+        let budgets = crate::ratelimit::parse(&settings.rate_limits)
+            .map_err(|err| anyhow::anyhow!("PODIUM_RATE_LIMITS: {err}"))?;
+        let trusted_proxies = crate::ratelimit::parse_proxies(&settings.trusted_proxies)
+            .map_err(|err| anyhow::anyhow!("PODIUM_TRUSTED_PROXIES: {err}"))?;
+        let cors_origins = parse_origins(&settings.cors_origins)?;
+        metrics.watch_pool("primary", &pool);
+        if settings.database.database_read_url.is_some() {
+            metrics.watch_pool("replica", &read_pool);
+        }
+        metrics.watch_pool("workers", &worker_pool);
         let state = AppState {
-            aggregates: Arc::new(Aggregates::new(&pool)),
+            aggregates: Arc::new(Aggregates::with_metrics(&pool, &metrics)),
+            limiter: budgets.map(|b| Arc::new(RateLimiter::new(pool.clone(), b))),
+            trusted_proxies: Arc::new(trusted_proxies),
+            cors_origins: Arc::new(cors_origins),
             pool,
             read_pool,
             keys: Arc::new(keys),
@@ -144,21 +159,27 @@ impl Application {
         }
         if let Some(bus) = self.state.bus.as_ref().filter(|_| self.workers) {
             let relay = Relay::new(self.state.pool.clone(), bus.clone(), RelayConfig::default());
+            self.state
+                .metrics
+                .watch_relay(bus.subjects().prefix(), relay.stats());
             tasks.push(tokio::spawn(relay.run(stop_rx.clone())));
             let projections = crate::workers::spawn_all(
                 &self.worker_pool,
                 bus,
                 self.state.aggregates.clone(),
+                &self.state.metrics,
                 &stop_rx,
             );
             tasks.extend(projections);
         }
         tracing::info!(address = %self.listener.local_addr()?, "podium is listening");
-        let serve = axum::serve(self.listener, http::router(self.state).into_make_service())
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                let _ = stop_tx.send(true);
-            });
+        // One router for every connection (a plain router would be rebuilt
+        // per connection), with the peer address for rate limits.
+        let service = http::router(self.state).into_make_service_with_connect_info::<SocketAddr>();
+        let serve = axum::serve(self.listener, service).with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
         let mut server = tokio::spawn(async move { serve.await });
         let timeout = self.shutdown_timeout;
         let mut stopped = stop_rx;
@@ -201,6 +222,9 @@ async fn maintain(pool: sqlx::PgPool, mut stop: watch::Receiver<bool>) {
                     Ok(purged) => tracing::info!(purged, "purged expired idempotency keys"),
                     Err(err) => tracing::warn!(%err, "cannot purge expired idempotency keys"),
                 }
+                if let Err(err) = crate::ratelimit::purge_expired(&pool).await {
+                    tracing::warn!(%err, "cannot purge rate-limit windows");
+                }
                 match LeaderboardQueries::prune_moves(&pool, CURSOR_RETENTION).await {
                     Ok(0) => {}
                     Ok(pruned) => tracing::info!(pruned, "pruned old leaderboard moves"),
@@ -211,4 +235,22 @@ async fn maintain(pool: sqlx::PgPool, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
     }
+}
+
+/// Parses `PODIUM_CORS_ORIGINS`: comma-separated origins such as
+/// `https://app.example.org`.
+fn parse_origins(spec: &str) -> anyhow::Result<Vec<axum::http::HeaderValue>> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|origin| !origin.is_empty())
+        .map(|origin| {
+            let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
+                && !origin.ends_with('/');
+            anyhow::ensure!(
+                valid,
+                "PODIUM_CORS_ORIGINS: {origin:?} is not an origin like https://app.example.org"
+            );
+            Ok(axum::http::HeaderValue::from_str(origin)?)
+        })
+        .collect()
 }

@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP API (applies migrations first).
-    Serve(Settings),
+    Serve(Box<Settings>),
     /// Apply database migrations and exit.
     Migrate(DatabaseSettings),
     /// Print a bearer token signed with the configured secret.
@@ -58,7 +58,7 @@ pub struct TokenArgs {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(settings) => {
-            let app = crate::Application::build(settings).await?;
+            let app = crate::Application::build(*settings).await?;
             app.run_until(crate::shutdown::signal()).await
         }
         Command::Migrate(database) => {

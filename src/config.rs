@@ -12,6 +12,7 @@ pub const DEFAULT_DB_ACQUIRE_TIMEOUT_SECS: u64 = 5;
 pub const DEFAULT_BODY_LIMIT: usize = 2 * 1024 * 1024;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_NATS_PREFIX: &str = "podium";
+pub const DEFAULT_DB_SLOW_STATEMENT_MS: u64 = 250;
 
 /// A secret string whose `Debug` output is redacted.
 #[derive(Clone)]
@@ -54,6 +55,9 @@ pub struct DatabaseSettings {
     /// Seconds to wait for a free connection before answering 503.
     #[arg(long, env = "PODIUM_DB_ACQUIRE_TIMEOUT_SECS", default_value_t = DEFAULT_DB_ACQUIRE_TIMEOUT_SECS)]
     pub db_acquire_timeout_secs: u64,
+    /// Statements slower than this many milliseconds are logged (warn).
+    #[arg(long, env = "PODIUM_DB_SLOW_STATEMENT_MS", default_value_t = DEFAULT_DB_SLOW_STATEMENT_MS)]
+    pub db_slow_statement_ms: u64,
 }
 
 impl DatabaseSettings {
@@ -133,6 +137,18 @@ pub struct Settings {
     /// API-only instances set it to false.
     #[arg(long, env = "PODIUM_WORKERS", default_value_t = true, action = clap::ArgAction::Set)]
     pub workers: bool,
+    /// Rate limits: `off`, or budgets such as
+    /// `user_commands=120/min,user_queries=600/min,ip=1200/min` (units s, min,
+    /// h); unnamed budgets keep those defaults.
+    #[arg(long, env = "PODIUM_RATE_LIMITS", default_value = "")]
+    pub rate_limits: String,
+    /// Comma-separated IP addresses of proxies whose `X-Forwarded-For` is
+    /// believed; otherwise the client is the socket's peer.
+    #[arg(long, env = "PODIUM_TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: String,
+    /// Comma-separated origins allowed to call the API from a browser.
+    #[arg(long, env = "PODIUM_CORS_ORIGINS", default_value = "")]
+    pub cors_origins: String,
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, env = "PODIUM_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -146,7 +162,7 @@ pub struct Settings {
 
 impl Settings {
     /// Settings for a server on `listen` with the given database and secret,
-    /// everything else at its default.
+    /// everything else at its default, except that rate limits are off.
     pub fn new(listen: SocketAddr, database_url: String, jwt_secret: String) -> Self {
         Self {
             database: DatabaseSettings {
@@ -154,6 +170,7 @@ impl Settings {
                 database_read_url: None,
                 db_max_connections: DEFAULT_DB_MAX_CONNECTIONS,
                 db_read_max_connections: DEFAULT_DB_MAX_CONNECTIONS,
+                db_slow_statement_ms: DEFAULT_DB_SLOW_STATEMENT_MS,
                 db_acquire_timeout_secs: DEFAULT_DB_ACQUIRE_TIMEOUT_SECS,
             },
             auth: AuthSettings {
@@ -165,6 +182,9 @@ impl Settings {
             },
             query: QuerySettings::default(),
             workers: true,
+            rate_limits: "off".into(),
+            trusted_proxies: String::new(),
+            cors_origins: String::new(),
             listen,
             body_limit: DEFAULT_BODY_LIMIT,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,

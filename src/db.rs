@@ -2,6 +2,9 @@
 
 use anyhow::Context;
 use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::ConnectOptions as _;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
@@ -53,7 +56,11 @@ async fn connect_to(
         .options([(
             "idle_in_transaction_session_timeout",
             IDLE_IN_TRANSACTION_TIMEOUT,
-        )]);
+        )])
+        .log_slow_statements(
+            log::LevelFilter::Warn,
+            Duration::from_millis(settings.db_slow_statement_ms),
+        );
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(settings.acquire_timeout())

@@ -8,7 +8,10 @@ use podium_domain::notification::{Inbox, Notification};
 use podium_domain::test::Test;
 use podium_domain::EventMetadata;
 use postgres_es::PostgresEventRepository;
+use prometheus::Histogram;
 use sqlx::PgPool;
+
+use crate::metrics::Metrics;
 
 type Persisted<A> = PersistedEventStore<PostgresEventRepository, A>;
 
@@ -16,13 +19,15 @@ type Persisted<A> = PersistedEventStore<PostgresEventRepository, A>;
 pub struct Store<A: Aggregate> {
     cqrs: CqrsFramework<A, Persisted<A>>,
     events: Persisted<A>,
+    /// Where the time of commands and loads goes, if anywhere.
+    timers: Option<(Histogram, Histogram)>,
 }
 
 impl<A> Store<A>
 where
     A: Aggregate<Services = ()>,
 {
-    fn new(pool: &PgPool) -> Self {
+    fn new(pool: &PgPool, metrics: Option<&Metrics>) -> Self {
         let persisted = || {
             PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()))
                 .with_upcasters(podium_domain::upcasting::upcasters())
@@ -30,6 +35,7 @@ where
         Self {
             cqrs: CqrsFramework::new(persisted(), Vec::new(), ()),
             events: persisted(),
+            timers: metrics.map(|m| (m.db_timer("command"), m.db_timer("load"))),
         }
     }
 
@@ -41,6 +47,10 @@ where
         command: A::Command,
         metadata: EventMetadata,
     ) -> Result<(), AggregateError<A::Error>> {
+        let _timer = self
+            .timers
+            .as_ref()
+            .map(|(command, _)| command.start_timer());
         self.cqrs
             .execute_with_metadata(id, command, metadata.into_map())
             .await
@@ -48,6 +58,7 @@ where
 
     /// The aggregate's current state (its default when it has no events).
     pub async fn load(&self, id: &str) -> Result<A, AggregateError<A::Error>> {
+        let _timer = self.timers.as_ref().map(|(_, load)| load.start_timer());
         let mut context = self.events.load_aggregate(id).await?;
         Ok(std::mem::take(context.aggregate()))
     }
@@ -63,11 +74,20 @@ pub struct Aggregates {
 
 impl Aggregates {
     pub fn new(pool: &PgPool) -> Self {
+        Self::build(pool, None)
+    }
+
+    /// Stores that time their Postgres work in `metrics`.
+    pub fn with_metrics(pool: &PgPool, metrics: &Metrics) -> Self {
+        Self::build(pool, Some(metrics))
+    }
+
+    fn build(pool: &PgPool, metrics: Option<&Metrics>) -> Self {
         Self {
-            tests: Store::new(pool),
-            attempts: Store::new(pool),
-            notifications: Store::new(pool),
-            inboxes: Store::new(pool),
+            tests: Store::new(pool, metrics),
+            attempts: Store::new(pool, metrics),
+            notifications: Store::new(pool, metrics),
+            inboxes: Store::new(pool, metrics),
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod eventstore;
 pub mod http;
 pub mod metrics;
 pub mod policy;
+pub mod ratelimit;
 pub mod relay;
 pub mod replay;
 pub mod shutdown;

@@ -1,74 +1,354 @@
-//! Prometheus metrics: one registry per application, so tests that run many
-//! apps in one process see their own figures.
+//! Prometheus metrics: one registry per application (tests run many apps in
+//! one process). Request metrics are recorded as requests pass; figures kept
+//! elsewhere (relay and worker counters, pools, lags) are read at scrape time
+//! by [`Metrics::refresh`]. Labels stay low-cardinality: route templates,
+//! projection names, budget names, problem kinds.
 
-use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use podium_nats::WorkerStats;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+use sqlx::PgPool;
+
+use crate::relay::RelayStats;
+
+/// Latency buckets, in seconds: 0.5 ms to 10 s.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// The metrics of one running application.
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
-    /// Query-cache lookups by cache and outcome (`hit`, `miss`).
+    /// Requests by route template, method and status.
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    /// Error answers by problem kind (`not-found`, `rate-limited`…).
+    pub http_errors: IntCounterVec,
+    /// Time spent in Postgres by operation (`command`, `load`, `query`).
+    pub db_seconds: HistogramVec,
+    db_pool: IntGaugeVec,
+    /// Query-cache lookups by cache and outcome (`hit`, `miss` = a load).
     pub cache_lookups: IntCounterVec,
     /// Open SSE streams by stream kind (`leaderboard`, `feed`).
     pub sse_open: IntGaugeVec,
-    /// SSE clients that fell behind their buffer, by stream kind and what was
-    /// done (`caught_up` from the read model, `resync` told to reload).
+    /// SSE clients that fell behind their buffer, by stream and action.
     pub sse_lagged: IntCounterVec,
-    /// Catch-ups of SSE streams from the read models, by reason (`resume`
-    /// for a client's `Last-Event-ID`, `lagged`, `bus_reconnected`).
+    /// Catch-ups of SSE streams from the read models, by stream and reason
+    /// (`resume`, `lagged`, `bus_reconnected`).
     pub sse_catch_ups: IntCounterVec,
+    /// Requests refused by a rate limit, by budget.
+    pub rate_limited: IntCounterVec,
+    relay_lag: IntGauge,
+    relay_leader: IntGauge,
+    relay_published: IntCounter,
+    relay_failures: IntCounter,
+    log_stall: prometheus::Gauge,
+    projection_checkpoint: IntGaugeVec,
+    projection_lag_events: IntGaugeVec,
+    projection_lag_seconds: prometheus::GaugeVec,
+    /// Time to apply a batch and commit its checkpoint, by projection.
+    pub projection_apply: HistogramVec,
+    projection_redeliveries: IntCounterVec,
+    projection_retries: IntCounterVec,
+    projection_dead_letters: IntCounterVec,
+    sources: Arc<Mutex<Sources>>,
+}
+
+/// What [`Metrics::refresh`] reads from.
+#[derive(Default)]
+struct Sources {
+    pools: Vec<(&'static str, PgPool)>,
+    relay: Option<(String, Arc<RelayStats>)>,
+    workers: Vec<(String, Arc<WorkerStats>)>,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn histogram_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let opts = HistogramOpts::new(name, help).buckets(BUCKETS.to_vec());
+    let metric = HistogramVec::new(opts, labels).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: C) -> C {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
 }
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry =
-            Registry::new_custom(Some("podium".into()), None).expect("a valid metric prefix");
-        let cache_lookups = IntCounterVec::new(
-            Opts::new(
-                "cache_lookups_total",
-                "Query-cache lookups by cache and outcome",
+        let registry = Registry::new_custom(Some("podium".into()), None).expect("a valid prefix");
+        let r = &registry;
+        Self {
+            http_requests: counter_vec(
+                r,
+                "http_requests_total",
+                "HTTP requests by route template, method and status",
+                &["route", "method", "status"],
             ),
-            &["cache", "outcome"],
-        )
-        .expect("valid metric");
-        let sse_open = IntGaugeVec::new(
-            Opts::new("sse_streams_open", "Open Server-Sent-Events streams"),
-            &["stream"],
-        )
-        .expect("valid metric");
-        let sse_lagged = IntCounterVec::new(
-            Opts::new(
+            http_duration: histogram_vec(
+                r,
+                "http_request_duration_seconds",
+                "Time to answer (to the response head for streams)",
+                &["route", "method"],
+            ),
+            http_errors: counter_vec(
+                r,
+                "http_errors_total",
+                "Error answers by problem kind",
+                &["kind"],
+            ),
+            db_seconds: histogram_vec(
+                r,
+                "db_seconds",
+                "Time spent in Postgres by operation",
+                &["op"],
+            ),
+            db_pool: gauge_vec(
+                r,
+                "db_pool_connections",
+                "Pool connections by pool and state",
+                &["pool", "state"],
+            ),
+            cache_lookups: counter_vec(
+                r,
+                "cache_lookups_total",
+                "Query-cache lookups by cache and outcome (a miss is a load)",
+                &["cache", "outcome"],
+            ),
+            sse_open: gauge_vec(r, "sse_streams_open", "Open SSE streams", &["stream"]),
+            sse_lagged: counter_vec(
+                r,
                 "sse_slow_clients_total",
                 "SSE clients that fell behind their buffer",
+                &["stream", "action"],
             ),
-            &["stream", "action"],
-        )
-        .expect("valid metric");
-        let sse_catch_ups = IntCounterVec::new(
-            Opts::new(
+            sse_catch_ups: counter_vec(
+                r,
                 "sse_catch_ups_total",
                 "SSE streams caught up from the read models",
+                &["stream", "reason"],
             ),
-            &["stream", "reason"],
-        )
-        .expect("valid metric");
-        for collector in [
-            Box::new(cache_lookups.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(sse_open.clone()),
-            Box::new(sse_lagged.clone()),
-            Box::new(sse_catch_ups.clone()),
-        ] {
-            registry
-                .register(collector)
-                .expect("metric names are unique");
-        }
-        Self {
+            rate_limited: counter_vec(
+                r,
+                "rate_limited_total",
+                "Requests refused by a rate limit, by budget",
+                &["budget"],
+            ),
+            relay_lag: register(
+                r,
+                IntGauge::new("relay_lag_events", "Events in the log not yet relayed").unwrap(),
+            ),
+            relay_leader: register(
+                r,
+                IntGauge::new("relay_leader", "1 when this process runs the active relay").unwrap(),
+            ),
+            relay_published: register(
+                r,
+                IntCounter::new("relay_published_events_total", "Events published to NATS").unwrap(),
+            ),
+            relay_failures: register(
+                r,
+                IntCounter::new("relay_publish_failures_total", "Failed publish batches").unwrap(),
+            ),
+            log_stall: register(
+                r,
+                prometheus::Gauge::new(
+                    "log_oldest_writer_age_seconds",
+                    "Age of the oldest open transaction that holds back tailers of the log",
+                )
+                .unwrap(),
+            ),
+            projection_checkpoint: gauge_vec(
+                r,
+                "projection_checkpoint_seq",
+                "Seq of the last event a projection applied",
+                &["projection"],
+            ),
+            projection_lag_events: gauge_vec(
+                r,
+                "projection_lag_events",
+                "Events in the log a projection has not applied yet",
+                &["projection"],
+            ),
+            projection_lag_seconds: register(
+                r,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "projection_lag_seconds",
+                        "While behind, seconds since the projection last advanced (0 when caught up)",
+                    ),
+                    &["projection"],
+                )
+                .unwrap(),
+            ),
+            projection_apply: histogram_vec(
+                r,
+                "projection_apply_seconds",
+                "Time to apply a batch and commit its checkpoint",
+                &["projection"],
+            ),
+            projection_redeliveries: counter_vec(
+                r,
+                "projection_redeliveries_total",
+                "Events delivered again (repeats and early arrivals)",
+                &["projection"],
+            ),
+            projection_retries: counter_vec(
+                r,
+                "projection_retries_total",
+                "Failed applications retried",
+                &["projection"],
+            ),
+            projection_dead_letters: counter_vec(
+                r,
+                "projection_dead_letters_total",
+                "Events sent to the dead-letter stream",
+                &["projection"],
+            ),
             registry,
-            cache_lookups,
-            sse_open,
-            sse_lagged,
-            sse_catch_ups,
+            sources: Arc::default(),
         }
+    }
+
+    /// Reports `pool`'s connections as `name` at each scrape.
+    pub fn watch_pool(&self, name: &'static str, pool: &PgPool) {
+        self.sources().pools.push((name, pool.clone()));
+    }
+
+    /// Reports the relay named `name` (its NATS prefix) at each scrape.
+    pub fn watch_relay(&self, name: &str, stats: Arc<RelayStats>) {
+        self.sources().relay = Some((name.to_string(), stats));
+    }
+
+    pub fn watch_worker(&self, projection: &str, stats: Arc<WorkerStats>) {
+        self.sources().workers.push((projection.to_string(), stats));
+    }
+
+    fn sources(&self) -> std::sync::MutexGuard<'_, Sources> {
+        self.sources.lock().expect("never poisoned")
+    }
+
+    /// Time spent in Postgres for `op`.
+    pub fn db_time(&self, op: &str, elapsed: Duration) {
+        self.db_seconds
+            .with_label_values(&[op])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn db_timer(&self, op: &str) -> Histogram {
+        self.db_seconds.with_label_values(&[op])
+    }
+
+    /// Reads what is kept elsewhere: pools, relay and worker counters, and
+    /// (from `pool`) lags behind the head of the log.
+    pub async fn refresh(&self, pool: &PgPool) {
+        let (pools, relay, workers) = {
+            let sources = self.sources();
+            (
+                sources.pools.clone(),
+                sources.relay.clone(),
+                sources.workers.clone(),
+            )
+        };
+        for (name, pool) in &pools {
+            let idle = pool.num_idle() as i64;
+            self.db_pool.with_label_values(&[name, "idle"]).set(idle);
+            self.db_pool
+                .with_label_values(&[name, "used"])
+                .set(i64::from(pool.size()) - idle);
+        }
+        if let Ok(age) = crate::eventlog::oldest_writer_age_secs(pool).await {
+            self.log_stall.set(age);
+        }
+        // The head of the log in seqs: what the relay has numbered plus what
+        // it has not reached yet.
+        let mut head = None;
+        if let Some((name, stats)) = &relay {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.relay_leader.set(i64::from(stats.leader.load(Relaxed)));
+            sync(&self.relay_published, stats.published.load(Relaxed));
+            sync(&self.relay_failures, stats.publish_failures.load(Relaxed));
+            let relayed: Option<i64> =
+                sqlx::query_scalar("SELECT seq FROM relay_checkpoints WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(pool)
+                    .await
+                    .ok()
+                    .flatten();
+            if let Ok(lag) = crate::relay::lag(pool, name).await {
+                self.relay_lag.set(lag);
+                head = Some(relayed.unwrap_or(0) + lag);
+            }
+        }
+        let checkpoints: Vec<(String, i64, f64)> = sqlx::query_as(
+            "SELECT name, seq, EXTRACT(EPOCH FROM now() - updated_at)::float8 FROM projection_checkpoints",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default();
+        for (projection, stats) in &workers {
+            use std::sync::atomic::Ordering::Relaxed;
+            let p = [projection.as_str()];
+            sync(
+                &self.projection_redeliveries.with_label_values(&p),
+                stats.repeats.load(Relaxed) + stats.out_of_order.load(Relaxed),
+            );
+            sync(
+                &self.projection_retries.with_label_values(&p),
+                stats.retries.load(Relaxed),
+            );
+            sync(
+                &self.projection_dead_letters.with_label_values(&p),
+                stats.dead_lettered.load(Relaxed),
+            );
+            let (seq, idle) = checkpoints
+                .iter()
+                .find(|(name, _, _)| name == projection)
+                .map_or((0, 0.0), |(_, seq, idle)| (*seq, *idle));
+            self.projection_checkpoint.with_label_values(&p).set(seq);
+            if let Some(head) = head {
+                let behind = (head - seq).max(0);
+                self.projection_lag_events.with_label_values(&p).set(behind);
+                let seconds = if behind > 0 { idle } else { 0.0 };
+                self.projection_lag_seconds
+                    .with_label_values(&p)
+                    .set(seconds);
+            }
+        }
+    }
+}
+
+/// Raises `counter` to `total`, a count kept elsewhere that only grows.
+fn sync(counter: &IntCounter, total: u64) {
+    let current = counter.get();
+    if total > current {
+        counter.inc_by(total - current);
     }
 }
 

@@ -14,7 +14,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::eventstore::Aggregates;
+use crate::metrics::Metrics;
 use crate::policy::NotificationPolicy;
+use prometheus::Histogram;
 
 /// Starts one worker per projection (leaderboard, feed, attempts, and the
 /// notification policy), each stopping when `stop` turns true.
@@ -22,39 +24,64 @@ pub fn spawn_all(
     pool: &PgPool,
     bus: &EventBus,
     aggregates: Arc<Aggregates>,
+    metrics: &Metrics,
     stop: &watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
+    let spawner = Spawner {
+        pool,
+        bus,
+        metrics,
+        stop,
+    };
     vec![
-        spawn(
-            pool,
-            bus,
-            LeaderboardProjection::new(Generation::Live),
-            stop,
-        ),
-        spawn(pool, bus, FeedProjection::new(Generation::Live), stop),
-        spawn(pool, bus, AttemptsProjection::new(Generation::Live), stop),
-        spawn(pool, bus, NotificationPolicy::new(aggregates), stop),
+        spawner.spawn(LeaderboardProjection::new(Generation::Live)),
+        spawner.spawn(FeedProjection::new(Generation::Live)),
+        spawner.spawn(AttemptsProjection::new(Generation::Live)),
+        spawner.spawn(NotificationPolicy::new(aggregates)),
     ]
 }
 
-fn spawn<L: ProjectionLogic>(
-    pool: &PgPool,
-    bus: &EventBus,
-    logic: L,
-    stop: &watch::Receiver<bool>,
-) -> JoinHandle<()> {
-    let projection = Arc::new(PgProjection(Checkpointed::new(pool.clone(), logic)));
-    let worker = Worker::new(bus.clone(), projection, WorkerConfig::default());
-    let stop = stop.clone();
-    tokio::spawn(async move {
-        if let Err(err) = worker.run(stop).await {
-            tracing::error!(%err, "a projection worker stopped");
-        }
-    })
+/// What every worker is started with.
+struct Spawner<'a> {
+    pool: &'a PgPool,
+    bus: &'a EventBus,
+    metrics: &'a Metrics,
+    stop: &'a watch::Receiver<bool>,
+}
+
+impl Spawner<'_> {
+    fn spawn<L: ProjectionLogic>(&self, logic: L) -> JoinHandle<()> {
+        let name = logic.name().to_string();
+        let projection = Arc::new(PgProjection {
+            apply_seconds: Some(self.metrics.projection_apply.with_label_values(&[&name])),
+            inner: Checkpointed::new(self.pool.clone(), logic),
+        });
+        let worker = Worker::new(self.bus.clone(), projection, WorkerConfig::default());
+        self.metrics.watch_worker(&name, worker.stats());
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            if let Err(err) = worker.run(stop).await {
+                tracing::error!(%err, "a projection worker stopped");
+            }
+        })
+    }
 }
 
 /// A checkpointed Postgres projection, runnable by [`podium_nats::Worker`].
-pub struct PgProjection<L>(pub Checkpointed<L>);
+pub struct PgProjection<L> {
+    pub inner: Checkpointed<L>,
+    /// Where apply times go, if anywhere.
+    pub apply_seconds: Option<Histogram>,
+}
+
+impl<L> PgProjection<L> {
+    pub fn new(inner: Checkpointed<L>) -> Self {
+        Self {
+            inner,
+            apply_seconds: None,
+        }
+    }
+}
 
 fn worker_error(err: ApplyError) -> ProjectionError {
     match err {
@@ -65,18 +92,20 @@ fn worker_error(err: ApplyError) -> ProjectionError {
 
 impl<L: ProjectionLogic> Projection for PgProjection<L> {
     fn name(&self) -> &str {
-        self.0.name()
+        self.inner.name()
     }
 
     async fn checkpoint(&self) -> Result<u64, ProjectionError> {
-        self.0
+        self.inner
             .checkpoint()
             .await
             .map_err(|err| ProjectionError::Failed(err.to_string()))
     }
 
     async fn apply(&self, events: &[RecordedEvent]) -> Result<Applied, ProjectionError> {
-        let (checkpoint, changes) = self.0.apply(events).await.map_err(worker_error)?;
+        let timer = self.apply_seconds.as_ref().map(Histogram::start_timer);
+        let (checkpoint, changes) = self.inner.apply(events).await.map_err(worker_error)?;
+        drop(timer);
         Ok(Applied {
             checkpoint,
             changes,
@@ -84,6 +113,6 @@ impl<L: ProjectionLogic> Projection for PgProjection<L> {
     }
 
     async fn skip(&self, seq: u64) -> Result<(), ProjectionError> {
-        self.0.skip(seq).await.map_err(worker_error)
+        self.inner.skip(seq).await.map_err(worker_error)
     }
 }

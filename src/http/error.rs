@@ -174,8 +174,11 @@ impl ApiError {
         };
         let body = serde_json::to_vec(&problem).expect("a problem always serializes");
         let mut response = (status, body).into_response();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        response.extensions_mut().insert(ProblemKind(self.slug()));
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
@@ -188,6 +191,10 @@ impl ApiError {
         response
     }
 }
+
+/// The kind of problem an error response carries, for metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct ProblemKind(pub &'static str);
 
 /// How a domain rejection reads to a client.
 pub trait Rejection {

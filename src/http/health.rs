@@ -20,6 +20,7 @@ pub fn router() -> Router<AppState> {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     use prometheus::Encoder as _;
+    state.metrics.refresh(&state.pool).await;
     let encoder = prometheus::TextEncoder::new();
     let mut body = Vec::new();
     if let Err(err) = encoder.encode(&state.metrics.registry.gather(), &mut body) {

@@ -11,18 +11,25 @@ mod health;
 mod history;
 pub mod idempotency;
 mod leaderboard;
+pub mod limits;
 mod notifications;
+mod observe;
 mod pagination;
 pub mod sse;
 
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::HeaderName;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::response::IntoResponse;
 use axum::{middleware, Router};
 use sqlx::PgPool;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -34,6 +41,7 @@ use crate::changes::ChangeHub;
 use crate::config::QuerySettings;
 use crate::eventstore::Aggregates;
 use crate::metrics::Metrics;
+use crate::ratelimit::RateLimiter;
 use error::ApiError;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -60,10 +68,17 @@ pub struct AppState {
     pub query: Arc<QuerySettings>,
     /// Turns true when the server shuts down: streams end cleanly.
     pub shutdown: watch::Receiver<bool>,
+    /// Shared rate limits; `None` when off.
+    pub limiter: Option<Arc<RateLimiter>>,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Arc<Vec<IpAddr>>,
+    /// Browser origins allowed to call the API.
+    pub cors_origins: Arc<Vec<HeaderValue>>,
 }
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.body_limit;
+    let cors = cors(&state.cors_origins);
     Router::new()
         .merge(health::router())
         .merge(catalog::router())
@@ -78,7 +93,18 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             idempotency::middleware,
         ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            limits::middleware,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            observe::record,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
+        // Never for event streams: the default predicate leaves them alone.
+        .layer(CompressionLayer::new())
+        .layer(cors)
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("the request handler panicked").into_response()
         }))
@@ -86,4 +112,29 @@ pub fn router(state: AppState) -> Router {
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state)
+}
+
+/// CORS for browser clients on `origins`; with none, no origin is granted.
+fn cors(origins: &[HeaderValue]) -> CorsLayer {
+    const EXPOSED: [&str; 8] = [
+        "ratelimit-limit",
+        "ratelimit-remaining",
+        "ratelimit-reset",
+        "retry-after",
+        "link",
+        "location",
+        "x-request-id",
+        "idempotent-replayed",
+    ];
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins.iter().cloned()))
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("last-event-id"),
+            HeaderName::from_static("idempotency-key"),
+        ])
+        .expose_headers(EXPOSED.map(HeaderName::from_static))
+        .max_age(Duration::from_secs(600))
 }

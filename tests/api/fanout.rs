@@ -164,7 +164,7 @@ async fn sixteen_writers_twenty_thousand_events_each_consumed_once_in_replay_ord
     let bus = TestBus::new().await;
     create_recording_table(&db.pool).await;
     let (_relay, _relay_task, _stop_relay) = spawn_relay(&db, &bus, RelayConfig::default());
-    let projection = Arc::new(PgProjection(Checkpointed::new(
+    let projection = Arc::new(PgProjection::new(Checkpointed::new(
         db.pool.clone(),
         Recorder::new(),
     )));
@@ -375,7 +375,10 @@ async fn run_until_halted_or(
     policy: DeadLetterPolicy,
     done: impl Fn(u64) -> bool,
 ) -> Option<podium_nats::worker::WorkerError> {
-    let projection = Arc::new(PgProjection(Checkpointed::new(db.pool.clone(), recorder)));
+    let projection = Arc::new(PgProjection::new(Checkpointed::new(
+        db.pool.clone(),
+        recorder,
+    )));
     let config = WorkerConfig {
         max_failures: 3,
         backoff_base: Duration::from_millis(10),

@@ -1,0 +1,321 @@
+//! Rate limits per user and per client IP, shared by every API instance
+//! through Postgres.
+//!
+//! Budgets are fixed windows (`120/min` = 120 requests per calendar minute).
+//! An instance leases tokens from the shared row of a (budget, key, window) in
+//! chunks of about a twentieth of the budget and spends them locally: one
+//! Postgres statement per chunk, not per request. Leases are atomic and never
+//! exceed the budget, so the requests accepted by all instances together never
+//! exceed it either; an instance may refuse up to (instances − 1) × chunk
+//! requests early, while others hold tokens they have not spent. As with any
+//! fixed window, a client can spend one window's budget at its end and the next
+//! one's at the start of the next. When Postgres cannot be reached the limiter
+//! lets requests through (and logs it): limits protect the service, they
+//! should not take it down.
+
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::PgPool;
+
+/// A budget: `limit` requests per `period`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub name: &'static str,
+    pub limit: u32,
+    pub period: Duration,
+}
+
+impl Budget {
+    /// Tokens one lease asks for.
+    fn chunk(&self) -> u32 {
+        (self.limit / 20).clamp(1, 100)
+    }
+}
+
+/// The budgets in force, or none (`off`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Budgets {
+    pub user_commands: Budget,
+    pub user_queries: Budget,
+    pub ip: Budget,
+}
+
+impl Default for Budgets {
+    fn default() -> Self {
+        let per_minute = |name, limit| Budget {
+            name,
+            limit,
+            period: Duration::from_secs(60),
+        };
+        Self {
+            user_commands: per_minute("user_commands", 120),
+            user_queries: per_minute("user_queries", 600),
+            ip: per_minute("ip", 1200),
+        }
+    }
+}
+
+/// Parses `PODIUM_RATE_LIMITS`: `off`, or comma-separated
+/// `name=count/unit` (units `s`, `min`, `h`); unnamed budgets keep their
+/// defaults. `None` means off.
+pub fn parse(spec: &str) -> Result<Option<Budgets>, String> {
+    let spec = spec.trim();
+    if spec.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let mut budgets = Budgets::default();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, rate) = part
+            .split_once('=')
+            .ok_or_else(|| format!("rate limit {part:?} is not name=count/unit"))?;
+        let (count, unit) = rate
+            .split_once('/')
+            .ok_or_else(|| format!("rate limit {part:?} is not name=count/unit"))?;
+        let limit: u32 = count
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("rate limit {part:?}: the count must be a positive number"))?;
+        let period = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "min" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            other => {
+                return Err(format!(
+                    "rate limit {part:?}: unit {other:?} is not s, min or h"
+                ))
+            }
+        };
+        let budget = match name.trim() {
+            "user_commands" => &mut budgets.user_commands,
+            "user_queries" => &mut budgets.user_queries,
+            "ip" => &mut budgets.ip,
+            other => {
+                return Err(format!(
+                    "rate limit {other:?} is not one of user_commands, user_queries, ip"
+                ))
+            }
+        };
+        budget.limit = limit;
+        budget.period = period;
+    }
+    Ok(Some(budgets))
+}
+
+/// Parses `PODIUM_TRUSTED_PROXIES`: comma-separated IP addresses whose
+/// `X-Forwarded-For` is believed.
+pub fn parse_proxies(spec: &str) -> Result<Vec<IpAddr>, String> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            IpAddr::from_str(p).map_err(|_| format!("trusted proxy {p:?} is not an IP address"))
+        })
+        .collect()
+}
+
+/// The client's address: the socket peer, or, when the peer is a trusted
+/// proxy, the last address in `X-Forwarded-For` that is not one.
+pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpAddr]) -> IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    forwarded_for
+        .into_iter()
+        .flat_map(|list| list.rsplit(','))
+        .filter_map(|hop| IpAddr::from_str(hop.trim()).ok())
+        .find(|hop| !trusted.contains(hop))
+        .unwrap_or(peer)
+}
+
+/// What a check decided, with what the `RateLimit-*` headers say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub budget: &'static str,
+    pub allowed: bool,
+    pub limit: u32,
+    pub remaining: u32,
+    /// Seconds until the window ends.
+    pub reset_secs: u64,
+}
+
+/// This instance's tokens for one (budget, key) in the current window.
+#[derive(Default)]
+struct Tokens {
+    window: u64,
+    /// Leased and not spent yet.
+    left: u32,
+    /// The shared count after our last lease.
+    used: u32,
+    /// The shared budget is spent: no lease until the window ends.
+    spent: bool,
+}
+
+type Bucket = Arc<tokio::sync::Mutex<Tokens>>;
+
+pub struct RateLimiter {
+    pool: PgPool,
+    pub budgets: Budgets,
+    buckets: moka::sync::Cache<String, Bucket>,
+}
+
+impl RateLimiter {
+    pub fn new(pool: PgPool, budgets: Budgets) -> Self {
+        let longest = [budgets.user_commands, budgets.user_queries, budgets.ip]
+            .iter()
+            .map(|b| b.period)
+            .max()
+            .unwrap_or(Duration::from_secs(60));
+        Self {
+            pool,
+            budgets,
+            buckets: moka::sync::Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_idle(longest)
+                .build(),
+        }
+    }
+
+    /// Spends one request of `budget` for `key`.
+    pub async fn check(&self, budget: &Budget, key: &str) -> Decision {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let period = budget.period.as_secs().max(1);
+        let window = now / period;
+        let reset_secs = (window + 1) * period - now;
+        let bucket_key = format!("{}:{key}", budget.name);
+        let bucket = self.buckets.get_with_by_ref(&bucket_key, Bucket::default);
+        let mut tokens = bucket.lock().await;
+        if tokens.window != window {
+            *tokens = Tokens {
+                window,
+                ..Tokens::default()
+            };
+        }
+        if tokens.left == 0 && !tokens.spent {
+            match self.lease(budget, &bucket_key, window, period).await {
+                Ok((granted, used)) => {
+                    tokens.left = granted;
+                    tokens.used = used;
+                    tokens.spent = granted == 0;
+                }
+                Err(err) => {
+                    tracing::warn!(%err, budget = budget.name, "rate limiter unavailable; letting the request through");
+                    return Decision {
+                        budget: budget.name,
+                        allowed: true,
+                        limit: budget.limit,
+                        remaining: budget.limit,
+                        reset_secs,
+                    };
+                }
+            }
+        }
+        let allowed = tokens.left > 0;
+        if allowed {
+            tokens.left -= 1;
+        }
+        Decision {
+            budget: budget.name,
+            allowed,
+            limit: budget.limit,
+            // What is left overall: the budget minus what has been handed out,
+            // plus what we hold unspent.
+            remaining: budget.limit.saturating_sub(tokens.used) + tokens.left,
+            reset_secs,
+        }
+    }
+
+    /// Takes up to a chunk of tokens from the shared window row: returns the
+    /// tokens granted and the shared count after the lease.
+    async fn lease(
+        &self,
+        budget: &Budget,
+        bucket: &str,
+        window: u64,
+        period: u64,
+    ) -> Result<(u32, u32), sqlx::Error> {
+        let (granted, used): (i32, i32) = sqlx::query_as(
+            "INSERT INTO rate_limit_windows AS w (bucket, window_start, used, last_grant, expires_at)
+             VALUES ($1, $2, LEAST($3, $4), LEAST($3, $4), $5)
+             ON CONFLICT (bucket, window_start) DO UPDATE
+                SET used = LEAST(w.used + $3, $4), last_grant = LEAST(w.used + $3, $4) - w.used
+             RETURNING last_grant, used",
+        )
+        .bind(bucket)
+        .bind((window * period) as i64)
+        .bind(budget.chunk() as i32)
+        .bind(budget.limit as i32)
+        .bind(((window + 1) * period) as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((granted.max(0) as u32, used.max(0) as u32))
+    }
+}
+
+/// Deletes the windows that have ended.
+pub async fn purge_expired(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let deleted = sqlx::query("DELETE FROM rate_limit_windows WHERE expires_at < $1")
+        .bind(now as i64)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_budgets_and_keeps_defaults_for_unnamed_ones() {
+        let budgets = parse("user_queries=10/s, ip=5/h").unwrap().unwrap();
+        assert_eq!(budgets.user_queries.limit, 10);
+        assert_eq!(budgets.user_queries.period, Duration::from_secs(1));
+        assert_eq!(budgets.ip.limit, 5);
+        assert_eq!(budgets.ip.period, Duration::from_secs(3600));
+        assert_eq!(budgets.user_commands, Budgets::default().user_commands);
+        assert_eq!(parse("off").unwrap(), None);
+        assert_eq!(parse("").unwrap(), Some(Budgets::default()));
+    }
+
+    #[test]
+    fn refuses_malformed_budgets() {
+        for bad in [
+            "user_queries",
+            "user_queries=10",
+            "ip=0/min",
+            "ip=10/day",
+            "other=1/s",
+            "ip=x/s",
+        ] {
+            assert!(parse(bad).is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn believes_forwarded_for_only_from_trusted_proxies() {
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let client: IpAddr = "203.0.113.7".parse().unwrap();
+        let trusted = [proxy];
+        let header = Some("198.51.100.1, 203.0.113.7");
+        assert_eq!(client_ip(proxy, header, &trusted), client);
+        let stranger: IpAddr = "192.0.2.9".parse().unwrap();
+        assert_eq!(client_ip(stranger, header, &trusted), stranger);
+        assert_eq!(client_ip(proxy, Some("garbage"), &trusted), proxy);
+        assert_eq!(
+            client_ip(proxy, Some("203.0.113.7, 10.0.0.1"), &trusted),
+            client
+        );
+    }
+}
