@@ -102,6 +102,20 @@ fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registr
 
 impl Metrics {
     pub fn new() -> Self {
+        let metrics = Self::unset();
+        // Series that exist before their first event, so dashboards and
+        // alerts see zeros rather than nothing.
+        for stream in ["leaderboard", "feed"] {
+            metrics.sse_open.with_label_values(&[stream]);
+            metrics.sse_lagged.with_label_values(&[stream, "caught_up"]);
+        }
+        for budget in ["user_commands", "user_queries", "ip"] {
+            metrics.rate_limited.with_label_values(&[budget]);
+        }
+        metrics
+    }
+
+    fn unset() -> Self {
         let registry = Registry::new_custom(Some("podium".into()), None).expect("a valid prefix");
         let r = &registry;
         Self {

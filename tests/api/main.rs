@@ -8,6 +8,7 @@ mod auth;
 mod bad_input;
 mod commands;
 mod concurrency;
+mod edges;
 mod fanout;
 mod idempotency;
 mod notifications;
