@@ -153,7 +153,7 @@ struct Submitted {
 }
 
 /// An attempt as the caller's list shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct AttemptSummary {
     pub attempt_id: Uuid,
     pub test_id: Uuid,

@@ -12,6 +12,7 @@ use cqrs_es::AggregateError;
 use podium_domain::attempt::{Attempt, AttemptCommand, AttemptError, StartedAttempt};
 use podium_domain::test::TestDefinition;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::catalog::load_published;
@@ -31,12 +32,12 @@ pub fn router() -> Router<AppState> {
         .route("/v1/attempts/{attempt_id}/submit", post(submit))
 }
 
-#[derive(Default, Deserialize)]
+#[derive(Default, Deserialize, ToSchema)]
 struct StartBody {
     attempt_id: Option<Uuid>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Started {
     attempt_id: Uuid,
     test_id: Uuid,
@@ -55,6 +56,17 @@ impl From<&StartedAttempt> for Started {
 
 /// 201 for a new attempt; 200 with the same body when the caller repeats a
 /// start with an attempt id they already used for this test.
+#[utoipa::path(post, path = "/v1/tests/{test_id}/attempts", tag = "attempts",
+    params(("test_id" = Uuid, Path)), request_body(content = Option<StartBody>),
+    security(("bearer" = [])),
+    responses(
+        (status = 201, body = Started, headers(("location" = String))),
+        (status = 200, description = "The same attempt id again: the same body", body = Started),
+        (status = 400, description = "Malformed id or JSON", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such test", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The test is archived, or the id is taken", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 async fn start(
     State(state): State<AppState>,
     principal: Principal,
@@ -104,11 +116,25 @@ async fn start(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct AnswerBody {
     choice: i64,
 }
 
+/// Records (or changes) the answer to one question.
+#[utoipa::path(put, path = "/v1/attempts/{attempt_id}/answers/{question_id}", tag = "attempts",
+    params(("attempt_id" = Uuid, Path), ("question_id" = String, Path)),
+    request_body = AnswerBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, description = "Malformed id or JSON", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not your attempt", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such attempt", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already submitted, or past the time limit", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "No such question or choice", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 async fn answer(
     State(state): State<AppState>,
     principal: Principal,
@@ -136,14 +162,14 @@ async fn answer(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Default, Deserialize)]
+#[derive(Default, Deserialize, ToSchema)]
 struct SubmitBody {
     #[serde(default)]
     answers: BTreeMap<String, i64>,
 }
 
 /// The graded result, as the submit endpoint answers it.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Submitted {
     attempt_id: Uuid,
     test_id: Uuid,
@@ -151,6 +177,19 @@ struct Submitted {
     grade: GradeView,
 }
 
+/// Submits the attempt (with any last answers); the server grades it.
+#[utoipa::path(post, path = "/v1/attempts/{attempt_id}/submit", tag = "attempts",
+    params(("attempt_id" = Uuid, Path)), request_body(content = Option<SubmitBody>),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = Submitted),
+        (status = 400, description = "Malformed id or JSON", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not your attempt", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such attempt", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already submitted, or past the time limit", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid answers", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 async fn submit(
     State(state): State<AppState>,
     principal: Principal,
@@ -208,7 +247,7 @@ async fn load_for_owner(
     Ok(test.definition)
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct AttemptView {
     attempt_id: Uuid,
     test_id: Uuid,
@@ -222,7 +261,7 @@ struct AttemptView {
     grade: Option<GradeView>,
 }
 
-#[derive(Serialize, Clone, Copy)]
+#[derive(Serialize, Clone, Copy, ToSchema)]
 struct GradeView {
     score: u32,
     max_score: u32,
@@ -258,6 +297,16 @@ impl AttemptView {
 }
 
 /// The attempt, for its owner or an admin.
+#[utoipa::path(get, path = "/v1/attempts/{attempt_id}", tag = "attempts",
+    params(("attempt_id" = Uuid, Path)),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = AttemptView),
+        (status = 400, description = "Malformed id", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not your attempt", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such attempt", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 async fn show(
     State(state): State<AppState>,
     principal: Principal,

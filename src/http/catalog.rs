@@ -7,6 +7,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use podium_domain::test::{PublishedTest, QuestionDraft, TestCommand, TestDefinition, TestDraft};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::ApiError;
@@ -21,20 +22,52 @@ pub fn router() -> Router<AppState> {
         .route("/v1/tests/{test_id}/archive", post(archive))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct PublishBody {
+    /// Chosen by the client for safe retries; a new one otherwise.
     id: Option<Uuid>,
+    /// 1–200 characters.
     title: String,
+    /// Up to a week; no limit when absent.
     time_limit_secs: Option<i64>,
+    /// 1–500 questions with unique ids.
+    #[schema(value_type = Vec<QuestionBody>)]
     questions: Vec<QuestionDraft>,
 }
 
-#[derive(Serialize)]
+/// A question as published, with its answer key.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct QuestionBody {
+    id: String,
+    prompt: String,
+    /// 2–20 choices.
+    choices: Vec<String>,
+    /// The index of the right choice.
+    answer: i64,
+    /// 0–1000.
+    points: i64,
+}
+
+#[derive(Serialize, ToSchema)]
 struct Published {
     id: Uuid,
     max_score: u32,
 }
 
+/// Publishes a test (admin).
+#[utoipa::path(post, path = "/v1/tests", tag = "tests", request_body = PublishBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, body = Published, headers(("location" = String, description = "The test's URL"))),
+        (status = 400, description = "Malformed JSON", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A test with this id exists", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid test", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 async fn publish(
     State(state): State<AppState>,
     Admin(admin): Admin,
@@ -68,6 +101,17 @@ async fn publish(
     ))
 }
 
+/// Archives a test (admin): no new attempts; idempotent.
+#[utoipa::path(post, path = "/v1/tests/{test_id}/archive", tag = "tests",
+    params(("test_id" = Uuid, Path)),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Archived"),
+        (status = 400, description = "Malformed id", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such test", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 async fn archive(
     State(state): State<AppState>,
     Admin(admin): Admin,
@@ -87,7 +131,7 @@ async fn archive(
 }
 
 /// A test as learners see it: everything but the answer key.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct TestView {
     id: Uuid,
     title: String,
@@ -97,7 +141,7 @@ struct TestView {
     questions: Vec<QuestionView>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct QuestionView {
     id: String,
     prompt: String,
@@ -105,6 +149,16 @@ struct QuestionView {
     points: u32,
 }
 
+/// A test without its answer key.
+#[utoipa::path(get, path = "/v1/tests/{test_id}", tag = "tests",
+    params(("test_id" = Uuid, Path)),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = TestView),
+        (status = 400, description = "Malformed id", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such test", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 async fn show(
     State(state): State<AppState>,
     _: Principal,

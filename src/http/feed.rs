@@ -11,6 +11,7 @@ use podium_projections::checkpoint_of;
 use podium_projections::feed::{self, FeedItem, FeedQueries};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiError;
 use super::extract::ApiQuery;
@@ -35,21 +36,35 @@ struct Cursor {
     before: u64,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct PageQuery {
+    /// 1–200, default 50.
     limit: Option<i64>,
+    /// A `next_cursor` of a previous page.
     cursor: Option<String>,
+    /// Only unread items.
     #[serde(default)]
     unread_only: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct PageView {
     items: Vec<FeedItem>,
     unread_count: u64,
     next_cursor: Option<String>,
 }
 
+/// Your notifications, newest first, with the exact unread count.
+#[utoipa::path(get, path = "/v1/me/notifications", tag = "notifications",
+    params(PageQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = PageView, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
+        (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`limit` outside 1–200, or cursor and offset together", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 async fn page(
     State(state): State<AppState>,
     principal: Principal,
@@ -101,6 +116,10 @@ async fn page(
     Ok(response)
 }
 
+/// Your unread count: `{"unread_count"}`.
+#[utoipa::path(get, path = "/v1/me/notifications/unread-count", tag = "notifications",
+    security(("bearer" = [])),
+    responses((status = 200, description = "`{\"unread_count\": 3}`"), (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),))]
 async fn unread_count(
     State(state): State<AppState>,
     principal: Principal,
@@ -196,6 +215,18 @@ impl StreamSource for Notifications {
     }
 }
 
+/// Server-Sent Events: `notification` (a feed item), `read` `{"ids"}`,
+/// `unread_count` `{"unread_count"}`; `resync` when a resume missed too
+/// much. Ids are log seqs; resume with `Last-Event-ID`.
+#[utoipa::path(get, path = "/v1/me/notifications/stream", tag = "notifications",
+    params(("last-event-id" = Option<String>, Header), super::sse::StreamQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "An event stream", content_type = "text/event-stream", headers(("cache-control" = String, description = "no-cache"), ("x-accel-buffering" = String, description = "no"))),
+        (status = 400, description = "Malformed Last-Event-ID", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many open streams", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 async fn stream(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -13,12 +13,15 @@ use super::AppState;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+/// Prometheus metrics in the text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     use prometheus::Encoder as _;
     state.metrics.refresh(&state.pool).await;
     let encoder = prometheus::TextEncoder::new();
@@ -33,7 +36,20 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "`{\"status\": \"ok\"}`")))]
+pub(super) async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Postgres (and NATS, when configured) answer.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "`{\"status\": \"up\", \"checks\": {\"postgres\": \"up\", \"nats\": \"up\"}}`"),
+        (status = 503, description = "A dependency is down; `checks` says which"),
+    ))]
+pub(super) async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let postgres = crate::db::is_ready(&state.pool).await;
     // Without NATS configured there is nothing to wait for.
     let nats = state.bus.as_ref().map(|bus| bus.is_connected());

@@ -7,6 +7,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use podium_projections::attempts::{AttemptQueries, AttemptSummary};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::error::ApiError;
@@ -28,18 +29,31 @@ struct Cursor {
     id: Uuid,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// 1–200, default 50.
     limit: Option<i64>,
+    /// A `next_cursor` of a previous page.
     cursor: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct ListView {
     items: Vec<AttemptSummary>,
     next_cursor: Option<String>,
 }
 
+/// Your attempts, newest first.
+#[utoipa::path(get, path = "/v1/me/attempts", tag = "attempts",
+    params(ListQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = ListView, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
+        (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`limit` outside 1–200, or cursor and offset together", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 async fn list(
     State(state): State<AppState>,
     principal: Principal,

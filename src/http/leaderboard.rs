@@ -14,6 +14,7 @@ use podium_projections::leaderboard::{self, LeaderboardQueries, Page, PageStart,
 use podium_projections::ranking::RankKey;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::catalog::load_published;
@@ -42,7 +43,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// An entry as the API shows it.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct EntryView {
     rank: u64,
     user_id: String,
@@ -77,14 +78,18 @@ struct Cursor {
     user: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct PageQuery {
+    /// 1–200, default 50.
     limit: Option<i64>,
+    /// A `next_cursor` of a previous page of this leaderboard.
     cursor: Option<String>,
+    /// Start at rank `offset + 1` (not with `cursor`).
     offset: Option<u64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct PageView {
     test_id: Uuid,
     total: u64,
@@ -92,6 +97,18 @@ struct PageView {
     next_cursor: Option<String>,
 }
 
+/// A page of the leaderboard, by cursor (walks see every entry once while
+/// scores change) or by offset.
+#[utoipa::path(get, path = "/v1/tests/{test_id}/leaderboard", tag = "leaderboards",
+    params(("test_id" = Uuid, Path), PageQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = PageView, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
+        (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`limit` outside 1–200, or cursor and offset together", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such test", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 async fn page(
     State(state): State<AppState>,
     _: Principal,
@@ -224,12 +241,14 @@ fn next_cursor(test_id: Uuid, page: &Page, since: u64) -> Option<String> {
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct AroundQuery {
+    /// Entries on each side, 0–50, default 5.
     radius: Option<u16>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct AroundView {
     test_id: Uuid,
     total: u64,
@@ -238,6 +257,17 @@ struct AroundView {
     below: Vec<EntryView>,
 }
 
+/// A user's entry with the entries ranked just above and below.
+#[utoipa::path(get, path = "/v1/tests/{test_id}/leaderboard/users/{user_id}", tag = "leaderboards",
+    params(("test_id" = Uuid, Path), ("user_id" = String, Path), AroundQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = AroundView),
+        (status = 400, description = "Malformed id", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "The user has no entry", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`radius` above 50", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 async fn around(
     State(state): State<AppState>,
     _: Principal,
@@ -350,6 +380,19 @@ impl StreamSource for Entries {
     }
 }
 
+/// Server-Sent Events: `entry` `{"user_id", "score", "rank", "previous_rank",
+/// "attempts"}` for each changed entry; `resync` when a resume missed too
+/// much. Ids are log seqs; resume with `Last-Event-ID`.
+#[utoipa::path(get, path = "/v1/tests/{test_id}/leaderboard/stream", tag = "leaderboards",
+    params(("test_id" = Uuid, Path), ("last-event-id" = Option<String>, Header), super::sse::StreamQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "An event stream", content_type = "text/event-stream", headers(("cache-control" = String, description = "no-cache"), ("x-accel-buffering" = String, description = "no"))),
+        (status = 400, description = "Malformed id or Last-Event-ID", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such test", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many open streams", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 async fn stream(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -14,6 +14,7 @@ mod leaderboard;
 pub mod limits;
 mod notifications;
 mod observe;
+mod openapi;
 mod pagination;
 pub mod sse;
 
@@ -87,6 +88,7 @@ pub fn router(state: AppState) -> Router {
         .merge(leaderboard::router())
         .merge(feed::router())
         .merge(history::router())
+        .merge(openapi::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(

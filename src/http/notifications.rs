@@ -9,6 +9,7 @@ use podium_domain::notification::{
 };
 use podium_domain::{UserId, ValidationErrors};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::ApiError;
@@ -27,7 +28,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/me/notifications/read-all", post(read_all))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct SendBody {
     user_ids: Vec<String>,
     kind: Option<String>,
@@ -36,7 +37,7 @@ struct SendBody {
     link: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Sent {
     notification_ids: Vec<Uuid>,
 }
@@ -94,6 +95,16 @@ impl SendBody {
 
 /// Creates one notification per recipient. With an `Idempotency-Key`, ids are
 /// derived from it, so a retry after a crash half-way creates no duplicates.
+/// Sends a notification to each of 1–1,000 users (admin).
+#[utoipa::path(post, path = "/v1/notifications", tag = "notifications", request_body = SendBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 202, body = Sent),
+        (status = 400, description = "Malformed JSON", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid recipients or message", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 async fn send(
     State(state): State<AppState>,
     Admin(admin): Admin,
@@ -128,6 +139,17 @@ async fn send(
     Ok((StatusCode::ACCEPTED, Json(Sent { notification_ids })))
 }
 
+/// Marks one of your notifications read; idempotent.
+#[utoipa::path(post, path = "/v1/me/notifications/{id}/read", tag = "notifications",
+    params(("id" = Uuid, Path)),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Read"),
+        (status = 400, description = "Malformed id", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not yours", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such notification", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 async fn mark_read(
     State(state): State<AppState>,
     principal: Principal,
@@ -150,6 +172,10 @@ async fn mark_read(
     }
 }
 
+/// Marks every notification you received so far read.
+#[utoipa::path(post, path = "/v1/me/notifications/read-all", tag = "notifications",
+    security(("bearer" = [])),
+    responses((status = 204, description = "All read"), (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),))]
 async fn read_all(
     State(state): State<AppState>,
     principal: Principal,

@@ -98,9 +98,12 @@ pub fn event(id: u64, name: &str, data: &serde_json::Value) -> Event {
 
 /// A stream's query: browsers' EventSource can set no headers, so the token
 /// and the last event id may come here instead.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StreamQuery {
+    /// The bearer token, for clients that cannot set `Authorization`.
     access_token: Option<String>,
+    /// The last event id seen, for clients that cannot set `Last-Event-ID`.
     last_event_id: Option<String>,
 }
 

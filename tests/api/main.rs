@@ -12,6 +12,7 @@ mod edges;
 mod fanout;
 mod idempotency;
 mod notifications;
+mod openapi;
 mod queries;
 mod read_models;
 mod sse;

@@ -8,7 +8,7 @@ use sqlx::{PgConnection, PgExecutor, Row};
 use uuid::Uuid;
 
 /// A feed item as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FeedItem {
     pub id: Uuid,
     pub kind: String,

@@ -1,0 +1,125 @@
+//! `GET /openapi.json` describes every route the router serves, and every
+//! route it describes is served.
+
+use std::collections::BTreeSet;
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use crate::helpers::spawn_app;
+
+/// `(method, path)` of every `.route(path, method(handler)…)` in the HTTP
+/// modules' source: what the router serves.
+fn routes_in_source() -> BTreeSet<(String, String)> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/http");
+    let mut routes = BTreeSet::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let source = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for call in source.split(".route(").skip(1) {
+            let Some(path) = call
+                .trim_start()
+                .strip_prefix('"')
+                .and_then(|rest| rest.split('"').next())
+            else {
+                continue;
+            };
+            // The method routers up to the call's closing parenthesis.
+            let mut depth = 1;
+            let end = call
+                .char_indices()
+                .find(|(_, c)| {
+                    match c {
+                        '(' => depth += 1,
+                        ')' => depth -= 1,
+                        _ => {}
+                    }
+                    depth == 0
+                })
+                .map_or(call.len(), |(i, _)| i);
+            for method in ["get", "post", "put", "delete", "patch"] {
+                let args = &call[..end];
+                let called = args.match_indices(&format!("{method}(")).any(|(i, _)| {
+                    i == 0 || !args[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_')
+                });
+                if called {
+                    routes.insert((method.to_string(), path.to_string()));
+                }
+            }
+        }
+    }
+    routes
+}
+
+#[tokio::test]
+async fn the_openapi_document_covers_every_route_and_only_served_ones() {
+    let app = spawn_app().await;
+    let response = app
+        .client
+        .get(format!("{}/openapi.json", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let doc: Value = response.json().await.unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    let paths = doc["paths"].as_object().unwrap();
+
+    let served = routes_in_source();
+    assert!(served.len() >= 20, "the route scan found only {served:?}");
+    for (method, path) in &served {
+        let operation = &paths
+            .get(path)
+            .unwrap_or_else(|| panic!("{path} is served but not documented"))[method];
+        assert!(
+            operation.is_object(),
+            "{method} {path} is served but not documented"
+        );
+        let responses = operation["responses"].as_object().unwrap();
+        assert!(
+            responses.keys().any(|s| s.starts_with('2')),
+            "{method} {path}: no success"
+        );
+        let public = ["/healthz", "/readyz", "/metrics", "/openapi.json"].contains(&path.as_str());
+        if !public {
+            assert!(
+                responses.contains_key("401"),
+                "{method} {path}: 401 undocumented"
+            );
+            assert_eq!(
+                responses["401"]["content"]["application/problem+json"]["schema"]["$ref"],
+                "#/components/schemas/Problem"
+            );
+        }
+    }
+
+    // Everything documented answers from a real route, not the fallback.
+    let token = app.admin();
+    for (path, item) in paths {
+        for method in item.as_object().unwrap().keys() {
+            let concrete = path
+                .replace("{test_id}", &uuid::Uuid::new_v4().to_string())
+                .replace("{attempt_id}", &uuid::Uuid::new_v4().to_string())
+                .replace("{id}", &uuid::Uuid::new_v4().to_string())
+                .replace("{question_id}", "q1")
+                .replace("{user_id}", "someone");
+            let method: Method = method.to_uppercase().parse().unwrap();
+            let response = app
+                .request(method.clone(), &concrete, Some(&token))
+                .send()
+                .await
+                .unwrap();
+            assert_ne!(
+                response.status(),
+                StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {path}"
+            );
+            if response.status() == StatusCode::NOT_FOUND {
+                let body: Value = response.json().await.unwrap();
+                assert_ne!(
+                    body["detail"], "no such route",
+                    "{method} {path} is documented but not served"
+                );
+            }
+        }
+    }
+}
