@@ -33,6 +33,8 @@ use support::{ms, numeric_args, percentile, ScratchDb};
 
 const SECRET: &str = "query-bench-secret-0123456789abcdef0123";
 const CONNECTIONS: usize = 64;
+const HUGE_BUDGETS: &str =
+    "user_commands=100000000/min,user_queries=100000000/min,ip=100000000/min";
 
 /// The path of the `i`-th request of a scenario.
 type Paths = Arc<dyn Fn(u64) -> String + Send + Sync>;
@@ -56,6 +58,9 @@ async fn serve() -> anyhow::Result<()> {
     settings.nats.nats_url = Some(std::env::var("NATS_URL")?);
     settings.nats.nats_prefix = std::env::var("PODIUM_NATS_PREFIX")?;
     settings.query.sse_max_streams_per_user = 100_000;
+    settings.rate_limits = std::env::var("PODIUM_RATE_LIMITS")?;
+    settings.http_metrics = std::env::var("PODIUM_HTTP_METRICS")? == "true";
+    settings.workers = std::env::var("PODIUM_WORKERS")? == "true";
     let app = podium::Application::build(settings).await?;
     println!("PORT {}", app.port());
     app.run_until(async {
@@ -84,7 +89,14 @@ impl Server {
     }
 }
 
-async fn start_server(db: &ScratchDb, prefix: &str) -> anyhow::Result<Server> {
+/// Starts a server; `limits` and `metrics` set its rate limits and request metrics.
+async fn start_server(
+    db: &ScratchDb,
+    prefix: &str,
+    limits: &str,
+    metrics: bool,
+    workers: bool,
+) -> anyhow::Result<Server> {
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
         .arg("--serve")
         .env("DATABASE_URL", &db.url)
@@ -93,6 +105,9 @@ async fn start_server(db: &ScratchDb, prefix: &str) -> anyhow::Result<Server> {
             std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
         )
         .env("PODIUM_NATS_PREFIX", prefix)
+        .env("PODIUM_RATE_LIMITS", limits)
+        .env("PODIUM_HTTP_METRICS", metrics.to_string())
+        .env("PODIUM_WORKERS", workers.to_string())
         .env("RUST_LOG", "warn")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -184,7 +199,8 @@ async fn bench() -> anyhow::Result<()> {
     let rate = *args.get(3).unwrap_or(&50);
     let db = ScratchDb::create(2).await?;
     let prefix = format!("qbench{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let mut server = start_server(&db, &prefix).await?;
+    // Production-like: limits on (budgets too large to bite), metrics on.
+    let mut server = start_server(&db, &prefix, HUGE_BUDGETS, true, true).await?;
     let keys = JwtKeys::new(SECRET)?;
     let token = |user: &str, role| {
         keys.issue(
@@ -263,6 +279,36 @@ async fn bench() -> anyhow::Result<()> {
         ));
     }
 
+    // What the rate limiter and the request metrics cost on a cached page:
+    // the same page on servers with each of them off.
+    let top: Paths = Arc::new(move |_| format!("/v1/tests/{test_id}/leaderboard?limit=50"));
+    let mut overhead = Vec::new();
+    for (name, limits, metrics) in [
+        ("limiter off, metrics off", "off", false),
+        ("limiter on, metrics off", HUGE_BUDGETS, false),
+        ("limiter off, metrics on", "off", true),
+        ("limiter on, metrics on", HUGE_BUDGETS, true),
+    ] {
+        eprintln!("top page, {name}…");
+        let other = start_server(&db, &prefix, limits, metrics, false).await?;
+        // Warm its cache.
+        client
+            .get(format!(
+                "{}/v1/tests/{test_id}/leaderboard?limit=50",
+                other.address
+            ))
+            .bearer_auth(&viewer)
+            .send()
+            .await?;
+        let (rps, p50, p99) = load(other.addr, &viewer, secs, top.clone()).await?;
+        overhead.push(format!(
+            "| {name} | {rps:.0} | {:.2} | {:.2} |",
+            ms(p50),
+            ms(p99)
+        ));
+        drop(other);
+    }
+
     eprintln!("commit → SSE at {rate} submissions/s…");
     let stream_path = format!("{base}/v1/tests/{test_id}/leaderboard/stream");
     let (delays, live) = commit_to_sse(
@@ -286,6 +332,11 @@ async fn bench() -> anyhow::Result<()> {
     println!("\n## Query API ({entries} entries, {CONNECTIONS} connections, {secs} s each)\n");
     println!("| scenario | requests/s | p50 ms | p99 ms |\n|---|---|---|---|");
     for row in rows {
+        println!("{row}");
+    }
+    println!("\n### Cached top page: what the rate limiter and request metrics cost\n");
+    println!("| server | requests/s | p50 ms | p99 ms |\n|---|---|---|---|");
+    for row in overhead {
         println!("{row}");
     }
     println!(

@@ -14,7 +14,7 @@ use crate::cache::{CacheConfig, QueryCache};
 use crate::changes::ChangeHub;
 use crate::config::Settings;
 use crate::eventstore::Aggregates;
-use crate::http::{self, AppState};
+use crate::http::{self, AppParts, AppState};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::relay::{Relay, RelayConfig};
@@ -105,11 +105,12 @@ impl Application {
             metrics.watch_pool("replica", &read_pool);
         }
         metrics.watch_pool("workers", &worker_pool);
-        let state = AppState {
+        let state = AppState::new(AppParts {
             aggregates: Arc::new(Aggregates::with_metrics(&pool, &metrics)),
             limiter: budgets.map(|b| Arc::new(RateLimiter::new(pool.clone(), b))),
             trusted_proxies: Arc::new(trusted_proxies),
             cors_origins: Arc::new(cors_origins),
+            http_metrics: settings.http_metrics,
             pool,
             read_pool,
             keys: Arc::new(keys),
@@ -121,7 +122,7 @@ impl Application {
             streams: Arc::default(),
             query: Arc::new(query),
             shutdown,
-        };
+        });
         Ok(Self {
             listener,
             state,

@@ -55,6 +55,16 @@ pub struct TokenArgs {
     pub auth: AuthSettings,
 }
 
+impl Cli {
+    /// Where errors are reported, for the commands that report them.
+    pub fn sentry_dsn(&self) -> Option<&crate::config::Secret> {
+        match &self.command {
+            Command::Serve(settings) => settings.sentry_dsn.as_ref(),
+            _ => None,
+        }
+    }
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(settings) => {

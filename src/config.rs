@@ -146,6 +146,13 @@ pub struct Settings {
     /// believed; otherwise the client is the socket's peer.
     #[arg(long, env = "PODIUM_TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: String,
+    /// Count and time every request in `/metrics` (off only to measure what
+    /// that costs).
+    #[arg(long, env = "PODIUM_HTTP_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub http_metrics: bool,
+    /// Sentry DSN: report errors there. Off when unset.
+    #[arg(long, env = "SENTRY_DSN", hide_env_values = true)]
+    pub sentry_dsn: Option<Secret>,
     /// Comma-separated origins allowed to call the API from a browser.
     #[arg(long, env = "PODIUM_CORS_ORIGINS", default_value = "")]
     pub cors_origins: String,
@@ -185,6 +192,8 @@ impl Settings {
             rate_limits: "off".into(),
             trusted_proxies: String::new(),
             cors_origins: String::new(),
+            sentry_dsn: None,
+            http_metrics: true,
             listen,
             body_limit: DEFAULT_BODY_LIMIT,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,

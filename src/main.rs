@@ -3,7 +3,13 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = podium::cli::Cli::parse();
-    podium::telemetry::init();
+    let _sentry = match podium::telemetry::init_with_sentry(cli.sentry_dsn()) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     match podium::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

@@ -29,9 +29,10 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// Tokens one lease asks for.
+    /// Tokens one lease asks for: a twentieth of the budget, so that what
+    /// another instance may hold unspent stays small against it.
     fn chunk(&self) -> u32 {
-        (self.limit / 20).clamp(1, 100)
+        (self.limit / 20).clamp(1, 10_000)
     }
 }
 
@@ -155,7 +156,52 @@ struct Tokens {
     spent: bool,
 }
 
-type Bucket = Arc<tokio::sync::Mutex<Tokens>>;
+/// One (budget, key)'s tokens: spent under a plain lock (never held across
+/// an await), leased under an async one so that one lease runs at a time.
+#[derive(Default)]
+struct BucketState {
+    tokens: std::sync::Mutex<Tokens>,
+    leasing: tokio::sync::Mutex<()>,
+}
+
+type Bucket = Arc<BucketState>;
+
+/// What spending a token found.
+enum Spend {
+    Done(bool),
+    NeedLease,
+}
+
+impl BucketState {
+    /// Whether a token could be spent now, without spending it.
+    fn spend_check(&self, window: u64) -> Spend {
+        let tokens = self.tokens.lock().expect("never poisoned");
+        if tokens.window != window || (tokens.left == 0 && !tokens.spent) {
+            Spend::NeedLease
+        } else {
+            Spend::Done(tokens.left > 0)
+        }
+    }
+
+    fn spend(&self, window: u64) -> (Spend, u32, u32) {
+        let mut tokens = self.tokens.lock().expect("never poisoned");
+        if tokens.window != window {
+            *tokens = Tokens {
+                window,
+                ..Tokens::default()
+            };
+        }
+        let outcome = if tokens.left > 0 {
+            tokens.left -= 1;
+            Spend::Done(true)
+        } else if tokens.spent {
+            Spend::Done(false)
+        } else {
+            Spend::NeedLease
+        };
+        (outcome, tokens.used, tokens.left)
+    }
+}
 
 pub struct RateLimiter {
     pool: PgPool,
@@ -191,44 +237,38 @@ impl RateLimiter {
         let reset_secs = (window + 1) * period - now;
         let bucket_key = format!("{}:{key}", budget.name);
         let bucket = self.buckets.get_with_by_ref(&bucket_key, Bucket::default);
-        let mut tokens = bucket.lock().await;
-        if tokens.window != window {
-            *tokens = Tokens {
-                window,
-                ..Tokens::default()
-            };
-        }
-        if tokens.left == 0 && !tokens.spent {
-            match self.lease(budget, &bucket_key, window, period).await {
-                Ok((granted, used)) => {
-                    tokens.left = granted;
-                    tokens.used = used;
-                    tokens.spent = granted == 0;
-                }
-                Err(err) => {
-                    tracing::warn!(%err, budget = budget.name, "rate limiter unavailable; letting the request through");
-                    return Decision {
-                        budget: budget.name,
-                        allowed: true,
-                        limit: budget.limit,
-                        remaining: budget.limit,
-                        reset_secs,
-                    };
-                }
-            }
-        }
-        let allowed = tokens.left > 0;
-        if allowed {
-            tokens.left -= 1;
-        }
-        Decision {
+        let decision = |allowed: bool, used: u32, left: u32| Decision {
             budget: budget.name,
             allowed,
             limit: budget.limit,
-            // What is left overall: the budget minus what has been handed out,
-            // plus what we hold unspent.
-            remaining: budget.limit.saturating_sub(tokens.used) + tokens.left,
+            // What is left overall: the budget minus what has been handed
+            // out, plus what this instance holds unspent.
+            remaining: budget.limit.saturating_sub(used) + left,
             reset_secs,
+        };
+        loop {
+            if let (Spend::Done(allowed), used, left) = bucket.spend(window) {
+                return decision(allowed, used, left);
+            }
+            let _leasing = bucket.leasing.lock().await;
+            // Another request may have leased while this one waited.
+            if !matches!(bucket.spend_check(window), Spend::NeedLease) {
+                continue;
+            }
+            match self.lease(budget, &bucket_key, window, period).await {
+                Ok((granted, used)) => {
+                    let mut tokens = bucket.tokens.lock().expect("never poisoned");
+                    if tokens.window == window {
+                        tokens.left = granted;
+                        tokens.used = used;
+                        tokens.spent = granted == 0;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(%err, budget = budget.name, "rate limiter unavailable; letting the request through");
+                    return decision(true, 0, 0);
+                }
+            }
         }
     }
 
