@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use podium_domain::log::Change;
 use podium_projections::checkpoint_of;
 use podium_projections::feed::{self, FeedItem, FeedQueries};
@@ -107,13 +107,7 @@ async fn page(
         unread_count,
         next_cursor,
     };
-    let mut response = Json(view).into_response();
-    if let Some(link) = link {
-        response
-            .headers_mut()
-            .insert(axum::http::header::LINK, link);
-    }
-    Ok(response)
+    Ok((&JsonBody::new(&view, link)?).into_response())
 }
 
 /// Your unread count: `{"unread_count"}`.

@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use chrono::{DateTime, Utc};
 use podium_projections::attempts::{AttemptQueries, AttemptSummary};
 use serde::{Deserialize, Serialize};
@@ -15,6 +15,7 @@ use super::extract::ApiQuery;
 use super::pagination::{self, next_link};
 use super::AppState;
 use crate::auth::Principal;
+use crate::cache::JsonBody;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/me/attempts", get(list))
@@ -86,11 +87,5 @@ async fn list(
             &[("limit", limit.to_string()), ("cursor", cursor.clone())],
         )
     });
-    let mut response = Json(ListView { items, next_cursor }).into_response();
-    if let Some(link) = link {
-        response
-            .headers_mut()
-            .insert(axum::http::header::LINK, link);
-    }
-    Ok(response)
+    Ok((&JsonBody::new(&ListView { items, next_cursor }, link)?).into_response())
 }

@@ -465,8 +465,9 @@ async fn my_attempts_list_newest_first_with_their_scores() {
     assert!(second["next_cursor"].is_null());
 }
 
-#[tokio::test]
-async fn a_cursor_older_than_the_moves_kept_is_refused_as_expired_and_a_new_walk_works() {
+/// ann, bob and cat at 6 points on a new test: the app, the test, a
+/// viewer's token and the leaderboard's path.
+async fn board_of_three() -> (TestApp, String, String, String) {
     let (app, _) = spawn_app_with_workers().await;
     let test_id = app.published_test().await;
     for user in ["ann", "bob", "cat"] {
@@ -475,6 +476,12 @@ async fn a_cursor_older_than_the_moves_kept_is_refused_as_expired_and_a_new_walk
     settle_board(&app, &test_id, 3).await;
     let token = app.user("viewer");
     let base = format!("/v1/tests/{test_id}/leaderboard");
+    (app, test_id, token, base)
+}
+
+#[tokio::test]
+async fn a_cursor_older_than_the_moves_kept_is_refused_as_expired_and_a_new_walk_works() {
+    let (app, test_id, token, base) = board_of_three().await;
     let (page, _) = get_json(&app, &format!("{base}?limit=1"), &token).await;
     let cursor = page["next_cursor"].as_str().unwrap().to_string();
     // cat moves up, then the move is forgotten.
@@ -504,14 +511,7 @@ async fn a_cursor_older_than_the_moves_kept_is_refused_as_expired_and_a_new_walk
 
 #[tokio::test]
 async fn a_rebuild_of_a_caught_up_leaderboard_keeps_cursors_valid() {
-    let (app, _) = spawn_app_with_workers().await;
-    let test_id = app.published_test().await;
-    for user in ["ann", "bob", "cat"] {
-        take(&app, &test_id, user, 6).await;
-    }
-    settle_board(&app, &test_id, 3).await;
-    let token = app.user("viewer");
-    let base = format!("/v1/tests/{test_id}/leaderboard");
+    let (app, _, token, base) = board_of_three().await;
     let (page, _) = get_json(&app, &format!("{base}?limit=1"), &token).await;
     let cursor = page["next_cursor"].as_str().unwrap().to_string();
     let mut progress = |_, _| {};
