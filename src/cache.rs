@@ -165,6 +165,11 @@ impl QueryCache {
         load: impl Future<Output = Result<Loaded, ApiError>> + Send,
     ) -> Result<JsonBody, ApiError> {
         let name = key.cache_name();
+        let timer = self.metrics.db_timer("query");
+        let load = async move {
+            let _timer = timer.start_timer();
+            load.await
+        };
         if !self.config.enabled {
             self.count(name, "miss");
             let loaded = load.await?;

@@ -319,6 +319,7 @@ async fn metrics_report_requests_database_cache_relay_projections_and_streams() 
     at_least("podium_http_errors_total", &["kind=\"not-found\""], 1.0);
     at_least("podium_db_seconds_count", &["op=\"command\""], 4.0);
     at_least("podium_db_seconds_count", &["op=\"load\""], 1.0);
+    at_least("podium_db_seconds_count", &["op=\"query\""], 1.0);
     at_least(
         "podium_db_pool_connections",
         &["pool=\"primary\"", "state=\"idle\""],
@@ -604,4 +605,42 @@ async fn nonsense_settings_stop_the_server_at_start_with_a_clear_message() {
             .expect("the settings are refused");
         assert!(format!("{err:#}").contains(expected), "{err:#}");
     }
+}
+
+#[tokio::test]
+async fn queries_read_from_the_replica_when_one_is_configured() {
+    // A "replica" that differs from the primary shows where reads go.
+    let replica = crate::helpers::TestDb::new().await;
+    let replica_url = replica.url();
+    let app = spawn_app_with(|s| {
+        s.database.database_read_url = Some(replica_url.into());
+        s.database.db_read_max_connections = 2;
+    })
+    .await;
+    let test_id = app.published_test().await;
+    sqlx::query(
+        "INSERT INTO lb_entries (test_id, user_id, best_score, max_score, attempt_id, achieved_at, attempts)
+         VALUES ($1, 'seen-on-the-replica', 7, 10, gen_random_uuid(), now(), 1)",
+    )
+    .bind(test_id.parse::<uuid::Uuid>().unwrap())
+    .execute(&replica.pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO lb_score_counts (test_id, score, entries) VALUES ($1, 7, 1)")
+        .bind(test_id.parse::<uuid::Uuid>().unwrap())
+        .execute(&replica.pool)
+        .await
+        .unwrap();
+    let page: Value = app
+        .get(
+            &format!("/v1/tests/{test_id}/leaderboard"),
+            &app.user("viewer"),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["entries"][0]["user_id"], "seen-on-the-replica");
+    let text = scrape(&app).await;
+    assert!(series(&text, "podium_db_pool_connections", &["pool=\"replica\""]).is_some());
 }
