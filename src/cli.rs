@@ -30,6 +30,18 @@ pub enum Command {
     Token(TokenArgs),
     /// Rebuild read models from the event log and swap them in atomically.
     Replay(ReplayArgs),
+    /// Write a published test and many users' attempts straight into the
+    /// event store, for benchmarks (replay them into the read models).
+    Seed(SeedArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SeedArgs {
+    /// How many attempts (users) to write: two events each.
+    #[arg(long)]
+    pub bulk: u64,
+    #[command(flatten)]
+    pub database: DatabaseSettings,
 }
 
 #[derive(Debug, clap::Args)]
@@ -75,6 +87,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let pool = crate::db::connect(&database).await?;
             crate::db::migrate(&pool).await?;
             eprintln!("migrations applied");
+            Ok(())
+        }
+        Command::Seed(args) => {
+            let pool = crate::db::connect(&args.database).await?;
+            crate::db::migrate(&pool).await?;
+            let mut progress = |done, total| eprintln!("seed: {done}/{total} attempts");
+            let (test_id, events) = crate::seed::bulk(&pool, args.bulk, &mut progress).await?;
+            println!("test {test_id}: {events} events written; run `podium replay` to build the read models");
             Ok(())
         }
         Command::Replay(args) => {

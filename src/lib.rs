@@ -20,6 +20,7 @@ pub mod policy;
 pub mod ratelimit;
 pub mod relay;
 pub mod replay;
+pub mod seed;
 pub mod shutdown;
 pub mod telemetry;
 pub mod workers;

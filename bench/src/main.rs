@@ -1,0 +1,554 @@
+//! Podium's benchmark harness: drives a running Podium over HTTP and SSE
+//! like real clients, measures the ceilings of this machine in the same run,
+//! and writes BENCHMARKS.md with charts.
+//!
+//!     cargo run --release -p podium-bench -- all            # the full run
+//!     cargo run -p podium-bench -- all --smoke --out /tmp/b.md   # seconds, tiny sizes (CI)
+//!
+//! `scripts/bench` starts what it needs first. Needs Postgres, NATS, Redis,
+//! pgbench and redis-benchmark.
+
+mod ceilings;
+mod load;
+mod report;
+mod scenarios;
+mod server;
+#[path = "../../examples/support/mod.rs"]
+mod support;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use podium::auth::Role;
+use serde_json::Value;
+
+use load::{closed_loop, ms, Paths};
+use report::Report;
+use scenarios::Api;
+use server::{Options, Server};
+use support::ScratchDb;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Every scenario and ceiling; writes the report.
+    All(AllArgs),
+    /// (internal) A Podium server for the harness to drive.
+    Serve,
+}
+
+#[derive(clap::Args)]
+struct AllArgs {
+    /// Seconds and sizes small enough for CI.
+    #[arg(long)]
+    smoke: bool,
+    /// Where the report goes.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+    /// Where the charts go (the report links them relative to itself).
+    #[arg(long, default_value = "docs/bench")]
+    charts: PathBuf,
+}
+
+/// How big and how long.
+struct Sizes {
+    secs: Duration,
+    /// Attempts (so users and leaderboard entries) for rank and replay.
+    attempts: u64,
+    streams: usize,
+    concurrency: usize,
+    users: usize,
+    tests: usize,
+    redis_requests: u64,
+}
+
+impl Sizes {
+    fn new(smoke: bool) -> Self {
+        if smoke {
+            Self {
+                secs: Duration::from_secs(1),
+                attempts: 2_000,
+                streams: 20,
+                concurrency: 4,
+                users: 40,
+                tests: 2,
+                redis_requests: 2_000,
+            }
+        } else {
+            Self {
+                secs: Duration::from_secs(10),
+                attempts: 1_000_000,
+                streams: 10_000,
+                concurrency: 32,
+                users: 5_000,
+                tests: 4,
+                redis_requests: 300_000,
+            }
+        }
+    }
+}
+
+const CONNECTIONS: usize = 64;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        Command::Serve => runtime.block_on(server::serve()),
+        Command::All(args) => runtime.block_on(all(args)),
+    }
+}
+
+fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+async fn all(args: AllArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let sizes = Sizes::new(args.smoke);
+    let mut report = Report {
+        machine: machine().await,
+        ..Report::default()
+    };
+    let prefix = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let live = ScratchDb::create(2).await?;
+    let result = live_scenarios(&live, &prefix, &sizes, &mut report).await;
+    cleanup_nats(&prefix).await;
+    live.drop().await?;
+    result?;
+    let scale = ScratchDb::create(4).await?;
+    let result = scale_scenarios(&scale, &sizes, &mut report).await;
+    scale.drop().await?;
+    result?;
+    let command = if args.smoke {
+        "podium-bench all --smoke"
+    } else {
+        "scripts/bench"
+    };
+    report.machine.push((
+        "run time".into(),
+        format!("{:.0} s", started.elapsed().as_secs_f64()),
+    ));
+    let charts_rel = relative(&args.charts, &args.out);
+    report.charts(&args.charts)?;
+    std::fs::write(&args.out, report.markdown(&charts_rel, command))?;
+    eprintln!(
+        "wrote {} and charts in {}",
+        args.out.display(),
+        args.charts.display()
+    );
+    Ok(())
+}
+
+/// `charts` as seen from the folder of `out`.
+fn relative(charts: &std::path::Path, out: &std::path::Path) -> String {
+    let base = out.parent().filter(|p| !p.as_os_str().is_empty());
+    match base.and_then(|b| charts.strip_prefix(b).ok()) {
+        Some(rel) => rel.display().to_string(),
+        None if base.is_none() => charts.display().to_string(),
+        None => std::path::absolute(charts)
+            .map_or(charts.display().to_string(), |p| p.display().to_string()),
+    }
+}
+
+/// Ingest, freshness, queries and SSE fan-out on a server with NATS and
+/// workers; the HTTP ceiling and pgbench beside them.
+async fn live_scenarios(
+    db: &ScratchDb,
+    prefix: &str,
+    sizes: &Sizes,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let nats = nats_url();
+    let server = Server::start(Options {
+        database_url: &db.url,
+        nats_url: &nats,
+        prefix,
+        rate_limits: "off",
+        metrics: true,
+        workers: true,
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_mib = server.rss_kib() as f64 / 1024.0;
+    let api = Api::new(&server.address)?;
+    let viewer = Arc::new(vec![api.token("viewer", Role::User)]);
+
+    eprintln!("HTTP ceiling…");
+    let ceiling = closed_loop(
+        server.addr,
+        viewer.clone(),
+        CONNECTIONS,
+        sizes.secs,
+        Arc::new(|_| "/healthz".into()),
+    )
+    .await?;
+
+    eprintln!("pgbench ceiling…");
+    let pg = ScratchDb::create(1).await?;
+    let pgbench = ceilings::pgbench_command(&pg.url, 16, sizes.secs);
+    pg.drop().await?;
+    let pgbench = pgbench?;
+
+    let mut tests = Vec::new();
+    for _ in 0..sizes.tests {
+        tests.push(api.publish_test().await?);
+    }
+    eprintln!("ingest…");
+    let ingest =
+        scenarios::ingest(&api, &tests, sizes.users, sizes.concurrency, sizes.secs).await?;
+    // Freshness is measured on a caught-up system, not behind ingest's backlog.
+    scenarios::settle(&api).await?;
+    report.row(
+        "ingest: commands (start, answer, submit)",
+        format!(
+            "{:.0} commands/s ({:.0} submissions/s), p99 {:.1} ms",
+            ingest.commands_per_second,
+            ingest.submissions_per_second,
+            ms(&ingest.latency, 0.99)
+        ),
+        format!("pgbench command shape: {pgbench:.0} tx/s"),
+        Some(ingest.commands_per_second / pgbench),
+        "≥ 50% of pgbench",
+        Some(ingest.commands_per_second >= 0.5 * pgbench),
+    );
+    report
+        .latencies
+        .push(("ingest commands".into(), ingest.latency.clone()));
+    report.timeline = ingest.timeline.clone();
+
+    for (share, label) in [
+        (0.5, "half the ingest maximum"),
+        (0.9, "near saturation (90%)"),
+    ] {
+        let rate = (ingest.submissions_per_second * share).max(1.0);
+        eprintln!("freshness at {rate:.0}/s…");
+        let fresh = scenarios::freshness(&api, server.addr, tests[0], rate, sizes.secs).await?;
+        let (q99, s99) = (ms(&fresh.to_query, 0.99), ms(&fresh.to_sse, 0.99));
+        let half = share < 0.6;
+        report.row(
+            &format!("freshness at {rate:.0} submissions/s ({label})"),
+            format!(
+                "to query p50 {:.1} / p99 {q99:.1} ms; to SSE p50 {:.1} / p99 {s99:.1} ms",
+                ms(&fresh.to_query, 0.5),
+                ms(&fresh.to_sse, 0.5)
+            ),
+            "—".into(),
+            None,
+            if half {
+                "p99 ≤ 50 ms query, ≤ 75 ms SSE"
+            } else {
+                "—"
+            },
+            half.then_some(q99 <= 50.0 && s99 <= 75.0),
+        );
+        report
+            .freshness
+            .push((format!("to query at {rate:.0}/s"), fresh.to_query));
+        report
+            .freshness
+            .push((format!("to SSE at {rate:.0}/s"), fresh.to_sse));
+    }
+
+    eprintln!("queries…");
+    let test = tests[0];
+    let top: Value = api
+        .client
+        .get(format!(
+            "{}/v1/tests/{test}/leaderboard?limit=200",
+            api.base
+        ))
+        .bearer_auth(&viewer[0])
+        .send()
+        .await?
+        .json()
+        .await?;
+    let users: Vec<String> = top["entries"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .filter_map(|e| e["user_id"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    anyhow::ensure!(!users.is_empty(), "the leaderboard is empty after ingest");
+    let mut cursors = Vec::new();
+    let mut page: Value = api
+        .client
+        .get(format!("{}/v1/tests/{test}/leaderboard?limit=50", api.base))
+        .bearer_auth(&viewer[0])
+        .send()
+        .await?
+        .json()
+        .await?;
+    while let Some(cursor) = page["next_cursor"]
+        .as_str()
+        .map(String::from)
+        .filter(|_| cursors.len() < 10)
+    {
+        cursors.push(cursor.clone());
+        page = api
+            .client
+            .get(format!(
+                "{}/v1/tests/{test}/leaderboard?limit=50&cursor={cursor}",
+                api.base
+            ))
+            .bearer_auth(&viewer[0])
+            .send()
+            .await?
+            .json()
+            .await?;
+    }
+    let user_tokens: Arc<Vec<String>> =
+        Arc::new(users.iter().map(|u| api.token(u, Role::User)).collect());
+    let around_users = Arc::new(users.clone());
+    let queries: Vec<(&str, Arc<Vec<String>>, Paths)> = vec![
+        (
+            "cached top page (50 entries)",
+            viewer.clone(),
+            Arc::new(move |_| format!("/v1/tests/{test}/leaderboard?limit=50")),
+        ),
+        ("keyset page (cursor, 50 entries)", viewer.clone(), {
+            let cursors = Arc::new(if cursors.is_empty() {
+                vec![String::new()]
+            } else {
+                cursors
+            });
+            Arc::new(
+                move |i| match cursors[i as usize % cursors.len()].as_str() {
+                    "" => format!("/v1/tests/{test}/leaderboard?limit=50"),
+                    cursor => format!("/v1/tests/{test}/leaderboard?limit=50&cursor={cursor}"),
+                },
+            )
+        }),
+        (
+            "around-user (radius 5)",
+            viewer.clone(),
+            Arc::new(move |i| {
+                format!(
+                    "/v1/tests/{test}/leaderboard/users/{}",
+                    around_users[i as usize % around_users.len()]
+                )
+            }),
+        ),
+        (
+            "notification feed (20 items)",
+            user_tokens,
+            Arc::new(|_| "/v1/me/notifications?limit=20".into()),
+        ),
+    ];
+    for (name, tokens, paths) in queries {
+        let measured = closed_loop(server.addr, tokens, CONNECTIONS, sizes.secs, paths).await?;
+        let (rps, p99) = (measured.per_second, ms(&measured.latency, 0.99));
+        let cached_top = name.starts_with("cached top");
+        report.row(
+            &format!("queries: {name}, {CONNECTIONS} connections"),
+            format!(
+                "{rps:.0} req/s, p50 {:.2} / p99 {p99:.2} ms",
+                ms(&measured.latency, 0.5)
+            ),
+            format!("`/healthz`: {:.0} req/s", ceiling.per_second),
+            Some(rps / ceiling.per_second),
+            if cached_top {
+                "≥ 35% of `/healthz`, p99 ≤ 10 ms"
+            } else {
+                "—"
+            },
+            cached_top.then_some(rps >= 0.35 * ceiling.per_second && p99 <= 10.0),
+        );
+        report.latencies.push((name.to_string(), measured.latency));
+    }
+    report
+        .latencies
+        .push(("GET /healthz (ceiling)".into(), ceiling.latency));
+
+    eprintln!("SSE fan-out to {} streams…", sizes.streams);
+    let fan =
+        scenarios::fan_out(&api, server.addr, test, sizes.streams, || server.rss_kib()).await?;
+    let last = ms(&fan.delivery, 1.0);
+    report.row(
+        &format!("SSE: one change to {} open streams", fan.streams),
+        format!(
+            "all within {last:.0} ms (p50 {:.0} ms); {:.1} KiB RSS per stream",
+            ms(&fan.delivery, 0.5),
+            fan.rss_per_stream_kib
+        ),
+        "—".into(),
+        None,
+        "≤ 150 ms to all, ≤ 8 KB per stream",
+        Some(last <= 150.0 && fan.rss_per_stream_kib <= 8.0),
+    );
+    report.row(
+        "idle RSS",
+        format!("{idle_mib:.1} MiB"),
+        "—".into(),
+        None,
+        "≤ 50 MB",
+        Some(idle_mib <= 50.0),
+    );
+    server.stop().await;
+    Ok(())
+}
+
+/// Replay of a large log, and rank lookups on the leaderboard it builds,
+/// against their ceilings: reading the log, and Redis.
+async fn scale_scenarios(db: &ScratchDb, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
+    eprintln!("seeding {} attempts…", sizes.attempts);
+    let mut quiet = |_, _| {};
+    let (test, events) = podium::seed::bulk(&db.pool, sizes.attempts, &mut quiet).await?;
+    eprintln!("reading the log…");
+    let (read, read_rate) = ceilings::read_log(&db.pool).await?;
+    anyhow::ensure!(read == events, "read {read} of {events} events");
+    eprintln!("replaying {events} events…");
+    let replay_started = Instant::now();
+    let mut progress = podium::replay::stderr_progress();
+    podium::replay::replay(&db.pool, podium::replay::Target::All, &mut progress).await?;
+    let replay_rate = events as f64 / replay_started.elapsed().as_secs_f64();
+    report.row(
+        &format!("replay: all read models from {events} events"),
+        format!("{replay_rate:.0} events/s"),
+        format!("reading and decoding the log: {read_rate:.0} events/s"),
+        Some(replay_rate / read_rate),
+        "≥ 50% of the read",
+        Some(replay_rate >= 0.5 * read_rate),
+    );
+
+    let server = Server::start(Options {
+        database_url: &db.url,
+        nats_url: "",
+        prefix: "bench-scale",
+        rate_limits: "off",
+        metrics: true,
+        workers: false,
+    })
+    .await?;
+    let api = Api::new(&server.address)?;
+    let viewer = Arc::new(vec![api.token("viewer", Role::User)]);
+    let attempts = sizes.attempts;
+    eprintln!("rank at scale…");
+    let measured = closed_loop(
+        server.addr,
+        viewer,
+        CONNECTIONS,
+        sizes.secs,
+        Arc::new(move |i| {
+            let user = 1 + i.wrapping_mul(2_654_435_761) % attempts;
+            format!("/v1/tests/{test}/leaderboard/users/user-{user}")
+        }),
+    )
+    .await?;
+    server.stop().await;
+    eprintln!("Redis ceiling…");
+    let redis = ceilings::redis(attempts, CONNECTIONS as u32, sizes.redis_requests)?;
+    let (rps, p99) = (measured.per_second, ms(&measured.latency, 0.99));
+    report.row(
+        &format!("rank at scale: around-user on {attempts} entries, {CONNECTIONS} connections"),
+        format!(
+            "{rps:.0} req/s, p50 {:.2} / p99 {p99:.2} ms",
+            ms(&measured.latency, 0.5)
+        ),
+        format!(
+            "Redis ZREVRANK {:.0}/s (p99 {:.2} ms) + ZREVRANGE {:.0}/s = {:.0} pairs/s",
+            redis.rank_per_second,
+            redis.rank_p99_ms,
+            redis.range_per_second,
+            redis.pairs_per_second()
+        ),
+        Some(rps / redis.pairs_per_second()),
+        "≥ 50% of Redis pairs, p99 ≤ 5 ms",
+        Some(rps >= 0.5 * redis.pairs_per_second() && p99 <= 5.0),
+    );
+    report
+        .latencies
+        .push((format!("around-user, {attempts} entries"), measured.latency));
+    Ok(())
+}
+
+/// The machine, the versions and the date.
+async fn machine() -> Vec<(String, String)> {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .map(|l| l.trim().to_string())
+        .unwrap_or_default();
+    let command = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let postgres = match ScratchDb::create(1).await {
+        Ok(db) => {
+            let version: String = sqlx::query_scalar("SHOW server_version")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap_or_default();
+            let _ = db.drop().await;
+            version
+        }
+        Err(_) => String::new(),
+    };
+    let nats = async_nats_version().await.unwrap_or_default();
+    let redis = command("redis-cli", &["INFO", "server"])
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    vec![
+        (
+            "date".into(),
+            chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+        ),
+        ("CPU".into(), format!("{cpu}, {cores} cores")),
+        ("memory".into(), memory),
+        (
+            "kernel".into(),
+            read("/proc/sys/kernel/osrelease").trim().to_string(),
+        ),
+        ("rustc".into(), command("rustc", &["--version"])),
+        ("Postgres".into(), postgres),
+        ("NATS".into(), nats),
+        ("Redis".into(), redis),
+        (
+            "note".into(),
+            "Postgres, NATS, Redis, Podium and the load generator share the machine".into(),
+        ),
+    ]
+}
+
+async fn async_nats_version() -> Option<String> {
+    let bus = podium_nats::EventBus::connect(&nats_url(), "benchversion")
+        .await
+        .ok()?;
+    bus.client().flush().await.ok()?;
+    Some(bus.client().server_info().version)
+}
+
+/// Deletes the run's NATS streams.
+async fn cleanup_nats(prefix: &str) {
+    if let Ok(bus) = podium_nats::EventBus::connect(&nats_url(), prefix).await {
+        for stream in [
+            bus.subjects().events_stream(),
+            bus.subjects().dead_letter_stream(),
+        ] {
+            let _ = bus.jetstream().delete_stream(stream).await;
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! The scenarios, driven over HTTP and SSE like real clients.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use podium::auth::{JwtKeys, Role};
+use podium_domain::UserId;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::load::{histogram, record};
+use crate::server::SECRET;
+
+/// Questions per bench test; question `i` is worth `i` points (max 210).
+const QUESTIONS: u32 = 20;
+
+/// A client of one server.
+#[derive(Clone)]
+pub struct Api {
+    pub client: reqwest::Client,
+    pub base: String,
+    keys: Arc<JwtKeys>,
+}
+
+impl Api {
+    pub fn new(base: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(256)
+                .timeout(Duration::from_secs(60))
+                .build()?,
+            base: base.to_string(),
+            keys: Arc::new(JwtKeys::new(SECRET)?),
+        })
+    }
+
+    pub fn token(&self, user: &str, role: Role) -> String {
+        let user = UserId::parse(user).expect("bench user ids are valid");
+        self.keys.issue(&user, role, Duration::from_secs(4 * 3600))
+    }
+
+    pub async fn publish_test(&self) -> anyhow::Result<Uuid> {
+        let questions: Vec<Value> = (1..=QUESTIONS)
+            .map(|i| json!({"id": format!("q{i}"), "prompt": "?", "choices": ["a", "b"], "answer": 0, "points": i}))
+            .collect();
+        let body: Value = self
+            .client
+            .post(format!("{}/v1/tests", self.base))
+            .bearer_auth(self.token("bench-admin", Role::Admin))
+            .json(&json!({"title": "Bench", "questions": questions}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(body["id"].as_str().unwrap_or_default().parse()?)
+    }
+
+    /// Start, one answer, submit: returns each command's latency.
+    pub async fn take(&self, test: Uuid, token: &str, seed: u64) -> anyhow::Result<[Duration; 3]> {
+        let timed = |request: reqwest::RequestBuilder| async move {
+            let started = Instant::now();
+            let response = request.bearer_auth(token).send().await?;
+            let status = response.status();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            anyhow::ensure!(status.is_success(), "answered {status}: {body}");
+            anyhow::Ok((started.elapsed(), body))
+        };
+        let (start, attempt) = timed(
+            self.client
+                .post(format!("{}/v1/tests/{test}/attempts", self.base)),
+        )
+        .await?;
+        let id = attempt["attempt_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let (answer, _) = timed(
+            self.client
+                .put(format!("{}/v1/attempts/{id}/answers/q1", self.base))
+                .json(&json!({"choice": seed % 2})),
+        )
+        .await?;
+        let answers: serde_json::Map<String, Value> = (2..=QUESTIONS)
+            .map(|i| (format!("q{i}"), json!((seed >> (i % 60)) & 1)))
+            .collect();
+        let (submit, _) = timed(
+            self.client
+                .post(format!("{}/v1/attempts/{id}/submit", self.base))
+                .json(&json!({ "answers": answers })),
+        )
+        .await?;
+        Ok([start, answer, submit])
+    }
+}
+
+/// What ingest measured.
+pub struct Ingest {
+    pub submissions_per_second: f64,
+    pub commands_per_second: f64,
+    pub latency: Histogram<u64>,
+    /// Submissions accepted in each second of the run.
+    pub timeline: Vec<u64>,
+}
+
+/// `concurrency` virtual users take attempts on `tests` as fast as they are
+/// answered, for `duration`; `users` distinct users in all.
+pub async fn ingest(
+    api: &Api,
+    tests: &[Uuid],
+    users: usize,
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<Ingest> {
+    let tokens: Arc<Vec<String>> = Arc::new(
+        (0..users)
+            .map(|u| api.token(&format!("user-{u}"), Role::User))
+            .collect(),
+    );
+    let started = Instant::now();
+    let seconds = duration.as_secs().max(1) as usize + 1;
+    let mut tasks = Vec::new();
+    for vu in 0..concurrency {
+        let (api, tokens, tests) = (api.clone(), tokens.clone(), tests.to_vec());
+        tasks.push(tokio::spawn(async move {
+            let mut latency = histogram();
+            let mut timeline = vec![0u64; seconds];
+            let mut n = vu as u64;
+            while started.elapsed() < duration {
+                let token = &tokens[(n as usize * 7919) % tokens.len()];
+                let test = tests[n as usize % tests.len()];
+                let times = api
+                    .take(test, token, n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                    .await?;
+                for time in times {
+                    record(&mut latency, time);
+                }
+                let second = (started.elapsed().as_secs() as usize).min(seconds - 1);
+                timeline[second] += 1;
+                n += concurrency as u64;
+            }
+            anyhow::Ok((latency, timeline))
+        }));
+    }
+    let mut latency = histogram();
+    let mut timeline = vec![0u64; seconds];
+    for task in tasks {
+        let (l, t) = task.await??;
+        latency.add(l)?;
+        for (total, n) in timeline.iter_mut().zip(t) {
+            *total += n;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let submissions: u64 = timeline.iter().sum();
+    timeline.truncate(duration.as_secs().max(1) as usize);
+    Ok(Ingest {
+        submissions_per_second: submissions as f64 / elapsed,
+        commands_per_second: latency.len() as f64 / elapsed,
+        latency,
+        timeline,
+    })
+}
+
+/// An SSE stream's body, read frame by frame.
+pub async fn open_stream(
+    addr: SocketAddr,
+    path: &str,
+    token: &str,
+) -> anyhow::Result<hyper::body::Incoming> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let request = hyper::Request::get(path)
+        .header("host", "bench")
+        .header("authorization", format!("Bearer {token}"))
+        .body(Empty::<Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "stream answered {}",
+        response.status()
+    );
+    Ok(response.into_body())
+}
+
+/// What freshness measured.
+pub struct Freshness {
+    /// From a submission's 200 to its entry in the around-user query.
+    pub to_query: Histogram<u64>,
+    /// From a submission's 200 to its SSE `entry` event.
+    pub to_sse: Histogram<u64>,
+}
+
+/// Submissions at `rate` per second (open loop) for `duration`, each timed
+/// to its visibility in the query API and on an open stream.
+pub async fn freshness(
+    api: &Api,
+    addr: SocketAddr,
+    test: Uuid,
+    rate: f64,
+    duration: Duration,
+) -> anyhow::Result<Freshness> {
+    let viewer = api.token("fresh-viewer", Role::User);
+    let mut body = open_stream(
+        addr,
+        &format!("/v1/tests/{test}/leaderboard/stream"),
+        &viewer,
+    )
+    .await?;
+    // When each user's entry event arrived.
+    let arrivals: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let reader = {
+        let arrivals = arrivals.clone();
+        tokio::spawn(async move {
+            let mut buffer = String::new();
+            while let Some(Ok(frame)) = body.frame().await {
+                let Some(data) = frame.data_ref() else {
+                    continue;
+                };
+                let now = Instant::now();
+                buffer.push_str(&String::from_utf8_lossy(data));
+                while let Some(end) = buffer.find("\n\n") {
+                    let block: String = buffer.drain(..end + 2).collect();
+                    let user = block
+                        .lines()
+                        .find_map(|l| l.strip_prefix("data: "))
+                        .and_then(|d| serde_json::from_str::<Value>(d).ok())
+                        .and_then(|d| d["user_id"].as_str().map(str::to_string));
+                    if let Some(user) = user {
+                        arrivals.lock().unwrap().insert(user, now);
+                    }
+                }
+            }
+        })
+    };
+    let run = Uuid::new_v4().simple().to_string();
+    let total = (rate * duration.as_secs_f64()).round().max(1.0) as u64;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for n in 0..total {
+        let at = started + Duration::from_secs_f64(n as f64 / rate);
+        let (api, viewer) = (api.clone(), viewer.clone());
+        let user = format!("fresh-{}-{n}", &run[..8]);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            let token = api.token(&user, Role::User);
+            api.take(test, &token, n).await?;
+            let accepted = Instant::now();
+            let path = format!("{}/v1/tests/{test}/leaderboard/users/{user}", api.base);
+            loop {
+                let response = api.client.get(&path).bearer_auth(&viewer).send().await?;
+                if response.status().is_success() {
+                    return anyhow::Ok((user, accepted, accepted.elapsed()));
+                }
+                anyhow::ensure!(
+                    accepted.elapsed() < Duration::from_secs(30),
+                    "never visible"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    let mut to_query = histogram();
+    let mut accepted_at = Vec::new();
+    for task in tasks {
+        let (user, accepted, visible) = task.await??;
+        record(&mut to_query, visible);
+        accepted_at.push((user, accepted));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut to_sse = histogram();
+    loop {
+        let arrived = arrivals.lock().unwrap().clone();
+        if accepted_at.iter().all(|(u, _)| arrived.contains_key(u)) || Instant::now() > deadline {
+            for (user, accepted) in &accepted_at {
+                if let Some(at) = arrived.get(user) {
+                    // An event can beat its 200 to the client: no delay then.
+                    record(&mut to_sse, at.saturating_duration_since(*accepted));
+                }
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    reader.abort();
+    Ok(Freshness { to_query, to_sse })
+}
+
+/// What the SSE fan-out measured.
+pub struct FanOut {
+    pub streams: usize,
+    pub rss_per_stream_kib: f64,
+    /// From the submission's 200 to each stream's `entry` event.
+    pub delivery: Histogram<u64>,
+}
+
+/// Opens `n` leaderboard streams, then submits once and times the change's
+/// arrival on each. `rss` reads the server's memory.
+pub async fn fan_out(
+    api: &Api,
+    addr: SocketAddr,
+    test: Uuid,
+    n: usize,
+    rss: impl Fn() -> u64,
+) -> anyhow::Result<FanOut> {
+    let viewer = api.token("fan-viewer", Role::User);
+    let path = format!("/v1/tests/{test}/leaderboard/stream");
+    let before = rss();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(n.max(1));
+    let mut readers = Vec::new();
+    for _ in 0..n {
+        let (path, viewer, ready_tx) = (path.clone(), viewer.clone(), ready_tx.clone());
+        readers.push(tokio::spawn(async move {
+            let mut body = open_stream(addr, &path, &viewer).await?;
+            ready_tx.send(()).await.ok();
+            while let Some(frame) = body.frame().await {
+                if frame?
+                    .data_ref()
+                    .is_some_and(|d| d.windows(12).any(|w| w == b"event: entry"))
+                {
+                    return anyhow::Ok(Some(Instant::now()));
+                }
+            }
+            anyhow::Ok(None)
+        }));
+    }
+    drop(ready_tx);
+    let mut opened = 0;
+    while opened < n && ready_rx.recv().await.is_some() {
+        opened += 1;
+    }
+    // Let the server settle its buffers before reading its memory.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss();
+    let token = api.token("fan-trigger", Role::User);
+    let client = api.clone();
+    let trigger = tokio::spawn(async move {
+        // The clock starts at the submit's answer, as for freshness.
+        let result = client.take(test, &token, 1).await;
+        result.map(|_| Instant::now())
+    });
+    let accepted = trigger.await??;
+    let mut delivery = histogram();
+    for reader in readers {
+        if let Ok(Ok(Ok(Some(arrived)))) =
+            tokio::time::timeout(Duration::from_secs(60), reader).await
+        {
+            // An event can beat the 200 to the client: no delay then.
+            record(&mut delivery, arrived.saturating_duration_since(accepted));
+        }
+    }
+    Ok(FanOut {
+        streams: opened,
+        rss_per_stream_kib: after.saturating_sub(before) as f64 / opened.max(1) as f64,
+        delivery,
+    })
+}
+
+/// Waits (at most two minutes) until the relay and every projection have
+/// caught up with the log, as `/metrics` reports.
+pub async fn settle(api: &Api) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let text = api
+            .client
+            .get(format!("{}/metrics", api.base))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let lags: Vec<f64> = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("podium_projection_lag_events")
+                    || l.starts_with("podium_relay_lag_events")
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+            .collect();
+        if !lags.is_empty() && lags.iter().all(|lag| *lag == 0.0) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the projections did not catch up: {lags:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,103 @@
+//! A Podium server in a child process (this binary in `serve` mode), so that
+//! its memory is measured alone.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::AsyncBufReadExt;
+
+pub const SECRET: &str = "podium-bench-secret-0123456789abcdef012345";
+
+/// Server mode: settings from the parent's environment; prints the port and
+/// serves until stdin closes.
+pub async fn serve() -> anyhow::Result<()> {
+    let mut settings = podium::Settings::new(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        std::env::var("DATABASE_URL")?,
+        SECRET.into(),
+    );
+    settings.nats.nats_url = std::env::var("NATS_URL").ok().filter(|u| !u.is_empty());
+    settings.nats.nats_prefix = std::env::var("PODIUM_NATS_PREFIX")?;
+    settings.query.sse_max_streams_per_user = 100_000;
+    settings.rate_limits = std::env::var("PODIUM_RATE_LIMITS")?;
+    settings.http_metrics = std::env::var("PODIUM_HTTP_METRICS")? == "true";
+    settings.workers = std::env::var("PODIUM_WORKERS")? == "true";
+    let app = podium::Application::build(settings).await?;
+    println!("PORT {}", app.port());
+    app.run_until(async {
+        let mut line = String::new();
+        let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+        let _ = stdin.read_line(&mut line).await;
+    })
+    .await
+}
+
+/// How a server is started.
+pub struct Options<'a> {
+    pub database_url: &'a str,
+    /// Empty: no NATS (no relay, no workers, no cache).
+    pub nats_url: &'a str,
+    pub prefix: &'a str,
+    pub rate_limits: &'a str,
+    pub metrics: bool,
+    pub workers: bool,
+}
+
+pub struct Server {
+    child: tokio::process::Child,
+    pub address: String,
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    pub async fn start(options: Options<'_>) -> anyhow::Result<Self> {
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .env("DATABASE_URL", options.database_url)
+            .env("NATS_URL", options.nats_url)
+            .env("PODIUM_NATS_PREFIX", options.prefix)
+            .env("PODIUM_RATE_LIMITS", options.rate_limits)
+            .env("PODIUM_HTTP_METRICS", options.metrics.to_string())
+            .env("PODIUM_WORKERS", options.workers.to_string())
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let port: u16 = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let line = lines
+                    .next_line()
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("the server exited at start"))?;
+                if let Some(port) = line.strip_prefix("PORT ") {
+                    return anyhow::Ok(port.parse()?);
+                }
+            }
+        })
+        .await??;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        Ok(Self {
+            child,
+            address: format!("http://{addr}"),
+            addr,
+        })
+    }
+
+    /// Resident memory, KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let Some(pid) = self.child.id() else { return 0 };
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
