@@ -368,6 +368,7 @@ async fn live_scenarios(
     report
         .latencies
         .push(("GET /healthz (ceiling)".into(), ceiling.latency));
+    overhead(db, prefix, test, sizes, report).await?;
 
     eprintln!("SSE fan-out to {} streams…", sizes.streams);
     let fan =
@@ -394,6 +395,66 @@ async fn live_scenarios(
         Some(idle_mib <= 50.0),
     );
     server.stop().await;
+    Ok(())
+}
+
+/// What the rate limiter and the request metrics cost on the cached top
+/// page: the same page from API-only servers with each of them off and on.
+async fn overhead(
+    db: &ScratchDb,
+    prefix: &str,
+    test: uuid::Uuid,
+    sizes: &Sizes,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    const HUGE: &str = "user_commands=100000000/min,user_queries=100000000/min,ip=100000000/min";
+    let nats = nats_url();
+    let mut baseline = None;
+    for (name, limits, metrics) in [
+        ("limiter off, metrics off", "off", false),
+        ("limiter on, metrics off", HUGE, false),
+        ("limiter off, metrics on", "off", true),
+        ("limiter on, metrics on", HUGE, true),
+    ] {
+        eprintln!("overhead: {name}…");
+        let server = Server::start(Options {
+            database_url: &db.url,
+            nats_url: &nats,
+            prefix,
+            rate_limits: limits,
+            metrics,
+            workers: false,
+        })
+        .await?;
+        let api = Api::new(&server.address)?;
+        let tokens = Arc::new(vec![api.token("viewer", Role::User)]);
+        let path = format!("/v1/tests/{test}/leaderboard?limit=50");
+        // Warm the cache.
+        api.client
+            .get(format!("{}{path}", api.base))
+            .bearer_auth(&tokens[0])
+            .send()
+            .await?;
+        let measured = closed_loop(
+            server.addr,
+            tokens,
+            CONNECTIONS,
+            sizes.secs,
+            Arc::new(move |_| path.clone()),
+        )
+        .await?;
+        server.stop().await;
+        let rps = measured.per_second;
+        let base = *baseline.get_or_insert(rps);
+        report.row(
+            &format!("overhead: cached top page, {name}"),
+            format!("{rps:.0} req/s, p99 {:.2} ms", ms(&measured.latency, 0.99)),
+            format!("both off: {base:.0} req/s"),
+            Some(rps / base),
+            "—",
+            None,
+        );
+    }
     Ok(())
 }
 

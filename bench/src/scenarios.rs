@@ -242,6 +242,7 @@ pub async fn freshness(
     };
     let run = Uuid::new_v4().simple().to_string();
     let total = (rate * duration.as_secs_f64()).round().max(1.0) as u64;
+    let sample = (rate / 20.0).ceil().max(1.0) as u64;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for n in 0..total {
@@ -253,28 +254,34 @@ pub async fn freshness(
             let token = api.token(&user, Role::User);
             api.take(test, &token, n).await?;
             let accepted = Instant::now();
+            // Polling is load too: about 20 submissions a second are
+            // followed to the query; every one is followed to SSE.
+            if n % sample != 0 {
+                return anyhow::Ok((user, accepted, None));
+            }
             let path = format!("{}/v1/tests/{test}/leaderboard/users/{user}", api.base);
-            loop {
+            // Past saturation the backlog grows: what is not visible after
+            // a minute counts as a minute.
+            while accepted.elapsed() < Duration::from_secs(60) {
                 let response = api.client.get(&path).bearer_auth(&viewer).send().await?;
                 if response.status().is_success() {
-                    return anyhow::Ok((user, accepted, accepted.elapsed()));
+                    break;
                 }
-                anyhow::ensure!(
-                    accepted.elapsed() < Duration::from_secs(30),
-                    "never visible"
-                );
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            anyhow::Ok((user, accepted, Some(accepted.elapsed())))
         }));
     }
     let mut to_query = histogram();
     let mut accepted_at = Vec::new();
     for task in tasks {
         let (user, accepted, visible) = task.await??;
-        record(&mut to_query, visible);
+        if let Some(visible) = visible {
+            record(&mut to_query, visible);
+        }
         accepted_at.push((user, accepted));
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut to_sse = histogram();
     loop {
         let arrived = arrivals.lock().unwrap().clone();

@@ -301,29 +301,28 @@ async fn load_around(
     user: UserId,
     radius: u16,
 ) -> Result<Loaded, ApiError> {
-    let mut tx = crate::db::snapshot(&state.read_pool).await?;
-    let seq = checkpoint_of(&mut *tx, leaderboard::NAME).await?;
-    let Some(entry) = LeaderboardQueries::entry_of(&mut tx, test_id, user.as_str()).await? else {
+    let around = LeaderboardQueries::around(
+        &state.read_pool,
+        test_id,
+        user.as_str(),
+        i64::from(radius),
+        leaderboard::NAME,
+    )
+    .await?;
+    let seq = around.checkpoint;
+    let Some(entry) = &around.entry else {
         let missing = ApiError::NotFound(format!("{user} has no entry on this leaderboard"));
         return Ok(Loaded {
             answer: Err(missing),
             seq,
         });
     };
-    let key = entry.entry.rank_key();
-    let radius = i64::from(radius);
-    let above = LeaderboardQueries::above(&mut tx, test_id, &key, entry.rank, radius).await?;
-    let below =
-        LeaderboardQueries::page_after(&mut tx, test_id, Some(&key), entry.rank + 1, radius)
-            .await?;
-    let total = LeaderboardQueries::total(&mut *tx, test_id).await?;
-    tx.commit().await?;
     let view = AroundView {
         test_id,
-        total,
-        entry: EntryView::from(&entry),
-        above: above.iter().map(EntryView::from).collect(),
-        below: below.iter().map(EntryView::from).collect(),
+        total: around.total,
+        entry: EntryView::from(entry),
+        above: around.above.iter().map(EntryView::from).collect(),
+        below: around.below.iter().map(EntryView::from).collect(),
     };
     Ok(Loaded {
         answer: JsonBody::new(&view, None),

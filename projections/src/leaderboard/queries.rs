@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use sqlx::{PgConnection, PgExecutor, PgPool};
+use sqlx::{PgConnection, PgExecutor, PgPool, Row};
 use uuid::Uuid;
 
 use super::{entry_from_row, rank_in};
@@ -194,6 +194,87 @@ impl LeaderboardQueries {
         Ok(above)
     }
 
+    /// A user's entry with its rank, up to `radius` neighbours on each side
+    /// (in rank order), the total and the checkpoint of projection
+    /// `checkpoint` — all in one statement, so one round trip and one
+    /// snapshot. `entry` is `None` when the user has no entry.
+    pub async fn around<'e>(
+        db: impl PgExecutor<'e>,
+        test_id: Uuid,
+        user_id: &str,
+        radius: i64,
+        checkpoint: &str,
+    ) -> Result<Around, sqlx::Error> {
+        let rows = sqlx::query(
+            "WITH me AS MATERIALIZED (
+                 SELECT user_id, best_score, max_score, attempt_id, achieved_at, attempts
+                   FROM lb_entries WHERE test_id = $1 AND user_id = $2),
+             above AS (
+                 SELECT y.* FROM me CROSS JOIN LATERAL (
+                     SELECT z.user_id, z.best_score, z.max_score, z.attempt_id, z.achieved_at, z.attempts
+                       FROM lb_entries z
+                      WHERE z.test_id = $1
+                        AND (-z.best_score, z.achieved_at, z.user_id) < (-me.best_score, me.achieved_at, me.user_id)
+                      ORDER BY -z.best_score DESC, z.achieved_at DESC, z.user_id DESC LIMIT $3) y),
+             below AS (
+                 SELECT y.* FROM me CROSS JOIN LATERAL (
+                     SELECT z.user_id, z.best_score, z.max_score, z.attempt_id, z.achieved_at, z.attempts
+                       FROM lb_entries z
+                      WHERE z.test_id = $1
+                        AND (-z.best_score, z.achieved_at, z.user_id) > (-me.best_score, me.achieved_at, me.user_id)
+                      ORDER BY -z.best_score, z.achieved_at, z.user_id LIMIT $3) y),
+             parts AS (
+                 SELECT 0 AS part, * FROM me
+                 UNION ALL SELECT 1, * FROM above
+                 UNION ALL SELECT 2, * FROM below),
+             meta AS (
+                 SELECT (SELECT COALESCE(sum(entries), 0) FROM lb_score_counts WHERE test_id = $1)::bigint AS total,
+                        COALESCE((SELECT seq FROM projection_checkpoints WHERE name = $4), 0)::bigint AS checkpoint,
+                        (SELECT 1 + COALESCE((SELECT sum(c.entries) FROM lb_score_counts c
+                                               WHERE c.test_id = $1 AND c.score > me.best_score), 0)
+                                  + (SELECT count(*) FROM lb_entries x
+                                      WHERE x.test_id = $1 AND -x.best_score = -me.best_score
+                                        AND (x.achieved_at, x.user_id) < (me.achieved_at, me.user_id))
+                           FROM me)::bigint AS rank)
+             SELECT meta.total, meta.checkpoint, meta.rank, parts.*
+               FROM meta LEFT JOIN parts ON true",
+        )
+        .bind(test_id)
+        .bind(user_id)
+        .bind(radius)
+        .bind(checkpoint)
+        .fetch_all(db)
+        .await?;
+        let first = rows.first().expect("the meta row is always there");
+        let mut around = Around {
+            total: first.try_get::<i64, _>("total")? as u64,
+            checkpoint: first.try_get::<i64, _>("checkpoint")? as u64,
+            entry: None,
+            above: Vec::new(),
+            below: Vec::new(),
+        };
+        let Some(rank) = first.try_get::<Option<i64>, _>("rank")? else {
+            return Ok(around);
+        };
+        let rank = rank as u64;
+        for row in &rows {
+            let entry = entry_from_row(row)?;
+            match row.try_get::<i32, _>("part")? {
+                0 => around.entry = Some(RankedEntry { rank, entry }),
+                1 => around.above.push(RankedEntry {
+                    rank: rank - 1 - around.above.len() as u64,
+                    entry,
+                }),
+                _ => around.below.push(RankedEntry {
+                    rank: rank + 1 + around.below.len() as u64,
+                    entry,
+                }),
+            }
+        }
+        around.above.reverse();
+        Ok(around)
+    }
+
     /// A page: from the top, from rank `offset + 1`, or after a cursor.
     /// `limit` entries at most in rank order, plus, after a cursor, the
     /// entries that moved from behind it to ahead of it since the cursor's
@@ -294,7 +375,7 @@ impl LeaderboardQueries {
         .await?;
         let mut changed = Vec::with_capacity(rows.len());
         for row in &rows {
-            let seq: i64 = sqlx::Row::try_get(row, "changed_seq")?;
+            let seq: i64 = row.try_get("changed_seq")?;
             let entry = with_rank(conn, test_id, entry_from_row(row)?).await?;
             changed.push((seq as u64, entry));
         }
@@ -333,6 +414,18 @@ impl LeaderboardQueries {
             .await?;
         Ok(())
     }
+}
+
+/// A user's place on a leaderboard, as [`LeaderboardQueries::around`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Around {
+    pub total: u64,
+    /// The projection checkpoint the read reflects.
+    pub checkpoint: u64,
+    pub entry: Option<RankedEntry>,
+    /// In rank order.
+    pub above: Vec<RankedEntry>,
+    pub below: Vec<RankedEntry>,
 }
 
 /// Where a page starts.
