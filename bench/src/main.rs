@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use podium::auth::Role;
-use serde_json::Value;
 
 use load::{closed_loop, ms, Paths};
 use report::Report;
@@ -259,16 +258,11 @@ async fn live_scenarios(
 
     eprintln!("queries…");
     let test = tests[0];
-    let top: Value = api
-        .client
-        .get(format!(
-            "{}/v1/tests/{test}/leaderboard?limit=200",
-            api.base
-        ))
-        .bearer_auth(&viewer[0])
-        .send()
-        .await?
-        .json()
+    let top = api
+        .get_json(
+            &format!("/v1/tests/{test}/leaderboard?limit=200"),
+            &viewer[0],
+        )
         .await?;
     let users: Vec<String> = top["entries"]
         .as_array()
@@ -280,13 +274,11 @@ async fn live_scenarios(
         .unwrap_or_default();
     anyhow::ensure!(!users.is_empty(), "the leaderboard is empty after ingest");
     let mut cursors = Vec::new();
-    let mut page: Value = api
-        .client
-        .get(format!("{}/v1/tests/{test}/leaderboard?limit=50", api.base))
-        .bearer_auth(&viewer[0])
-        .send()
-        .await?
-        .json()
+    let mut page = api
+        .get_json(
+            &format!("/v1/tests/{test}/leaderboard?limit=50"),
+            &viewer[0],
+        )
         .await?;
     while let Some(cursor) = page["next_cursor"]
         .as_str()
@@ -295,15 +287,10 @@ async fn live_scenarios(
     {
         cursors.push(cursor.clone());
         page = api
-            .client
-            .get(format!(
-                "{}/v1/tests/{test}/leaderboard?limit=50&cursor={cursor}",
-                api.base
-            ))
-            .bearer_auth(&viewer[0])
-            .send()
-            .await?
-            .json()
+            .get_json(
+                &format!("/v1/tests/{test}/leaderboard?limit=50&cursor={cursor}"),
+                &viewer[0],
+            )
             .await?;
     }
     let user_tokens: Arc<Vec<String>> =

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use hdrhistogram::Histogram;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::load::ms;
@@ -133,25 +134,19 @@ impl Report {
             })
             .y_desc("ms")
             .draw()?;
-        for (i, (name, h)) in self.latencies.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            let points: Vec<(f64, f64)> = PERCENTILES[..4]
-                .iter()
-                .enumerate()
-                .map(|(x, (_, q))| (x as f64, ms(h, *q)))
-                .collect();
-            chart
-                .draw_series(LineSeries::new(points, color.stroke_width(2)))?
-                .label(name.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        let lines = self
+            .latencies
+            .iter()
+            .map(|(name, h)| {
+                let points = PERCENTILES[..4]
+                    .iter()
+                    .enumerate()
+                    .map(|(x, (_, q))| (x as f64, ms(h, *q)))
+                    .collect();
+                (name.clone(), points)
+            })
+            .collect();
+        draw_lines(&mut chart, lines)?;
         root.present()?;
         Ok(())
     }
@@ -207,27 +202,45 @@ impl Report {
             .x_desc("ms")
             .y_desc("fraction of submissions")
             .draw()?;
-        for (i, (name, h)) in self.freshness.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            let points: Vec<(f64, f64)> = (0..=200)
-                .map(|step| {
-                    let q = f64::from(step) / 200.0;
-                    (ms(h, q), q)
-                })
-                .collect();
-            chart
-                .draw_series(LineSeries::new(points, color.stroke_width(2)))?
-                .label(name.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        let lines = self
+            .freshness
+            .iter()
+            .map(|(name, h)| {
+                let points = (0..=200)
+                    .map(|step| {
+                        let q = f64::from(step) / 200.0;
+                        (ms(h, q), q)
+                    })
+                    .collect();
+                (name.clone(), points)
+            })
+            .collect();
+        draw_lines(&mut chart, lines)?;
         root.present()?;
         Ok(())
     }
+}
+
+type Chart<'a> = ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// Draws one labelled line per series, and the legend.
+fn draw_lines<'a>(
+    chart: &mut Chart<'a>,
+    lines: Vec<(String, Vec<(f64, f64)>)>,
+) -> anyhow::Result<()> {
+    for (i, (name, points)) in lines.into_iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
 }

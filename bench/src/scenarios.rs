@@ -45,6 +45,18 @@ impl Api {
         self.keys.issue(&user, role, Duration::from_secs(4 * 3600))
     }
 
+    /// `GET path` as `token`, as JSON.
+    pub async fn get_json(&self, path: &str, token: &str) -> anyhow::Result<Value> {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(response.json().await?)
+    }
+
     pub async fn publish_test(&self) -> anyhow::Result<Uuid> {
         let questions: Vec<Value> = (1..=QUESTIONS)
             .map(|i| json!({"id": format!("q{i}"), "prompt": "?", "choices": ["a", "b"], "answer": 0, "points": i}))
