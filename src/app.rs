@@ -111,6 +111,7 @@ impl Application {
             trusted_proxies: Arc::new(trusted_proxies),
             cors_origins: Arc::new(cors_origins),
             http_metrics: settings.http_metrics,
+            definitions: moka::future::Cache::new(10_000),
             pool,
             read_pool,
             keys: Arc::new(keys),

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::catalog::load_published;
+use super::catalog::published_definition;
 use super::error::{ApiError, Rejection as _};
 use super::extract::{ApiJson, ApiPath, OptionalJson, RequestId};
 use super::AppState;
@@ -243,8 +243,8 @@ async fn load_for_owner(
     if started.user_id != principal.user_id {
         return Err(AttemptError::NotOwner.into_api_error());
     }
-    let test = load_published(state, started.test_id).await?;
-    Ok(test.definition)
+    let definition = published_definition(state, started.test_id).await?;
+    Ok(TestDefinition::clone(&definition))
 }
 
 #[derive(Serialize, ToSchema)]

@@ -7,7 +7,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use podium_domain::test::{PublishedTest, QuestionDraft, TestCommand, TestDefinition, TestDraft};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use utoipa::ToSchema;
+
 use uuid::Uuid;
 
 use super::error::ApiError;
@@ -183,6 +185,26 @@ async fn show(
             })
             .collect(),
     }))
+}
+
+/// The definition of published test `test_id`, or 404. A definition never
+/// changes once published and a test is never unpublished, so it is kept in
+/// memory after the first load: answers and submissions skip a read of the
+/// test's events. (Whether it is archived does change: `start` and `show`
+/// read the aggregate.)
+pub(super) async fn published_definition(
+    state: &AppState,
+    test_id: Uuid,
+) -> Result<Arc<TestDefinition>, ApiError> {
+    state
+        .definitions
+        .try_get_with(test_id, async {
+            load_published(state, test_id)
+                .await
+                .map(|test| Arc::new(test.definition))
+        })
+        .await
+        .map_err(ApiError::Shared)
 }
 
 /// The published test `test_id`, or 404.

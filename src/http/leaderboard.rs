@@ -17,7 +17,7 @@ use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::catalog::load_published;
+use super::catalog::published_definition;
 use super::error::ApiError;
 use super::extract::{ApiPath, ApiQuery};
 use super::pagination::{self, next_link};
@@ -195,7 +195,7 @@ async fn load_page(
     let page = LeaderboardQueries::page(&mut tx, test_id, &start, limit).await?;
     tx.commit().await?;
     if page.total == 0 {
-        if let Err(err) = load_published(state, test_id).await {
+        if let Err(err) = published_definition(state, test_id).await {
             return Ok(Loaded {
                 answer: Err(err),
                 seq,
@@ -400,7 +400,7 @@ async fn stream(
 ) -> Result<Response, ApiError> {
     let principal = query.caller(&state, &headers)?;
     let last_event_id = query.last_event_id(&headers)?;
-    load_published(&state, test_id).await?;
+    published_definition(&state, test_id).await?;
     let source = Entries {
         state: state.clone(),
         test_id,
