@@ -30,16 +30,30 @@ pub enum Command {
     Token(TokenArgs),
     /// Rebuild read models from the event log and swap them in atomically.
     Replay(ReplayArgs),
-    /// Write a published test and many users' attempts straight into the
-    /// event store, for benchmarks (replay them into the read models).
+    /// Demo data through a running server's API (tests, learners, attempts,
+    /// announcements), or with `--bulk N` a published test and N users'
+    /// attempts written straight into the event store, for benchmarks.
     Seed(SeedArgs),
 }
 
 #[derive(Debug, clap::Args)]
 pub struct SeedArgs {
-    /// How many attempts (users) to write: two events each.
+    /// Write this many attempts (users) straight into the event store
+    /// instead (two events each; then run `podium replay`).
     #[arg(long)]
-    pub bulk: u64,
+    pub bulk: Option<u64>,
+    /// The server to fill with demo data. Its rate limits apply: run it with
+    /// PODIUM_RATE_LIMITS=off for a fast seed.
+    #[arg(long, env = "PODIUM_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Demo learners.
+    #[arg(long, default_value_t = 300)]
+    pub learners: usize,
+    /// Demo attempts, spread over the learners and tests.
+    #[arg(long, default_value_t = 2_000)]
+    pub attempts: usize,
+    #[command(flatten)]
+    pub auth: AuthSettings,
     #[command(flatten)]
     pub database: DatabaseSettings,
 }
@@ -89,14 +103,44 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("migrations applied");
             Ok(())
         }
-        Command::Seed(args) => {
-            let pool = crate::db::connect(&args.database).await?;
-            crate::db::migrate(&pool).await?;
-            let mut progress = |done, total| eprintln!("seed: {done}/{total} attempts");
-            let (test_id, events) = crate::seed::bulk(&pool, args.bulk, &mut progress).await?;
-            println!("test {test_id}: {events} events written; run `podium replay` to build the read models");
-            Ok(())
-        }
+        Command::Seed(args) => match args.bulk {
+            Some(attempts) => {
+                let pool = crate::db::connect(&args.database).await?;
+                crate::db::migrate(&pool).await?;
+                let mut progress = |done, total| eprintln!("seed: {done}/{total} attempts");
+                let (test_id, events) = crate::seed::bulk(&pool, attempts, &mut progress).await?;
+                println!("test {test_id}: {events} events written; run `podium replay` to build the read models");
+                Ok(())
+            }
+            None => {
+                let secret = args.auth.jwt_secret.as_ref().context(
+                    "PODIUM_JWT_SECRET is not set: the seed signs its requests with the server's secret",
+                )?;
+                let keys = JwtKeys::new(secret.expose())?;
+                let size = crate::demo::DemoSize {
+                    learners: args.learners,
+                    attempts: args.attempts,
+                };
+                eprintln!(
+                    "seeding {} with {} attempts by {} learners…",
+                    args.url, size.attempts, size.learners
+                );
+                let seeded = crate::demo::seed(&args.url, &keys, size).await?;
+                println!("tests: {}", seeded.tests.join(" "));
+                println!("demo admin token:   {}", seeded.admin_token);
+                println!(
+                    "demo learner ({}) token: {}",
+                    seeded.learner, seeded.learner_token
+                );
+                println!(
+                    "try: curl -s {}/v1/tests/{}/leaderboard -H \"authorization: Bearer {}\"",
+                    args.url.trim_end_matches('/'),
+                    seeded.tests[0],
+                    seeded.learner_token
+                );
+                Ok(())
+            }
+        },
         Command::Replay(args) => {
             let pool = crate::db::connect(&args.database).await?;
             crate::db::migrate(&pool).await?;
