@@ -132,15 +132,6 @@ impl ChangeHub {
         self.epoch.send_modify(|n| *n += 1);
     }
 
-    /// Subscribers across all keys, for tests and metrics.
-    pub fn subscribers(&self) -> usize {
-        let channels = self
-            .channels
-            .lock()
-            .expect("the hub's lock is never poisoned");
-        channels.values().map(|s| s.receiver_count()).sum()
-    }
-
     /// Feeds the hub from `bus` until `stop`: one subscription to every
     /// change notification; when the connection comes back after a loss, or
     /// the subscription ends, subscribers are told to catch up.

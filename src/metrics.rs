@@ -5,7 +5,6 @@
 //! projection names, budget names, problem kinds.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use podium_nats::WorkerStats;
 use prometheus::{
@@ -266,13 +265,6 @@ impl Metrics {
 
     fn sources(&self) -> std::sync::MutexGuard<'_, Sources> {
         self.sources.lock().expect("never poisoned")
-    }
-
-    /// Time spent in Postgres for `op`.
-    pub fn db_time(&self, op: &str, elapsed: Duration) {
-        self.db_seconds
-            .with_label_values(&[op])
-            .observe(elapsed.as_secs_f64());
     }
 
     pub fn db_timer(&self, op: &str) -> Histogram {

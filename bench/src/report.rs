@@ -2,10 +2,10 @@
 //! ratios, and SVG charts drawn with plotters.
 
 use std::fmt::Write as _;
+use std::ops::Range;
 use std::path::Path;
 
 use hdrhistogram::Histogram;
-use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::load::ms;
@@ -110,30 +110,12 @@ impl Report {
     }
 
     fn latency_chart(&self, path: &Path) -> anyhow::Result<()> {
-        let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
-        root.fill(&WHITE)?;
         let top = self
             .latencies
             .iter()
             .map(|(_, h)| ms(h, 0.999))
             .fold(1.0f64, f64::max)
             * 1.15;
-        let mut chart = ChartBuilder::on(&root)
-            .caption("Latency percentiles (ms)", ("sans-serif", 22))
-            .margin(15)
-            .x_label_area_size(35)
-            .y_label_area_size(55)
-            .build_cartesian_2d(0f64..3.0, 0f64..top)?;
-        chart
-            .configure_mesh()
-            .x_labels(4)
-            .x_label_formatter(&|x| {
-                PERCENTILES
-                    .get(x.round() as usize)
-                    .map_or(String::new(), |p| p.0.to_string())
-            })
-            .y_desc("ms")
-            .draw()?;
         let lines = self
             .latencies
             .iter()
@@ -146,62 +128,54 @@ impl Report {
                 (name.clone(), points)
             })
             .collect();
-        draw_lines(&mut chart, lines)?;
-        root.present()?;
-        Ok(())
+        let percentile = |x: &f64| {
+            PERCENTILES
+                .get(x.round() as usize)
+                .map_or(String::new(), |p| p.0.to_string())
+        };
+        plot(
+            path,
+            Axes {
+                caption: "Latency percentiles (ms)",
+                x: 0.0..3.0,
+                y: 0.0..top,
+                x_desc: "percentile",
+                y_desc: "ms",
+                x_label: Some(&percentile),
+            },
+            lines,
+        )
     }
 
     fn ingest_chart(&self, path: &Path) -> anyhow::Result<()> {
-        let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
-        root.fill(&WHITE)?;
         let top = self.timeline.iter().copied().max().unwrap_or(1) as f64 * 1.2;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(
-                "Ingest: submissions accepted per second",
-                ("sans-serif", 22),
-            )
-            .margin(15)
-            .x_label_area_size(35)
-            .y_label_area_size(55)
-            .build_cartesian_2d(0f64..self.timeline.len().max(1) as f64, 0f64..top.max(1.0))?;
-        chart
-            .configure_mesh()
-            .x_desc("second")
-            .y_desc("submissions/s")
-            .draw()?;
         let points = self
             .timeline
             .iter()
             .enumerate()
-            .map(|(s, n)| (s as f64 + 0.5, *n as f64));
-        chart.draw_series(LineSeries::new(points, BLUE.stroke_width(2)))?;
-        root.present()?;
-        Ok(())
+            .map(|(s, n)| (s as f64 + 0.5, *n as f64))
+            .collect();
+        plot(
+            path,
+            Axes {
+                caption: "Ingest: submissions accepted per second",
+                x: 0.0..self.timeline.len().max(1) as f64,
+                y: 0.0..top.max(1.0),
+                x_desc: "second",
+                y_desc: "submissions/s",
+                x_label: None,
+            },
+            vec![("submissions/s".into(), points)],
+        )
     }
 
     fn freshness_chart(&self, path: &Path) -> anyhow::Result<()> {
-        let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
-        root.fill(&WHITE)?;
         let right = self
             .freshness
             .iter()
             .map(|(_, h)| ms(h, 0.999))
             .fold(1.0f64, f64::max)
             * 1.1;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(
-                "Freshness: submission's 200 → visible (cumulative)",
-                ("sans-serif", 22),
-            )
-            .margin(15)
-            .x_label_area_size(35)
-            .y_label_area_size(55)
-            .build_cartesian_2d(0f64..right, 0f64..1.0)?;
-        chart
-            .configure_mesh()
-            .x_desc("ms")
-            .y_desc("fraction of submissions")
-            .draw()?;
         let lines = self
             .freshness
             .iter()
@@ -215,19 +189,48 @@ impl Report {
                 (name.clone(), points)
             })
             .collect();
-        draw_lines(&mut chart, lines)?;
-        root.present()?;
-        Ok(())
+        plot(
+            path,
+            Axes {
+                caption: "Freshness: submission's 200 → visible (cumulative)",
+                x: 0.0..right,
+                y: 0.0..1.0,
+                x_desc: "ms",
+                y_desc: "fraction of submissions",
+                x_label: None,
+            },
+            lines,
+        )
     }
 }
 
-type Chart<'a> = ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+/// A chart's title, ranges and axis names.
+struct Axes<'a> {
+    caption: &'a str,
+    x: Range<f64>,
+    y: Range<f64>,
+    x_desc: &'a str,
+    y_desc: &'a str,
+    /// How x values are labelled, when not as numbers.
+    x_label: Option<&'a dyn Fn(&f64) -> String>,
+}
 
-/// Draws one labelled line per series, and the legend.
-fn draw_lines<'a>(
-    chart: &mut Chart<'a>,
-    lines: Vec<(String, Vec<(f64, f64)>)>,
-) -> anyhow::Result<()> {
+/// Draws one labelled line per series, with a legend, into an SVG at `path`.
+fn plot(path: &Path, axes: Axes<'_>, lines: Vec<(String, Vec<(f64, f64)>)>) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(axes.caption, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(35)
+        .y_label_area_size(55)
+        .build_cartesian_2d(axes.x, axes.y)?;
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc(axes.x_desc).y_desc(axes.y_desc);
+    if let Some(label) = axes.x_label {
+        mesh.x_labels(4).x_label_formatter(label);
+    }
+    mesh.draw()?;
     for (i, (name, points)) in lines.into_iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         chart
@@ -242,5 +245,6 @@ fn draw_lines<'a>(
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
+    root.present()?;
     Ok(())
 }

@@ -12,10 +12,7 @@ use super::error::ProblemKind;
 use super::AppState;
 
 pub async fn record(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|path| path.as_str().to_string());
+    let route = request.extensions().get::<MatchedPath>().cloned();
     let method = match *request.method() {
         Method::GET => "GET",
         Method::POST => "POST",
@@ -28,7 +25,7 @@ pub async fn record(State(state): State<AppState>, request: Request, next: Next)
     };
     let started = Instant::now();
     let response = next.run(request).await;
-    let route = route.as_deref().unwrap_or("unmatched");
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     let metrics = &state.metrics;
     metrics
         .http_requests

@@ -21,11 +21,10 @@ pub fn limit(raw: Option<i64>) -> Result<i64, ApiError> {
     match raw {
         None => Ok(DEFAULT_LIMIT),
         Some(limit) if (1..=MAX_LIMIT).contains(&limit) => Ok(limit),
-        Some(_) => {
-            let mut errors = ValidationErrors::new();
-            errors.add("limit", format!("must be between 1 and {MAX_LIMIT}"));
-            Err(ApiError::invalid(errors))
-        }
+        Some(_) => Err(invalid(
+            "limit",
+            format!("must be between 1 and {MAX_LIMIT}"),
+        )),
     }
 }
 
