@@ -10,10 +10,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::JwtKeys;
+use crate::backend::Backend;
 use crate::cache::{CacheConfig, QueryCache};
 use crate::changes::ChangeHub;
 use crate::config::Settings;
-use crate::eventstore::Aggregates;
+use crate::embedded::{Embedded, MemLog};
+use crate::eventstore::{Aggregates, Repository};
 use crate::http::{self, AppParts, AppState};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
@@ -42,20 +44,45 @@ pub struct Application {
     /// Whether this process runs the relay and projection workers.
     workers: bool,
     /// Connections of the projection workers' own, so that a burst of
-    /// commands queueing for the main pool cannot starve them.
-    worker_pool: sqlx::PgPool,
+    /// commands queueing for the main pool cannot starve them (production).
+    worker_pool: Option<sqlx::PgPool>,
     shutdown_timeout: Duration,
 }
 
-impl Application {
-    /// Connects to Postgres, applies migrations and binds the listener.
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let secret = settings
-            .auth
-            .jwt_secret
-            .as_ref()
-            .context("PODIUM_JWT_SECRET is not set: the server refuses to start without it")?;
-        let keys = JwtKeys::new(secret.expose())?;
+/// Where events and read models live, as the settings choose.
+enum Stores {
+    Postgres {
+        pool: sqlx::PgPool,
+        read_pool: sqlx::PgPool,
+        worker_pool: sqlx::PgPool,
+    },
+    Embedded(Arc<Embedded>),
+}
+
+impl Stores {
+    /// Refuses set-ups that cannot work, then opens the stores.
+    async fn open(settings: &Settings) -> anyhow::Result<Self> {
+        if settings.is_embedded() {
+            anyhow::ensure!(
+                settings.workers,
+                "PODIUM_WORKERS=false needs a shared store: the embedded mode (no DATABASE_URL, \
+                 no NATS_URL) projects its events in this process"
+            );
+            let log = match &settings.data_file {
+                Some(path) => MemLog::open(path)?,
+                None => MemLog::in_memory(),
+            };
+            return Ok(Self::Embedded(Arc::new(Embedded::new(log))));
+        }
+        anyhow::ensure!(
+            settings.database.database_url.is_some(),
+            "NATS_URL is set but DATABASE_URL is not: production needs Postgres for the event \
+             log (NATS only carries it). Set DATABASE_URL, or unset NATS_URL for the embedded mode"
+        );
+        anyhow::ensure!(
+            settings.data_file.is_none(),
+            "PODIUM_DATA_FILE is for the embedded mode only; with DATABASE_URL the log is in Postgres"
+        );
         let pool = crate::db::connect(&settings.database).await?;
         let worker_pool = crate::db::connect(&crate::config::DatabaseSettings {
             db_max_connections: WORKER_CONNECTIONS,
@@ -65,28 +92,52 @@ impl Application {
         crate::db::migrate(&pool).await?;
         let read_pool = crate::db::connect_read(&settings.database, &pool).await?;
         crate::eventlog::sync_epoch(&pool).await?;
-        let bus = match &settings.nats.nats_url {
-            Some(url) => {
+        Ok(Self::Postgres {
+            pool,
+            read_pool,
+            worker_pool,
+        })
+    }
+}
+
+impl Application {
+    /// Opens the stores (Postgres and NATS, or the embedded ones), applies
+    /// migrations and binds the listener.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let stores = Stores::open(&settings).await?;
+        let (secret, dev_secret) = settings.auth.secret_or_dev();
+        anyhow::ensure!(
+            !dev_secret || matches!(stores, Stores::Embedded(_)),
+            "PODIUM_JWT_SECRET is not set: the server refuses to start without it"
+        );
+        let keys = JwtKeys::new(secret)?;
+        let bus = match (&settings.nats.nats_url, &stores) {
+            (Some(url), _) => {
                 let bus = EventBus::connect(url, &settings.nats.nats_prefix).await?;
                 bus.ensure_streams(&StreamLimits::default()).await?;
                 Some(bus)
             }
-            None => {
+            (None, Stores::Postgres { .. }) => {
                 tracing::warn!("NATS_URL is not set: events stay in Postgres and are not relayed");
                 None
             }
+            (None, Stores::Embedded(_)) => None,
         };
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        if let Stores::Embedded(embedded) = &stores {
+            announce_embedded(&listener, embedded, dev_secret);
+        }
         let query = settings.query.clone();
         let cache_ttl = Duration::from_secs(query.cache_ttl_secs);
         let hub = ChangeHub::new(query.sse_buffer, cache_ttl);
         let metrics = Metrics::new();
+        // Without NATS (or the embedded projector) nothing says when answers change.
+        let changes_known = bus.is_some() || matches!(stores, Stores::Embedded(_));
         let cache = QueryCache::new(
             CacheConfig {
-                // Without NATS nothing says when answers change.
-                enabled: query.cache_max_bytes > 0 && bus.is_some(),
+                enabled: query.cache_max_bytes > 0 && changes_known,
                 max_bytes: query.cache_max_bytes,
                 ttl: cache_ttl,
                 refresh_after: Duration::from_millis(query.cache_refresh_ms),
@@ -100,20 +151,37 @@ impl Application {
         let trusted_proxies = crate::ratelimit::parse_proxies(&settings.trusted_proxies)
             .map_err(|err| anyhow::anyhow!("PODIUM_TRUSTED_PROXIES: {err}"))?;
         let cors_origins = parse_origins(&settings.cors_origins)?;
-        metrics.watch_pool("primary", &pool);
-        if settings.database.database_read_url.is_some() {
-            metrics.watch_pool("replica", &read_pool);
-        }
-        metrics.watch_pool("workers", &worker_pool);
+        let (backend, repository, worker_pool) = match stores {
+            Stores::Postgres {
+                pool,
+                read_pool,
+                worker_pool,
+            } => {
+                metrics.watch_pool("primary", &pool);
+                if settings.database.database_read_url.is_some() {
+                    metrics.watch_pool("replica", &read_pool);
+                }
+                metrics.watch_pool("workers", &worker_pool);
+                let repository = Repository::Postgres(pool.clone());
+                (
+                    Backend::Postgres { pool, read_pool },
+                    repository,
+                    Some(worker_pool),
+                )
+            }
+            Stores::Embedded(embedded) => {
+                let repository = Repository::Embedded(embedded.log.clone());
+                (Backend::Embedded(embedded), repository, None)
+            }
+        };
         let state = AppState::new(AppParts {
-            aggregates: Arc::new(Aggregates::with_metrics(&pool, &metrics)),
-            limiter: budgets.map(|b| Arc::new(RateLimiter::new(pool.clone(), b))),
+            aggregates: Arc::new(Aggregates::with_metrics(&repository, &metrics)),
+            limiter: budgets.map(|b| Arc::new(RateLimiter::new(backend.pool().cloned(), b))),
             trusted_proxies: Arc::new(trusted_proxies),
             cors_origins: Arc::new(cors_origins),
             http_metrics: settings.http_metrics,
             definitions: moka::future::Cache::new(10_000),
-            pool,
-            read_pool,
+            backend,
             keys: Arc::new(keys),
             body_limit: settings.body_limit,
             bus,
@@ -151,7 +219,7 @@ impl Application {
         let stop_tx = self.stop;
         let stop_rx = self.state.shutdown.clone();
         let mut tasks = vec![tokio::spawn(maintain(
-            self.state.pool.clone(),
+            self.state.backend.clone(),
             stop_rx.clone(),
         ))];
         if let Some(bus) = &self.state.bus {
@@ -159,14 +227,24 @@ impl Application {
                 self.state.hub.clone().listen(bus.clone(), stop_rx.clone()),
             ));
         }
-        if let Some(bus) = self.state.bus.as_ref().filter(|_| self.workers) {
-            let relay = Relay::new(self.state.pool.clone(), bus.clone(), RelayConfig::default());
+        if let Backend::Embedded(embedded) = &self.state.backend {
+            tasks.push(tokio::spawn(embedded.clone().project(
+                self.state.aggregates.clone(),
+                self.state.hub.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        let relay_on = self.state.bus.as_ref().filter(|_| self.workers);
+        if let (Some(bus), Some(pool), Some(worker_pool)) =
+            (relay_on, self.state.backend.pool(), &self.worker_pool)
+        {
+            let relay = Relay::new(pool.clone(), bus.clone(), RelayConfig::default());
             self.state
                 .metrics
                 .watch_relay(bus.subjects().prefix(), relay.stats());
             tasks.push(tokio::spawn(relay.run(stop_rx.clone())));
             let projections = crate::workers::spawn_all(
-                &self.worker_pool,
+                worker_pool,
                 bus,
                 self.state.aggregates.clone(),
                 &self.state.metrics,
@@ -214,20 +292,26 @@ impl Application {
 
 /// Purges what has expired: idempotency keys, and leaderboard moves older
 /// than any cursor that can still be continued.
-async fn maintain(pool: sqlx::PgPool, mut stop: watch::Receiver<bool>) {
+async fn maintain(backend: Backend, mut stop: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(PURGE_INTERVAL);
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                match http::idempotency::purge_expired(&pool).await {
+                match http::idempotency::purge_expired(&backend).await {
                     Ok(0) => {}
                     Ok(purged) => tracing::info!(purged, "purged expired idempotency keys"),
                     Err(err) => tracing::warn!(%err, "cannot purge expired idempotency keys"),
                 }
-                if let Err(err) = crate::ratelimit::purge_expired(&pool).await {
-                    tracing::warn!(%err, "cannot purge rate-limit windows");
-                }
-                match LeaderboardQueries::prune_moves(&pool, CURSOR_RETENTION).await {
+                let pruned = match &backend {
+                    Backend::Postgres { pool, .. } => {
+                        if let Err(err) = crate::ratelimit::purge_expired(pool).await {
+                            tracing::warn!(%err, "cannot purge rate-limit windows");
+                        }
+                        LeaderboardQueries::prune_moves(pool, CURSOR_RETENTION).await
+                    }
+                    Backend::Embedded(embedded) => Ok(embedded.models.prune_moves(CURSOR_RETENTION)),
+                };
+                match pruned {
                     Ok(0) => {}
                     Ok(pruned) => tracing::info!(pruned, "pruned old leaderboard moves"),
                     Err(err) => tracing::warn!(%err, "cannot prune leaderboard moves"),
@@ -237,6 +321,39 @@ async fn maintain(pool: sqlx::PgPool, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
     }
+}
+
+/// Says at start, in one block, that this is the embedded mode, where its
+/// data lives and which secret signs tokens.
+fn announce_embedded(listener: &TcpListener, embedded: &Embedded, dev_secret: bool) {
+    let address = listener
+        .local_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    let data = match embedded.log.path() {
+        Some(path) => format!(
+            "event log in {} ({} events read back; read models rebuilt from it)",
+            path.display(),
+            embedded.log.read_after(0, usize::MAX).len()
+        ),
+        None => "in memory only: everything is gone when the process exits \
+                 (set PODIUM_DATA_FILE to keep it)"
+            .to_string(),
+    };
+    let secret = if dev_secret {
+        format!(
+            "the development JWT secret {:?} (PODIUM_JWT_SECRET is not set; never use it in production)",
+            crate::config::DEV_JWT_SECRET
+        )
+    } else {
+        "PODIUM_JWT_SECRET".to_string()
+    };
+    eprintln!(
+        "\n  Podium is running EMBEDDED: no Postgres, no NATS (DATABASE_URL and NATS_URL are unset).\n  \
+         data:    {data}\n  \
+         tokens:  signed with {secret}\n  \
+         demo:    http://{address}/  (then `podium seed --url http://{address}` for demo data)\n  \
+         For production set DATABASE_URL and NATS_URL (see README.md).\n"
+    );
 }
 
 /// Parses `PODIUM_CORS_ORIGINS`: comma-separated origins such as

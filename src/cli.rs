@@ -113,10 +113,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             None => {
-                let secret = args.auth.jwt_secret.as_ref().context(
-                    "PODIUM_JWT_SECRET is not set: the seed signs its requests with the server's secret",
-                )?;
-                let keys = JwtKeys::new(secret.expose())?;
+                let keys = dev_or_configured_keys(&args.auth)?;
                 let size = crate::demo::DemoSize {
                     learners: args.learners,
                     attempts: args.attempts,
@@ -132,11 +129,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     "demo learner ({}) token: {}",
                     seeded.learner, seeded.learner_token
                 );
+                let url = args.url.trim_end_matches('/');
                 println!(
-                    "try: curl -s {}/v1/tests/{}/leaderboard -H \"authorization: Bearer {}\"",
-                    args.url.trim_end_matches('/'),
-                    seeded.tests[0],
-                    seeded.learner_token
+                    "try: curl -s {url}/v1/tests/{}/leaderboard -H \"authorization: Bearer {}\"",
+                    seeded.tests[0], seeded.learner_token
+                );
+                println!(
+                    "open the demo page as {}: {url}/?token={}",
+                    seeded.learner, seeded.learner_token
                 );
                 Ok(())
             }
@@ -154,11 +154,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Token(args) => {
-            let secret = args
-                .auth
-                .jwt_secret
-                .context("PODIUM_JWT_SECRET is not set: no secret to sign with")?;
-            let keys = JwtKeys::new(secret.expose())?;
+            let keys = dev_or_configured_keys(&args.auth)?;
             let sub = UserId::parse(args.sub).context("--sub is not a valid user id")?;
             println!(
                 "{}",
@@ -167,4 +163,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Keys for `PODIUM_JWT_SECRET`, or for the embedded mode's development
+/// secret (said on stderr) when it is not set.
+fn dev_or_configured_keys(auth: &AuthSettings) -> anyhow::Result<JwtKeys> {
+    let (secret, dev) = auth.secret_or_dev();
+    if dev {
+        eprintln!(
+            "PODIUM_JWT_SECRET is not set: signing with the embedded mode's development secret \
+             (tokens work only with a server that runs without PODIUM_JWT_SECRET)"
+        );
+    }
+    JwtKeys::new(secret)
 }

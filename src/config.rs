@@ -66,12 +66,27 @@ impl DatabaseSettings {
     }
 }
 
+/// The development secret of the embedded mode (never for production: it is
+/// public, in this source file).
+pub const DEV_JWT_SECRET: &str = "podium-embedded-development-secret-not-for-production";
+
 /// The JWT secret shared by everything that signs or checks tokens.
 #[derive(Debug, Clone, Args)]
 pub struct AuthSettings {
     /// HS256 secret for bearer tokens (at least 32 bytes).
     #[arg(long, env = "PODIUM_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<Secret>,
+}
+
+impl AuthSettings {
+    /// The configured secret, or the embedded mode's development secret
+    /// (with `true`) when none is set.
+    pub fn secret_or_dev(&self) -> (&str, bool) {
+        match &self.jwt_secret {
+            Some(secret) => (secret.expose(), false),
+            None => (DEV_JWT_SECRET, true),
+        }
+    }
 }
 
 /// Where NATS is and which subjects and streams are ours.
@@ -156,6 +171,11 @@ pub struct Settings {
     /// Comma-separated origins allowed to call the API from a browser.
     #[arg(long, env = "PODIUM_CORS_ORIGINS", default_value = "")]
     pub cors_origins: String,
+    /// Embedded mode only (no DATABASE_URL, no NATS_URL): keep the event log
+    /// in this file and rebuild the read models from it at start. Without
+    /// it, everything lives in memory and is gone at exit.
+    #[arg(long, env = "PODIUM_DATA_FILE")]
+    pub data_file: Option<std::path::PathBuf>,
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, env = "PODIUM_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -195,8 +215,23 @@ impl Settings {
             sentry_dsn: None,
             http_metrics: true,
             listen,
+            data_file: None,
             body_limit: DEFAULT_BODY_LIMIT,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
         }
+    }
+
+    /// Settings for an embedded server (no Postgres, no NATS) on `listen`
+    /// with the development secret, rate limits off.
+    pub fn embedded(listen: SocketAddr) -> Self {
+        let mut settings = Self::new(listen, String::new(), String::new());
+        settings.database.database_url = None;
+        settings.auth.jwt_secret = None;
+        settings
+    }
+
+    /// Whether this is the embedded mode: neither Postgres nor NATS given.
+    pub fn is_embedded(&self) -> bool {
+        self.database.database_url.is_none() && self.nats.nats_url.is_none()
     }
 }

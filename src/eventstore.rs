@@ -1,7 +1,13 @@
 //! The event store: one cqrs-es framework per aggregate over postgres-es, all
-//! on one sqlx pool, with upcasters applied to every event read.
+//! on one sqlx pool (or over the embedded in-memory log), with upcasters
+//! applied to every event read.
 
-use cqrs_es::persist::PersistedEventStore;
+use std::sync::Arc;
+
+use cqrs_es::persist::{
+    PersistedEventRepository, PersistedEventStore, PersistenceError, ReplayStream, SerializedEvent,
+    SerializedSnapshot,
+};
 use cqrs_es::{Aggregate, AggregateContext, AggregateError, CqrsFramework, EventStore};
 use podium_domain::attempt::Attempt;
 use podium_domain::notification::{Inbox, Notification};
@@ -11,9 +17,76 @@ use postgres_es::PostgresEventRepository;
 use prometheus::Histogram;
 use sqlx::PgPool;
 
+use crate::embedded::MemLog;
 use crate::metrics::Metrics;
 
-type Persisted<A> = PersistedEventStore<PostgresEventRepository, A>;
+type Persisted<A> = PersistedEventStore<Repository, A>;
+
+/// Where events are kept: the port both event stores sit behind.
+#[derive(Clone)]
+pub enum Repository {
+    Postgres(PgPool),
+    Embedded(Arc<MemLog>),
+}
+
+/// Runs `$call` on whichever store `$repo` is.
+macro_rules! delegate {
+    ($repo:expr, $store:ident => $call:expr) => {
+        match $repo {
+            Repository::Postgres(pool) => {
+                let $store = PostgresEventRepository::new(pool.clone());
+                $call.await
+            }
+            Repository::Embedded(log) => {
+                let $store = &**log;
+                $call.await
+            }
+        }
+    };
+}
+
+impl PersistedEventRepository for Repository {
+    async fn get_events<A: Aggregate>(
+        &self,
+        id: &str,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        delegate!(self, store => store.get_events::<A>(id))
+    }
+
+    async fn get_last_events<A: Aggregate>(
+        &self,
+        id: &str,
+        last_sequence: usize,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        delegate!(self, store => store.get_last_events::<A>(id, last_sequence))
+    }
+
+    async fn get_snapshot<A: Aggregate>(
+        &self,
+        id: &str,
+    ) -> Result<Option<SerializedSnapshot>, PersistenceError> {
+        delegate!(self, store => store.get_snapshot::<A>(id))
+    }
+
+    async fn persist<A: Aggregate>(
+        &self,
+        events: &[SerializedEvent],
+        snapshot_update: Option<(String, serde_json::Value, usize)>,
+    ) -> Result<(), PersistenceError> {
+        delegate!(self, store => store.persist::<A>(events, snapshot_update.clone()))
+    }
+
+    async fn stream_events<A: Aggregate>(
+        &self,
+        id: &str,
+    ) -> Result<ReplayStream, PersistenceError> {
+        delegate!(self, store => store.stream_events::<A>(id))
+    }
+
+    async fn stream_all_events<A: Aggregate>(&self) -> Result<ReplayStream, PersistenceError> {
+        delegate!(self, store => store.stream_all_events::<A>())
+    }
+}
 
 /// One aggregate type's command side: execute commands, load current state.
 pub struct Store<A: Aggregate> {
@@ -27,9 +100,9 @@ impl<A> Store<A>
 where
     A: Aggregate<Services = ()>,
 {
-    fn new(pool: &PgPool, metrics: Option<&Metrics>) -> Self {
+    fn new(repository: &Repository, metrics: Option<&Metrics>) -> Self {
         let persisted = || {
-            PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()))
+            PersistedEventStore::new_event_store(repository.clone())
                 .with_upcasters(podium_domain::upcasting::upcasters())
         };
         Self {
@@ -74,20 +147,20 @@ pub struct Aggregates {
 
 impl Aggregates {
     pub fn new(pool: &PgPool) -> Self {
-        Self::build(pool, None)
+        Self::build(&Repository::Postgres(pool.clone()), None)
     }
 
-    /// Stores that time their Postgres work in `metrics`.
-    pub fn with_metrics(pool: &PgPool, metrics: &Metrics) -> Self {
-        Self::build(pool, Some(metrics))
+    /// Stores that time their work in `metrics`.
+    pub fn with_metrics(repository: &Repository, metrics: &Metrics) -> Self {
+        Self::build(repository, Some(metrics))
     }
 
-    fn build(pool: &PgPool, metrics: Option<&Metrics>) -> Self {
+    fn build(repository: &Repository, metrics: Option<&Metrics>) -> Self {
         Self {
-            tests: Store::new(pool, metrics),
-            attempts: Store::new(pool, metrics),
-            notifications: Store::new(pool, metrics),
-            inboxes: Store::new(pool, metrics),
+            tests: Store::new(repository, metrics),
+            attempts: Store::new(repository, metrics),
+            notifications: Store::new(repository, metrics),
+            inboxes: Store::new(repository, metrics),
         }
     }
 }

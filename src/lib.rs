@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod backend;
 pub mod cache;
 pub mod changes;
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod demo;
+pub mod embedded;
 pub mod eventlog;
 pub mod eventstore;
 pub mod http;

@@ -273,7 +273,11 @@ impl Metrics {
 
     /// Reads what is kept elsewhere: pools, relay and worker counters, and
     /// (from `pool`) lags behind the head of the log.
-    pub async fn refresh(&self, pool: &PgPool) {
+    /// Figures that live in Postgres are read only when there is one.
+    pub async fn refresh(&self, pool: Option<&PgPool>) {
+        let Some(pool) = pool else {
+            return;
+        };
         let (pools, relay, workers) = {
             let sources = self.sources();
             (

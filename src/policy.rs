@@ -7,6 +7,7 @@
 //! It keeps its own memory of bests (`policy_bests`) in its checkpointed
 //! transaction, so its decisions follow the log alone.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -18,6 +19,7 @@ use podium_domain::notification::{
     NotificationCommand, NotificationContent, NotificationKind, NotificationMessage,
 };
 use podium_domain::{EventMetadata, UserId};
+use podium_projections::ranking::RankKey;
 use podium_projections::{BoxError, ProjectionLogic};
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -46,22 +48,10 @@ impl NotificationPolicy {
         Self { aggregates }
     }
 
-    /// The users in the test's top 10, best first.
-    async fn top(conn: &mut PgConnection, test_id: Uuid) -> Result<Vec<String>, sqlx::Error> {
-        sqlx::query_scalar(
-            "SELECT user_id FROM policy_bests WHERE test_id = $1
-              ORDER BY best_score DESC, achieved_at, user_id LIMIT $2",
-        )
-        .bind(test_id)
-        .bind(TOP)
-        .fetch_all(conn)
-        .await
-    }
-
     #[allow(clippy::too_many_arguments)]
-    async fn decide(
+    async fn decide<M: PolicyMemory>(
         &self,
-        conn: &mut PgConnection,
+        memory: &mut M,
         test_id: Uuid,
         user_id: &UserId,
         attempt_id: Uuid,
@@ -69,7 +59,7 @@ impl NotificationPolicy {
         max_score: u32,
         correct: u32,
         submitted_at: DateTime<Utc>,
-    ) -> Result<Vec<Notice>, sqlx::Error> {
+    ) -> Result<Vec<Notice>, BoxError> {
         let link = Some(format!("/v1/attempts/{attempt_id}"));
         let mut notices = vec![Notice {
             recipient: user_id.clone(),
@@ -78,14 +68,8 @@ impl NotificationPolicy {
             body: format!("You scored {score} of {max_score} ({correct} correct)."),
             link: link.clone(),
         }];
-        let previous: Option<i32> = sqlx::query_scalar(
-            "SELECT best_score FROM policy_bests WHERE test_id = $1 AND user_id = $2 FOR UPDATE",
-        )
-        .bind(test_id)
-        .bind(user_id.as_str())
-        .fetch_optional(&mut *conn)
-        .await?;
-        let improved = previous.is_none_or(|best| score as i32 > best);
+        let previous = memory.best(test_id, user_id.as_str()).await?;
+        let improved = previous.is_none_or(|best| score > best);
         if !improved {
             return Ok(notices);
         }
@@ -98,20 +82,11 @@ impl NotificationPolicy {
                 link: link.clone(),
             });
         }
-        let before = Self::top(conn, test_id).await?;
-        sqlx::query(
-            "INSERT INTO policy_bests (test_id, user_id, best_score, achieved_at)
-             VALUES ($1, $2, $3, $4)
-             ON CONFLICT (test_id, user_id) DO UPDATE
-                SET best_score = EXCLUDED.best_score, achieved_at = EXCLUDED.achieved_at",
-        )
-        .bind(test_id)
-        .bind(user_id.as_str())
-        .bind(score as i32)
-        .bind(submitted_at)
-        .execute(&mut *conn)
-        .await?;
-        let after = Self::top(conn, test_id).await?;
+        let before = memory.top(test_id).await?;
+        memory
+            .set_best(test_id, user_id.as_str(), score, submitted_at)
+            .await?;
+        let after = memory.top(test_id).await?;
         for (old_index, other) in before.iter().enumerate() {
             if other == user_id.as_str() {
                 continue;
@@ -120,8 +95,7 @@ impl NotificationPolicy {
             if new_index.is_none_or(|i| i > old_index) {
                 let new_rank = new_index.map_or(format!("below {TOP}"), |i| (i + 1).to_string());
                 notices.push(Notice {
-                    recipient: UserId::parse(other.clone())
-                        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                    recipient: UserId::parse(other.clone())?,
                     kind: NotificationKind::RankOvertaken,
                     title: "You were overtaken".into(),
                     body: format!(
@@ -146,8 +120,21 @@ impl ProjectionLogic for NotificationPolicy {
         conn: &mut PgConnection,
         event: &RecordedEvent,
     ) -> Result<Vec<Change>, BoxError> {
+        self.handle(conn, event).await?;
+        Ok(Vec::new())
+    }
+}
+
+impl NotificationPolicy {
+    /// Decides what `event` notifies with the bests in `memory`, and issues
+    /// those notifications.
+    pub async fn handle<M: PolicyMemory>(
+        &self,
+        memory: &mut M,
+        event: &RecordedEvent,
+    ) -> Result<(), BoxError> {
         if event.event_type != "AttemptSubmitted" {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let PodiumEvent::Attempt(AttemptEvent::AttemptSubmitted {
             attempt_id,
@@ -160,11 +147,11 @@ impl ProjectionLogic for NotificationPolicy {
             ..
         }) = event.decode()?
         else {
-            return Ok(Vec::new());
+            return Ok(());
         };
         let notices = self
             .decide(
-                conn,
+                memory,
                 test_id,
                 &user_id,
                 attempt_id,
@@ -205,6 +192,131 @@ impl ProjectionLogic for NotificationPolicy {
                 Err(err) => return Err(Box::new(err)),
             }
         }
-        Ok(Vec::new())
+        Ok(())
+    }
+}
+
+/// What the policy remembers: each user's best per test, in rank order.
+pub trait PolicyMemory: Send {
+    /// `user_id`'s best score on `test_id`, if any.
+    fn best(
+        &mut self,
+        test_id: Uuid,
+        user_id: &str,
+    ) -> impl Future<Output = Result<Option<u32>, BoxError>> + Send;
+
+    /// The users in the test's top 10, best first.
+    fn top(&mut self, test_id: Uuid) -> impl Future<Output = Result<Vec<String>, BoxError>> + Send;
+
+    /// Records a new best.
+    fn set_best(
+        &mut self,
+        test_id: Uuid,
+        user_id: &str,
+        score: u32,
+        achieved_at: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send;
+}
+
+/// The bests in `policy_bests`, inside the policy's checkpointed transaction.
+impl PolicyMemory for PgConnection {
+    async fn best(&mut self, test_id: Uuid, user_id: &str) -> Result<Option<u32>, BoxError> {
+        let best: Option<i32> = sqlx::query_scalar(
+            "SELECT best_score FROM policy_bests WHERE test_id = $1 AND user_id = $2 FOR UPDATE",
+        )
+        .bind(test_id)
+        .bind(user_id)
+        .fetch_optional(self)
+        .await?;
+        Ok(best.map(|b| b as u32))
+    }
+
+    async fn top(&mut self, test_id: Uuid) -> Result<Vec<String>, BoxError> {
+        Ok(sqlx::query_scalar(
+            "SELECT user_id FROM policy_bests WHERE test_id = $1
+              ORDER BY best_score DESC, achieved_at, user_id LIMIT $2",
+        )
+        .bind(test_id)
+        .bind(TOP)
+        .fetch_all(self)
+        .await?)
+    }
+
+    async fn set_best(
+        &mut self,
+        test_id: Uuid,
+        user_id: &str,
+        score: u32,
+        achieved_at: DateTime<Utc>,
+    ) -> Result<(), BoxError> {
+        sqlx::query(
+            "INSERT INTO policy_bests (test_id, user_id, best_score, achieved_at)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (test_id, user_id) DO UPDATE
+                SET best_score = EXCLUDED.best_score, achieved_at = EXCLUDED.achieved_at",
+        )
+        .bind(test_id)
+        .bind(user_id)
+        .bind(score as i32)
+        .bind(achieved_at)
+        .execute(self)
+        .await?;
+        Ok(())
+    }
+}
+
+/// The bests in memory (the embedded mode), ordered as the leaderboard.
+#[derive(Default)]
+pub struct MemoryBests {
+    tests: std::collections::HashMap<Uuid, Bests>,
+}
+
+#[derive(Default)]
+struct Bests {
+    by_user: std::collections::HashMap<String, RankKey>,
+    order: std::collections::BTreeSet<RankKey>,
+}
+
+impl PolicyMemory for MemoryBests {
+    async fn best(&mut self, test_id: Uuid, user_id: &str) -> Result<Option<u32>, BoxError> {
+        Ok(self
+            .tests
+            .get(&test_id)
+            .and_then(|t| t.by_user.get(user_id))
+            .map(|key| key.score))
+    }
+
+    async fn top(&mut self, test_id: Uuid) -> Result<Vec<String>, BoxError> {
+        Ok(self
+            .tests
+            .get(&test_id)
+            .map(|t| {
+                t.order
+                    .iter()
+                    .take(TOP as usize)
+                    .map(|k| k.user_id.clone())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn set_best(
+        &mut self,
+        test_id: Uuid,
+        user_id: &str,
+        score: u32,
+        achieved_at: DateTime<Utc>,
+    ) -> Result<(), BoxError> {
+        let bests = self.tests.entry(test_id).or_default();
+        let key = RankKey {
+            score,
+            achieved_at,
+            user_id: user_id.to_string(),
+        };
+        if let Some(old) = bests.by_user.insert(user_id.to_string(), key.clone()) {
+            bests.order.remove(&old);
+        }
+        bests.order.insert(key);
+        Ok(())
     }
 }

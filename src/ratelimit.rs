@@ -204,13 +204,16 @@ impl BucketState {
 }
 
 pub struct RateLimiter {
-    pool: PgPool,
+    /// The shared windows; `None` in the embedded mode, where this process
+    /// is the only one and keeps them in `local`.
+    pool: Option<PgPool>,
+    local: std::sync::Mutex<std::collections::HashMap<(String, u64), (u32, u64)>>,
     pub budgets: Budgets,
     buckets: moka::sync::Cache<String, Bucket>,
 }
 
 impl RateLimiter {
-    pub fn new(pool: PgPool, budgets: Budgets) -> Self {
+    pub fn new(pool: Option<PgPool>, budgets: Budgets) -> Self {
         let longest = [budgets.user_commands, budgets.user_queries, budgets.ip]
             .iter()
             .map(|b| b.period)
@@ -218,6 +221,7 @@ impl RateLimiter {
             .unwrap_or(Duration::from_secs(60));
         Self {
             pool,
+            local: Default::default(),
             budgets,
             buckets: moka::sync::Cache::builder()
                 .max_capacity(1_000_000)
@@ -281,6 +285,18 @@ impl RateLimiter {
         window: u64,
         period: u64,
     ) -> Result<(u32, u32), sqlx::Error> {
+        let Some(pool) = &self.pool else {
+            let mut windows = self.local.lock().unwrap_or_else(|p| p.into_inner());
+            // Windows that have ended go; each remembers when it ends.
+            let now = window * period;
+            windows.retain(|_, (_, ends)| *ends > now);
+            let (used, _) = windows
+                .entry((bucket.to_string(), window))
+                .or_insert((0, (window + 1) * period));
+            let before = *used;
+            *used = (before + budget.chunk()).min(budget.limit);
+            return Ok((*used - before, *used));
+        };
         let (granted, used): (i32, i32) = sqlx::query_as(
             "INSERT INTO rate_limit_windows AS w (bucket, window_start, used, last_grant, expires_at)
              VALUES ($1, $2, LEAST($3, $4), LEAST($3, $4), $5)
@@ -293,7 +309,7 @@ impl RateLimiter {
         .bind(budget.chunk() as i32)
         .bind(budget.limit as i32)
         .bind(((window + 1) * period) as i64)
-        .fetch_one(&self.pool)
+        .fetch_one(pool)
         .await?;
         Ok((granted.max(0) as u32, used.max(0) as u32))
     }

@@ -5,13 +5,17 @@
 //!   nothing is applied twice.
 //! - [`ranking`]: the leaderboard rules, pure (and an in-memory board).
 //! - [`leaderboard`], [`feed`], [`attempts`]: the projections and their stores.
+//! - [`catalog`]: the published tests.
+//! - [`memory`]: every read model in memory, for the embedded mode.
 //! - [`tables`]: live tables versus the `__next` copies a replay fills.
 #![forbid(unsafe_code)]
 
 pub mod attempts;
+pub mod catalog;
 pub mod checkpointed;
 pub mod feed;
 pub mod leaderboard;
+pub mod memory;
 pub mod ranking;
 pub mod tables;
 

@@ -6,6 +6,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use podium_domain::test::{PublishedTest, QuestionDraft, TestCommand, TestDefinition, TestDraft};
+use podium_projections::catalog::TestSummary;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use utoipa::ToSchema;
@@ -19,7 +20,7 @@ use crate::auth::Principal;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/v1/tests", post(publish))
+        .route("/v1/tests", post(publish).get(list))
         .route("/v1/tests/{test_id}", get(show))
         .route("/v1/tests/{test_id}/archive", post(archive))
 }
@@ -149,6 +150,24 @@ struct QuestionView {
     prompt: String,
     choices: Vec<String>,
     points: u32,
+}
+
+#[derive(Serialize, ToSchema)]
+struct ListView {
+    items: Vec<TestSummary>,
+}
+
+/// Every published test, newest first (archived ones say so).
+#[utoipa::path(get, path = "/v1/tests", tag = "tests",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = ListView),
+        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
+async fn list(State(state): State<AppState>, _: Principal) -> Result<Json<ListView>, ApiError> {
+    Ok(Json(ListView {
+        items: state.backend.tests().await?,
+    }))
 }
 
 /// A test without its answer key.

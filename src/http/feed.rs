@@ -7,8 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use podium_domain::log::Change;
-use podium_projections::checkpoint_of;
-use podium_projections::feed::{self, FeedItem, FeedQueries};
+use podium_projections::feed::{self, FeedItem};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
@@ -19,6 +18,7 @@ use super::pagination::{self, next_link};
 use super::sse::{self, CatchUp, StreamQuery, StreamSource};
 use super::AppState;
 use crate::auth::Principal;
+use crate::backend::FeedPage;
 use crate::cache::{CacheKey, JsonBody, Loaded};
 
 pub fn router() -> Router<AppState> {
@@ -82,10 +82,14 @@ async fn page(
             Some(cursor.before)
         }
     };
-    let mut tx = crate::db::snapshot(&state.read_pool).await?;
-    let (items, more) = FeedQueries::page(&mut tx, user, before, query.unread_only, limit).await?;
-    let unread_count = FeedQueries::unread(&mut *tx, user).await?;
-    tx.commit().await?;
+    let FeedPage {
+        items,
+        more,
+        unread: unread_count,
+    } = state
+        .backend
+        .feed_page(user, before, query.unread_only, limit)
+        .await?;
     let next_cursor = items.last().filter(|_| more).map(|last| {
         pagination::encode(&Cursor {
             user: user.to_string(),
@@ -123,10 +127,7 @@ async fn unread_count(
         user_id: user.clone(),
     };
     let load = async {
-        let mut tx = crate::db::snapshot(&state.read_pool).await?;
-        let seq = checkpoint_of(&mut *tx, feed::NAME).await?;
-        let unread_count = FeedQueries::unread(&mut *tx, &user).await?;
-        tx.commit().await?;
+        let (seq, _, unread_count) = state.backend.feed_changed_since(&user, None, 0).await?;
         Ok(Loaded {
             answer: JsonBody::new(&json!({ "unread_count": unread_count }), None),
             seq,
@@ -151,17 +152,12 @@ impl StreamSource for Notifications {
     /// current state), items read since as `read` events, then the unread
     /// count; a fresh client gets the unread count alone.
     async fn catch_up(&self, after: Option<u64>) -> Result<CatchUp, ApiError> {
-        let mut tx = crate::db::snapshot(&self.state.read_pool).await?;
-        let mut caught = CatchUp::at(checkpoint_of(&mut *tx, feed::NAME).await?);
-        let changed = match after {
-            Some(after) => {
-                FeedQueries::changed_since(&mut tx, &self.user, after, sse::CATCH_UP_LIMIT + 1)
-                    .await?
-            }
-            None => Vec::new(),
-        };
-        let unread_count = FeedQueries::unread(&mut *tx, &self.user).await?;
-        tx.commit().await?;
+        let (seq, changed, unread_count) = self
+            .state
+            .backend
+            .feed_changed_since(&self.user, after, sse::CATCH_UP_LIMIT + 1)
+            .await?;
+        let mut caught = CatchUp::at(seq);
         if changed.len() as i64 > sse::CATCH_UP_LIMIT {
             caught.resync();
         } else {

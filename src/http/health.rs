@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::AppState;
+use crate::backend::Backend;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -23,7 +24,7 @@ pub fn router() -> Router<AppState> {
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     use prometheus::Encoder as _;
-    state.metrics.refresh(&state.pool).await;
+    state.metrics.refresh(state.backend.pool()).await;
     let encoder = prometheus::TextEncoder::new();
     let mut body = Vec::new();
     if let Err(err) = encoder.encode(&state.metrics.registry.gather(), &mut body) {
@@ -50,17 +51,20 @@ pub(super) async fn healthz() -> Json<Value> {
         (status = 503, description = "A dependency is down; `checks` says which"),
     ))]
 pub(super) async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let postgres = crate::db::is_ready(&state.pool).await;
+    let store = state.backend.is_ready().await;
     // Without NATS configured there is nothing to wait for.
     let nats = state.bus.as_ref().map(|bus| bus.is_connected());
-    let ready = postgres && nats != Some(false);
+    let ready = store && nats != Some(false);
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let word = |up: bool| if up { "up" } else { "down" };
-    let mut checks = json!({"postgres": word(postgres)});
+    let mut checks = match state.backend {
+        Backend::Postgres { .. } => json!({"postgres": word(store)}),
+        Backend::Embedded(_) => json!({"store": "embedded"}),
+    };
     if let Some(nats) = nats {
         checks["nats"] = json!(word(nats));
     }

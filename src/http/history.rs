@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use chrono::{DateTime, Utc};
-use podium_projections::attempts::{AttemptQueries, AttemptSummary};
+use podium_projections::attempts::AttemptSummary;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
@@ -72,8 +72,7 @@ async fn list(
             Some((cursor.at, cursor.id))
         }
     };
-    let mut conn = state.read_pool.acquire().await?;
-    let (items, more) = AttemptQueries::page(&mut conn, user, after, limit).await?;
+    let (items, more) = state.backend.attempts_page(user, after, limit).await?;
     let next_cursor = items.last().filter(|_| more).map(|last| {
         pagination::encode(&Cursor {
             user: user.to_string(),

@@ -13,11 +13,13 @@ use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
-use sqlx::PgPool;
+use std::time::Duration;
+
 use uuid::Uuid;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::backend::Backend;
 
 pub const HEADER: &str = "idempotency-key";
 /// Set on a response that replays a stored one.
@@ -27,6 +29,9 @@ pub const MAX_KEY_LEN: usize = 255;
 const MAX_STORED_BODY: usize = 1024 * 1024;
 const RETENTION: &str = "24 hours";
 const PENDING_TAKEOVER: &str = "60 seconds";
+/// The same, for the embedded mode's keys.
+const RETENTION_TIME: Duration = Duration::from_secs(24 * 3600);
+const PENDING_TAKEOVER_TIME: Duration = Duration::from_secs(60);
 
 /// The caller and key of an idempotent request, for handlers that derive
 /// stable ids from it.
@@ -37,6 +42,10 @@ pub struct IdempotencyScope {
 }
 
 impl IdempotencyScope {
+    fn pair(&self) -> (String, String) {
+        (self.principal.clone(), self.key.clone())
+    }
+
     /// A UUID that is the same for every retry of this request and `part`.
     pub fn derive_id(&self, part: &str) -> Uuid {
         const NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_5b2e_8a43_4d0e_9b7a_2c51_e3f4_a817);
@@ -91,7 +100,7 @@ async fn run_once(
             ApiError::PayloadTooLarge("the request body is too large".into()).into_response()
         })?;
     let hash = request_hash(&parts, &bytes);
-    let pool = &state.pool;
+    let pool = &state.backend;
     if !claim(pool, &scope, &hash).await.map_err(into_response)? {
         return Err(replay(pool, &scope, &hash).await);
     }
@@ -113,17 +122,29 @@ async fn run_once(
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let stored = sqlx::query(
-        "UPDATE idempotency_keys SET status = $3, content_type = $4, body = $5
-          WHERE principal = $1 AND key = $2",
-    )
-    .bind(&scope.principal)
-    .bind(&scope.key)
-    .bind(status.as_u16() as i16)
-    .bind(content_type)
-    .bind(body.as_ref())
-    .execute(pool)
-    .await;
+    let stored = match pool {
+        Backend::Postgres { pool, .. } => sqlx::query(
+            "UPDATE idempotency_keys SET status = $3, content_type = $4, body = $5
+              WHERE principal = $1 AND key = $2",
+        )
+        .bind(&scope.principal)
+        .bind(&scope.key)
+        .bind(status.as_u16() as i16)
+        .bind(content_type)
+        .bind(body.as_ref())
+        .execute(pool)
+        .await
+        .map(drop),
+        Backend::Embedded(embedded) => {
+            let answer = (
+                status.as_u16(),
+                content_type.map(str::to_string),
+                body.to_vec(),
+            );
+            embedded.keys.answer(&scope.pair(), answer);
+            Ok(())
+        }
+    };
     if let Err(err) = stored {
         tracing::warn!(%err, "cannot store an idempotent response; a retry will run again");
     }
@@ -142,7 +163,18 @@ fn request_hash(parts: &axum::http::request::Parts, body: &Bytes) -> Vec<u8> {
 
 /// Claims the key for this request: true if it was free (or expired, or left
 /// pending by a dead process), false if another request holds it.
-async fn claim(pool: &PgPool, scope: &IdempotencyScope, hash: &[u8]) -> Result<bool, ApiError> {
+async fn claim(backend: &Backend, scope: &IdempotencyScope, hash: &[u8]) -> Result<bool, ApiError> {
+    let pool = match backend {
+        Backend::Postgres { pool, .. } => pool,
+        Backend::Embedded(embedded) => {
+            return Ok(embedded.keys.claim(
+                scope.pair(),
+                hash,
+                RETENTION_TIME,
+                PENDING_TAKEOVER_TIME,
+            ))
+        }
+    };
     let claimed = sqlx::query(&format!(
         "INSERT INTO idempotency_keys (principal, key, request_hash) VALUES ($1, $2, $3)
          ON CONFLICT (principal, key) DO UPDATE
@@ -162,16 +194,31 @@ async fn claim(pool: &PgPool, scope: &IdempotencyScope, hash: &[u8]) -> Result<b
 }
 
 /// The stored answer for a key another request claimed.
-async fn replay(pool: &PgPool, scope: &IdempotencyScope, hash: &[u8]) -> Response {
+async fn replay(backend: &Backend, scope: &IdempotencyScope, hash: &[u8]) -> Response {
     type Row = (Vec<u8>, Option<i16>, Option<String>, Option<Vec<u8>>);
-    let row: Result<Option<Row>, _> = sqlx::query_as(
-        "SELECT request_hash, status, content_type, body FROM idempotency_keys
-          WHERE principal = $1 AND key = $2",
-    )
-    .bind(&scope.principal)
-    .bind(&scope.key)
-    .fetch_optional(pool)
-    .await;
+    let row: Result<Option<Row>, sqlx::Error> = match backend {
+        Backend::Postgres { pool, .. } => {
+            sqlx::query_as(
+                "SELECT request_hash, status, content_type, body FROM idempotency_keys
+                  WHERE principal = $1 AND key = $2",
+            )
+            .bind(&scope.principal)
+            .bind(&scope.key)
+            .fetch_optional(pool)
+            .await
+        }
+        Backend::Embedded(embedded) => Ok(embedded.keys.get(&scope.pair()).map(|held| match held
+            .answer
+        {
+            Some((status, content_type, body)) => (
+                held.request_hash,
+                Some(status as i16),
+                content_type,
+                Some(body),
+            ),
+            None => (held.request_hash, None, None, None),
+        })),
+    };
     match row {
         Err(err) => into_response(err.into()),
         // Deleted between our claim and this read: the first request failed.
@@ -204,7 +251,11 @@ async fn replay(pool: &PgPool, scope: &IdempotencyScope, hash: &[u8]) -> Respons
 }
 
 /// Frees a claimed key so that a retry runs again.
-async fn release(pool: &PgPool, scope: &IdempotencyScope) {
+async fn release(backend: &Backend, scope: &IdempotencyScope) {
+    let pool = match backend {
+        Backend::Postgres { pool, .. } => pool,
+        Backend::Embedded(embedded) => return embedded.keys.release(&scope.pair()),
+    };
     let result = sqlx::query("DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2")
         .bind(&scope.principal)
         .bind(&scope.key)
@@ -216,7 +267,11 @@ async fn release(pool: &PgPool, scope: &IdempotencyScope) {
 }
 
 /// Deletes keys older than the retention window.
-pub async fn purge_expired(pool: &PgPool) -> Result<u64, sqlx::Error> {
+pub async fn purge_expired(backend: &Backend) -> Result<u64, sqlx::Error> {
+    let pool = match backend {
+        Backend::Postgres { pool, .. } => pool,
+        Backend::Embedded(embedded) => return Ok(embedded.keys.purge(RETENTION_TIME)),
+    };
     let result = sqlx::query(&format!(
         "DELETE FROM idempotency_keys WHERE created_at < now() - interval '{RETENTION}'"
     ))

@@ -9,8 +9,7 @@ use axum::Router;
 use chrono::{DateTime, Utc};
 use podium_domain::log::Change;
 use podium_domain::UserId;
-use podium_projections::checkpoint_of;
-use podium_projections::leaderboard::{self, LeaderboardQueries, Page, PageStart, RankedEntry};
+use podium_projections::leaderboard::{self, Page, PageStart, RankedEntry};
 use podium_projections::ranking::RankKey;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -171,11 +170,13 @@ async fn load_page(
     limit: i64,
     by_offset: bool,
 ) -> Result<Loaded, ApiError> {
-    let mut tx = crate::db::snapshot(&state.read_pool).await?;
-    let seq = checkpoint_of(&mut *tx, leaderboard::NAME).await?;
-    if let PageStart::After { since, .. } = &start {
-        let horizon = LeaderboardQueries::moves_horizon(&mut *tx).await?;
-        if *since < horizon {
+    let (seq, page) = state
+        .backend
+        .leaderboard_page(test_id, &start, limit)
+        .await?;
+    let page = match page {
+        Ok(page) => page,
+        Err(horizon) => {
             // Cached pages may carry such cursors: read them afresh.
             state
                 .hub
@@ -191,9 +192,7 @@ async fn load_page(
                 seq,
             });
         }
-    }
-    let page = LeaderboardQueries::page(&mut tx, test_id, &start, limit).await?;
-    tx.commit().await?;
+    };
     if page.total == 0 {
         if let Err(err) = published_definition(state, test_id).await {
             return Ok(Loaded {
@@ -301,14 +300,10 @@ async fn load_around(
     user: UserId,
     radius: u16,
 ) -> Result<Loaded, ApiError> {
-    let around = LeaderboardQueries::around(
-        &state.read_pool,
-        test_id,
-        user.as_str(),
-        i64::from(radius),
-        leaderboard::NAME,
-    )
-    .await?;
+    let around = state
+        .backend
+        .around(test_id, user.as_str(), i64::from(radius))
+        .await?;
     let seq = around.checkpoint;
     let Some(entry) = &around.entry else {
         let missing = ApiError::NotFound(format!("{user} has no entry on this leaderboard"));
@@ -342,19 +337,12 @@ impl StreamSource for Entries {
     }
 
     async fn catch_up(&self, after: Option<u64>) -> Result<CatchUp, ApiError> {
-        let mut tx = crate::db::snapshot(&self.state.read_pool).await?;
-        let mut caught = CatchUp::at(checkpoint_of(&mut *tx, leaderboard::NAME).await?);
-        let Some(after) = after else {
-            return Ok(caught);
-        };
-        let changed = LeaderboardQueries::changed_since(
-            &mut tx,
-            self.test_id,
-            after,
-            sse::CATCH_UP_LIMIT + 1,
-        )
-        .await?;
-        tx.commit().await?;
+        let (seq, changed) = self
+            .state
+            .backend
+            .leaderboard_changed_since(self.test_id, after, sse::CATCH_UP_LIMIT + 1)
+            .await?;
+        let mut caught = CatchUp::at(seq);
         if changed.len() as i64 > sse::CATCH_UP_LIMIT {
             caught.resync();
             return Ok(caught);

@@ -4,6 +4,7 @@
 
 mod attempts;
 mod catalog;
+mod demo;
 pub mod error;
 pub mod extract;
 mod feed;
@@ -27,7 +28,6 @@ use std::time::Duration;
 use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::response::IntoResponse;
 use axum::{middleware, Router};
-use sqlx::PgPool;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -37,6 +37,7 @@ use tower_http::trace::TraceLayer;
 use tokio::sync::watch;
 
 use crate::auth::JwtKeys;
+use crate::backend::Backend;
 use crate::cache::QueryCache;
 use crate::changes::ChangeHub;
 use crate::config::QuerySettings;
@@ -68,10 +69,8 @@ impl std::ops::Deref for AppState {
 }
 
 pub struct AppParts {
-    /// The primary: commands and the event store.
-    pub pool: PgPool,
-    /// Where queries read: a replica when `DATABASE_READ_URL` is set.
-    pub read_pool: PgPool,
+    /// Where events, read models and idempotency keys live.
+    pub backend: Backend,
     pub aggregates: Arc<Aggregates>,
     pub keys: Arc<JwtKeys>,
     /// Largest accepted request body, in bytes.
@@ -104,6 +103,7 @@ pub fn router(state: AppState) -> Router {
     let cors = cors(&state.cors_origins);
     Router::new()
         .merge(health::router())
+        .merge(demo::router())
         .merge(catalog::router())
         .merge(attempts::router())
         .merge(notifications::router())

@@ -12,7 +12,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use super::AppState;
-use super::{attempts, catalog, feed, health, history, leaderboard, notifications};
+use super::{attempts, catalog, demo, feed, health, history, leaderboard, notifications};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/openapi.json", get(document))
@@ -74,6 +74,8 @@ impl Modify for BearerAuth {
         health::ready,
         health::metrics,
         document,
+        demo::page,
+        catalog::list,
         catalog::publish,
         catalog::show,
         catalog::archive,

@@ -60,14 +60,28 @@ impl FeedProjection {
             .fetch_one(conn)
             .await
     }
+}
 
-    fn change(&self, user_id: &str, seq: u64, data: serde_json::Value) -> Change {
-        Change {
-            topic: TOPIC.into(),
-            key: user_id.to_string(),
-            seq,
-            data,
-        }
+/// The change a new feed item announces.
+pub fn created_change(user_id: &str, seq: u64, item: &FeedItem, unread: u64) -> Change {
+    change(
+        user_id,
+        seq,
+        json!({ "notification": item, "unread_count": unread }),
+    )
+}
+
+/// The change items being read announce.
+pub fn read_change(user_id: &str, seq: u64, ids: &[uuid::Uuid], unread: u64) -> Change {
+    change(user_id, seq, json!({ "read": ids, "unread_count": unread }))
+}
+
+fn change(user_id: &str, seq: u64, data: serde_json::Value) -> Change {
+    Change {
+        topic: TOPIC.into(),
+        key: user_id.to_string(),
+        seq,
+        data,
     }
 }
 
@@ -118,22 +132,17 @@ impl ProjectionLogic for FeedProjection {
                     return Ok(Vec::new());
                 }
                 let unread = self.count_unread(conn, &user, 1).await?;
-                vec![self.change(
-                    &user,
-                    event.seq,
-                    json!({
-                        "notification": {
-                            "id": notification_id,
-                            "kind": message.kind.as_str(),
-                            "title": message.title,
-                            "body": message.body,
-                            "link": message.link,
-                            "created_at": created_at,
-                            "read_at": null,
-                        },
-                        "unread_count": unread,
-                    }),
-                )]
+                let item = FeedItem {
+                    id: notification_id,
+                    kind: message.kind.as_str().to_string(),
+                    title: message.title.clone(),
+                    body: message.body.clone(),
+                    link: message.link.clone(),
+                    created_at,
+                    read_at: None,
+                    feed_seq: event.seq,
+                };
+                vec![created_change(&user, event.seq, &item, unread as u64)]
             }
             PodiumEvent::Notification(NotificationEvent::NotificationRead {
                 notification_id,
@@ -156,10 +165,11 @@ impl ProjectionLogic for FeedProjection {
                     return Ok(Vec::new());
                 }
                 let unread = self.count_unread(conn, &user, -1).await?;
-                vec![self.change(
+                vec![read_change(
                     &user,
                     event.seq,
-                    json!({"read": [notification_id], "unread_count": unread}),
+                    &[notification_id],
+                    unread as u64,
                 )]
             }
             PodiumEvent::Inbox(InboxEvent::AllNotificationsRead { user_id, read_at }) => {
@@ -180,11 +190,7 @@ impl ProjectionLogic for FeedProjection {
                     return Ok(Vec::new());
                 }
                 let unread = self.count_unread(conn, &user, -(ids.len() as i32)).await?;
-                vec![self.change(
-                    &user,
-                    event.seq,
-                    json!({"read": ids, "unread_count": unread}),
-                )]
+                vec![read_change(&user, event.seq, &ids, unread as u64)]
             }
             _ => Vec::new(),
         })

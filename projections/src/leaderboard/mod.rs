@@ -118,18 +118,35 @@ impl LeaderboardProjection {
             &entry.rank_key(),
         )
         .await?;
-        Ok(vec![Change {
-            topic: TOPIC.into(),
-            key: submission.test_id.to_string(),
+        Ok(vec![entry_change(
+            submission.test_id,
             seq,
-            data: json!({
-                "user_id": entry.user_id,
-                "score": entry.best_score,
-                "rank": rank,
-                "previous_rank": previous_rank,
-                "attempts": entry.attempts,
-            }),
-        }])
+            &entry,
+            rank,
+            previous_rank,
+        )])
+    }
+}
+
+/// The change a recorded submission announces: the entry's new rank.
+pub fn entry_change(
+    test_id: Uuid,
+    seq: u64,
+    entry: &Entry,
+    rank: u64,
+    previous_rank: Option<u64>,
+) -> Change {
+    Change {
+        topic: TOPIC.into(),
+        key: test_id.to_string(),
+        seq,
+        data: json!({
+            "user_id": entry.user_id,
+            "score": entry.best_score,
+            "rank": rank,
+            "previous_rank": previous_rank,
+            "attempts": entry.attempts,
+        }),
     }
 }
 

@@ -1,0 +1,571 @@
+//! In-memory read models for the embedded mode: the leaderboards, feeds,
+//! attempt lists and test catalog of the Postgres stores, kept by the same
+//! rules ([`crate::ranking`]) from the same events, announcing the same
+//! changes. One lock guards them all, so a read sees every model and the
+//! checkpoint at one point of the log, as a Postgres snapshot does.
+//!
+//! The conformance suite (`tests/conformance`) runs one set of behaviour
+//! tests against these and the Postgres stores.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use podium_domain::attempt::AttemptEvent;
+use podium_domain::log::{Change, PodiumEvent, RecordedEvent};
+use podium_domain::notification::{InboxEvent, NotificationEvent};
+use podium_domain::test::TestEvent;
+use uuid::Uuid;
+
+use crate::attempts::AttemptSummary;
+use crate::catalog::TestSummary;
+use crate::checkpointed::BoxError;
+use crate::feed::{self, FeedChange, FeedItem};
+use crate::leaderboard::{self, Around, Page, PageStart, RankedEntry};
+use crate::ranking::{Entry, RankKey, Submission};
+
+/// Every read model, in memory.
+#[derive(Default)]
+pub struct MemoryModels {
+    inner: RwLock<Models>,
+}
+
+#[derive(Default)]
+struct Models {
+    /// The seq of the last event applied.
+    checkpoint: u64,
+    boards: HashMap<Uuid, Board>,
+    feeds: HashMap<String, Feed>,
+    attempts: HashMap<String, BTreeMap<AttemptKey, AttemptSummary>>,
+    /// Which user's list holds an attempt.
+    attempt_owners: HashMap<Uuid, String>,
+    tests: HashMap<Uuid, TestSummary>,
+    /// Moves at or below this seq are forgotten (see [`MemoryModels::prune_moves`]).
+    moves_horizon: u64,
+}
+
+/// Newest first: later start, then larger id.
+type AttemptKey = (std::cmp::Reverse<DateTime<Utc>>, std::cmp::Reverse<Uuid>);
+
+#[derive(Default)]
+struct Board {
+    entries: HashMap<String, (Entry, u64)>,
+    order: BTreeSet<RankKey>,
+    /// (seq, user, where the user stood before, when): for cursor walks.
+    moves: Vec<(u64, String, RankKey, Instant)>,
+}
+
+impl Board {
+    /// 1-based rank of `key`, which is on the board.
+    fn rank(&self, key: &RankKey) -> u64 {
+        self.order.range(..key).count() as u64 + 1
+    }
+
+    fn ranked(&self, key: &RankKey) -> RankedEntry {
+        RankedEntry {
+            rank: self.rank(key),
+            entry: self.entries[&key.user_id].0.clone(),
+        }
+    }
+
+    /// Up to `limit` entries after `key` (from the top with `None`), ranked
+    /// from `first_rank`.
+    fn after(&self, key: Option<&RankKey>, limit: usize) -> Vec<RankedEntry> {
+        let range = match key {
+            Some(key) => self.order.range((Bound::Excluded(key), Bound::Unbounded)),
+            None => self.order.range::<RankKey, _>(..),
+        };
+        let mut first_rank = None;
+        range
+            .take(limit)
+            .map(|k| {
+                let rank = *first_rank.get_or_insert_with(|| self.rank(k));
+                let entry = self.entries[&k.user_id].0.clone();
+                first_rank = Some(rank + 1);
+                RankedEntry { rank, entry }
+            })
+            .collect()
+    }
+}
+
+#[derive(Default)]
+struct Feed {
+    /// By feed seq (the seq that created the item).
+    items: BTreeMap<u64, (FeedItem, u64)>,
+    unread: u64,
+}
+
+impl MemoryModels {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Models> {
+        self.inner
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The seq of the last event applied (0 before any).
+    pub fn checkpoint(&self) -> u64 {
+        self.read().checkpoint
+    }
+
+    /// Applies the next event of the log and returns the changes to
+    /// announce. Events at or below the checkpoint are skipped; a gap is an
+    /// error, as in the Postgres stores.
+    pub fn apply(&self, event: &RecordedEvent) -> Result<Vec<Change>, BoxError> {
+        let mut models = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if event.seq <= models.checkpoint {
+            return Ok(Vec::new());
+        }
+        if event.seq != models.checkpoint + 1 {
+            return Err(format!(
+                "the read models are at seq {}; event seq {} would leave a gap",
+                models.checkpoint, event.seq
+            )
+            .into());
+        }
+        let changes = models.apply(event)?;
+        models.checkpoint = event.seq;
+        Ok(changes)
+    }
+
+    /// Forgets leaderboard moves older than `retention`; cursors from before
+    /// them answer `cursor-expired`.
+    pub fn prune_moves(&self, retention: Duration) -> u64 {
+        let mut models = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let Some(cutoff) = Instant::now().checked_sub(retention) else {
+            return 0;
+        };
+        let mut pruned = 0;
+        let mut horizon = models.moves_horizon;
+        for board in models.boards.values_mut() {
+            let old = board.moves.partition_point(|m| m.3 < cutoff);
+            if let Some(last) = board.moves.get(old.wrapping_sub(1)) {
+                horizon = horizon.max(last.0);
+            }
+            board.moves.drain(..old);
+            pruned += old as u64;
+        }
+        models.moves_horizon = horizon;
+        pruned
+    }
+
+    /// A page of `test_id`'s leaderboard and the checkpoint it reflects, or
+    /// `Err(horizon)` when a cursor is older than the moves kept.
+    pub fn leaderboard_page(
+        &self,
+        test_id: Uuid,
+        start: &PageStart,
+        limit: i64,
+    ) -> (u64, Result<Page, u64>) {
+        let models = self.read();
+        let seq = models.checkpoint;
+        let limit = limit.max(1) as usize;
+        let Some(board) = models.boards.get(&test_id) else {
+            let empty = Page {
+                total: 0,
+                entries: Vec::new(),
+                more: false,
+            };
+            return match start {
+                PageStart::After { since, .. } if *since < models.moves_horizon => {
+                    (seq, Err(models.moves_horizon))
+                }
+                _ => (seq, Ok(empty)),
+            };
+        };
+        let total = board.order.len() as u64;
+        let (mut entries, more) = match start {
+            PageStart::Offset(offset) => {
+                let keys: Vec<&RankKey> = board
+                    .order
+                    .iter()
+                    .skip(*offset as usize)
+                    .take(limit + 1)
+                    .collect();
+                let more = keys.len() > limit;
+                let entries = keys
+                    .iter()
+                    .take(limit)
+                    .enumerate()
+                    .map(|(i, k)| RankedEntry {
+                        rank: offset + 1 + i as u64,
+                        entry: board.entries[&k.user_id].0.clone(),
+                    })
+                    .collect();
+                (entries, more)
+            }
+            PageStart::After { key, since } => {
+                if *since < models.moves_horizon {
+                    return (seq, Err(models.moves_horizon));
+                }
+                // Where each user that moved since stood first, then: those
+                // behind the cursor then and at or ahead of it now jumped it.
+                let mut first_moves: HashMap<&str, &RankKey> = HashMap::new();
+                for (_, user, old, _) in board.moves.iter().filter(|m| m.0 > *since) {
+                    first_moves.entry(user.as_str()).or_insert(old);
+                }
+                let mut jumped: Vec<RankedEntry> = first_moves
+                    .into_iter()
+                    .filter(|(user, old)| {
+                        let now = board.entries[*user].0.rank_key();
+                        *old > key && now <= *key
+                    })
+                    .map(|(user, _)| board.ranked(&board.entries[user].0.rank_key()))
+                    .collect();
+                let room = limit.saturating_sub(jumped.len()).max(1);
+                let mut rows = board.after(Some(key), room + 1);
+                let more = rows.len() > room;
+                rows.truncate(room);
+                jumped.append(&mut rows);
+                (jumped, more)
+            }
+        };
+        entries.sort_by_key(|e| e.rank);
+        (
+            seq,
+            Ok(Page {
+                total,
+                entries,
+                more,
+            }),
+        )
+    }
+
+    /// `user_id`'s entry with up to `radius` neighbours on each side.
+    pub fn around(&self, test_id: Uuid, user_id: &str, radius: i64) -> Around {
+        let models = self.read();
+        let mut around = Around {
+            total: 0,
+            checkpoint: models.checkpoint,
+            entry: None,
+            above: Vec::new(),
+            below: Vec::new(),
+        };
+        let Some(board) = models.boards.get(&test_id) else {
+            return around;
+        };
+        around.total = board.order.len() as u64;
+        let Some((entry, _)) = board.entries.get(user_id) else {
+            return around;
+        };
+        let key = entry.rank_key();
+        let me = board.ranked(&key);
+        let radius = radius.max(0) as usize;
+        let mut above: Vec<RankedEntry> = board
+            .order
+            .range(..&key)
+            .rev()
+            .take(radius)
+            .enumerate()
+            .map(|(i, k)| RankedEntry {
+                rank: me.rank - 1 - i as u64,
+                entry: board.entries[&k.user_id].0.clone(),
+            })
+            .collect();
+        above.reverse();
+        around.below = board.after(Some(&key), radius);
+        around.above = above;
+        around.entry = Some(me);
+        around
+    }
+
+    /// Up to `limit` entries of `test_id` changed after `after`, oldest
+    /// change first, with the checkpoint.
+    pub fn leaderboard_changed_since(
+        &self,
+        test_id: Uuid,
+        after: u64,
+        limit: i64,
+    ) -> (u64, Vec<(u64, RankedEntry)>) {
+        let models = self.read();
+        let Some(board) = models.boards.get(&test_id) else {
+            return (models.checkpoint, Vec::new());
+        };
+        let mut changed: Vec<(u64, &Entry)> = board
+            .entries
+            .values()
+            .filter(|(_, seq)| *seq > after)
+            .map(|(entry, seq)| (*seq, entry))
+            .collect();
+        changed.sort_by_key(|(seq, _)| *seq);
+        let changed = changed
+            .into_iter()
+            .take(limit.max(0) as usize)
+            .map(|(seq, entry)| (seq, board.ranked(&entry.rank_key())))
+            .collect();
+        (models.checkpoint, changed)
+    }
+
+    /// A page of `user_id`'s feed (as [`crate::feed::FeedQueries::page`]),
+    /// with the unread count and the checkpoint.
+    pub fn feed_page(
+        &self,
+        user_id: &str,
+        before: Option<u64>,
+        unread_only: bool,
+        limit: i64,
+    ) -> (u64, Vec<FeedItem>, bool, u64) {
+        let models = self.read();
+        let Some(feed) = models.feeds.get(user_id) else {
+            return (models.checkpoint, Vec::new(), false, 0);
+        };
+        let limit = limit.max(0) as usize;
+        let mut items: Vec<FeedItem> = feed
+            .items
+            .range(..before.unwrap_or(u64::MAX))
+            .rev()
+            .map(|(_, (item, _))| item)
+            .filter(|item| !unread_only || item.read_at.is_none())
+            .take(limit + 1)
+            .cloned()
+            .collect();
+        let more = items.len() > limit;
+        items.truncate(limit);
+        (models.checkpoint, items, more, feed.unread)
+    }
+
+    /// `user_id`'s items changed after `after` (oldest change first), the
+    /// unread count and the checkpoint.
+    pub fn feed_changed_since(
+        &self,
+        user_id: &str,
+        after: u64,
+        limit: i64,
+    ) -> (u64, Vec<FeedChange>, u64) {
+        let models = self.read();
+        let Some(feed) = models.feeds.get(user_id) else {
+            return (models.checkpoint, Vec::new(), 0);
+        };
+        let mut changed: Vec<FeedChange> = feed
+            .items
+            .values()
+            .filter(|(_, changed)| *changed > after)
+            .map(|(item, changed)| FeedChange {
+                seq: *changed,
+                item: item.clone(),
+            })
+            .collect();
+        changed.sort_by_key(|c| (c.seq, c.item.feed_seq));
+        changed.truncate(limit.max(0) as usize);
+        (models.checkpoint, changed, feed.unread)
+    }
+
+    /// Up to `limit` of `user_id`'s attempts, newest first, after `after`.
+    pub fn attempts_page(
+        &self,
+        user_id: &str,
+        after: Option<(DateTime<Utc>, Uuid)>,
+        limit: i64,
+    ) -> (Vec<AttemptSummary>, bool) {
+        let models = self.read();
+        let Some(list) = models.attempts.get(user_id) else {
+            return (Vec::new(), false);
+        };
+        let limit = limit.max(0) as usize;
+        let start = after.map(|(at, id)| (std::cmp::Reverse(at), std::cmp::Reverse(id)));
+        let range = match &start {
+            Some(key) => list.range((Bound::Excluded(key), Bound::Unbounded)),
+            None => list.range(..),
+        };
+        let mut items: Vec<AttemptSummary> =
+            range.take(limit + 1).map(|(_, a)| a.clone()).collect();
+        let more = items.len() > limit;
+        items.truncate(limit);
+        (items, more)
+    }
+
+    /// Every published test, newest first.
+    pub fn tests(&self) -> Vec<TestSummary> {
+        let models = self.read();
+        let mut tests: Vec<TestSummary> = models.tests.values().cloned().collect();
+        crate::catalog::newest_first(&mut tests);
+        tests
+    }
+}
+
+impl Models {
+    fn apply(&mut self, event: &RecordedEvent) -> Result<Vec<Change>, BoxError> {
+        let seq = event.seq;
+        Ok(match event.decode()? {
+            PodiumEvent::Test(TestEvent::TestPublished {
+                test_id,
+                definition,
+            }) => {
+                self.tests.insert(
+                    test_id,
+                    TestSummary::published(test_id, &definition, event.recorded_at),
+                );
+                Vec::new()
+            }
+            PodiumEvent::Test(TestEvent::TestArchived { test_id }) => {
+                if let Some(test) = self.tests.get_mut(&test_id) {
+                    test.archived = true;
+                }
+                Vec::new()
+            }
+            PodiumEvent::Attempt(AttemptEvent::AttemptStarted {
+                attempt_id,
+                test_id,
+                user_id,
+                started_at,
+                max_score,
+                ..
+            }) => {
+                let user = user_id.to_string();
+                self.attempt_owners.insert(attempt_id, user.clone());
+                self.attempts.entry(user.clone()).or_default().insert(
+                    (std::cmp::Reverse(started_at), std::cmp::Reverse(attempt_id)),
+                    AttemptSummary {
+                        attempt_id,
+                        test_id,
+                        user_id: user,
+                        status: "in_progress".into(),
+                        started_at,
+                        max_score,
+                        score: None,
+                        correct: None,
+                        duration_ms: None,
+                        submitted_at: None,
+                    },
+                );
+                Vec::new()
+            }
+            PodiumEvent::Attempt(AttemptEvent::AttemptSubmitted {
+                attempt_id,
+                test_id,
+                user_id,
+                score,
+                max_score,
+                correct,
+                duration_ms,
+                submitted_at,
+                ..
+            }) => {
+                let owner = self.attempt_owners.get(&attempt_id);
+                if let Some(list) = owner.and_then(|user| self.attempts.get_mut(user)) {
+                    if let Some(summary) = list.values_mut().find(|a| a.attempt_id == attempt_id) {
+                        summary.status = "submitted".into();
+                        summary.score = Some(score);
+                        summary.max_score = max_score;
+                        summary.correct = Some(correct);
+                        summary.duration_ms = Some(duration_ms);
+                        summary.submitted_at = Some(submitted_at);
+                    }
+                }
+                let submission = Submission {
+                    test_id,
+                    user_id: user_id.to_string(),
+                    attempt_id,
+                    score,
+                    max_score,
+                    submitted_at,
+                };
+                vec![self.record(&submission, seq)]
+            }
+            PodiumEvent::Notification(NotificationEvent::NotificationCreated {
+                notification_id,
+                content,
+                created_at,
+            }) => {
+                let user = content.recipient.to_string();
+                let message = &content.message;
+                let item = FeedItem {
+                    id: notification_id,
+                    kind: message.kind.as_str().to_string(),
+                    title: message.title.clone(),
+                    body: message.body.clone(),
+                    link: message.link.clone(),
+                    created_at,
+                    read_at: None,
+                    feed_seq: seq,
+                };
+                let feed = self.feeds.entry(user.clone()).or_default();
+                if feed.items.values().any(|(i, _)| i.id == notification_id) {
+                    return Ok(Vec::new());
+                }
+                feed.unread += 1;
+                let change = feed::created_change(&user, seq, &item, feed.unread);
+                feed.items.insert(seq, (item, seq));
+                vec![change]
+            }
+            PodiumEvent::Notification(NotificationEvent::NotificationRead {
+                notification_id,
+                recipient,
+                read_at,
+            }) => {
+                let user = recipient.to_string();
+                let Some(feed) = self.feeds.get_mut(&user) else {
+                    return Ok(Vec::new());
+                };
+                let Some((item, changed)) = feed
+                    .items
+                    .values_mut()
+                    .find(|(i, _)| i.id == notification_id && i.read_at.is_none())
+                else {
+                    return Ok(Vec::new());
+                };
+                item.read_at = Some(read_at);
+                *changed = seq;
+                feed.unread -= 1;
+                vec![feed::read_change(
+                    &user,
+                    seq,
+                    &[notification_id],
+                    feed.unread,
+                )]
+            }
+            PodiumEvent::Inbox(InboxEvent::AllNotificationsRead { user_id, read_at }) => {
+                let user = user_id.to_string();
+                let Some(feed) = self.feeds.get_mut(&user) else {
+                    return Ok(Vec::new());
+                };
+                let mut ids = Vec::new();
+                for (item, changed) in feed.items.range_mut(..seq).map(|(_, v)| v) {
+                    if item.read_at.is_none() {
+                        item.read_at = Some(read_at);
+                        *changed = seq;
+                        ids.push(item.id);
+                    }
+                }
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                feed.unread -= ids.len() as u64;
+                vec![feed::read_change(&user, seq, &ids, feed.unread)]
+            }
+            _ => Vec::new(),
+        })
+    }
+
+    fn record(&mut self, submission: &Submission, seq: u64) -> Change {
+        let board = self.boards.entry(submission.test_id).or_default();
+        let previous = board
+            .entries
+            .get(&submission.user_id)
+            .map(|(e, _)| e.clone());
+        let entry = Entry::record(previous.as_ref(), submission);
+        let previous_rank = previous.as_ref().map(|p| board.rank(&p.rank_key()));
+        if let Some(previous) = &previous {
+            board.order.remove(&previous.rank_key());
+            if previous.rank_key() != entry.rank_key() {
+                board.moves.push((
+                    seq,
+                    entry.user_id.clone(),
+                    previous.rank_key(),
+                    Instant::now(),
+                ));
+            }
+        }
+        board.order.insert(entry.rank_key());
+        let rank = board.rank(&entry.rank_key());
+        let change =
+            leaderboard::entry_change(submission.test_id, seq, &entry, rank, previous_rank);
+        board.entries.insert(entry.user_id.clone(), (entry, seq));
+        change
+    }
+}

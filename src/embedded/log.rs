@@ -1,0 +1,273 @@
+//! The embedded event store: the log in memory, optionally appended to a
+//! local file (one JSON event per line, synced before a command is answered)
+//! and read back at start. It serves cqrs-es as a
+//! [`PersistedEventRepository`] (optimistic concurrency per aggregate, like
+//! postgres-es) and the projector as a gap-free log in commit order.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::Context;
+use cqrs_es::persist::{
+    PersistedEventRepository, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot,
+};
+use cqrs_es::Aggregate;
+use podium_domain::log::RecordedEvent;
+use serde_json::Value;
+use tokio::sync::watch;
+
+/// The whole log, in memory.
+pub struct MemLog {
+    state: Mutex<State>,
+    /// The seq of the last event appended.
+    tail: watch::Sender<u64>,
+    file: Option<(PathBuf, Mutex<File>)>,
+}
+
+#[derive(Default)]
+struct State {
+    events: Vec<RecordedEvent>,
+    /// Indexes into `events` per (aggregate type, id), in sequence order.
+    streams: HashMap<(String, String), Vec<usize>>,
+}
+
+impl State {
+    fn push(&mut self, event: RecordedEvent) {
+        let index = self.events.len();
+        self.streams
+            .entry((event.aggregate_type.clone(), event.aggregate_id.clone()))
+            .or_default()
+            .push(index);
+        self.events.push(event);
+    }
+
+    fn stream(&self, aggregate_type: &str, id: &str) -> impl Iterator<Item = &RecordedEvent> {
+        self.streams
+            .get(&(aggregate_type.to_string(), id.to_string()))
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.events[i])
+    }
+}
+
+impl MemLog {
+    /// An empty log that lives in memory only.
+    pub fn in_memory() -> Self {
+        Self {
+            state: Mutex::default(),
+            tail: watch::channel(0).0,
+            file: None,
+        }
+    }
+
+    /// The log kept in `path`: its events are read back (a line torn by a
+    /// crash at the very end is dropped), new ones are appended.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open the event log {}", path.display()))?;
+        let mut state = State::default();
+        let mut good_len = 0u64;
+        let mut lines = BufReader::new(&file).split(b'\n').peekable();
+        while let Some(line) = lines.next() {
+            let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+            let last = lines.peek().is_none();
+            match serde_json::from_slice::<RecordedEvent>(&line) {
+                Ok(event) if event.seq == state.events.len() as u64 + 1 => state.push(event),
+                Ok(event) => anyhow::bail!(
+                    "{}: event seq {} follows seq {}: the file is not a Podium log",
+                    path.display(),
+                    event.seq,
+                    state.events.len()
+                ),
+                // Only the last line can be torn (a crash while appending).
+                Err(_) if last => {
+                    tracing::warn!(path = %path.display(), "dropping a torn last line of the event log");
+                    break;
+                }
+                Err(err) => anyhow::bail!(
+                    "{}: line {} is not an event: {err}",
+                    path.display(),
+                    state.events.len() + 1
+                ),
+            }
+            good_len += line.len() as u64 + 1;
+        }
+        file.set_len(good_len.min(file.metadata()?.len()))?;
+        file.flush()?;
+        let last = state.events.len() as u64;
+        Ok(Self {
+            state: Mutex::new(state),
+            tail: watch::channel(last).0,
+            file: Some((path.to_path_buf(), Mutex::new(file))),
+        })
+    }
+
+    /// Where the log is kept, if not in memory only.
+    pub fn path(&self) -> Option<&Path> {
+        self.file.as_ref().map(|(path, _)| path.as_path())
+    }
+
+    /// Follows the seq of the last event appended.
+    pub fn tail(&self) -> watch::Receiver<u64> {
+        self.tail.subscribe()
+    }
+
+    /// Up to `limit` events after seq `after`.
+    pub fn read_after(&self, after: u64, limit: usize) -> Vec<RecordedEvent> {
+        let state = self.lock();
+        let start = (after as usize).min(state.events.len());
+        state.events[start..].iter().take(limit).cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn serialized(event: &RecordedEvent) -> SerializedEvent {
+        let metadata = serde_json::to_value(&event.metadata).unwrap_or(Value::Null);
+        SerializedEvent::new(
+            event.aggregate_id.clone(),
+            event.sequence as usize,
+            event.aggregate_type.clone(),
+            event.event_type.clone(),
+            event.event_version.clone(),
+            event.payload.clone(),
+            metadata,
+        )
+    }
+
+    /// Appends one aggregate's new events if nobody appended to it since
+    /// they were decided (else `OptimisticLockError`, as postgres-es).
+    fn append(&self, events: &[SerializedEvent]) -> Result<(), PersistenceError> {
+        let Some(first) = events.first() else {
+            return Ok(());
+        };
+        let mut state = self.lock();
+        let current = state
+            .stream(&first.aggregate_type, &first.aggregate_id)
+            .count();
+        if first.sequence != current + 1 {
+            return Err(PersistenceError::OptimisticLockError);
+        }
+        let now = crate::clock::now();
+        let base = state.events.len() as u64;
+        let recorded: Vec<RecordedEvent> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| RecordedEvent {
+                seq: base + 1 + i as u64,
+                position: (base + 1 + i as u64) as i64,
+                aggregate_type: e.aggregate_type.clone(),
+                aggregate_id: e.aggregate_id.clone(),
+                sequence: e.sequence as u64,
+                event_type: e.event_type.clone(),
+                event_version: e.event_version.clone(),
+                payload: e.payload.clone(),
+                metadata: serde_json::from_value(e.metadata.clone()).unwrap_or_default(),
+                recorded_at: now,
+            })
+            .collect();
+        if let Some((_, file)) = &self.file {
+            let mut lines = Vec::new();
+            for event in &recorded {
+                serde_json::to_writer(&mut lines, event)
+                    .map_err(|e| PersistenceError::UnknownError(Box::new(e)))?;
+                lines.push(b'\n');
+            }
+            let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+            // Durable before anyone sees the events (or the command is answered).
+            file.write_all(&lines)
+                .and_then(|()| file.sync_data())
+                .map_err(|e| PersistenceError::ConnectionError(Box::new(e)))?;
+        }
+        let last = base + recorded.len() as u64;
+        for event in recorded {
+            state.push(event);
+        }
+        drop(state);
+        self.tail.send_replace(last);
+        Ok(())
+    }
+
+    fn events_of(&self, aggregate_type: &str, id: &str, after: usize) -> Vec<SerializedEvent> {
+        self.lock()
+            .stream(aggregate_type, id)
+            .filter(|e| e.sequence as usize > after)
+            .map(Self::serialized)
+            .collect()
+    }
+
+    fn replay(events: Vec<SerializedEvent>) -> ReplayStream {
+        let (mut feed, stream) = ReplayStream::new(events.len().max(1));
+        tokio::spawn(async move {
+            for event in events {
+                if feed.push(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        stream
+    }
+}
+
+/// [`MemLog`] as cqrs-es sees it.
+impl PersistedEventRepository for MemLog {
+    async fn get_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        Ok(self.events_of(A::TYPE, aggregate_id, 0))
+    }
+
+    async fn get_last_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+        last_sequence: usize,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        Ok(self.events_of(A::TYPE, aggregate_id, last_sequence))
+    }
+
+    async fn get_snapshot<A: Aggregate>(
+        &self,
+        _aggregate_id: &str,
+    ) -> Result<Option<SerializedSnapshot>, PersistenceError> {
+        Ok(None)
+    }
+
+    async fn persist<A: Aggregate>(
+        &self,
+        events: &[SerializedEvent],
+        _snapshot_update: Option<(String, Value, usize)>,
+    ) -> Result<(), PersistenceError> {
+        self.append(events)
+    }
+
+    async fn stream_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<ReplayStream, PersistenceError> {
+        Ok(Self::replay(self.events_of(A::TYPE, aggregate_id, 0)))
+    }
+
+    async fn stream_all_events<A: Aggregate>(&self) -> Result<ReplayStream, PersistenceError> {
+        let events = self
+            .lock()
+            .events
+            .iter()
+            .filter(|e| e.aggregate_type == A::TYPE)
+            .map(Self::serialized)
+            .collect();
+        Ok(Self::replay(events))
+    }
+}

@@ -1,0 +1,161 @@
+//! The embedded mode: Podium in one process with no Postgres and no NATS.
+//! The event log lives in memory (and optionally in a local file); one
+//! projector task follows it in order, keeps every read model in memory and
+//! runs the notification policy; changes go straight to the [`ChangeHub`]
+//! that NATS feeds in production. Commands, the HTTP API, the cache and the
+//! SSE streams are the same code as in production.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use podium_projections::memory::MemoryModels;
+use tokio::sync::watch;
+
+use crate::changes::ChangeHub;
+use crate::eventstore::Aggregates;
+use crate::policy::{MemoryBests, NotificationPolicy};
+
+mod log;
+pub use log::MemLog;
+
+/// Events the projector applies per lock of the read models.
+const BATCH: usize = 500;
+/// How long the projector waits before retrying a failed event.
+const RETRY: Duration = Duration::from_millis(200);
+
+/// The in-process stores of the embedded mode.
+pub struct Embedded {
+    pub log: Arc<MemLog>,
+    pub models: Arc<MemoryModels>,
+    pub keys: IdempotencyKeys,
+}
+
+impl Embedded {
+    pub fn new(log: MemLog) -> Self {
+        Self {
+            log: Arc::new(log),
+            models: Arc::new(MemoryModels::new()),
+            keys: IdempotencyKeys::default(),
+        }
+    }
+
+    /// Follows the log until `stop`: applies each event to the read models,
+    /// announces the changes, and runs the notification policy (whose
+    /// commands append to the same log). At start it replays the whole log,
+    /// which is how a file-backed log rebuilds its read models.
+    pub async fn project(
+        self: Arc<Self>,
+        aggregates: Arc<Aggregates>,
+        hub: Arc<ChangeHub>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let policy = NotificationPolicy::new(aggregates);
+        let mut bests = MemoryBests::default();
+        // The policy's own checkpoint: it acts once per event, even on replay
+        // of a file (its commands' ids are deterministic: repeats are no-ops).
+        let mut policy_at = 0;
+        let mut tail = self.log.tail();
+        loop {
+            let at = self.models.checkpoint().min(policy_at);
+            let events = self.log.read_after(at, BATCH);
+            if events.is_empty() {
+                tokio::select! {
+                    changed = tail.changed() => if changed.is_err() { return },
+                    _ = stop.changed() => return,
+                }
+                continue;
+            }
+            for event in &events {
+                let applied = self.models.apply(event).map(|changes| {
+                    for change in changes {
+                        hub.deliver(change);
+                    }
+                });
+                let decided = match applied {
+                    Ok(()) if event.seq > policy_at => policy.handle(&mut bests, event).await,
+                    Ok(()) => Ok(()),
+                    Err(err) => Err(err),
+                };
+                match decided {
+                    Ok(()) => policy_at = policy_at.max(event.seq),
+                    Err(err) => {
+                        tracing::error!(seq = event.seq, %err, "cannot project an event; retrying");
+                        tokio::select! {
+                            () = tokio::time::sleep(RETRY) => {}
+                            _ = stop.changed() => return,
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Idempotency keys in memory (the `idempotency_keys` table of production).
+#[derive(Default)]
+pub struct IdempotencyKeys {
+    keys: Mutex<HashMap<(String, String), StoredKey>>,
+}
+
+/// A claimed key: the request's hash and, once answered, the answer.
+#[derive(Clone)]
+pub struct StoredKey {
+    pub request_hash: Vec<u8>,
+    pub answer: Option<(u16, Option<String>, Vec<u8>)>,
+    claimed: Instant,
+}
+
+impl IdempotencyKeys {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), StoredKey>> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Claims `key` unless another request holds it (answered within
+    /// `retention`, or pending for less than `takeover`).
+    pub fn claim(
+        &self,
+        key: (String, String),
+        hash: &[u8],
+        retention: Duration,
+        takeover: Duration,
+    ) -> bool {
+        let mut keys = self.lock();
+        let free = keys.get(&key).is_none_or(|held| {
+            let age = held.claimed.elapsed();
+            age > retention || (held.answer.is_none() && age > takeover)
+        });
+        if free {
+            let claimed = StoredKey {
+                request_hash: hash.to_vec(),
+                answer: None,
+                claimed: Instant::now(),
+            };
+            keys.insert(key, claimed);
+        }
+        free
+    }
+
+    pub fn get(&self, key: &(String, String)) -> Option<StoredKey> {
+        self.lock().get(key).cloned()
+    }
+
+    pub fn answer(&self, key: &(String, String), answer: (u16, Option<String>, Vec<u8>)) {
+        if let Some(held) = self.lock().get_mut(key) {
+            held.answer = Some(answer);
+        }
+    }
+
+    pub fn release(&self, key: &(String, String)) {
+        self.lock().remove(key);
+    }
+
+    /// Forgets keys older than `retention`; returns how many.
+    pub fn purge(&self, retention: Duration) -> u64 {
+        let mut keys = self.lock();
+        let before = keys.len();
+        keys.retain(|_, held| held.claimed.elapsed() <= retention);
+        (before - keys.len()) as u64
+    }
+}

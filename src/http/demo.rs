@@ -1,0 +1,34 @@
+//! The live demo page at `GET /`: one static HTML file (inline CSS and JS,
+//! nothing fetched from elsewhere) that uses the public API like any client.
+
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+use super::AppState;
+
+const PAGE: &str = include_str!("../../static/index.html");
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/", get(page))
+}
+
+/// The live demo page: pick a test, watch its leaderboard move over SSE,
+/// look up a user's neighbours, read your notifications.
+#[utoipa::path(get, path = "/", tag = "operations",
+    responses((status = 200, description = "The demo page", content_type = "text/html")))]
+pub(super) async fn page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 img-src 'self' data:; connect-src 'self'",
+            ),
+        ],
+        PAGE,
+    )
+}
