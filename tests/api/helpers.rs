@@ -59,6 +59,17 @@ impl TestDb {
         Self { name, pool }
     }
 
+    /// No database: the stand-in an embedded app carries. Its pool points
+    /// nowhere and is never connected.
+    pub fn none() -> Self {
+        Self {
+            name: String::new(),
+            pool: PgPoolOptions::new()
+                .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+                .expect("a lazy pool"),
+        }
+    }
+
     pub fn url(&self) -> String {
         database_url(&self.name)
     }
@@ -74,6 +85,9 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
+        if self.name.is_empty() {
+            return;
+        }
         let name = self.name.clone();
         // Drop runs inside the test's runtime, so clean up on a thread of our own.
         run_blocking(async move {
@@ -122,6 +136,21 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     }
     let db = std::sync::Arc::new(TestDb::with_pool_size(2).await);
     start(db, configure, true).await
+}
+
+/// Starts an embedded app (no Postgres, no NATS: the in-process log and
+/// read models) with settings adjusted by `configure`.
+pub async fn spawn_embedded_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    let db = std::sync::Arc::new(TestDb::none());
+    start(
+        db,
+        |settings| {
+            settings.database.database_url = None;
+            configure(settings);
+        },
+        false,
+    )
+    .await
 }
 
 impl TestApp {

@@ -8,6 +8,7 @@ mod auth;
 mod bad_input;
 mod commands;
 mod concurrency;
+mod conformance;
 mod demo;
 mod edges;
 mod fanout;
