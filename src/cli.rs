@@ -82,6 +82,16 @@ pub struct TokenArgs {
 }
 
 impl Cli {
+    /// The command line; `podium` alone means `podium serve` (embedded
+    /// when neither DATABASE_URL nor NATS_URL is set).
+    pub fn parse_or_serve() -> Self {
+        let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        if args.len() == 1 {
+            args.push("serve".into());
+        }
+        Self::parse_from(args)
+    }
+
     /// Where errors are reported, for the commands that report them.
     pub fn sentry_dsn(&self) -> Option<&crate::config::Secret> {
         match &self.command {

@@ -1,8 +1,6 @@
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = podium::cli::Cli::parse();
+    let cli = podium::cli::Cli::parse_or_serve();
     let _sentry = match podium::telemetry::init_with_sentry(cli.sentry_dsn()) {
         Ok(guard) => guard,
         Err(err) => {

@@ -6,6 +6,7 @@ mod nats;
 
 mod auth;
 mod bad_input;
+mod browser;
 mod commands;
 mod concurrency;
 mod conformance;

@@ -1,0 +1,295 @@
+//! The demo page in a real browser: headless Chromium driven over WebDriver
+//! (ChromeDriver), on both adapter sets. The page is loaded once; an attempt
+//! submitted through the API must show up in its leaderboard without a
+//! reload, and a notification must be markable as read from the page. A
+//! screenshot of each run is kept in `target/browser-artifacts/`.
+//!
+//! Needs `chromium` and `chromedriver` (`scripts/browser` installs them).
+//! Without them the tests say they were skipped, unless
+//! `PODIUM_REQUIRE_SERVICES` is set (as in `.ci/run`): then they fail.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine as _;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use crate::conformance::{serve, Adapters};
+use crate::helpers::TestApp;
+
+/// How long the page may take to show something.
+const PAGE_DEADLINE: Duration = Duration::from_secs(30);
+
+fn binary(env: &str, default: &str) -> PathBuf {
+    std::env::var_os(env).map_or_else(|| PathBuf::from(default), PathBuf::from)
+}
+
+/// ChromeDriver and Chromium, if installed; otherwise says the test was
+/// skipped, or fails it when `PODIUM_REQUIRE_SERVICES` is set.
+fn browser_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
+    let driver = binary("PODIUM_CHROMEDRIVER", "/usr/bin/chromedriver");
+    let chromium = binary("PODIUM_CHROMIUM", "/usr/bin/chromium");
+    if driver.exists() && chromium.exists() {
+        return Some((driver, chromium));
+    }
+    assert!(
+        std::env::var_os("PODIUM_REQUIRE_SERVICES").is_none(),
+        "{test}: {} or {} is missing, and PODIUM_REQUIRE_SERVICES forbids skipping",
+        driver.display(),
+        chromium.display()
+    );
+    eprintln!("SKIPPED {test}: Chromium and ChromeDriver are not installed (run scripts/browser)");
+    None
+}
+
+/// A ChromeDriver process with one headless Chromium session.
+struct Browser {
+    driver: Child,
+    client: reqwest::Client,
+    session: String,
+}
+
+impl Browser {
+    async fn start(driver: &Path, chromium: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(driver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver starts");
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + PAGE_DEADLINE;
+        loop {
+            let ready = client.get(format!("{base}/status")).send().await;
+            if let Ok(response) = ready {
+                let status: Value = response.json().await.unwrap_or_default();
+                if status["value"]["ready"] == true {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "chromedriver did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let capabilities = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", "--window-size=1280,1000"]
+            }
+        }}});
+        let created: Value = client
+            .post(format!("{base}/session"))
+            .json(&capabilities)
+            .send()
+            .await
+            .expect("a session")
+            .json()
+            .await
+            .unwrap();
+        let session = created["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {created}"))
+            .to_string();
+        Self {
+            driver: child,
+            client,
+            session: format!("{base}/session/{session}"),
+        }
+    }
+
+    async fn command(&self, path: &str, body: Value) -> Value {
+        let response: Value = self
+            .client
+            .post(format!("{}{path}", self.session))
+            .json(&body)
+            .send()
+            .await
+            .expect("a WebDriver command")
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            response["value"]["error"].is_null(),
+            "WebDriver {path}: {response}"
+        );
+        response["value"].clone()
+    }
+
+    async fn open(&self, url: &str) {
+        self.command("/url", json!({ "url": url })).await;
+    }
+
+    /// Runs `script` (a function body) in the page and returns its value.
+    async fn eval(&self, script: &str) -> Value {
+        self.command("/execute/sync", json!({ "script": script, "args": [] }))
+            .await
+    }
+
+    /// Waits until `script` returns something truthy, and returns it.
+    async fn until(&self, what: &str, script: &str) -> Value {
+        let deadline = Instant::now() + PAGE_DEADLINE;
+        loop {
+            let value = self.eval(script).await;
+            if !(value.is_null() || value == false || value == 0 || value == "") {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "the page never showed {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Saves a PNG screenshot of the page to `path`.
+    async fn screenshot(&self, path: &Path) {
+        let response: Value = self
+            .client
+            .get(format!("{}/screenshot", self.session))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(response["value"].as_str().expect("a screenshot"))
+            .unwrap();
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, png).unwrap();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Ending the driver ends its browser.
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// Submits a full-score attempt of `user` on the sample test.
+async fn ace(app: &TestApp, test_id: &str, user: &str) {
+    let token = app.user(user);
+    let attempt = app.started_attempt(test_id, &token).await;
+    let answers = json!({"answers": {"q1": 1, "q2": 0}});
+    let response = app.submit(&attempt, &token, Some(answers)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+async fn the_demo_page_follows_the_leaderboard_live(adapters: Adapters, name: &str) {
+    let test = format!("browser::{name}");
+    let Some((driver, chromium)) = browser_or_skip(&test) else {
+        return;
+    };
+    let Some(app) = serve(adapters, &test, |_| {}).await else {
+        return;
+    };
+    let test_id = app.published_test().await;
+    ace(&app, &test_id, "early-bird").await;
+    let viewer = app.user("viewer");
+    let browser = Browser::start(&driver, &chromium).await;
+    browser
+        .open(&format!("{}/?token={viewer}#test={test_id}", app.address))
+        .await;
+    browser
+        .until(
+            "the first entry and a live stream",
+            "return document.querySelector('#leaderboard tr[data-user=\"early-bird\"]') !== null
+                && document.getElementById('live-status').dataset.state === 'live';",
+        )
+        .await;
+    // Anything a reload would wipe, to prove there was none.
+    browser
+        .eval("window.podiumMarker = 'no reload'; return true;")
+        .await;
+
+    ace(&app, &test_id, "newcomer").await;
+    let row = browser
+        .until(
+            "the newcomer's row",
+            "const row = document.querySelector('#leaderboard tr[data-user=\"newcomer\"]');
+             return row && row.cells[0].textContent.trim();",
+        )
+        .await;
+    assert_eq!(row, "2", "the newcomer ranks behind the earlier full score");
+    let total = browser
+        .eval("return document.getElementById('lb-total').textContent;")
+        .await;
+    assert!(
+        total.as_str().unwrap().contains('2'),
+        "total shown: {total}"
+    );
+    let log = browser
+        .eval("return document.getElementById('live-log').textContent;")
+        .await;
+    assert!(
+        log.as_str().unwrap().contains("newcomer"),
+        "live log: {log}"
+    );
+    assert_eq!(
+        browser.eval("return window.podiumMarker;").await,
+        "no reload"
+    );
+
+    // A notification arrives live and is marked read from the page.
+    let sent = app
+        .post(
+            "/v1/notifications",
+            &app.admin(),
+            Some(
+                json!({"user_ids": ["viewer"], "title": "Hello from the test", "body": "Read me"}),
+            ),
+        )
+        .await;
+    assert_eq!(sent.status(), StatusCode::ACCEPTED);
+    browser
+        .until(
+            "the notification, unread",
+            "return document.getElementById('unread-count').textContent.trim() === '1'
+                && document.querySelector('#feed li.unread .mark-read') !== null;",
+        )
+        .await;
+    browser
+        .eval("document.querySelector('#feed li.unread .mark-read').click(); return true;")
+        .await;
+    browser
+        .until(
+            "the unread count back to 0",
+            "return document.getElementById('unread-count').textContent.trim() === '0'
+                && document.querySelector('#feed li.unread') === null;",
+        )
+        .await;
+    let (status, feed) = {
+        let response = app.get("/v1/me/notifications", &viewer).await;
+        (response.status(), response.json::<Value>().await.unwrap())
+    };
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(feed["unread_count"], 0, "the read reached the server");
+
+    let shot = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/browser-artifacts")
+        .join(format!("demo-page-{name}.png"));
+    browser.screenshot(&shot).await;
+    eprintln!("screenshot: {}", shot.display());
+}
+
+#[tokio::test]
+async fn embedded() {
+    the_demo_page_follows_the_leaderboard_live(Adapters::Embedded, "embedded").await;
+}
+
+#[tokio::test]
+async fn production() {
+    the_demo_page_follows_the_leaderboard_live(Adapters::Production, "production").await;
+}
