@@ -60,19 +60,15 @@ enum Stores {
 }
 
 impl Stores {
-    /// Refuses set-ups that cannot work, then opens the stores.
-    async fn open(settings: &Settings) -> anyhow::Result<Self> {
+    /// Refuses set-ups that cannot work, with the reason.
+    fn check(settings: &Settings) -> anyhow::Result<()> {
         if settings.is_embedded() {
             anyhow::ensure!(
                 settings.workers,
                 "PODIUM_WORKERS=false needs a shared store: the embedded mode (no DATABASE_URL, \
                  no NATS_URL) projects its events in this process"
             );
-            let log = match &settings.data_file {
-                Some(path) => MemLog::open(path)?,
-                None => MemLog::in_memory(),
-            };
-            return Ok(Self::Embedded(Arc::new(Embedded::new(log))));
+            return Ok(());
         }
         anyhow::ensure!(
             settings.database.database_url.is_some(),
@@ -83,6 +79,22 @@ impl Stores {
             settings.data_file.is_none(),
             "PODIUM_DATA_FILE is for the embedded mode only; with DATABASE_URL the log is in Postgres"
         );
+        anyhow::ensure!(
+            settings.auth.jwt_secret.is_some(),
+            "PODIUM_JWT_SECRET is not set: the server refuses to start without it"
+        );
+        Ok(())
+    }
+
+    /// Opens the stores the (checked) settings choose.
+    async fn open(settings: &Settings) -> anyhow::Result<Self> {
+        if settings.is_embedded() {
+            let log = match &settings.data_file {
+                Some(path) => MemLog::open(path)?,
+                None => MemLog::in_memory(),
+            };
+            return Ok(Self::Embedded(Arc::new(Embedded::new(log))));
+        }
         let pool = crate::db::connect(&settings.database).await?;
         let worker_pool = crate::db::connect(&crate::config::DatabaseSettings {
             db_max_connections: WORKER_CONNECTIONS,
@@ -104,13 +116,10 @@ impl Application {
     /// Opens the stores (Postgres and NATS, or the embedded ones), applies
     /// migrations and binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let stores = Stores::open(&settings).await?;
+        Stores::check(&settings)?;
         let (secret, dev_secret) = settings.auth.secret_or_dev();
-        anyhow::ensure!(
-            !dev_secret || matches!(stores, Stores::Embedded(_)),
-            "PODIUM_JWT_SECRET is not set: the server refuses to start without it"
-        );
         let keys = JwtKeys::new(secret)?;
+        let stores = Stores::open(&settings).await?;
         let bus = match (&settings.nats.nats_url, &stores) {
             (Some(url), _) => {
                 let bus = EventBus::connect(url, &settings.nats.nats_prefix).await?;
@@ -146,7 +155,12 @@ impl Application {
             metrics.clone(),
         );
         let (stop, shutdown) = watch::channel(false);
-        let budgets = crate::ratelimit::parse(&settings.rate_limits)
+        // Embedded (one developer, one process), limits are off unless asked for.
+        let limits = match settings.rate_limits.as_str() {
+            "" if matches!(stores, Stores::Embedded(_)) => "off",
+            limits => limits,
+        };
+        let budgets = crate::ratelimit::parse(limits)
             .map_err(|err| anyhow::anyhow!("PODIUM_RATE_LIMITS: {err}"))?;
         let trusted_proxies = crate::ratelimit::parse_proxies(&settings.trusted_proxies)
             .map_err(|err| anyhow::anyhow!("PODIUM_TRUSTED_PROXIES: {err}"))?;

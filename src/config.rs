@@ -154,7 +154,8 @@ pub struct Settings {
     pub workers: bool,
     /// Rate limits: `off`, or budgets such as
     /// `user_commands=120/min,user_queries=600/min,ip=1200/min` (units s, min,
-    /// h); unnamed budgets keep those defaults.
+    /// h); unnamed budgets keep those defaults. Unset in the embedded mode:
+    /// off.
     #[arg(long, env = "PODIUM_RATE_LIMITS", default_value = "")]
     pub rate_limits: String,
     /// Comma-separated IP addresses of proxies whose `X-Forwarded-For` is

@@ -75,17 +75,22 @@ impl RecordedEvent {
         )
     }
 
-    /// The event after every upcaster of [`crate::upcasting`] has run.
-    pub fn decode(&self) -> Result<PodiumEvent, DecodeError> {
-        let mut serialized = SerializedEvent::new(
+    /// The event as cqrs-es stores it (with its metadata).
+    pub fn serialized(&self) -> SerializedEvent {
+        SerializedEvent::new(
             self.aggregate_id.clone(),
             self.sequence as usize,
             self.aggregate_type.clone(),
             self.event_type.clone(),
             self.event_version.clone(),
             self.payload.clone(),
-            serde_json::Value::Null,
-        );
+            serde_json::to_value(&self.metadata).unwrap_or_default(),
+        )
+    }
+
+    /// The event after every upcaster of [`crate::upcasting`] has run.
+    pub fn decode(&self) -> Result<PodiumEvent, DecodeError> {
+        let mut serialized = self.serialized();
         for upcaster in crate::upcasting::upcasters() {
             if upcaster.can_upcast(&serialized.event_type, &serialized.event_version) {
                 serialized = upcaster.upcast(serialized);

@@ -474,16 +474,7 @@ impl Models {
             }) => {
                 let user = content.recipient.to_string();
                 let message = &content.message;
-                let item = FeedItem {
-                    id: notification_id,
-                    kind: message.kind.as_str().to_string(),
-                    title: message.title.clone(),
-                    body: message.body.clone(),
-                    link: message.link.clone(),
-                    created_at,
-                    read_at: None,
-                    feed_seq: seq,
-                };
+                let item = FeedItem::created(notification_id, message, created_at, seq);
                 let feed = self.feeds.entry(user.clone()).or_default();
                 if feed.items.values().any(|(i, _)| i.id == notification_id) {
                     return Ok(Vec::new());

@@ -1,5 +1,6 @@
 //! The embedded event store: the log in memory, optionally appended to a
-//! local file (one JSON event per line, synced before a command is answered)
+//! local file (one line per command: the JSON array of its events, synced
+//! before the command is answered)
 //! and read back at start. It serves cqrs-es as a
 //! [`PersistedEventRepository`] (optimistic concurrency per aggregate, like
 //! postgres-es) and the projector as a gap-free log in commit order.
@@ -78,19 +79,25 @@ impl MemLog {
             .with_context(|| format!("cannot open the event log {}", path.display()))?;
         let mut state = State::default();
         let mut good_len = 0u64;
-        let mut lines = BufReader::new(&file).split(b'\n').peekable();
-        while let Some(line) = lines.next() {
+        let mut lines = BufReader::new(&file).split(b'\n').enumerate().peekable();
+        while let Some((number, line)) = lines.next() {
             let line = line.with_context(|| format!("cannot read {}", path.display()))?;
             let last = lines.peek().is_none();
-            match serde_json::from_slice::<RecordedEvent>(&line) {
-                Ok(event) if event.seq == state.events.len() as u64 + 1 => state.push(event),
-                Ok(event) => anyhow::bail!(
-                    "{}: event seq {} follows seq {}: the file is not a Podium log",
-                    path.display(),
-                    event.seq,
-                    state.events.len()
-                ),
-                // Only the last line can be torn (a crash while appending).
+            match serde_json::from_slice::<Vec<RecordedEvent>>(&line) {
+                Ok(commit) => {
+                    for event in commit {
+                        anyhow::ensure!(
+                            event.seq == state.events.len() as u64 + 1,
+                            "{}: event seq {} follows seq {}: the file is not a Podium log",
+                            path.display(),
+                            event.seq,
+                            state.events.len()
+                        );
+                        state.push(event);
+                    }
+                }
+                // Only the last line can be torn (a crash while appending):
+                // that command was never answered, and it is dropped whole.
                 Err(_) if last => {
                     tracing::warn!(path = %path.display(), "dropping a torn last line of the event log");
                     break;
@@ -98,13 +105,19 @@ impl MemLog {
                 Err(err) => anyhow::bail!(
                     "{}: line {} is not an event: {err}",
                     path.display(),
-                    state.events.len() + 1
+                    number + 1
                 ),
             }
             good_len += line.len() as u64 + 1;
         }
-        file.set_len(good_len.min(file.metadata()?.len()))?;
-        file.flush()?;
+        let file_len = file.metadata()?.len();
+        if good_len > file_len {
+            // The last commit is whole but its newline was not written.
+            file.write_all(b"\n")?;
+        } else {
+            file.set_len(good_len)?;
+        }
+        file.sync_data()?;
         let last = state.events.len() as u64;
         Ok(Self {
             state: Mutex::new(state),
@@ -132,19 +145,6 @@ impl MemLog {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn serialized(event: &RecordedEvent) -> SerializedEvent {
-        let metadata = serde_json::to_value(&event.metadata).unwrap_or(Value::Null);
-        SerializedEvent::new(
-            event.aggregate_id.clone(),
-            event.sequence as usize,
-            event.aggregate_type.clone(),
-            event.event_type.clone(),
-            event.event_version.clone(),
-            event.payload.clone(),
-            metadata,
-        )
     }
 
     /// Appends one aggregate's new events if nobody appended to it since
@@ -179,12 +179,10 @@ impl MemLog {
             })
             .collect();
         if let Some((_, file)) = &self.file {
-            let mut lines = Vec::new();
-            for event in &recorded {
-                serde_json::to_writer(&mut lines, event)
-                    .map_err(|e| PersistenceError::UnknownError(Box::new(e)))?;
-                lines.push(b'\n');
-            }
+            // One line per commit, so that a torn write loses it whole.
+            let mut lines = serde_json::to_vec(&recorded)
+                .map_err(|e| PersistenceError::UnknownError(Box::new(e)))?;
+            lines.push(b'\n');
             let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
             // Durable before anyone sees the events (or the command is answered).
             file.write_all(&lines)
@@ -204,7 +202,7 @@ impl MemLog {
         self.lock()
             .stream(aggregate_type, id)
             .filter(|e| e.sequence as usize > after)
-            .map(Self::serialized)
+            .map(RecordedEvent::serialized)
             .collect()
     }
 
@@ -266,7 +264,7 @@ impl PersistedEventRepository for MemLog {
             .events
             .iter()
             .filter(|e| e.aggregate_type == A::TYPE)
-            .map(Self::serialized)
+            .map(RecordedEvent::serialized)
             .collect();
         Ok(Self::replay(events))
     }

@@ -12,6 +12,7 @@ mod concurrency;
 mod conformance;
 mod demo;
 mod edges;
+mod embedded;
 mod fanout;
 mod idempotency;
 mod notifications;

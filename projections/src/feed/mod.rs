@@ -132,16 +132,7 @@ impl ProjectionLogic for FeedProjection {
                     return Ok(Vec::new());
                 }
                 let unread = self.count_unread(conn, &user, 1).await?;
-                let item = FeedItem {
-                    id: notification_id,
-                    kind: message.kind.as_str().to_string(),
-                    title: message.title.clone(),
-                    body: message.body.clone(),
-                    link: message.link.clone(),
-                    created_at,
-                    read_at: None,
-                    feed_seq: event.seq,
-                };
+                let item = FeedItem::created(notification_id, message, created_at, event.seq);
                 vec![created_change(&user, event.seq, &item, unread as u64)]
             }
             PodiumEvent::Notification(NotificationEvent::NotificationRead {

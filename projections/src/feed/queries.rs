@@ -22,6 +22,27 @@ pub struct FeedItem {
     pub feed_seq: u64,
 }
 
+impl FeedItem {
+    /// The unread item a `NotificationCreated` event at `seq` makes.
+    pub fn created(
+        id: Uuid,
+        message: &podium_domain::notification::NotificationMessage,
+        created_at: DateTime<Utc>,
+        seq: u64,
+    ) -> Self {
+        Self {
+            id,
+            kind: message.kind.as_str().to_string(),
+            title: message.title.clone(),
+            body: message.body.clone(),
+            link: message.link.clone(),
+            created_at,
+            read_at: None,
+            feed_seq: seq,
+        }
+    }
+}
+
 /// A feed item changed after some seq: created (and maybe read) since, or
 /// created before and read since.
 #[derive(Debug, Clone, PartialEq, Eq)]
