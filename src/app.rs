@@ -185,6 +185,8 @@ impl Application {
             }
             Stores::Embedded(embedded) => {
                 let repository = Repository::Embedded(embedded.log.clone());
+                let watched = embedded.clone();
+                metrics.watch_embedded(Arc::new(move || watched.progress()));
                 (Backend::Embedded(embedded), repository, None)
             }
         };

@@ -65,6 +65,8 @@ struct Sources {
     pools: Vec<(&'static str, PgPool)>,
     relay: Option<(String, Arc<RelayStats>)>,
     workers: Vec<(String, Arc<WorkerStats>)>,
+    /// The embedded mode's projector: (read models' checkpoint, log head).
+    embedded: Option<Arc<dyn Fn() -> (u64, u64) + Send + Sync>>,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -259,6 +261,11 @@ impl Metrics {
         self.sources().relay = Some((name.to_string(), stats));
     }
 
+    /// The embedded projector, whose position and log head `progress` tells.
+    pub fn watch_embedded(&self, progress: Arc<dyn Fn() -> (u64, u64) + Send + Sync>) {
+        self.sources().embedded = Some(progress);
+    }
+
     pub fn watch_worker(&self, projection: &str, stats: Arc<WorkerStats>) {
         self.sources().workers.push((projection.to_string(), stats));
     }
@@ -275,6 +282,17 @@ impl Metrics {
     /// (from `pool`) lags behind the head of the log.
     /// Figures that live in Postgres are read only when there is one.
     pub async fn refresh(&self, pool: Option<&PgPool>) {
+        let embedded = self.sources().embedded.clone();
+        if let Some(progress) = embedded {
+            let (checkpoint, head) = progress();
+            let p = [crate::embedded::PROJECTOR];
+            self.projection_checkpoint
+                .with_label_values(&p)
+                .set(checkpoint as i64);
+            self.projection_lag_events
+                .with_label_values(&p)
+                .set(head.saturating_sub(checkpoint) as i64);
+        }
         let Some(pool) = pool else {
             return;
         };

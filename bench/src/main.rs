@@ -122,6 +122,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     cleanup_nats(&prefix).await;
     live.drop().await?;
     result?;
+    embedded_scenarios(&sizes, &mut report).await?;
     let scale = ScratchDb::create(4).await?;
     let result = scale_scenarios(&scale, &sizes, &mut report).await;
     scale.drop().await?;
@@ -380,6 +381,93 @@ async fn live_scenarios(
         None,
         "≤ 50 MB",
         Some(idle_mib <= 50.0),
+    );
+    server.stop().await;
+    Ok(())
+}
+
+/// The embedded mode (no Postgres, no NATS) under the same ingest,
+/// freshness and cached-page load as production.
+async fn embedded_scenarios(sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
+    let server = Server::start(Options {
+        database_url: "",
+        nats_url: "",
+        prefix: "embedded",
+        rate_limits: "off",
+        metrics: true,
+        workers: true,
+    })
+    .await?;
+    let api = Api::new(&server.address)?;
+    let viewer = Arc::new(vec![api.token("viewer", Role::User)]);
+    let mut tests = Vec::new();
+    for _ in 0..sizes.tests {
+        tests.push(api.publish_test().await?);
+    }
+    eprintln!("embedded: ingest…");
+    let ingest =
+        scenarios::ingest(&api, &tests, sizes.users, sizes.concurrency, sizes.secs).await?;
+    scenarios::settle(&api).await?;
+    report.row(
+        "embedded: ingest commands",
+        format!(
+            "{:.0} commands/s ({:.0} submissions/s), p99 {:.1} ms",
+            ingest.commands_per_second,
+            ingest.submissions_per_second,
+            ms(&ingest.latency, 0.99)
+        ),
+        "—".into(),
+        None,
+        "—",
+        None,
+    );
+    let rate = (ingest.submissions_per_second * 0.5).max(1.0);
+    eprintln!("embedded: freshness at {rate:.0}/s…");
+    let fresh = scenarios::freshness(&api, server.addr, tests[0], rate, sizes.secs).await?;
+    report.row(
+        &format!("embedded: freshness at {rate:.0} submissions/s (half its maximum)"),
+        format!(
+            "to query p50 {:.1} / p99 {:.1} ms; to SSE p50 {:.1} / p99 {:.1} ms",
+            ms(&fresh.to_query, 0.5),
+            ms(&fresh.to_query, 0.99),
+            ms(&fresh.to_sse, 0.5),
+            ms(&fresh.to_sse, 0.99)
+        ),
+        "—".into(),
+        None,
+        "—",
+        None,
+    );
+    let test = tests[0];
+    let measured = closed_loop(
+        server.addr,
+        viewer,
+        CONNECTIONS,
+        sizes.secs,
+        Arc::new(move |_| format!("/v1/tests/{test}/leaderboard?limit=50")),
+    )
+    .await?;
+    report.row(
+        &format!("embedded: cached top page (50 entries), {CONNECTIONS} connections"),
+        format!(
+            "{:.0} req/s, p50 {:.2} / p99 {:.2} ms",
+            measured.per_second,
+            ms(&measured.latency, 0.5),
+            ms(&measured.latency, 0.99)
+        ),
+        "—".into(),
+        None,
+        "—",
+        None,
+    );
+    let rss = server.rss_kib() as f64 / 1024.0;
+    report.row(
+        "embedded: RSS after the above",
+        format!("{rss:.1} MiB"),
+        "—".into(),
+        None,
+        "—",
+        None,
     );
     server.stop().await;
     Ok(())

@@ -16,6 +16,12 @@ pub async fn serve() -> anyhow::Result<()> {
         std::env::var("DATABASE_URL")?,
         SECRET.into(),
     );
+    // No database and no NATS: the embedded mode.
+    settings.database.database_url = settings
+        .database
+        .database_url
+        .take()
+        .filter(|url| !url.expose().is_empty());
     settings.nats.nats_url = std::env::var("NATS_URL").ok().filter(|u| !u.is_empty());
     settings.nats.nats_prefix = std::env::var("PODIUM_NATS_PREFIX")?;
     settings.query.sse_max_streams_per_user = 100_000;
@@ -34,6 +40,7 @@ pub async fn serve() -> anyhow::Result<()> {
 
 /// How a server is started.
 pub struct Options<'a> {
+    /// Empty (with an empty `nats_url`): the embedded mode.
     pub database_url: &'a str,
     /// Empty: no NATS (no relay, no workers, no cache).
     pub nats_url: &'a str,

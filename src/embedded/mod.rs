@@ -19,6 +19,9 @@ use crate::policy::{MemoryBests, NotificationPolicy};
 mod log;
 pub use log::MemLog;
 
+/// The projector's name in metrics.
+pub const PROJECTOR: &str = "embedded";
+
 /// Events the projector applies per lock of the read models.
 const BATCH: usize = 500;
 /// How long the projector waits before retrying a failed event.
@@ -38,6 +41,11 @@ impl Embedded {
             models: Arc::new(MemoryModels::new()),
             keys: IdempotencyKeys::default(),
         }
+    }
+
+    /// The read models' checkpoint and the log's last seq.
+    pub fn progress(&self) -> (u64, u64) {
+        (self.models.checkpoint(), *self.log.tail().borrow())
     }
 
     /// Follows the log until `stop`: applies each event to the read models,
