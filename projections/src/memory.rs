@@ -560,3 +560,157 @@ impl Models {
         change
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use chrono::TimeDelta;
+    use podium_domain::UserId;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::ranking::Board as Reference;
+
+    fn submitted(seq: u64, user: u8, score: u32, test_id: Uuid) -> (RecordedEvent, Submission) {
+        let submission = Submission {
+            test_id,
+            user_id: format!("u{user}"),
+            attempt_id: Uuid::from_u128(seq as u128),
+            score,
+            max_score: 10,
+            submitted_at: DateTime::<Utc>::UNIX_EPOCH + TimeDelta::minutes(seq as i64),
+        };
+        let event = AttemptEvent::AttemptSubmitted {
+            attempt_id: submission.attempt_id,
+            test_id,
+            user_id: UserId::parse(submission.user_id.clone()).unwrap(),
+            answers: Default::default(),
+            score,
+            max_score: 10,
+            correct: 0,
+            question_count: 1,
+            duration_ms: 1,
+            submitted_at: submission.submitted_at,
+        };
+        let recorded = RecordedEvent {
+            seq,
+            position: seq as i64,
+            aggregate_type: "Attempt".into(),
+            aggregate_id: submission.attempt_id.to_string(),
+            sequence: 1,
+            event_type: "AttemptSubmitted".into(),
+            event_version: "1.0".into(),
+            payload: serde_json::to_value(event).unwrap(),
+            metadata: HashMap::new(),
+            recorded_at: submission.submitted_at,
+        };
+        (recorded, submission)
+    }
+
+    fn page_users(page: &Page) -> Vec<(u64, String)> {
+        page.entries
+            .iter()
+            .map(|e| (e.rank, e.entry.user_id.clone()))
+            .collect()
+    }
+
+    proptest! {
+        /// Every announced rank, every page and every neighbourhood of the
+        /// in-memory leaderboard is what the pure rules say.
+        #[test]
+        fn the_memory_leaderboard_follows_the_ranking_rules(
+            raw in prop::collection::vec((0u8..12, 0u32..5), 1..80),
+            limit in 1i64..6,
+        ) {
+            let test_id = Uuid::from_u128(7);
+            let models = MemoryModels::new();
+            let mut reference = Reference::default();
+            for (i, (user, score)) in raw.iter().enumerate() {
+                let (event, submission) = submitted(i as u64 + 1, *user, *score, test_id);
+                let changes = models.apply(&event).unwrap();
+                let (previous, rank) = reference.record(&submission);
+                prop_assert_eq!(changes.len(), 1);
+                prop_assert_eq!(&changes[0].data["rank"], &serde_json::json!(rank));
+                prop_assert_eq!(&changes[0].data["previous_rank"], &serde_json::json!(previous));
+            }
+            let expected: Vec<(u64, String)> = reference
+                .ranked()
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| (i as u64 + 1, e.user_id))
+                .collect();
+            // Offset pages and a cursor walk both give the reference order.
+            let (seq, top) = models.leaderboard_page(test_id, &PageStart::Offset(0), 1000);
+            prop_assert_eq!(seq, raw.len() as u64);
+            prop_assert_eq!(page_users(&top.unwrap()), expected.clone());
+            let mut walked = Vec::new();
+            let mut start = PageStart::Offset(0);
+            loop {
+                let page = models.leaderboard_page(test_id, &start, limit).1.unwrap();
+                walked.extend(page_users(&page));
+                let Some(last) = page.entries.last().filter(|_| page.more) else { break };
+                start = PageStart::After { key: last.entry.rank_key(), since: seq };
+            }
+            prop_assert_eq!(walked, expected.clone());
+            for (rank, user) in &expected {
+                let around = models.around(test_id, user, 2);
+                prop_assert_eq!(around.entry.map(|e| e.rank), Some(*rank));
+                let above: Vec<u64> = around.above.iter().map(|e| e.rank).collect();
+                let below: Vec<u64> = around.below.iter().map(|e| e.rank).collect();
+                let want_above: Vec<u64> = (rank.saturating_sub(2).max(1)..*rank).collect();
+                let want_below: Vec<u64> =
+                    (rank + 1..=(rank + 2).min(expected.len() as u64)).collect();
+                prop_assert_eq!(above, want_above);
+                prop_assert_eq!(below, want_below);
+            }
+        }
+
+        /// A cursor walk that started before a burst of improvements still
+        /// returns every entry exactly once.
+        #[test]
+        fn a_cursor_walk_sees_every_entry_once_while_scores_change(
+            before in prop::collection::vec((0u8..20, 0u32..4), 20..60),
+            during in prop::collection::vec((0u8..20, 0u32..8), 1..40),
+            limit in 1i64..5,
+        ) {
+            let test_id = Uuid::from_u128(9);
+            let models = MemoryModels::new();
+            let mut seq = 0;
+            let mut apply = |user: u8, score: u32| {
+                seq += 1;
+                models.apply(&submitted(seq, user, score, test_id).0).unwrap();
+            };
+            for (user, score) in &before {
+                apply(*user, *score);
+            }
+            let users_then: std::collections::BTreeSet<String> = models
+                .leaderboard_page(test_id, &PageStart::Offset(0), 1000).1.unwrap()
+                .entries.into_iter().map(|e| e.entry.user_id).collect();
+            let (at, first) = models.leaderboard_page(test_id, &PageStart::Offset(0), limit);
+            let mut page = first.unwrap();
+            let mut walked: Vec<String> = page.entries.iter().map(|e| e.entry.user_id.clone()).collect();
+            let mut since = at;
+            let mut during = during.into_iter();
+            while let Some(last) = page.entries.last().filter(|_| page.more) {
+                let key = last.entry.rank_key();
+                // Some submissions land between two pages.
+                for (user, score) in during.by_ref().take(3) {
+                    apply(user, score);
+                }
+                let (next_at, next) = models.leaderboard_page(
+                    test_id, &PageStart::After { key, since }, limit);
+                page = next.unwrap();
+                since = next_at;
+                walked.extend(page.entries.iter().map(|e| e.entry.user_id.clone()));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for user in &walked {
+                prop_assert!(seen.insert(user.clone()), "{} twice in {:?}", user, walked);
+            }
+            for user in &users_then {
+                prop_assert!(seen.contains(user), "{} missing from {:?}", user, walked);
+            }
+        }
+    }
+}
