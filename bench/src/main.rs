@@ -460,10 +460,26 @@ async fn embedded_scenarios(sizes: &Sizes, report: &mut Report) -> anyhow::Resul
         "—",
         None,
     );
-    let rss = server.rss_kib() as f64 / 1024.0;
+    let metrics = api
+        .client
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let events = metrics
+        .lines()
+        .find(|l| l.starts_with("podium_projection_checkpoint_seq{projection=\"embedded\"}"))
+        .and_then(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    let rss = server.rss_kib() as f64;
     report.row(
-        "embedded: RSS after the above",
-        format!("{rss:.1} MiB"),
+        &format!("embedded: RSS with {events:.0} events in the log"),
+        format!(
+            "{:.1} MiB ({:.2} KiB per event, read models included)",
+            rss / 1024.0,
+            rss / events.max(1.0)
+        ),
         "—".into(),
         None,
         "—",

@@ -5,13 +5,14 @@
 //! [`PersistedEventRepository`] (optimistic concurrency per aggregate, like
 //! postgres-es) and the projector as a gap-free log in commit order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
 use cqrs_es::persist::{
     PersistedEventRepository, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot,
 };
@@ -28,29 +29,89 @@ pub struct MemLog {
     file: Option<(PathBuf, Mutex<File>)>,
 }
 
+/// The log in memory, compact: names interned, payload and metadata kept
+/// as JSON text and decoded when read (a decoded `serde_json::Value` takes
+/// several times the room).
 #[derive(Default)]
 struct State {
-    events: Vec<RecordedEvent>,
-    /// Indexes into `events` per (aggregate type, id), in sequence order.
-    streams: HashMap<(String, String), Vec<usize>>,
+    events: Vec<Stored>,
+    /// Indexes into `events` per aggregate type and id, in sequence order.
+    streams: HashMap<Arc<str>, HashMap<Arc<str>, Vec<u32>>>,
+    /// Aggregate types, event types and versions: few distinct ones.
+    names: HashSet<Arc<str>>,
+}
+
+struct Stored {
+    aggregate_type: Arc<str>,
+    aggregate_id: Arc<str>,
+    sequence: u64,
+    event_type: Arc<str>,
+    event_version: Arc<str>,
+    payload: Box<str>,
+    metadata: Box<str>,
+    recorded_at: DateTime<Utc>,
+}
+
+impl Stored {
+    fn recorded(&self, seq: u64) -> RecordedEvent {
+        RecordedEvent {
+            seq,
+            position: seq as i64,
+            aggregate_type: self.aggregate_type.to_string(),
+            aggregate_id: self.aggregate_id.to_string(),
+            sequence: self.sequence,
+            event_type: self.event_type.to_string(),
+            event_version: self.event_version.to_string(),
+            // Written from valid JSON values by `State::push`.
+            payload: serde_json::from_str(&self.payload).unwrap_or_default(),
+            metadata: serde_json::from_str(&self.metadata).unwrap_or_default(),
+            recorded_at: self.recorded_at,
+        }
+    }
 }
 
 impl State {
-    fn push(&mut self, event: RecordedEvent) {
-        let index = self.events.len();
-        self.streams
-            .entry((event.aggregate_type.clone(), event.aggregate_id.clone()))
-            .or_default()
-            .push(index);
-        self.events.push(event);
+    fn name(&mut self, name: &str) -> Arc<str> {
+        if let Some(known) = self.names.get(name) {
+            return known.clone();
+        }
+        let name: Arc<str> = name.into();
+        self.names.insert(name.clone());
+        name
     }
 
-    fn stream(&self, aggregate_type: &str, id: &str) -> impl Iterator<Item = &RecordedEvent> {
+    fn push(&mut self, event: &RecordedEvent) {
+        let index = self.events.len() as u32;
+        let aggregate_type = self.name(&event.aggregate_type);
+        let ids = self.streams.entry(aggregate_type.clone()).or_default();
+        let aggregate_id = match ids.get_key_value(event.aggregate_id.as_str()) {
+            Some((id, _)) => id.clone(),
+            None => Arc::from(event.aggregate_id.as_str()),
+        };
+        ids.entry(aggregate_id.clone()).or_default().push(index);
+        let stored = Stored {
+            aggregate_type,
+            aggregate_id,
+            sequence: event.sequence,
+            event_type: self.name(&event.event_type),
+            event_version: self.name(&event.event_version),
+            payload: event.payload.to_string().into(),
+            metadata: serde_json::to_string(&event.metadata)
+                .unwrap_or_default()
+                .into(),
+            recorded_at: event.recorded_at,
+        };
+        self.events.push(stored);
+    }
+
+    /// One aggregate's events with their seqs, in sequence order.
+    fn stream(&self, aggregate_type: &str, id: &str) -> impl Iterator<Item = (u64, &Stored)> {
         self.streams
-            .get(&(aggregate_type.to_string(), id.to_string()))
+            .get(aggregate_type)
+            .and_then(|ids| ids.get(id))
             .into_iter()
             .flatten()
-            .map(|&i| &self.events[i])
+            .map(|&i| (u64::from(i) + 1, &self.events[i as usize]))
     }
 }
 
@@ -93,7 +154,7 @@ impl MemLog {
                             event.seq,
                             state.events.len()
                         );
-                        state.push(event);
+                        state.push(&event);
                     }
                 }
                 // Only the last line can be torn (a crash while appending):
@@ -140,7 +201,12 @@ impl MemLog {
     pub fn read_after(&self, after: u64, limit: usize) -> Vec<RecordedEvent> {
         let state = self.lock();
         let start = (after as usize).min(state.events.len());
-        state.events[start..].iter().take(limit).cloned().collect()
+        state.events[start..]
+            .iter()
+            .take(limit)
+            .enumerate()
+            .map(|(i, stored)| stored.recorded(after + 1 + i as u64))
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -190,7 +256,7 @@ impl MemLog {
                 .map_err(|e| PersistenceError::ConnectionError(Box::new(e)))?;
         }
         let last = base + recorded.len() as u64;
-        for event in recorded {
+        for event in &recorded {
             state.push(event);
         }
         drop(state);
@@ -201,8 +267,8 @@ impl MemLog {
     fn events_of(&self, aggregate_type: &str, id: &str, after: usize) -> Vec<SerializedEvent> {
         self.lock()
             .stream(aggregate_type, id)
-            .filter(|e| e.sequence as usize > after)
-            .map(RecordedEvent::serialized)
+            .filter(|(_, e)| e.sequence as usize > after)
+            .map(|(seq, e)| e.recorded(seq).serialized())
             .collect()
     }
 
@@ -263,8 +329,9 @@ impl PersistedEventRepository for MemLog {
             .lock()
             .events
             .iter()
-            .filter(|e| e.aggregate_type == A::TYPE)
-            .map(RecordedEvent::serialized)
+            .enumerate()
+            .filter(|(_, e)| &*e.aggregate_type == A::TYPE)
+            .map(|(i, e)| e.recorded(i as u64 + 1).serialized())
             .collect();
         Ok(Self::replay(events))
     }
