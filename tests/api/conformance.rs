@@ -2,7 +2,8 @@
 //! adapter sets — `embedded::*` (the in-process log, read models and
 //! change delivery) and `production::*` (Postgres, the outbox relay, NATS
 //! JetStream and the projection workers) — so that the embedded mode cannot
-//! drift from production. Each scenario drives the public HTTP API only.
+//! drift from production. Each scenario drives the public HTTP API only
+//! (the demo seed included: `podium seed` works against either).
 //!
 //! The production variants need Postgres and NATS. Without them they say
 //! they were skipped (and why), unless `PODIUM_REQUIRE_SERVICES` is set, as
@@ -498,6 +499,59 @@ pub async fn a_rebuild_from_the_log_answers_the_same(adapters: Adapters) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `podium seed`: demo data through the public API fills the catalog, the
+/// leaderboards (with spread scores) and the demo learner's feed.
+pub async fn the_demo_seed_fills_tests_leaderboards_and_feeds(adapters: Adapters) {
+    let Some(app) = serve(
+        adapters,
+        "the_demo_seed_fills_tests_leaderboards_and_feeds",
+        |_| {},
+    )
+    .await
+    else {
+        return;
+    };
+    let keys = podium::auth::JwtKeys::new(crate::helpers::SECRET).unwrap();
+    let size = podium::demo::DemoSize {
+        learners: 12,
+        attempts: 60,
+    };
+    let seeded = podium::demo::seed(&app.address, &keys, size).await.unwrap();
+    assert_eq!(seeded.tests.len(), 3);
+    let token = &seeded.learner_token;
+    let (_, catalog) = json(&app, "/v1/tests", token).await;
+    assert_eq!(catalog["items"].as_array().unwrap().len(), 3);
+    // Every attempt reaches a leaderboard; scores are spread, not all equal.
+    let scores = eventually("the demo leaderboards fill", || async {
+        let mut attempts = 0;
+        let mut scores = std::collections::BTreeSet::new();
+        for test in &seeded.tests {
+            let path = format!("/v1/tests/{test}/leaderboard?limit=200");
+            let (_, page) = json(&app, &path, token).await;
+            for entry in page["entries"].as_array()? {
+                attempts += entry["attempts"].as_u64()?;
+                scores.insert(entry["score"].as_u64()?);
+            }
+        }
+        (attempts == 60).then_some(scores)
+    })
+    .await;
+    assert!(scores.len() >= 3, "scores are not spread: {scores:?}");
+    // The demo learner has the two announcements (and graded attempts).
+    eventually("the announcements arrive", || async {
+        let (_, feed) = json(&app, "/v1/me/notifications?limit=200", token).await;
+        let announcements = feed["items"]
+            .as_array()?
+            .iter()
+            .filter(|item| item["kind"] == "announcement")
+            .count();
+        (announcements == 2).then_some(())
+    })
+    .await;
+    let (status, _) = json(&app, "/v1/me/attempts", token).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
 /// What users see of `test_id` and of user q: the views a rebuild must keep.
 async fn views(app: &TestApp, test_id: &str) -> Vec<Value> {
     let paths = [
@@ -543,4 +597,5 @@ conformance!(
     feed_counts_notifications_and_reads,
     sse_resume_gets_exactly_what_was_missed,
     a_rebuild_from_the_log_answers_the_same,
+    the_demo_seed_fills_tests_leaderboards_and_feeds,
 );

@@ -10,7 +10,6 @@ mod browser;
 mod commands;
 mod concurrency;
 mod conformance;
-mod demo;
 mod edges;
 mod embedded;
 mod fanout;
