@@ -460,13 +460,7 @@ async fn embedded_scenarios(sizes: &Sizes, report: &mut Report) -> anyhow::Resul
         "—",
         None,
     );
-    let metrics = api
-        .client
-        .get(format!("{}/metrics", api.base))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = api.metrics().await?;
     let events = metrics
         .lines()
         .find(|l| l.starts_with("podium_projection_checkpoint_seq{projection=\"embedded\"}"))

@@ -57,6 +57,16 @@ impl Api {
         Ok(response.json().await?)
     }
 
+    /// The server's `/metrics` text.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let response = self
+            .client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await?;
+        Ok(response.text().await?)
+    }
+
     pub async fn publish_test(&self) -> anyhow::Result<Uuid> {
         let questions: Vec<Value> = (1..=QUESTIONS)
             .map(|i| json!({"id": format!("q{i}"), "prompt": "?", "choices": ["a", "b"], "answer": 0, "points": i}))
@@ -387,13 +397,7 @@ pub async fn fan_out(
 pub async fn settle(api: &Api) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let text = api
-            .client
-            .get(format!("{}/metrics", api.base))
-            .send()
-            .await?
-            .text()
-            .await?;
+        let text = api.metrics().await?;
         let lags: Vec<f64> = text
             .lines()
             .filter(|l| {

@@ -196,8 +196,12 @@ pub async fn commands_grade_refuse_and_replay(adapters: Adapters) {
     assert_eq!(repeat.status(), StatusCode::CREATED);
     assert_eq!(repeat.headers()["idempotent-replayed"], "true");
     assert_eq!(repeat.json::<Value>().await.unwrap(), first_body);
-    let (_, catalog) = json(&app, "/v1/tests", &alice).await;
-    assert_eq!(catalog["items"].as_array().unwrap().len(), 2);
+    // The catalog is a read model too: it follows.
+    eventually("both tests in the catalog", || async {
+        let (_, catalog) = json(&app, "/v1/tests", &alice).await;
+        (catalog["items"].as_array()?.len() == 2).then_some(())
+    })
+    .await;
 }
 
 /// The leaderboard: order (score, then earliest, then id), attempts, cursor
@@ -519,8 +523,11 @@ pub async fn the_demo_seed_fills_tests_leaderboards_and_feeds(adapters: Adapters
     let seeded = podium::demo::seed(&app.address, &keys, size).await.unwrap();
     assert_eq!(seeded.tests.len(), 3);
     let token = &seeded.learner_token;
-    let (_, catalog) = json(&app, "/v1/tests", token).await;
-    assert_eq!(catalog["items"].as_array().unwrap().len(), 3);
+    eventually("the three tests in the catalog", || async {
+        let (_, catalog) = json(&app, "/v1/tests", token).await;
+        (catalog["items"].as_array()?.len() == 3).then_some(())
+    })
+    .await;
     // Every attempt reaches a leaderboard; scores are spread, not all equal.
     let scores = eventually("the demo leaderboards fill", || async {
         let mut attempts = 0;
