@@ -14,7 +14,7 @@ use crate::backend::Backend;
 use crate::cache::{CacheConfig, QueryCache};
 use crate::changes::ChangeHub;
 use crate::config::Settings;
-use crate::embedded::{Embedded, MemLog};
+use crate::embedded::{Embedded, IdempotencyKeys, MemLog};
 use crate::eventstore::{Aggregates, Repository};
 use crate::http::{self, AppParts, AppState};
 use crate::metrics::Metrics;
@@ -89,11 +89,17 @@ impl Stores {
     /// Opens the stores the (checked) settings choose.
     async fn open(settings: &Settings) -> anyhow::Result<Self> {
         if settings.is_embedded() {
-            let log = match &settings.data_file {
-                Some(path) => MemLog::open(path)?,
-                None => MemLog::in_memory(),
+            let (log, keys) = match &settings.data_file {
+                Some(path) => (
+                    MemLog::open(path)?,
+                    IdempotencyKeys::open(
+                        &path.with_extension("keys.jsonl"),
+                        crate::http::idempotency::RETENTION_TIME,
+                    )?,
+                ),
+                None => (MemLog::in_memory(), IdempotencyKeys::default()),
             };
-            return Ok(Self::Embedded(Arc::new(Embedded::new(log))));
+            return Ok(Self::Embedded(Arc::new(Embedded::new(log, keys))));
         }
         let pool = crate::db::connect(&settings.database).await?;
         let worker_pool = crate::db::connect(&crate::config::DatabaseSettings {

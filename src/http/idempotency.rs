@@ -30,7 +30,7 @@ const MAX_STORED_BODY: usize = 1024 * 1024;
 const RETENTION: &str = "24 hours";
 const PENDING_TAKEOVER: &str = "60 seconds";
 /// The same, for the embedded mode's keys.
-const RETENTION_TIME: Duration = Duration::from_secs(24 * 3600);
+pub const RETENTION_TIME: Duration = Duration::from_secs(24 * 3600);
 const PENDING_TAKEOVER_TIME: Duration = Duration::from_secs(60);
 
 /// The caller and key of an idempotent request, for handlers that derive

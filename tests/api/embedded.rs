@@ -216,3 +216,46 @@ async fn the_token_command_signs_with_the_development_secret_when_none_is_set() 
         .verify_header(Some(&format!("Bearer {}", token.trim())));
     assert!(principal.is_ok());
 }
+
+#[tokio::test]
+async fn an_idempotent_retry_after_a_restart_gets_the_first_answer() {
+    let dir = std::env::temp_dir().join(format!("podium-embedded-{}", uuid::Uuid::new_v4()));
+    let file = dir.join("events.jsonl");
+    let publish = |app: &crate::helpers::TestApp| {
+        app.request(reqwest::Method::POST, "/v1/tests", Some(&app.admin()))
+            .header("Idempotency-Key", "publish-once")
+            .json(&sample_test())
+            .send()
+    };
+    let app = spawn_embedded_with(|s| s.data_file = Some(file.clone())).await;
+    let first = publish(&app).await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first: Value = first.json().await.unwrap();
+    drop(app);
+
+    let app = spawn_embedded_with(|s| s.data_file = Some(file.clone())).await;
+    let retry = publish(&app).await.unwrap();
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(retry.json::<Value>().await.unwrap(), first);
+    // Nothing new was recorded: still one test.
+    let admin = app.admin();
+    eventually("the catalog", || async {
+        let body: Value = app.get("/v1/tests", &admin).await.json().await.ok()?;
+        (body["items"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    let other = app
+        .request(reqwest::Method::POST, "/v1/tests", Some(&admin))
+        .header("Idempotency-Key", "publish-once")
+        .json(&serde_json::json!({"title": "Another", "questions": sample_test()["questions"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        other.status(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "same key, other body"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
