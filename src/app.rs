@@ -19,7 +19,7 @@ use crate::eventstore::{Aggregates, Repository};
 use crate::http::{self, AppParts, AppState};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
-use crate::relay::{Relay, RelayConfig};
+use crate::relay::{Relay, RelayConfig, Target};
 use podium_nats::{EventBus, StreamLimits};
 use podium_projections::leaderboard::LeaderboardQueries;
 
@@ -132,8 +132,18 @@ impl Application {
                 bus.ensure_streams(&StreamLimits::default()).await?;
                 Some(bus)
             }
+            (None, Stores::Postgres { .. }) if settings.workers => {
+                tracing::warn!(
+                    "NATS_URL is not set: this process projects the events itself (one node only: \
+                     other instances would not see its changes; give every instance NATS_URL to \
+                     run several)"
+                );
+                None
+            }
             (None, Stores::Postgres { .. }) => {
-                tracing::warn!("NATS_URL is not set: events stay in Postgres and are not relayed");
+                tracing::warn!(
+                    "NATS_URL is not set and PODIUM_WORKERS=false: nothing projects the events here"
+                );
                 None
             }
             (None, Stores::Embedded(_)) => None,
@@ -148,8 +158,10 @@ impl Application {
         let cache_ttl = Duration::from_secs(query.cache_ttl_secs);
         let hub = ChangeHub::new(query.sse_buffer, cache_ttl);
         let metrics = Metrics::new();
-        // Without NATS (or the embedded projector) nothing says when answers change.
-        let changes_known = bus.is_some() || matches!(stores, Stores::Embedded(_));
+        // Changes come from NATS, or from this process's own projections
+        // (embedded, or one node on Postgres); otherwise nothing says when
+        // answers change.
+        let changes_known = bus.is_some() || settings.workers;
         let cache = QueryCache::new(
             CacheConfig {
                 enabled: query.cache_max_bytes > 0 && changes_known,
@@ -273,6 +285,18 @@ impl Application {
                 &stop_rx,
             );
             tasks.extend(projections);
+        }
+        if let (None, true, Some(pool)) = (&self.state.bus, self.workers, self.state.backend.pool())
+        {
+            let target = Target::Local {
+                projections: crate::workers::local_projections(pool, self.state.aggregates.clone()),
+                hub: self.state.hub.clone(),
+            };
+            let relay = Relay::to(pool.clone(), target, RelayConfig::default());
+            self.state
+                .metrics
+                .watch_relay(crate::relay::LOCAL, relay.stats());
+            tasks.push(tokio::spawn(relay.run(stop_rx.clone())));
         }
         tracing::info!(address = %self.listener.local_addr()?, "podium is listening");
         // One router for every connection (a plain router would be rebuilt

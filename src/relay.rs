@@ -7,18 +7,25 @@
 //! when the active relay's connection goes away. A relay that dies between
 //! publishing and checkpointing publishes that batch again; the messages carry
 //! `Nats-Msg-Id`, so JetStream stores them once.
+//!
+//! Without NATS (one node on Postgres) the same relay feeds this process's
+//! projections directly ([`Target::Local`]): each batch is applied to every
+//! checkpointed projection and their changes go to the change hub.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use podium_domain::log::RecordedEvent;
+use futures::future::BoxFuture;
+use podium_domain::log::{Change, RecordedEvent};
 use podium_nats::EventBus;
+use podium_projections::ApplyError;
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use crate::changes::ChangeHub;
 use crate::eventlog::{LogCursor, LogKey};
 
 /// The channel the `events` insert trigger notifies on.
@@ -70,20 +77,45 @@ enum RelayError {
     Database(#[from] sqlx::Error),
     #[error("stopped")]
     Stopped,
+    /// A local projection is behind the relay's position (one added since,
+    /// say): the relay reads the log again from its start.
+    #[error("a projection is behind the relay")]
+    Rewind,
+}
+
+/// Applies a batch of consecutive events to one projection (skipping what it
+/// has) and returns the changes to announce.
+pub type ApplyBatch = Box<
+    dyn Fn(Vec<RecordedEvent>) -> BoxFuture<'static, Result<Vec<Change>, ApplyError>> + Send + Sync,
+>;
+
+/// Where the relay sends events.
+pub enum Target {
+    /// JetStream, for the projection workers of any instance.
+    Nats(Box<EventBus>),
+    /// This process's projections, in order, and its change hub.
+    Local {
+        projections: Vec<(String, ApplyBatch)>,
+        hub: Arc<ChangeHub>,
+    },
 }
 
 pub struct Relay {
     pool: PgPool,
-    bus: EventBus,
+    target: Target,
     config: RelayConfig,
     stats: Arc<RelayStats>,
 }
 
 impl Relay {
     pub fn new(pool: PgPool, bus: EventBus, config: RelayConfig) -> Self {
+        Self::to(pool, Target::Nats(Box::new(bus)), config)
+    }
+
+    pub fn to(pool: PgPool, target: Target, config: RelayConfig) -> Self {
         Self {
             pool,
-            bus,
+            target,
             config,
             stats: Arc::default(),
         }
@@ -93,9 +125,13 @@ impl Relay {
         self.stats.clone()
     }
 
-    /// The checkpoint's name: one relay position per NATS prefix.
-    fn name(&self) -> &str {
-        self.bus.subjects().prefix()
+    /// The checkpoint's name: one relay position per NATS prefix, and one
+    /// for the local target.
+    pub fn name(&self) -> &str {
+        match &self.target {
+            Target::Nats(bus) => bus.subjects().prefix(),
+            Target::Local { .. } => LOCAL,
+        }
     }
 
     /// Relays until `stop` turns true: waits to lead, then publishes; after
@@ -152,7 +188,16 @@ impl Relay {
                 continue;
             }
             let span = tracing::debug_span!("relay_batch", from = cursor.seq + 1, to = next.seq);
-            self.publish(&events, stop).instrument(span).await?;
+            match self.publish(&events, stop).instrument(span).await {
+                Err(RelayError::Rewind) => {
+                    tracing::info!(
+                        "a projection is behind the relay: reading the log again from its start"
+                    );
+                    cursor = LogCursor::start();
+                    continue;
+                }
+                other => other?,
+            }
             self.save_checkpoint(&mut conn, &next).await?;
             cursor = next;
             self.stats.seq.store(cursor.seq, Ordering::Relaxed);
@@ -176,7 +221,16 @@ impl Relay {
     ) -> Result<(), RelayError> {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.bus.publish_events(events).await {
+            let sent = match &self.target {
+                Target::Nats(bus) => bus.publish_events(events).await.map_err(|e| e.to_string()),
+                Target::Local { projections, hub } => {
+                    match apply_locally(projections, hub, events).await {
+                        Err(ApplyError::Gap { .. }) => return Err(RelayError::Rewind),
+                        other => other.map_err(|e| e.to_string()),
+                    }
+                }
+            };
+            match sent {
                 Ok(()) => {
                     self.stats
                         .published
@@ -185,7 +239,7 @@ impl Relay {
                 }
                 Err(err) => {
                     self.stats.publish_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%err, ?backoff, "cannot publish to NATS; will retry");
+                    tracing::warn!(%err, ?backoff, "cannot publish; will retry");
                     if sleep_or_stop(backoff, stop).await {
                         return Err(RelayError::Stopped);
                     }
@@ -262,4 +316,26 @@ async fn sleep_or_stop(duration: Duration, stop: &mut watch::Receiver<bool>) -> 
         () = tokio::time::sleep(duration) => *stop.borrow(),
         _ = stop.changed() => true,
     }
+}
+
+/// The local target's checkpoint name.
+pub const LOCAL: &str = "local";
+
+/// Applies `events` to each projection in turn and hands their changes to
+/// `hub`. A projection that fails stops the batch: the relay retries it, and
+/// the projections that had applied it skip it then.
+async fn apply_locally(
+    projections: &[(String, ApplyBatch)],
+    hub: &ChangeHub,
+    events: &[RecordedEvent],
+) -> Result<(), ApplyError> {
+    for (name, apply) in projections {
+        let changes = apply(events.to_vec()).await.inspect_err(|err| {
+            tracing::warn!(projection = name.as_str(), %err, "a local projection failed");
+        })?;
+        for change in changes {
+            hub.deliver(change);
+        }
+    }
+    Ok(())
 }

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use crate::eventstore::Aggregates;
 use crate::metrics::Metrics;
 use crate::policy::NotificationPolicy;
+use crate::relay::ApplyBatch;
 use prometheus::Histogram;
 
 /// Starts one worker per projection (leaderboard, feed, attempts, and the
@@ -38,6 +39,27 @@ pub fn spawn_all(
         spawner.spawn(FeedProjection::new(Generation::Live)),
         spawner.spawn(AttemptsProjection::new(Generation::Live)),
         spawner.spawn(NotificationPolicy::new(aggregates)),
+    ]
+}
+
+/// The same projections for the relay's local target (one node without
+/// NATS): each applies a batch and advances its checkpoint in one
+/// transaction, as under a worker.
+pub fn local_projections(pool: &PgPool, aggregates: Arc<Aggregates>) -> Vec<(String, ApplyBatch)> {
+    fn local<L: ProjectionLogic>(pool: &PgPool, logic: L) -> (String, ApplyBatch) {
+        let name = logic.name().to_string();
+        let projection = Arc::new(Checkpointed::new(pool.clone(), logic));
+        let apply: ApplyBatch = Box::new(move |events| {
+            let projection = projection.clone();
+            Box::pin(async move { Ok(projection.apply(&events).await?.1) })
+        });
+        (name, apply)
+    }
+    vec![
+        local(pool, LeaderboardProjection::new(Generation::Live)),
+        local(pool, FeedProjection::new(Generation::Live)),
+        local(pool, AttemptsProjection::new(Generation::Live)),
+        local(pool, NotificationPolicy::new(aggregates)),
     ]
 }
 

@@ -2,7 +2,8 @@
 //! adapter sets — `embedded::*` (the in-process log, read models and
 //! change delivery) and `production::*` (Postgres, the outbox relay, NATS
 //! JetStream and the projection workers) — so that the embedded mode cannot
-//! drift from production. Each scenario drives the public HTTP API only
+//! drift from production; and a third time on `single_node::*` (Postgres
+//! without NATS: the relay feeds the node's own projections). Each scenario drives the public HTTP API only
 //! (the demo seed included: `podium seed` works against either).
 //!
 //! The production variants need Postgres and NATS. Without them they say
@@ -16,7 +17,9 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use crate::helpers::{sample_test, spawn_app_with, spawn_embedded_with, TestApp};
+use crate::helpers::{
+    sample_test, spawn_app_with, spawn_embedded_with, spawn_single_node_with, TestApp,
+};
 use crate::nats::{nats_url, unique_prefix};
 use crate::sse::SseClient;
 
@@ -27,6 +30,8 @@ const CONVERGE: Duration = Duration::from_secs(20);
 pub enum Adapters {
     Embedded,
     Production,
+    /// One node on Postgres without NATS: the relay feeds its projections.
+    SingleNode,
 }
 
 /// Whether Postgres and NATS answer; if not, says the test was skipped —
@@ -82,6 +87,12 @@ pub async fn serve(
                 configure(settings);
             })
             .await
+        }
+        Adapters::SingleNode => {
+            if !services_or_skip(test).await {
+                return None;
+            }
+            spawn_single_node_with(configure).await
         }
     })
 }
@@ -485,7 +496,7 @@ pub async fn a_rebuild_from_the_log_answers_the_same(adapters: Adapters) {
             // read model is rebuilt by replaying it.
             spawn_embedded_with(|s| s.data_file = Some(file.clone())).await
         }
-        Adapters::Production => {
+        Adapters::Production | Adapters::SingleNode => {
             let mut progress = |_, _| {};
             podium::replay::replay(&app.pool, podium::replay::Target::All, &mut progress)
                 .await
@@ -592,6 +603,14 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $scenario() {
                     super::$scenario(super::Adapters::Production).await;
+                }
+            )*
+        }
+        mod single_node {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    super::$scenario(super::Adapters::SingleNode).await;
                 }
             )*
         }

@@ -161,11 +161,29 @@ impl TestApp {
     }
 }
 
+/// Starts a single node on Postgres without NATS, whose own relay feeds its
+/// projections (and change hub) directly.
+pub async fn spawn_single_node_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    let db = std::sync::Arc::new(TestDb::with_pool_size(2).await);
+    start_with(db, configure, false, true).await
+}
+
 /// Starts an app on `db`; `owns_streams`: it deletes its NATS streams when dropped.
+/// Without NATS it runs no workers: most tests look at the command side alone.
 async fn start(
     db: std::sync::Arc<TestDb>,
     configure: impl FnOnce(&mut Settings),
     owns_streams: bool,
+) -> TestApp {
+    start_with(db, configure, owns_streams, false).await
+}
+
+/// [`start`], with the single node's local projections when `local`.
+async fn start_with(
+    db: std::sync::Arc<TestDb>,
+    configure: impl FnOnce(&mut Settings),
+    owns_streams: bool,
+    local: bool,
 ) -> TestApp {
     let mut settings = Settings::new(
         SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -174,6 +192,9 @@ async fn start(
     );
     settings.database.db_max_connections = 5;
     configure(&mut settings);
+    if settings.nats.nats_url.is_none() && !settings.is_embedded() {
+        settings.workers = local;
+    }
     let nats = settings
         .nats
         .nats_url

@@ -18,6 +18,7 @@ mod notifications;
 mod openapi;
 mod queries;
 mod read_models;
+mod single_node;
 mod sse;
 mod stores;
 mod streams;
