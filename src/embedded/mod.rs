@@ -22,7 +22,7 @@ pub use log::MemLog;
 /// The projector's name in metrics.
 pub const PROJECTOR: &str = "embedded";
 
-/// Events the projector applies per lock of the read models.
+/// Events the projector takes from the log at a time.
 const BATCH: usize = 500;
 /// How long the projector waits before retrying a failed event.
 const RETRY: Duration = Duration::from_millis(200);
