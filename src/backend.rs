@@ -171,11 +171,14 @@ impl Backend {
     ) -> Result<(u64, Vec<FeedChange>, u64), ApiError> {
         let read_pool = match self {
             Self::Embedded(embedded) => {
-                let (seq, changed, unread) =
-                    embedded
-                        .models
-                        .feed_changed_since(user_id, after.unwrap_or(u64::MAX), limit);
-                return Ok((seq, changed, unread));
+                let models = &embedded.models;
+                return Ok(match after {
+                    Some(after) => models.feed_changed_since(user_id, after, limit),
+                    None => {
+                        let (seq, unread) = models.unread(user_id);
+                        (seq, Vec::new(), unread)
+                    }
+                });
             }
             Self::Postgres { read_pool, .. } => read_pool,
         };

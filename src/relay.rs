@@ -86,7 +86,9 @@ enum RelayError {
 /// Applies a batch of consecutive events to one projection (skipping what it
 /// has) and returns the changes to announce.
 pub type ApplyBatch = Box<
-    dyn Fn(Vec<RecordedEvent>) -> BoxFuture<'static, Result<Vec<Change>, ApplyError>> + Send + Sync,
+    dyn Fn(Arc<[RecordedEvent]>) -> BoxFuture<'static, Result<Vec<Change>, ApplyError>>
+        + Send
+        + Sync,
 >;
 
 /// Where the relay sends events.
@@ -329,8 +331,9 @@ async fn apply_locally(
     hub: &ChangeHub,
     events: &[RecordedEvent],
 ) -> Result<(), ApplyError> {
+    let events: Arc<[RecordedEvent]> = events.into();
     for (name, apply) in projections {
-        let changes = apply(events.to_vec()).await.inspect_err(|err| {
+        let changes = apply(events.clone()).await.inspect_err(|err| {
             tracing::warn!(projection = name.as_str(), %err, "a local projection failed");
         })?;
         for change in changes {

@@ -39,8 +39,8 @@ struct Models {
     boards: HashMap<Uuid, Board>,
     feeds: HashMap<String, Feed>,
     attempts: HashMap<String, BTreeMap<AttemptKey, AttemptSummary>>,
-    /// Which user's list holds an attempt.
-    attempt_owners: HashMap<Uuid, String>,
+    /// Which user's list holds an attempt, and under which key.
+    attempt_owners: HashMap<Uuid, (String, AttemptKey)>,
     tests: HashMap<Uuid, TestSummary>,
     /// Moves at or below this seq are forgotten (see [`MemoryModels::prune_moves`]).
     moves_horizon: u64,
@@ -94,6 +94,8 @@ impl Board {
 struct Feed {
     /// By feed seq (the seq that created the item).
     items: BTreeMap<u64, (FeedItem, u64)>,
+    /// The feed seq of each item, by notification id.
+    by_id: HashMap<Uuid, u64>,
     unread: u64,
 }
 
@@ -329,6 +331,13 @@ impl MemoryModels {
         (models.checkpoint, items, more, feed.unread)
     }
 
+    /// `user_id`'s unread count and the checkpoint.
+    pub fn unread(&self, user_id: &str) -> (u64, u64) {
+        let models = self.read();
+        let unread = models.feeds.get(user_id).map_or(0, |feed| feed.unread);
+        (models.checkpoint, unread)
+    }
+
     /// `user_id`'s items changed after `after` (oldest change first), the
     /// unread count and the checkpoint.
     pub fn feed_changed_since(
@@ -417,9 +426,10 @@ impl Models {
                 ..
             }) => {
                 let user = user_id.to_string();
-                self.attempt_owners.insert(attempt_id, user.clone());
+                let key = (std::cmp::Reverse(started_at), std::cmp::Reverse(attempt_id));
+                self.attempt_owners.insert(attempt_id, (user.clone(), key));
                 self.attempts.entry(user.clone()).or_default().insert(
-                    (std::cmp::Reverse(started_at), std::cmp::Reverse(attempt_id)),
+                    key,
                     AttemptSummary {
                         attempt_id,
                         test_id,
@@ -446,16 +456,17 @@ impl Models {
                 submitted_at,
                 ..
             }) => {
-                let owner = self.attempt_owners.get(&attempt_id);
-                if let Some(list) = owner.and_then(|user| self.attempts.get_mut(user)) {
-                    if let Some(summary) = list.values_mut().find(|a| a.attempt_id == attempt_id) {
-                        summary.status = "submitted".into();
-                        summary.score = Some(score);
-                        summary.max_score = max_score;
-                        summary.correct = Some(correct);
-                        summary.duration_ms = Some(duration_ms);
-                        summary.submitted_at = Some(submitted_at);
-                    }
+                let summary = self
+                    .attempt_owners
+                    .get(&attempt_id)
+                    .and_then(|(user, key)| self.attempts.get_mut(user)?.get_mut(key));
+                if let Some(summary) = summary {
+                    summary.status = "submitted".into();
+                    summary.score = Some(score);
+                    summary.max_score = max_score;
+                    summary.correct = Some(correct);
+                    summary.duration_ms = Some(duration_ms);
+                    summary.submitted_at = Some(submitted_at);
                 }
                 let submission = Submission {
                     test_id,
@@ -476,11 +487,12 @@ impl Models {
                 let message = &content.message;
                 let item = FeedItem::created(notification_id, message, created_at, seq);
                 let feed = self.feeds.entry(user.clone()).or_default();
-                if feed.items.values().any(|(i, _)| i.id == notification_id) {
+                if feed.by_id.contains_key(&notification_id) {
                     return Ok(Vec::new());
                 }
                 feed.unread += 1;
                 let change = feed::created_change(&user, seq, &item, feed.unread);
+                feed.by_id.insert(notification_id, seq);
                 feed.items.insert(seq, (item, seq));
                 vec![change]
             }
@@ -494,9 +506,10 @@ impl Models {
                     return Ok(Vec::new());
                 };
                 let Some((item, changed)) = feed
-                    .items
-                    .values_mut()
-                    .find(|(i, _)| i.id == notification_id && i.read_at.is_none())
+                    .by_id
+                    .get(&notification_id)
+                    .and_then(|feed_seq| feed.items.get_mut(feed_seq))
+                    .filter(|(item, _)| item.read_at.is_none())
                 else {
                     return Ok(Vec::new());
                 };
