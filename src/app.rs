@@ -23,8 +23,9 @@ use crate::relay::{Relay, RelayConfig, Target};
 use podium_nats::{EventBus, StreamLimits};
 use podium_projections::leaderboard::LeaderboardQueries;
 
-/// Connections in the projection workers' pool.
-const WORKER_CONNECTIONS: u32 = 4;
+/// Connections in the projection workers' pool: one transaction per
+/// projection, the notification policy's commands, and lease renewals.
+const WORKER_CONNECTIONS: u32 = 6;
 
 /// How long background tasks get to stop after the server has.
 const TASK_GRACE: Duration = Duration::from_secs(10);
@@ -47,6 +48,8 @@ pub struct Application {
     /// commands queueing for the main pool cannot starve them (production).
     worker_pool: Option<sqlx::PgPool>,
     shutdown_timeout: Duration,
+    /// How long a background role stays with an instance that stopped renewing it.
+    lease_ttl: Duration,
 }
 
 /// Where events and read models live, as the settings choose.
@@ -233,6 +236,7 @@ impl Application {
             workers: settings.workers,
             worker_pool,
             shutdown_timeout: Duration::from_secs(settings.shutdown_timeout_secs),
+            lease_ttl: Duration::from_millis(settings.lease_ttl_ms),
         })
     }
 
@@ -251,6 +255,10 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let stop_tx = self.stop;
+        let relay_config = RelayConfig {
+            lease_ttl: self.lease_ttl,
+            ..RelayConfig::default()
+        };
         let stop_rx = self.state.shutdown.clone();
         let mut tasks = vec![tokio::spawn(maintain(
             self.state.backend.clone(),
@@ -272,30 +280,37 @@ impl Application {
         if let (Some(bus), Some(pool), Some(worker_pool)) =
             (relay_on, self.state.backend.pool(), &self.worker_pool)
         {
-            let relay = Relay::new(pool.clone(), bus.clone(), RelayConfig::default());
+            let relay = Relay::new(pool.clone(), bus.clone(), relay_config.clone());
             self.state
                 .metrics
-                .watch_relay(bus.subjects().prefix(), relay.stats());
+                .watch_relay(bus.subjects().prefix(), relay.stats(), relay.status());
             tasks.push(tokio::spawn(relay.run(stop_rx.clone())));
-            let projections = crate::workers::spawn_all(
+            // The policy's commands go through the workers' pool, off the
+            // one that serves requests.
+            let aggregates = Arc::new(Aggregates::with_metrics(
+                &Repository::Postgres(worker_pool.clone()),
+                &self.state.metrics,
+            ));
+            let projections = crate::projector::spawn_all(
                 worker_pool,
                 bus,
-                self.state.aggregates.clone(),
+                aggregates,
                 &self.state.metrics,
                 &stop_rx,
+                self.lease_ttl,
             );
             tasks.extend(projections);
         }
         if let (None, true, Some(pool)) = (&self.state.bus, self.workers, self.state.backend.pool())
         {
             let target = Target::Local {
-                projections: crate::workers::local_projections(pool, self.state.aggregates.clone()),
+                projections: crate::projector::local_projections(pool, self.state.aggregates.clone()),
                 hub: self.state.hub.clone(),
             };
-            let relay = Relay::to(pool.clone(), target, RelayConfig::default());
+            let relay = Relay::to(pool.clone(), target, relay_config.clone());
             self.state
                 .metrics
-                .watch_relay(crate::relay::LOCAL, relay.stats());
+                .watch_relay(crate::relay::LOCAL, relay.stats(), relay.status());
             tasks.push(tokio::spawn(relay.run(stop_rx.clone())));
         }
         tracing::info!(address = %self.listener.local_addr()?, "podium is listening");

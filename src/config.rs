@@ -13,6 +13,7 @@ pub const DEFAULT_BODY_LIMIT: usize = 2 * 1024 * 1024;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_NATS_PREFIX: &str = "podium";
 pub const DEFAULT_DB_SLOW_STATEMENT_MS: u64 = 250;
+pub const DEFAULT_LEASE_TTL_MS: u64 = 5_000;
 
 /// A secret string whose `Debug` output is redacted.
 #[derive(Clone)]
@@ -186,6 +187,11 @@ pub struct Settings {
     /// Seconds that in-flight requests get to finish after a shutdown signal.
     #[arg(long, env = "PODIUM_SHUTDOWN_TIMEOUT_SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_SECS)]
     pub shutdown_timeout_secs: u64,
+    /// Milliseconds a background role (the relay, each projection) stays
+    /// with an instance that stopped renewing it (paused, killed, cut off)
+    /// before another instance takes it over.
+    #[arg(long, env = "PODIUM_LEASE_TTL_MS", default_value_t = DEFAULT_LEASE_TTL_MS)]
+    pub lease_ttl_ms: u64,
 }
 
 impl Settings {
@@ -219,6 +225,7 @@ impl Settings {
             data_file: None,
             body_limit: DEFAULT_BODY_LIMIT,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+            lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
         }
     }
 

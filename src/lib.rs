@@ -18,15 +18,16 @@ pub mod embedded;
 pub mod eventlog;
 pub mod eventstore;
 pub mod http;
+pub mod lease;
 pub mod metrics;
 pub mod policy;
+pub mod projector;
 pub mod ratelimit;
 pub mod relay;
 pub mod replay;
 pub mod seed;
 pub mod shutdown;
 pub mod telemetry;
-pub mod workers;
 
 pub use app::Application;
 pub use config::Settings;

@@ -13,6 +13,7 @@ use prometheus::{
 };
 use sqlx::PgPool;
 
+use crate::lease::{RoleState, RoleStatus};
 use crate::relay::RelayStats;
 
 /// Latency buckets, in seconds: 0.5 ms to 10 s.
@@ -56,15 +57,23 @@ pub struct Metrics {
     projection_redeliveries: IntCounterVec,
     projection_retries: IntCounterVec,
     projection_dead_letters: IntCounterVec,
+    projection_transient_retries: IntCounterVec,
+    /// 1 for the state each projection is in on this instance.
+    projection_state: IntGaugeVec,
+    /// 1 for the instance holding each live lease (any instance's).
+    lease_owner: IntGaugeVec,
     sources: Arc<Mutex<Sources>>,
 }
+
+/// A projection's states as `/metrics` names them.
+const PROJECTION_STATES: [&str; 4] = ["standby", "running", "catching_up", "halted"];
 
 /// What [`Metrics::refresh`] reads from.
 #[derive(Default)]
 struct Sources {
     pools: Vec<(&'static str, PgPool)>,
-    relay: Option<(String, Arc<RelayStats>)>,
-    workers: Vec<(String, Arc<WorkerStats>)>,
+    relay: Option<(String, Arc<RelayStats>, Arc<RoleStatus>)>,
+    workers: Vec<(String, Arc<WorkerStats>, Arc<RoleStatus>)>,
     /// The embedded mode's projector: (read models' checkpoint, log head).
     embedded: Option<Arc<dyn Fn() -> (u64, u64) + Send + Sync>>,
 }
@@ -246,6 +255,24 @@ impl Metrics {
                 "Events sent to the dead-letter stream",
                 &["projection"],
             ),
+            projection_transient_retries: counter_vec(
+                r,
+                "projection_transient_retries_total",
+                "Applications retried after a passing failure (database away), not counted against the event",
+                &["projection"],
+            ),
+            projection_state: gauge_vec(
+                r,
+                "projection_state",
+                "1 for the state a projection is in on this instance (standby, running, catching_up, halted)",
+                &["projection", "state"],
+            ),
+            lease_owner: gauge_vec(
+                r,
+                "lease_owner",
+                "1 for the instance that holds each background role's lease",
+                &["lease", "owner"],
+            ),
             registry,
             sources: Arc::default(),
         }
@@ -257,8 +284,8 @@ impl Metrics {
     }
 
     /// Reports the relay named `name` (its NATS prefix) at each scrape.
-    pub fn watch_relay(&self, name: &str, stats: Arc<RelayStats>) {
-        self.sources().relay = Some((name.to_string(), stats));
+    pub fn watch_relay(&self, name: &str, stats: Arc<RelayStats>, status: Arc<RoleStatus>) {
+        self.sources().relay = Some((name.to_string(), stats, status));
     }
 
     /// The embedded projector, whose position and log head `progress` tells.
@@ -266,8 +293,33 @@ impl Metrics {
         self.sources().embedded = Some(progress);
     }
 
-    pub fn watch_worker(&self, projection: &str, stats: Arc<WorkerStats>) {
-        self.sources().workers.push((projection.to_string(), stats));
+    pub fn watch_worker(
+        &self,
+        projection: &str,
+        stats: Arc<WorkerStats>,
+        status: Arc<RoleStatus>,
+    ) {
+        self.sources()
+            .workers
+            .push((projection.to_string(), stats, status));
+    }
+
+    /// The background roles of this instance that have halted, with why:
+    /// `/readyz` names them.
+    pub fn halted(&self) -> Vec<(String, String)> {
+        let sources = self.sources();
+        let relay = sources
+            .relay
+            .iter()
+            .map(|(name, _, status)| (format!("relay:{name}"), status));
+        let workers = sources
+            .workers
+            .iter()
+            .map(|(name, _, status)| (name.clone(), status));
+        relay
+            .chain(workers)
+            .filter_map(|(name, status)| status.halted().map(|reason| (name, reason)))
+            .collect()
     }
 
     fn sources(&self) -> std::sync::MutexGuard<'_, Sources> {
@@ -317,7 +369,7 @@ impl Metrics {
         // The head of the log in seqs: what the relay has numbered plus what
         // it has not reached yet.
         let mut head = None;
-        if let Some((name, stats)) = &relay {
+        if let Some((name, stats, _)) = &relay {
             use std::sync::atomic::Ordering::Relaxed;
             self.relay_leader.set(i64::from(stats.leader.load(Relaxed)));
             sync(&self.relay_published, stats.published.load(Relaxed));
@@ -340,9 +392,33 @@ impl Metrics {
         .fetch_all(pool)
         .await
         .unwrap_or_default();
-        for (projection, stats) in &workers {
+        self.lease_owner.reset();
+        let owners: Vec<(String, String)> =
+            sqlx::query_as("SELECT name, owner FROM leases WHERE expires_at > now()")
+                .fetch_all(pool)
+                .await
+                .unwrap_or_default();
+        for (lease, owner) in &owners {
+            self.lease_owner.with_label_values(&[lease, owner]).set(1);
+        }
+        for (projection, stats, status) in &workers {
             use std::sync::atomic::Ordering::Relaxed;
             let p = [projection.as_str()];
+            let state = match status.state() {
+                RoleState::Standby => "standby",
+                RoleState::Halted => "halted",
+                RoleState::Running if stats.caught_up.load(Relaxed) => "running",
+                RoleState::Running => "catching_up",
+            };
+            for name in PROJECTION_STATES {
+                self.projection_state
+                    .with_label_values(&[projection, name])
+                    .set(i64::from(name == state));
+            }
+            sync(
+                &self.projection_transient_retries.with_label_values(&p),
+                stats.transient_retries.load(Relaxed),
+            );
             sync(
                 &self.projection_redeliveries.with_label_values(&p),
                 stats.repeats.load(Relaxed) + stats.out_of_order.load(Relaxed),

@@ -189,6 +189,12 @@ impl NotificationPolicy {
             {
                 // Another delivery of the same event created it meanwhile.
                 Ok(()) | Err(AggregateError::AggregateConflict) => {}
+                // The store's own error, so that its kind (a lost connection
+                // is retried, bad data is not) can be told.
+                Err(
+                    AggregateError::DatabaseConnectionError(err)
+                    | AggregateError::UnexpectedError(err),
+                ) => return Err(err),
                 Err(err) => return Err(Box::new(err)),
             }
         }

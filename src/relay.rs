@@ -2,11 +2,14 @@
 //! publishes every event to JetStream, checkpointing only after JetStream
 //! acknowledged the batch.
 //!
-//! Exactly one relay is active per NATS prefix: it holds a Postgres advisory
-//! lock on a dedicated connection. Standbys poll for the lock and take over
-//! when the active relay's connection goes away. A relay that dies between
-//! publishing and checkpointing publishes that batch again; the messages carry
-//! `Nats-Msg-Id`, so JetStream stores them once.
+//! Exactly one relay is active per NATS prefix: it holds a lease
+//! ([`crate::lease`]) that lapses within its TTL when the relay stops renewing
+//! it (paused, killed, cut off); a standby then takes over. The checkpoint is
+//! saved only while the lease is still held, so a paused ex-leader that wakes
+//! up moves nothing. A relay that dies between publishing and checkpointing
+//! publishes that batch again; the messages carry `Nats-Msg-Id`, so JetStream
+//! stores them once (and consumers pass over repeats anyway). A deleted
+//! events stream is created again and filled from the start of the log.
 //!
 //! Without NATS (one node on Postgres) the same relay feeds this process's
 //! projections directly ([`Target::Local`]): each batch is applied to every
@@ -18,8 +21,9 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use podium_domain::log::{Change, RecordedEvent};
-use podium_nats::EventBus;
-use podium_projections::ApplyError;
+use podium_nats::worker::sleep_or_stop;
+use podium_nats::{EventBus, StreamLimits};
+use podium_projections::{ApplyError, Fence};
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::watch;
@@ -27,6 +31,7 @@ use tracing::Instrument;
 
 use crate::changes::ChangeHub;
 use crate::eventlog::{LogCursor, LogKey};
+use crate::lease::{supervise, Lease, RoleExit, RoleStatus};
 
 /// The channel the `events` insert trigger notifies on.
 const CHANNEL: &str = "podium_events";
@@ -40,8 +45,8 @@ pub struct RelayConfig {
     /// How soon to look again when committed events wait behind a running
     /// transaction (which may never notify).
     pub blocked_poll: Duration,
-    /// How often a standby tries to take the lead.
-    pub standby_poll: Duration,
+    /// How long the lead stays with a relay that stopped renewing it.
+    pub lease_ttl: Duration,
     /// Longest wait between publish retries while NATS is down.
     pub max_backoff: Duration,
 }
@@ -52,7 +57,7 @@ impl Default for RelayConfig {
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
             blocked_poll: Duration::from_millis(5),
-            standby_poll: Duration::from_secs(1),
+            lease_ttl: Duration::from_millis(crate::config::DEFAULT_LEASE_TTL_MS),
             max_backoff: Duration::from_secs(5),
         }
     }
@@ -77,6 +82,9 @@ enum RelayError {
     Database(#[from] sqlx::Error),
     #[error("stopped")]
     Stopped,
+    /// Another relay holds the lease now.
+    #[error("another relay has taken the lead")]
+    Fenced,
     /// A local projection is behind the relay's position (one added since,
     /// say): the relay reads the log again from its start.
     #[error("a projection is behind the relay")]
@@ -107,6 +115,7 @@ pub struct Relay {
     target: Target,
     config: RelayConfig,
     stats: Arc<RelayStats>,
+    status: Arc<RoleStatus>,
 }
 
 impl Relay {
@@ -120,7 +129,13 @@ impl Relay {
             target,
             config,
             stats: Arc::default(),
+            status: Arc::default(),
         }
+    }
+
+    /// Whether this process leads, stands by or has halted.
+    pub fn status(&self) -> Arc<RoleStatus> {
+        self.status.clone()
     }
 
     pub fn stats(&self) -> Arc<RelayStats> {
@@ -138,32 +153,39 @@ impl Relay {
 
     /// Relays until `stop` turns true: waits to lead, then publishes; after
     /// a database error it steps down and tries again.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        loop {
-            match self.lead(&mut stop).await {
-                Ok(()) | Err(RelayError::Stopped) => break,
-                Err(err) => {
-                    self.stats.leader.store(false, Ordering::Relaxed);
-                    tracing::warn!(%err, "relay stepped down; retrying");
-                    if sleep_or_stop(self.config.standby_poll, &mut stop).await {
-                        break;
-                    }
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        let lease = Lease::new(
+            self.pool.clone(),
+            &format!("relay:{}", self.name()),
+            self.config.lease_ttl,
+        );
+        let status = self.status.clone();
+        let this = &self;
+        let fence = lease.fence().clone();
+        supervise(lease, status, stop, |mut role_stop| {
+            let fence = fence.clone();
+            async move {
+                this.stats.leader.store(true, Ordering::Relaxed);
+                let result = this.lead(&fence, &mut role_stop).await;
+                this.stats.leader.store(false, Ordering::Relaxed);
+                match result {
+                    Ok(()) | Err(RelayError::Stopped) => RoleExit::Stopped,
+                    Err(RelayError::Fenced) => RoleExit::Fenced,
+                    Err(err) => RoleExit::Failed(err.to_string()),
                 }
             }
-        }
+        })
+        .await;
         self.stats.leader.store(false, Ordering::Relaxed);
     }
 
-    async fn lead(&self, stop: &mut watch::Receiver<bool>) -> Result<(), RelayError> {
-        // A connection of its own: the lock lives and dies with it.
-        let mut conn = self.pool.acquire().await?.detach();
-        while !self.try_lock(&mut conn).await? {
-            if sleep_or_stop(self.config.standby_poll, stop).await {
-                return Err(RelayError::Stopped);
-            }
-        }
+    async fn lead(
+        &self,
+        fence: &Fence,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), RelayError> {
         tracing::info!(relay = self.name(), "this relay is now the active one");
-        self.stats.leader.store(true, Ordering::Relaxed);
+        let mut conn = self.pool.acquire().await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(CHANNEL).await?;
         let mut cursor = self.load_checkpoint(&mut conn).await?;
@@ -193,25 +215,18 @@ impl Relay {
             match self.publish(&events, stop).instrument(span).await {
                 Err(RelayError::Rewind) => {
                     tracing::info!(
-                        "a projection is behind the relay: reading the log again from its start"
+                        "a reader is behind the relay: reading the log again from its start"
                     );
                     cursor = LogCursor::start();
                     continue;
                 }
                 other => other?,
             }
-            self.save_checkpoint(&mut conn, &next).await?;
+            self.save_checkpoint(&mut conn, &next, fence).await?;
             cursor = next;
             self.stats.seq.store(cursor.seq, Ordering::Relaxed);
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
         }
-    }
-
-    async fn try_lock(&self, conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
-        sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-            .bind(format!("podium-relay:{}", self.name()))
-            .fetch_one(conn)
-            .await
     }
 
     /// Publishes until JetStream acknowledged every event, backing off while
@@ -224,7 +239,19 @@ impl Relay {
         let mut backoff = Duration::from_millis(100);
         loop {
             let sent = match &self.target {
-                Target::Nats(bus) => bus.publish_events(events).await.map_err(|e| e.to_string()),
+                Target::Nats(bus) => match bus.publish_events(events).await {
+                    Err(err) if bus.events_stream().await.is_err() => {
+                        // The stream is gone (deleted by hand, say): make it
+                        // again and fill it from the start of the log, so
+                        // that readers behind the relay find their events.
+                        tracing::warn!(%err, "the events stream is missing; creating it again");
+                        match bus.ensure_streams(&StreamLimits::default()).await {
+                            Ok(()) => return Err(RelayError::Rewind),
+                            Err(err) => Err(err.to_string()),
+                        }
+                    }
+                    other => other.map_err(|e| e.to_string()),
+                },
                 Target::Local { projections, hub } => {
                     match apply_locally(projections, hub, events).await {
                         Err(ApplyError::Gap { .. }) => return Err(RelayError::Rewind),
@@ -271,11 +298,17 @@ impl Relay {
         })
     }
 
+    /// Saves the relay's position, only while it still holds `fence`'s lease.
     async fn save_checkpoint(
         &self,
         conn: &mut PgConnection,
         cursor: &LogCursor,
-    ) -> Result<(), sqlx::Error> {
+        fence: &Fence,
+    ) -> Result<(), RelayError> {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        if !fence.holds(&mut tx).await? {
+            return Err(RelayError::Fenced);
+        }
         sqlx::query(
             "INSERT INTO relay_checkpoints (name, seq, epoch, txid, position)
              VALUES ($1, $2, $3, $4::text::xid8, $5)
@@ -288,8 +321,9 @@ impl Relay {
         .bind(cursor.key.epoch)
         .bind(&cursor.key.txid)
         .bind(cursor.key.position)
-        .execute(conn)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 }
@@ -310,14 +344,6 @@ pub async fn lag(pool: &PgPool, name: &str) -> Result<i64, sqlx::Error> {
         },
     };
     crate::eventlog::count_after(&mut *pool.acquire().await?, &key).await
-}
-
-/// Sleeps for `duration`; true if `stop` turned true meanwhile.
-async fn sleep_or_stop(duration: Duration, stop: &mut watch::Receiver<bool>) -> bool {
-    tokio::select! {
-        () = tokio::time::sleep(duration) => *stop.borrow(),
-        _ = stop.changed() => true,
-    }
 }
 
 /// The local target's checkpoint name.

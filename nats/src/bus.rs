@@ -55,12 +55,34 @@ impl Default for StreamLimits {
     }
 }
 
-/// A durable consumer's backlog, for metrics.
+/// Where a reader of the events stream starts, for a wanted log seq.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConsumerBacklog {
-    pub pending: u64,
-    pub ack_pending: u64,
-    pub redelivered: u64,
+pub enum StreamPosition {
+    /// The stream message (stream sequence) holding the wanted event.
+    At(u64),
+    /// The wanted event is not on the stream yet: it will be at this stream
+    /// sequence or later.
+    Await(u64),
+    /// The stream no longer holds the wanted event (its limits trimmed it,
+    /// or the stream was recreated from a later point): the oldest event it
+    /// keeps after it is `first_kept`.
+    Missing { wanted: u64, first_kept: u64 },
+}
+
+/// The log seq of stream message `sequence`, if it is one of ours.
+async fn log_seq_at(stream: &stream::Stream, sequence: u64) -> Result<Option<u64>, BusError> {
+    match stream.get_raw_message(sequence).await {
+        Ok(message) => Ok(message
+            .headers
+            .get(SEQ_HEADER)
+            .and_then(|v| v.as_str().parse::<u64>().ok())),
+        // Deleted from the middle of the stream: treat it as not ours.
+        Err(err) if err.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(err) => Err(BusError::Stream {
+            stream: stream.cached_info().config.name.clone(),
+            reason: err.to_string(),
+        }),
+    }
 }
 
 /// A connected bus for one subject prefix.
@@ -218,29 +240,55 @@ impl EventBus {
             .map_err(|err| BusError::Publish(err.to_string()))
     }
 
-    /// How a projection's durable consumer stands: messages not yet
-    /// delivered, delivered but not acknowledged, and redelivered.
-    pub async fn consumer_backlog(&self, projection: &str) -> Result<ConsumerBacklog, BusError> {
-        let stream = self
-            .jetstream
+    /// The events stream, looked up afresh (it may have been recreated).
+    pub async fn events_stream(&self) -> Result<stream::Stream, BusError> {
+        self.jetstream
             .get_stream(self.subjects.events_stream())
             .await
             .map_err(|e| BusError::Stream {
                 stream: self.subjects.events_stream(),
                 reason: e.to_string(),
-            })?;
-        let mut consumer: jetstream::consumer::PullConsumer = stream
-            .get_consumer(projection)
+            })
+    }
+
+    /// Where on the events stream a reader wanting log seq `next` (and what
+    /// follows) starts: the first stream message whose log seq is `next` or
+    /// later, found by bisecting the stream (the relay publishes in log
+    /// order). The stream's own sequence numbers differ from log seqs once
+    /// a stream was recreated or trimmed, so they are never assumed equal.
+    pub async fn position_of(&self, next: u64) -> Result<StreamPosition, BusError> {
+        let stream = self.events_stream().await?;
+        let state = stream
+            .get_info()
             .await
-            .map_err(|e| BusError::Config(e.to_string()))?;
-        let info = consumer
-            .info()
-            .await
-            .map_err(|e| BusError::Config(e.to_string()))?;
-        Ok(ConsumerBacklog {
-            pending: info.num_pending,
-            ack_pending: info.num_ack_pending as u64,
-            redelivered: info.num_redelivered as u64,
+            .map_err(|e| BusError::Stream {
+                stream: self.subjects.events_stream(),
+                reason: e.to_string(),
+            })?
+            .state;
+        if state.messages == 0 {
+            return Ok(StreamPosition::Await(state.last_sequence + 1));
+        }
+        let (mut low, mut high) = (state.first_sequence, state.last_sequence + 1);
+        let mut found = None;
+        while low < high {
+            let middle = low + (high - low) / 2;
+            match log_seq_at(&stream, middle).await? {
+                Some(seq) if seq >= next => {
+                    found = Some(seq);
+                    high = middle;
+                }
+                // Older, or not one of ours: look later.
+                _ => low = middle + 1,
+            }
+        }
+        Ok(match found {
+            None => StreamPosition::Await(state.last_sequence + 1),
+            Some(seq) if seq == next => StreamPosition::At(low),
+            Some(seq) => StreamPosition::Missing {
+                wanted: next,
+                first_kept: seq,
+            },
         })
     }
 

@@ -4,9 +4,10 @@
 //!   so several deployments or test runs can share one NATS server.
 //! - [`bus`]: connecting, creating the streams idempotently, publishing log
 //!   events with de-duplication ids, and publishing "changed" notifications.
-//! - [`worker`]: the projection-worker runtime — a durable pull consumer per
-//!   projection that applies events strictly in log order, acknowledges only
-//!   after the projection committed, retries with backoff and dead-letters.
+//! - [`worker`]: the projection-worker runtime — an ordered consumer started
+//!   at the projection's own checkpoint, applying natural batches strictly in
+//!   log order; transient failures are retried for as long as they last, an
+//!   event that fails by itself is dead-lettered.
 //!
 //! Everything here works with nats-server 2.9: one filter subject per consumer.
 #![forbid(unsafe_code)]
@@ -15,8 +16,9 @@ pub mod bus;
 pub mod subjects;
 pub mod worker;
 
-pub use bus::{BusError, ConsumerBacklog, EventBus, StreamLimits};
+pub use bus::{BusError, EventBus, StreamLimits, StreamPosition};
 pub use subjects::Subjects;
 pub use worker::{
-    Applied, DeadLetterPolicy, Projection, ProjectionError, Worker, WorkerConfig, WorkerStats,
+    Applied, DeadLetterPolicy, Projection, ProjectionError, Worker, WorkerConfig, WorkerError,
+    WorkerStats,
 };

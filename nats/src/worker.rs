@@ -1,32 +1,40 @@
 //! The projection-worker runtime.
 //!
-//! A worker owns one durable pull consumer over every event subject and hands
-//! batches to its [`Projection`], which applies them and advances its
-//! checkpoint in one transaction. The worker acknowledges only after that.
+//! A worker feeds one [`Projection`] from the events stream. Its position is
+//! the projection's own checkpoint, never a consumer's acknowledgement state:
+//! it reads the checkpoint, finds the stream message holding the next event
+//! ([`EventBus::position_of`]) and reads on from there with an ordered
+//! consumer (no acknowledgements, recreated by the client on any gap).
+//! Whatever has arrived is applied as one batch, up to `batch_size`, in one
+//! transaction with the checkpoint.
 //!
 //! Order is sacred. Log seqs are contiguous, so the worker knows exactly which
 //! event comes next (`checkpoint + 1`): events at or below the checkpoint are
-//! acknowledged as repeats, and an event from further ahead — which can happen
-//! when an earlier one is waiting to be redelivered — is negatively
-//! acknowledged with a short delay and never applied early. A failing event is
-//! retried with exponential backoff; after `max_failures` it is published to
-//! the dead-letter stream with its error, and the [`DeadLetterPolicy`] decides
-//! whether the worker stops (default) or skips it.
+//! repeats and are passed over, and an event from further ahead means the
+//! reader is misplaced (the checkpoint moved under it, or the stream was
+//! recreated), so it finds its place again.
+//!
+//! Failures come in two kinds. A transient one (Postgres unreachable,
+//! restarting, out of connections; see [`podium_projections::is_transient`])
+//! is retried with backoff for as long as it lasts and never counts against
+//! the event. An event that fails by itself is retried `max_failures` times,
+//! then published to the dead-letter stream with its error, and the
+//! [`DeadLetterPolicy`] decides whether the worker stops (default) or skips it.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
-use async_nats::jetstream::{AckKind, Message};
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::jetstream::Message;
 use futures::StreamExt;
 use podium_domain::log::{Change, RecordedEvent};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::bus::SEQ_HEADER;
+use crate::bus::{StreamPosition, SEQ_HEADER};
 use crate::EventBus;
 
 /// What a projection reports after committing a batch.
@@ -44,6 +52,13 @@ pub enum ProjectionError {
     /// (another worker moved it, or an earlier event is missing).
     #[error("the projection is at seq {checkpoint}; the events start later")]
     Gap { checkpoint: u64 },
+    /// A passing failure of the infrastructure: the same events may be
+    /// applied later as they are.
+    #[error("{0} (transient)")]
+    Transient(String),
+    /// Another instance owns the projection now.
+    #[error("{0}")]
+    Fenced(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -79,28 +94,24 @@ pub enum DeadLetterPolicy {
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
+    /// Most events applied in one transaction.
     pub batch_size: usize,
-    /// Failures of one event before it is dead-lettered.
+    /// Failures of one event (not counting transient ones) before it is
+    /// dead-lettered.
     pub max_failures: u32,
     /// First retry delay; doubles per failure up to `backoff_max`.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
-    /// Delay before an event that arrived ahead of its turn comes back.
-    pub out_of_order_delay: Duration,
-    /// How long JetStream waits for an acknowledgement before redelivering.
-    pub ack_wait: Duration,
     pub policy: DeadLetterPolicy,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
-            batch_size: 256,
+            batch_size: 1000,
             max_failures: 5,
-            backoff_base: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(30),
-            out_of_order_delay: Duration::from_millis(50),
-            ack_wait: Duration::from_secs(30),
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
             policy: DeadLetterPolicy::Stop,
         }
     }
@@ -110,16 +121,22 @@ impl Default for WorkerConfig {
 #[derive(Debug, Default)]
 pub struct WorkerStats {
     pub applied: AtomicU64,
-    /// Repeats acknowledged without applying (seq at or below the checkpoint).
+    /// Events read again that were at or below the checkpoint (passed over).
     pub repeats: AtomicU64,
-    /// Events sent back because they arrived ahead of their turn.
+    /// Events that arrived ahead of their turn; each sends the reader to
+    /// find its place again.
     pub out_of_order: AtomicU64,
-    /// Failed applications that will be retried.
+    /// Failed applications of an event that will be retried.
     pub retries: AtomicU64,
+    /// Transient failures (the database away, say), retried without limit.
+    pub transient_retries: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub checkpoint: AtomicU64,
     /// Duration of the last successful apply, in microseconds.
     pub last_apply_micros: AtomicU64,
+    /// Whether the last batch took everything the stream had (false while a
+    /// backlog is being worked off).
+    pub caught_up: AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,13 +152,32 @@ pub enum WorkerError {
         attempts: u32,
         error: String,
     },
+    /// The stream has lost events the projection still needs.
+    #[error(
+        "projection {projection} needs seq {wanted}, but the events stream keeps only seq \
+         {first_kept} and later (trimmed by its limits, or recreated): rebuild it with `podium replay`"
+    )]
+    Missing {
+        projection: String,
+        wanted: u64,
+        first_kept: u64,
+    },
+    /// Another instance took the projection over.
+    #[error("projection {projection}: {error}")]
+    Fenced { projection: String, error: String },
 }
 
-/// One fetched message with the seq it carries.
+/// One message read with the seq it carries.
 struct Delivery {
     seq: u64,
     event: Result<RecordedEvent, String>,
-    message: Message,
+}
+
+/// Why reading stopped.
+enum Interrupted {
+    Stop,
+    /// The reader must find its place again (after a pause when `pause`).
+    Reposition { pause: bool },
 }
 
 pub struct Worker<P> {
@@ -151,7 +187,6 @@ pub struct Worker<P> {
     stats: Arc<WorkerStats>,
     checkpoint: u64,
     failures: HashMap<u64, u32>,
-    stuck_since: Option<Instant>,
 }
 
 impl<P: Projection> Worker<P> {
@@ -163,7 +198,6 @@ impl<P: Projection> Worker<P> {
             stats: Arc::default(),
             checkpoint: 0,
             failures: HashMap::new(),
-            stuck_since: None,
         }
     }
 
@@ -171,209 +205,239 @@ impl<P: Projection> Worker<P> {
         self.stats.clone()
     }
 
-    fn projection_error(&self, error: ProjectionError) -> WorkerError {
-        WorkerError::Projection {
-            projection: self.projection.name().to_string(),
-            error: error.to_string(),
-        }
+    /// Counts into `stats` (kept across the restarts of a supervised worker).
+    pub fn sharing_stats(mut self, stats: Arc<WorkerStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
-    /// The durable consumer of this projection, created if missing.
-    async fn consumer(&self) -> Result<PullConsumer, WorkerError> {
-        let subjects = self.bus.subjects();
-        let stream = self
-            .bus
-            .jetstream()
-            .get_stream(subjects.events_stream())
-            .await
-            .map_err(|e| WorkerError::Bus(e.to_string()))?;
-        let name = self.projection.name().to_string();
-        stream
-            .get_or_create_consumer(
-                &name,
-                pull::Config {
-                    durable_name: Some(name.clone()),
-                    filter_subject: subjects.all_events(),
-                    deliver_policy: DeliverPolicy::All,
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: self.config.ack_wait,
-                    // The worker counts failures itself: JetStream's count
-                    // also grows with out-of-order sends back.
-                    max_deliver: -1,
-                    max_ack_pending: 20_000,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| WorkerError::Bus(e.to_string()))
+    fn name(&self) -> String {
+        self.projection.name().to_string()
     }
 
-    /// Consumes until `stop` turns true (finishing the batch in hand) or the
-    /// projection halts on a dead letter.
+    /// Consumes until `stop` turns true (finishing the batch in hand), the
+    /// projection halts on a dead letter, another instance fences it off, or
+    /// the stream turns out to lack events it needs.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), WorkerError> {
-        self.checkpoint = self
-            .projection
-            .checkpoint()
-            .await
-            .map_err(|e| self.projection_error(e))?;
+        let mut backoff = Backoff::new(&self.config);
+        self.checkpoint = loop {
+            match self.projection.checkpoint().await {
+                Ok(checkpoint) => break checkpoint,
+                Err(ProjectionError::Fenced(error)) => {
+                    return Err(WorkerError::Fenced {
+                        projection: self.name(),
+                        error,
+                    })
+                }
+                Err(err) => {
+                    self.stats.transient_retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(projection = self.projection.name(), %err, "cannot read the checkpoint; retrying");
+                    if backoff.wait(&mut stop).await {
+                        return Ok(());
+                    }
+                }
+            }
+        };
         self.stats
             .checkpoint
             .store(self.checkpoint, Ordering::Relaxed);
-        let mut bus_backoff = self.config.backoff_base;
+        let mut backoff = Backoff::new(&self.config);
         loop {
-            // A continuous pull: messages arrive as soon as they are stored,
-            // and every message already waiting is taken into one batch.
-            // Looked up (or created) afresh after every interruption, so a
-            // deleted consumer is recreated and replays from the start.
-            let pull = async {
-                let consumer = self.consumer().await?;
-                consumer
-                    .stream()
-                    .max_messages_per_batch(self.config.batch_size)
-                    .messages()
-                    .await
-                    .map_err(|e| WorkerError::Bus(e.to_string()))
-            };
-            let messages = tokio::select! {
-                messages = pull => messages,
-                _ = stop.changed() => return Ok(()),
-            };
-            let mut chunks = match messages {
-                Ok(messages) => messages.ready_chunks(self.config.batch_size),
-                Err(err) => {
-                    tracing::warn!(projection = self.projection.name(), %err, "cannot pull; retrying");
-                    if sleep_or_stop(bus_backoff, &mut stop).await {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            match self.read(&mut stop).await {
+                Ok(Interrupted::Stop) => return Ok(()),
+                Ok(Interrupted::Reposition { pause: false }) => backoff.reset(),
+                Ok(Interrupted::Reposition { pause: true }) => {
+                    if backoff.wait(&mut stop).await {
                         return Ok(());
                     }
-                    bus_backoff = (bus_backoff * 2).min(self.config.backoff_max);
-                    continue;
                 }
-            };
-            bus_backoff = self.config.backoff_base;
-            loop {
-                let chunk = tokio::select! {
-                    chunk = chunks.next() => chunk,
-                    _ = stop.changed() => return Ok(()),
-                };
-                let Some(chunk) = chunk else { break };
-                let mut deliveries = Vec::with_capacity(chunk.len());
-                let mut interrupted = false;
-                for message in chunk {
-                    match message {
-                        Ok(message) => deliveries.push(delivery(message)),
-                        Err(err) => {
-                            tracing::warn!(projection = self.projection.name(), %err, "pull interrupted");
-                            interrupted = true;
-                        }
-                    }
-                }
-                if !deliveries.is_empty() {
-                    self.process(deliveries).await?;
-                }
-                if interrupted {
-                    // Pull afresh (the consumer may be gone), after a pause.
-                    if sleep_or_stop(self.config.backoff_base, &mut stop).await {
+                Err(WorkerError::Bus(err)) => {
+                    tracing::warn!(projection = self.projection.name(), %err, "cannot read the events stream; retrying");
+                    if backoff.wait(&mut stop).await {
                         return Ok(());
                     }
-                    break;
                 }
-                if *stop.borrow() {
-                    return Ok(());
-                }
+                Err(other) => return Err(other),
             }
         }
     }
 
-    async fn process(&mut self, mut deliveries: Vec<Delivery>) -> Result<(), WorkerError> {
-        deliveries.sort_by_key(|d| d.seq);
-        let mut run = Vec::new();
-        let mut ahead = Vec::new();
+    /// Finds the next event on the stream and applies what follows, until
+    /// interrupted.
+    async fn read(&mut self, stop: &mut watch::Receiver<bool>) -> Result<Interrupted, WorkerError> {
+        let bus = |e: async_nats::Error| WorkerError::Bus(e.to_string());
+        let start = match self
+            .bus
+            .position_of(self.checkpoint + 1)
+            .await
+            .map_err(|e| WorkerError::Bus(e.to_string()))?
+        {
+            StreamPosition::At(sequence) | StreamPosition::Await(sequence) => sequence,
+            StreamPosition::Missing { wanted, first_kept } => {
+                return Err(WorkerError::Missing {
+                    projection: self.name(),
+                    wanted,
+                    first_kept,
+                })
+            }
+        };
+        let stream = self
+            .bus
+            .events_stream()
+            .await
+            .map_err(|e| WorkerError::Bus(e.to_string()))?;
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: self.bus.subjects().all_events(),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| bus(e.into()))?;
+        let messages = consumer.messages().await.map_err(|e| bus(e.into()))?;
+        let mut chunks = messages.ready_chunks(self.config.batch_size);
+        loop {
+            let chunk = tokio::select! {
+                chunk = chunks.next() => chunk,
+                _ = stop.changed() => return Ok(Interrupted::Stop),
+            };
+            let Some(chunk) = chunk else {
+                return Ok(Interrupted::Reposition { pause: true });
+            };
+            let full = chunk.len() == self.config.batch_size;
+            let mut deliveries = Vec::with_capacity(chunk.len());
+            let mut broken = false;
+            for message in chunk {
+                match message {
+                    Ok(message) => deliveries.push(delivery(&message)),
+                    Err(err) => {
+                        tracing::warn!(projection = self.projection.name(), %err, "reading the stream was interrupted");
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+            self.stats.caught_up.store(!full, Ordering::Relaxed);
+            if let Some(interrupted) = self.process(deliveries, stop).await? {
+                return Ok(interrupted);
+            }
+            if broken {
+                return Ok(Interrupted::Reposition { pause: true });
+            }
+        }
+    }
+
+    /// Applies the deliveries that come next; `Some` when reading must stop
+    /// or start again elsewhere.
+    async fn process(
+        &mut self,
+        deliveries: Vec<Delivery>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Option<Interrupted>, WorkerError> {
+        let mut run = Vec::with_capacity(deliveries.len());
+        let mut ahead = false;
         for delivery in deliveries {
             let next = self.checkpoint + run.len() as u64 + 1;
             if delivery.seq == FOREIGN {
                 tracing::error!(
                     projection = self.projection.name(),
-                    subject = %delivery.message.subject,
-                    "a message without a log seq is on the events stream; dropping it"
+                    "a message without a log seq is on the events stream; passing over it"
                 );
-                let _ = delivery.message.ack_with(AckKind::Term).await;
             } else if delivery.seq < next {
-                // At or below the checkpoint, or the same seq twice in one batch.
                 self.stats.repeats.fetch_add(1, Ordering::Relaxed);
-                let _ = delivery.message.ack().await;
             } else if delivery.seq == next {
                 run.push(delivery);
             } else {
-                ahead.push(delivery);
+                self.stats.out_of_order.fetch_add(1, Ordering::Relaxed);
+                ahead = true;
+                break;
             }
         }
-        let halted = self.apply_run(run).await;
-        if !ahead.is_empty() {
-            self.note_stuck(ahead.len());
+        if let Some(interrupted) = self.apply_run(run, stop).await? {
+            return Ok(Some(interrupted));
         }
-        for delivery in ahead {
-            self.stats.out_of_order.fetch_add(1, Ordering::Relaxed);
-            let delay = AckKind::Nak(Some(self.config.out_of_order_delay));
-            let _ = delivery.message.ack_with(delay).await;
-        }
-        halted
+        Ok(ahead.then_some(Interrupted::Reposition { pause: false }))
     }
 
-    /// Applies a run of consecutive events: as one batch, or one by one after
-    /// a failure so that exactly the failing event is retried.
-    async fn apply_run(&mut self, run: Vec<Delivery>) -> Result<(), WorkerError> {
-        if run.is_empty() {
-            return Ok(());
-        }
-        self.stuck_since = None;
-        if run.len() > 1 && run.iter().all(|d| d.event.is_ok()) {
-            let events: Vec<RecordedEvent> = run
-                .iter()
-                .filter_map(|d| d.event.as_ref().ok().cloned())
-                .collect();
-            match self.try_apply(&events).await {
-                Ok(()) => {
-                    for delivery in &run {
-                        let _ = delivery.message.ack().await;
-                    }
-                    return Ok(());
-                }
-                Err(ProjectionError::Gap { checkpoint }) => {
-                    return self.resync(checkpoint, run).await;
-                }
-                Err(ProjectionError::Failed(_)) => {} // isolate it below
+    /// Applies a run of consecutive events: as one batch, or one by one
+    /// after a failure of the event's own, so that exactly the failing event
+    /// is retried and dead-lettered. Transient failures retry the same batch.
+    async fn apply_run(
+        &mut self,
+        mut run: Vec<Delivery>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Option<Interrupted>, WorkerError> {
+        let mut backoff = Backoff::new(&self.config);
+        let mut one_by_one = false;
+        while !run.is_empty() {
+            if *stop.borrow() {
+                return Ok(Some(Interrupted::Stop));
             }
-        }
-        let mut deliveries = run.into_iter();
-        while let Some(delivery) = deliveries.next() {
-            let result = match &delivery.event {
-                Ok(event) => self.try_apply(std::slice::from_ref(event)).await,
-                Err(reason) => Err(ProjectionError::Failed(reason.clone())),
+            let take = if one_by_one { 1 } else { run.len() };
+            let batch = &run[..take];
+            let result = match batch.iter().map(|d| d.event.clone()).collect() {
+                Ok(events) => self.try_apply(events).await,
+                Err(reason) => Err(ProjectionError::Failed(reason)),
             };
             match result {
                 Ok(()) => {
-                    let _ = delivery.message.ack().await;
+                    run.drain(..take);
+                    backoff.reset();
+                }
+                Err(ProjectionError::Transient(error)) => {
+                    self.stats.transient_retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        projection = self.projection.name(),
+                        seq = batch[0].seq,
+                        error,
+                        "applying failed for a passing reason; will retry"
+                    );
+                    if backoff.wait(stop).await {
+                        return Ok(Some(Interrupted::Stop));
+                    }
                 }
                 Err(ProjectionError::Gap { checkpoint }) => {
-                    let rest: Vec<Delivery> = std::iter::once(delivery).chain(deliveries).collect();
-                    return self.resync(checkpoint, rest).await;
+                    // Another applier moved the checkpoint: read from there.
+                    self.set_checkpoint(checkpoint);
+                    return Ok(Some(Interrupted::Reposition { pause: false }));
+                }
+                Err(ProjectionError::Fenced(error)) => {
+                    return Err(WorkerError::Fenced {
+                        projection: self.name(),
+                        error,
+                    })
+                }
+                Err(ProjectionError::Failed(error)) if take > 1 => {
+                    tracing::warn!(
+                        projection = self.projection.name(),
+                        error,
+                        "a batch failed; applying its events one by one"
+                    );
+                    one_by_one = true;
                 }
                 Err(ProjectionError::Failed(error)) => {
-                    let outcome = self.failed(delivery, error).await;
-                    for later in deliveries {
-                        let delay = AckKind::Nak(Some(self.config.out_of_order_delay));
-                        let _ = later.message.ack_with(delay).await;
+                    let delivery = run.remove(0);
+                    match self.failed(delivery, error, stop).await? {
+                        Some(retry) => run.insert(0, retry),
+                        None => {
+                            // Skipped: what followed it comes next.
+                            one_by_one = false;
+                        }
                     }
-                    return outcome;
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
 
-    async fn try_apply(&mut self, events: &[RecordedEvent]) -> Result<(), ProjectionError> {
+    async fn try_apply(&mut self, events: Vec<RecordedEvent>) -> Result<(), ProjectionError> {
         let started = Instant::now();
-        let applied = self.projection.apply(events).await?;
+        let applied = self.projection.apply(&events).await?;
         let micros = started.elapsed().as_micros() as u64;
         self.stats
             .last_apply_micros
@@ -383,7 +447,7 @@ impl<P: Projection> Worker<P> {
             Ordering::Relaxed,
         );
         self.set_checkpoint(applied.checkpoint);
-        for event in events {
+        for event in &events {
             self.failures.remove(&event.seq);
         }
         for change in &applied.changes {
@@ -399,27 +463,25 @@ impl<P: Projection> Worker<P> {
         self.stats.checkpoint.store(checkpoint, Ordering::Relaxed);
     }
 
-    /// Another worker moved the checkpoint: take its value and sort the
-    /// deliveries again against it.
-    async fn resync(&mut self, checkpoint: u64, rest: Vec<Delivery>) -> Result<(), WorkerError> {
-        self.set_checkpoint(checkpoint);
-        Box::pin(self.process(rest)).await
-    }
-
-    /// Handles a failed event: retry later, or dead-letter it.
-    async fn failed(&mut self, delivery: Delivery, error: String) -> Result<(), WorkerError> {
+    /// Handles an event that failed by itself: `Some` to retry it (after a
+    /// backoff), `None` once it was dead-lettered and skipped.
+    async fn failed(
+        &mut self,
+        delivery: Delivery,
+        error: String,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Option<Delivery>, WorkerError> {
         let seq = delivery.seq;
         let attempts = {
             let count = self.failures.entry(seq).or_insert(0);
             *count += 1;
             *count
         };
-        let projection = self.projection.name().to_string();
+        let projection = self.name();
         if attempts < self.config.max_failures {
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            let exponent = (attempts - 1).min(16);
-            let delay =
-                (self.config.backoff_base * 2u32.pow(exponent)).min(self.config.backoff_max);
+            let delay = self.config.backoff_base * 2u32.pow((attempts - 1).min(16));
+            let delay = delay.min(self.config.backoff_max);
             tracing::warn!(
                 projection,
                 seq,
@@ -428,12 +490,13 @@ impl<P: Projection> Worker<P> {
                 error,
                 "applying an event failed; will retry"
             );
-            let _ = delivery.message.ack_with(AckKind::Nak(Some(delay))).await;
-            return Ok(());
+            // A stop meanwhile is seen by the caller before the retry.
+            sleep_or_stop(delay, stop).await;
+            return Ok(Some(delivery));
         }
         let event = match &delivery.event {
             Ok(event) => serde_json::to_value(event).unwrap_or_default(),
-            Err(_) => json!(String::from_utf8_lossy(&delivery.message.payload)),
+            Err(reason) => json!(reason),
         };
         let letter = json!({
             "projection": projection,
@@ -442,12 +505,13 @@ impl<P: Projection> Worker<P> {
             "error": error,
             "event": event,
         });
-        if let Err(err) = self.bus.publish_dead_letter(&projection, &letter).await {
-            // Not recorded yet: keep the event and try again later.
-            tracing::error!(%err, projection, seq, "cannot publish a dead letter");
-            let delay = AckKind::Nak(Some(self.config.backoff_max));
-            let _ = delivery.message.ack_with(delay).await;
-            return Ok(());
+        let mut backoff = Backoff::new(&self.config);
+        while let Err(err) = self.bus.publish_dead_letter(&projection, &letter).await {
+            // Not recorded yet: the event stays where it is until it is.
+            tracing::error!(%err, projection, seq, "cannot publish a dead letter; retrying");
+            if backoff.wait(stop).await {
+                return Ok(Some(delivery));
+            }
         }
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         self.failures.remove(&seq);
@@ -460,8 +524,6 @@ impl<P: Projection> Worker<P> {
                     error,
                     "dead-lettered an event; the projection stops"
                 );
-                // Left unacknowledged: after a fix and a restart it comes back.
-                let _ = delivery.message.ack_with(AckKind::Nak(None)).await;
                 Err(WorkerError::Halted {
                     projection,
                     seq,
@@ -477,38 +539,63 @@ impl<P: Projection> Worker<P> {
                     error,
                     "dead-lettered an event; skipping it"
                 );
-                self.projection
-                    .skip(seq)
-                    .await
-                    .map_err(|e| self.projection_error(e))?;
+                let mut backoff = Backoff::new(&self.config);
+                loop {
+                    match self.projection.skip(seq).await {
+                        Ok(()) => break,
+                        Err(ProjectionError::Transient(err)) => {
+                            tracing::warn!(projection, seq, err, "cannot skip yet; retrying");
+                            if backoff.wait(stop).await {
+                                return Ok(Some(delivery));
+                            }
+                        }
+                        Err(err) => {
+                            return Err(WorkerError::Projection {
+                                projection,
+                                error: err.to_string(),
+                            })
+                        }
+                    }
+                }
                 self.set_checkpoint(seq);
-                let _ = delivery.message.ack().await;
-                Ok(())
+                Ok(None)
             }
         }
     }
+}
 
-    /// Warns when events keep arriving ahead of a turn that never comes (an
-    /// event missing from the stream): the projection needs a replay.
-    fn note_stuck(&mut self, waiting: usize) {
-        let since = *self.stuck_since.get_or_insert_with(Instant::now);
-        if since.elapsed() > Duration::from_secs(60) {
-            tracing::error!(
-                projection = self.projection.name(),
-                checkpoint = self.checkpoint,
-                waiting,
-                "events keep arriving ahead of seq {}; if the stream lost it, run `podium replay`",
-                self.checkpoint + 1
-            );
-            self.stuck_since = Some(Instant::now());
+/// Exponential backoff between retries, ended early by a stop signal.
+struct Backoff {
+    base: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(config: &WorkerConfig) -> Self {
+        Self {
+            base: config.backoff_base,
+            max: config.backoff_max,
+            next: config.backoff_base,
         }
+    }
+
+    fn reset(&mut self) {
+        self.next = self.base;
+    }
+
+    /// Waits the next delay; true if `stop` turned true meanwhile.
+    async fn wait(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        sleep_or_stop(delay, stop).await
     }
 }
 
 /// The seq given to a message that carries none (not published by a relay).
 const FOREIGN: u64 = u64::MAX;
 
-fn delivery(message: Message) -> Delivery {
+fn delivery(message: &Message) -> Delivery {
     let event = serde_json::from_slice::<RecordedEvent>(&message.payload)
         .map_err(|err| format!("undecodable message: {err}"));
     let header_seq = message
@@ -522,15 +609,14 @@ fn delivery(message: Message) -> Delivery {
         // Neither body nor header says where it belongs: not ours.
         (Err(_), None) => FOREIGN,
     };
-    Delivery {
-        seq,
-        event,
-        message,
-    }
+    Delivery { seq, event }
 }
 
 /// Sleeps for `duration`; true if `stop` turned true meanwhile.
-async fn sleep_or_stop(duration: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+pub async fn sleep_or_stop(duration: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    if *stop.borrow() {
+        return true;
+    }
     tokio::select! {
         () = tokio::time::sleep(duration) => *stop.borrow(),
         _ = stop.changed() => true,

@@ -6,6 +6,8 @@ use std::future::Future;
 use podium_domain::log::{Change, RecordedEvent};
 use sqlx::{PgConnection, PgPool};
 
+use crate::fence::{is_transient, Fence};
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What a projection does with one event, inside its transaction.
@@ -46,10 +48,24 @@ pub async fn apply_each<L: ProjectionLogic + ?Sized>(
             logic
                 .apply(&mut *conn, event)
                 .await
-                .map_err(|error| BoxError::from(format!("event seq {}: {error}", event.seq)))?,
+                .map_err(|source| {
+                    BoxError::from(AtSeq {
+                        seq: event.seq,
+                        source,
+                    })
+                })?,
         );
     }
     Ok(changes)
+}
+
+/// An event's failure, naming its seq and keeping its cause (whose kind
+/// decides whether it is retried).
+#[derive(Debug, thiserror::Error)]
+#[error("event seq {seq}: {source}")]
+struct AtSeq {
+    seq: u64,
+    source: BoxError,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,20 +73,62 @@ pub enum ApplyError {
     #[error("the projection is at seq {checkpoint}; the events start later")]
     Gap { checkpoint: u64 },
     #[error("event seq {seq}: {error}")]
-    Failed { seq: u64, error: String },
+    Failed {
+        seq: u64,
+        error: String,
+        /// The failure was the infrastructure's, not the event's: retry.
+        transient: bool,
+    },
+    /// Another instance owns the projection now: this one must stop writing.
+    #[error("the projection's lease {lease} is held by another instance now")]
+    Fenced { lease: String },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+}
+
+impl ApplyError {
+    /// Whether trying again later may succeed without anything changing
+    /// about the events (see [`is_transient`]).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Failed { transient, .. } => *transient,
+            Self::Database(error) => is_transient(error),
+            Self::Gap { .. } | Self::Fenced { .. } => false,
+        }
+    }
 }
 
 /// A [`ProjectionLogic`] with its checkpoint in `projection_checkpoints`.
 pub struct Checkpointed<L> {
     pool: PgPool,
     logic: L,
+    /// The lease each transaction must still hold, when several instances
+    /// may run this projection.
+    fence: Option<Fence>,
 }
 
 impl<L: ProjectionLogic> Checkpointed<L> {
     pub fn new(pool: PgPool, logic: L) -> Self {
-        Self { pool, logic }
+        Self {
+            pool,
+            logic,
+            fence: None,
+        }
+    }
+
+    /// Commits nothing unless `fence`'s lease is still held.
+    pub fn fenced_by(mut self, fence: Fence) -> Self {
+        self.fence = Some(fence);
+        self
+    }
+
+    async fn check_fence(&self, conn: &mut PgConnection) -> Result<(), ApplyError> {
+        match &self.fence {
+            Some(fence) if !fence.holds(conn).await? => Err(ApplyError::Fenced {
+                lease: fence.name().to_string(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -130,6 +188,7 @@ impl<L: ProjectionLogic> Checkpointed<L> {
         conn: &mut PgConnection,
         events: &[RecordedEvent],
     ) -> Result<(u64, Vec<Change>), ApplyError> {
+        self.check_fence(conn).await?;
         let checkpoint = self.lock_checkpoint(conn).await?;
         let Some(start) = events.iter().position(|e| e.seq > checkpoint) else {
             return Ok((checkpoint, Vec::new()));
@@ -148,6 +207,7 @@ impl<L: ProjectionLogic> Checkpointed<L> {
                 .await
                 .map_err(|error| ApplyError::Failed {
                     seq: fresh[0].seq,
+                    transient: is_transient(&*error),
                     error: error.to_string(),
                 })?;
         let checkpoint = fresh.last().map_or(checkpoint, |e| e.seq);
@@ -158,6 +218,7 @@ impl<L: ProjectionLogic> Checkpointed<L> {
     /// Moves the checkpoint past `seq` without applying it.
     pub async fn skip(&self, seq: u64) -> Result<(), ApplyError> {
         let mut tx = self.pool.begin().await?;
+        self.check_fence(&mut tx).await?;
         let checkpoint = self.lock_checkpoint(&mut tx).await?;
         if seq == checkpoint + 1 {
             self.store_checkpoint(&mut tx, seq).await?;

@@ -3,6 +3,8 @@
 //! - [`checkpointed`]: a projection applies events and advances its checkpoint
 //!   in one Postgres transaction, so a redelivered event is skipped and
 //!   nothing is applied twice.
+//! - [`fence`]: lease tokens that fence an ex-owner's writes, and which
+//!   failures are transient.
 //! - [`ranking`]: the leaderboard rules, pure (and an in-memory board).
 //! - [`leaderboard`], [`feed`], [`attempts`]: the projections and their stores.
 //! - [`catalog`]: the published tests.
@@ -14,10 +16,12 @@ pub mod attempts;
 pub mod catalog;
 pub mod checkpointed;
 pub mod feed;
+pub mod fence;
 pub mod leaderboard;
 pub mod memory;
 pub mod ranking;
 pub mod tables;
 
 pub use checkpointed::{checkpoint_of, ApplyError, BoxError, Checkpointed, ProjectionLogic};
+pub use fence::{is_transient, Fence};
 pub use tables::Generation;

@@ -44,17 +44,19 @@ pub(super) async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Postgres (and NATS, when configured) answer.
+/// Postgres (and NATS, when configured) answer, and no background role of
+/// this instance has halted.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "`{\"status\": \"up\", \"checks\": {\"postgres\": \"up\", \"nats\": \"up\"}}`"),
-        (status = 503, description = "A dependency is down; `checks` says which"),
+        (status = 503, description = "A dependency is down or a projection halted; `checks` says which"),
     ))]
 pub(super) async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let store = state.backend.is_ready().await;
     // Without NATS configured there is nothing to wait for.
     let nats = state.bus.as_ref().map(|bus| bus.is_connected());
-    let ready = store && nats != Some(false);
+    let halted = state.metrics.halted();
+    let ready = store && nats != Some(false) && halted.is_empty();
     let status = if ready {
         StatusCode::OK
     } else {
@@ -67,6 +69,13 @@ pub(super) async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Va
     };
     if let Some(nats) = nats {
         checks["nats"] = json!(word(nats));
+    }
+    if !halted.is_empty() {
+        let halted: serde_json::Map<String, Value> = halted
+            .into_iter()
+            .map(|(name, reason)| (name, json!(format!("halted: {reason}"))))
+            .collect();
+        checks["projections"] = Value::Object(halted);
     }
     (
         status,

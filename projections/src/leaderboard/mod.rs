@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use std::collections::HashMap;
 
-use crate::checkpointed::{apply_each, BoxError, ProjectionLogic};
+use crate::checkpointed::{BoxError, ProjectionLogic};
 use crate::ranking::{Entry, RankKey, Submission};
 use crate::tables::Generation;
 
@@ -35,97 +35,6 @@ impl LeaderboardProjection {
             counts: generation.table("lb_score_counts"),
         }
     }
-
-    async fn entry(
-        &self,
-        conn: &mut PgConnection,
-        test_id: Uuid,
-        user_id: &str,
-    ) -> Result<Option<Entry>, sqlx::Error> {
-        let row = sqlx::query(&format!(
-            "SELECT user_id, best_score, max_score, attempt_id, achieved_at, attempts
-               FROM {} WHERE test_id = $1 AND user_id = $2 FOR UPDATE",
-            self.entries
-        ))
-        .bind(test_id)
-        .bind(user_id)
-        .fetch_optional(conn)
-        .await?;
-        row.map(|row| entry_from_row(&row)).transpose()
-    }
-
-    async fn record(
-        &self,
-        conn: &mut PgConnection,
-        submission: &Submission,
-        seq: u64,
-    ) -> Result<Vec<Change>, BoxError> {
-        let previous = self
-            .entry(conn, submission.test_id, &submission.user_id)
-            .await?;
-        let entry = Entry::record(previous.as_ref(), submission);
-        let live = self.generation == Generation::Live;
-        let previous_rank = match (&previous, live) {
-            (Some(p), true) => Some(
-                rank_in(
-                    &mut *conn,
-                    &self.entries,
-                    &self.counts,
-                    submission.test_id,
-                    &p.rank_key(),
-                )
-                .await?,
-            ),
-            _ => None,
-        };
-        sqlx::query(&format!(
-            "INSERT INTO {} (test_id, user_id, best_score, max_score, attempt_id, achieved_at,
-                             attempts, changed_seq)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (test_id, user_id) DO UPDATE
-                SET best_score = EXCLUDED.best_score, max_score = EXCLUDED.max_score,
-                    attempt_id = EXCLUDED.attempt_id, achieved_at = EXCLUDED.achieved_at,
-                    attempts = EXCLUDED.attempts, changed_seq = EXCLUDED.changed_seq",
-            self.entries
-        ))
-        .bind(submission.test_id)
-        .bind(&entry.user_id)
-        .bind(entry.best_score as i32)
-        .bind(entry.max_score as i32)
-        .bind(entry.attempt_id)
-        .bind(entry.achieved_at)
-        .bind(entry.attempts as i32)
-        .bind(seq as i64)
-        .execute(&mut *conn)
-        .await?;
-        let mut deltas = HashMap::new();
-        count_move(&mut deltas, previous.as_ref(), &entry, submission);
-        self.apply_count_deltas(conn, deltas).await?;
-        if !live {
-            return Ok(Vec::new());
-        }
-        if let Some(previous) = previous
-            .as_ref()
-            .filter(|p| p.rank_key() != entry.rank_key())
-        {
-            record_move(conn, seq, submission.test_id, previous).await?;
-        }
-        let rank = rank_in(
-            &mut *conn,
-            &self.entries,
-            &self.counts,
-            submission.test_id,
-            &entry.rank_key(),
-        )
-        .await?;
-        Ok(vec![entry_change(
-            submission.test_id,
-            seq,
-            &entry,
-            rank,
-            previous_rank,
-        )])
-    }
 }
 
 /// The change a recorded submission announces: the entry's new rank.
@@ -151,14 +60,17 @@ pub fn entry_change(
 }
 
 impl LeaderboardProjection {
-    /// A rebuild's batch: the entries of everyone in it are read once, the
-    /// rules run in memory, and entries and score counts are written back in
-    /// a few set-wise statements instead of several per event.
+    /// Records a batch of submissions: the entries of everyone in it are
+    /// read once, the rules run in memory, and entries, score counts and
+    /// moves are written back in a few set-wise statements. A live batch
+    /// announces, for each entry it changed, the entry's rank after the
+    /// batch and before it (two set-wise rank queries in all).
     async fn record_batch(
         &self,
         conn: &mut PgConnection,
         submissions: &[(u64, Submission)],
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<Vec<Change>, sqlx::Error> {
+        let live = self.generation == Generation::Live;
         let mut keys: Vec<(Uuid, String)> = submissions
             .iter()
             .map(|(_, s)| (s.test_id, s.user_id.clone()))
@@ -185,20 +97,42 @@ impl LeaderboardProjection {
             let changed: i64 = row.try_get("changed_seq")?;
             entries.insert((test, entry.user_id.clone()), (entry, changed as u64));
         }
+        let before: HashMap<(Uuid, String), RankKey> = if live {
+            entries
+                .iter()
+                .map(|(key, (entry, _))| (key.clone(), entry.rank_key()))
+                .collect()
+        } else {
+            HashMap::new()
+        };
         let mut deltas: HashMap<(Uuid, u32), i32> = HashMap::new();
+        let mut moves: Vec<(u64, Uuid, Entry)> = Vec::new();
         for (seq, submission) in submissions {
             let key = (submission.test_id, submission.user_id.clone());
             let previous = entries.get(&key).map(|(entry, _)| entry);
             let entry = Entry::record(previous, submission);
             count_move(&mut deltas, previous, &entry, submission);
+            if let Some(previous) = previous.filter(|p| live && p.rank_key() != entry.rank_key()) {
+                moves.push((*seq, submission.test_id, previous.clone()));
+            }
             entries.insert(key, (entry, *seq));
         }
+        let previous_ranks = if live {
+            let keys: Vec<(Uuid, RankKey)> =
+                before.iter().map(|((test, _), key)| (*test, key.clone())).collect();
+            let ranks = ranks_of(&mut *conn, &self.entries, &self.counts, &keys).await?;
+            keys.into_iter()
+                .map(|(test, key)| (test, key.user_id))
+                .zip(ranks)
+                .collect()
+        } else {
+            HashMap::new()
+        };
         let touched: Vec<(&(Uuid, String), &Entry)> = entries
             .iter()
             .map(|(key, (entry, _))| (key, entry))
             .collect();
-        let changed: Vec<i64> = entries.values().map(|(_, seq)| *seq as i64).collect();
-        sqlx::query(&format!(
+        let changed: Vec<i64> = entries.values().map(|(_, seq)| *seq as i64).collect();        sqlx::query(&format!(
             "INSERT INTO {} (test_id, user_id, best_score, max_score, attempt_id, achieved_at,
                              attempts, changed_seq)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::int[], $5::uuid[],
@@ -244,7 +178,33 @@ impl LeaderboardProjection {
         .bind(&changed)
         .execute(&mut *conn)
         .await?;
-        self.apply_count_deltas(conn, deltas).await
+        self.apply_count_deltas(conn, deltas).await?;
+        if !live {
+            return Ok(Vec::new());
+        }
+        record_moves(&mut *conn, &moves).await?;
+        // Every entry read was touched by the batch: in the order of its
+        // last change.
+        let mut after: Vec<(u64, Uuid, &Entry)> = entries
+            .iter()
+            .map(|((test, _), (entry, seq))| (*seq, *test, entry))
+            .collect();
+        after.sort_by_key(|(seq, _, _)| *seq);
+        let keys: Vec<(Uuid, RankKey)> = after
+            .iter()
+            .map(|(_, test, entry)| (*test, entry.rank_key()))
+            .collect();
+        let ranks = ranks_of(&mut *conn, &self.entries, &self.counts, &keys).await?;
+        Ok(after
+            .into_iter()
+            .zip(ranks)
+            .map(|((seq, test, entry), rank)| {
+                let previous = previous_ranks
+                    .get(&(test, entry.user_id.clone()))
+                    .copied();
+                entry_change(test, seq, entry, rank, previous)
+            })
+            .collect())
     }
 
     /// Adds `deltas` ((test, score) → change in entries) to the score table:
@@ -352,10 +312,7 @@ impl ProjectionLogic for LeaderboardProjection {
         conn: &mut PgConnection,
         event: &RecordedEvent,
     ) -> Result<Vec<Change>, BoxError> {
-        match submission_of(event)? {
-            Some(submission) => self.record(conn, &submission, event.seq).await,
-            None => Ok(Vec::new()),
-        }
+        self.apply_batch(conn, std::slice::from_ref(event)).await
     }
 
     async fn apply_batch(
@@ -363,37 +320,36 @@ impl ProjectionLogic for LeaderboardProjection {
         conn: &mut PgConnection,
         events: &[RecordedEvent],
     ) -> Result<Vec<Change>, BoxError> {
-        // Live batches announce each entry's new rank, one event at a time.
-        if self.generation == Generation::Live {
-            return apply_each(self, conn, events).await;
-        }
         let submissions: Vec<(u64, Submission)> = events
             .iter()
             .filter_map(|e| submission_of(e).map(|s| s.map(|s| (e.seq, s))).transpose())
             .collect::<Result<_, _>>()?;
-        if !submissions.is_empty() {
-            self.record_batch(conn, &submissions).await?;
+        if submissions.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(Vec::new())
+        Ok(self.record_batch(conn, &submissions).await?)
     }
 }
 
-/// Notes where `previous` stood before the submission at `seq` moved it up.
-async fn record_move(
+/// Notes where each moved entry stood before the submission (its seq) that
+/// moved it.
+async fn record_moves(
     conn: &mut PgConnection,
-    seq: u64,
-    test_id: Uuid,
-    previous: &Entry,
+    moves: &[(u64, Uuid, Entry)],
 ) -> Result<(), sqlx::Error> {
+    if moves.is_empty() {
+        return Ok(());
+    }
     sqlx::query(
         "INSERT INTO lb_moves (seq, test_id, user_id, old_score, old_achieved_at)
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO NOTHING",
+         SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::timestamptz[])
+         ON CONFLICT (seq) DO NOTHING",
     )
-    .bind(seq as i64)
-    .bind(test_id)
-    .bind(&previous.user_id)
-    .bind(previous.best_score as i32)
-    .bind(previous.achieved_at)
+    .bind(moves.iter().map(|(seq, _, _)| *seq as i64).collect::<Vec<_>>())
+    .bind(moves.iter().map(|(_, test, _)| *test).collect::<Vec<_>>())
+    .bind(moves.iter().map(|(_, _, e)| e.user_id.clone()).collect::<Vec<_>>())
+    .bind(moves.iter().map(|(_, _, e)| e.best_score as i32).collect::<Vec<_>>())
+    .bind(moves.iter().map(|(_, _, e)| e.achieved_at).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())
@@ -420,16 +376,35 @@ pub(crate) async fn rank_in(
     test_id: Uuid,
     key: &RankKey,
 ) -> Result<u64, sqlx::Error> {
-    let ahead: i64 = sqlx::query_scalar(&format!(
-        "SELECT (SELECT COALESCE(sum(entries), 0) FROM {counts} WHERE test_id = $1 AND score > $2)::bigint
-              + (SELECT count(*) FROM {entries}
-                  WHERE test_id = $1 AND -best_score = -$2 AND (achieved_at, user_id) < ($3, $4))"
+    let ranks = ranks_of(conn, entries, counts, &[(test_id, key.clone())]).await?;
+    Ok(ranks[0])
+}
+
+/// [`rank_in`] for many keys in one statement, in the order given.
+async fn ranks_of(
+    conn: &mut PgConnection,
+    entries: &str,
+    counts: &str,
+    keys: &[(Uuid, RankKey)],
+) -> Result<Vec<u64>, sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ahead: Vec<i64> = sqlx::query_scalar(&format!(
+        "SELECT (SELECT COALESCE(sum(c.entries), 0) FROM {counts} c
+                  WHERE c.test_id = k.test_id AND c.score > k.score)::bigint
+              + (SELECT count(*) FROM {entries} e
+                  WHERE e.test_id = k.test_id AND -e.best_score = -k.score
+                    AND (e.achieved_at, e.user_id) < (k.achieved_at, k.user_id))
+           FROM UNNEST($1::uuid[], $2::int[], $3::timestamptz[], $4::text[])
+                WITH ORDINALITY k(test_id, score, achieved_at, user_id, i)
+          ORDER BY k.i"
     ))
-    .bind(test_id)
-    .bind(key.score as i32)
-    .bind(key.achieved_at)
-    .bind(&key.user_id)
-    .fetch_one(conn)
+    .bind(keys.iter().map(|(test, _)| *test).collect::<Vec<_>>())
+    .bind(keys.iter().map(|(_, k)| k.score as i32).collect::<Vec<_>>())
+    .bind(keys.iter().map(|(_, k)| k.achieved_at).collect::<Vec<_>>())
+    .bind(keys.iter().map(|(_, k)| k.user_id.clone()).collect::<Vec<_>>())
+    .fetch_all(conn)
     .await?;
-    Ok(ahead as u64 + 1)
+    Ok(ahead.into_iter().map(|a| a as u64 + 1).collect())
 }

@@ -1,10 +1,21 @@
-//! Glue between the projections' Postgres stores and the NATS worker runtime,
-//! and the set of workers `podium serve` runs.
+//! The projection engine: the projections `podium serve` keeps, each run by
+//! exactly one instance at a time.
+//!
+//! Every projection has a lease ([`crate::lease`]); the instance holding it
+//! runs a [`podium_nats::Worker`] that reads the events stream from the
+//! projection's own checkpoint and applies natural batches, fenced by the
+//! lease's token inside each transaction. The other instances stand by and
+//! take over within one lease TTL when the owner stops renewing. Different
+//! projections may be owned by different instances, so the work spreads.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use podium_domain::log::RecordedEvent;
-use podium_nats::{Applied, EventBus, Projection, ProjectionError, Worker, WorkerConfig};
+use podium_nats::{
+    Applied, EventBus, Projection, ProjectionError, Worker, WorkerConfig, WorkerError,
+    WorkerStats,
+};
 use podium_projections::attempts::AttemptsProjection;
 use podium_projections::feed::FeedProjection;
 use podium_projections::leaderboard::LeaderboardProjection;
@@ -14,25 +25,29 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::eventstore::Aggregates;
+use crate::lease::{supervise, Lease, RoleExit, RoleStatus};
 use crate::metrics::Metrics;
 use crate::policy::NotificationPolicy;
 use crate::relay::ApplyBatch;
 use prometheus::Histogram;
 
-/// Starts one worker per projection (leaderboard, feed, attempts, and the
-/// notification policy), each stopping when `stop` turns true.
+/// Starts one supervised worker per projection (leaderboard, feed, attempts,
+/// and the notification policy, whose commands go through `aggregates`),
+/// each stopping when `stop` turns true.
 pub fn spawn_all(
     pool: &PgPool,
     bus: &EventBus,
     aggregates: Arc<Aggregates>,
     metrics: &Metrics,
     stop: &watch::Receiver<bool>,
+    lease_ttl: Duration,
 ) -> Vec<JoinHandle<()>> {
     let spawner = Spawner {
         pool,
         bus,
         metrics,
         stop,
+        lease_ttl,
     };
     vec![
         spawner.spawn(LeaderboardProjection::new(Generation::Live)),
@@ -63,29 +78,51 @@ pub fn local_projections(pool: &PgPool, aggregates: Arc<Aggregates>) -> Vec<(Str
     ]
 }
 
+/// The lease that gives one instance a projection.
+pub fn lease_name(projection: &str) -> String {
+    format!("projection:{projection}")
+}
+
 /// What every worker is started with.
 struct Spawner<'a> {
     pool: &'a PgPool,
     bus: &'a EventBus,
     metrics: &'a Metrics,
     stop: &'a watch::Receiver<bool>,
+    lease_ttl: Duration,
 }
 
 impl Spawner<'_> {
     fn spawn<L: ProjectionLogic>(&self, logic: L) -> JoinHandle<()> {
         let name = logic.name().to_string();
+        let lease = Lease::new(self.pool.clone(), &lease_name(&name), self.lease_ttl);
         let projection = Arc::new(PgProjection {
             apply_seconds: Some(self.metrics.projection_apply.with_label_values(&[&name])),
-            inner: Checkpointed::new(self.pool.clone(), logic),
+            inner: Checkpointed::new(self.pool.clone(), logic).fenced_by(lease.fence().clone()),
         });
-        let worker = Worker::new(self.bus.clone(), projection, WorkerConfig::default());
-        self.metrics.watch_worker(&name, worker.stats());
+        let stats = Arc::new(WorkerStats::default());
+        let status = Arc::new(RoleStatus::default());
+        self.metrics
+            .watch_worker(&name, stats.clone(), status.clone());
+        let bus = self.bus.clone();
         let stop = self.stop.clone();
-        tokio::spawn(async move {
-            if let Err(err) = worker.run(stop).await {
-                tracing::error!(%err, "a projection worker stopped");
-            }
-        })
+        tokio::spawn(supervise(lease, status, stop, move |role_stop| {
+            let worker = Worker::new(bus.clone(), projection.clone(), WorkerConfig::default())
+                .sharing_stats(stats.clone());
+            async move { role_exit(worker.run(role_stop).await) }
+        }))
+    }
+}
+
+/// How a worker's end looks to its supervisor.
+fn role_exit(result: Result<(), WorkerError>) -> RoleExit {
+    match result {
+        Ok(()) => RoleExit::Stopped,
+        Err(WorkerError::Fenced { .. }) => RoleExit::Fenced,
+        Err(err @ (WorkerError::Halted { .. } | WorkerError::Missing { .. })) => {
+            RoleExit::Halted(err.to_string())
+        }
+        Err(err) => RoleExit::Failed(err.to_string()),
     }
 }
 
@@ -108,6 +145,8 @@ impl<L> PgProjection<L> {
 fn worker_error(err: ApplyError) -> ProjectionError {
     match err {
         ApplyError::Gap { checkpoint } => ProjectionError::Gap { checkpoint },
+        ApplyError::Fenced { .. } => ProjectionError::Fenced(err.to_string()),
+        err if err.is_transient() => ProjectionError::Transient(err.to_string()),
         other => ProjectionError::Failed(other.to_string()),
     }
 }
@@ -121,7 +160,7 @@ impl<L: ProjectionLogic> Projection for PgProjection<L> {
         self.inner
             .checkpoint()
             .await
-            .map_err(|err| ProjectionError::Failed(err.to_string()))
+            .map_err(|err| worker_error(err.into()))
     }
 
     async fn apply(&self, events: &[RecordedEvent]) -> Result<Applied, ProjectionError> {
