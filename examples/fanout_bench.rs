@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use podium::eventstore::Aggregates;
 use podium::relay::{Relay, RelayConfig};
-use podium::workers::PgProjection;
+use podium::projector::PgProjection;
 use podium_domain::log::{Change, RecordedEvent};
 use podium_domain::notification::InboxCommand;
 use podium_domain::{EventMetadata, UserId};

@@ -50,6 +50,8 @@ pub struct Application {
     shutdown_timeout: Duration,
     /// How long a background role stays with an instance that stopped renewing it.
     lease_ttl: Duration,
+    /// This instance's name in lease rows and metrics.
+    instance: String,
 }
 
 /// Where events and read models live, as the settings choose.
@@ -237,6 +239,7 @@ impl Application {
             worker_pool,
             shutdown_timeout: Duration::from_secs(settings.shutdown_timeout_secs),
             lease_ttl: Duration::from_millis(settings.lease_ttl_ms),
+            instance: crate::lease::new_instance_id(),
         })
     }
 
@@ -257,6 +260,7 @@ impl Application {
         let stop_tx = self.stop;
         let relay_config = RelayConfig {
             lease_ttl: self.lease_ttl,
+            owner: self.instance.clone(),
             ..RelayConfig::default()
         };
         let stop_rx = self.state.shutdown.clone();
@@ -297,7 +301,10 @@ impl Application {
                 aggregates,
                 &self.state.metrics,
                 &stop_rx,
-                self.lease_ttl,
+                crate::projector::Leases {
+                    ttl: self.lease_ttl,
+                    owner: &self.instance,
+                },
             );
             tasks.extend(projections);
         }

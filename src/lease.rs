@@ -19,18 +19,19 @@ use podium_projections::Fence;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
-/// This process's name in lease rows: host, pid and a random part (a
-/// restarted process with a recycled pid is someone else).
-pub fn instance_id() -> &'static str {
-    static ID: OnceLock<String> = OnceLock::new();
-    ID.get_or_init(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+/// A fresh name for an instance in lease rows: host, pid and a random part
+/// (a restarted process with a recycled pid is someone else, and so is each
+/// of several applications in one test process).
+pub fn new_instance_id() -> String {
+    static HOST: OnceLock<String> = OnceLock::new();
+    let host = HOST.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
             .ok()
             .or_else(|| std::env::var("HOSTNAME").ok())
-            .unwrap_or_else(|| "unknown".into());
-        let random = uuid::Uuid::new_v4().simple().to_string();
-        format!("{}/{}/{}", host.trim(), std::process::id(), &random[..8])
-    })
+            .map_or_else(|| "unknown".into(), |h| h.trim().to_string())
+    });
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}/{}/{}", std::process::id(), &random[..8])
 }
 
 /// One role's lease, as held (or wanted) by this process.
@@ -39,14 +40,17 @@ pub struct Lease {
     pool: PgPool,
     ttl: Duration,
     fence: Fence,
+    /// The instance holding (or wanting) it.
+    owner: Arc<str>,
 }
 
 impl Lease {
-    pub fn new(pool: PgPool, name: &str, ttl: Duration) -> Self {
+    pub fn new(pool: PgPool, name: &str, ttl: Duration, owner: &str) -> Self {
         Self {
             pool,
             ttl,
             fence: Fence::new(name),
+            owner: owner.into(),
         }
     }
 
@@ -75,7 +79,7 @@ impl Lease {
              RETURNING token",
         )
         .bind(self.name())
-        .bind(instance_id())
+        .bind(&*self.owner)
         .bind(self.ttl_ms() as f64)
         .fetch_optional(&self.pool)
         .await?;
@@ -91,7 +95,7 @@ impl Lease {
               WHERE name = $1 AND owner = $2 AND token = $3",
         )
         .bind(self.name())
-        .bind(instance_id())
+        .bind(&*self.owner)
         .bind(self.fence.token())
         .bind(self.ttl_ms() as f64)
         .execute(&self.pool)
@@ -117,7 +121,7 @@ impl Lease {
               WHERE name = $1 AND owner = $2 AND token = $3",
         )
         .bind(self.name())
-        .bind(instance_id())
+        .bind(&*self.owner)
         .bind(token)
         .execute(&self.pool)
         .await;
@@ -235,12 +239,20 @@ pub async fn supervise<F, Fut>(
         if !wait_for(&lease, &status, &mut stop).await {
             return;
         }
-        tracing::info!(role = lease.name(), owner = instance_id(), "took over the lease");
+        tracing::info!(role = lease.name(), owner = &*lease.owner, "took over the lease");
         status.set(RoleState::Running);
         let (role_stop, role_stopped) = watch::channel(false);
-        let renewing = tokio::spawn(heartbeat(lease.clone(), stop.clone(), role_stop));
-        let exit = role(role_stopped).await;
-        renewing.abort();
+        // The heartbeat runs beside the role in this task (so that it ends
+        // with it, however it ends), and tells it to stop if the lease is lost.
+        let running = role(role_stopped);
+        tokio::pin!(running);
+        let exit = tokio::select! {
+            exit = &mut running => exit,
+            () = heartbeat(&lease, stop.clone()) => {
+                let _ = role_stop.send(true);
+                running.await
+            }
+        };
         let pause = match exit {
             RoleExit::Stopped | RoleExit::Fenced => None,
             RoleExit::Failed(reason) => {
@@ -261,9 +273,11 @@ pub async fn supervise<F, Fut>(
         if let Some(pause) = pause {
             // Keep the lease through the pause: another instance would fail
             // the same way.
-            let renewing = tokio::spawn(heartbeat(lease.clone(), stop.clone(), watch::channel(false).0));
-            let stopped = sleep_or_stop(pause, &mut stop).await;
-            renewing.abort();
+            let renewing = stop.clone();
+            let stopped = tokio::select! {
+                stopped = sleep_or_stop(pause, &mut stop) => stopped,
+                () = heartbeat(&lease, renewing) => *stop.borrow(),
+            };
             if stopped {
                 lease.release().await;
                 status.set(RoleState::Standby);
@@ -294,21 +308,19 @@ async fn wait_for(lease: &Lease, status: &RoleStatus, stop: &mut watch::Receiver
     }
 }
 
-/// Renews `lease` until `stop` turns true or the lease is lost, then tells
-/// the role through `role_stop`. While the database is unreachable it keeps
-/// trying: nobody else can take the lease then, and the fence guards every
-/// write should someone have taken it meanwhile.
-async fn heartbeat(lease: Lease, mut stop: watch::Receiver<bool>, role_stop: watch::Sender<bool>) {
+/// Renews `lease` until `stop` turns true or the lease is lost. While the
+/// database is unreachable it keeps trying: nobody else can take the lease
+/// then, and the fence guards every write should someone have taken it
+/// meanwhile.
+async fn heartbeat(lease: &Lease, mut stop: watch::Receiver<bool>) {
     loop {
         if sleep_or_stop(lease.renew_every(), &mut stop).await {
-            let _ = role_stop.send(true);
             return;
         }
         match lease.renew().await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(role = lease.name(), "another instance took the lease over");
-                let _ = role_stop.send(true);
                 return;
             }
             Err(err) => tracing::warn!(role = lease.name(), %err, "cannot renew the lease; retrying"),

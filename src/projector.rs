@@ -40,14 +40,14 @@ pub fn spawn_all(
     aggregates: Arc<Aggregates>,
     metrics: &Metrics,
     stop: &watch::Receiver<bool>,
-    lease_ttl: Duration,
+    leases: Leases<'_>,
 ) -> Vec<JoinHandle<()>> {
     let spawner = Spawner {
         pool,
         bus,
         metrics,
         stop,
-        lease_ttl,
+        leases,
     };
     vec![
         spawner.spawn(LeaderboardProjection::new(Generation::Live)),
@@ -83,19 +83,33 @@ pub fn lease_name(projection: &str) -> String {
     format!("projection:{projection}")
 }
 
+/// How this instance holds its projections' leases.
+#[derive(Clone, Copy)]
+pub struct Leases<'a> {
+    /// How long a lease stays with an instance that stopped renewing it.
+    pub ttl: Duration,
+    /// This instance's name in the lease rows.
+    pub owner: &'a str,
+}
+
 /// What every worker is started with.
 struct Spawner<'a> {
     pool: &'a PgPool,
     bus: &'a EventBus,
     metrics: &'a Metrics,
     stop: &'a watch::Receiver<bool>,
-    lease_ttl: Duration,
+    leases: Leases<'a>,
 }
 
 impl Spawner<'_> {
     fn spawn<L: ProjectionLogic>(&self, logic: L) -> JoinHandle<()> {
         let name = logic.name().to_string();
-        let lease = Lease::new(self.pool.clone(), &lease_name(&name), self.lease_ttl);
+        let lease = Lease::new(
+            self.pool.clone(),
+            &lease_name(&name),
+            self.leases.ttl,
+            self.leases.owner,
+        );
         let projection = Arc::new(PgProjection {
             apply_seconds: Some(self.metrics.projection_apply.with_label_values(&[&name])),
             inner: Checkpointed::new(self.pool.clone(), logic).fenced_by(lease.fence().clone()),

@@ -47,6 +47,8 @@ pub struct RelayConfig {
     pub blocked_poll: Duration,
     /// How long the lead stays with a relay that stopped renewing it.
     pub lease_ttl: Duration,
+    /// This instance's name in the lease.
+    pub owner: String,
     /// Longest wait between publish retries while NATS is down.
     pub max_backoff: Duration,
 }
@@ -58,6 +60,7 @@ impl Default for RelayConfig {
             poll_interval: Duration::from_secs(1),
             blocked_poll: Duration::from_millis(5),
             lease_ttl: Duration::from_millis(crate::config::DEFAULT_LEASE_TTL_MS),
+            owner: crate::lease::new_instance_id(),
             max_backoff: Duration::from_secs(5),
         }
     }
@@ -158,6 +161,7 @@ impl Relay {
             self.pool.clone(),
             &format!("relay:{}", self.name()),
             self.config.lease_ttl,
+            &self.config.owner,
         );
         let status = self.status.clone();
         let this = &self;
@@ -185,7 +189,9 @@ impl Relay {
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), RelayError> {
         tracing::info!(relay = self.name(), "this relay is now the active one");
-        let mut conn = self.pool.acquire().await?;
+        // A connection of its own, outside the pool's count, for as long as
+        // this relay leads.
+        let mut conn = self.pool.acquire().await?.detach();
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(CHANNEL).await?;
         let mut cursor = self.load_checkpoint(&mut conn).await?;
@@ -206,7 +212,11 @@ impl Relay {
                 };
                 tokio::select! {
                     notification = listener.recv() => { notification?; }
-                    () = tokio::time::sleep(wait) => {}
+                    () = tokio::time::sleep(wait) => {
+                        if wait == self.config.poll_interval && self.recreated_stream().await {
+                            cursor = LogCursor::start();
+                        }
+                    }
                     _ = stop.changed() => return Err(RelayError::Stopped),
                 }
                 continue;
@@ -240,16 +250,7 @@ impl Relay {
         loop {
             let sent = match &self.target {
                 Target::Nats(bus) => match bus.publish_events(events).await {
-                    Err(err) if bus.events_stream().await.is_err() => {
-                        // The stream is gone (deleted by hand, say): make it
-                        // again and fill it from the start of the log, so
-                        // that readers behind the relay find their events.
-                        tracing::warn!(%err, "the events stream is missing; creating it again");
-                        match bus.ensure_streams(&StreamLimits::default()).await {
-                            Ok(()) => return Err(RelayError::Rewind),
-                            Err(err) => Err(err.to_string()),
-                        }
-                    }
+                    Err(_) if self.recreated_stream().await => return Err(RelayError::Rewind),
                     other => other.map_err(|e| e.to_string()),
                 },
                 Target::Local { projections, hub } => {
@@ -274,6 +275,26 @@ impl Relay {
                     }
                     backoff = (backoff * 2).min(self.config.max_backoff);
                 }
+            }
+        }
+    }
+
+    /// When the events stream is gone (deleted by hand, say), makes it again
+    /// and says so: the relay then fills it from the start of the log, so
+    /// that readers behind it find their events.
+    async fn recreated_stream(&self) -> bool {
+        let Target::Nats(bus) = &self.target else {
+            return false;
+        };
+        if !bus.events_stream_missing().await {
+            return false;
+        }
+        tracing::warn!("the events stream is missing; creating it again");
+        match bus.ensure_streams(&StreamLimits::default()).await {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!(%err, "cannot create the events stream yet");
+                false
             }
         }
     }

@@ -251,6 +251,20 @@ impl EventBus {
             })
     }
 
+    /// Whether the events stream is known to be gone (not merely
+    /// unreachable).
+    pub async fn events_stream_missing(&self) -> bool {
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        use async_nats::jetstream::ErrorCode;
+        match self.jetstream.get_stream(self.subjects.events_stream()).await {
+            Err(err) => matches!(
+                err.kind(),
+                GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND
+            ),
+            Ok(_) => false,
+        }
+    }
+
     /// Where on the events stream a reader wanting log seq `next` (and what
     /// follows) starts: the first stream message whose log seq is `next` or
     /// later, found by bisecting the stream (the relay publishes in log
