@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use podium::eventstore::Aggregates;
-use podium::relay::{Relay, RelayConfig};
 use podium::projector::PgProjection;
+use podium::relay::{Relay, RelayConfig};
 use podium_domain::log::{Change, RecordedEvent};
 use podium_domain::notification::InboxCommand;
 use podium_domain::{EventMetadata, UserId};

@@ -311,7 +311,10 @@ impl Application {
         if let (None, true, Some(pool)) = (&self.state.bus, self.workers, self.state.backend.pool())
         {
             let target = Target::Local {
-                projections: crate::projector::local_projections(pool, self.state.aggregates.clone()),
+                projections: crate::projector::local_projections(
+                    pool,
+                    self.state.aggregates.clone(),
+                ),
                 hub: self.state.hub.clone(),
             };
             let relay = Relay::to(pool.clone(), target, relay_config.clone());

@@ -239,7 +239,11 @@ pub async fn supervise<F, Fut>(
         if !wait_for(&lease, &status, &mut stop).await {
             return;
         }
-        tracing::info!(role = lease.name(), owner = &*lease.owner, "took over the lease");
+        tracing::info!(
+            role = lease.name(),
+            owner = &*lease.owner,
+            "took over the lease"
+        );
         status.set(RoleState::Running);
         let (role_stop, role_stopped) = watch::channel(false);
         // The heartbeat runs beside the role in this task (so that it ends
@@ -323,7 +327,9 @@ async fn heartbeat(lease: &Lease, mut stop: watch::Receiver<bool>) {
                 tracing::warn!(role = lease.name(), "another instance took the lease over");
                 return;
             }
-            Err(err) => tracing::warn!(role = lease.name(), %err, "cannot renew the lease; retrying"),
+            Err(err) => {
+                tracing::warn!(role = lease.name(), %err, "cannot renew the lease; retrying")
+            }
         }
     }
 }

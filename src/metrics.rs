@@ -293,12 +293,7 @@ impl Metrics {
         self.sources().embedded = Some(progress);
     }
 
-    pub fn watch_worker(
-        &self,
-        projection: &str,
-        stats: Arc<WorkerStats>,
-        status: Arc<RoleStatus>,
-    ) {
+    pub fn watch_worker(&self, projection: &str, stats: Arc<WorkerStats>, status: Arc<RoleStatus>) {
         self.sources()
             .workers
             .push((projection.to_string(), stats, status));

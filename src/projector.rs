@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use podium_domain::log::RecordedEvent;
 use podium_nats::{
-    Applied, EventBus, Projection, ProjectionError, Worker, WorkerConfig, WorkerError,
-    WorkerStats,
+    Applied, EventBus, Projection, ProjectionError, Worker, WorkerConfig, WorkerError, WorkerStats,
 };
 use podium_projections::attempts::AttemptsProjection;
 use podium_projections::feed::FeedProjection;

@@ -256,7 +256,11 @@ impl EventBus {
     pub async fn events_stream_missing(&self) -> bool {
         use async_nats::jetstream::context::GetStreamErrorKind;
         use async_nats::jetstream::ErrorCode;
-        match self.jetstream.get_stream(self.subjects.events_stream()).await {
+        match self
+            .jetstream
+            .get_stream(self.subjects.events_stream())
+            .await
+        {
             Err(err) => matches!(
                 err.kind(),
                 GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND

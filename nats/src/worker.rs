@@ -177,7 +177,9 @@ struct Delivery {
 enum Interrupted {
     Stop,
     /// The reader must find its place again (after a pause when `pause`).
-    Reposition { pause: bool },
+    Reposition {
+        pause: bool,
+    },
 }
 
 pub struct Worker<P> {
@@ -305,6 +307,12 @@ impl<P: Projection> Worker<P> {
             let chunk = tokio::select! {
                 chunk = chunks.next() => chunk,
                 _ = stop.changed() => return Ok(Interrupted::Stop),
+                // A consumer left unread too long is dropped by the server,
+                // and the client does not always notice: after a quiet
+                // spell, find the place again with a fresh one.
+                () = tokio::time::sleep(QUIET_RECHECK) => {
+                    return Ok(Interrupted::Reposition { pause: false });
+                }
             };
             let Some(chunk) = chunk else {
                 return Ok(Interrupted::Reposition { pause: true });
@@ -323,8 +331,14 @@ impl<P: Projection> Worker<P> {
                 }
             }
             self.stats.caught_up.store(!full, Ordering::Relaxed);
+            let started = Instant::now();
             if let Some(interrupted) = self.process(deliveries, stop).await? {
                 return Ok(interrupted);
+            }
+            if started.elapsed() > QUIET_RECHECK {
+                // Long retries (the database away) left the consumer unread
+                // past the server's patience: start a fresh one.
+                return Ok(Interrupted::Reposition { pause: false });
             }
             if broken {
                 return Ok(Interrupted::Reposition { pause: true });
@@ -591,6 +605,11 @@ impl Backoff {
         sleep_or_stop(delay, stop).await
     }
 }
+
+/// How long a reader waits on a quiet stream, or spends away from it, before
+/// it starts a fresh consumer (the server drops an ordered consumer left
+/// unread for 30 seconds).
+const QUIET_RECHECK: Duration = Duration::from_secs(10);
 
 /// The seq given to a message that carries none (not published by a relay).
 const FOREIGN: u64 = u64::MAX;

@@ -44,17 +44,12 @@ pub async fn apply_each<L: ProjectionLogic + ?Sized>(
 ) -> Result<Vec<Change>, BoxError> {
     let mut changes = Vec::new();
     for event in events {
-        changes.extend(
-            logic
-                .apply(&mut *conn, event)
-                .await
-                .map_err(|source| {
-                    BoxError::from(AtSeq {
-                        seq: event.seq,
-                        source,
-                    })
-                })?,
-        );
+        changes.extend(logic.apply(&mut *conn, event).await.map_err(|source| {
+            BoxError::from(AtSeq {
+                seq: event.seq,
+                source,
+            })
+        })?);
     }
     Ok(changes)
 }

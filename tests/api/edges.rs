@@ -390,7 +390,7 @@ async fn scrape(app: &TestApp) -> String {
 #[tokio::test]
 async fn sigterm_during_a_burst_loses_no_accepted_request() {
     let db = crate::helpers::TestDb::new().await;
-    let (mut server, address) = podium_binary(&db, &[]);
+    let (mut server, address) = crate::helpers::podium_binary(&db, &[]);
     let server = &mut server.0;
     let keys = podium::auth::JwtKeys::new(crate::helpers::SECRET).unwrap();
     let admin = keys.issue(
@@ -447,7 +447,7 @@ async fn sigterm_during_a_burst_loses_no_accepted_request() {
             }
         }
     }
-    let status = wait_for_exit(server, Duration::from_secs(40));
+    let status = crate::helpers::wait_for_exit(server, Duration::from_secs(40));
     assert!(status.success(), "the server exited with {status}");
     let stored: Vec<uuid::Uuid> = sqlx::query_scalar(
         "SELECT aggregate_id::uuid FROM events WHERE event_type = 'TestPublished'",
@@ -479,47 +479,12 @@ async fn sigterm_during_a_burst_loses_no_accepted_request() {
     );
 }
 
-/// Runs `podium serve` on `db` with `env` added; returns it and its address.
-fn podium_binary(db: &crate::helpers::TestDb, env: &[(&str, &str)]) -> (Killed, String) {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_podium"));
-    command
-        .arg("serve")
-        .env("DATABASE_URL", db.url())
-        .env("PODIUM_JWT_SECRET", crate::helpers::SECRET)
-        .env("PODIUM_LISTEN", "127.0.0.1:0")
-        .env("PODIUM_RATE_LIMITS", "off")
-        .env("RUST_LOG", "info")
-        .env_remove("NATS_URL")
-        .envs(env.iter().copied())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    let mut server = Killed(command.spawn().expect("the podium binary starts"));
-    let stderr = server.0.stderr.take().unwrap();
-    let (port_tx, port_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(rest) = line.split("address=127.0.0.1:").nth(1) {
-                let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
-                let _ = port_tx.send(port);
-            }
-        }
-    });
-    let port = port_rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the server listens");
-    (server, format!("http://127.0.0.1:{port}"))
-}
-
 #[tokio::test]
 async fn an_unreachable_sentry_slows_nothing_and_a_bad_dsn_stops_the_start() {
     let db = crate::helpers::TestDb::new().await;
     // Port 9 refuses connections: every report fails to send.
     let (mut server, address) =
-        podium_binary(&db, &[("SENTRY_DSN", "http://public@127.0.0.1:9/1")]);
+        crate::helpers::podium_binary(&db, &[("SENTRY_DSN", "http://public@127.0.0.1:9/1")]);
     let client = reqwest::Client::new();
     let started = std::time::Instant::now();
     for _ in 0..50 {
@@ -537,7 +502,7 @@ async fn an_unreachable_sentry_slows_nothing_and_a_bad_dsn_stops_the_start() {
         .status()
         .unwrap();
     assert!(terminated.success());
-    let status = wait_for_exit(&mut server.0, Duration::from_secs(20));
+    let status = crate::helpers::wait_for_exit(&mut server.0, Duration::from_secs(20));
     assert!(status.success(), "exited with {status}");
 
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_podium"))
@@ -549,30 +514,6 @@ async fn an_unreachable_sentry_slows_nothing_and_a_bad_dsn_stops_the_start() {
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("SENTRY_DSN"));
-}
-
-/// A child process killed when the test ends, however it ends.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for_exit(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the server did not exit within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[tokio::test]

@@ -374,3 +374,76 @@ pub async fn assert_problem(response: Response, status: StatusCode) -> Value {
     assert!(body["detail"].as_str().is_some_and(|t| !t.is_empty()));
     body
 }
+
+/// Runs `podium serve` on `db` with `env` added; returns it and its address.
+pub fn podium_binary(db: &crate::helpers::TestDb, env: &[(&str, &str)]) -> (Killed, String) {
+    podium_process(&db.url(), env)
+}
+
+/// Runs `podium serve` on the database at `database_url` with `env` added;
+/// returns it and its address.
+pub fn podium_process(database_url: &str, env: &[(&str, &str)]) -> (Killed, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_podium"));
+    command
+        .arg("serve")
+        .env("DATABASE_URL", database_url)
+        .env("PODIUM_JWT_SECRET", crate::helpers::SECRET)
+        .env("PODIUM_LISTEN", "127.0.0.1:0")
+        .env("PODIUM_RATE_LIMITS", "off")
+        .env("RUST_LOG", "info")
+        .env_remove("NATS_URL")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut server = Killed(command.spawn().expect("the podium binary starts"));
+    let stderr = server.0.stderr.take().unwrap();
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    // PODIUM_TEST_SERVER_LOGS=1 shows what the server logs.
+    let echo = std::env::var_os("PODIUM_TEST_SERVER_LOGS").is_some();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if echo {
+                eprintln!("[server] {line}");
+            }
+            if let Some(rest) = line.split("address=127.0.0.1:").nth(1) {
+                let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                let _ = port_tx.send(port);
+            }
+        }
+    });
+    let port = port_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the server listens");
+    (server, format!("http://127.0.0.1:{port}"))
+}
+
+/// A child process killed when the test ends, however it ends.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn wait_for_exit(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

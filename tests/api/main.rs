@@ -3,6 +3,7 @@
 
 mod helpers;
 mod nats;
+mod postgres;
 
 mod auth;
 mod bad_input;
@@ -14,6 +15,7 @@ mod edges;
 mod embedded;
 mod fanout;
 mod idempotency;
+mod instances;
 mod notifications;
 mod openapi;
 mod queries;

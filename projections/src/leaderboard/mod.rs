@@ -118,8 +118,10 @@ impl LeaderboardProjection {
             entries.insert(key, (entry, *seq));
         }
         let previous_ranks = if live {
-            let keys: Vec<(Uuid, RankKey)> =
-                before.iter().map(|((test, _), key)| (*test, key.clone())).collect();
+            let keys: Vec<(Uuid, RankKey)> = before
+                .iter()
+                .map(|((test, _), key)| (*test, key.clone()))
+                .collect();
             let ranks = ranks_of(&mut *conn, &self.entries, &self.counts, &keys).await?;
             keys.into_iter()
                 .map(|(test, key)| (test, key.user_id))
@@ -132,7 +134,8 @@ impl LeaderboardProjection {
             .iter()
             .map(|(key, (entry, _))| (key, entry))
             .collect();
-        let changed: Vec<i64> = entries.values().map(|(_, seq)| *seq as i64).collect();        sqlx::query(&format!(
+        let changed: Vec<i64> = entries.values().map(|(_, seq)| *seq as i64).collect();
+        sqlx::query(&format!(
             "INSERT INTO {} (test_id, user_id, best_score, max_score, attempt_id, achieved_at,
                              attempts, changed_seq)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::int[], $5::uuid[],
@@ -199,9 +202,7 @@ impl LeaderboardProjection {
             .into_iter()
             .zip(ranks)
             .map(|((seq, test, entry), rank)| {
-                let previous = previous_ranks
-                    .get(&(test, entry.user_id.clone()))
-                    .copied();
+                let previous = previous_ranks.get(&(test, entry.user_id.clone())).copied();
                 entry_change(test, seq, entry, rank, previous)
             })
             .collect())
@@ -345,11 +346,31 @@ async fn record_moves(
          SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::timestamptz[])
          ON CONFLICT (seq) DO NOTHING",
     )
-    .bind(moves.iter().map(|(seq, _, _)| *seq as i64).collect::<Vec<_>>())
+    .bind(
+        moves
+            .iter()
+            .map(|(seq, _, _)| *seq as i64)
+            .collect::<Vec<_>>(),
+    )
     .bind(moves.iter().map(|(_, test, _)| *test).collect::<Vec<_>>())
-    .bind(moves.iter().map(|(_, _, e)| e.user_id.clone()).collect::<Vec<_>>())
-    .bind(moves.iter().map(|(_, _, e)| e.best_score as i32).collect::<Vec<_>>())
-    .bind(moves.iter().map(|(_, _, e)| e.achieved_at).collect::<Vec<_>>())
+    .bind(
+        moves
+            .iter()
+            .map(|(_, _, e)| e.user_id.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        moves
+            .iter()
+            .map(|(_, _, e)| e.best_score as i32)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        moves
+            .iter()
+            .map(|(_, _, e)| e.achieved_at)
+            .collect::<Vec<_>>(),
+    )
     .execute(conn)
     .await?;
     Ok(())
@@ -403,7 +424,11 @@ async fn ranks_of(
     .bind(keys.iter().map(|(test, _)| *test).collect::<Vec<_>>())
     .bind(keys.iter().map(|(_, k)| k.score as i32).collect::<Vec<_>>())
     .bind(keys.iter().map(|(_, k)| k.achieved_at).collect::<Vec<_>>())
-    .bind(keys.iter().map(|(_, k)| k.user_id.clone()).collect::<Vec<_>>())
+    .bind(
+        keys.iter()
+            .map(|(_, k)| k.user_id.clone())
+            .collect::<Vec<_>>(),
+    )
     .fetch_all(conn)
     .await?;
     Ok(ahead.into_iter().map(|a| a as u64 + 1).collect())

@@ -1,0 +1,490 @@
+//! Several `podium serve` processes on one database and one NATS, as a
+//! deployment runs them: one owner per projection, standbys that take over
+//! when the owner is paused or killed, and read models that hold every
+//! acknowledged submission exactly once, also across a Postgres outage.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use podium::auth::{JwtKeys, Role};
+use podium_domain::UserId;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+use crate::helpers::{podium_process, sample_test, Killed, TestDb, SECRET};
+use crate::nats::{delete_streams, nats_url, unique_prefix, wait_until};
+use crate::postgres::PrivatePostgres;
+
+/// The leases of a deployment: the relay and the four projections.
+const ROLES: usize = 5;
+const PROJECTIONS: [&str; 4] = ["leaderboard", "feed", "attempts", "notification-policy"];
+
+/// A lease TTL short enough to keep the tests quick, long enough that a
+/// busy machine does not lose leases by accident.
+const LEASE_TTL_MS: &str = "3000";
+
+/// How long Postgres stays down in the outage test.
+const OUTAGE_SECS: u64 = 60;
+
+/// Several instances of one deployment, and what the test submitted.
+struct Deployment {
+    database_url: String,
+    pool: PgPool,
+    prefix: String,
+    keys: JwtKeys,
+    client: reqwest::Client,
+    instances: Vec<Option<(Killed, String)>>,
+}
+
+impl Deployment {
+    /// Starts `n` instances; the first takes every lease before the others
+    /// start, so the tests know who owns what.
+    async fn start(database_url: String, pool: PgPool, n: usize) -> Self {
+        let mut deployment = Self {
+            database_url,
+            pool,
+            prefix: unique_prefix(),
+            keys: JwtKeys::new(SECRET).unwrap(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+            instances: Vec::new(),
+        };
+        deployment.add_instance();
+        let first = deployment.pid(0);
+        wait_until(
+            Duration::from_secs(30),
+            "the first instance holds every lease",
+            || async { deployment.owned_by(first).await == ROLES },
+        )
+        .await;
+        for _ in 1..n {
+            deployment.add_instance();
+        }
+        deployment
+    }
+
+    fn add_instance(&mut self) {
+        let env = [
+            ("NATS_URL", nats_url()),
+            ("PODIUM_NATS_PREFIX", self.prefix.clone()),
+            ("PODIUM_LEASE_TTL_MS", LEASE_TTL_MS.to_string()),
+            ("PODIUM_DB_MAX_CONNECTIONS", "4".to_string()),
+            ("PODIUM_DB_ACQUIRE_TIMEOUT_SECS", "2".to_string()),
+        ];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        self.instances
+            .push(Some(podium_process(&self.database_url, &env)));
+    }
+
+    fn pid(&self, instance: usize) -> u32 {
+        self.instances[instance].as_ref().unwrap().0 .0.id()
+    }
+
+    fn address(&self, instance: usize) -> &str {
+        &self.instances[instance].as_ref().unwrap().1
+    }
+
+    fn signal(&self, instance: usize, signal: &str) {
+        let sent = std::process::Command::new("kill")
+            .args([signal, &self.pid(instance).to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
+    /// kill -9 of an instance.
+    fn kill(&mut self, instance: usize) {
+        self.signal(instance, "-KILL");
+        self.instances[instance] = None;
+    }
+
+    /// How many live leases the process `pid` holds.
+    async fn owned_by(&self, pid: u32) -> usize {
+        let owners: Vec<String> =
+            sqlx::query_scalar("SELECT owner FROM leases WHERE expires_at > now()")
+                .fetch_all(&self.pool)
+                .await
+                .unwrap_or_default();
+        owners
+            .iter()
+            .filter(|owner| owner.split('/').nth(1) == Some(pid.to_string().as_str()))
+            .count()
+    }
+
+    fn token(&self, user: &str, role: Role) -> String {
+        let user = UserId::parse(user).unwrap();
+        self.keys.issue(&user, role, Duration::from_secs(600))
+    }
+
+    async fn post(&self, instance: usize, path: &str, token: &str, body: Value) -> Option<Value> {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.address(instance)))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        response.json().await.ok()
+    }
+
+    async fn published_test(&self, instance: usize) -> String {
+        let admin = self.token("admin-1", Role::Admin);
+        let body = self
+            .post(instance, "/v1/tests", &admin, sample_test())
+            .await
+            .expect("the test is published");
+        body["id"].as_str().unwrap().to_string()
+    }
+
+    /// Takes the sample test as `user` through `instance`: the attempt id if
+    /// its submission was acknowledged.
+    async fn take(&self, instance: usize, test_id: &str, user: &str, seed: u64) -> Option<String> {
+        let token = self.token(user, Role::User);
+        let started = self
+            .post(
+                instance,
+                &format!("/v1/tests/{test_id}/attempts"),
+                &token,
+                json!({}),
+            )
+            .await?;
+        let attempt = started["attempt_id"].as_str()?.to_string();
+        let answers = json!({"q1": seed % 3, "q2": seed % 2});
+        self.post(
+            instance,
+            &format!("/v1/attempts/{attempt}/submit"),
+            &token,
+            json!({ "answers": answers }),
+        )
+        .await?;
+        Some(attempt)
+    }
+
+    /// Sums the series of metric `name` with `labels` on `instance`.
+    async fn metric(&self, instance: usize, name: &str, labels: &[&str]) -> f64 {
+        let Ok(response) = self
+            .client
+            .get(format!("{}/metrics", self.address(instance)))
+            .send()
+            .await
+        else {
+            return 0.0;
+        };
+        let text = response.text().await.unwrap_or_default();
+        text.lines()
+            .filter(|line| line.starts_with(name) && !line.starts_with('#'))
+            .filter(|line| labels.iter().all(|label| line.contains(label)))
+            .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    }
+
+    async fn ready(&self, instance: usize) -> Option<StatusCode> {
+        let response = self
+            .client
+            .get(format!("{}/readyz", self.address(instance)))
+            .send()
+            .await
+            .ok()?;
+        Some(response.status())
+    }
+
+    /// Whether every read model holds each of `acknowledged` and every
+    /// submission in the log exactly once; `Err` says what is missing.
+    async fn converged(&self, acknowledged: &HashSet<String>) -> Result<(), String> {
+        let query = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql).fetch_one(&self.pool);
+        let submitted = query("SELECT count(*) FROM events WHERE event_type = 'AttemptSubmitted'")
+            .await
+            .map_err(|e| e.to_string())?;
+        let on_boards = query("SELECT COALESCE(sum(attempts), 0)::bigint FROM lb_entries")
+            .await
+            .map_err(|e| e.to_string())?;
+        let graded = query("SELECT count(*) FROM feed_items WHERE kind = 'attempt_graded'")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mine: Vec<uuid::Uuid> =
+            sqlx::query_scalar("SELECT attempt_id FROM my_attempts WHERE submitted_at IS NOT NULL")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| e.to_string())?;
+        let mine: HashSet<String> = mine.iter().map(ToString::to_string).collect();
+        let missing = acknowledged.difference(&mine).count();
+        let positions: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT name, seq FROM projection_checkpoints
+             UNION ALL SELECT 'relay:' || name, seq FROM relay_checkpoints ORDER BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+        if (submitted as usize) < acknowledged.len()
+            || on_boards != submitted
+            || graded != submitted
+            || mine.len() as i64 != submitted
+            || missing > 0
+        {
+            return Err(format!(
+                "{} acknowledged, {submitted} in the log, {on_boards} on the boards, \
+                 {graded} graded notifications, {} in my attempts ({missing} missing); \
+                 positions {positions:?}",
+                acknowledged.len(),
+                mine.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Waits until [`Self::converged`] holds, at most `timeout`.
+    async fn wait_converged(&self, acknowledged: &HashSet<String>, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.converged(acknowledged).await {
+                Ok(()) => return,
+                Err(state) => assert!(
+                    Instant::now() < deadline,
+                    "the read models did not converge in {timeout:?}: {state}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        self.instances.clear();
+        delete_streams(nats_url(), self.prefix.clone());
+    }
+}
+
+async fn shared_deployment(n: usize) -> (TestDb, Deployment) {
+    let db = TestDb::new().await;
+    let deployment = Deployment::start(db.url(), db.pool.clone(), n).await;
+    (db, deployment)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_share_one_owner_per_projection_and_redeliver_almost_nothing() {
+    let (_db, deployment) = shared_deployment(3).await;
+    let test = deployment.published_test(1).await;
+    let mut acknowledged = HashSet::new();
+    for i in 0..90 {
+        let instance = i % 3;
+        let user = format!("learner-{}", i % 30);
+        acknowledged.extend(deployment.take(instance, &test, &user, i as u64).await);
+    }
+    assert_eq!(acknowledged.len(), 90, "every submission is acknowledged");
+    deployment
+        .wait_converged(&acknowledged, Duration::from_secs(60))
+        .await;
+    let log: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&deployment.pool)
+        .await
+        .unwrap();
+    for projection in PROJECTIONS {
+        let label = format!("projection=\"{projection}\"");
+        let mut owners = 0.0;
+        let mut redeliveries = 0.0;
+        for instance in 0..3 {
+            for state in ["running", "catching_up"] {
+                let state = format!("state=\"{state}\"");
+                owners += deployment
+                    .metric(instance, "podium_projection_state", &[&label, &state])
+                    .await;
+            }
+            redeliveries += deployment
+                .metric(instance, "podium_projection_redeliveries_total", &[&label])
+                .await;
+        }
+        assert_eq!(owners, 1.0, "{projection} has exactly one active owner");
+        assert!(
+            redeliveries * 100.0 <= log as f64,
+            "{projection}: {redeliveries} redeliveries for {log} events"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_owner_is_replaced_within_seconds_and_applies_nothing_after_it_wakes() {
+    let (_db, deployment) = shared_deployment(3).await;
+    let test = deployment.published_test(1).await;
+    let mut acknowledged: HashSet<String> = HashSet::new();
+    for i in 0..10 {
+        acknowledged.extend(
+            deployment
+                .take(1 + i % 2, &test, &format!("early-{i}"), i as u64)
+                .await,
+        );
+    }
+    deployment
+        .wait_converged(&acknowledged, Duration::from_secs(30))
+        .await;
+
+    // The owner of the relay and of every projection freezes.
+    deployment.signal(0, "-STOP");
+    let paused = Instant::now();
+    for i in 0..10 {
+        acknowledged.extend(
+            deployment
+                .take(1 + i % 2, &test, &format!("late-{i}"), i as u64)
+                .await,
+        );
+    }
+    assert_eq!(acknowledged.len(), 20);
+    deployment
+        .wait_converged(&acknowledged, Duration::from_secs(10))
+        .await;
+    let taken_over = paused.elapsed();
+    assert_eq!(deployment.owned_by(deployment.pid(0)).await, 0);
+
+    // It wakes up with its batches and leases in hand, and writes nothing:
+    // every lease is someone else's and nothing is applied twice.
+    deployment.signal(0, "-CONT");
+    wait_until(
+        Duration::from_secs(30),
+        "the woken instance stands by for every projection",
+        || async {
+            let mut standby = 0.0;
+            for projection in PROJECTIONS {
+                let label = format!("projection=\"{projection}\"");
+                standby += deployment
+                    .metric(0, "podium_projection_state", &[&label, "state=\"standby\""])
+                    .await;
+            }
+            standby == PROJECTIONS.len() as f64
+        },
+    )
+    .await;
+    for i in 0..5 {
+        acknowledged.extend(
+            deployment
+                .take(i % 3, &test, &format!("after-{i}"), i as u64)
+                .await,
+        );
+    }
+    deployment
+        .wait_converged(&acknowledged, Duration::from_secs(30))
+        .await;
+    assert_eq!(deployment.owned_by(deployment.pid(0)).await, 0);
+    println!("a standby took over and applied the paused owner's work in {taken_over:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_owner_mid_load_loses_and_doubles_nothing() {
+    let (_db, mut deployment) = shared_deployment(3).await;
+    let test = deployment.published_test(1).await;
+    let mut acknowledged: HashSet<String> = HashSet::new();
+    for i in 0..60 {
+        if i == 20 {
+            deployment.kill(0);
+        }
+        let instance = if i < 20 { i % 3 } else { 1 + i % 2 };
+        acknowledged.extend(
+            deployment
+                .take(instance, &test, &format!("learner-{}", i % 25), i as u64)
+                .await,
+        );
+    }
+    assert!(
+        acknowledged.len() >= 55,
+        "{} acknowledged",
+        acknowledged.len()
+    );
+    deployment
+        .wait_converged(&acknowledged, Duration::from_secs(60))
+        .await;
+    let mut dead_letters = 0.0;
+    for instance in 1..3 {
+        dead_letters += deployment
+            .metric(instance, "podium_projection_dead_letters_total", &[])
+            .await;
+    }
+    assert_eq!(dead_letters, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minute_without_postgres_loses_nothing_and_heals_without_a_restart() {
+    let postgres = PrivatePostgres::start();
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&postgres.url())
+        .await
+        .unwrap();
+    let deployment = Deployment::start(postgres.url(), pool.clone(), 1).await;
+    let pid = deployment.pid(0);
+    let test = deployment.published_test(0).await;
+    let load = |from: usize, to: usize| {
+        let deployment = &deployment;
+        let test = test.clone();
+        async move {
+            let mut acknowledged = HashSet::new();
+            for i in from..to {
+                acknowledged.extend(
+                    deployment
+                        .take(0, &test, &format!("learner-{}", i % 40), i as u64)
+                        .await,
+                );
+            }
+            acknowledged
+        }
+    };
+    let mut acknowledged = load(0, 30).await;
+
+    postgres.stop();
+    let down = Instant::now();
+    // Load goes on while it is down (answers 503), and /readyz says so.
+    let during = load(30, 40).await;
+    assert_eq!(
+        deployment.ready(0).await,
+        Some(StatusCode::SERVICE_UNAVAILABLE)
+    );
+    let remaining = Duration::from_secs(OUTAGE_SECS).saturating_sub(down.elapsed());
+    tokio::time::sleep(remaining).await;
+    postgres.restart();
+    acknowledged.extend(during);
+
+    // Load during the recovery, then everything acknowledged is projected.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while deployment.ready(0).await != Some(StatusCode::OK) {
+        assert!(Instant::now() < deadline, "/readyz stays unavailable");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    acknowledged.extend(load(40, 70).await);
+    assert!(
+        acknowledged.len() >= 60,
+        "{} acknowledged",
+        acknowledged.len()
+    );
+    deployment
+        .wait_converged(&acknowledged, Duration::from_secs(60))
+        .await;
+    assert_eq!(deployment.pid(0), pid);
+    assert_eq!(
+        deployment
+            .metric(0, "podium_projection_dead_letters_total", &[])
+            .await,
+        0.0
+    );
+    let mut states: HashMap<&str, f64> = HashMap::new();
+    for projection in PROJECTIONS {
+        let label = format!("projection=\"{projection}\"");
+        let running = deployment
+            .metric(0, "podium_projection_state", &[&label, "state=\"running\""])
+            .await
+            + deployment
+                .metric(
+                    0,
+                    "podium_projection_state",
+                    &[&label, "state=\"catching_up\""],
+                )
+                .await;
+        states.insert(projection, running);
+    }
+    assert!(states.values().all(|running| *running == 1.0), "{states:?}");
+}

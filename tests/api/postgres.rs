@@ -1,0 +1,107 @@
+//! A private Postgres server for tests that stop it (the shared one serves
+//! every other test at the same moment). See `../shared/FAULTS.md`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// A Postgres cluster of the test's own on a free port, removed on drop.
+pub struct PrivatePostgres {
+    dir: PathBuf,
+    pub port: u16,
+}
+
+const BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// Runs a Postgres binary as the `postgres` user (initdb refuses root).
+fn as_postgres(binary: &str, args: &[&str]) -> std::process::Output {
+    let output = Command::new("runuser")
+        .args(["-u", "postgres", "--", &format!("{BIN}/{binary}")])
+        .args(args)
+        .output()
+        .expect("runuser runs");
+    assert!(
+        output.status.success(),
+        "{binary} {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+impl PrivatePostgres {
+    pub fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("podium-pg-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let chown = Command::new("chown")
+            .args(["postgres", dir.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(chown.success());
+        let port = free_port();
+        let data = dir.join("data");
+        as_postgres(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+        );
+        let conf = format!(
+            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\nmax_connections = 60\nfsync = off\n",
+            dir.display()
+        );
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        std::io::Write::write_all(&mut file, conf.as_bytes()).unwrap();
+        let postgres = Self { dir, port };
+        postgres.start_server();
+        postgres
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").display().to_string()
+    }
+
+    fn start_server(&self) {
+        let log = self.dir.join("server.log").display().to_string();
+        as_postgres("pg_ctl", &["-D", &self.data(), "-l", &log, "-w", "start"]);
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server (fast shutdown: sessions are ended).
+    pub fn stop(&self) {
+        as_postgres("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
+    }
+
+    pub fn restart(&self) {
+        self.start_server();
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--", &format!("{BIN}/pg_ctl")])
+            .args(["-D", &self.data(), "-m", "immediate", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
