@@ -25,7 +25,7 @@ use podium_projections::leaderboard::LeaderboardQueries;
 
 /// Connections in the projection workers' pool: one transaction per
 /// projection, the notification policy's commands, and lease renewals.
-const WORKER_CONNECTIONS: u32 = 6;
+const WORKER_CONNECTIONS: u32 = 7;
 
 /// How long background tasks get to stop after the server has.
 const TASK_GRACE: Duration = Duration::from_secs(10);

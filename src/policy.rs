@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use cqrs_es::AggregateError;
+use futures::{StreamExt, TryStreamExt};
 use podium_domain::attempt::AttemptEvent;
 use podium_domain::log::{Change, PodiumEvent, RecordedEvent};
 use podium_domain::metadata::SYSTEM_ACTOR;
@@ -123,6 +124,54 @@ impl ProjectionLogic for NotificationPolicy {
         self.handle(conn, event).await?;
         Ok(Vec::new())
     }
+
+    /// Decides a whole batch in its transaction, then issues its commands a
+    /// few recipients at a time (each notification is an aggregate of its
+    /// own, so they commit independently, and their ids make a retried batch
+    /// harmless); one recipient's notifications keep their order.
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<Vec<Change>, BoxError> {
+        let mut commands = Vec::new();
+        for event in events {
+            commands.extend(self.commands_for(conn, event).await?);
+        }
+        let mut by_recipient: Vec<(String, Vec<Issue>)> = Vec::new();
+        for command in commands {
+            match by_recipient
+                .iter_mut()
+                .find(|(r, _)| *r == command.recipient)
+            {
+                Some((_, queue)) => queue.push(command),
+                None => by_recipient.push((command.recipient.clone(), vec![command])),
+            }
+        }
+        futures::stream::iter(by_recipient)
+            .map(|(_, queue)| async move {
+                for command in queue {
+                    self.issue(command).await?;
+                }
+                Ok::<(), BoxError>(())
+            })
+            .buffer_unordered(COMMANDS_AT_ONCE)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(Vec::new())
+    }
+}
+
+/// Notification commands of one batch in flight at once: enough to hide
+/// round trips, few enough to leave the workers' pool to the others.
+const COMMANDS_AT_ONCE: usize = 2;
+
+/// A notification the policy has decided on.
+struct Issue {
+    recipient: String,
+    id: Uuid,
+    command: NotificationCommand,
+    metadata: EventMetadata,
 }
 
 impl NotificationPolicy {
@@ -133,8 +182,20 @@ impl NotificationPolicy {
         memory: &mut M,
         event: &RecordedEvent,
     ) -> Result<(), BoxError> {
+        for command in self.commands_for(memory, event).await? {
+            self.issue(command).await?;
+        }
+        Ok(())
+    }
+
+    /// Decides what `event` notifies with the bests in `memory`.
+    async fn commands_for<M: PolicyMemory>(
+        &self,
+        memory: &mut M,
+        event: &RecordedEvent,
+    ) -> Result<Vec<Issue>, BoxError> {
         if event.event_type != "AttemptSubmitted" {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let PodiumEvent::Attempt(AttemptEvent::AttemptSubmitted {
             attempt_id,
@@ -147,7 +208,7 @@ impl NotificationPolicy {
             ..
         }) = event.decode()?
         else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let notices = self
             .decide(
@@ -163,8 +224,10 @@ impl NotificationPolicy {
             .await?;
         // The commands commit on their own; if this transaction then fails,
         // the event comes back and the same ids make the commands no-ops.
+        let mut commands = Vec::with_capacity(notices.len());
         for notice in notices {
-            let source = format!("{}:{}:{}", notice.kind, event.identity(), notice.recipient);
+            let recipient = notice.recipient.to_string();
+            let source = format!("{}:{}:{}", notice.kind, event.identity(), recipient);
             let notification_id = Uuid::new_v5(&NAMESPACE, source.as_bytes());
             let message =
                 NotificationMessage::new(notice.kind, notice.title, notice.body, notice.link)?;
@@ -181,24 +244,33 @@ impl NotificationPolicy {
                 request_id: event.identity(),
                 recorded_at: crate::clock::now(),
             };
-            match self
-                .aggregates
-                .notifications
-                .execute(&notification_id.to_string(), command, metadata)
-                .await
-            {
-                // Another delivery of the same event created it meanwhile.
-                Ok(()) | Err(AggregateError::AggregateConflict) => {}
-                // The store's own error, so that its kind (a lost connection
-                // is retried, bad data is not) can be told.
-                Err(
-                    AggregateError::DatabaseConnectionError(err)
-                    | AggregateError::UnexpectedError(err),
-                ) => return Err(err),
-                Err(err) => return Err(Box::new(err)),
-            }
+            commands.push(Issue {
+                recipient,
+                id: notification_id,
+                command,
+                metadata,
+            });
         }
-        Ok(())
+        Ok(commands)
+    }
+
+    /// Issues one decided notification.
+    async fn issue(&self, issue: Issue) -> Result<(), BoxError> {
+        match self
+            .aggregates
+            .notifications
+            .execute(&issue.id.to_string(), issue.command, issue.metadata)
+            .await
+        {
+            // Another delivery of the same event created it meanwhile.
+            Ok(()) | Err(AggregateError::AggregateConflict) => Ok(()),
+            // The store's own error, so that its kind (a lost connection is
+            // retried, bad data is not) can be told.
+            Err(
+                AggregateError::DatabaseConnectionError(err) | AggregateError::UnexpectedError(err),
+            ) => Err(err),
+            Err(err) => Err(Box::new(err)),
+        }
     }
 }
 

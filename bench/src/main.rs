@@ -126,7 +126,8 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     let scale = ScratchDb::create(4).await?;
     let result = scale_scenarios(&scale, &sizes, &mut report).await;
     scale.drop().await?;
-    result?;
+    let replay_rate = result?;
+    backlog_scenario(&sizes, replay_rate, &mut report).await?;
     let command = if args.smoke {
         "podium-bench all --smoke"
     } else {
@@ -545,7 +546,12 @@ async fn overhead(
 
 /// Replay of a large log, and rank lookups on the leaderboard it builds,
 /// against their ceilings: reading the log, and Redis.
-async fn scale_scenarios(db: &ScratchDb, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
+/// Rank and replay at scale; returns the replay rate (events/s).
+async fn scale_scenarios(
+    db: &ScratchDb,
+    sizes: &Sizes,
+    report: &mut Report,
+) -> anyhow::Result<f64> {
     eprintln!("seeding {} attempts…", sizes.attempts);
     let mut quiet = |_, _| {};
     let (test, events) = podium::seed::bulk(&db.pool, sizes.attempts, &mut quiet).await?;
@@ -614,7 +620,78 @@ async fn scale_scenarios(db: &ScratchDb, sizes: &Sizes, report: &mut Report) -> 
     report
         .latencies
         .push((format!("around-user, {attempts} entries"), measured.latency));
-    Ok(())
+    Ok(replay_rate)
+}
+
+/// A live instance working off a backlog: the log seeded directly (as after
+/// every instance was down for long), then one `podium serve` with NATS
+/// started on it, its relay and four projections catching up from nothing.
+async fn backlog_scenario(
+    sizes: &Sizes,
+    replay_rate: f64,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    const PROJECTIONS: [&str; 4] = ["leaderboard", "feed", "attempts", "notification-policy"];
+    let db = ScratchDb::create(2).await?;
+    let prefix = format!("benchbl{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let result = async {
+        let attempts = (sizes.attempts / 10).max(1_000);
+        eprintln!("backlog of {attempts} attempts…");
+        let mut quiet = |_, _| {};
+        let (_, events) = podium::seed::bulk(&db.pool, attempts, &mut quiet).await?;
+        let started = Instant::now();
+        let server = Server::start(Options {
+            database_url: &db.url,
+            nats_url: &nats_url(),
+            prefix: &prefix,
+            rate_limits: "off",
+            metrics: true,
+            workers: true,
+        })
+        .await?;
+        let mut done: Vec<(&str, Duration)> = Vec::new();
+        while done.len() < PROJECTIONS.len() {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(3600),
+                "the backlog was not worked off within an hour"
+            );
+            let checkpoints: Vec<(String, i64)> =
+                sqlx::query_as("SELECT name, seq FROM projection_checkpoints")
+                    .fetch_all(&db.pool)
+                    .await?;
+            for (name, seq) in checkpoints {
+                let projection = PROJECTIONS.iter().find(|p| **p == name);
+                if let Some(projection) = projection {
+                    if seq as u64 >= events && !done.iter().any(|(p, _)| p == projection) {
+                        done.push((projection, started.elapsed()));
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        server.stop().await;
+        let slowest = done.iter().map(|(_, d)| *d).max().unwrap_or_default();
+        let rate = events as f64 / slowest.as_secs_f64();
+        let each: Vec<String> = done
+            .iter()
+            .map(|(p, d)| format!("{p} {:.0}/s", events as f64 / d.as_secs_f64()))
+            .collect();
+        report.row(
+            &format!(
+                "backlog: one live instance works off {events} events (relay and four projections)"
+            ),
+            format!("{rate:.0} events/s ({})", each.join(", ")),
+            format!("replay: {replay_rate:.0} events/s"),
+            Some(rate / replay_rate),
+            "≥ 50% of the replay rate",
+            Some(rate >= 0.5 * replay_rate),
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    cleanup_nats(&prefix).await;
+    db.drop().await?;
+    result
 }
 
 /// The machine, the versions and the date.
