@@ -164,3 +164,66 @@ impl Aggregates {
         }
     }
 }
+
+/// Runs each command against a fresh aggregate (the domain decides, as in
+/// [`Store::execute`]) and inserts the events of all of them with one
+/// statement, in the caller's transaction on `conn`. An aggregate that exists
+/// already is left as it is: this is for commands whose ids derive from what
+/// caused them (the notification policy's), where an existing one is the same.
+pub async fn create_all<A>(
+    conn: &mut sqlx::PgConnection,
+    commands: Vec<(String, A::Command, EventMetadata)>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    A: Aggregate<Services = ()>,
+    A::Error: Send + Sync + 'static,
+{
+    let mut rows: Vec<SerializedEvent> = Vec::with_capacity(commands.len());
+    for (id, command, metadata) in commands {
+        let mut aggregate = A::default();
+        let sink = cqrs_es::event_sink::EventSink::default();
+        aggregate.handle(command, &(), &sink).await?;
+        let metadata = metadata.into_map();
+        for (index, payload) in sink.collect().await.into_iter().enumerate() {
+            let envelope = cqrs_es::EventEnvelope::<A> {
+                aggregate_id: id.clone(),
+                sequence: index + 1,
+                payload,
+                metadata: metadata.clone(),
+            };
+            rows.push(SerializedEvent::try_from(&envelope)?);
+        }
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata)
+         SELECT $1, * FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[],
+                                  $6::jsonb[], $7::jsonb[])
+         ON CONFLICT (aggregate_type, aggregate_id, sequence) DO NOTHING",
+    )
+    .bind(A::TYPE)
+    .bind(
+        rows.iter()
+            .map(|r| r.aggregate_id.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|r| r.sequence as i64).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.event_type.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|r| r.event_version.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|r| r.payload.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.metadata.clone()).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -12,12 +12,11 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use cqrs_es::AggregateError;
-use futures::{StreamExt, TryStreamExt};
 use podium_domain::attempt::AttemptEvent;
 use podium_domain::log::{Change, PodiumEvent, RecordedEvent};
 use podium_domain::metadata::SYSTEM_ACTOR;
 use podium_domain::notification::{
-    NotificationCommand, NotificationContent, NotificationKind, NotificationMessage,
+    Notification, NotificationCommand, NotificationContent, NotificationKind, NotificationMessage,
 };
 use podium_domain::{EventMetadata, UserId};
 use podium_projections::ranking::RankKey;
@@ -121,54 +120,36 @@ impl ProjectionLogic for NotificationPolicy {
         conn: &mut PgConnection,
         event: &RecordedEvent,
     ) -> Result<Vec<Change>, BoxError> {
-        self.handle(conn, event).await?;
-        Ok(Vec::new())
+        self.apply_batch(conn, std::slice::from_ref(event)).await
     }
 
-    /// Decides a whole batch in its transaction, then issues its commands a
-    /// few recipients at a time (each notification is an aggregate of its
-    /// own, so they commit independently, and their ids make a retried batch
-    /// harmless); one recipient's notifications keep their order.
+    /// Decides a whole batch in memory, from the bests it can touch (read in
+    /// two statements), then writes the new bests and creates every
+    /// notification it decided on in the same transaction as its checkpoint:
+    /// a batch notifies all of its notifications or none, in the order
+    /// decided, and a redelivered event finds its notifications there.
     async fn apply_batch(
         &self,
         conn: &mut PgConnection,
         events: &[RecordedEvent],
     ) -> Result<Vec<Change>, BoxError> {
+        let mut memory = Preloaded::load(conn, events).await?;
         let mut commands = Vec::new();
         for event in events {
-            commands.extend(self.commands_for(conn, event).await?);
+            commands.extend(self.commands_for(&mut memory, event).await?);
         }
-        let mut by_recipient: Vec<(String, Vec<Issue>)> = Vec::new();
-        for command in commands {
-            match by_recipient
-                .iter_mut()
-                .find(|(r, _)| *r == command.recipient)
-            {
-                Some((_, queue)) => queue.push(command),
-                None => by_recipient.push((command.recipient.clone(), vec![command])),
-            }
-        }
-        futures::stream::iter(by_recipient)
-            .map(|(_, queue)| async move {
-                for command in queue {
-                    self.issue(command).await?;
-                }
-                Ok::<(), BoxError>(())
-            })
-            .buffer_unordered(COMMANDS_AT_ONCE)
-            .try_collect::<Vec<()>>()
-            .await?;
+        memory.store(conn).await?;
+        let commands = commands
+            .into_iter()
+            .map(|issue| (issue.id.to_string(), issue.command, issue.metadata))
+            .collect();
+        crate::eventstore::create_all::<Notification>(conn, commands).await?;
         Ok(Vec::new())
     }
 }
 
-/// Notification commands of one batch in flight at once: enough to hide
-/// round trips, few enough to leave the workers' pool to the others.
-const COMMANDS_AT_ONCE: usize = 2;
-
 /// A notification the policy has decided on.
 struct Issue {
-    recipient: String,
     id: Uuid,
     command: NotificationCommand,
     metadata: EventMetadata,
@@ -226,8 +207,7 @@ impl NotificationPolicy {
         // the event comes back and the same ids make the commands no-ops.
         let mut commands = Vec::with_capacity(notices.len());
         for notice in notices {
-            let recipient = notice.recipient.to_string();
-            let source = format!("{}:{}:{}", notice.kind, event.identity(), recipient);
+            let source = format!("{}:{}:{}", notice.kind, event.identity(), notice.recipient);
             let notification_id = Uuid::new_v5(&NAMESPACE, source.as_bytes());
             let message =
                 NotificationMessage::new(notice.kind, notice.title, notice.body, notice.link)?;
@@ -245,7 +225,6 @@ impl NotificationPolicy {
                 recorded_at: crate::clock::now(),
             };
             commands.push(Issue {
-                recipient,
                 id: notification_id,
                 command,
                 metadata,
@@ -296,28 +275,113 @@ pub trait PolicyMemory: Send {
     ) -> impl Future<Output = Result<(), BoxError>> + Send;
 }
 
-/// The bests in `policy_bests`, inside the policy's checkpointed transaction.
-impl PolicyMemory for PgConnection {
-    async fn best(&mut self, test_id: Uuid, user_id: &str) -> Result<Option<u32>, BoxError> {
-        let best: Option<i32> = sqlx::query_scalar(
-            "SELECT best_score FROM policy_bests WHERE test_id = $1 AND user_id = $2 FOR UPDATE",
+/// The bests a batch can touch, read from `policy_bests` before it and
+/// written back after it, inside the policy's checkpointed transaction: each
+/// test's top 10 and the bests of the batch's users. Bests only rise, so the
+/// first 10 of what is loaded stay the test's top 10 while the batch runs.
+struct Preloaded {
+    bests: MemoryBests,
+    /// Bests the batch changed.
+    changed: std::collections::HashSet<(Uuid, String)>,
+}
+
+impl Preloaded {
+    async fn load(conn: &mut PgConnection, events: &[RecordedEvent]) -> Result<Self, BoxError> {
+        let mut keys = Vec::new();
+        for event in events.iter().filter(|e| e.event_type == "AttemptSubmitted") {
+            if let PodiumEvent::Attempt(AttemptEvent::AttemptSubmitted {
+                test_id, user_id, ..
+            }) = event.decode()?
+            {
+                keys.push((test_id, user_id.to_string()));
+            }
+        }
+        let mut loaded = Self {
+            bests: MemoryBests::default(),
+            changed: Default::default(),
+        };
+        if keys.is_empty() {
+            return Ok(loaded);
+        }
+        let mut tests: Vec<Uuid> = keys.iter().map(|(t, _)| *t).collect();
+        tests.sort();
+        tests.dedup();
+        let (key_tests, key_users): (Vec<Uuid>, Vec<String>) = keys.into_iter().unzip();
+        let rows: Vec<(Uuid, String, i32, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT p.test_id, p.user_id, p.best_score, p.achieved_at
+               FROM UNNEST($1::uuid[]) t(test_id)
+               CROSS JOIN LATERAL (
+                    SELECT * FROM policy_bests b WHERE b.test_id = t.test_id
+                     ORDER BY best_score DESC, achieved_at, user_id LIMIT $2) p
+             UNION
+             SELECT b.test_id, b.user_id, b.best_score, b.achieved_at
+               FROM policy_bests b
+               JOIN UNNEST($3::uuid[], $4::text[]) k(test_id, user_id)
+                 ON b.test_id = k.test_id AND b.user_id = k.user_id",
         )
-        .bind(test_id)
-        .bind(user_id)
-        .fetch_optional(self)
+        .bind(&tests)
+        .bind(TOP)
+        .bind(&key_tests)
+        .bind(&key_users)
+        .fetch_all(&mut *conn)
         .await?;
-        Ok(best.map(|b| b as u32))
+        for (test, user, score, achieved_at) in rows {
+            loaded
+                .bests
+                .set_best(test, &user, score as u32, achieved_at)
+                .await?;
+        }
+        Ok(loaded)
+    }
+
+    /// Writes the changed bests back.
+    async fn store(&self, conn: &mut PgConnection) -> Result<(), BoxError> {
+        if self.changed.is_empty() {
+            return Ok(());
+        }
+        let changed: Vec<(Uuid, &RankKey)> = self
+            .changed
+            .iter()
+            .filter_map(|(test, user)| Some((*test, self.bests.key(*test, user)?)))
+            .collect();
+        sqlx::query(
+            "INSERT INTO policy_bests (test_id, user_id, best_score, achieved_at)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::timestamptz[])
+             ON CONFLICT (test_id, user_id) DO UPDATE
+                SET best_score = EXCLUDED.best_score, achieved_at = EXCLUDED.achieved_at",
+        )
+        .bind(changed.iter().map(|(t, _)| *t).collect::<Vec<_>>())
+        .bind(
+            changed
+                .iter()
+                .map(|(_, k)| k.user_id.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            changed
+                .iter()
+                .map(|(_, k)| k.score as i32)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            changed
+                .iter()
+                .map(|(_, k)| k.achieved_at)
+                .collect::<Vec<_>>(),
+        )
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+impl PolicyMemory for Preloaded {
+    async fn best(&mut self, test_id: Uuid, user_id: &str) -> Result<Option<u32>, BoxError> {
+        self.bests.best(test_id, user_id).await
     }
 
     async fn top(&mut self, test_id: Uuid) -> Result<Vec<String>, BoxError> {
-        Ok(sqlx::query_scalar(
-            "SELECT user_id FROM policy_bests WHERE test_id = $1
-              ORDER BY best_score DESC, achieved_at, user_id LIMIT $2",
-        )
-        .bind(test_id)
-        .bind(TOP)
-        .fetch_all(self)
-        .await?)
+        self.bests.top(test_id).await
     }
 
     async fn set_best(
@@ -327,19 +391,10 @@ impl PolicyMemory for PgConnection {
         score: u32,
         achieved_at: DateTime<Utc>,
     ) -> Result<(), BoxError> {
-        sqlx::query(
-            "INSERT INTO policy_bests (test_id, user_id, best_score, achieved_at)
-             VALUES ($1, $2, $3, $4)
-             ON CONFLICT (test_id, user_id) DO UPDATE
-                SET best_score = EXCLUDED.best_score, achieved_at = EXCLUDED.achieved_at",
-        )
-        .bind(test_id)
-        .bind(user_id)
-        .bind(score as i32)
-        .bind(achieved_at)
-        .execute(self)
-        .await?;
-        Ok(())
+        self.changed.insert((test_id, user_id.to_string()));
+        self.bests
+            .set_best(test_id, user_id, score, achieved_at)
+            .await
     }
 }
 
@@ -353,6 +408,12 @@ pub struct MemoryBests {
 struct Bests {
     by_user: std::collections::HashMap<String, RankKey>,
     order: std::collections::BTreeSet<RankKey>,
+}
+
+impl MemoryBests {
+    fn key(&self, test_id: Uuid, user_id: &str) -> Option<&RankKey> {
+        self.tests.get(&test_id)?.by_user.get(user_id)
+    }
 }
 
 impl PolicyMemory for MemoryBests {

@@ -413,6 +413,6 @@ pub async fn settle(api: &Api) -> anyhow::Result<()> {
             Instant::now() < deadline,
             "the projections did not catch up: {lags:?}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
