@@ -128,32 +128,42 @@ pub async fn replay(
         .into_iter()
         .map(|t| Rebuilding::new(pool, t))
         .collect();
+    let mut deferred = Vec::new();
     for projection in &projections {
-        prepare_next(pool, projection.next_name(), projection.tables()).await?;
+        deferred.extend(prepare_next(pool, projection.next_name(), projection.tables()).await?);
     }
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(pool)
         .await?;
     let mut reader = pool.acquire().await?;
     let mut cursor = LogCursor::start();
+    let mut next = cursor.peek(&mut reader, BATCH).await?;
     loop {
-        let (events, after) = cursor.peek(&mut reader, BATCH).await?;
+        let (events, after) = next;
         if events.is_empty() {
             break;
         }
         // Rebuilt tables are thrown away if the replay fails, so their
         // commits need not wait for the disk.
-        let mut tx = pool.begin().await?;
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
-            .await?;
-        for projection in &projections {
-            projection
-                .apply_in(&mut tx, &events)
-                .await
-                .with_context(|| format!("rebuilding {}", projection.name()))?;
-        }
-        tx.commit().await?;
+        // Read the next batch while this one is applied: the replay then
+        // runs at the pace of the slower of the two, not of both in turn.
+        let apply = async {
+            let mut tx = pool.begin().await?;
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *tx)
+                .await?;
+            for projection in &projections {
+                projection
+                    .apply_in(&mut tx, &events)
+                    .await
+                    .with_context(|| format!("rebuilding {}", projection.name()))?;
+            }
+            tx.commit().await?;
+            anyhow::Ok(())
+        };
+        let (applied, read) = tokio::join!(apply, after.peek(&mut reader, BATCH));
+        applied?;
+        next = read?;
         cursor = after;
         progress(cursor.seq, total.max(cursor.seq as i64) as u64);
         // The copies start empty; without fresh statistics the planner keeps
@@ -171,6 +181,11 @@ pub async fn replay(
         }
     }
     drop(reader);
+    // The secondary indexes, built once over the whole result rather than
+    // kept up row by row.
+    for definition in &deferred {
+        sqlx::query(definition).execute(pool).await?;
+    }
     let checkpoint = swap(pool, &projections, cursor).await?;
     // Fresh statistics and visibility map for the swapped-in tables, so that
     // rank counts are index-only scans from the start.
@@ -191,8 +206,16 @@ pub async fn replay(
 }
 
 /// Fresh, empty `__next` copies of the live tables, and no checkpoint.
-async fn prepare_next(pool: &PgPool, checkpoint: &str, tables: &[&str]) -> Result<(), sqlx::Error> {
+/// The copies keep their primary keys and unique indexes (what a batch looks
+/// rows up by); the other indexes are dropped, and their definitions returned
+/// to be built once the copies are full.
+async fn prepare_next(
+    pool: &PgPool,
+    checkpoint: &str,
+    tables: &[&str],
+) -> Result<Vec<String>, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    let mut deferred = Vec::new();
     for table in tables {
         let next = Generation::Next.table(table);
         sqlx::query(&format!("DROP TABLE IF EXISTS {next}"))
@@ -201,12 +224,27 @@ async fn prepare_next(pool: &PgPool, checkpoint: &str, tables: &[&str]) -> Resul
         sqlx::query(&format!("CREATE TABLE {next} (LIKE {table} INCLUDING ALL)"))
             .execute(&mut *tx)
             .await?;
+        let secondary: Vec<(String, String)> = sqlx::query_as(
+            "SELECT c.relname::text, pg_get_indexdef(x.indexrelid)
+               FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid
+              WHERE x.indrelid = $1::regclass AND NOT x.indisunique",
+        )
+        .bind(&next)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (index, definition) in secondary {
+            sqlx::query(&format!("DROP INDEX {index}"))
+                .execute(&mut *tx)
+                .await?;
+            deferred.push(definition);
+        }
     }
     sqlx::query("DELETE FROM projection_checkpoints WHERE name = $1")
         .bind(checkpoint)
         .execute(&mut *tx)
         .await?;
-    tx.commit().await
+    tx.commit().await?;
+    Ok(deferred)
 }
 
 /// Under a lock on the live tables: applies what was written meanwhile, then

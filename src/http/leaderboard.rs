@@ -363,13 +363,19 @@ impl StreamSource for Entries {
     }
 
     fn render(change: &Change) -> Vec<axum::response::sse::Event> {
+        if podium_projections::leaderboard::is_resync(change) {
+            let reason = json!({"reason": "too many changes at once; reload"});
+            return vec![sse::event(change.seq, "resync", &reason)];
+        }
         vec![sse::event(change.seq, "entry", &change.data)]
     }
 }
 
 /// Server-Sent Events: `entry` `{"user_id", "score", "rank", "previous_rank",
 /// "attempts"}` for each changed entry; `resync` when a resume missed too
-/// much. Ids are log seqs; resume with `Last-Event-ID`.
+/// much, or when one batch of the projection changed more than 100 entries of
+/// the test (a backlog being worked off): reload then. Ids are log seqs;
+/// resume with `Last-Event-ID`.
 #[utoipa::path(get, path = "/v1/tests/{test_id}/leaderboard/stream", tag = "leaderboards",
     params(("test_id" = Uuid, Path), ("last-event-id" = Option<String>, Header), super::sse::StreamQuery),
     security(("bearer" = [])),

@@ -37,6 +37,27 @@ impl LeaderboardProjection {
     }
 }
 
+/// Most entries of one test a batch announces one by one, with their ranks;
+/// beyond that (a backlog being worked off) it announces one `resync` for the
+/// test, and its clients reload, rather than ranking every entry.
+pub const ANNOUNCE_LIMIT: usize = 100;
+
+/// The change a batch that moved too many entries of a test announces: the
+/// test's streams tell their clients to reload.
+pub fn resync_change(test_id: Uuid, seq: u64) -> Change {
+    Change {
+        topic: TOPIC.into(),
+        key: test_id.to_string(),
+        seq,
+        data: json!({"resync": true}),
+    }
+}
+
+/// Whether `change` asks the test's clients to reload.
+pub fn is_resync(change: &Change) -> bool {
+    change.data.get("resync") == Some(&serde_json::Value::Bool(true))
+}
+
 /// The change a recorded submission announces: the entry's new rank.
 pub fn entry_change(
     test_id: Uuid,
@@ -117,9 +138,22 @@ impl LeaderboardProjection {
             }
             entries.insert(key, (entry, *seq));
         }
+        // Tests with more changed entries than are announced one by one.
+        let mut per_test: HashMap<Uuid, (usize, u64)> = HashMap::new();
+        for ((test, _), (_, seq)) in &entries {
+            let (count, last) = per_test.entry(*test).or_default();
+            *count += 1;
+            *last = (*last).max(*seq);
+        }
+        let crowded: HashMap<Uuid, u64> = per_test
+            .into_iter()
+            .filter(|(_, (count, _))| *count > ANNOUNCE_LIMIT)
+            .map(|(test, (_, last))| (test, last))
+            .collect();
         let previous_ranks = if live {
             let keys: Vec<(Uuid, RankKey)> = before
                 .iter()
+                .filter(|((test, _), _)| !crowded.contains_key(test))
                 .map(|((test, _), key)| (*test, key.clone()))
                 .collect();
             let ranks = ranks_of(&mut *conn, &self.entries, &self.counts, &keys).await?;
@@ -190,6 +224,7 @@ impl LeaderboardProjection {
         // last change.
         let mut after: Vec<(u64, Uuid, &Entry)> = entries
             .iter()
+            .filter(|((test, _), _)| !crowded.contains_key(test))
             .map(|((test, _), (entry, seq))| (*seq, *test, entry))
             .collect();
         after.sort_by_key(|(seq, _, _)| *seq);
@@ -198,14 +233,21 @@ impl LeaderboardProjection {
             .map(|(_, test, entry)| (*test, entry.rank_key()))
             .collect();
         let ranks = ranks_of(&mut *conn, &self.entries, &self.counts, &keys).await?;
-        Ok(after
+        let mut changes: Vec<Change> = after
             .into_iter()
             .zip(ranks)
             .map(|((seq, test, entry), rank)| {
                 let previous = previous_ranks.get(&(test, entry.user_id.clone())).copied();
                 entry_change(test, seq, entry, rank, previous)
             })
-            .collect())
+            .chain(
+                crowded
+                    .into_iter()
+                    .map(|(test, seq)| resync_change(test, seq)),
+            )
+            .collect();
+        changes.sort_by_key(|change| change.seq);
+        Ok(changes)
     }
 
     /// Adds `deltas` ((test, score) → change in entries) to the score table:
