@@ -107,10 +107,11 @@ impl Stores {
             return Ok(Self::Embedded(Arc::new(Embedded::new(log, keys))));
         }
         let pool = crate::db::connect(&settings.database).await?;
-        let worker_pool = crate::db::connect(&crate::config::DatabaseSettings {
-            db_max_connections: WORKER_CONNECTIONS,
-            ..settings.database.clone()
-        })
+        let worker_pool = crate::db::connect_workers(
+            &settings.database,
+            WORKER_CONNECTIONS,
+            Duration::from_millis(settings.lease_ttl_ms),
+        )
         .await?;
         crate::db::migrate(&pool).await?;
         let read_pool = crate::db::connect_read(&settings.database, &pool).await?;
@@ -281,10 +282,10 @@ impl Application {
             )));
         }
         let relay_on = self.state.bus.as_ref().filter(|_| self.workers);
-        if let (Some(bus), Some(pool), Some(worker_pool)) =
+        if let (Some(bus), Some(_), Some(worker_pool)) =
             (relay_on, self.state.backend.pool(), &self.worker_pool)
         {
-            let relay = Relay::new(pool.clone(), bus.clone(), relay_config.clone());
+            let relay = Relay::new(worker_pool.clone(), bus.clone(), relay_config.clone());
             self.state
                 .metrics
                 .watch_relay(bus.subjects().prefix(), relay.stats(), relay.status());

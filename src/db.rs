@@ -19,11 +19,36 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Connects a pool to `DATABASE_URL`.
 pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
-    let url = settings
+    let url = primary_url(settings)?;
+    connect_to(
+        url,
+        "DATABASE_URL",
+        settings.db_max_connections,
+        settings,
+        IDLE_IN_TRANSACTION_TIMEOUT,
+    )
+    .await
+}
+
+/// The background roles' pool (relay, projections) on `DATABASE_URL`:
+/// `connections` of their own, and sessions left idle in a transaction —
+/// an owner paused mid-batch — ended after `idle_timeout` (the lease TTL), so
+/// that the row locks they hold do not delay the instance taking over.
+pub async fn connect_workers(
+    settings: &DatabaseSettings,
+    connections: u32,
+    idle_timeout: Duration,
+) -> anyhow::Result<PgPool> {
+    let url = primary_url(settings)?;
+    let idle = format!("{}ms", idle_timeout.as_millis().max(1));
+    connect_to(url, "DATABASE_URL", connections, settings, &idle).await
+}
+
+fn primary_url(settings: &DatabaseSettings) -> anyhow::Result<&Secret> {
+    settings
         .database_url
         .as_ref()
-        .context("DATABASE_URL is not set: Podium needs a Postgres database (see README.md)")?;
-    connect_to(url, "DATABASE_URL", settings.db_max_connections, settings).await
+        .context("DATABASE_URL is not set: Podium needs a Postgres database (see README.md)")
 }
 
 /// The pool queries read from: `DATABASE_READ_URL` (a read replica) when
@@ -36,6 +61,7 @@ pub async fn connect_read(settings: &DatabaseSettings, primary: &PgPool) -> anyh
                 "DATABASE_READ_URL",
                 settings.db_read_max_connections,
                 settings,
+                IDLE_IN_TRANSACTION_TIMEOUT,
             )
             .await
         }
@@ -48,15 +74,13 @@ async fn connect_to(
     variable: &str,
     max_connections: u32,
     settings: &DatabaseSettings,
+    idle_in_transaction: &str,
 ) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::from_str(url.expose())
         .with_context(|| format!("{variable} is not a valid Postgres URL"))?
         // A transaction left open holds back every tailer of the log (they
         // read only below the oldest running transaction): end such sessions.
-        .options([(
-            "idle_in_transaction_session_timeout",
-            IDLE_IN_TRANSACTION_TIMEOUT,
-        )])
+        .options([("idle_in_transaction_session_timeout", idle_in_transaction)])
         .log_slow_statements(
             log::LevelFilter::Warn,
             Duration::from_millis(settings.db_slow_statement_ms),

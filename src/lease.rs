@@ -69,6 +69,20 @@ impl Lease {
 
     /// Takes the lease if it is free, lapsed, or already ours; true if held.
     pub async fn try_acquire(&self) -> Result<bool, sqlx::Error> {
+        // A plain read first: the upsert below locks the row even when it
+        // changes nothing, and a standby looking every fraction of a second
+        // must not make the owner's transactions wait.
+        let held: Option<bool> = sqlx::query_scalar(
+            "SELECT expires_at >= now() AND owner <> $2 FROM leases WHERE name = $1",
+        )
+        .bind(self.name())
+        .bind(&*self.owner)
+        .fetch_optional(&self.pool)
+        .await?;
+        if held == Some(true) {
+            self.fence.set_token(0);
+            return Ok(false);
+        }
         let token: Option<i64> = sqlx::query_scalar(
             "INSERT INTO leases (name, owner, token, expires_at)
              VALUES ($1, $2, 1, now() + make_interval(secs => $3 / 1000.0))

@@ -121,13 +121,13 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     let result = live_scenarios(&live, &prefix, &sizes, &mut report).await;
     cleanup_nats(&prefix).await;
     live.drop().await?;
-    result?;
+    let ingest_rate = result?;
     embedded_scenarios(&sizes, &mut report).await?;
     let scale = ScratchDb::create(4).await?;
     let result = scale_scenarios(&scale, &sizes, &mut report).await;
     scale.drop().await?;
     let replay_rate = result?;
-    backlog_scenario(&sizes, replay_rate, &mut report).await?;
+    backlog_scenario(&sizes, (replay_rate, ingest_rate), &mut report).await?;
     instances_scenario(&sizes, &mut report).await?;
     let command = if args.smoke {
         "podium-bench all --smoke"
@@ -167,7 +167,7 @@ async fn live_scenarios(
     prefix: &str,
     sizes: &Sizes,
     report: &mut Report,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<f64> {
     let nats = nats_url();
     let server = Server::start(Options {
         database_url: &db.url,
@@ -389,7 +389,8 @@ async fn live_scenarios(
         Some(idle_mib <= 50.0),
     );
     server.stop().await;
-    Ok(())
+    // Each command writes one event.
+    Ok(ingest.commands_per_second)
 }
 
 /// The embedded mode (no Postgres, no NATS) under the same ingest,
@@ -704,7 +705,7 @@ async fn instances_scenario(sizes: &Sizes, report: &mut Report) -> anyhow::Resul
 /// started on it, its relay and four projections catching up from nothing.
 async fn backlog_scenario(
     sizes: &Sizes,
-    replay_rate: f64,
+    (replay_rate, ingest_rate): (f64, f64),
     report: &mut Report,
 ) -> anyhow::Result<()> {
     const PROJECTIONS: [&str; 4] = ["leaderboard", "feed", "attempts", "notification-policy"];
@@ -752,6 +753,14 @@ async fn backlog_scenario(
             .iter()
             .map(|(p, d)| format!("{p} {:.0}/s", events as f64 / d.as_secs_f64()))
             .collect();
+        report.row(
+            &format!("projection throughput: a backlog of {events} events caught up"),
+            format!("{rate:.0} events/s"),
+            format!("ingest maximum: {ingest_rate:.0} events/s"),
+            Some(rate / ingest_rate),
+            "≥ 3 × the ingest maximum",
+            Some(rate >= 3.0 * ingest_rate),
+        );
         report.row(
             &format!(
                 "backlog: one live instance works off {events} events (relay and four projections)"

@@ -314,10 +314,20 @@ impl<P: Projection> Worker<P> {
                     return Ok(Interrupted::Reposition { pause: false });
                 }
             };
-            let Some(chunk) = chunk else {
+            let Some(mut chunk) = chunk else {
                 return Ok(Interrupted::Reposition { pause: true });
             };
-            let full = chunk.len() == self.config.batch_size;
+            // Behind (the server holds more for this consumer): gather what
+            // follows up to a full batch, so that a backlog is worked off in
+            // large transactions while live events still go one by one.
+            while chunk.len() < self.config.batch_size && has_more(&chunk) {
+                let more = tokio::time::timeout(GATHER_WAIT, chunks.next()).await;
+                match more {
+                    Ok(Some(more)) => chunk.extend(more),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let full = has_more(&chunk);
             let mut deliveries = Vec::with_capacity(chunk.len());
             let mut broken = false;
             for message in chunk {
@@ -610,6 +620,21 @@ impl Backoff {
 /// it starts a fresh consumer (the server drops an ordered consumer left
 /// unread for 30 seconds).
 const QUIET_RECHECK: Duration = Duration::from_secs(10);
+
+/// How long a worker that is behind waits for the next messages to make its
+/// batch fuller.
+const GATHER_WAIT: Duration = Duration::from_millis(50);
+
+/// Whether the server had more messages for the consumer after the last of
+/// `chunk` (JetStream says how many are pending with each message).
+fn has_more<E>(chunk: &[Result<Message, E>]) -> bool {
+    chunk
+        .iter()
+        .rev()
+        .find_map(|m| m.as_ref().ok())
+        .and_then(|m| m.info().ok())
+        .is_some_and(|info| info.pending > 0)
+}
 
 /// The seq given to a message that carries none (not published by a relay).
 const FOREIGN: u64 = u64::MAX;

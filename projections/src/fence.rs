@@ -42,16 +42,20 @@ impl Fence {
     }
 
     /// Whether the lease is still this holder's, read inside the caller's
-    /// transaction. The lease row is locked `FOR SHARE` until the transaction
-    /// ends, so a takeover (which updates the row) waits for the transaction
-    /// to commit, and a transaction that starts after a takeover sees it.
+    /// transaction: a transaction that starts after a takeover sees it and
+    /// commits nothing. The row is locked `FOR KEY SHARE` only (it must not
+    /// be deleted meanwhile), so that neither the holder's renewals nor a
+    /// standby's look at it wait for the transaction. A takeover that commits
+    /// while such a transaction runs does not stop it; the checkpoint row,
+    /// which that transaction and the new owner's both lock, orders them, so
+    /// nothing is applied twice.
     pub async fn holds(&self, conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
         let token = self.token();
         if token == 0 {
             return Ok(false);
         }
         let current: Option<i64> =
-            sqlx::query_scalar("SELECT token FROM leases WHERE name = $1 FOR SHARE")
+            sqlx::query_scalar("SELECT token FROM leases WHERE name = $1 FOR KEY SHARE")
                 .bind(&*self.name)
                 .fetch_optional(conn)
                 .await?;
