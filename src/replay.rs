@@ -147,20 +147,23 @@ pub async fn replay(
         // commits need not wait for the disk.
         // Read the next batch while this one is applied: the replay then
         // runs at the pace of the slower of the two, not of both in turn.
-        let apply = async {
-            let mut tx = pool.begin().await?;
-            sqlx::query("SET LOCAL synchronous_commit = off")
-                .execute(&mut *tx)
-                .await?;
-            for projection in &projections {
+        // Each projection in a transaction of its own (their copies and
+        // checkpoints are apart), side by side.
+        let apply = futures::future::try_join_all(projections.iter().map(|projection| {
+            let events = &events;
+            async move {
+                let mut tx = pool.begin().await?;
+                sqlx::query("SET LOCAL synchronous_commit = off")
+                    .execute(&mut *tx)
+                    .await?;
                 projection
-                    .apply_in(&mut tx, &events)
+                    .apply_in(&mut tx, events)
                     .await
                     .with_context(|| format!("rebuilding {}", projection.name()))?;
+                tx.commit().await?;
+                anyhow::Ok(())
             }
-            tx.commit().await?;
-            anyhow::Ok(())
-        };
+        }));
         let (applied, read) = tokio::join!(apply, after.peek(&mut reader, BATCH));
         applied?;
         next = read?;

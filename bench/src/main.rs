@@ -41,6 +41,8 @@ enum Command {
     All(AllArgs),
     /// (internal) A Podium server for the harness to drive.
     Serve,
+    /// Only "three instances vs one", printed to stderr (for looking into it).
+    Instances(AllArgs),
 }
 
 #[derive(clap::Args)]
@@ -102,6 +104,12 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => runtime.block_on(server::serve()),
         Command::All(args) => runtime.block_on(all(args)),
+        Command::Instances(args) => runtime.block_on(async {
+            let mut report = Report::default();
+            instances_scenario(&Sizes::new(args.smoke), &mut report).await?;
+            eprintln!("{}", report.markdown("", "podium-bench instances"));
+            anyhow::Ok(())
+        }),
     }
 }
 
@@ -675,6 +683,17 @@ async fn instances_scenario(sizes: &Sizes, report: &mut Report) -> anyhow::Resul
                 client.await??;
             }
             let burst_done = Instant::now();
+            let behind: Vec<String> = apis[0]
+                .metrics()
+                .await?
+                .lines()
+                .filter(|l| {
+                    l.starts_with("podium_projection_lag_events")
+                        || l.starts_with("podium_relay_lag_events")
+                })
+                .map(String::from)
+                .collect();
+            eprintln!("at the end of the burst: {behind:?}");
             scenarios::settle(&apis[0]).await?;
             let elapsed = burst_done.elapsed();
             for server in servers {

@@ -320,9 +320,9 @@ impl<P: Projection> Worker<P> {
             // Behind (the server holds more for this consumer): gather what
             // follows up to a full batch, so that a backlog is worked off in
             // large transactions while live events still go one by one.
+            let gathering = tokio::time::Instant::now() + GATHER_WAIT;
             while chunk.len() < self.config.batch_size && has_more(&chunk) {
-                let more = tokio::time::timeout(GATHER_WAIT, chunks.next()).await;
-                match more {
+                match tokio::time::timeout_at(gathering, chunks.next()).await {
                     Ok(Some(more)) => chunk.extend(more),
                     Ok(None) | Err(_) => break,
                 }
@@ -621,9 +621,10 @@ impl Backoff {
 /// unread for 30 seconds).
 const QUIET_RECHECK: Duration = Duration::from_secs(10);
 
-/// How long a worker that is behind waits for the next messages to make its
-/// batch fuller.
-const GATHER_WAIT: Duration = Duration::from_millis(50);
+/// How long a worker that is behind spends at most gathering the next
+/// messages into a fuller batch (a backlog streams in far faster; live events
+/// are not held up longer than this).
+const GATHER_WAIT: Duration = Duration::from_millis(10);
 
 /// Whether the server had more messages for the consumer after the last of
 /// `chunk` (JetStream says how many are pending with each message).

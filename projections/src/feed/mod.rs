@@ -32,33 +32,122 @@ impl FeedProjection {
         }
     }
 
-    /// Adds `delta` to `user_id`'s unread count and returns the new count.
-    async fn count_unread(
+    /// Takes `read` items off `user_id`'s unread count and returns the new
+    /// count. Reads only follow items counted in, so the row exists.
+    async fn count_read(
         &self,
         conn: &mut PgConnection,
         user_id: &str,
-        delta: i32,
+        read: i32,
     ) -> Result<i32, sqlx::Error> {
-        // A decrement only follows items counted in, so the row exists; an
-        // upsert would check the constraint on `delta` itself.
-        let query = if delta < 0 {
-            format!(
-                "UPDATE {c} SET unread = unread + $2 WHERE user_id = $1 RETURNING unread",
-                c = self.counters
-            )
-        } else {
-            format!(
-                "INSERT INTO {c} (user_id, unread) VALUES ($1, $2)
-                 ON CONFLICT (user_id) DO UPDATE SET unread = {c}.unread + $2
-                 RETURNING unread",
-                c = self.counters
-            )
-        };
-        sqlx::query_scalar(&query)
-            .bind(user_id)
-            .bind(delta)
-            .fetch_one(conn)
-            .await
+        sqlx::query_scalar(&format!(
+            "UPDATE {c} SET unread = unread - $2 WHERE user_id = $1 RETURNING unread",
+            c = self.counters
+        ))
+        .bind(user_id)
+        .bind(read)
+        .fetch_one(conn)
+        .await
+    }
+}
+
+/// A notification created, as a feed item to insert.
+struct Created {
+    seq: u64,
+    user: String,
+    item: FeedItem,
+}
+
+/// The notification `event` creates, if it creates one.
+fn created_of(event: &RecordedEvent) -> Result<Option<Created>, BoxError> {
+    if event.event_type != "NotificationCreated" {
+        return Ok(None);
+    }
+    let PodiumEvent::Notification(NotificationEvent::NotificationCreated {
+        notification_id,
+        content,
+        created_at,
+    }) = event.decode()?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(Created {
+        seq: event.seq,
+        user: content.recipient.to_string(),
+        item: FeedItem::created(notification_id, &content.message, created_at, event.seq),
+    }))
+}
+
+impl FeedProjection {
+    /// Inserts a run of created notifications with one statement, counts
+    /// them in with another, and returns each new item's change with the
+    /// unread count it brought its user to.
+    async fn create_all(
+        &self,
+        conn: &mut PgConnection,
+        run: Vec<Created>,
+    ) -> Result<Vec<Change>, BoxError> {
+        if run.is_empty() {
+            return Ok(Vec::new());
+        }
+        let inserted: Vec<uuid::Uuid> = sqlx::query_scalar(&format!(
+            "INSERT INTO {} (notification_id, user_id, feed_seq, kind, title, body, link,
+                             created_at, changed_seq)
+             SELECT id, u, s, k, t, b, l, c, s
+               FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[],
+                           $6::text[], $7::text[], $8::timestamptz[]) AS r(id, u, s, k, t, b, l, c)
+             ON CONFLICT (notification_id) DO NOTHING
+             RETURNING notification_id",
+            self.items
+        ))
+        .bind(run.iter().map(|c| c.item.id).collect::<Vec<_>>())
+        .bind(run.iter().map(|c| c.user.clone()).collect::<Vec<_>>())
+        .bind(run.iter().map(|c| c.seq as i64).collect::<Vec<_>>())
+        .bind(run.iter().map(|c| c.item.kind.clone()).collect::<Vec<_>>())
+        .bind(run.iter().map(|c| c.item.title.clone()).collect::<Vec<_>>())
+        .bind(run.iter().map(|c| c.item.body.clone()).collect::<Vec<_>>())
+        .bind(run.iter().map(|c| c.item.link.clone()).collect::<Vec<_>>())
+        .bind(run.iter().map(|c| c.item.created_at).collect::<Vec<_>>())
+        .fetch_all(&mut *conn)
+        .await?;
+        let inserted: std::collections::HashSet<uuid::Uuid> = inserted.into_iter().collect();
+        let new: Vec<Created> = run
+            .into_iter()
+            .filter(|c| inserted.contains(&c.item.id))
+            .collect();
+        let mut per_user: std::collections::HashMap<&str, i32> = Default::default();
+        for created in &new {
+            *per_user.entry(&created.user).or_default() += 1;
+        }
+        if per_user.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (users, deltas): (Vec<&str>, Vec<i32>) = per_user.into_iter().unzip();
+        let counts: Vec<(String, i32)> = sqlx::query_as(&format!(
+            "INSERT INTO {c} (user_id, unread) SELECT * FROM UNNEST($1::text[], $2::int[])
+             ON CONFLICT (user_id) DO UPDATE SET unread = {c}.unread + EXCLUDED.unread
+             RETURNING user_id, unread",
+            c = self.counters
+        ))
+        .bind(&users)
+        .bind(&deltas)
+        .fetch_all(&mut *conn)
+        .await?;
+        // Walking back from each user's count after the run gives the count
+        // each item brought its user to.
+        let mut unread: std::collections::HashMap<String, i32> = counts.into_iter().collect();
+        let mut changes: Vec<Change> = new
+            .iter()
+            .rev()
+            .map(|c| {
+                let count = unread.get_mut(&c.user).expect("every user was counted");
+                let change = created_change(&c.user, c.seq, &c.item, *count as u64);
+                *count -= 1;
+                change
+            })
+            .collect();
+        changes.reverse();
+        Ok(changes)
     }
 }
 
@@ -93,48 +182,48 @@ impl ProjectionLogic for FeedProjection {
         }
     }
 
+    /// Runs of created notifications go in set-wise; reads, which depend
+    /// on what came before them, one by one in between.
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<Vec<Change>, BoxError> {
+        let mut changes = Vec::new();
+        let mut run = Vec::new();
+        for event in events {
+            if let Some(created) = created_of(event)? {
+                run.push(created);
+                continue;
+            }
+            if !matches!(event.aggregate_type.as_str(), "Notification" | "Inbox") {
+                continue;
+            }
+            changes.extend(self.create_all(conn, std::mem::take(&mut run)).await?);
+            changes.extend(self.apply_read(conn, event).await?);
+        }
+        changes.extend(self.create_all(conn, run).await?);
+        Ok(changes)
+    }
+
     async fn apply(
         &self,
         conn: &mut PgConnection,
         event: &RecordedEvent,
     ) -> Result<Vec<Change>, BoxError> {
-        if !matches!(event.aggregate_type.as_str(), "Notification" | "Inbox") {
-            return Ok(Vec::new());
-        }
+        self.apply_batch(conn, std::slice::from_ref(event)).await
+    }
+}
+
+impl FeedProjection {
+    /// Applies a read (of one notification, or of all a user has).
+    async fn apply_read(
+        &self,
+        conn: &mut PgConnection,
+        event: &RecordedEvent,
+    ) -> Result<Vec<Change>, BoxError> {
         let seq = event.seq as i64;
         Ok(match event.decode()? {
-            PodiumEvent::Notification(NotificationEvent::NotificationCreated {
-                notification_id,
-                content,
-                created_at,
-            }) => {
-                let user = content.recipient.to_string();
-                let message = &content.message;
-                let inserted = sqlx::query(&format!(
-                    "INSERT INTO {} (notification_id, user_id, feed_seq, kind, title, body, link,
-                                     created_at, changed_seq)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $3)
-                     ON CONFLICT (notification_id) DO NOTHING",
-                    self.items
-                ))
-                .bind(notification_id)
-                .bind(&user)
-                .bind(seq)
-                .bind(message.kind.as_str())
-                .bind(&message.title)
-                .bind(&message.body)
-                .bind(&message.link)
-                .bind(created_at)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-                if inserted == 0 {
-                    return Ok(Vec::new());
-                }
-                let unread = self.count_unread(conn, &user, 1).await?;
-                let item = FeedItem::created(notification_id, message, created_at, event.seq);
-                vec![created_change(&user, event.seq, &item, unread as u64)]
-            }
             PodiumEvent::Notification(NotificationEvent::NotificationRead {
                 notification_id,
                 recipient,
@@ -155,7 +244,7 @@ impl ProjectionLogic for FeedProjection {
                 if marked == 0 {
                     return Ok(Vec::new());
                 }
-                let unread = self.count_unread(conn, &user, -1).await?;
+                let unread = self.count_read(conn, &user, 1).await?;
                 vec![read_change(
                     &user,
                     event.seq,
@@ -180,7 +269,7 @@ impl ProjectionLogic for FeedProjection {
                 if ids.is_empty() {
                     return Ok(Vec::new());
                 }
-                let unread = self.count_unread(conn, &user, -(ids.len() as i32)).await?;
+                let unread = self.count_read(conn, &user, ids.len() as i32).await?;
                 vec![read_change(&user, event.seq, &ids, unread as u64)]
             }
             _ => Vec::new(),
