@@ -321,13 +321,13 @@ impl<P: Projection> Worker<P> {
             // follows up to a full batch, so that a backlog is worked off in
             // large transactions while live events still go one by one.
             let gathering = tokio::time::Instant::now() + GATHER_WAIT;
-            while chunk.len() < self.config.batch_size && has_more(&chunk) {
+            while chunk.len() < self.config.batch_size && pending(&chunk) > 0 {
                 match tokio::time::timeout_at(gathering, chunks.next()).await {
                     Ok(Some(more)) => chunk.extend(more),
                     Ok(None) | Err(_) => break,
                 }
             }
-            let full = has_more(&chunk);
+            let full = pending(&chunk) >= BACKLOG;
             let mut deliveries = Vec::with_capacity(chunk.len());
             let mut broken = false;
             for message in chunk {
@@ -626,15 +626,19 @@ const QUIET_RECHECK: Duration = Duration::from_secs(10);
 /// are not held up longer than this).
 const GATHER_WAIT: Duration = Duration::from_millis(10);
 
-/// Whether the server had more messages for the consumer after the last of
-/// `chunk` (JetStream says how many are pending with each message).
-fn has_more<E>(chunk: &[Result<Message, E>]) -> bool {
+/// Messages pending on the server from which a worker reports that it is
+/// working off a backlog (`catching_up`) rather than following live traffic.
+const BACKLOG: u64 = 100;
+
+/// How many messages the server had for the consumer after the last of
+/// `chunk` (JetStream says with each message).
+fn pending<E>(chunk: &[Result<Message, E>]) -> u64 {
     chunk
         .iter()
         .rev()
         .find_map(|m| m.as_ref().ok())
         .and_then(|m| m.info().ok())
-        .is_some_and(|info| info.pending > 0)
+        .map_or(0, |info| info.pending)
 }
 
 /// The seq given to a message that carries none (not published by a relay).
