@@ -637,6 +637,19 @@ async fn scale_scenarios(
     Ok(replay_rate)
 }
 
+/// A server with NATS, running the relay and the projections.
+async fn server_with_workers(database_url: &str, prefix: &str) -> anyhow::Result<Server> {
+    Server::start(Options {
+        database_url,
+        nats_url: &nats_url(),
+        prefix,
+        rate_limits: "off",
+        metrics: true,
+        workers: true,
+    })
+    .await
+}
+
 /// The same burst of submissions on one instance and on three (spread over
 /// all of them): how long the read models take to catch up after it.
 async fn instances_scenario(sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
@@ -648,17 +661,7 @@ async fn instances_scenario(sizes: &Sizes, report: &mut Report) -> anyhow::Resul
         let result = async {
             let mut servers = Vec::new();
             for _ in 0..count {
-                servers.push(
-                    Server::start(Options {
-                        database_url: &db.url,
-                        nats_url: &nats_url(),
-                        prefix: &prefix,
-                        rate_limits: "off",
-                        metrics: true,
-                        workers: true,
-                    })
-                    .await?,
-                );
+                servers.push(server_with_workers(&db.url, &prefix).await?);
             }
             let apis: Vec<Api> = servers
                 .iter()
@@ -736,15 +739,7 @@ async fn backlog_scenario(
         let mut quiet = |_, _| {};
         let (_, events) = podium::seed::bulk(&db.pool, attempts, &mut quiet).await?;
         let started = Instant::now();
-        let server = Server::start(Options {
-            database_url: &db.url,
-            nats_url: &nats_url(),
-            prefix: &prefix,
-            rate_limits: "off",
-            metrics: true,
-            workers: true,
-        })
-        .await?;
+        let server = server_with_workers(&db.url, &prefix).await?;
         let mut done: Vec<(&str, Duration)> = Vec::new();
         while done.len() < PROJECTIONS.len() {
             anyhow::ensure!(
