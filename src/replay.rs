@@ -258,17 +258,9 @@ async fn swap(
     mut cursor: LogCursor,
 ) -> anyhow::Result<u64> {
     let mut tx = pool.begin().await?;
-    let live: Vec<&str> = projections
-        .iter()
-        .flat_map(|p| p.tables().iter().copied())
-        .collect();
-    sqlx::query(&format!(
-        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-        live.join(", ")
-    ))
-    .execute(&mut *tx)
-    .await?;
-    // The live workers' checkpoint rows too: they cannot commit in between.
+    // The live workers' checkpoint rows first, then their tables: a worker
+    // locks its checkpoint before it writes its tables, so taking them in
+    // the same order cannot deadlock with one, and none commits in between.
     let mut live_leaderboard = 0;
     for projection in projections {
         let live: Option<i64> =
@@ -280,6 +272,16 @@ async fn swap(
             live_leaderboard = live.unwrap_or(0) as u64;
         }
     }
+    let live: Vec<&str> = projections
+        .iter()
+        .flat_map(|p| p.tables().iter().copied())
+        .collect();
+    sqlx::query(&format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        live.join(", ")
+    ))
+    .execute(&mut *tx)
+    .await?;
     // The last submission applied here that the live leaderboard had not
     // seen: its move is not recorded (rebuilds record none).
     let mut unrecorded_move = None;
