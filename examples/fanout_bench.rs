@@ -40,15 +40,16 @@ impl ProjectionLogic for Stopwatch {
         "stopwatch"
     }
 
-    async fn apply(
+    async fn apply_batch(
         &self,
         _: &mut PgConnection,
-        event: &RecordedEvent,
+        events: &[RecordedEvent],
     ) -> Result<Vec<Change>, BoxError> {
-        self.seen
-            .lock()
-            .unwrap()
-            .insert(event.identity(), Instant::now());
+        let now = Instant::now();
+        let mut seen = self.seen.lock().unwrap();
+        for event in events {
+            seen.insert(event.identity(), now);
+        }
         Ok(Vec::new())
     }
 }

@@ -189,18 +189,6 @@ pub enum RoleState {
     Halted,
 }
 
-impl RoleState {
-    pub const ALL: [RoleState; 3] = [Self::Standby, Self::Running, Self::Halted];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Standby => "standby",
-            Self::Running => "running",
-            Self::Halted => "halted",
-        }
-    }
-}
-
 impl RoleStatus {
     pub fn state(&self) -> RoleState {
         match self.state.load(Ordering::Relaxed) {

@@ -115,14 +115,6 @@ impl ProjectionLogic for NotificationPolicy {
         NAME
     }
 
-    async fn apply(
-        &self,
-        conn: &mut PgConnection,
-        event: &RecordedEvent,
-    ) -> Result<Vec<Change>, BoxError> {
-        self.apply_batch(conn, std::slice::from_ref(event)).await
-    }
-
     /// Decides a whole batch in memory, from the bests it can touch (read in
     /// two statements), then writes the new bests and creates every
     /// notification it decided on in the same transaction as its checkpoint:
@@ -133,10 +125,24 @@ impl ProjectionLogic for NotificationPolicy {
         conn: &mut PgConnection,
         events: &[RecordedEvent],
     ) -> Result<Vec<Change>, BoxError> {
-        let mut memory = Preloaded::load(conn, events).await?;
-        let mut commands = Vec::new();
+        let mut submissions = Vec::new();
         for event in events {
-            commands.extend(self.commands_for(&mut memory, event).await?);
+            if let Some(submission) = submission(event)? {
+                submissions.push((event, submission));
+            }
+        }
+        let keys = submissions
+            .iter()
+            .filter_map(|(_, submission)| match submission {
+                AttemptEvent::AttemptSubmitted {
+                    test_id, user_id, ..
+                } => Some((*test_id, user_id.to_string())),
+                _ => None,
+            });
+        let mut memory = Preloaded::load(conn, keys.collect()).await?;
+        let mut commands = Vec::new();
+        for (event, submission) in submissions {
+            commands.extend(self.decide_on(&mut memory, event, submission).await?);
         }
         memory.store(conn).await?;
         let commands = commands
@@ -146,6 +152,17 @@ impl ProjectionLogic for NotificationPolicy {
         crate::eventstore::create_all::<Notification>(conn, commands).await?;
         Ok(Vec::new())
     }
+}
+
+/// The submission `event` records, decoded, if it is one.
+fn submission(event: &RecordedEvent) -> Result<Option<AttemptEvent>, BoxError> {
+    if event.event_type != "AttemptSubmitted" {
+        return Ok(None);
+    }
+    Ok(match event.decode()? {
+        PodiumEvent::Attempt(submitted @ AttemptEvent::AttemptSubmitted { .. }) => Some(submitted),
+        _ => None,
+    })
 }
 
 /// A notification the policy has decided on.
@@ -163,22 +180,24 @@ impl NotificationPolicy {
         memory: &mut M,
         event: &RecordedEvent,
     ) -> Result<(), BoxError> {
-        for command in self.commands_for(memory, event).await? {
+        let Some(submission) = submission(event)? else {
+            return Ok(());
+        };
+        for command in self.decide_on(memory, event, submission).await? {
             self.issue(command).await?;
         }
         Ok(())
     }
 
-    /// Decides what `event` notifies with the bests in `memory`.
-    async fn commands_for<M: PolicyMemory>(
+    /// Decides what `submission` (decoded from `event`) notifies with the
+    /// bests in `memory`.
+    async fn decide_on<M: PolicyMemory>(
         &self,
         memory: &mut M,
         event: &RecordedEvent,
+        submission: AttemptEvent,
     ) -> Result<Vec<Issue>, BoxError> {
-        if event.event_type != "AttemptSubmitted" {
-            return Ok(Vec::new());
-        }
-        let PodiumEvent::Attempt(AttemptEvent::AttemptSubmitted {
+        let AttemptEvent::AttemptSubmitted {
             attempt_id,
             test_id,
             user_id,
@@ -187,7 +206,7 @@ impl NotificationPolicy {
             correct,
             submitted_at,
             ..
-        }) = event.decode()?
+        } = submission
         else {
             return Ok(Vec::new());
         };
@@ -203,8 +222,8 @@ impl NotificationPolicy {
                 submitted_at,
             )
             .await?;
-        // The commands commit on their own; if this transaction then fails,
-        // the event comes back and the same ids make the commands no-ops.
+        // Ids derive from the kind, the source event and the recipient:
+        // deciding on the same event again creates nothing new.
         let mut commands = Vec::with_capacity(notices.len());
         for notice in notices {
             let source = format!("{}:{}:{}", notice.kind, event.identity(), notice.recipient);
@@ -286,16 +305,8 @@ struct Preloaded {
 }
 
 impl Preloaded {
-    async fn load(conn: &mut PgConnection, events: &[RecordedEvent]) -> Result<Self, BoxError> {
-        let mut keys = Vec::new();
-        for event in events.iter().filter(|e| e.event_type == "AttemptSubmitted") {
-            if let PodiumEvent::Attempt(AttemptEvent::AttemptSubmitted {
-                test_id, user_id, ..
-            }) = event.decode()?
-            {
-                keys.push((test_id, user_id.to_string()));
-            }
-        }
+    /// Reads the bests the submissions of users `keys` (test, user) can touch.
+    async fn load(conn: &mut PgConnection, keys: Vec<(Uuid, String)>) -> Result<Self, BoxError> {
         let mut loaded = Self {
             bests: MemoryBests::default(),
             changed: Default::default(),

@@ -35,14 +35,6 @@ impl ProjectionLogic for AttemptsProjection {
         }
     }
 
-    async fn apply(
-        &self,
-        conn: &mut PgConnection,
-        event: &RecordedEvent,
-    ) -> Result<Vec<Change>, BoxError> {
-        self.apply_batch(conn, std::slice::from_ref(event)).await
-    }
-
     /// Starts are inserted, then submissions update them, each set-wise: a
     /// submission always follows its start in the log.
     async fn apply_batch(

@@ -10,57 +10,30 @@ use crate::fence::{is_transient, Fence};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// What a projection does with one event, inside its transaction.
+/// What a projection does with the events, inside its transaction.
 pub trait ProjectionLogic: Send + Sync + 'static {
-    /// The checkpoint's name; also the durable consumer's name.
+    /// The checkpoint's name.
     fn name(&self) -> &str;
 
-    /// Applies `event` to the read model through `conn` (a transaction) and
-    /// returns what changed. Events the projection ignores return nothing.
-    fn apply(
-        &self,
-        conn: &mut PgConnection,
-        event: &RecordedEvent,
-    ) -> impl Future<Output = Result<Vec<Change>, BoxError>> + Send;
-
-    /// Applies consecutive events at once. The default applies them one by
-    /// one; a projection that can write a batch in a few statements (as a
-    /// rebuild does) overrides it. On an error, nothing of the batch counts:
-    /// the transaction is rolled back.
+    /// Applies consecutive events to the read model through `conn` (a
+    /// transaction) and returns what changed; events the projection ignores
+    /// change nothing. Projections write a batch in a few set-wise
+    /// statements. On an error, nothing of the batch counts: the transaction
+    /// is rolled back.
     fn apply_batch(
         &self,
         conn: &mut PgConnection,
         events: &[RecordedEvent],
+    ) -> impl Future<Output = Result<Vec<Change>, BoxError>> + Send;
+
+    /// [`Self::apply_batch`] for one event.
+    fn apply(
+        &self,
+        conn: &mut PgConnection,
+        event: &RecordedEvent,
     ) -> impl Future<Output = Result<Vec<Change>, BoxError>> + Send {
-        apply_each(self, conn, events)
+        self.apply_batch(conn, std::slice::from_ref(event))
     }
-}
-
-/// Applies `events` one by one with [`ProjectionLogic::apply`].
-pub async fn apply_each<L: ProjectionLogic + ?Sized>(
-    logic: &L,
-    conn: &mut PgConnection,
-    events: &[RecordedEvent],
-) -> Result<Vec<Change>, BoxError> {
-    let mut changes = Vec::new();
-    for event in events {
-        changes.extend(logic.apply(&mut *conn, event).await.map_err(|source| {
-            BoxError::from(AtSeq {
-                seq: event.seq,
-                source,
-            })
-        })?);
-    }
-    Ok(changes)
-}
-
-/// An event's failure, naming its seq and keeping its cause (whose kind
-/// decides whether it is retried).
-#[derive(Debug, thiserror::Error)]
-#[error("event seq {seq}: {source}")]
-struct AtSeq {
-    seq: u64,
-    source: BoxError,
 }
 
 #[derive(Debug, thiserror::Error)]

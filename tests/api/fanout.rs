@@ -59,34 +59,38 @@ impl ProjectionLogic for Recorder {
         "recorder"
     }
 
-    async fn apply(
+    async fn apply_batch(
         &self,
         conn: &mut PgConnection,
-        event: &RecordedEvent,
+        events: &[RecordedEvent],
     ) -> Result<Vec<Change>, BoxError> {
-        if let Some(left) = self.failing.get(&event.seq) {
-            let failing = left
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
-                    0 => None,
-                    u32::MAX => Some(u32::MAX),
-                    n => Some(n - 1),
-                })
-                .is_ok();
-            if failing {
-                return Err(format!("recorder refuses seq {}", event.seq).into());
+        let mut changes = Vec::new();
+        for event in events {
+            if let Some(left) = self.failing.get(&event.seq) {
+                let failing = left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
+                        0 => None,
+                        u32::MAX => Some(u32::MAX),
+                        n => Some(n - 1),
+                    })
+                    .is_ok();
+                if failing {
+                    return Err(format!("recorder refuses seq {}", event.seq).into());
+                }
             }
+            sqlx::query("INSERT INTO recorded (seq, identity) VALUES ($1, $2)")
+                .bind(event.seq as i64)
+                .bind(event.identity())
+                .execute(&mut *conn)
+                .await?;
+            changes.push(Change {
+                topic: "recorder".into(),
+                key: event.aggregate_id.clone(),
+                seq: event.seq,
+                data: serde_json::json!({"event_type": event.event_type}),
+            });
         }
-        sqlx::query("INSERT INTO recorded (seq, identity) VALUES ($1, $2)")
-            .bind(event.seq as i64)
-            .bind(event.identity())
-            .execute(conn)
-            .await?;
-        Ok(vec![Change {
-            topic: "recorder".into(),
-            key: event.aggregate_id.clone(),
-            seq: event.seq,
-            data: serde_json::json!({"event_type": event.event_type}),
-        }])
+        Ok(changes)
     }
 }
 

@@ -506,11 +506,11 @@ impl podium_projections::ProjectionLogic for Renamed {
         "again"
     }
 
-    async fn apply(
+    async fn apply_batch(
         &self,
         conn: &mut sqlx::PgConnection,
-        event: &podium_domain::log::RecordedEvent,
+        events: &[podium_domain::log::RecordedEvent],
     ) -> Result<Vec<podium_domain::log::Change>, podium_projections::BoxError> {
-        self.0.apply(conn, event).await
+        self.0.apply_batch(conn, events).await
     }
 }

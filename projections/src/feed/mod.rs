@@ -205,14 +205,6 @@ impl ProjectionLogic for FeedProjection {
         changes.extend(self.create_all(conn, run).await?);
         Ok(changes)
     }
-
-    async fn apply(
-        &self,
-        conn: &mut PgConnection,
-        event: &RecordedEvent,
-    ) -> Result<Vec<Change>, BoxError> {
-        self.apply_batch(conn, std::slice::from_ref(event)).await
-    }
 }
 
 impl FeedProjection {

@@ -350,14 +350,6 @@ impl ProjectionLogic for LeaderboardProjection {
         }
     }
 
-    async fn apply(
-        &self,
-        conn: &mut PgConnection,
-        event: &RecordedEvent,
-    ) -> Result<Vec<Change>, BoxError> {
-        self.apply_batch(conn, std::slice::from_ref(event)).await
-    }
-
     async fn apply_batch(
         &self,
         conn: &mut PgConnection,
