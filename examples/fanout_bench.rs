@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use podium::eventstore::Aggregates;
+use podium::command::Aggregates;
 use podium::projector::PgProjection;
 use podium::relay::{Relay, RelayConfig};
 use podium_domain::log::{Change, RecordedEvent};

@@ -5,13 +5,13 @@
 //!
 //! Writes EVENTS `AttemptSubmitted` events (one test, one user each, scores
 //! 0–100) straight into a scratch database's log with SQL, rebuilds every read
-//! model with `podium::replay` (as `podium replay --projection all` does),
+//! model with `podium::projector::replay` (as `podium replay --projection all` does),
 //! then times LOOKUPS rank lookups of random users (entry and rank, and the
 //! 5 neighbours above). Needs Postgres (PODIUM_TEST_DATABASE_URL).
 
 use std::time::Instant;
 
-use podium::replay::{replay, Target};
+use podium::projector::replay::{replay, Target};
 use podium_projections::leaderboard::LeaderboardQueries;
 use uuid::Uuid;
 
@@ -49,7 +49,7 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("written in {:.1} s", started.elapsed().as_secs_f64());
 
     let started = Instant::now();
-    let mut progress = podium::replay::stderr_progress();
+    let mut progress = podium::projector::replay::stderr_progress();
     let rebuilt = replay(&pool, Target::All, &mut progress).await?;
     let replay_secs = started.elapsed().as_secs_f64();
     assert!(rebuilt.iter().all(|r| r.checkpoint == events));

@@ -10,14 +10,16 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::JwtKeys;
-use crate::backend::Backend;
-use crate::cache::{CacheConfig, QueryCache};
-use crate::changes::ChangeHub;
+use crate::command::idempotency::IdempotencyKeys;
+use crate::command::{Aggregates, Repository};
 use crate::config::Settings;
-use crate::embedded::{Embedded, IdempotencyKeys, MemLog};
-use crate::eventstore::{Aggregates, Repository};
 use crate::http::{self, AppParts, AppState};
-use crate::metrics::Metrics;
+use crate::log::memory::MemLog;
+use crate::ops::metrics::Metrics;
+use crate::projector::local::Embedded;
+use crate::query::cache::{CacheConfig, QueryCache};
+use crate::query::changes::ChangeHub;
+use crate::query::store::Backend;
 use crate::ratelimit::RateLimiter;
 use crate::relay::{Relay, RelayConfig, Target};
 use podium_nats::{EventBus, StreamLimits};
@@ -99,23 +101,23 @@ impl Stores {
                     MemLog::open(path)?,
                     IdempotencyKeys::open(
                         &path.with_extension("keys.jsonl"),
-                        crate::http::idempotency::RETENTION_TIME,
+                        crate::http::middleware::idempotency::RETENTION_TIME,
                     )?,
                 ),
                 None => (MemLog::in_memory(), IdempotencyKeys::default()),
             };
             return Ok(Self::Embedded(Arc::new(Embedded::new(log, keys))));
         }
-        let pool = crate::db::connect(&settings.database).await?;
-        let worker_pool = crate::db::connect_workers(
+        let pool = crate::ops::db::connect(&settings.database).await?;
+        let worker_pool = crate::ops::db::connect_workers(
             &settings.database,
             WORKER_CONNECTIONS,
             Duration::from_millis(settings.lease_ttl_ms),
         )
         .await?;
-        crate::db::migrate(&pool).await?;
-        let read_pool = crate::db::connect_read(&settings.database, &pool).await?;
-        crate::eventlog::sync_epoch(&pool).await?;
+        crate::ops::db::migrate(&pool).await?;
+        let read_pool = crate::ops::db::connect_read(&settings.database, &pool).await?;
+        crate::log::postgres::sync_epoch(&pool).await?;
         Ok(Self::Postgres {
             pool,
             read_pool,
@@ -240,7 +242,7 @@ impl Application {
             worker_pool,
             shutdown_timeout: Duration::from_secs(settings.shutdown_timeout_secs),
             lease_ttl: Duration::from_millis(settings.lease_ttl_ms),
-            instance: crate::lease::new_instance_id(),
+            instance: crate::ops::lease::new_instance_id(),
         })
     }
 
@@ -369,7 +371,7 @@ async fn maintain(backend: Backend, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                match http::idempotency::purge_expired(&backend).await {
+                match http::middleware::idempotency::purge_expired(&backend).await {
                     Ok(0) => {}
                     Ok(purged) => tracing::info!(purged, "purged expired idempotency keys"),
                     Err(err) => tracing::warn!(%err, "cannot purge expired idempotency keys"),

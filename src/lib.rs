@@ -1,33 +1,40 @@
-//! The `podium` binary's library: configuration, the HTTP API (commands,
-//! queries, auth, problem+json errors, idempotency), the event-store wiring and
-//! the command line. `main.rs` only parses the command line and calls [`cli::run`];
-//! tests start the same [`app::Application`] on port 0.
+//! The `podium` binary's library, laid out by the stages of the data flow:
+//!
+//! ```text
+//! http ──▶ command ──▶ events table ──▶ relay ──▶ NATS ──▶ projector ──▶ read models
+//!  ▲                    (log)                                  │
+//!  └──────────── query (store, cache, change hub) ◀────────────┘
+//! ```
+//!
+//! | module | holds | may use |
+//! |---|---|---|
+//! | [`ops`] | clock, pools, leases, metrics, logging, shutdown | `config` |
+//! | [`log`] | the event log: Postgres tail and reader, in-memory log | `ops` |
+//! | [`command`] | aggregates' stores, the event repository, the notification policy, idempotency keys | `log`, `ops` |
+//! | [`query`] | read-store port and adapters, query cache, change hub | `log`, `ops` |
+//! | [`ratelimit`] | budgets and their shared windows | `ops` |
+//! | [`relay`] | the outbox relay: leadership, targets (JetStream, in-process) | `query`, `log`, `ops` |
+//! | [`projector`] | the projection registry and runners (NATS, in-process), replay | `relay`, `command`, `query`, `log`, `ops` |
+//! | [`http`] | router, errors, extractors, SSE, middleware, routes, OpenAPI | `auth`, `query`, `command`, `ratelimit`, `ops` |
+//! | [`cli`], [`app`] | the command line and the wiring of a running instance | everything |
+//!
+//! `main.rs` only parses the command line and calls [`cli::run`]; tests start
+//! the same [`app::Application`] on port 0. A test (`tests/api/layout.rs`)
+//! keeps the arrows of this table pointing one way.
 #![forbid(unsafe_code)]
 
 pub mod app;
 pub mod auth;
-pub mod backend;
-pub mod cache;
-pub mod changes;
 pub mod cli;
-pub mod clock;
+pub mod command;
 pub mod config;
-pub mod db;
-pub mod demo;
-pub mod embedded;
-pub mod eventlog;
-pub mod eventstore;
 pub mod http;
-pub mod lease;
-pub mod metrics;
-pub mod policy;
+pub mod log;
+pub mod ops;
 pub mod projector;
+pub mod query;
 pub mod ratelimit;
 pub mod relay;
-pub mod replay;
-pub mod seed;
-pub mod shutdown;
-pub mod telemetry;
 
 pub use app::Application;
 pub use config::Settings;

@@ -1,7 +1,7 @@
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = podium::cli::Cli::parse_or_serve();
-    let _sentry = match podium::telemetry::init_with_sentry(cli.sentry_dsn()) {
+    let _sentry = match podium::ops::telemetry::init_with_sentry(cli.sentry_dsn()) {
         Ok(guard) => guard,
         Err(err) => {
             eprintln!("error: {err:#}");

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use podium::eventlog::LogCursor;
+use podium::log::postgres::LogCursor;
 use sqlx::PgPool;
 
 /// pgbench with the command script (read an aggregate's events, append one)

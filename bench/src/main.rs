@@ -568,14 +568,19 @@ async fn scale_scenarios(
 ) -> anyhow::Result<f64> {
     eprintln!("seeding {} attempts…", sizes.attempts);
     let mut quiet = |_, _| {};
-    let (test, events) = podium::seed::bulk(&db.pool, sizes.attempts, &mut quiet).await?;
+    let (test, events) = podium::cli::bulk_seed::bulk(&db.pool, sizes.attempts, &mut quiet).await?;
     eprintln!("reading the log…");
     let (read, read_rate) = ceilings::read_log(&db.pool).await?;
     anyhow::ensure!(read == events, "read {read} of {events} events");
     eprintln!("replaying {events} events…");
     let replay_started = Instant::now();
-    let mut progress = podium::replay::stderr_progress();
-    podium::replay::replay(&db.pool, podium::replay::Target::All, &mut progress).await?;
+    let mut progress = podium::projector::replay::stderr_progress();
+    podium::projector::replay::replay(
+        &db.pool,
+        podium::projector::replay::Target::All,
+        &mut progress,
+    )
+    .await?;
     let replay_rate = events as f64 / replay_started.elapsed().as_secs_f64();
     report.row(
         &format!("replay: all read models from {events} events"),
@@ -737,7 +742,7 @@ async fn backlog_scenario(
         let attempts = (sizes.attempts / 10).max(1_000);
         eprintln!("backlog of {attempts} attempts…");
         let mut quiet = |_, _| {};
-        let (_, events) = podium::seed::bulk(&db.pool, attempts, &mut quiet).await?;
+        let (_, events) = podium::cli::bulk_seed::bulk(&db.pool, attempts, &mut quiet).await?;
         let started = Instant::now();
         let server = server_with_workers(&db.url, &prefix).await?;
         let mut done: Vec<(&str, Duration)> = Vec::new();

@@ -31,7 +31,7 @@ impl ScratchDb {
             .max_connections(connections)
             .connect(&url)
             .await?;
-        podium::db::migrate(&pool).await?;
+        podium::ops::db::migrate(&pool).await?;
         Ok(Self {
             name,
             url,

@@ -2,21 +2,12 @@
 //! request passes through (request ids, tracing, body limit, idempotency,
 //! panics turned into problem+json).
 
-mod attempts;
-mod catalog;
-mod demo;
 pub mod error;
 pub mod extract;
-mod feed;
-mod health;
-mod history;
-pub mod idempotency;
-mod leaderboard;
-pub mod limits;
-mod notifications;
-mod observe;
+pub mod middleware;
 mod openapi;
 mod pagination;
+mod routes;
 pub mod sse;
 
 use std::sync::Arc;
@@ -27,7 +18,7 @@ use std::time::Duration;
 
 use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::response::IntoResponse;
-use axum::{middleware, Router};
+use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -37,12 +28,12 @@ use tower_http::trace::TraceLayer;
 use tokio::sync::watch;
 
 use crate::auth::JwtKeys;
-use crate::backend::Backend;
-use crate::cache::QueryCache;
-use crate::changes::ChangeHub;
+use crate::command::Aggregates;
 use crate::config::QuerySettings;
-use crate::eventstore::Aggregates;
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
+use crate::query::cache::QueryCache;
+use crate::query::changes::ChangeHub;
+use crate::query::store::Backend;
 use crate::ratelimit::RateLimiter;
 use error::ApiError;
 
@@ -102,27 +93,20 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.body_limit;
     let cors = cors(&state.cors_origins);
     Router::new()
-        .merge(health::router())
-        .merge(demo::router())
-        .merge(catalog::router())
-        .merge(attempts::router())
-        .merge(notifications::router())
-        .merge(leaderboard::router())
-        .merge(feed::router())
-        .merge(history::router())
+        .merge(routes::router())
         .merge(openapi::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn_with_state(
+        .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            idempotency::middleware,
+            middleware::idempotency::middleware,
         ))
-        .layer(middleware::from_fn_with_state(
+        .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            limits::middleware,
+            middleware::limits::middleware,
         ))
         .layer(tower::util::option_layer(state.http_metrics.then(|| {
-            middleware::from_fn_with_state(state.clone(), observe::record)
+            axum::middleware::from_fn_with_state(state.clone(), middleware::observe::record)
         })))
         .layer(DefaultBodyLimit::max(body_limit))
         // Never for event streams: the default predicate leaves them alone.

@@ -11,8 +11,8 @@ use axum::Router;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
+use super::routes::{attempts, catalog, demo, feed, health, history, leaderboard, notifications};
 use super::AppState;
-use super::{attempts, catalog, demo, feed, health, history, leaderboard, notifications};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/openapi.json", get(document))

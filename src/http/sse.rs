@@ -27,7 +27,7 @@ use serde::Deserialize;
 use super::error::ApiError;
 use super::AppState;
 use crate::auth::Principal;
-use crate::changes::Subscription;
+use crate::query::changes::Subscription;
 
 /// Most changes a catch-up sends one by one; beyond that the client is told
 /// to reload (a `resync` event), which is cheaper for both sides.

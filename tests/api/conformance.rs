@@ -498,9 +498,13 @@ pub async fn a_rebuild_from_the_log_answers_the_same(adapters: Adapters) {
         }
         Adapters::Production | Adapters::SingleNode => {
             let mut progress = |_, _| {};
-            podium::replay::replay(&app.pool, podium::replay::Target::All, &mut progress)
-                .await
-                .expect("the replay runs");
+            podium::projector::replay::replay(
+                &app.pool,
+                podium::projector::replay::Target::All,
+                &mut progress,
+            )
+            .await
+            .expect("the replay runs");
             // A fresh instance (an empty cache) reads the swapped-in models.
             app.another_instance(|_| {}).await
         }
@@ -527,11 +531,13 @@ pub async fn the_demo_seed_fills_tests_leaderboards_and_feeds(adapters: Adapters
         return;
     };
     let keys = podium::auth::JwtKeys::new(crate::helpers::SECRET).unwrap();
-    let size = podium::demo::DemoSize {
+    let size = podium::cli::demo_seed::DemoSize {
         learners: 12,
         attempts: 60,
     };
-    let seeded = podium::demo::seed(&app.address, &keys, size).await.unwrap();
+    let seeded = podium::cli::demo_seed::seed(&app.address, &keys, size)
+        .await
+        .unwrap();
     assert_eq!(seeded.tests.len(), 3);
     let token = &seeded.learner_token;
     eventually("the three tests in the catalog", || async {

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures::StreamExt;
-use podium::eventlog::LogCursor;
-use podium::eventstore::Aggregates;
+use podium::command::Aggregates;
+use podium::log::postgres::LogCursor;
 use podium::projector::PgProjection;
 use podium::relay::{Relay, RelayConfig};
 use podium_domain::log::{Change, RecordedEvent};
@@ -483,16 +483,25 @@ async fn a_failing_event_is_retried_dead_lettered_and_never_applied_twice_or_out
 async fn a_restore_into_another_cluster_starts_a_new_epoch_that_sorts_last() {
     let db = TestDb::new().await;
     let aggregates = Aggregates::new(&db.pool);
-    assert_eq!(podium::eventlog::sync_epoch(&db.pool).await.unwrap(), 1);
+    assert_eq!(
+        podium::log::postgres::sync_epoch(&db.pool).await.unwrap(),
+        1
+    );
     append(&aggregates, 0, 3, 3).await;
     // Pretend the database was written by another cluster before.
     sqlx::query("UPDATE log_epoch SET system_identifier = 42")
         .execute(&db.pool)
         .await
         .unwrap();
-    assert_eq!(podium::eventlog::sync_epoch(&db.pool).await.unwrap(), 2);
+    assert_eq!(
+        podium::log::postgres::sync_epoch(&db.pool).await.unwrap(),
+        2
+    );
     // Starting again on the same cluster keeps the epoch.
-    assert_eq!(podium::eventlog::sync_epoch(&db.pool).await.unwrap(), 2);
+    assert_eq!(
+        podium::log::postgres::sync_epoch(&db.pool).await.unwrap(),
+        2
+    );
     append(&aggregates, 1, 3, 3).await;
     let epochs: Vec<i32> = sqlx::query_scalar("SELECT epoch FROM events ORDER BY position")
         .fetch_all(&db.pool)

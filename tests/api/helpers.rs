@@ -55,7 +55,9 @@ impl TestDb {
             .connect(&database_url(&name))
             .await
             .expect("connect to the test database");
-        podium::db::migrate(&pool).await.expect("migrations apply");
+        podium::ops::db::migrate(&pool)
+            .await
+            .expect("migrations apply");
         Self { name, pool }
     }
 
@@ -132,7 +134,7 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     // Quiet unless asked: RUST_LOG=warn (say) shows the app's logs.
     if std::env::var_os("RUST_LOG").is_some() {
-        podium::telemetry::init();
+        podium::ops::telemetry::init();
     }
     let db = std::sync::Arc::new(TestDb::with_pool_size(2).await);
     start(db, configure, true).await

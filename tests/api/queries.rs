@@ -515,9 +515,9 @@ async fn a_rebuild_of_a_caught_up_leaderboard_keeps_cursors_valid() {
     let (page, _) = get_json(&app, &format!("{base}?limit=1"), &token).await;
     let cursor = page["next_cursor"].as_str().unwrap().to_string();
     let mut progress = |_, _| {};
-    podium::replay::replay(
+    podium::projector::replay::replay(
         &app.pool,
-        podium::replay::Target::Leaderboard,
+        podium::projector::replay::Target::Leaderboard,
         &mut progress,
     )
     .await

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use podium::eventlog::LogCursor;
-use podium::replay::{replay, Target};
+use podium::log::postgres::LogCursor;
+use podium::projector::replay::{replay, Target};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -425,10 +425,10 @@ async fn redelivering_every_event_changes_nothing_and_notifies_no_one_twice() {
         .execute(&app.pool)
         .await
         .unwrap();
-    let aggregates = std::sync::Arc::new(podium::eventstore::Aggregates::new(&app.pool));
+    let aggregates = std::sync::Arc::new(podium::command::Aggregates::new(&app.pool));
     let policy = podium_projections::Checkpointed::new(
         app.pool.clone(),
-        Renamed(podium::policy::NotificationPolicy::new(aggregates)),
+        Renamed(podium::command::policy::NotificationPolicy::new(aggregates)),
     );
     let mut conn = app.pool.acquire().await.unwrap();
     let (log, _) = LogCursor::start().peek(&mut conn, i64::MAX).await.unwrap();
@@ -499,7 +499,7 @@ async fn the_policy_notifies_grades_personal_bests_and_overtaken_users() {
 }
 
 /// The policy under another checkpoint name, to run it a second time.
-struct Renamed(podium::policy::NotificationPolicy);
+struct Renamed(podium::command::policy::NotificationPolicy);
 
 impl podium_projections::ProjectionLogic for Renamed {
     fn name(&self) -> &str {

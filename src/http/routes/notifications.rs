@@ -12,11 +12,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::error::ApiError;
-use super::extract::{Admin, ApiJson, ApiPath, RequestId};
-use super::idempotency::IdempotencyScope;
-use super::AppState;
 use crate::auth::Principal;
+use crate::http::error::ApiError;
+use crate::http::extract::{Admin, ApiJson, ApiPath, RequestId};
+use crate::http::middleware::idempotency::IdempotencyScope;
+use crate::http::AppState;
 
 /// Most recipients of one `POST /v1/notifications`.
 pub const MAX_RECIPIENTS: usize = 1_000;
@@ -100,10 +100,10 @@ impl SendBody {
     security(("bearer" = [])),
     responses(
         (status = 202, body = Sent),
-        (status = 400, description = "Malformed JSON", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not an admin", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid recipients or message", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid recipients or message", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     ))]
 async fn send(
     State(state): State<AppState>,
@@ -113,7 +113,7 @@ async fn send(
     ApiJson(body): ApiJson<SendBody>,
 ) -> Result<(StatusCode, Json<Sent>), ApiError> {
     let contents = body.parse().map_err(ApiError::invalid)?;
-    let now = crate::clock::now();
+    let now = crate::ops::clock::now();
     let mut notification_ids = Vec::with_capacity(contents.len());
     for content in contents {
         let notification_id = match &scope {
@@ -145,10 +145,10 @@ async fn send(
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Read"),
-        (status = 400, description = "Malformed id", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not yours", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such notification", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not yours", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such notification", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     ))]
 async fn mark_read(
     State(state): State<AppState>,
@@ -158,7 +158,7 @@ async fn mark_read(
 ) -> Result<StatusCode, ApiError> {
     let command = NotificationCommand::MarkRead {
         by: principal.user_id.clone(),
-        now: crate::clock::now(),
+        now: crate::ops::clock::now(),
     };
     let result = state
         .aggregates
@@ -175,7 +175,7 @@ async fn mark_read(
 /// Marks every notification you received so far read.
 #[utoipa::path(post, path = "/v1/me/notifications/read-all", tag = "notifications",
     security(("bearer" = [])),
-    responses((status = 204, description = "All read"), (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),))]
+    responses((status = 204, description = "All read"), (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),))]
 async fn read_all(
     State(state): State<AppState>,
     principal: Principal,
@@ -183,7 +183,7 @@ async fn read_all(
 ) -> Result<StatusCode, ApiError> {
     let command = InboxCommand::ReadAll {
         user_id: principal.user_id.clone(),
-        now: crate::clock::now(),
+        now: crate::ops::clock::now(),
     };
     let result = state
         .aggregates

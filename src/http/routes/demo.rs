@@ -6,9 +6,9 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
-use super::AppState;
+use crate::http::AppState;
 
-const PAGE: &str = include_str!("../../static/index.html");
+const PAGE: &str = include_str!("../../../static/index.html");
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/", get(page))

@@ -13,10 +13,10 @@ use utoipa::ToSchema;
 
 use uuid::Uuid;
 
-use super::error::ApiError;
-use super::extract::{Admin, ApiJson, ApiPath, RequestId};
-use super::AppState;
 use crate::auth::Principal;
+use crate::http::error::ApiError;
+use crate::http::extract::{Admin, ApiJson, ApiPath, RequestId};
+use crate::http::AppState;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -63,13 +63,13 @@ struct Published {
     security(("bearer" = [])),
     responses(
         (status = 201, body = Published, headers(("location" = String, description = "The test's URL"))),
-        (status = 400, description = "Malformed JSON", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not an admin", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "A test with this id exists", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid test", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A test with this id exists", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid test", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     ))]
 async fn publish(
     State(state): State<AppState>,
@@ -110,10 +110,10 @@ async fn publish(
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Archived"),
-        (status = 400, description = "Malformed id", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not an admin", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such test", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such test", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     ))]
 async fn archive(
     State(state): State<AppState>,
@@ -162,7 +162,7 @@ struct ListView {
     security(("bearer" = [])),
     responses(
         (status = 200, body = ListView),
-        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     ))]
 async fn list(State(state): State<AppState>, _: Principal) -> Result<Json<ListView>, ApiError> {
     Ok(Json(ListView {
@@ -176,9 +176,9 @@ async fn list(State(state): State<AppState>, _: Principal) -> Result<Json<ListVi
     security(("bearer" = [])),
     responses(
         (status = 200, body = TestView),
-        (status = 400, description = "Malformed id", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such test", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such test", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     ))]
 async fn show(
     State(state): State<AppState>,

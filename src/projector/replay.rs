@@ -17,7 +17,7 @@ use podium_projections::leaderboard::{self, LeaderboardProjection, LeaderboardQu
 use podium_projections::{ApplyError, Checkpointed, Generation};
 use sqlx::{PgConnection, PgPool};
 
-use crate::eventlog::LogCursor;
+use crate::log::postgres::LogCursor;
 
 /// Events per transaction while rebuilding.
 const BATCH: i64 = 1_000;

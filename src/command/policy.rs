@@ -24,7 +24,7 @@ use podium_projections::{BoxError, ProjectionLogic};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::eventstore::Aggregates;
+use crate::command::Aggregates;
 
 pub const NAME: &str = "notification-policy";
 /// How many places at the top of a test count for `rank_overtaken`.
@@ -149,7 +149,7 @@ impl ProjectionLogic for NotificationPolicy {
             .into_iter()
             .map(|issue| (issue.id.to_string(), issue.command, issue.metadata))
             .collect();
-        crate::eventstore::create_all::<Notification>(conn, commands).await?;
+        crate::command::create_all::<Notification>(conn, commands).await?;
         Ok(Vec::new())
     }
 }
@@ -241,7 +241,7 @@ impl NotificationPolicy {
             let metadata = EventMetadata {
                 actor: SYSTEM_ACTOR.to_string(),
                 request_id: event.identity(),
-                recorded_at: crate::clock::now(),
+                recorded_at: crate::ops::clock::now(),
             };
             commands.push(Issue {
                 id: notification_id,

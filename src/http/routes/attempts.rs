@@ -16,10 +16,10 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::catalog::published_definition;
-use super::error::{ApiError, Rejection as _};
-use super::extract::{ApiJson, ApiPath, OptionalJson, RequestId};
-use super::AppState;
 use crate::auth::Principal;
+use crate::http::error::{ApiError, Rejection as _};
+use crate::http::extract::{ApiJson, ApiPath, OptionalJson, RequestId};
+use crate::http::AppState;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -62,10 +62,10 @@ impl From<&StartedAttempt> for Started {
     responses(
         (status = 201, body = Started, headers(("location" = String))),
         (status = 200, description = "The same attempt id again: the same body", body = Started),
-        (status = 400, description = "Malformed id or JSON", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such test", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The test is archived, or the id is taken", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id or JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such test", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The test is archived, or the id is taken", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     ))]
 async fn start(
     State(state): State<AppState>,
@@ -85,7 +85,7 @@ async fn start(
         attempt_id,
         user_id: principal.user_id.clone(),
         test,
-        now: crate::clock::now(),
+        now: crate::ops::clock::now(),
     };
     let id = attempt_id.to_string();
     let attempts = &state.aggregates.attempts;
@@ -128,12 +128,12 @@ struct AnswerBody {
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Recorded"),
-        (status = 400, description = "Malformed id or JSON", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not your attempt", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such attempt", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Already submitted, or past the time limit", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "No such question or choice", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id or JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not your attempt", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such attempt", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already submitted, or past the time limit", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "No such question or choice", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     ))]
 async fn answer(
     State(state): State<AppState>,
@@ -148,7 +148,7 @@ async fn answer(
         question_id,
         choice: body.choice,
         test,
-        now: crate::clock::now(),
+        now: crate::ops::clock::now(),
     };
     state
         .aggregates
@@ -183,12 +183,12 @@ struct Submitted {
     security(("bearer" = [])),
     responses(
         (status = 200, body = Submitted),
-        (status = 400, description = "Malformed id or JSON", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not your attempt", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such attempt", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Already submitted, or past the time limit", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid answers", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id or JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not your attempt", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such attempt", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already submitted, or past the time limit", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid answers", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     ))]
 async fn submit(
     State(state): State<AppState>,
@@ -202,7 +202,7 @@ async fn submit(
         by: principal.user_id.clone(),
         answers: body.answers,
         test,
-        now: crate::clock::now(),
+        now: crate::ops::clock::now(),
     };
     let id = attempt_id.to_string();
     let attempts = &state.aggregates.attempts;
@@ -302,10 +302,10 @@ impl AttemptView {
     security(("bearer" = [])),
     responses(
         (status = 200, body = AttemptView),
-        (status = 400, description = "Malformed id", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not your attempt", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such attempt", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not your attempt", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such attempt", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     ))]
 async fn show(
     State(state): State<AppState>,

@@ -17,13 +17,13 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::catalog::published_definition;
-use super::error::ApiError;
-use super::extract::{ApiPath, ApiQuery};
-use super::pagination::{self, next_link};
-use super::sse::{self, CatchUp, StreamQuery, StreamSource};
-use super::AppState;
 use crate::auth::Principal;
-use crate::cache::{CacheKey, JsonBody, Loaded};
+use crate::http::error::ApiError;
+use crate::http::extract::{ApiPath, ApiQuery};
+use crate::http::pagination::{self, next_link};
+use crate::http::sse::{self, CatchUp, StreamQuery, StreamSource};
+use crate::http::AppState;
+use crate::query::cache::{CacheKey, JsonBody, Loaded};
 
 /// Most neighbours on each side of a user.
 pub const MAX_RADIUS: u16 = 50;
@@ -103,10 +103,10 @@ struct PageView {
     security(("bearer" = [])),
     responses(
         (status = 200, body = PageView, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
-        (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`limit` outside 1–200, or cursor and offset together", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such test", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`limit` outside 1–200, or cursor and offset together", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such test", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     ))]
 async fn page(
     State(state): State<AppState>,
@@ -262,10 +262,10 @@ struct AroundView {
     security(("bearer" = [])),
     responses(
         (status = 200, body = AroundView),
-        (status = 400, description = "Malformed id", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "The user has no entry", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`radius` above 50", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "The user has no entry", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`radius` above 50", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     ))]
 async fn around(
     State(state): State<AppState>,
@@ -377,14 +377,14 @@ impl StreamSource for Entries {
 /// the test (a backlog being worked off): reload then. Ids are log seqs;
 /// resume with `Last-Event-ID`.
 #[utoipa::path(get, path = "/v1/tests/{test_id}/leaderboard/stream", tag = "leaderboards",
-    params(("test_id" = Uuid, Path), ("last-event-id" = Option<String>, Header), super::sse::StreamQuery),
+    params(("test_id" = Uuid, Path), ("last-event-id" = Option<String>, Header), crate::http::sse::StreamQuery),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "An event stream", content_type = "text/event-stream", headers(("cache-control" = String, description = "no-cache"), ("x-accel-buffering" = String, description = "no"))),
-        (status = 400, description = "Malformed id or Last-Event-ID", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such test", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Too many open streams", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id or Last-Event-ID", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such test", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many open streams", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     ))]
 async fn stream(
     State(state): State<AppState>,

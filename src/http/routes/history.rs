@@ -10,12 +10,12 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::error::ApiError;
-use super::extract::ApiQuery;
-use super::pagination::{self, next_link};
-use super::AppState;
 use crate::auth::Principal;
-use crate::cache::JsonBody;
+use crate::http::error::ApiError;
+use crate::http::extract::ApiQuery;
+use crate::http::pagination::{self, next_link};
+use crate::http::AppState;
+use crate::query::cache::JsonBody;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/me/attempts", get(list))
@@ -51,9 +51,9 @@ struct ListView {
     security(("bearer" = [])),
     responses(
         (status = 200, body = ListView, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
-        (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`limit` outside 1–200, or cursor and offset together", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`limit` outside 1–200, or cursor and offset together", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     ))]
 async fn list(
     State(state): State<AppState>,

@@ -8,9 +8,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::error::ApiError;
-use super::AppState;
-use crate::backend::Backend;
+use crate::http::error::ApiError;
+use crate::http::AppState;
+use crate::query::store::Backend;
 
 pub fn router() -> Router<AppState> {
     Router::new()

@@ -13,7 +13,7 @@ use prometheus::{
 };
 use sqlx::PgPool;
 
-use crate::lease::{RoleState, RoleStatus};
+use crate::ops::lease::{RoleState, RoleStatus};
 use crate::relay::RelayStats;
 
 /// Latency buckets, in seconds: 0.5 ms to 10 s.
@@ -332,7 +332,7 @@ impl Metrics {
         let embedded = self.sources().embedded.clone();
         if let Some(progress) = embedded {
             let (checkpoint, head) = progress();
-            let p = [crate::embedded::PROJECTOR];
+            let p = [crate::projector::local::PROJECTOR];
             self.projection_checkpoint
                 .with_label_values(&p)
                 .set(checkpoint as i64);
@@ -358,7 +358,7 @@ impl Metrics {
                 .with_label_values(&[name, "used"])
                 .set(i64::from(pool.size()) - idle);
         }
-        if let Ok(age) = crate::eventlog::oldest_writer_age_secs(pool).await {
+        if let Ok(age) = crate::log::postgres::oldest_writer_age_secs(pool).await {
             self.log_stall.set(age);
         }
         // The head of the log in seqs: what the relay has numbered plus what

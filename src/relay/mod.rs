@@ -3,7 +3,7 @@
 //! acknowledged the batch.
 //!
 //! Exactly one relay is active per NATS prefix: it holds a lease
-//! ([`crate::lease`]) that lapses within its TTL when the relay stops renewing
+//! ([`crate::ops::lease`]) that lapses within its TTL when the relay stops renewing
 //! it (paused, killed, cut off); a standby then takes over. The checkpoint is
 //! saved only while the lease is still held, so a paused ex-leader that wakes
 //! up moves nothing. A relay that dies between publishing and checkpointing
@@ -29,9 +29,9 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::changes::ChangeHub;
-use crate::eventlog::{LogCursor, LogKey};
-use crate::lease::{supervise, Lease, RoleExit, RoleStatus};
+use crate::log::postgres::{LogCursor, LogKey};
+use crate::ops::lease::{supervise, Lease, RoleExit, RoleStatus};
+use crate::query::changes::ChangeHub;
 
 /// The channel the `events` insert trigger notifies on.
 const CHANNEL: &str = "podium_events";
@@ -60,7 +60,7 @@ impl Default for RelayConfig {
             poll_interval: Duration::from_secs(1),
             blocked_poll: Duration::from_millis(5),
             lease_ttl: Duration::from_millis(crate::config::DEFAULT_LEASE_TTL_MS),
-            owner: crate::lease::new_instance_id(),
+            owner: crate::ops::lease::new_instance_id(),
             max_backoff: Duration::from_secs(5),
         }
     }
@@ -205,7 +205,7 @@ impl Relay {
                 // Committed events that we may not read yet wait behind an
                 // older transaction that is still running — perhaps one that
                 // writes no event and so will not notify: look again soon.
-                let wait = if crate::eventlog::count_after(&mut conn, &cursor.key).await? > 0 {
+                let wait = if crate::log::postgres::count_after(&mut conn, &cursor.key).await? > 0 {
                     self.config.blocked_poll
                 } else {
                     self.config.poll_interval
@@ -364,7 +364,7 @@ pub async fn lag(pool: &PgPool, name: &str) -> Result<i64, sqlx::Error> {
             position,
         },
     };
-    crate::eventlog::count_after(&mut *pool.acquire().await?, &key).await
+    crate::log::postgres::count_after(&mut *pool.acquire().await?, &key).await
 }
 
 /// The local target's checkpoint name.

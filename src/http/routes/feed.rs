@@ -12,14 +12,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
-use super::error::ApiError;
-use super::extract::ApiQuery;
-use super::pagination::{self, next_link};
-use super::sse::{self, CatchUp, StreamQuery, StreamSource};
-use super::AppState;
 use crate::auth::Principal;
-use crate::backend::FeedPage;
-use crate::cache::{CacheKey, JsonBody, Loaded};
+use crate::http::error::ApiError;
+use crate::http::extract::ApiQuery;
+use crate::http::pagination::{self, next_link};
+use crate::http::sse::{self, CatchUp, StreamQuery, StreamSource};
+use crate::http::AppState;
+use crate::query::cache::{CacheKey, JsonBody, Loaded};
+use crate::query::store::FeedPage;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -61,9 +61,9 @@ struct PageView {
     security(("bearer" = [])),
     responses(
         (status = 200, body = PageView, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
-        (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`limit` outside 1–200, or cursor and offset together", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`limit` outside 1–200, or cursor and offset together", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     ))]
 async fn page(
     State(state): State<AppState>,
@@ -117,7 +117,7 @@ async fn page(
 /// Your unread count: `{"unread_count"}`.
 #[utoipa::path(get, path = "/v1/me/notifications/unread-count", tag = "notifications",
     security(("bearer" = [])),
-    responses((status = 200, description = "`{\"unread_count\": 3}`"), (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),))]
+    responses((status = 200, description = "`{\"unread_count\": 3}`"), (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),))]
 async fn unread_count(
     State(state): State<AppState>,
     principal: Principal,
@@ -209,13 +209,13 @@ impl StreamSource for Notifications {
 /// `unread_count` `{"unread_count"}`; `resync` when a resume missed too
 /// much. Ids are log seqs; resume with `Last-Event-ID`.
 #[utoipa::path(get, path = "/v1/me/notifications/stream", tag = "notifications",
-    params(("last-event-id" = Option<String>, Header), super::sse::StreamQuery),
+    params(("last-event-id" = Option<String>, Header), crate::http::sse::StreamQuery),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "An event stream", content_type = "text/event-stream", headers(("cache-control" = String, description = "no-cache"), ("x-accel-buffering" = String, description = "no"))),
-        (status = 400, description = "Malformed Last-Event-ID", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = super::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Too many open streams", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed Last-Event-ID", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many open streams", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     ))]
 async fn stream(
     State(state): State<AppState>,

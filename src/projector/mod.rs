@@ -1,12 +1,15 @@
 //! The projection engine: the projections `podium serve` keeps, each run by
 //! exactly one instance at a time.
 //!
-//! Every projection has a lease ([`crate::lease`]); the instance holding it
+//! Every projection has a lease ([`crate::ops::lease`]); the instance holding it
 //! runs a [`podium_nats::Worker`] that reads the events stream from the
 //! projection's own checkpoint and applies natural batches, fenced by the
 //! lease's token inside each transaction. The other instances stand by and
 //! take over within one lease TTL when the owner stops renewing. Different
 //! projections may be owned by different instances, so the work spreads.
+
+pub mod local;
+pub mod replay;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,10 +26,10 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::eventstore::Aggregates;
-use crate::lease::{supervise, Lease, RoleExit, RoleStatus};
-use crate::metrics::Metrics;
-use crate::policy::NotificationPolicy;
+use crate::command::policy::NotificationPolicy;
+use crate::command::Aggregates;
+use crate::ops::lease::{supervise, Lease, RoleExit, RoleStatus};
+use crate::ops::metrics::Metrics;
 use crate::relay::ApplyBatch;
 use prometheus::Histogram;
 

@@ -1,5 +1,8 @@
 //! The command line: `podium serve | migrate | token`.
 
+pub mod bulk_seed;
+pub mod demo_seed;
+
 use std::time::Duration;
 
 use anyhow::Context;
@@ -62,7 +65,7 @@ pub struct SeedArgs {
 pub struct ReplayArgs {
     /// Which read model to rebuild.
     #[arg(long, value_enum, default_value = "all")]
-    pub projection: crate::replay::Target,
+    pub projection: crate::projector::replay::Target,
     #[command(flatten)]
     pub database: DatabaseSettings,
 }
@@ -105,26 +108,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(settings) => {
             let app = crate::Application::build(*settings).await?;
-            app.run_until(crate::shutdown::signal()).await
+            app.run_until(crate::ops::shutdown::signal()).await
         }
         Command::Migrate(database) => {
-            let pool = crate::db::connect(&database).await?;
-            crate::db::migrate(&pool).await?;
+            let pool = crate::ops::db::connect(&database).await?;
+            crate::ops::db::migrate(&pool).await?;
             eprintln!("migrations applied");
             Ok(())
         }
         Command::Seed(args) => match args.bulk {
             Some(attempts) => {
-                let pool = crate::db::connect(&args.database).await?;
-                crate::db::migrate(&pool).await?;
+                let pool = crate::ops::db::connect(&args.database).await?;
+                crate::ops::db::migrate(&pool).await?;
                 let mut progress = |done, total| eprintln!("seed: {done}/{total} attempts");
-                let (test_id, events) = crate::seed::bulk(&pool, attempts, &mut progress).await?;
+                let (test_id, events) =
+                    crate::cli::bulk_seed::bulk(&pool, attempts, &mut progress).await?;
                 println!("test {test_id}: {events} events written; run `podium replay` to build the read models");
                 Ok(())
             }
             None => {
                 let keys = dev_or_configured_keys(&args.auth)?;
-                let size = crate::demo::DemoSize {
+                let size = crate::cli::demo_seed::DemoSize {
                     learners: args.learners,
                     attempts: args.attempts,
                 };
@@ -132,7 +136,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     "seeding {} with {} attempts by {} learners…",
                     args.url, size.attempts, size.learners
                 );
-                let seeded = crate::demo::seed(&args.url, &keys, size).await?;
+                let seeded = crate::cli::demo_seed::seed(&args.url, &keys, size).await?;
                 println!("tests: {}", seeded.tests.join(" "));
                 println!("demo admin token:   {}", seeded.admin_token);
                 println!(
@@ -152,10 +156,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Replay(args) => {
-            let pool = crate::db::connect(&args.database).await?;
-            crate::db::migrate(&pool).await?;
-            let mut progress = crate::replay::stderr_progress();
-            for rebuilt in crate::replay::replay(&pool, args.projection, &mut progress).await? {
+            let pool = crate::ops::db::connect(&args.database).await?;
+            crate::ops::db::migrate(&pool).await?;
+            let mut progress = crate::projector::replay::stderr_progress();
+            for rebuilt in
+                crate::projector::replay::replay(&pool, args.projection, &mut progress).await?
+            {
                 eprintln!(
                     "replay {}: rebuilt and swapped in at seq {}",
                     rebuilt.projection, rebuilt.checkpoint

@@ -8,8 +8,8 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 
-use super::error::ProblemKind;
-use super::AppState;
+use crate::http::error::ProblemKind;
+use crate::http::AppState;
 
 pub async fn record(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().cloned();

@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::error::ApiError;
-use super::AppState;
-use crate::backend::Backend;
+use crate::http::error::ApiError;
+use crate::http::AppState;
+use crate::query::store::Backend;
 
 pub const HEADER: &str = "idempotency-key";
 /// Set on a response that replays a stored one.

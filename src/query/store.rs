@@ -16,8 +16,8 @@ use podium_projections::leaderboard::{
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::embedded::Embedded;
 use crate::http::error::ApiError;
+use crate::projector::local::Embedded;
 
 /// Where the read models (and the idempotency keys) live.
 #[derive(Clone)]
@@ -50,7 +50,7 @@ impl Backend {
     /// Whether the store answers.
     pub async fn is_ready(&self) -> bool {
         match self {
-            Self::Postgres { pool, .. } => crate::db::is_ready(pool).await,
+            Self::Postgres { pool, .. } => crate::ops::db::is_ready(pool).await,
             Self::Embedded(_) => true,
         }
     }
@@ -69,7 +69,7 @@ impl Backend {
             }
             Self::Postgres { read_pool, .. } => read_pool,
         };
-        let mut tx = crate::db::snapshot(read_pool).await?;
+        let mut tx = crate::ops::db::snapshot(read_pool).await?;
         let seq = checkpoint_of(&mut *tx, leaderboard::NAME).await?;
         if let PageStart::After { since, .. } = start {
             let horizon = LeaderboardQueries::moves_horizon(&mut *tx).await?;
@@ -116,7 +116,7 @@ impl Backend {
             }
             Self::Postgres { read_pool, .. } => read_pool,
         };
-        let mut tx = crate::db::snapshot(read_pool).await?;
+        let mut tx = crate::ops::db::snapshot(read_pool).await?;
         let seq = checkpoint_of(&mut *tx, leaderboard::NAME).await?;
         let changed = match after {
             Some(after) => {
@@ -150,7 +150,7 @@ impl Backend {
             }
             Self::Postgres { read_pool, .. } => read_pool,
         };
-        let mut tx = crate::db::snapshot(read_pool).await?;
+        let mut tx = crate::ops::db::snapshot(read_pool).await?;
         let (items, more) = FeedQueries::page(&mut tx, user_id, before, unread_only, limit).await?;
         let unread = FeedQueries::unread(&mut *tx, user_id).await?;
         tx.commit().await?;
@@ -182,7 +182,7 @@ impl Backend {
             }
             Self::Postgres { read_pool, .. } => read_pool,
         };
-        let mut tx = crate::db::snapshot(read_pool).await?;
+        let mut tx = crate::ops::db::snapshot(read_pool).await?;
         let seq = checkpoint_of(&mut *tx, feed::NAME).await?;
         let changed = match after {
             Some(after) => FeedQueries::changed_since(&mut tx, user_id, after, limit).await?,

@@ -1,6 +1,6 @@
 //! The query cache: leaderboard pages, around-a-user views and unread counts,
 //! held per API instance in moka and kept fresh by the change notifications
-//! every instance receives (see [`crate::changes`]).
+//! every instance receives (see [`crate::query::changes`]).
 //!
 //! Each cached answer remembers the projection checkpoint it was read at (in
 //! the same snapshot). It is stale once a change with a later seq has been
@@ -20,9 +20,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use uuid::Uuid;
 
-use crate::changes::ChangeHub;
 use crate::http::error::ApiError;
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
+use crate::query::changes::ChangeHub;
 
 /// What is cached, by key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -2,6 +2,9 @@
 //! on one sqlx pool (or over the embedded in-memory log), with upcasters
 //! applied to every event read.
 
+pub mod idempotency;
+pub mod policy;
+
 use std::sync::Arc;
 
 use cqrs_es::persist::{
@@ -17,8 +20,8 @@ use postgres_es::PostgresEventRepository;
 use prometheus::Histogram;
 use sqlx::PgPool;
 
-use crate::embedded::MemLog;
-use crate::metrics::Metrics;
+use crate::log::memory::MemLog;
+use crate::ops::metrics::Metrics;
 
 type Persisted<A> = PersistedEventStore<Repository, A>;
 

@@ -12,9 +12,9 @@ use axum::http::{header, HeaderMap, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::error::ApiError;
-use super::AppState;
 use crate::auth::Principal;
+use crate::http::error::ApiError;
+use crate::http::AppState;
 use crate::ratelimit::{client_ip, Decision};
 
 /// Paths that are never limited: probes, scrapes and documents.

@@ -1,0 +1,6 @@
+//! The event log, read in its one total order: the Postgres tail and reader
+//! (gap-free while writers commit out of order), and the embedded mode's
+//! in-memory log with its optional file. May use `ops`.
+
+pub mod memory;
+pub mod postgres;

@@ -1,0 +1,100 @@
+//! The embedded mode: Podium in one process with no Postgres and no NATS.
+//! The event log lives in memory (and optionally in a local file); one
+//! projector task follows it in order, keeps every read model in memory and
+//! runs the notification policy; changes go straight to the [`ChangeHub`]
+//! that NATS feeds in production. Commands, the HTTP API, the cache and the
+//! SSE streams are the same code as in production.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use podium_projections::memory::MemoryModels;
+use tokio::sync::watch;
+
+use crate::command::idempotency::IdempotencyKeys;
+use crate::command::policy::{MemoryBests, NotificationPolicy};
+use crate::command::Aggregates;
+use crate::log::memory::MemLog;
+use crate::query::changes::ChangeHub;
+
+/// The projector's name in metrics.
+pub const PROJECTOR: &str = "embedded";
+
+/// Events the projector takes from the log at a time.
+const BATCH: usize = 500;
+/// How long the projector waits before retrying a failed event.
+const RETRY: Duration = Duration::from_millis(200);
+
+/// The in-process stores of the embedded mode.
+pub struct Embedded {
+    pub log: Arc<MemLog>,
+    pub models: Arc<MemoryModels>,
+    pub keys: IdempotencyKeys,
+}
+
+impl Embedded {
+    pub fn new(log: MemLog, keys: IdempotencyKeys) -> Self {
+        Self {
+            log: Arc::new(log),
+            models: Arc::new(MemoryModels::new()),
+            keys,
+        }
+    }
+
+    /// The read models' checkpoint and the log's last seq.
+    pub fn progress(&self) -> (u64, u64) {
+        (self.models.checkpoint(), *self.log.tail().borrow())
+    }
+
+    /// Follows the log until `stop`: applies each event to the read models,
+    /// announces the changes, and runs the notification policy (whose
+    /// commands append to the same log). At start it replays the whole log,
+    /// which is how a file-backed log rebuilds its read models.
+    pub async fn project(
+        self: Arc<Self>,
+        aggregates: Arc<Aggregates>,
+        hub: Arc<ChangeHub>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let policy = NotificationPolicy::new(aggregates);
+        let mut bests = MemoryBests::default();
+        // The policy's own checkpoint: it acts once per event, even on replay
+        // of a file (its commands' ids are deterministic: repeats are no-ops).
+        let mut policy_at = 0;
+        let mut tail = self.log.tail();
+        loop {
+            let at = self.models.checkpoint().min(policy_at);
+            let events = self.log.read_after(at, BATCH);
+            if events.is_empty() {
+                tokio::select! {
+                    changed = tail.changed() => if changed.is_err() { return },
+                    _ = stop.changed() => return,
+                }
+                continue;
+            }
+            for event in &events {
+                let applied = self.models.apply(event).map(|changes| {
+                    for change in changes {
+                        hub.deliver(change);
+                    }
+                });
+                let decided = match applied {
+                    Ok(()) if event.seq > policy_at => policy.handle(&mut bests, event).await,
+                    Ok(()) => Ok(()),
+                    Err(err) => Err(err),
+                };
+                match decided {
+                    Ok(()) => policy_at = policy_at.max(event.seq),
+                    Err(err) => {
+                        tracing::error!(seq = event.seq, %err, "cannot project an event; retrying");
+                        tokio::select! {
+                            () = tokio::time::sleep(RETRY) => {}
+                            _ = stop.changed() => return,
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
