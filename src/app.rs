@@ -10,20 +10,22 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::JwtKeys;
-use crate::command::idempotency::IdempotencyKeys;
+use crate::command::idempotency::{
+    IdempotencyKeys, IdempotencyStore, PgIdempotencyKeys, RETENTION,
+};
 use crate::command::{Aggregates, Repository};
 use crate::config::Settings;
 use crate::http::{self, AppParts, AppState};
 use crate::log::memory::MemLog;
+use crate::log::postgres::LogProbe;
 use crate::ops::metrics::Metrics;
-use crate::projector::local::Embedded;
+use crate::projector::local::LocalProjector;
 use crate::query::cache::{CacheConfig, QueryCache};
 use crate::query::changes::ChangeHub;
-use crate::query::store::Backend;
-use crate::ratelimit::RateLimiter;
+use crate::query::store::{PgReadStore, ReadStore};
+use crate::ratelimit::{MemoryWindows, PgWindows, RateLimiter, WindowStore};
 use crate::relay::{Relay, RelayConfig, Target};
 use podium_nats::{EventBus, StreamLimits};
-use podium_projections::leaderboard::LeaderboardQueries;
 
 /// Connections in the projection workers' pool: one transaction per
 /// projection, the notification policy's commands, and lease renewals.
@@ -46,6 +48,10 @@ pub struct Application {
     stop: watch::Sender<bool>,
     /// Whether this process runs the relay and projection workers.
     workers: bool,
+    /// The primary pool (production).
+    pool: Option<sqlx::PgPool>,
+    /// The embedded mode's projector.
+    local: Option<Arc<LocalProjector>>,
     /// Connections of the projection workers' own, so that a burst of
     /// commands queueing for the main pool cannot starve them (production).
     worker_pool: Option<sqlx::PgPool>,
@@ -56,6 +62,16 @@ pub struct Application {
     instance: String,
 }
 
+/// The stores, as the rest of the application uses them.
+struct Wired {
+    store: Arc<dyn ReadStore>,
+    idempotency: Arc<dyn IdempotencyStore>,
+    repository: Repository,
+    pool: Option<sqlx::PgPool>,
+    worker_pool: Option<sqlx::PgPool>,
+    local: Option<Arc<LocalProjector>>,
+}
+
 /// Where events and read models live, as the settings choose.
 enum Stores {
     Postgres {
@@ -63,7 +79,10 @@ enum Stores {
         read_pool: sqlx::PgPool,
         worker_pool: sqlx::PgPool,
     },
-    Embedded(Arc<Embedded>),
+    Embedded {
+        projector: Arc<LocalProjector>,
+        keys: IdempotencyKeys,
+    },
 }
 
 impl Stores {
@@ -99,14 +118,12 @@ impl Stores {
             let (log, keys) = match &settings.data_file {
                 Some(path) => (
                     MemLog::open(path)?,
-                    IdempotencyKeys::open(
-                        &path.with_extension("keys.jsonl"),
-                        crate::http::middleware::idempotency::RETENTION_TIME,
-                    )?,
+                    IdempotencyKeys::open(&path.with_extension("keys.jsonl"), RETENTION)?,
                 ),
                 None => (MemLog::in_memory(), IdempotencyKeys::default()),
             };
-            return Ok(Self::Embedded(Arc::new(Embedded::new(log, keys))));
+            let projector = Arc::new(LocalProjector::new(Arc::new(log)));
+            return Ok(Self::Embedded { projector, keys });
         }
         let pool = crate::ops::db::connect(&settings.database).await?;
         let worker_pool = crate::ops::db::connect_workers(
@@ -154,13 +171,13 @@ impl Application {
                 );
                 None
             }
-            (None, Stores::Embedded(_)) => None,
+            (None, Stores::Embedded { .. }) => None,
         };
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
-        if let Stores::Embedded(embedded) = &stores {
-            announce_embedded(&listener, embedded, dev_secret);
+        if let Stores::Embedded { projector, .. } = &stores {
+            announce_embedded(&listener, projector, dev_secret);
         }
         let query = settings.query.clone();
         let cache_ttl = Duration::from_secs(query.cache_ttl_secs);
@@ -183,7 +200,7 @@ impl Application {
         let (stop, shutdown) = watch::channel(false);
         // Embedded (one developer, one process), limits are off unless asked for.
         let limits = match settings.rate_limits.as_str() {
-            "" if matches!(stores, Stores::Embedded(_)) => "off",
+            "" if matches!(stores, Stores::Embedded { .. }) => "off",
             limits => limits,
         };
         let budgets = crate::ratelimit::parse(limits)
@@ -191,7 +208,7 @@ impl Application {
         let trusted_proxies = crate::ratelimit::parse_proxies(&settings.trusted_proxies)
             .map_err(|err| anyhow::anyhow!("PODIUM_TRUSTED_PROXIES: {err}"))?;
         let cors_origins = parse_origins(&settings.cors_origins)?;
-        let (backend, repository, worker_pool) = match stores {
+        let wired = match stores {
             Stores::Postgres {
                 pool,
                 read_pool,
@@ -202,28 +219,46 @@ impl Application {
                     metrics.watch_pool("replica", &read_pool);
                 }
                 metrics.watch_pool("workers", &worker_pool);
-                let repository = Repository::Postgres(pool.clone());
-                (
-                    Backend::Postgres { pool, read_pool },
-                    repository,
-                    Some(worker_pool),
-                )
+                metrics.watch(Arc::new(LogProbe { pool: pool.clone() }));
+                Wired {
+                    store: Arc::new(PgReadStore {
+                        pool: pool.clone(),
+                        read_pool,
+                    }),
+                    idempotency: Arc::new(PgIdempotencyKeys { pool: pool.clone() }),
+                    repository: Repository::Postgres(pool.clone()),
+                    pool: Some(pool),
+                    worker_pool: Some(worker_pool),
+                    local: None,
+                }
             }
-            Stores::Embedded(embedded) => {
-                let repository = Repository::Embedded(embedded.log.clone());
-                let watched = embedded.clone();
-                metrics.watch_embedded(Arc::new(move || watched.progress()));
-                (Backend::Embedded(embedded), repository, None)
+            Stores::Embedded { projector, keys } => {
+                metrics.watch(projector.clone());
+                Wired {
+                    store: projector.models.clone(),
+                    idempotency: Arc::new(keys),
+                    repository: Repository::Embedded(projector.log.clone()),
+                    pool: None,
+                    worker_pool: None,
+                    local: Some(projector),
+                }
             }
         };
         let state = AppState::new(AppParts {
-            aggregates: Arc::new(Aggregates::with_metrics(&repository, &metrics)),
-            limiter: budgets.map(|b| Arc::new(RateLimiter::new(backend.pool().cloned(), b))),
+            aggregates: Arc::new(Aggregates::with_metrics(&wired.repository, &metrics)),
+            limiter: budgets.map(|budgets| {
+                let windows: Arc<dyn WindowStore> = match &wired.pool {
+                    Some(pool) => Arc::new(PgWindows { pool: pool.clone() }),
+                    None => Arc::new(MemoryWindows::default()),
+                };
+                Arc::new(RateLimiter::new(windows, budgets, settings.clock.clone()))
+            }),
             trusted_proxies: Arc::new(trusted_proxies),
             cors_origins: Arc::new(cors_origins),
             http_metrics: settings.http_metrics,
             definitions: moka::future::Cache::new(10_000),
-            backend,
+            store: wired.store,
+            idempotency: wired.idempotency,
             keys: Arc::new(keys),
             body_limit: settings.body_limit,
             bus,
@@ -239,7 +274,9 @@ impl Application {
             state,
             stop,
             workers: settings.workers,
-            worker_pool,
+            pool: wired.pool,
+            worker_pool: wired.worker_pool,
+            local: wired.local,
             shutdown_timeout: Duration::from_secs(settings.shutdown_timeout_secs),
             lease_ttl: Duration::from_millis(settings.lease_ttl_ms),
             instance: crate::ops::lease::new_instance_id(),
@@ -268,7 +305,9 @@ impl Application {
         };
         let stop_rx = self.state.shutdown.clone();
         let mut tasks = vec![tokio::spawn(maintain(
-            self.state.backend.clone(),
+            self.state.store.clone(),
+            self.state.idempotency.clone(),
+            self.state.limiter.clone(),
             stop_rx.clone(),
         ))];
         if let Some(bus) = &self.state.bus {
@@ -276,21 +315,17 @@ impl Application {
                 self.state.hub.clone().listen(bus.clone(), stop_rx.clone()),
             ));
         }
-        if let Backend::Embedded(embedded) = &self.state.backend {
-            tasks.push(tokio::spawn(embedded.clone().project(
+        if let Some(local) = &self.local {
+            tasks.push(tokio::spawn(local.clone().project(
                 self.state.aggregates.clone(),
                 self.state.hub.clone(),
                 stop_rx.clone(),
             )));
         }
         let relay_on = self.state.bus.as_ref().filter(|_| self.workers);
-        if let (Some(bus), Some(_), Some(worker_pool)) =
-            (relay_on, self.state.backend.pool(), &self.worker_pool)
-        {
+        if let (Some(bus), Some(_), Some(worker_pool)) = (relay_on, &self.pool, &self.worker_pool) {
             let relay = Relay::new(worker_pool.clone(), bus.clone(), relay_config.clone());
-            self.state
-                .metrics
-                .watch_relay(bus.subjects().prefix(), relay.stats(), relay.status());
+            self.state.metrics.watch(relay.probe());
             tasks.push(tokio::spawn(relay.run(stop_rx.clone())));
             // The policy's commands go through the workers' pool, off the
             // one that serves requests.
@@ -311,8 +346,7 @@ impl Application {
             );
             tasks.extend(projections);
         }
-        if let (None, true, Some(pool)) = (&self.state.bus, self.workers, self.state.backend.pool())
-        {
+        if let (None, true, Some(pool)) = (&self.state.bus, self.workers, &self.pool) {
             let target = Target::Local {
                 projections: crate::projector::local_projections(
                     pool,
@@ -321,9 +355,7 @@ impl Application {
                 hub: self.state.hub.clone(),
             };
             let relay = Relay::to(pool.clone(), target, relay_config.clone());
-            self.state
-                .metrics
-                .watch_relay(crate::relay::LOCAL, relay.stats(), relay.status());
+            self.state.metrics.watch(relay.probe());
             tasks.push(tokio::spawn(relay.run(stop_rx.clone())));
         }
         tracing::info!(address = %self.listener.local_addr()?, "podium is listening");
@@ -364,28 +396,29 @@ impl Application {
     }
 }
 
-/// Purges what has expired: idempotency keys, and leaderboard moves older
-/// than any cursor that can still be continued.
-async fn maintain(backend: Backend, mut stop: watch::Receiver<bool>) {
+/// Purges what has expired: idempotency keys, rate-limit windows, and
+/// leaderboard moves older than any cursor that can still be continued.
+async fn maintain(
+    store: Arc<dyn ReadStore>,
+    keys: Arc<dyn IdempotencyStore>,
+    limiter: Option<Arc<RateLimiter>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut ticker = tokio::time::interval(PURGE_INTERVAL);
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                match http::middleware::idempotency::purge_expired(&backend).await {
+                match keys.purge_expired().await {
                     Ok(0) => {}
                     Ok(purged) => tracing::info!(purged, "purged expired idempotency keys"),
                     Err(err) => tracing::warn!(%err, "cannot purge expired idempotency keys"),
                 }
-                let pruned = match &backend {
-                    Backend::Postgres { pool, .. } => {
-                        if let Err(err) = crate::ratelimit::purge_expired(pool).await {
-                            tracing::warn!(%err, "cannot purge rate-limit windows");
-                        }
-                        LeaderboardQueries::prune_moves(pool, CURSOR_RETENTION).await
+                if let Some(limiter) = &limiter {
+                    if let Err(err) = limiter.purge_expired().await {
+                        tracing::warn!(%err, "cannot purge rate-limit windows");
                     }
-                    Backend::Embedded(embedded) => Ok(embedded.models.prune_moves(CURSOR_RETENTION)),
-                };
-                match pruned {
+                }
+                match store.prune_moves(CURSOR_RETENTION).await {
                     Ok(0) => {}
                     Ok(pruned) => tracing::info!(pruned, "pruned old leaderboard moves"),
                     Err(err) => tracing::warn!(%err, "cannot prune leaderboard moves"),
@@ -399,7 +432,7 @@ async fn maintain(backend: Backend, mut stop: watch::Receiver<bool>) {
 
 /// Says at start, in one block, that this is the embedded mode, where its
 /// data lives and which secret signs tokens.
-fn announce_embedded(listener: &TcpListener, embedded: &Embedded, dev_secret: bool) {
+fn announce_embedded(listener: &TcpListener, embedded: &LocalProjector, dev_secret: bool) {
     let address = listener
         .local_addr()
         .map_or_else(|_| "?".to_string(), |a| a.to_string());

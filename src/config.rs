@@ -192,6 +192,10 @@ pub struct Settings {
     /// before another instance takes it over.
     #[arg(long, env = "PODIUM_LEASE_TTL_MS", default_value_t = DEFAULT_LEASE_TTL_MS)]
     pub lease_ttl_ms: u64,
+    /// Where time-windowed parts (the rate limiter) read the time: the
+    /// system's; tests set a manual one.
+    #[arg(skip)]
+    pub clock: crate::clock::Clock,
 }
 
 impl Settings {
@@ -226,6 +230,7 @@ impl Settings {
             body_limit: DEFAULT_BODY_LIMIT,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
             lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
+            clock: crate::clock::Clock::system(),
         }
     }
 

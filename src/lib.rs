@@ -8,14 +8,16 @@
 //!
 //! | module | holds | may use |
 //! |---|---|---|
-//! | [`ops`] | clock, pools, leases, metrics, logging, shutdown | `config` |
-//! | [`log`] | the event log: Postgres tail and reader, in-memory log | `ops` |
-//! | [`command`] | aggregates' stores, the event repository, the notification policy, idempotency keys | `log`, `ops` |
-//! | [`query`] | read-store port and adapters, query cache, change hub | `log`, `ops` |
-//! | [`ratelimit`] | budgets and their shared windows | `ops` |
+//! | [`clock`], [`auth`] | the clock (system or manual), tokens and roles | nothing |
+//! | [`config`] | the settings | `clock` |
+//! | [`ops`] | pools, leases, metrics, logging, shutdown | `config` |
+//! | [`log`] | the event log: Postgres tail and reader, in-memory log | `ops`, `clock` |
+//! | [`command`] | aggregates' stores, the event repository, the notification policy, idempotency keys | `log`, `ops`, `clock` |
+//! | [`query`] | read-store port and adapters, query cache, change hub | `ops` |
+//! | [`ratelimit`] | budgets, the limiter, the window-store port and adapters | `ops`, `clock` |
 //! | [`relay`] | the outbox relay: leadership, targets (JetStream, in-process) | `query`, `log`, `ops` |
 //! | [`projector`] | the projection registry and runners (NATS, in-process), replay | `relay`, `command`, `query`, `log`, `ops` |
-//! | [`http`] | router, errors, extractors, SSE, middleware, routes, OpenAPI | `auth`, `query`, `command`, `ratelimit`, `ops` |
+//! | [`http`] | router, errors, extractors, SSE, middleware, routes, OpenAPI | `auth`, `query`, `command`, `ratelimit`, `ops`, `clock` |
 //! | [`cli`], [`app`] | the command line and the wiring of a running instance | everything |
 //!
 //! `main.rs` only parses the command line and calls [`cli::run`]; tests start
@@ -26,6 +28,7 @@
 pub mod app;
 pub mod auth;
 pub mod cli;
+pub mod clock;
 pub mod command;
 pub mod config;
 pub mod http;

@@ -48,7 +48,7 @@ impl Rows {
         let metadata = EventMetadata {
             actor: actor.to_string(),
             request_id: "seed-bulk".into(),
-            recorded_at: crate::ops::clock::now(),
+            recorded_at: crate::clock::now(),
         };
         self.metadata
             .push(serde_json::to_value(metadata.into_map())?);

@@ -1,9 +1,204 @@
-//! Idempotency keys in memory, for the embedded mode (production keeps them
-//! in the `idempotency_keys` table).
+//! Idempotency keys: the port the HTTP middleware keeps them through
+//! ([`IdempotencyStore`]), and its adapters side by side — the
+//! `idempotency_keys` table ([`PgIdempotencyKeys`]) and, for the embedded
+//! mode, memory with an optional file ([`IdempotencyKeys`]).
+//!
+//! A key is claimed by the first request that carries it; its answer is
+//! stored when it has one; a retry with the same key gets that answer. Keys
+//! are kept for [`RETENTION`]; a claim left unanswered (its process died) is
+//! taken over after [`PENDING_TAKEOVER`].
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use sqlx::PgPool;
+
+use crate::ops::db::StoreError;
+
+/// How long an answered key is kept.
+pub const RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// How long a claim may stay unanswered before another request takes it.
+pub const PENDING_TAKEOVER: Duration = Duration::from_secs(60);
+
+/// A stored answer: status, content type and body.
+#[derive(Debug, Clone)]
+pub struct StoredAnswer {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// A claimed key: the hash of the request that claimed it and, once
+/// answered, its answer.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub request_hash: Vec<u8>,
+    pub answer: Option<StoredAnswer>,
+}
+
+/// Where idempotency keys are kept, per (principal, key).
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync {
+    /// Claims the key for a request hashing to `hash`: true if it was free
+    /// (or expired, or left pending too long), false if another holds it.
+    async fn claim(&self, principal: &str, key: &str, hash: &[u8]) -> Result<bool, StoreError>;
+    /// What holds the key, if anything.
+    async fn held(&self, principal: &str, key: &str) -> Result<Option<Held>, StoreError>;
+    /// Stores the answer of the request that claimed the key.
+    async fn answer(
+        &self,
+        principal: &str,
+        key: &str,
+        answer: StoredAnswer,
+    ) -> Result<(), StoreError>;
+    /// Frees a claimed key so that a retry runs again.
+    async fn release(&self, principal: &str, key: &str) -> Result<(), StoreError>;
+    /// Forgets keys older than [`RETENTION`]; returns how many.
+    async fn purge_expired(&self) -> Result<u64, StoreError>;
+}
+
+/// Keys in the `idempotency_keys` table, shared by every instance.
+pub struct PgIdempotencyKeys {
+    pub pool: PgPool,
+}
+
+/// [`RETENTION`] and [`PENDING_TAKEOVER`] as Postgres intervals.
+const RETENTION_SQL: &str = "24 hours";
+const PENDING_TAKEOVER_SQL: &str = "60 seconds";
+
+#[async_trait]
+impl IdempotencyStore for PgIdempotencyKeys {
+    async fn claim(&self, principal: &str, key: &str, hash: &[u8]) -> Result<bool, StoreError> {
+        let claimed = sqlx::query(&format!(
+            "INSERT INTO idempotency_keys (principal, key, request_hash) VALUES ($1, $2, $3)
+             ON CONFLICT (principal, key) DO UPDATE
+                SET request_hash = EXCLUDED.request_hash, status = NULL, content_type = NULL,
+                    body = NULL, created_at = now()
+              WHERE idempotency_keys.created_at < now() - interval '{RETENTION_SQL}'
+                 OR (idempotency_keys.status IS NULL
+                     AND idempotency_keys.created_at < now() - interval '{PENDING_TAKEOVER_SQL}')
+             RETURNING 1"
+        ))
+        .bind(principal)
+        .bind(key)
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(claimed.is_some())
+    }
+
+    async fn held(&self, principal: &str, key: &str) -> Result<Option<Held>, StoreError> {
+        type Row = (Vec<u8>, Option<i16>, Option<String>, Option<Vec<u8>>);
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT request_hash, status, content_type, body FROM idempotency_keys
+              WHERE principal = $1 AND key = $2",
+        )
+        .bind(principal)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(request_hash, status, content_type, body)| Held {
+            request_hash,
+            answer: status.map(|status| StoredAnswer {
+                status: status as u16,
+                content_type,
+                body: body.unwrap_or_default(),
+            }),
+        }))
+    }
+
+    async fn answer(
+        &self,
+        principal: &str,
+        key: &str,
+        answer: StoredAnswer,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE idempotency_keys SET status = $3, content_type = $4, body = $5
+              WHERE principal = $1 AND key = $2",
+        )
+        .bind(principal)
+        .bind(key)
+        .bind(answer.status as i16)
+        .bind(answer.content_type)
+        .bind(answer.body)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn release(&self, principal: &str, key: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2")
+            .bind(principal)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        let result = sqlx::query(&format!(
+            "DELETE FROM idempotency_keys WHERE created_at < now() - interval '{RETENTION_SQL}'"
+        ))
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for IdempotencyKeys {
+    async fn claim(&self, principal: &str, key: &str, hash: &[u8]) -> Result<bool, StoreError> {
+        let pair = (principal.to_string(), key.to_string());
+        Ok(IdempotencyKeys::claim(
+            self,
+            pair,
+            hash,
+            RETENTION,
+            PENDING_TAKEOVER,
+        ))
+    }
+
+    async fn held(&self, principal: &str, key: &str) -> Result<Option<Held>, StoreError> {
+        let pair = (principal.to_string(), key.to_string());
+        Ok(self.get(&pair).map(|held| Held {
+            request_hash: held.request_hash,
+            answer: held
+                .answer
+                .map(|(status, content_type, body)| StoredAnswer {
+                    status,
+                    content_type,
+                    body,
+                }),
+        }))
+    }
+
+    async fn answer(
+        &self,
+        principal: &str,
+        key: &str,
+        answer: StoredAnswer,
+    ) -> Result<(), StoreError> {
+        let pair = (principal.to_string(), key.to_string());
+        IdempotencyKeys::answer(
+            self,
+            &pair,
+            (answer.status, answer.content_type, answer.body),
+        );
+        Ok(())
+    }
+
+    async fn release(&self, principal: &str, key: &str) -> Result<(), StoreError> {
+        IdempotencyKeys::release(self, &(principal.to_string(), key.to_string()));
+        Ok(())
+    }
+
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        Ok(self.purge(RETENTION))
+    }
+}
 
 /// Idempotency keys in memory (the `idempotency_keys` table of production),
 /// and, beside a file-backed log, in a file of answered keys, so that a

@@ -241,7 +241,7 @@ impl NotificationPolicy {
             let metadata = EventMetadata {
                 actor: SYSTEM_ACTOR.to_string(),
                 request_id: event.identity(),
-                recorded_at: crate::ops::clock::now(),
+                recorded_at: crate::clock::now(),
             };
             commands.push(Issue {
                 id: notification_id,

@@ -12,6 +12,7 @@ use podium_domain::{FieldError, ValidationErrors};
 use serde::Serialize;
 
 use crate::auth::AuthError;
+use crate::ops::db::StoreError;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -59,15 +60,35 @@ pub enum ApiError {
     Shared(std::sync::Arc<ApiError>),
 }
 
-#[derive(Serialize)]
-struct Problem<'a> {
+/// An RFC 9457 problem: every error answer (`application/problem+json`).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Problem<'a> {
+    /// `urn:podium:problem:<kind>`, e.g. `urn:podium:problem:already-submitted`.
     #[serde(rename = "type")]
     kind: String,
     title: &'a str,
     status: u16,
     detail: String,
+    /// For 422: what is wrong with which field.
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    #[schema(schema_with = field_problems)]
     errors: &'a [FieldError],
+}
+
+/// The schema of [`Problem`]'s `errors`: `[{field, message}]`, as
+/// [`FieldError`] serializes (the domain crate knows nothing of OpenAPI).
+fn field_problems() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    let text = || ObjectBuilder::new().schema_type(Type::String);
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .property("field", text())
+                .property("message", text())
+                .required("field")
+                .required("message"),
+        )
+        .build()
 }
 
 impl ApiError {
@@ -253,7 +274,9 @@ impl<E: Rejection + std::error::Error> From<AggregateError<E>> for ApiError {
             AggregateError::DatabaseConnectionError(err) => {
                 ApiError::Unavailable(format!("the database is unreachable: {err}"))
             }
-            AggregateError::UnexpectedError(err) if is_unavailable(err.as_ref()) => {
+            AggregateError::UnexpectedError(err)
+                if crate::ops::db::is_unavailable(err.as_ref()) =>
+            {
                 ApiError::Unavailable(format!("the database is unavailable: {err}"))
             }
             AggregateError::DeserializationError(err) | AggregateError::UnexpectedError(err) => {
@@ -265,24 +288,15 @@ impl<E: Rejection + std::error::Error> From<AggregateError<E>> for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
-        if is_unavailable(&err) {
-            ApiError::Unavailable(format!("the database is unavailable: {err}"))
-        } else {
-            ApiError::internal(err)
-        }
+        StoreError::from(err).into()
     }
 }
 
-/// Whether a store error means "the database cannot be reached right now"
-/// (answer 503) rather than a bug (answer 500).
-fn is_unavailable(err: &(dyn std::error::Error + 'static)) -> bool {
-    match err.downcast_ref::<sqlx::Error>() {
-        Some(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)) => true,
-        Some(sqlx::Error::Database(db)) => {
-            // Class 08: connection exceptions; 57P0x: the server is shutting down.
-            db.code()
-                .is_some_and(|code| code.starts_with("08") || code.starts_with("57P0"))
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Unavailable(_) => ApiError::Unavailable(err.to_string()),
+            StoreError::Failed(err) => ApiError::Internal(err),
         }
-        _ => false,
     }
 }

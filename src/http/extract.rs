@@ -167,7 +167,7 @@ impl RequestId {
         EventMetadata {
             actor: principal.user_id.to_string(),
             request_id: self.0.clone(),
-            recorded_at: crate::ops::clock::now(),
+            recorded_at: crate::clock::now(),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! request passes through (request ids, tracing, body limit, idempotency,
 //! panics turned into problem+json).
 
+mod cached;
 pub mod error;
 pub mod extract;
 pub mod middleware;
@@ -28,12 +29,12 @@ use tower_http::trace::TraceLayer;
 use tokio::sync::watch;
 
 use crate::auth::JwtKeys;
+use crate::command::idempotency::IdempotencyStore;
 use crate::command::Aggregates;
 use crate::config::QuerySettings;
 use crate::ops::metrics::Metrics;
-use crate::query::cache::QueryCache;
 use crate::query::changes::ChangeHub;
-use crate::query::store::Backend;
+use crate::query::store::ReadStore;
 use crate::ratelimit::RateLimiter;
 use error::ApiError;
 
@@ -60,8 +61,10 @@ impl std::ops::Deref for AppState {
 }
 
 pub struct AppParts {
-    /// Where events, read models and idempotency keys live.
-    pub backend: Backend,
+    /// Where the read models are read.
+    pub store: Arc<dyn ReadStore>,
+    /// Where idempotency keys and their answers are kept.
+    pub idempotency: Arc<dyn IdempotencyStore>,
     pub aggregates: Arc<Aggregates>,
     pub keys: Arc<JwtKeys>,
     /// Largest accepted request body, in bytes.
@@ -70,7 +73,7 @@ pub struct AppParts {
     pub bus: Option<podium_nats::EventBus>,
     /// Change notifications, routed to this instance's SSE streams.
     pub hub: Arc<ChangeHub>,
-    pub cache: QueryCache,
+    pub cache: cached::Cache,
     pub metrics: Metrics,
     /// Open SSE streams per user.
     pub streams: Arc<sse::StreamSlots>,

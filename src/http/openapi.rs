@@ -1,5 +1,8 @@
 //! `GET /openapi.json`: the OpenAPI 3.1 document of the API, generated from
-//! the handlers' annotations. A test checks that every route the router
+//! the handlers' annotations, resource by resource from the list that also
+//! builds the router (`routes/mod.rs`). Error answers are declared once
+//! here: every 4xx and 5xx is a [`Problem`], and every `/v1` operation may
+//! answer 401, 429, 500 and 503. A test checks that every route the router
 //! serves is in it.
 
 use std::sync::OnceLock;
@@ -9,33 +12,75 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{Modify, OpenApi};
 
-use super::routes::{attempts, catalog, demo, feed, health, history, leaderboard, notifications};
+use super::error::Problem;
 use super::AppState;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/openapi.json", get(document))
 }
 
-/// An RFC 9457 problem: every error answer (`application/problem+json`).
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct Problem {
-    /// `urn:podium:problem:<kind>`, e.g. `urn:podium:problem:already-submitted`.
-    r#type: String,
-    title: String,
-    status: u16,
-    detail: String,
-    /// For 422: what is wrong with which field.
-    errors: Option<Vec<FieldProblem>>,
-}
+/// Error answers, declared once for every operation.
+struct ProblemResponses;
 
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct FieldProblem {
-    field: String,
-    message: String,
+impl Modify for ProblemResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let problem = |description: &str| {
+            let content = ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("Problem")))
+                .build();
+            ResponseBuilder::new()
+                .description(description)
+                .content("application/problem+json", content)
+                .build()
+        };
+        const COMMON: [(&str, &str); 4] = [
+            ("401", "No or bad token (`unauthorized`)"),
+            (
+                "429",
+                "A rate limit is spent (`rate-limited`); `Retry-After` says when to retry",
+            ),
+            (
+                "500",
+                "A bug (`internal-error`); the request id is in the logs",
+            ),
+            (
+                "503",
+                "The database is unavailable (`service-unavailable`); retry later",
+            ),
+        ];
+        // The probes, the demo page and this document answer as they say.
+        let api = openapi
+            .paths
+            .paths
+            .iter_mut()
+            .filter(|(path, _)| path.starts_with("/v1/"));
+        for (_, item) in api {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for operation in operations.into_iter().flatten() {
+                let responses = &mut operation.responses.responses;
+                for (status, response) in responses.iter_mut() {
+                    let failed = status.starts_with('4') || status.starts_with('5');
+                    if let (true, RefOr::T(response)) = (failed, response) {
+                        *response = problem(&response.description);
+                    }
+                }
+                for (status, description) in COMMON {
+                    responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| RefOr::T(problem(description)));
+                }
+            }
+        }
+    }
 }
 
 struct BearerAuth;
@@ -69,32 +114,8 @@ impl Modify for BearerAuth {
                        `RateLimit-Reset`; any request may be refused with 429 and \
                        `Retry-After` when a budget is spent."
     ),
-    paths(
-        health::healthz,
-        health::ready,
-        health::metrics,
-        document,
-        demo::page,
-        catalog::list,
-        catalog::publish,
-        catalog::show,
-        catalog::archive,
-        attempts::start,
-        attempts::show,
-        attempts::answer,
-        attempts::submit,
-        notifications::send,
-        notifications::mark_read,
-        notifications::read_all,
-        leaderboard::page,
-        leaderboard::around,
-        leaderboard::stream,
-        feed::page,
-        feed::unread_count,
-        feed::stream,
-        history::list,
-    ),
-    components(schemas(Problem, FieldProblem)),
+    paths(document),
+    components(schemas(Problem)),
     modifiers(&BearerAuth),
     tags(
         (name = "tests", description = "Publishing and reading tests"),
@@ -116,9 +137,12 @@ pub struct ApiDoc;
 async fn document() -> impl IntoResponse {
     static DOCUMENT: OnceLock<String> = OnceLock::new();
     let json = DOCUMENT.get_or_init(|| {
-        ApiDoc::openapi()
-            .to_json()
-            .expect("the document serializes")
+        let mut doc = ApiDoc::openapi();
+        for resource in super::routes::documents() {
+            doc.merge(resource);
+        }
+        ProblemResponses.modify(&mut doc);
+        doc.to_json().expect("the document serializes")
     });
     ([(header::CONTENT_TYPE, "application/json")], json.as_str())
 }

@@ -226,7 +226,7 @@ impl MemLog {
         if first.sequence != current + 1 {
             return Err(PersistenceError::OptimisticLockError);
         }
-        let now = crate::ops::clock::now();
+        let now = crate::clock::now();
         let base = state.events.len() as u64;
         let recorded: Vec<RecordedEvent> = events
             .iter()

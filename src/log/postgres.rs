@@ -164,6 +164,20 @@ pub async fn oldest_writer_age_secs(pool: &PgPool) -> Result<f64, sqlx::Error> {
     .await
 }
 
+/// The log's figure for `/metrics`: how long tailers have been held back.
+pub struct LogProbe {
+    pub pool: PgPool,
+}
+
+#[async_trait::async_trait]
+impl crate::ops::metrics::Probe for LogProbe {
+    async fn refresh(&self, metrics: &crate::ops::metrics::Metrics) {
+        if let Ok(age) = oldest_writer_age_secs(&self.pool).await {
+            metrics.log_stall.set(age);
+        }
+    }
+}
+
 /// Records the cluster this database runs on and starts a new epoch when it
 /// changed since the last start (the database was restored elsewhere).
 /// Runs at every start, before anything writes events.

@@ -115,3 +115,48 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 pub async fn is_ready(pool: &PgPool) -> bool {
     sqlx::query("SELECT 1").execute(pool).await.is_ok()
 }
+
+/// A store could not answer: the error type of every storage port (read
+/// store, idempotency keys), which `http` turns into 503 or 500.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached right now: retrying later may work.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// Anything else: a bug or a broken row.
+    #[error(transparent)]
+    Failed(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        if is_unavailable(&err) {
+            Self::Unavailable(err)
+        } else {
+            Self::Failed(err.into())
+        }
+    }
+}
+
+impl From<Box<dyn std::error::Error + Send + Sync>> for StoreError {
+    fn from(err: Box<dyn std::error::Error + Send + Sync>) -> Self {
+        match err.downcast::<sqlx::Error>() {
+            Ok(err) => (*err).into(),
+            Err(err) => Self::Failed(err),
+        }
+    }
+}
+
+/// Whether `err` means "the database cannot be reached right now" rather
+/// than a bug.
+pub fn is_unavailable(err: &(dyn std::error::Error + 'static)) -> bool {
+    match err.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)) => true,
+        Some(sqlx::Error::Database(db)) => {
+            // Class 08: connection exceptions; 57P0x: the server is shutting down.
+            db.code()
+                .is_some_and(|code| code.starts_with("08") || code.starts_with("57P0"))
+        }
+        _ => false,
+    }
+}

@@ -1,20 +1,16 @@
 //! Prometheus metrics: one registry per application (tests run many apps in
 //! one process). Request metrics are recorded as requests pass; figures kept
 //! elsewhere (relay and worker counters, pools, lags) are read at scrape time
-//! by [`Metrics::refresh`]. Labels stay low-cardinality: route templates,
+//! by [`Metrics::refresh`] from the [`Probe`]s the stages register. Labels stay low-cardinality: route templates,
 //! projection names, budget names, problem kinds.
 
 use std::sync::{Arc, Mutex};
 
-use podium_nats::WorkerStats;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
 };
 use sqlx::PgPool;
-
-use crate::ops::lease::{RoleState, RoleStatus};
-use crate::relay::RelayStats;
 
 /// Latency buckets, in seconds: 0.5 ms to 10 s.
 const BUCKETS: &[f64] = &[
@@ -44,38 +40,49 @@ pub struct Metrics {
     pub sse_catch_ups: IntCounterVec,
     /// Requests refused by a rate limit, by budget.
     pub rate_limited: IntCounterVec,
-    relay_lag: IntGauge,
-    relay_leader: IntGauge,
-    relay_published: IntCounter,
-    relay_failures: IntCounter,
-    log_stall: prometheus::Gauge,
-    projection_checkpoint: IntGaugeVec,
-    projection_lag_events: IntGaugeVec,
-    projection_lag_seconds: prometheus::GaugeVec,
+    pub relay_lag: IntGauge,
+    pub relay_leader: IntGauge,
+    pub relay_published: IntCounter,
+    pub relay_failures: IntCounter,
+    pub log_stall: prometheus::Gauge,
+    pub projection_checkpoint: IntGaugeVec,
+    pub projection_lag_events: IntGaugeVec,
+    pub projection_lag_seconds: prometheus::GaugeVec,
     /// Time to apply a batch and commit its checkpoint, by projection.
     pub projection_apply: HistogramVec,
-    projection_redeliveries: IntCounterVec,
-    projection_retries: IntCounterVec,
-    projection_dead_letters: IntCounterVec,
-    projection_transient_retries: IntCounterVec,
+    pub projection_redeliveries: IntCounterVec,
+    pub projection_retries: IntCounterVec,
+    pub projection_dead_letters: IntCounterVec,
+    pub projection_transient_retries: IntCounterVec,
     /// 1 for the state each projection is in on this instance.
-    projection_state: IntGaugeVec,
+    pub projection_state: IntGaugeVec,
     /// 1 for the instance holding each live lease (any instance's).
-    lease_owner: IntGaugeVec,
+    pub lease_owner: IntGaugeVec,
     sources: Arc<Mutex<Sources>>,
 }
 
 /// A projection's states as `/metrics` names them.
-const PROJECTION_STATES: [&str; 4] = ["standby", "running", "catching_up", "halted"];
+pub const PROJECTION_STATES: [&str; 4] = ["standby", "running", "catching_up", "halted"];
+
+/// Figures kept elsewhere (a relay's counters, the projections' checkpoints,
+/// the log's oldest writer), read into the metrics at each scrape by the
+/// stage that keeps them.
+#[async_trait::async_trait]
+pub trait Probe: Send + Sync {
+    /// Sets this probe's figures in `metrics`.
+    async fn refresh(&self, metrics: &Metrics);
+
+    /// The background roles it watches that have halted, with why.
+    fn halted(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}
 
 /// What [`Metrics::refresh`] reads from.
 #[derive(Default)]
 struct Sources {
     pools: Vec<(&'static str, PgPool)>,
-    relay: Option<(String, Arc<RelayStats>, Arc<RoleStatus>)>,
-    workers: Vec<(String, Arc<WorkerStats>, Arc<RoleStatus>)>,
-    /// The embedded mode's projector: (read models' checkpoint, log head).
-    embedded: Option<Arc<dyn Fn() -> (u64, u64) + Send + Sync>>,
+    probes: Vec<Arc<dyn Probe>>,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -283,38 +290,16 @@ impl Metrics {
         self.sources().pools.push((name, pool.clone()));
     }
 
-    /// Reports the relay named `name` (its NATS prefix) at each scrape.
-    pub fn watch_relay(&self, name: &str, stats: Arc<RelayStats>, status: Arc<RoleStatus>) {
-        self.sources().relay = Some((name.to_string(), stats, status));
-    }
-
-    /// The embedded projector, whose position and log head `progress` tells.
-    pub fn watch_embedded(&self, progress: Arc<dyn Fn() -> (u64, u64) + Send + Sync>) {
-        self.sources().embedded = Some(progress);
-    }
-
-    pub fn watch_worker(&self, projection: &str, stats: Arc<WorkerStats>, status: Arc<RoleStatus>) {
-        self.sources()
-            .workers
-            .push((projection.to_string(), stats, status));
+    /// Reads `probe` at each scrape.
+    pub fn watch(&self, probe: Arc<dyn Probe>) {
+        self.sources().probes.push(probe);
     }
 
     /// The background roles of this instance that have halted, with why:
     /// `/readyz` names them.
     pub fn halted(&self) -> Vec<(String, String)> {
-        let sources = self.sources();
-        let relay = sources
-            .relay
-            .iter()
-            .map(|(name, _, status)| (format!("relay:{name}"), status));
-        let workers = sources
-            .workers
-            .iter()
-            .map(|(name, _, status)| (name.clone(), status));
-        relay
-            .chain(workers)
-            .filter_map(|(name, status)| status.halted().map(|reason| (name, reason)))
-            .collect()
+        let probes = self.sources().probes.clone();
+        probes.iter().flat_map(|probe| probe.halted()).collect()
     }
 
     fn sources(&self) -> std::sync::MutexGuard<'_, Sources> {
@@ -325,31 +310,11 @@ impl Metrics {
         self.db_seconds.with_label_values(&[op])
     }
 
-    /// Reads what is kept elsewhere: pools, relay and worker counters, and
-    /// (from `pool`) lags behind the head of the log.
-    /// Figures that live in Postgres are read only when there is one.
-    pub async fn refresh(&self, pool: Option<&PgPool>) {
-        let embedded = self.sources().embedded.clone();
-        if let Some(progress) = embedded {
-            let (checkpoint, head) = progress();
-            let p = [crate::projector::local::PROJECTOR];
-            self.projection_checkpoint
-                .with_label_values(&p)
-                .set(checkpoint as i64);
-            self.projection_lag_events
-                .with_label_values(&p)
-                .set(head.saturating_sub(checkpoint) as i64);
-        }
-        let Some(pool) = pool else {
-            return;
-        };
-        let (pools, relay, workers) = {
+    /// Reads what is kept elsewhere: pools, and every probe's figures.
+    pub async fn refresh(&self) {
+        let (pools, probes) = {
             let sources = self.sources();
-            (
-                sources.pools.clone(),
-                sources.relay.clone(),
-                sources.workers.clone(),
-            )
+            (sources.pools.clone(), sources.probes.clone())
         };
         for (name, pool) in &pools {
             let idle = pool.num_idle() as i64;
@@ -358,93 +323,14 @@ impl Metrics {
                 .with_label_values(&[name, "used"])
                 .set(i64::from(pool.size()) - idle);
         }
-        if let Ok(age) = crate::log::postgres::oldest_writer_age_secs(pool).await {
-            self.log_stall.set(age);
-        }
-        // The head of the log in seqs: what the relay has numbered plus what
-        // it has not reached yet.
-        let mut head = None;
-        if let Some((name, stats, _)) = &relay {
-            use std::sync::atomic::Ordering::Relaxed;
-            self.relay_leader.set(i64::from(stats.leader.load(Relaxed)));
-            sync(&self.relay_published, stats.published.load(Relaxed));
-            sync(&self.relay_failures, stats.publish_failures.load(Relaxed));
-            let relayed: Option<i64> =
-                sqlx::query_scalar("SELECT seq FROM relay_checkpoints WHERE name = $1")
-                    .bind(name)
-                    .fetch_optional(pool)
-                    .await
-                    .ok()
-                    .flatten();
-            if let Ok(lag) = crate::relay::lag(pool, name).await {
-                self.relay_lag.set(lag);
-                head = Some(relayed.unwrap_or(0) + lag);
-            }
-        }
-        let checkpoints: Vec<(String, i64, f64)> = sqlx::query_as(
-            "SELECT name, seq, EXTRACT(EPOCH FROM now() - updated_at)::float8 FROM projection_checkpoints",
-        )
-        .fetch_all(pool)
-        .await
-        .unwrap_or_default();
-        self.lease_owner.reset();
-        let owners: Vec<(String, String)> =
-            sqlx::query_as("SELECT name, owner FROM leases WHERE expires_at > now()")
-                .fetch_all(pool)
-                .await
-                .unwrap_or_default();
-        for (lease, owner) in &owners {
-            self.lease_owner.with_label_values(&[lease, owner]).set(1);
-        }
-        for (projection, stats, status) in &workers {
-            use std::sync::atomic::Ordering::Relaxed;
-            let p = [projection.as_str()];
-            let state = match status.state() {
-                RoleState::Standby => "standby",
-                RoleState::Halted => "halted",
-                RoleState::Running if stats.caught_up.load(Relaxed) => "running",
-                RoleState::Running => "catching_up",
-            };
-            for name in PROJECTION_STATES {
-                self.projection_state
-                    .with_label_values(&[projection, name])
-                    .set(i64::from(name == state));
-            }
-            sync(
-                &self.projection_transient_retries.with_label_values(&p),
-                stats.transient_retries.load(Relaxed),
-            );
-            sync(
-                &self.projection_redeliveries.with_label_values(&p),
-                stats.repeats.load(Relaxed) + stats.out_of_order.load(Relaxed),
-            );
-            sync(
-                &self.projection_retries.with_label_values(&p),
-                stats.retries.load(Relaxed),
-            );
-            sync(
-                &self.projection_dead_letters.with_label_values(&p),
-                stats.dead_lettered.load(Relaxed),
-            );
-            let (seq, idle) = checkpoints
-                .iter()
-                .find(|(name, _, _)| name == projection)
-                .map_or((0, 0.0), |(_, seq, idle)| (*seq, *idle));
-            self.projection_checkpoint.with_label_values(&p).set(seq);
-            if let Some(head) = head {
-                let behind = (head - seq).max(0);
-                self.projection_lag_events.with_label_values(&p).set(behind);
-                let seconds = if behind > 0 { idle } else { 0.0 };
-                self.projection_lag_seconds
-                    .with_label_values(&p)
-                    .set(seconds);
-            }
+        for probe in probes {
+            probe.refresh(self).await;
         }
     }
 }
 
 /// Raises `counter` to `total`, a count kept elsewhere that only grows.
-fn sync(counter: &IntCounter, total: u64) {
+pub fn raise_to(counter: &IntCounter, total: u64) {
     let current = counter.get();
     if total > current {
         counter.inc_by(total - current);

@@ -1,4 +1,4 @@
-//! The embedded mode: Podium in one process with no Postgres and no NATS.
+//! The in-process runner of the embedded mode: Podium in one process with no Postgres and no NATS.
 //! The event log lives in memory (and optionally in a local file); one
 //! projector task follows it in order, keeps every read model in memory and
 //! runs the notification policy; changes go straight to the [`ChangeHub`]
@@ -11,10 +11,10 @@ use std::time::Duration;
 use podium_projections::memory::MemoryModels;
 use tokio::sync::watch;
 
-use crate::command::idempotency::IdempotencyKeys;
 use crate::command::policy::{MemoryBests, NotificationPolicy};
 use crate::command::Aggregates;
 use crate::log::memory::MemLog;
+use crate::ops::metrics::{Metrics, Probe};
 use crate::query::changes::ChangeHub;
 
 /// The projector's name in metrics.
@@ -25,19 +25,18 @@ const BATCH: usize = 500;
 /// How long the projector waits before retrying a failed event.
 const RETRY: Duration = Duration::from_millis(200);
 
-/// The in-process stores of the embedded mode.
-pub struct Embedded {
+/// The embedded mode's projector: the in-memory log it follows and the
+/// read models it keeps.
+pub struct LocalProjector {
     pub log: Arc<MemLog>,
     pub models: Arc<MemoryModels>,
-    pub keys: IdempotencyKeys,
 }
 
-impl Embedded {
-    pub fn new(log: MemLog, keys: IdempotencyKeys) -> Self {
+impl LocalProjector {
+    pub fn new(log: Arc<MemLog>) -> Self {
         Self {
-            log: Arc::new(log),
+            log,
             models: Arc::new(MemoryModels::new()),
-            keys,
         }
     }
 
@@ -96,5 +95,22 @@ impl Embedded {
                 }
             }
         }
+    }
+}
+
+/// Its position and the log's head, for `/metrics`.
+#[async_trait::async_trait]
+impl Probe for LocalProjector {
+    async fn refresh(&self, metrics: &Metrics) {
+        let (checkpoint, head) = self.progress();
+        let p = [PROJECTOR];
+        metrics
+            .projection_checkpoint
+            .with_label_values(&p)
+            .set(checkpoint as i64);
+        metrics
+            .projection_lag_events
+            .with_label_values(&p)
+            .set(head.saturating_sub(checkpoint) as i64);
     }
 }

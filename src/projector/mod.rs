@@ -28,8 +28,8 @@ use tokio::task::JoinHandle;
 
 use crate::command::policy::NotificationPolicy;
 use crate::command::Aggregates;
-use crate::ops::lease::{supervise, Lease, RoleExit, RoleStatus};
-use crate::ops::metrics::Metrics;
+use crate::ops::lease::{supervise, Lease, RoleExit, RoleState, RoleStatus};
+use crate::ops::metrics::{raise_to, Metrics, Probe, PROJECTION_STATES};
 use crate::relay::ApplyBatch;
 use prometheus::Histogram;
 
@@ -44,19 +44,117 @@ pub fn spawn_all(
     stop: &watch::Receiver<bool>,
     leases: Leases<'_>,
 ) -> Vec<JoinHandle<()>> {
-    let spawner = Spawner {
+    let mut spawner = Spawner {
         pool,
         bus,
         metrics,
         stop,
         leases,
+        watched: Vec::new(),
     };
-    vec![
+    let tasks = vec![
         spawner.spawn(LeaderboardProjection::new(Generation::Live)),
         spawner.spawn(FeedProjection::new(Generation::Live)),
         spawner.spawn(AttemptsProjection::new(Generation::Live)),
         spawner.spawn(NotificationPolicy::new(aggregates)),
-    ]
+    ];
+    metrics.watch(Arc::new(ProjectionsProbe {
+        pool: pool.clone(),
+        relay: bus.subjects().prefix().to_string(),
+        workers: spawner.watched,
+    }));
+    tasks
+}
+
+/// The projections' figures for `/metrics`: state on this instance, worker
+/// counters, checkpoints and lag behind the head of the log, and which
+/// instance owns each lease.
+struct ProjectionsProbe {
+    pool: PgPool,
+    /// The relay whose numbering says where the head of the log is.
+    relay: String,
+    workers: Vec<(String, Arc<WorkerStats>, Arc<RoleStatus>)>,
+}
+
+#[async_trait::async_trait]
+impl Probe for ProjectionsProbe {
+    async fn refresh(&self, metrics: &Metrics) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let head = crate::relay::head(&self.pool, &self.relay).await.ok();
+        let checkpoints: Vec<(String, i64, f64)> = sqlx::query_as(
+            "SELECT name, seq, EXTRACT(EPOCH FROM now() - updated_at)::float8 FROM projection_checkpoints",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default();
+        metrics.lease_owner.reset();
+        let owners: Vec<(String, String)> =
+            sqlx::query_as("SELECT name, owner FROM leases WHERE expires_at > now()")
+                .fetch_all(&self.pool)
+                .await
+                .unwrap_or_default();
+        for (lease, owner) in &owners {
+            metrics
+                .lease_owner
+                .with_label_values(&[lease, owner])
+                .set(1);
+        }
+        for (projection, stats, status) in &self.workers {
+            let p = [projection.as_str()];
+            let state = match status.state() {
+                RoleState::Standby => "standby",
+                RoleState::Halted => "halted",
+                RoleState::Running if stats.caught_up.load(Relaxed) => "running",
+                RoleState::Running => "catching_up",
+            };
+            for name in PROJECTION_STATES {
+                metrics
+                    .projection_state
+                    .with_label_values(&[projection, name])
+                    .set(i64::from(name == state));
+            }
+            raise_to(
+                &metrics.projection_transient_retries.with_label_values(&p),
+                stats.transient_retries.load(Relaxed),
+            );
+            raise_to(
+                &metrics.projection_redeliveries.with_label_values(&p),
+                stats.repeats.load(Relaxed) + stats.out_of_order.load(Relaxed),
+            );
+            raise_to(
+                &metrics.projection_retries.with_label_values(&p),
+                stats.retries.load(Relaxed),
+            );
+            raise_to(
+                &metrics.projection_dead_letters.with_label_values(&p),
+                stats.dead_lettered.load(Relaxed),
+            );
+            let (seq, idle) = checkpoints
+                .iter()
+                .find(|(name, _, _)| name == projection)
+                .map_or((0, 0.0), |(_, seq, idle)| (*seq, *idle));
+            metrics.projection_checkpoint.with_label_values(&p).set(seq);
+            if let Some(head) = head {
+                let behind = (head - seq).max(0);
+                metrics
+                    .projection_lag_events
+                    .with_label_values(&p)
+                    .set(behind);
+                let seconds = if behind > 0 { idle } else { 0.0 };
+                metrics
+                    .projection_lag_seconds
+                    .with_label_values(&p)
+                    .set(seconds);
+            }
+        }
+    }
+
+    fn halted(&self) -> Vec<(String, String)> {
+        self.workers
+            .iter()
+            .filter_map(|(name, _, status)| status.halted().map(|reason| (name.clone(), reason)))
+            .collect()
+    }
 }
 
 /// The same projections for the relay's local target (one node without
@@ -101,10 +199,12 @@ struct Spawner<'a> {
     metrics: &'a Metrics,
     stop: &'a watch::Receiver<bool>,
     leases: Leases<'a>,
+    /// What the metrics read of each worker spawned.
+    watched: Vec<(String, Arc<WorkerStats>, Arc<RoleStatus>)>,
 }
 
 impl Spawner<'_> {
-    fn spawn<L: ProjectionLogic>(&self, logic: L) -> JoinHandle<()> {
+    fn spawn<L: ProjectionLogic>(&mut self, logic: L) -> JoinHandle<()> {
         let name = logic.name().to_string();
         let lease = Lease::new(
             self.pool.clone(),
@@ -118,8 +218,8 @@ impl Spawner<'_> {
         });
         let stats = Arc::new(WorkerStats::default());
         let status = Arc::new(RoleStatus::default());
-        self.metrics
-            .watch_worker(&name, stats.clone(), status.clone());
+        self.watched
+            .push((name.clone(), stats.clone(), status.clone()));
         let bus = self.bus.clone();
         let stop = self.stop.clone();
         tokio::spawn(supervise(lease, status, stop, move |role_stop| {

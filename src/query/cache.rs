@@ -15,12 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::http::{header, HeaderValue};
-use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use uuid::Uuid;
 
-use crate::http::error::ApiError;
 use crate::ops::metrics::Metrics;
 use crate::query::changes::ChangeHub;
 
@@ -64,56 +60,32 @@ impl CacheKey {
     }
 }
 
-/// A JSON answer ready to send, with its `Link: rel="next"` if any.
-#[derive(Debug, Clone)]
-pub struct JsonBody {
-    pub json: Bytes,
-    pub link: Option<HeaderValue>,
-}
-
-impl JsonBody {
-    pub fn new(value: &impl serde::Serialize, link: Option<HeaderValue>) -> Result<Self, ApiError> {
-        let json = serde_json::to_vec(value).map_err(ApiError::internal)?;
-        Ok(Self {
-            json: Bytes::from(json),
-            link,
-        })
-    }
-}
-
-impl IntoResponse for &JsonBody {
-    fn into_response(self) -> Response {
-        let mut response = self.json.clone().into_response();
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if let Some(link) = &self.link {
-            headers.insert(header::LINK, link.clone());
-        }
-        response
-    }
+/// What the cache holds: an answer (or a failure) ready to serve again.
+pub trait Answer: Clone + Send + Sync + 'static {
+    /// A failure that may pass (the database away): loaded again at the
+    /// next lookup instead of being served.
+    fn is_failure(&self) -> bool;
+    /// Its size in bytes, for the cache's bound.
+    fn weight(&self) -> usize;
 }
 
 /// What a load read: the answer (a 404 is an answer too) and the checkpoint
-/// of the projection it was read at.
-pub struct Loaded {
-    pub answer: Result<JsonBody, ApiError>,
+/// of the projection it was read at (0 when the load failed).
+pub struct Loaded<A> {
+    pub answer: A,
     pub seq: u64,
 }
 
-struct Cached {
-    answer: Result<JsonBody, Arc<ApiError>>,
+struct Cached<A> {
+    answer: A,
     seq: u64,
     epoch: u64,
     loaded_at: Instant,
 }
 
-impl Cached {
+impl<A: Answer> Cached<A> {
     fn stale(&self, epoch: u64, version: u64, refresh_after: Duration) -> bool {
-        let failed = matches!(&self.answer, Err(err) if err.status().is_server_error());
-        failed
+        self.answer.is_failure()
             || self.epoch != epoch
             || (self.seq < version && self.loaded_at.elapsed() >= refresh_after)
     }
@@ -131,20 +103,21 @@ pub struct CacheConfig {
     pub refresh_after: Duration,
 }
 
+/// Answers of type `A` by [`CacheKey`].
 #[derive(Clone)]
-pub struct QueryCache {
-    entries: moka::future::Cache<CacheKey, Arc<Cached>>,
+pub struct QueryCache<A> {
+    entries: moka::future::Cache<CacheKey, Arc<Cached<A>>>,
     hub: Arc<ChangeHub>,
     config: CacheConfig,
     metrics: Metrics,
 }
 
-impl QueryCache {
+impl<A: Answer> QueryCache<A> {
     pub fn new(config: CacheConfig, hub: Arc<ChangeHub>, metrics: Metrics) -> Self {
         let entries = moka::future::Cache::builder()
             .max_capacity(config.max_bytes)
-            .weigher(|key: &CacheKey, value: &Arc<Cached>| {
-                let body = value.answer.as_ref().map_or(64, |b| b.json.len());
+            .weigher(|key: &CacheKey, value: &Arc<Cached<A>>| {
+                let body = value.answer.weight();
                 u32::try_from(body + std::mem::size_of_val(key) + 64).unwrap_or(u32::MAX)
             })
             .time_to_live(config.ttl)
@@ -162,8 +135,8 @@ impl QueryCache {
     pub async fn get_or_load(
         &self,
         key: CacheKey,
-        load: impl Future<Output = Result<Loaded, ApiError>> + Send,
-    ) -> Result<JsonBody, ApiError> {
+        load: impl Future<Output = Loaded<A>> + Send,
+    ) -> A {
         let name = key.cache_name();
         // Only a miss runs this, so hits pay nothing for the timing.
         let metrics = &self.metrics;
@@ -173,8 +146,7 @@ impl QueryCache {
         };
         if !self.config.enabled {
             self.count(name, "miss");
-            let loaded = load.await?;
-            return loaded.answer;
+            return load.await.answer;
         }
         let (topic, topic_key) = key.topic_key();
         let epoch = self.hub.epoch();
@@ -184,10 +156,7 @@ impl QueryCache {
         let init = async {
             ran.store(true, Ordering::Relaxed);
             let loaded_at = Instant::now();
-            let (answer, seq) = match load.await {
-                Ok(loaded) => (loaded.answer.map_err(Arc::new), loaded.seq),
-                Err(err) => (Err(Arc::new(err)), 0),
-            };
+            let Loaded { answer, seq } = load.await;
             Arc::new(Cached {
                 answer,
                 seq,
@@ -206,10 +175,7 @@ impl QueryCache {
             "hit"
         };
         self.count(name, outcome);
-        match &entry.value().answer {
-            Ok(body) => Ok(body.clone()),
-            Err(err) => Err(ApiError::Shared(err.clone())),
-        }
+        entry.value().answer.clone()
     }
 
     fn count(&self, cache: &str, outcome: &str) {

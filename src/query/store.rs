@@ -1,10 +1,14 @@
-//! The storage port of the query side: every read the HTTP API makes, from
-//! Postgres (one REPEATABLE READ snapshot per read, on the read pool) or from
-//! the embedded mode's in-memory read models. Each answer comes with the
-//! checkpoint it reflects, which the cache and SSE resume depend on.
+//! The storage port of the query side: every read the HTTP API makes, as
+//! the [`ReadStore`] trait, with its two adapters side by side — Postgres
+//! ([`PgReadStore`]: one REPEATABLE READ snapshot per read, on the read pool)
+//! and the embedded mode's in-memory read models ([`MemoryModels`]). Each
+//! answer comes with the checkpoint it reflects, which the cache and SSE
+//! resume depend on. Failures are [`StoreError`]s; `http` decides what they
+//! answer.
 
-use std::sync::Arc;
+use std::time::Duration;
 
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use podium_projections::attempts::{AttemptQueries, AttemptSummary};
 use podium_projections::catalog::TestSummary;
@@ -13,23 +17,11 @@ use podium_projections::feed::{self, FeedChange, FeedItem, FeedQueries};
 use podium_projections::leaderboard::{
     self, Around, LeaderboardQueries, Page, PageStart, RankedEntry,
 };
+use podium_projections::memory::MemoryModels;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::http::error::ApiError;
-use crate::projector::local::Embedded;
-
-/// Where the read models (and the idempotency keys) live.
-#[derive(Clone)]
-pub enum Backend {
-    Postgres {
-        /// The primary: commands, the event store, idempotency keys.
-        pool: PgPool,
-        /// Where queries read: a replica when `DATABASE_READ_URL` is set.
-        read_pool: PgPool,
-    },
-    Embedded(Arc<Embedded>),
-}
+use crate::ops::db::StoreError;
 
 /// A feed page: items newest first, whether more follow, the unread count.
 pub struct FeedPage {
@@ -38,38 +30,95 @@ pub struct FeedPage {
     pub unread: u64,
 }
 
-impl Backend {
-    /// The primary pool, in production.
-    pub fn pool(&self) -> Option<&PgPool> {
-        match self {
-            Self::Postgres { pool, .. } => Some(pool),
-            Self::Embedded(_) => None,
-        }
-    }
-
+/// Where the query API reads the read models.
+#[async_trait]
+pub trait ReadStore: Send + Sync {
     /// Whether the store answers.
-    pub async fn is_ready(&self) -> bool {
-        match self {
-            Self::Postgres { pool, .. } => crate::ops::db::is_ready(pool).await,
-            Self::Embedded(_) => true,
-        }
+    async fn is_ready(&self) -> bool;
+
+    /// Whether the read models live in this process (the embedded mode).
+    fn in_memory(&self) -> bool {
+        false
     }
 
     /// A page of a leaderboard with the checkpoint it reflects, or
     /// `Err(horizon)` for a cursor older than the moves still known.
-    pub async fn leaderboard_page(
+    async fn leaderboard_page(
         &self,
         test_id: Uuid,
         start: &PageStart,
         limit: i64,
-    ) -> Result<(u64, Result<Page, u64>), ApiError> {
-        let read_pool = match self {
-            Self::Embedded(embedded) => {
-                return Ok(embedded.models.leaderboard_page(test_id, start, limit))
-            }
-            Self::Postgres { read_pool, .. } => read_pool,
-        };
-        let mut tx = crate::ops::db::snapshot(read_pool).await?;
+    ) -> Result<(u64, Result<Page, u64>), StoreError>;
+
+    /// `user_id`'s entry and neighbours.
+    async fn around(&self, test_id: Uuid, user_id: &str, radius: i64)
+        -> Result<Around, StoreError>;
+
+    /// Entries of `test_id` changed after `after` (for SSE resume), with the
+    /// checkpoint.
+    async fn leaderboard_changed_since(
+        &self,
+        test_id: Uuid,
+        after: Option<u64>,
+        limit: i64,
+    ) -> Result<(u64, Vec<(u64, RankedEntry)>), StoreError>;
+
+    /// A page of `user_id`'s notifications with the unread count.
+    async fn feed_page(
+        &self,
+        user_id: &str,
+        before: Option<u64>,
+        unread_only: bool,
+        limit: i64,
+    ) -> Result<FeedPage, StoreError>;
+
+    /// `user_id`'s items changed after `after` (none without), the unread
+    /// count, and the checkpoint.
+    async fn feed_changed_since(
+        &self,
+        user_id: &str,
+        after: Option<u64>,
+        limit: i64,
+    ) -> Result<(u64, Vec<FeedChange>, u64), StoreError>;
+
+    /// Up to `limit` of `user_id`'s attempts, newest first, after `after`.
+    async fn attempts_page(
+        &self,
+        user_id: &str,
+        after: Option<(DateTime<Utc>, Uuid)>,
+        limit: i64,
+    ) -> Result<(Vec<AttemptSummary>, bool), StoreError>;
+
+    /// Every published test, newest first.
+    async fn tests(&self) -> Result<Vec<TestSummary>, StoreError>;
+
+    /// Forgets leaderboard moves older than `retention` (what cursors'
+    /// "moved" lists read); returns how many.
+    async fn prune_moves(&self, retention: Duration) -> Result<u64, StoreError>;
+}
+
+/// The read models in Postgres.
+#[derive(Clone)]
+pub struct PgReadStore {
+    /// The primary: where moves are pruned.
+    pub pool: PgPool,
+    /// Where queries read: a replica when `DATABASE_READ_URL` is set.
+    pub read_pool: PgPool,
+}
+
+#[async_trait]
+impl ReadStore for PgReadStore {
+    async fn is_ready(&self) -> bool {
+        crate::ops::db::is_ready(&self.pool).await
+    }
+
+    async fn leaderboard_page(
+        &self,
+        test_id: Uuid,
+        start: &PageStart,
+        limit: i64,
+    ) -> Result<(u64, Result<Page, u64>), StoreError> {
+        let mut tx = crate::ops::db::snapshot(&self.read_pool).await?;
         let seq = checkpoint_of(&mut *tx, leaderboard::NAME).await?;
         if let PageStart::After { since, .. } = start {
             let horizon = LeaderboardQueries::moves_horizon(&mut *tx).await?;
@@ -82,41 +131,31 @@ impl Backend {
         Ok((seq, Ok(page)))
     }
 
-    /// `user_id`'s entry and neighbours.
-    pub async fn around(
+    async fn around(
         &self,
         test_id: Uuid,
         user_id: &str,
         radius: i64,
-    ) -> Result<Around, ApiError> {
-        Ok(match self {
-            Self::Embedded(embedded) => embedded.models.around(test_id, user_id, radius),
-            Self::Postgres { read_pool, .. } => {
-                LeaderboardQueries::around(read_pool, test_id, user_id, radius, leaderboard::NAME)
-                    .await?
-            }
-        })
+    ) -> Result<Around, StoreError> {
+        Ok(
+            LeaderboardQueries::around(
+                &self.read_pool,
+                test_id,
+                user_id,
+                radius,
+                leaderboard::NAME,
+            )
+            .await?,
+        )
     }
 
-    /// Entries of `test_id` changed after `after` (for SSE resume), with the
-    /// checkpoint.
-    pub async fn leaderboard_changed_since(
+    async fn leaderboard_changed_since(
         &self,
         test_id: Uuid,
         after: Option<u64>,
         limit: i64,
-    ) -> Result<(u64, Vec<(u64, RankedEntry)>), ApiError> {
-        let read_pool = match self {
-            Self::Embedded(embedded) => {
-                let models = &embedded.models;
-                return Ok(match after {
-                    Some(after) => models.leaderboard_changed_since(test_id, after, limit),
-                    None => (models.checkpoint(), Vec::new()),
-                });
-            }
-            Self::Postgres { read_pool, .. } => read_pool,
-        };
-        let mut tx = crate::ops::db::snapshot(read_pool).await?;
+    ) -> Result<(u64, Vec<(u64, RankedEntry)>), StoreError> {
+        let mut tx = crate::ops::db::snapshot(&self.read_pool).await?;
         let seq = checkpoint_of(&mut *tx, leaderboard::NAME).await?;
         let changed = match after {
             Some(after) => {
@@ -128,29 +167,14 @@ impl Backend {
         Ok((seq, changed))
     }
 
-    /// A page of `user_id`'s notifications with the unread count.
-    pub async fn feed_page(
+    async fn feed_page(
         &self,
         user_id: &str,
         before: Option<u64>,
         unread_only: bool,
         limit: i64,
-    ) -> Result<FeedPage, ApiError> {
-        let read_pool = match self {
-            Self::Embedded(embedded) => {
-                let (_, items, more, unread) =
-                    embedded
-                        .models
-                        .feed_page(user_id, before, unread_only, limit);
-                return Ok(FeedPage {
-                    items,
-                    more,
-                    unread,
-                });
-            }
-            Self::Postgres { read_pool, .. } => read_pool,
-        };
-        let mut tx = crate::ops::db::snapshot(read_pool).await?;
+    ) -> Result<FeedPage, StoreError> {
+        let mut tx = crate::ops::db::snapshot(&self.read_pool).await?;
         let (items, more) = FeedQueries::page(&mut tx, user_id, before, unread_only, limit).await?;
         let unread = FeedQueries::unread(&mut *tx, user_id).await?;
         tx.commit().await?;
@@ -161,28 +185,13 @@ impl Backend {
         })
     }
 
-    /// `user_id`'s items changed after `after` (none without), the unread
-    /// count, and the checkpoint.
-    pub async fn feed_changed_since(
+    async fn feed_changed_since(
         &self,
         user_id: &str,
         after: Option<u64>,
         limit: i64,
-    ) -> Result<(u64, Vec<FeedChange>, u64), ApiError> {
-        let read_pool = match self {
-            Self::Embedded(embedded) => {
-                let models = &embedded.models;
-                return Ok(match after {
-                    Some(after) => models.feed_changed_since(user_id, after, limit),
-                    None => {
-                        let (seq, unread) = models.unread(user_id);
-                        (seq, Vec::new(), unread)
-                    }
-                });
-            }
-            Self::Postgres { read_pool, .. } => read_pool,
-        };
-        let mut tx = crate::ops::db::snapshot(read_pool).await?;
+    ) -> Result<(u64, Vec<FeedChange>, u64), StoreError> {
+        let mut tx = crate::ops::db::snapshot(&self.read_pool).await?;
         let seq = checkpoint_of(&mut *tx, feed::NAME).await?;
         let changed = match after {
             Some(after) => FeedQueries::changed_since(&mut tx, user_id, after, limit).await?,
@@ -193,29 +202,111 @@ impl Backend {
         Ok((seq, changed, unread))
     }
 
-    /// Up to `limit` of `user_id`'s attempts, newest first, after `after`.
-    pub async fn attempts_page(
+    async fn attempts_page(
         &self,
         user_id: &str,
         after: Option<(DateTime<Utc>, Uuid)>,
         limit: i64,
-    ) -> Result<(Vec<AttemptSummary>, bool), ApiError> {
-        Ok(match self {
-            Self::Embedded(embedded) => embedded.models.attempts_page(user_id, after, limit),
-            Self::Postgres { read_pool, .. } => {
-                let mut conn = read_pool.acquire().await?;
-                AttemptQueries::page(&mut conn, user_id, after, limit).await?
+    ) -> Result<(Vec<AttemptSummary>, bool), StoreError> {
+        let mut conn = self.read_pool.acquire().await?;
+        Ok(AttemptQueries::page(&mut conn, user_id, after, limit).await?)
+    }
+
+    async fn tests(&self) -> Result<Vec<TestSummary>, StoreError> {
+        Ok(podium_projections::catalog::tests(&self.read_pool).await?)
+    }
+
+    async fn prune_moves(&self, retention: Duration) -> Result<u64, StoreError> {
+        Ok(LeaderboardQueries::prune_moves(&self.pool, retention).await?)
+    }
+}
+
+/// The embedded mode's read models, kept by its projector in this process.
+#[async_trait]
+impl ReadStore for MemoryModels {
+    async fn is_ready(&self) -> bool {
+        true
+    }
+
+    fn in_memory(&self) -> bool {
+        true
+    }
+
+    async fn leaderboard_page(
+        &self,
+        test_id: Uuid,
+        start: &PageStart,
+        limit: i64,
+    ) -> Result<(u64, Result<Page, u64>), StoreError> {
+        Ok(MemoryModels::leaderboard_page(self, test_id, start, limit))
+    }
+
+    async fn around(
+        &self,
+        test_id: Uuid,
+        user_id: &str,
+        radius: i64,
+    ) -> Result<Around, StoreError> {
+        Ok(MemoryModels::around(self, test_id, user_id, radius))
+    }
+
+    async fn leaderboard_changed_since(
+        &self,
+        test_id: Uuid,
+        after: Option<u64>,
+        limit: i64,
+    ) -> Result<(u64, Vec<(u64, RankedEntry)>), StoreError> {
+        Ok(match after {
+            Some(after) => MemoryModels::leaderboard_changed_since(self, test_id, after, limit),
+            None => (self.checkpoint(), Vec::new()),
+        })
+    }
+
+    async fn feed_page(
+        &self,
+        user_id: &str,
+        before: Option<u64>,
+        unread_only: bool,
+        limit: i64,
+    ) -> Result<FeedPage, StoreError> {
+        let (_, items, more, unread) =
+            MemoryModels::feed_page(self, user_id, before, unread_only, limit);
+        Ok(FeedPage {
+            items,
+            more,
+            unread,
+        })
+    }
+
+    async fn feed_changed_since(
+        &self,
+        user_id: &str,
+        after: Option<u64>,
+        limit: i64,
+    ) -> Result<(u64, Vec<FeedChange>, u64), StoreError> {
+        Ok(match after {
+            Some(after) => MemoryModels::feed_changed_since(self, user_id, after, limit),
+            None => {
+                let (seq, unread) = self.unread(user_id);
+                (seq, Vec::new(), unread)
             }
         })
     }
 
-    /// Every published test, newest first.
-    pub async fn tests(&self) -> Result<Vec<TestSummary>, ApiError> {
-        Ok(match self {
-            Self::Embedded(embedded) => embedded.models.tests(),
-            Self::Postgres { read_pool, .. } => {
-                podium_projections::catalog::tests(read_pool).await?
-            }
-        })
+    async fn attempts_page(
+        &self,
+        user_id: &str,
+        after: Option<(DateTime<Utc>, Uuid)>,
+        limit: i64,
+    ) -> Result<(Vec<AttemptSummary>, bool), StoreError> {
+        Ok(MemoryModels::attempts_page(self, user_id, after, limit))
+    }
+
+    async fn tests(&self) -> Result<Vec<TestSummary>, StoreError> {
+        Ok(MemoryModels::tests(self))
+    }
+
+    async fn prune_moves(&self, retention: Duration) -> Result<u64, StoreError> {
+        Ok(MemoryModels::prune_moves(self, retention))
     }
 }

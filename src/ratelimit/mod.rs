@@ -16,9 +16,13 @@
 use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use sqlx::PgPool;
+use crate::clock::Clock;
+use crate::ops::db::StoreError;
+
+mod windows;
+pub use windows::{MemoryWindows, PgWindows, Window, WindowStore};
 
 /// A budget: `limit` requests per `period`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,24 +208,24 @@ impl BucketState {
 }
 
 pub struct RateLimiter {
-    /// The shared windows; `None` in the embedded mode, where this process
-    /// is the only one and keeps them in `local`.
-    pool: Option<PgPool>,
-    local: std::sync::Mutex<std::collections::HashMap<(String, u64), (u32, u64)>>,
+    /// The shared windows' counts.
+    windows: Arc<dyn WindowStore>,
+    /// What says which window it is.
+    clock: Clock,
     pub budgets: Budgets,
     buckets: moka::sync::Cache<String, Bucket>,
 }
 
 impl RateLimiter {
-    pub fn new(pool: Option<PgPool>, budgets: Budgets) -> Self {
+    pub fn new(windows: Arc<dyn WindowStore>, budgets: Budgets, clock: Clock) -> Self {
         let longest = [budgets.user_commands, budgets.user_queries, budgets.ip]
             .iter()
             .map(|b| b.period)
             .max()
             .unwrap_or(Duration::from_secs(60));
         Self {
-            pool,
-            local: Default::default(),
+            windows,
+            clock,
             budgets,
             buckets: moka::sync::Cache::builder()
                 .max_capacity(1_000_000)
@@ -232,10 +236,7 @@ impl RateLimiter {
 
     /// Spends one request of `budget` for `key`.
     pub async fn check(&self, budget: &Budget, key: &str) -> Decision {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let now = self.clock.unix_secs();
         let period = budget.period.as_secs().max(1);
         let window = now / period;
         let reset_secs = (window + 1) * period - now;
@@ -276,7 +277,7 @@ impl RateLimiter {
         }
     }
 
-    /// Takes up to a chunk of tokens from the shared window row: returns the
+    /// Takes up to a chunk of tokens from the shared window: returns the
     /// tokens granted and the shared count after the lease.
     async fn lease(
         &self,
@@ -284,54 +285,83 @@ impl RateLimiter {
         bucket: &str,
         window: u64,
         period: u64,
-    ) -> Result<(u32, u32), sqlx::Error> {
-        let Some(pool) = &self.pool else {
-            let mut windows = self.local.lock().unwrap_or_else(|p| p.into_inner());
-            // Windows that have ended go; each remembers when it ends.
-            let now = window * period;
-            windows.retain(|_, (_, ends)| *ends > now);
-            let (used, _) = windows
-                .entry((bucket.to_string(), window))
-                .or_insert((0, (window + 1) * period));
-            let before = *used;
-            *used = (before + budget.chunk()).min(budget.limit);
-            return Ok((*used - before, *used));
+    ) -> Result<(u32, u32), StoreError> {
+        let window = Window {
+            start: window * period,
+            end: (window + 1) * period,
         };
-        let (granted, used): (i32, i32) = sqlx::query_as(
-            "INSERT INTO rate_limit_windows AS w (bucket, window_start, used, last_grant, expires_at)
-             VALUES ($1, $2, LEAST($3, $4), LEAST($3, $4), $5)
-             ON CONFLICT (bucket, window_start) DO UPDATE
-                SET used = LEAST(w.used + $3, $4), last_grant = LEAST(w.used + $3, $4) - w.used
-             RETURNING last_grant, used",
-        )
-        .bind(bucket)
-        .bind((window * period) as i64)
-        .bind(budget.chunk() as i32)
-        .bind(budget.limit as i32)
-        .bind(((window + 1) * period) as i64)
-        .fetch_one(pool)
-        .await?;
-        Ok((granted.max(0) as u32, used.max(0) as u32))
+        self.windows
+            .lease(bucket, window, budget.chunk(), budget.limit)
+            .await
     }
-}
 
-/// Deletes the windows that have ended.
-pub async fn purge_expired(pool: &PgPool) -> Result<u64, sqlx::Error> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    let deleted = sqlx::query("DELETE FROM rate_limit_windows WHERE expires_at < $1")
-        .bind(now as i64)
-        .execute(pool)
-        .await?
-        .rows_affected();
-    Ok(deleted)
+    /// Forgets the windows that have ended; returns how many.
+    pub async fn purge_expired(&self) -> Result<u64, StoreError> {
+        self.windows.purge_expired(self.clock.unix_secs()).await
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn limiter(limit: u32, period: Duration, clock: &Clock) -> RateLimiter {
+        let budget = Budget {
+            name: "user_queries",
+            limit,
+            period,
+        };
+        let budgets = Budgets {
+            user_queries: budget,
+            ..Budgets::default()
+        };
+        let windows = Arc::new(MemoryWindows::default());
+        RateLimiter::new(windows, budgets, clock.clone())
+    }
+
+    /// A manual clock `into` seconds into an hour.
+    fn clock_at(into: u64) -> Clock {
+        let hour = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000 / 3600 * 3600);
+        Clock::manual(hour + Duration::from_secs(into))
+    }
+
+    #[tokio::test]
+    async fn a_spent_budget_refuses_until_its_window_ends() {
+        let clock = clock_at(3_000);
+        let limiter = limiter(5, Duration::from_secs(3600), &clock);
+        let budget = limiter.budgets.user_queries;
+        for left in (0..5).rev() {
+            let decision = limiter.check(&budget, "alice").await;
+            assert!(decision.allowed);
+            assert_eq!(decision.remaining, left);
+        }
+        let refused = limiter.check(&budget, "alice").await;
+        assert!(!refused.allowed);
+        assert_eq!(refused.reset_secs, 600, "the window ends at the hour");
+        // Another key has a budget of its own.
+        assert!(limiter.check(&budget, "bob").await.allowed);
+
+        clock.advance(Duration::from_secs(599));
+        assert!(!limiter.check(&budget, "alice").await.allowed);
+        assert_eq!(limiter.check(&budget, "alice").await.reset_secs, 1);
+        clock.advance(Duration::from_secs(1));
+        let next = limiter.check(&budget, "alice").await;
+        assert!(next.allowed, "a new window has a new budget");
+        assert_eq!((next.remaining, next.reset_secs), (4, 3600));
+    }
+
+    #[tokio::test]
+    async fn ended_windows_are_purged() {
+        let clock = clock_at(0);
+        let limiter = limiter(100, Duration::from_secs(60), &clock);
+        let budget = limiter.budgets.user_queries;
+        for user in ["alice", "bob"] {
+            limiter.check(&budget, user).await;
+        }
+        assert_eq!(limiter.purge_expired().await.unwrap(), 0);
+        clock.advance(Duration::from_secs(61));
+        assert_eq!(limiter.purge_expired().await.unwrap(), 2);
+    }
 
     #[test]
     fn parses_budgets_and_keeps_defaults_for_unnamed_ones() {

@@ -31,6 +31,7 @@ use tracing::Instrument;
 
 use crate::log::postgres::{LogCursor, LogKey};
 use crate::ops::lease::{supervise, Lease, RoleExit, RoleStatus};
+use crate::ops::metrics::{raise_to, Metrics, Probe};
 use crate::query::changes::ChangeHub;
 
 /// The channel the `events` insert trigger notifies on.
@@ -143,6 +144,16 @@ impl Relay {
 
     pub fn stats(&self) -> Arc<RelayStats> {
         self.stats.clone()
+    }
+
+    /// What `/metrics` reads of this relay.
+    pub fn probe(&self) -> Arc<dyn Probe> {
+        Arc::new(RelayProbe {
+            pool: self.pool.clone(),
+            name: self.name().to_string(),
+            stats: self.stats.clone(),
+            status: self.status.clone(),
+        })
     }
 
     /// The checkpoint's name: one relay position per NATS prefix, and one
@@ -365,6 +376,54 @@ pub async fn lag(pool: &PgPool, name: &str) -> Result<i64, sqlx::Error> {
         },
     };
     crate::log::postgres::count_after(&mut *pool.acquire().await?, &key).await
+}
+
+/// The head of the log in seqs, as the relay named `name` numbers it: what
+/// it has numbered plus what it has not reached yet.
+pub async fn head(pool: &PgPool, name: &str) -> Result<i64, sqlx::Error> {
+    let relayed: Option<i64> =
+        sqlx::query_scalar("SELECT seq FROM relay_checkpoints WHERE name = $1")
+            .bind(name)
+            .fetch_optional(pool)
+            .await?;
+    Ok(relayed.unwrap_or(0) + lag(pool, name).await?)
+}
+
+/// A relay's figures for `/metrics`: whether it leads, what it published,
+/// how far behind the log it is.
+struct RelayProbe {
+    pool: PgPool,
+    name: String,
+    stats: Arc<RelayStats>,
+    status: Arc<RoleStatus>,
+}
+
+#[async_trait::async_trait]
+impl Probe for RelayProbe {
+    async fn refresh(&self, metrics: &Metrics) {
+        let stats = &self.stats;
+        let leader = stats.leader.load(Ordering::Relaxed);
+        metrics.relay_leader.set(i64::from(leader));
+        raise_to(
+            &metrics.relay_published,
+            stats.published.load(Ordering::Relaxed),
+        );
+        raise_to(
+            &metrics.relay_failures,
+            stats.publish_failures.load(Ordering::Relaxed),
+        );
+        if let Ok(lag) = lag(&self.pool, &self.name).await {
+            metrics.relay_lag.set(lag);
+        }
+    }
+
+    fn halted(&self) -> Vec<(String, String)> {
+        let halted = self.status.halted();
+        halted
+            .map(|reason| (format!("relay:{}", self.name), reason))
+            .into_iter()
+            .collect()
+    }
 }
 
 /// The local target's checkpoint name.

@@ -140,15 +140,15 @@ impl Browser {
 
     /// Waits until `script` returns something truthy, and returns it.
     async fn until(&self, what: &str, script: &str) -> Value {
-        let deadline = Instant::now() + PAGE_DEADLINE;
-        loop {
+        crate::helpers::poll(what, PAGE_DEADLINE, || async {
             let value = self.eval(script).await;
-            if !(value.is_null() || value == false || value == 0 || value == "") {
-                return value;
+            if value.is_null() || value == false || value == 0 || value == "" {
+                Err(value)
+            } else {
+                Ok(value)
             }
-            assert!(Instant::now() < deadline, "the page never showed {what}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     /// Saves a PNG screenshot of the page to `path`.

@@ -103,14 +103,11 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + CONVERGE;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::helpers::poll(what, CONVERGE, || {
+        let checked = check();
+        async move { checked.await.ok_or("not yet") }
+    })
+    .await
 }
 
 async fn json(app: &TestApp, path: &str, token: &str) -> (StatusCode, Value) {

@@ -15,15 +15,12 @@ use crate::sse::SseClient;
 
 /// Waits, if needed, until the current hour has at least a minute left, so
 /// that a test counting one hourly window stays inside it.
-async fn away_from_an_hour_boundary() {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let left = 3600 - now % 3600;
-    if left < 60 {
-        tokio::time::sleep(Duration::from_secs(left + 1)).await;
-    }
+/// A manual clock half way through an hour: a burst never straddles two
+/// windows, and no test waits on the wall clock for that.
+fn mid_hour_clock() -> podium::clock::Clock {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let hour = now.as_secs() / 3600 * 3600;
+    podium::clock::Clock::manual(UNIX_EPOCH + Duration::from_secs(hour + 1800))
 }
 
 /// Sends `n` GETs of `path` as `token`, alternating between `apps`, eight
@@ -39,10 +36,19 @@ async fn burst(apps: &[&TestApp], path: &str, token: &str, n: usize) -> Vec<reqw
 
 #[tokio::test]
 async fn two_instances_share_one_users_budget() {
-    away_from_an_hour_boundary().await;
     let limits = "user_queries=100/h,ip=100000/h";
-    let a = spawn_app_with(|s| s.rate_limits = limits.into()).await;
-    let b = a.another_instance(|s| s.rate_limits = limits.into()).await;
+    let clock = mid_hour_clock();
+    let a = spawn_app_with(|s| {
+        s.rate_limits = limits.into();
+        s.clock = clock.clone();
+    })
+    .await;
+    let b = a
+        .another_instance(|s| {
+            s.rate_limits = limits.into();
+            s.clock = clock.clone();
+        })
+        .await;
     let token = a.user("alice");
     let responses = burst(&[&a, &b], "/v1/me/attempts", &token, 250).await;
     let mut accepted = 0;
@@ -93,14 +99,18 @@ async fn two_instances_share_one_users_budget() {
 
 #[tokio::test]
 async fn client_ips_come_from_forwarded_for_only_behind_a_trusted_proxy() {
-    away_from_an_hour_boundary().await;
+    let clock = mid_hour_clock();
     let app = spawn_app_with(|s| {
         s.rate_limits = "ip=3/h".into();
         s.trusted_proxies = "127.0.0.1".into();
+        s.clock = clock.clone();
     })
     .await;
     let untrusting = app
-        .another_instance(|s| s.rate_limits = "ip=3/h".into())
+        .another_instance(|s| {
+            s.rate_limits = "ip=3/h".into();
+            s.clock = clock.clone();
+        })
         .await;
     let get = |app: &TestApp, ip: &'static str| {
         let request = app

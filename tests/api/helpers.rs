@@ -449,3 +449,27 @@ pub fn wait_for_exit(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Polls `check` every 20 ms until it answers `Ok`, for at most `timeout`,
+/// and returns its value; on timeout, panics naming `what` and the last
+/// `Err` (the state that was still wrong). The one polling loop of the tests:
+/// they wait on conditions with deadlines, never on fixed sleeps.
+pub async fn poll<T, E, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    E: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let last = match check().await {
+            Ok(value) => return value,
+            Err(last) => last,
+        };
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; last seen: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

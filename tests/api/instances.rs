@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
-use crate::helpers::{podium_process, sample_test, Killed, TestDb, SECRET};
+use crate::helpers::{podium_process, poll, sample_test, Killed, TestDb, SECRET};
 use crate::nats::{delete_streams, nats_url, unique_prefix, wait_until};
 use crate::postgres::PrivatePostgres;
 
@@ -242,17 +242,8 @@ impl Deployment {
 
     /// Waits until [`Self::converged`] holds, at most `timeout`.
     async fn wait_converged(&self, acknowledged: &HashSet<String>, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.converged(acknowledged).await {
-                Ok(()) => return,
-                Err(state) => assert!(
-                    Instant::now() < deadline,
-                    "the read models did not converge in {timeout:?}: {state}"
-                ),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let what = "the read models to converge";
+        poll(what, timeout, || self.converged(acknowledged)).await;
     }
 }
 
@@ -450,11 +441,13 @@ async fn a_minute_without_postgres_loses_nothing_and_heals_without_a_restart() {
     acknowledged.extend(during);
 
     // Load during the recovery, then everything acknowledged is projected.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while deployment.ready(0).await != Some(StatusCode::OK) {
-        assert!(Instant::now() < deadline, "/readyz stays unavailable");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll("/readyz to answer 200", Duration::from_secs(30), || async {
+        match deployment.ready(0).await {
+            Some(StatusCode::OK) => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
     acknowledged.extend(load(40, 70).await);
     assert!(
         acknowledged.len() >= 60,

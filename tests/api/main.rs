@@ -16,6 +16,7 @@ mod embedded;
 mod fanout;
 mod idempotency;
 mod instances;
+mod layout;
 mod notifications;
 mod openapi;
 mod queries;

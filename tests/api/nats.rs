@@ -172,12 +172,9 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::helpers::poll(what, timeout, || {
+        let checked = check();
+        async move { checked.await.then_some(()).ok_or("not yet") }
+    })
+    .await
 }

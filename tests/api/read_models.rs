@@ -103,8 +103,7 @@ async fn traffic(app: &TestApp, test_ids: &[String], rounds: usize, seed: u64) {
 /// Waits until every projection has applied the whole log and the log has
 /// stopped growing (the policy adds notifications as it goes).
 async fn settle(pool: &PgPool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
+    let check = || async {
         let state: Vec<(String, i64)> = sqlx::query_as(
             "SELECT p.name, COALESCE(c.seq, 0)
                FROM (VALUES ('leaderboard'), ('feed'), ('attempts'), ('notification-policy')) p(name)
@@ -120,14 +119,13 @@ async fn settle(pool: &PgPool) {
             .await
             .unwrap();
         if state.iter().all(|(_, seq)| *seq == head) {
-            return;
+            Ok(())
+        } else {
+            Err(format!("head {head}, checkpoints {state:?}"))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "projections did not reach the head of the log ({head}): {state:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
+    let what = "projections to reach the head of the log";
+    crate::helpers::poll(what, Duration::from_secs(120), check).await;
 }
 
 /// Asserts two snapshots are equal, showing the first differing rows.

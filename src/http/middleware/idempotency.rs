@@ -5,7 +5,7 @@
 //! concurrent duplicate gets 409 instead of running twice; the response is
 //! stored when it is final. Server errors (5xx) and 429 are not stored, so the
 //! client can retry them. A pending row left by a crashed process is taken
-//! over after [`PENDING_TAKEOVER`].
+//! over after a minute ([`crate::command::idempotency::PENDING_TAKEOVER`]).
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -13,13 +13,12 @@ use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
-use std::time::Duration;
 
 use uuid::Uuid;
 
+use crate::command::idempotency::{Held, IdempotencyStore, StoredAnswer};
 use crate::http::error::ApiError;
 use crate::http::AppState;
-use crate::query::store::Backend;
 
 pub const HEADER: &str = "idempotency-key";
 /// Set on a response that replays a stored one.
@@ -27,11 +26,6 @@ pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 pub const MAX_KEY_LEN: usize = 255;
 /// Stored responses larger than this are not kept (ours are far smaller).
 const MAX_STORED_BODY: usize = 1024 * 1024;
-const RETENTION: &str = "24 hours";
-const PENDING_TAKEOVER: &str = "60 seconds";
-/// The same, for the embedded mode's keys.
-pub const RETENTION_TIME: Duration = Duration::from_secs(24 * 3600);
-const PENDING_TAKEOVER_TIME: Duration = Duration::from_secs(60);
 
 /// The caller and key of an idempotent request, for handlers that derive
 /// stable ids from it.
@@ -42,10 +36,6 @@ pub struct IdempotencyScope {
 }
 
 impl IdempotencyScope {
-    fn pair(&self) -> (String, String) {
-        (self.principal.clone(), self.key.clone())
-    }
-
     /// A UUID that is the same for every retry of this request and `part`.
     pub fn derive_id(&self, part: &str) -> Uuid {
         const NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_5b2e_8a43_4d0e_9b7a_2c51_e3f4_a817);
@@ -100,9 +90,11 @@ async fn run_once(
             ApiError::PayloadTooLarge("the request body is too large".into()).into_response()
         })?;
     let hash = request_hash(&parts, &bytes);
-    let pool = &state.backend;
-    if !claim(pool, &scope, &hash).await.map_err(into_response)? {
-        return Err(replay(pool, &scope, &hash).await);
+    let store = state.idempotency.as_ref();
+    let (principal, key) = (scope.principal.as_str(), scope.key.as_str());
+    let claimed = store.claim(principal, key, &hash).await;
+    if !claimed.map_err(|err| ApiError::from(err).into_response())? {
+        return Err(replay(store, &scope, &hash).await);
     }
     parts.extensions.insert(scope.clone());
     let response = next
@@ -110,42 +102,25 @@ async fn run_once(
         .await;
     let status = response.status();
     if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-        release(pool, &scope).await;
+        release(store, &scope).await;
         return Ok(response);
     }
     let (parts, body) = response.into_parts();
     let Ok(body) = axum::body::to_bytes(body, MAX_STORED_BODY).await else {
-        release(pool, &scope).await;
+        release(store, &scope).await;
         return Ok(ApiError::internal("response too large to store").into_response());
     };
     let content_type = parts
         .headers
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let stored = match pool {
-        Backend::Postgres { pool, .. } => sqlx::query(
-            "UPDATE idempotency_keys SET status = $3, content_type = $4, body = $5
-              WHERE principal = $1 AND key = $2",
-        )
-        .bind(&scope.principal)
-        .bind(&scope.key)
-        .bind(status.as_u16() as i16)
-        .bind(content_type)
-        .bind(body.as_ref())
-        .execute(pool)
-        .await
-        .map(drop),
-        Backend::Embedded(embedded) => {
-            let answer = (
-                status.as_u16(),
-                content_type.map(str::to_string),
-                body.to_vec(),
-            );
-            embedded.keys.answer(&scope.pair(), answer);
-            Ok(())
-        }
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let answer = StoredAnswer {
+        status: status.as_u16(),
+        content_type,
+        body: body.to_vec(),
     };
-    if let Err(err) = stored {
+    if let Err(err) = store.answer(principal, key, answer).await {
         tracing::warn!(%err, "cannot store an idempotent response; a retry will run again");
     }
     Ok(Response::from_parts(parts, Body::from(body)))
@@ -161,88 +136,36 @@ fn request_hash(parts: &axum::http::request::Parts, body: &Bytes) -> Vec<u8> {
     hasher.finalize().to_vec()
 }
 
-/// Claims the key for this request: true if it was free (or expired, or left
-/// pending by a dead process), false if another request holds it.
-async fn claim(backend: &Backend, scope: &IdempotencyScope, hash: &[u8]) -> Result<bool, ApiError> {
-    let pool = match backend {
-        Backend::Postgres { pool, .. } => pool,
-        Backend::Embedded(embedded) => {
-            return Ok(embedded.keys.claim(
-                scope.pair(),
-                hash,
-                RETENTION_TIME,
-                PENDING_TAKEOVER_TIME,
-            ))
-        }
-    };
-    let claimed = sqlx::query(&format!(
-        "INSERT INTO idempotency_keys (principal, key, request_hash) VALUES ($1, $2, $3)
-         ON CONFLICT (principal, key) DO UPDATE
-            SET request_hash = EXCLUDED.request_hash, status = NULL, content_type = NULL,
-                body = NULL, created_at = now()
-          WHERE idempotency_keys.created_at < now() - interval '{RETENTION}'
-             OR (idempotency_keys.status IS NULL
-                 AND idempotency_keys.created_at < now() - interval '{PENDING_TAKEOVER}')
-         RETURNING 1"
-    ))
-    .bind(&scope.principal)
-    .bind(&scope.key)
-    .bind(hash)
-    .fetch_optional(pool)
-    .await?;
-    Ok(claimed.is_some())
-}
-
 /// The stored answer for a key another request claimed.
-async fn replay(backend: &Backend, scope: &IdempotencyScope, hash: &[u8]) -> Response {
-    type Row = (Vec<u8>, Option<i16>, Option<String>, Option<Vec<u8>>);
-    let row: Result<Option<Row>, sqlx::Error> = match backend {
-        Backend::Postgres { pool, .. } => {
-            sqlx::query_as(
-                "SELECT request_hash, status, content_type, body FROM idempotency_keys
-                  WHERE principal = $1 AND key = $2",
-            )
-            .bind(&scope.principal)
-            .bind(&scope.key)
-            .fetch_optional(pool)
-            .await
-        }
-        Backend::Embedded(embedded) => Ok(embedded.keys.get(&scope.pair()).map(|held| match held
-            .answer
-        {
-            Some((status, content_type, body)) => (
-                held.request_hash,
-                Some(status as i16),
-                content_type,
-                Some(body),
-            ),
-            None => (held.request_hash, None, None, None),
-        })),
-    };
-    match row {
-        Err(err) => into_response(err.into()),
+async fn replay(store: &dyn IdempotencyStore, scope: &IdempotencyScope, hash: &[u8]) -> Response {
+    match store.held(&scope.principal, &scope.key).await {
+        Err(err) => ApiError::from(err).into_response(),
         // Deleted between our claim and this read: the first request failed.
         Ok(None) => ApiError::conflict(
             "idempotency-key-in-use",
             "a request with this Idempotency-Key just failed; retry",
         )
         .into_response(),
-        Ok(Some((stored_hash, _, _, _))) if stored_hash != hash => ApiError::Unprocessable {
+        Ok(Some(held)) if held.request_hash != hash => ApiError::Unprocessable {
             detail: "this Idempotency-Key was used for a different request".into(),
             errors: Vec::new(),
         }
         .into_response(),
-        Ok(Some((_, Some(status), content_type, body))) => {
-            let status = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK);
-            let mut response = (status, body.unwrap_or_default()).into_response();
+        Ok(Some(Held {
+            answer: Some(answer),
+            ..
+        })) => {
+            let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+            let mut response = (status, answer.body).into_response();
             let headers = response.headers_mut();
-            if let Some(value) = content_type.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            let content_type = answer.content_type.as_deref();
+            if let Some(value) = content_type.and_then(|c| HeaderValue::from_str(c).ok()) {
                 headers.insert(header::CONTENT_TYPE, value);
             }
             headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
             response
         }
-        Ok(Some((_, None, _, _))) => ApiError::conflict(
+        Ok(Some(Held { answer: None, .. })) => ApiError::conflict(
             "idempotency-key-in-use",
             "a request with this Idempotency-Key is still being processed",
         )
@@ -251,35 +174,8 @@ async fn replay(backend: &Backend, scope: &IdempotencyScope, hash: &[u8]) -> Res
 }
 
 /// Frees a claimed key so that a retry runs again.
-async fn release(backend: &Backend, scope: &IdempotencyScope) {
-    let pool = match backend {
-        Backend::Postgres { pool, .. } => pool,
-        Backend::Embedded(embedded) => return embedded.keys.release(&scope.pair()),
-    };
-    let result = sqlx::query("DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2")
-        .bind(&scope.principal)
-        .bind(&scope.key)
-        .execute(pool)
-        .await;
-    if let Err(err) = result {
+async fn release(store: &dyn IdempotencyStore, scope: &IdempotencyScope) {
+    if let Err(err) = store.release(&scope.principal, &scope.key).await {
         tracing::warn!(%err, "cannot release an idempotency key; it frees itself in a minute");
     }
-}
-
-/// Deletes keys older than the retention window.
-pub async fn purge_expired(backend: &Backend) -> Result<u64, sqlx::Error> {
-    let pool = match backend {
-        Backend::Postgres { pool, .. } => pool,
-        Backend::Embedded(embedded) => return Ok(embedded.keys.purge(RETENTION_TIME)),
-    };
-    let result = sqlx::query(&format!(
-        "DELETE FROM idempotency_keys WHERE created_at < now() - interval '{RETENTION}'"
-    ))
-    .execute(pool)
-    .await?;
-    Ok(result.rows_affected())
-}
-
-fn into_response(err: ApiError) -> Response {
-    err.into_response()
 }

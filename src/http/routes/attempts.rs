@@ -32,6 +32,11 @@ pub fn router() -> Router<AppState> {
         .route("/v1/attempts/{attempt_id}/submit", post(submit))
 }
 
+/// This resource's operations in the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(start, show, answer, submit))]
+pub(super) struct Doc;
+
 #[derive(Default, Deserialize, ToSchema)]
 struct StartBody {
     attempt_id: Option<Uuid>,
@@ -62,10 +67,9 @@ impl From<&StartedAttempt> for Started {
     responses(
         (status = 201, body = Started, headers(("location" = String))),
         (status = 200, description = "The same attempt id again: the same body", body = Started),
-        (status = 400, description = "Malformed id or JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such test", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The test is archived, or the id is taken", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id or JSON"),
+        (status = 404, description = "No such test"),
+        (status = 409, description = "The test is archived, or the id is taken"),
     ))]
 async fn start(
     State(state): State<AppState>,
@@ -85,7 +89,7 @@ async fn start(
         attempt_id,
         user_id: principal.user_id.clone(),
         test,
-        now: crate::ops::clock::now(),
+        now: crate::clock::now(),
     };
     let id = attempt_id.to_string();
     let attempts = &state.aggregates.attempts;
@@ -128,12 +132,11 @@ struct AnswerBody {
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Recorded"),
-        (status = 400, description = "Malformed id or JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not your attempt", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such attempt", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Already submitted, or past the time limit", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "No such question or choice", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id or JSON"),
+        (status = 403, description = "Not your attempt"),
+        (status = 404, description = "No such attempt"),
+        (status = 409, description = "Already submitted, or past the time limit"),
+        (status = 422, description = "No such question or choice"),
     ))]
 async fn answer(
     State(state): State<AppState>,
@@ -148,7 +151,7 @@ async fn answer(
         question_id,
         choice: body.choice,
         test,
-        now: crate::ops::clock::now(),
+        now: crate::clock::now(),
     };
     state
         .aggregates
@@ -183,12 +186,11 @@ struct Submitted {
     security(("bearer" = [])),
     responses(
         (status = 200, body = Submitted),
-        (status = 400, description = "Malformed id or JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not your attempt", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such attempt", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Already submitted, or past the time limit", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid answers", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id or JSON"),
+        (status = 403, description = "Not your attempt"),
+        (status = 404, description = "No such attempt"),
+        (status = 409, description = "Already submitted, or past the time limit"),
+        (status = 422, description = "Invalid answers"),
     ))]
 async fn submit(
     State(state): State<AppState>,
@@ -202,7 +204,7 @@ async fn submit(
         by: principal.user_id.clone(),
         answers: body.answers,
         test,
-        now: crate::ops::clock::now(),
+        now: crate::clock::now(),
     };
     let id = attempt_id.to_string();
     let attempts = &state.aggregates.attempts;
@@ -302,10 +304,9 @@ impl AttemptView {
     security(("bearer" = [])),
     responses(
         (status = 200, body = AttemptView),
-        (status = 400, description = "Malformed id", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not your attempt", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such attempt", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id"),
+        (status = 403, description = "Not your attempt"),
+        (status = 404, description = "No such attempt"),
     ))]
 async fn show(
     State(state): State<AppState>,

@@ -25,6 +25,11 @@ pub fn router() -> Router<AppState> {
         .route("/v1/tests/{test_id}/archive", post(archive))
 }
 
+/// This resource's operations in the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(list, publish, show, archive))]
+pub(super) struct Doc;
+
 #[derive(Deserialize, ToSchema)]
 struct PublishBody {
     /// Chosen by the client for safe retries; a new one otherwise.
@@ -63,13 +68,12 @@ struct Published {
     security(("bearer" = [])),
     responses(
         (status = 201, body = Published, headers(("location" = String, description = "The test's URL"))),
-        (status = 400, description = "Malformed JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not an admin", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "A test with this id exists", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid test", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON"),
+        (status = 403, description = "Not an admin"),
+        (status = 409, description = "A test with this id exists"),
+        (status = 413, description = "Body too large"),
+        (status = 415, description = "Not JSON"),
+        (status = 422, description = "Invalid test"),
     ))]
 async fn publish(
     State(state): State<AppState>,
@@ -110,10 +114,9 @@ async fn publish(
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Archived"),
-        (status = 400, description = "Malformed id", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not an admin", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such test", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No such test"),
     ))]
 async fn archive(
     State(state): State<AppState>,
@@ -162,11 +165,10 @@ struct ListView {
     security(("bearer" = [])),
     responses(
         (status = 200, body = ListView),
-        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     ))]
 async fn list(State(state): State<AppState>, _: Principal) -> Result<Json<ListView>, ApiError> {
     Ok(Json(ListView {
-        items: state.backend.tests().await?,
+        items: state.store.tests().await?,
     }))
 }
 
@@ -176,9 +178,8 @@ async fn list(State(state): State<AppState>, _: Principal) -> Result<Json<ListVi
     security(("bearer" = [])),
     responses(
         (status = 200, body = TestView),
-        (status = 400, description = "Malformed id", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such test", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id"),
+        (status = 404, description = "No such test"),
     ))]
 async fn show(
     State(state): State<AppState>,

@@ -14,6 +14,11 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/", get(page))
 }
 
+/// This resource's operations in the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(page))]
+pub(super) struct Doc;
+
 /// The live demo page: pick a test, watch its leaderboard move over SSE,
 /// look up a user's neighbours, read your notifications.
 #[utoipa::path(get, path = "/", tag = "operations",

@@ -13,12 +13,13 @@ use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Principal;
+use crate::http::cached::{self, JsonBody, Loaded};
 use crate::http::error::ApiError;
 use crate::http::extract::ApiQuery;
 use crate::http::pagination::{self, next_link};
 use crate::http::sse::{self, CatchUp, StreamQuery, StreamSource};
 use crate::http::AppState;
-use crate::query::cache::{CacheKey, JsonBody, Loaded};
+use crate::query::cache::CacheKey;
 use crate::query::store::FeedPage;
 
 pub fn router() -> Router<AppState> {
@@ -27,6 +28,11 @@ pub fn router() -> Router<AppState> {
         .route("/v1/me/notifications/unread-count", get(unread_count))
         .route("/v1/me/notifications/stream", get(stream))
 }
+
+/// This resource's operations in the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(page, unread_count, stream))]
+pub(super) struct Doc;
 
 /// Items older than the one created at log seq `before`, of `user`.
 #[derive(Serialize, Deserialize)]
@@ -61,9 +67,8 @@ struct PageView {
     security(("bearer" = [])),
     responses(
         (status = 200, body = PageView, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
-        (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`limit` outside 1–200, or cursor and offset together", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)"),
+        (status = 422, description = "`limit` outside 1–200, or cursor and offset together"),
     ))]
 async fn page(
     State(state): State<AppState>,
@@ -87,7 +92,7 @@ async fn page(
         more,
         unread: unread_count,
     } = state
-        .backend
+        .store
         .feed_page(user, before, query.unread_only, limit)
         .await?;
     let next_cursor = items.last().filter(|_| more).map(|last| {
@@ -117,7 +122,7 @@ async fn page(
 /// Your unread count: `{"unread_count"}`.
 #[utoipa::path(get, path = "/v1/me/notifications/unread-count", tag = "notifications",
     security(("bearer" = [])),
-    responses((status = 200, description = "`{\"unread_count\": 3}`"), (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),))]
+    responses((status = 200, description = "`{\"unread_count\": 3}`"),))]
 async fn unread_count(
     State(state): State<AppState>,
     principal: Principal,
@@ -127,13 +132,13 @@ async fn unread_count(
         user_id: user.clone(),
     };
     let load = async {
-        let (seq, _, unread_count) = state.backend.feed_changed_since(&user, None, 0).await?;
+        let (seq, _, unread_count) = state.store.feed_changed_since(&user, None, 0).await?;
         Ok(Loaded {
             answer: JsonBody::new(&json!({ "unread_count": unread_count }), None),
             seq,
         })
     };
-    let body = state.cache.get_or_load(key, load).await?;
+    let body = cached::get_or_load(&state.cache, key, load).await?;
     Ok((&body).into_response())
 }
 
@@ -154,7 +159,7 @@ impl StreamSource for Notifications {
     async fn catch_up(&self, after: Option<u64>) -> Result<CatchUp, ApiError> {
         let (seq, changed, unread_count) = self
             .state
-            .backend
+            .store
             .feed_changed_since(&self.user, after, sse::CATCH_UP_LIMIT + 1)
             .await?;
         let mut caught = CatchUp::at(seq);
@@ -213,9 +218,8 @@ impl StreamSource for Notifications {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "An event stream", content_type = "text/event-stream", headers(("cache-control" = String, description = "no-cache"), ("x-accel-buffering" = String, description = "no"))),
-        (status = 400, description = "Malformed Last-Event-ID", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Too many open streams", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed Last-Event-ID"),
+        (status = 429, description = "Too many open streams"),
     ))]
 async fn stream(
     State(state): State<AppState>,

@@ -10,7 +10,6 @@ use serde_json::{json, Value};
 
 use crate::http::error::ApiError;
 use crate::http::AppState;
-use crate::query::store::Backend;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -19,12 +18,17 @@ pub fn router() -> Router<AppState> {
         .route("/metrics", get(metrics))
 }
 
+/// This resource's operations in the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(healthz, ready, metrics))]
+pub(super) struct Doc;
+
 /// Prometheus metrics in the text exposition format.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     use prometheus::Encoder as _;
-    state.metrics.refresh(state.backend.pool()).await;
+    state.metrics.refresh().await;
     let encoder = prometheus::TextEncoder::new();
     let mut body = Vec::new();
     if let Err(err) = encoder.encode(&state.metrics.registry.gather(), &mut body) {
@@ -52,7 +56,7 @@ pub(super) async fn healthz() -> Json<Value> {
         (status = 503, description = "A dependency is down or a projection halted; `checks` says which"),
     ))]
 pub(super) async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let store = state.backend.is_ready().await;
+    let store = state.store.is_ready().await;
     // Without NATS configured there is nothing to wait for.
     let nats = state.bus.as_ref().map(|bus| bus.is_connected());
     let halted = state.metrics.halted();
@@ -63,9 +67,10 @@ pub(super) async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Va
         StatusCode::SERVICE_UNAVAILABLE
     };
     let word = |up: bool| if up { "up" } else { "down" };
-    let mut checks = match state.backend {
-        Backend::Postgres { .. } => json!({"postgres": word(store)}),
-        Backend::Embedded(_) => json!({"store": "embedded"}),
+    let mut checks = if state.store.in_memory() {
+        json!({"store": "embedded"})
+    } else {
+        json!({"postgres": word(store)})
     };
     if let Some(nats) = nats {
         checks["nats"] = json!(word(nats));

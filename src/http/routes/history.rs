@@ -11,15 +11,20 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
+use crate::http::cached::JsonBody;
 use crate::http::error::ApiError;
 use crate::http::extract::ApiQuery;
 use crate::http::pagination::{self, next_link};
 use crate::http::AppState;
-use crate::query::cache::JsonBody;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/me/attempts", get(list))
 }
+
+/// This resource's operations in the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(list))]
+pub(super) struct Doc;
 
 /// Attempts after the one started at `at` with id `id`, of `user`.
 #[derive(Serialize, Deserialize)]
@@ -51,9 +56,8 @@ struct ListView {
     security(("bearer" = [])),
     responses(
         (status = 200, body = ListView, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
-        (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`limit` outside 1–200, or cursor and offset together", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)"),
+        (status = 422, description = "`limit` outside 1–200, or cursor and offset together"),
     ))]
 async fn list(
     State(state): State<AppState>,
@@ -72,7 +76,7 @@ async fn list(
             Some((cursor.at, cursor.id))
         }
     };
-    let (items, more) = state.backend.attempts_page(user, after, limit).await?;
+    let (items, more) = state.store.attempts_page(user, after, limit).await?;
     let next_cursor = items.last().filter(|_| more).map(|last| {
         pagination::encode(&Cursor {
             user: user.to_string(),

@@ -18,12 +18,13 @@ use uuid::Uuid;
 
 use super::catalog::published_definition;
 use crate::auth::Principal;
+use crate::http::cached::{self, JsonBody, Loaded};
 use crate::http::error::ApiError;
 use crate::http::extract::{ApiPath, ApiQuery};
 use crate::http::pagination::{self, next_link};
 use crate::http::sse::{self, CatchUp, StreamQuery, StreamSource};
 use crate::http::AppState;
-use crate::query::cache::{CacheKey, JsonBody, Loaded};
+use crate::query::cache::CacheKey;
 
 /// Most neighbours on each side of a user.
 pub const MAX_RADIUS: u16 = 50;
@@ -40,6 +41,11 @@ pub fn router() -> Router<AppState> {
         )
         .route("/v1/tests/{test_id}/leaderboard/stream", get(stream))
 }
+
+/// This resource's operations in the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(page, around, stream))]
+pub(super) struct Doc;
 
 /// An entry as the API shows it.
 #[derive(Serialize, ToSchema)]
@@ -103,10 +109,9 @@ struct PageView {
     security(("bearer" = [])),
     responses(
         (status = 200, body = PageView, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
-        (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`limit` outside 1–200, or cursor and offset together", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such test", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)"),
+        (status = 422, description = "`limit` outside 1–200, or cursor and offset together"),
+        (status = 404, description = "No such test"),
     ))]
 async fn page(
     State(state): State<AppState>,
@@ -153,13 +158,12 @@ async fn page(
         start: key,
         limit: limit as u16,
     };
-    let body = state
-        .cache
-        .get_or_load(
-            key,
-            load_page(&state, test_id, start, limit, query.offset.is_some()),
-        )
-        .await?;
+    let body = cached::get_or_load(
+        &state.cache,
+        key,
+        load_page(&state, test_id, start, limit, query.offset.is_some()),
+    )
+    .await?;
     Ok((&body).into_response())
 }
 
@@ -170,10 +174,7 @@ async fn load_page(
     limit: i64,
     by_offset: bool,
 ) -> Result<Loaded, ApiError> {
-    let (seq, page) = state
-        .backend
-        .leaderboard_page(test_id, &start, limit)
-        .await?;
+    let (seq, page) = state.store.leaderboard_page(test_id, &start, limit).await?;
     let page = match page {
         Ok(page) => page,
         Err(horizon) => {
@@ -262,10 +263,9 @@ struct AroundView {
     security(("bearer" = [])),
     responses(
         (status = 200, body = AroundView),
-        (status = 400, description = "Malformed id", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "The user has no entry", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`radius` above 50", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id"),
+        (status = 404, description = "The user has no entry"),
+        (status = 422, description = "`radius` above 50"),
     ))]
 async fn around(
     State(state): State<AppState>,
@@ -287,10 +287,12 @@ async fn around(
         user_id: user.to_string(),
         radius,
     };
-    let body = state
-        .cache
-        .get_or_load(key, load_around(&state, test_id, user, radius))
-        .await?;
+    let body = cached::get_or_load(
+        &state.cache,
+        key,
+        load_around(&state, test_id, user, radius),
+    )
+    .await?;
     Ok((&body).into_response())
 }
 
@@ -301,7 +303,7 @@ async fn load_around(
     radius: u16,
 ) -> Result<Loaded, ApiError> {
     let around = state
-        .backend
+        .store
         .around(test_id, user.as_str(), i64::from(radius))
         .await?;
     let seq = around.checkpoint;
@@ -339,7 +341,7 @@ impl StreamSource for Entries {
     async fn catch_up(&self, after: Option<u64>) -> Result<CatchUp, ApiError> {
         let (seq, changed) = self
             .state
-            .backend
+            .store
             .leaderboard_changed_since(self.test_id, after, sse::CATCH_UP_LIMIT + 1)
             .await?;
         let mut caught = CatchUp::at(seq);
@@ -381,10 +383,9 @@ impl StreamSource for Entries {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "An event stream", content_type = "text/event-stream", headers(("cache-control" = String, description = "no-cache"), ("x-accel-buffering" = String, description = "no"))),
-        (status = 400, description = "Malformed id or Last-Event-ID", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such test", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Too many open streams", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id or Last-Event-ID"),
+        (status = 404, description = "No such test"),
+        (status = 429, description = "Too many open streams"),
     ))]
 async fn stream(
     State(state): State<AppState>,

@@ -2,28 +2,43 @@
 //! OpenAPI annotations. May use the rest of `http/` and the query and
 //! command sides; nothing here is used outside `http/`.
 
-pub(super) mod attempts;
-pub(super) mod catalog;
-pub(super) mod demo;
-pub(super) mod feed;
-pub(super) mod health;
-pub(super) mod history;
-pub(super) mod leaderboard;
-pub(super) mod notifications;
+mod attempts;
+mod catalog;
+mod demo;
+mod feed;
+mod health;
+mod history;
+mod leaderboard;
+mod notifications;
 
 use axum::Router;
+use utoipa::OpenApi as _;
 
 use super::AppState;
 
+/// A resource: its routes, and their OpenAPI document.
+type Resource = (fn() -> Router<AppState>, fn() -> utoipa::openapi::OpenApi);
+
+/// Every resource, once: the router and the document both come from here.
+const RESOURCES: [Resource; 8] = [
+    (health::router, health::Doc::openapi),
+    (demo::router, demo::Doc::openapi),
+    (catalog::router, catalog::Doc::openapi),
+    (attempts::router, attempts::Doc::openapi),
+    (notifications::router, notifications::Doc::openapi),
+    (leaderboard::router, leaderboard::Doc::openapi),
+    (feed::router, feed::Doc::openapi),
+    (history::router, history::Doc::openapi),
+];
+
 /// Every resource's routes.
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .merge(health::router())
-        .merge(demo::router())
-        .merge(catalog::router())
-        .merge(attempts::router())
-        .merge(notifications::router())
-        .merge(leaderboard::router())
-        .merge(feed::router())
-        .merge(history::router())
+    RESOURCES
+        .iter()
+        .fold(Router::new(), |router, (routes, _)| router.merge(routes()))
+}
+
+/// Every resource's operations, for the OpenAPI document.
+pub fn documents() -> impl Iterator<Item = utoipa::openapi::OpenApi> {
+    RESOURCES.iter().map(|(_, document)| document())
 }

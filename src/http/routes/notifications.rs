@@ -28,6 +28,11 @@ pub fn router() -> Router<AppState> {
         .route("/v1/me/notifications/read-all", post(read_all))
 }
 
+/// This resource's operations in the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(send, mark_read, read_all))]
+pub(super) struct Doc;
+
 #[derive(Deserialize, ToSchema)]
 struct SendBody {
     user_ids: Vec<String>,
@@ -100,10 +105,9 @@ impl SendBody {
     security(("bearer" = [])),
     responses(
         (status = 202, body = Sent),
-        (status = 400, description = "Malformed JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not an admin", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid recipients or message", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON"),
+        (status = 403, description = "Not an admin"),
+        (status = 422, description = "Invalid recipients or message"),
     ))]
 async fn send(
     State(state): State<AppState>,
@@ -113,7 +117,7 @@ async fn send(
     ApiJson(body): ApiJson<SendBody>,
 ) -> Result<(StatusCode, Json<Sent>), ApiError> {
     let contents = body.parse().map_err(ApiError::invalid)?;
-    let now = crate::ops::clock::now();
+    let now = crate::clock::now();
     let mut notification_ids = Vec::with_capacity(contents.len());
     for content in contents {
         let notification_id = match &scope {
@@ -145,10 +149,9 @@ async fn send(
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Read"),
-        (status = 400, description = "Malformed id", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not yours", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such notification", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id"),
+        (status = 403, description = "Not yours"),
+        (status = 404, description = "No such notification"),
     ))]
 async fn mark_read(
     State(state): State<AppState>,
@@ -158,7 +161,7 @@ async fn mark_read(
 ) -> Result<StatusCode, ApiError> {
     let command = NotificationCommand::MarkRead {
         by: principal.user_id.clone(),
-        now: crate::ops::clock::now(),
+        now: crate::clock::now(),
     };
     let result = state
         .aggregates
@@ -175,7 +178,7 @@ async fn mark_read(
 /// Marks every notification you received so far read.
 #[utoipa::path(post, path = "/v1/me/notifications/read-all", tag = "notifications",
     security(("bearer" = [])),
-    responses((status = 204, description = "All read"), (status = 401, description = "No or bad token", body = crate::http::openapi::Problem, content_type = "application/problem+json"),))]
+    responses((status = 204, description = "All read"),))]
 async fn read_all(
     State(state): State<AppState>,
     principal: Principal,
@@ -183,7 +186,7 @@ async fn read_all(
 ) -> Result<StatusCode, ApiError> {
     let command = InboxCommand::ReadAll {
         user_id: principal.user_id.clone(),
-        now: crate::ops::clock::now(),
+        now: crate::clock::now(),
     };
     let result = state
         .aggregates
