@@ -577,7 +577,7 @@ async fn scale_scenarios(
     let mut progress = podium::projector::replay::stderr_progress();
     podium::projector::replay::replay(
         &db.pool,
-        podium::projector::replay::Target::All,
+        podium::projector::replay::Scope::All,
         &mut progress,
     )
     .await?;

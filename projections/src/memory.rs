@@ -445,17 +445,17 @@ impl Models {
                 );
                 Vec::new()
             }
-            PodiumEvent::Attempt(AttemptEvent::AttemptSubmitted {
-                attempt_id,
-                test_id,
-                user_id,
-                score,
-                max_score,
-                correct,
-                duration_ms,
-                submitted_at,
-                ..
-            }) => {
+            PodiumEvent::Attempt(
+                submitted @ AttemptEvent::AttemptSubmitted {
+                    attempt_id,
+                    score,
+                    max_score,
+                    correct,
+                    duration_ms,
+                    submitted_at,
+                    ..
+                },
+            ) => {
                 let summary = self
                     .attempt_owners
                     .get(&attempt_id)
@@ -468,14 +468,7 @@ impl Models {
                     summary.duration_ms = Some(duration_ms);
                     summary.submitted_at = Some(submitted_at);
                 }
-                let submission = Submission {
-                    test_id,
-                    user_id: user_id.to_string(),
-                    attempt_id,
-                    score,
-                    max_score,
-                    submitted_at,
-                };
+                let submission = Submission::from_event(&submitted).expect("a submission event");
                 vec![self.record(&submission, seq)]
             }
             PodiumEvent::Notification(NotificationEvent::NotificationCreated {
@@ -592,6 +585,7 @@ mod tests {
             attempt_id: Uuid::from_u128(seq as u128),
             score,
             max_score: 10,
+            correct: 0,
             submitted_at: DateTime::<Utc>::UNIX_EPOCH + TimeDelta::minutes(seq as i64),
         };
         let event = AttemptEvent::AttemptSubmitted {

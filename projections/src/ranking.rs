@@ -6,7 +6,11 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use podium_domain::attempt::AttemptEvent;
+use podium_domain::log::{PodiumEvent, RecordedEvent};
 use uuid::Uuid;
+
+use crate::checkpointed::BoxError;
 
 /// A submitted, graded attempt, as the leaderboard sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,7 +20,51 @@ pub struct Submission {
     pub attempt_id: Uuid,
     pub score: u32,
     pub max_score: u32,
+    /// Questions answered correctly.
+    pub correct: u32,
     pub submitted_at: DateTime<Utc>,
+}
+
+impl Submission {
+    /// The submission an `AttemptSubmitted` event records; `None` for any
+    /// other attempt event. The one conversion every reader of submissions
+    /// (leaderboards, the notification policy) uses.
+    pub fn from_event(event: &AttemptEvent) -> Option<Self> {
+        let AttemptEvent::AttemptSubmitted {
+            attempt_id,
+            test_id,
+            user_id,
+            score,
+            max_score,
+            correct,
+            submitted_at,
+            ..
+        } = event
+        else {
+            return None;
+        };
+        Some(Self {
+            test_id: *test_id,
+            user_id: user_id.to_string(),
+            attempt_id: *attempt_id,
+            score: *score,
+            max_score: *max_score,
+            correct: *correct,
+            submitted_at: *submitted_at,
+        })
+    }
+
+    /// The submission `event` records, if it is one (other events are told
+    /// by their type, without decoding them).
+    pub fn of(event: &RecordedEvent) -> Result<Option<Self>, BoxError> {
+        if event.event_type != "AttemptSubmitted" {
+            return Ok(None);
+        }
+        Ok(match event.decode()? {
+            PodiumEvent::Attempt(attempt) => Self::from_event(&attempt),
+            _ => None,
+        })
+    }
 }
 
 /// A user's entry on one test's leaderboard: their best attempt.
@@ -141,6 +189,7 @@ mod tests {
             attempt_id: Uuid::from_u128(minute as u128),
             score,
             max_score: 10,
+            correct: score,
             submitted_at: at(minute),
         }
     }

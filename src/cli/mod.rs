@@ -1,4 +1,7 @@
-//! The command line: `podium serve | migrate | token`.
+//! The command line: `podium serve | migrate | replay | token | seed`, with
+//! the demo seed ([`demo_seed`]: a few tests and learners through the API)
+//! and the bulk seed ([`bulk_seed`]: millions of events straight into the
+//! log, for benchmarks). May use everything.
 
 pub mod bulk_seed;
 pub mod demo_seed;
@@ -65,7 +68,7 @@ pub struct SeedArgs {
 pub struct ReplayArgs {
     /// Which read model to rebuild.
     #[arg(long, value_enum, default_value = "all")]
-    pub projection: crate::projector::replay::Target,
+    pub projection: crate::projector::replay::Scope,
     #[command(flatten)]
     pub database: DatabaseSettings,
 }

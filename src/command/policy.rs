@@ -12,14 +12,13 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use cqrs_es::AggregateError;
-use podium_domain::attempt::AttemptEvent;
-use podium_domain::log::{Change, PodiumEvent, RecordedEvent};
+use podium_domain::log::{Change, RecordedEvent};
 use podium_domain::metadata::SYSTEM_ACTOR;
 use podium_domain::notification::{
     Notification, NotificationCommand, NotificationContent, NotificationKind, NotificationMessage,
 };
 use podium_domain::{EventMetadata, UserId};
-use podium_projections::ranking::RankKey;
+use podium_projections::ranking::{RankKey, Submission};
 use podium_projections::{BoxError, ProjectionLogic};
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -35,79 +34,85 @@ pub struct NotificationPolicy {
     aggregates: Arc<Aggregates>,
 }
 
-struct Notice {
-    recipient: UserId,
-    kind: NotificationKind,
-    title: String,
-    body: String,
-    link: Option<String>,
+/// A notification the policy decided on, before it becomes a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub recipient: UserId,
+    pub kind: NotificationKind,
+    pub title: String,
+    pub body: String,
+    pub link: Option<String>,
 }
 
 impl NotificationPolicy {
     pub fn new(aggregates: Arc<Aggregates>) -> Self {
         Self { aggregates }
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    async fn decide<M: PolicyMemory>(
-        &self,
-        memory: &mut M,
-        test_id: Uuid,
-        user_id: &UserId,
-        attempt_id: Uuid,
-        score: u32,
-        max_score: u32,
-        correct: u32,
-        submitted_at: DateTime<Utc>,
-    ) -> Result<Vec<Notice>, BoxError> {
-        let link = Some(format!("/v1/attempts/{attempt_id}"));
-        let mut notices = vec![Notice {
-            recipient: user_id.clone(),
-            kind: NotificationKind::AttemptGraded,
-            title: "Your attempt was graded".into(),
-            body: format!("You scored {score} of {max_score} ({correct} correct)."),
+/// What `submission` notifies, given the bests in `memory` (which it
+/// updates): the policy's decisions, pure but for the memory port.
+pub async fn decide<M: PolicyMemory>(
+    memory: &mut M,
+    submission: &Submission,
+) -> Result<Vec<Notice>, BoxError> {
+    let Submission {
+        test_id,
+        ref user_id,
+        attempt_id,
+        score,
+        max_score,
+        correct,
+        submitted_at,
+    } = *submission;
+    let link = Some(format!("/v1/attempts/{attempt_id}"));
+    let recipient = UserId::parse(user_id.clone())?;
+    let mut notices = vec![Notice {
+        recipient: recipient.clone(),
+        kind: NotificationKind::AttemptGraded,
+        title: "Your attempt was graded".into(),
+        body: format!("You scored {score} of {max_score} ({correct} correct)."),
+        link: link.clone(),
+    }];
+    let previous = memory.best(test_id, user_id).await?;
+    let improved = previous.is_none_or(|best| score > best);
+    if !improved {
+        return Ok(notices);
+    }
+    if let Some(best) = previous {
+        notices.push(Notice {
+            recipient,
+            kind: NotificationKind::PersonalBest,
+            title: "New personal best".into(),
+            body: format!("You beat your best of {best} with {score} of {max_score}."),
             link: link.clone(),
-        }];
-        let previous = memory.best(test_id, user_id.as_str()).await?;
-        let improved = previous.is_none_or(|best| score > best);
-        if !improved {
-            return Ok(notices);
+        });
+    }
+    let before = memory.top(test_id).await?;
+    memory
+        .set_best(test_id, user_id, score, submitted_at)
+        .await?;
+    let after = memory.top(test_id).await?;
+    for (old_index, other) in before.iter().enumerate() {
+        if other == user_id {
+            continue;
         }
-        if let Some(best) = previous {
+        let new_index = after.iter().position(|u| u == other);
+        if new_index.is_none_or(|i| i > old_index) {
+            let new_rank = new_index.map_or(format!("below {TOP}"), |i| (i + 1).to_string());
             notices.push(Notice {
-                recipient: user_id.clone(),
-                kind: NotificationKind::PersonalBest,
-                title: "New personal best".into(),
-                body: format!("You beat your best of {best} with {score} of {max_score}."),
-                link: link.clone(),
+                recipient: UserId::parse(other.clone())?,
+                kind: NotificationKind::RankOvertaken,
+                title: "You were overtaken".into(),
+                body: format!(
+                    "{user_id} scored {score}: you moved from rank {} to {new_rank}.",
+                    old_index + 1
+                ),
+                link: Some(format!("/v1/tests/{test_id}/leaderboard")),
             });
         }
-        let before = memory.top(test_id).await?;
-        memory
-            .set_best(test_id, user_id.as_str(), score, submitted_at)
-            .await?;
-        let after = memory.top(test_id).await?;
-        for (old_index, other) in before.iter().enumerate() {
-            if other == user_id.as_str() {
-                continue;
-            }
-            let new_index = after.iter().position(|u| u == other);
-            if new_index.is_none_or(|i| i > old_index) {
-                let new_rank = new_index.map_or(format!("below {TOP}"), |i| (i + 1).to_string());
-                notices.push(Notice {
-                    recipient: UserId::parse(other.clone())?,
-                    kind: NotificationKind::RankOvertaken,
-                    title: "You were overtaken".into(),
-                    body: format!(
-                        "{user_id} scored {score}: you moved from rank {} to {new_rank}.",
-                        old_index + 1
-                    ),
-                    link: Some(format!("/v1/tests/{test_id}/leaderboard")),
-                });
-            }
-        }
-        Ok(notices)
     }
+    Ok(notices)
 }
 
 impl ProjectionLogic for NotificationPolicy {
@@ -127,22 +132,17 @@ impl ProjectionLogic for NotificationPolicy {
     ) -> Result<Vec<Change>, BoxError> {
         let mut submissions = Vec::new();
         for event in events {
-            if let Some(submission) = submission(event)? {
+            if let Some(submission) = Submission::of(event)? {
                 submissions.push((event, submission));
             }
         }
         let keys = submissions
             .iter()
-            .filter_map(|(_, submission)| match submission {
-                AttemptEvent::AttemptSubmitted {
-                    test_id, user_id, ..
-                } => Some((*test_id, user_id.to_string())),
-                _ => None,
-            });
+            .map(|(_, submission)| (submission.test_id, submission.user_id.clone()));
         let mut memory = Preloaded::load(conn, keys.collect()).await?;
         let mut commands = Vec::new();
         for (event, submission) in submissions {
-            commands.extend(self.decide_on(&mut memory, event, submission).await?);
+            commands.extend(issues(event, decide(&mut memory, &submission).await?)?);
         }
         memory.store(conn).await?;
         let commands = commands
@@ -152,17 +152,6 @@ impl ProjectionLogic for NotificationPolicy {
         crate::command::create_all::<Notification>(conn, commands).await?;
         Ok(Vec::new())
     }
-}
-
-/// The submission `event` records, decoded, if it is one.
-fn submission(event: &RecordedEvent) -> Result<Option<AttemptEvent>, BoxError> {
-    if event.event_type != "AttemptSubmitted" {
-        return Ok(None);
-    }
-    Ok(match event.decode()? {
-        PodiumEvent::Attempt(submitted @ AttemptEvent::AttemptSubmitted { .. }) => Some(submitted),
-        _ => None,
-    })
 }
 
 /// A notification the policy has decided on.
@@ -180,78 +169,49 @@ impl NotificationPolicy {
         memory: &mut M,
         event: &RecordedEvent,
     ) -> Result<(), BoxError> {
-        let Some(submission) = submission(event)? else {
+        let Some(submission) = Submission::of(event)? else {
             return Ok(());
         };
-        for command in self.decide_on(memory, event, submission).await? {
+        for command in issues(event, decide(memory, &submission).await?)? {
             self.issue(command).await?;
         }
         Ok(())
     }
+}
 
-    /// Decides what `submission` (decoded from `event`) notifies with the
-    /// bests in `memory`.
-    async fn decide_on<M: PolicyMemory>(
-        &self,
-        memory: &mut M,
-        event: &RecordedEvent,
-        submission: AttemptEvent,
-    ) -> Result<Vec<Issue>, BoxError> {
-        let AttemptEvent::AttemptSubmitted {
-            attempt_id,
-            test_id,
-            user_id,
-            score,
-            max_score,
-            correct,
-            submitted_at,
-            ..
-        } = submission
-        else {
-            return Ok(Vec::new());
+/// The commands that create `notices`, decided on `event`.
+fn issues(event: &RecordedEvent, notices: Vec<Notice>) -> Result<Vec<Issue>, BoxError> {
+    // Ids derive from the kind, the source event and the recipient:
+    // deciding on the same event again creates nothing new.
+    let mut commands = Vec::with_capacity(notices.len());
+    for notice in notices {
+        let source = format!("{}:{}:{}", notice.kind, event.identity(), notice.recipient);
+        let notification_id = Uuid::new_v5(&NAMESPACE, source.as_bytes());
+        let message =
+            NotificationMessage::new(notice.kind, notice.title, notice.body, notice.link)?;
+        let command = NotificationCommand::CreateNotification {
+            notification_id,
+            content: NotificationContent {
+                recipient: notice.recipient,
+                message,
+            },
+            now: event.recorded_at,
         };
-        let notices = self
-            .decide(
-                memory,
-                test_id,
-                &user_id,
-                attempt_id,
-                score,
-                max_score,
-                correct,
-                submitted_at,
-            )
-            .await?;
-        // Ids derive from the kind, the source event and the recipient:
-        // deciding on the same event again creates nothing new.
-        let mut commands = Vec::with_capacity(notices.len());
-        for notice in notices {
-            let source = format!("{}:{}:{}", notice.kind, event.identity(), notice.recipient);
-            let notification_id = Uuid::new_v5(&NAMESPACE, source.as_bytes());
-            let message =
-                NotificationMessage::new(notice.kind, notice.title, notice.body, notice.link)?;
-            let command = NotificationCommand::CreateNotification {
-                notification_id,
-                content: NotificationContent {
-                    recipient: notice.recipient,
-                    message,
-                },
-                now: event.recorded_at,
-            };
-            let metadata = EventMetadata {
-                actor: SYSTEM_ACTOR.to_string(),
-                request_id: event.identity(),
-                recorded_at: crate::clock::now(),
-            };
-            commands.push(Issue {
-                id: notification_id,
-                command,
-                metadata,
-            });
-        }
-        Ok(commands)
+        let metadata = EventMetadata {
+            actor: SYSTEM_ACTOR.to_string(),
+            request_id: event.identity(),
+            recorded_at: crate::clock::now(),
+        };
+        commands.push(Issue {
+            id: notification_id,
+            command,
+            metadata,
+        });
     }
+    Ok(commands)
+}
 
+impl NotificationPolicy {
     /// Issues one decided notification.
     async fn issue(&self, issue: Issue) -> Result<(), BoxError> {
         match self
@@ -468,5 +428,119 @@ impl PolicyMemory for MemoryBests {
         }
         bests.order.insert(key);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeDelta;
+
+    use super::*;
+
+    const TEST: Uuid = Uuid::from_u128(7);
+
+    fn submission(user: &str, score: u32, minute: i64) -> Submission {
+        Submission {
+            test_id: TEST,
+            user_id: user.to_string(),
+            attempt_id: Uuid::from_u128(minute as u128),
+            score,
+            max_score: 40,
+            correct: score,
+            submitted_at: DateTime::<Utc>::UNIX_EPOCH + TimeDelta::minutes(minute),
+        }
+    }
+
+    fn kinds(notices: &[Notice]) -> Vec<(String, NotificationKind)> {
+        notices
+            .iter()
+            .map(|n| (n.recipient.to_string(), n.kind))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn every_submission_is_graded_and_only_a_beaten_best_is_a_personal_best() {
+        let mut memory = MemoryBests::default();
+        let first = decide(&mut memory, &submission("alice", 5, 1))
+            .await
+            .unwrap();
+        assert_eq!(
+            kinds(&first),
+            [("alice".into(), NotificationKind::AttemptGraded)]
+        );
+        assert_eq!(first[0].body, "You scored 5 of 40 (5 correct).");
+        assert_eq!(
+            first[0].link.as_deref(),
+            Some("/v1/attempts/00000000-0000-0000-0000-000000000001")
+        );
+
+        for (score, minute) in [(4, 2), (5, 3)] {
+            let lower = decide(&mut memory, &submission("alice", score, minute)).await;
+            assert_eq!(
+                kinds(&lower.unwrap()),
+                [("alice".into(), NotificationKind::AttemptGraded)],
+                "{score} does not beat 5"
+            );
+        }
+
+        let better = decide(&mut memory, &submission("alice", 7, 4))
+            .await
+            .unwrap();
+        assert_eq!(
+            kinds(&better),
+            [
+                ("alice".into(), NotificationKind::AttemptGraded),
+                ("alice".into(), NotificationKind::PersonalBest),
+            ]
+        );
+        assert_eq!(better[1].body, "You beat your best of 5 with 7 of 40.");
+        assert_eq!(memory.best(TEST, "alice").await.unwrap(), Some(7));
+    }
+
+    #[tokio::test]
+    async fn those_pushed_down_inside_the_top_ten_are_told_where_they_went() {
+        let mut memory = MemoryBests::default();
+        // u01 (40), u02 (38) … u12 (18): the top 10 is u01 … u10.
+        for n in 1..=12u32 {
+            let user = format!("u{n:02}");
+            decide(&mut memory, &submission(&user, 42 - 2 * n, n.into()))
+                .await
+                .unwrap();
+        }
+        let newcomer = decide(&mut memory, &submission("x", 37, 100))
+            .await
+            .unwrap();
+        let told: Vec<(String, NotificationKind)> = kinds(&newcomer);
+        let mut expected = vec![("x".to_string(), NotificationKind::AttemptGraded)];
+        // u03 … u10 move down one place; u01 and u02 stay ahead; u11 and u12
+        // were never in the top 10.
+        for n in 3..=10 {
+            expected.push((format!("u{n:02}"), NotificationKind::RankOvertaken));
+        }
+        assert_eq!(told, expected);
+        assert_eq!(newcomer[1].body, "x scored 37: you moved from rank 3 to 4.");
+        assert_eq!(
+            newcomer[8].body,
+            "x scored 37: you moved from rank 10 to below 10."
+        );
+        assert_eq!(
+            newcomer[1].link.as_deref(),
+            Some("/v1/tests/00000000-0000-0000-0000-000000000007/leaderboard")
+        );
+
+        // A tie ranks the earlier best first: y's 37 stays behind x's.
+        let tie = decide(&mut memory, &submission("y", 37, 101))
+            .await
+            .unwrap();
+        let passed: Vec<String> = kinds(&tie)
+            .into_iter()
+            .filter(|(_, kind)| *kind == NotificationKind::RankOvertaken)
+            .map(|(user, _)| user)
+            .collect();
+        assert_eq!(passed, ["u03", "u04", "u05", "u06", "u07", "u08", "u09"]);
+        assert_eq!(
+            memory.top(TEST).await.unwrap()[..4],
+            ["u01", "u02", "x", "y"]
+        );
     }
 }

@@ -1,6 +1,9 @@
 //! The HTTP API: one router per resource, merged here, with the layers every
 //! request passes through (request ids, tracing, body limit, idempotency,
-//! panics turned into problem+json).
+//! panics turned into problem+json). Resources live in `routes`,
+//! the layers in [`middleware`]; storage errors become problem+json here and
+//! only here ([`error`]). May use `auth`, `query`, `command`, `ratelimit`,
+//! `ops`, `config` and `clock`.
 
 mod cached;
 pub mod error;

@@ -1,6 +1,6 @@
 //! Server-Sent Events plumbing shared by every stream: resume from
 //! `Last-Event-ID` out of the read model, then live changes from the
-//! instance's [`ChangeHub`], nothing lost or repeated.
+//! instance's [`ChangeHub`](crate::query::changes::ChangeHub), nothing lost or repeated.
 //!
 //! Event ids are log seqs. A stream subscribes to live changes *before* it
 //! reads the read model, at the projection's checkpoint `w` in the same

@@ -7,8 +7,14 @@
 //! lease's token inside each transaction. The other instances stand by and
 //! take over within one lease TTL when the owner stops renewing. Different
 //! projections may be owned by different instances, so the work spreads.
+//!
+//! Here too: the one list of projections ([`registry`]), the embedded mode's
+//! in-process runner ([`local`]) and rebuilds ([`replay`]). May use `relay`,
+//! `command` (the policy issues commands), `query`, `log`, `ops` and
+//! `config`.
 
 pub mod local;
+pub mod registry;
 pub mod replay;
 
 use std::sync::Arc;
@@ -18,20 +24,17 @@ use podium_domain::log::RecordedEvent;
 use podium_nats::{
     Applied, EventBus, Projection, ProjectionError, Worker, WorkerConfig, WorkerError, WorkerStats,
 };
-use podium_projections::attempts::AttemptsProjection;
-use podium_projections::feed::FeedProjection;
-use podium_projections::leaderboard::LeaderboardProjection;
-use podium_projections::{ApplyError, Checkpointed, Generation, ProjectionLogic};
+use podium_projections::{ApplyError, Checkpointed, ProjectionLogic};
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::command::policy::NotificationPolicy;
 use crate::command::Aggregates;
 use crate::ops::lease::{supervise, Lease, RoleExit, RoleState, RoleStatus};
 use crate::ops::metrics::{raise_to, Metrics, Probe, PROJECTION_STATES};
 use crate::relay::ApplyBatch;
 use prometheus::Histogram;
+use registry::Register;
 
 /// Starts one supervised worker per projection (leaderboard, feed, attempts,
 /// and the notification policy, whose commands go through `aggregates`),
@@ -51,19 +54,15 @@ pub fn spawn_all(
         stop,
         leases,
         watched: Vec::new(),
+        tasks: Vec::new(),
     };
-    let tasks = vec![
-        spawner.spawn(LeaderboardProjection::new(Generation::Live)),
-        spawner.spawn(FeedProjection::new(Generation::Live)),
-        spawner.spawn(AttemptsProjection::new(Generation::Live)),
-        spawner.spawn(NotificationPolicy::new(aggregates)),
-    ];
+    registry::live(aggregates, &mut spawner);
     metrics.watch(Arc::new(ProjectionsProbe {
         pool: pool.clone(),
         relay: bus.subjects().prefix().to_string(),
         workers: spawner.watched,
     }));
-    tasks
+    spawner.tasks
 }
 
 /// The projections' figures for `/metrics`: state on this instance, worker
@@ -161,21 +160,27 @@ impl Probe for ProjectionsProbe {
 /// NATS): each applies a batch and advances its checkpoint in one
 /// transaction, as under a worker.
 pub fn local_projections(pool: &PgPool, aggregates: Arc<Aggregates>) -> Vec<(String, ApplyBatch)> {
-    fn local<L: ProjectionLogic>(pool: &PgPool, logic: L) -> (String, ApplyBatch) {
-        let name = logic.name().to_string();
-        let projection = Arc::new(Checkpointed::new(pool.clone(), logic));
-        let apply: ApplyBatch = Box::new(move |events| {
-            let projection = projection.clone();
-            Box::pin(async move { Ok(projection.apply(&events).await?.1) })
-        });
-        (name, apply)
+    struct Local<'a> {
+        pool: &'a PgPool,
+        projections: Vec<(String, ApplyBatch)>,
     }
-    vec![
-        local(pool, LeaderboardProjection::new(Generation::Live)),
-        local(pool, FeedProjection::new(Generation::Live)),
-        local(pool, AttemptsProjection::new(Generation::Live)),
-        local(pool, NotificationPolicy::new(aggregates)),
-    ]
+    impl Register for Local<'_> {
+        fn register<L: ProjectionLogic>(&mut self, logic: L) {
+            let name = logic.name().to_string();
+            let projection = Arc::new(Checkpointed::new(self.pool.clone(), logic));
+            let apply: ApplyBatch = Box::new(move |events| {
+                let projection = projection.clone();
+                Box::pin(async move { Ok(projection.apply(&events).await?.1) })
+            });
+            self.projections.push((name, apply));
+        }
+    }
+    let mut local = Local {
+        pool,
+        projections: Vec::new(),
+    };
+    registry::live(aggregates, &mut local);
+    local.projections
 }
 
 /// The lease that gives one instance a projection.
@@ -201,10 +206,11 @@ struct Spawner<'a> {
     leases: Leases<'a>,
     /// What the metrics read of each worker spawned.
     watched: Vec<(String, Arc<WorkerStats>, Arc<RoleStatus>)>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
-impl Spawner<'_> {
-    fn spawn<L: ProjectionLogic>(&mut self, logic: L) -> JoinHandle<()> {
+impl Register for Spawner<'_> {
+    fn register<L: ProjectionLogic>(&mut self, logic: L) {
         let name = logic.name().to_string();
         let lease = Lease::new(
             self.pool.clone(),
@@ -222,11 +228,16 @@ impl Spawner<'_> {
             .push((name.clone(), stats.clone(), status.clone()));
         let bus = self.bus.clone();
         let stop = self.stop.clone();
-        tokio::spawn(supervise(lease, status, stop, move |role_stop| {
-            let worker = Worker::new(bus.clone(), projection.clone(), WorkerConfig::default())
-                .sharing_stats(stats.clone());
-            async move { role_exit(worker.run(role_stop).await) }
-        }))
+        self.tasks.push(tokio::spawn(supervise(
+            lease,
+            status,
+            stop,
+            move |role_stop| {
+                let worker = Worker::new(bus.clone(), projection.clone(), WorkerConfig::default())
+                    .sharing_stats(stats.clone());
+                async move { role_exit(worker.run(role_stop).await) }
+            },
+        )));
     }
 }
 

@@ -11,12 +11,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use podium_domain::log::RecordedEvent;
-use podium_projections::attempts::{self, AttemptsProjection};
-use podium_projections::feed::{self, FeedProjection};
-use podium_projections::leaderboard::{self, LeaderboardProjection, LeaderboardQueries};
-use podium_projections::{ApplyError, Checkpointed, Generation};
+use podium_projections::leaderboard::LeaderboardQueries;
+use podium_projections::{ApplyError, Checkpointed, Generation, ProjectionLogic};
 use sqlx::{PgConnection, PgPool};
 
+use super::registry::{ReadModel, Register};
 use crate::log::postgres::LogCursor;
 
 /// Events per transaction while rebuilding.
@@ -24,20 +23,22 @@ const BATCH: i64 = 1_000;
 /// Events between refreshes of the copies' planner statistics.
 const ANALYZE_EVERY: u64 = 100_000;
 
-/// The projections a replay can rebuild.
+/// What a replay rebuilds: one read model, or all of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Target {
+pub enum Scope {
     Leaderboard,
     Feed,
     Attempts,
     All,
 }
 
-impl Target {
-    fn expand(self) -> Vec<Target> {
+impl Scope {
+    fn read_models(self) -> Vec<ReadModel> {
         match self {
-            Self::All => vec![Self::Leaderboard, Self::Feed, Self::Attempts],
-            one => vec![one],
+            Self::Leaderboard => vec![ReadModel::Leaderboard],
+            Self::Feed => vec![ReadModel::Feed],
+            Self::Attempts => vec![ReadModel::Attempts],
+            Self::All => ReadModel::ALL.to_vec(),
         }
     }
 }
@@ -50,56 +51,23 @@ pub struct Rebuilt {
     pub checkpoint: u64,
 }
 
-/// One projection being rebuilt into its `__next` tables.
-enum Rebuilding {
-    Leaderboard(Checkpointed<LeaderboardProjection>),
-    Feed(Checkpointed<FeedProjection>),
-    Attempts(Checkpointed<AttemptsProjection>),
+/// A projection writing into `__next` copies, whatever its logic.
+#[async_trait::async_trait]
+trait NextGeneration: Send + Sync {
+    /// Its checkpoint's name.
+    fn next_name(&self) -> &str;
+    /// Applies `events` in the caller's transaction; returns the checkpoint.
+    async fn apply_in(
+        &self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<u64, ApplyError>;
 }
 
-impl Rebuilding {
-    fn new(pool: &PgPool, target: Target) -> Self {
-        let pool = pool.clone();
-        match target {
-            Target::Leaderboard => Self::Leaderboard(Checkpointed::new(
-                pool,
-                LeaderboardProjection::new(Generation::Next),
-            )),
-            Target::Feed => Self::Feed(Checkpointed::new(
-                pool,
-                FeedProjection::new(Generation::Next),
-            )),
-            Target::Attempts => Self::Attempts(Checkpointed::new(
-                pool,
-                AttemptsProjection::new(Generation::Next),
-            )),
-            Target::All => unreachable!("expanded by the caller"),
-        }
-    }
-
-    /// The live projection's name (its checkpoint).
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Leaderboard(_) => leaderboard::NAME,
-            Self::Feed(_) => feed::NAME,
-            Self::Attempts(_) => attempts::NAME,
-        }
-    }
-
+#[async_trait::async_trait]
+impl<L: ProjectionLogic> NextGeneration for Checkpointed<L> {
     fn next_name(&self) -> &str {
-        match self {
-            Self::Leaderboard(p) => p.name(),
-            Self::Feed(p) => p.name(),
-            Self::Attempts(p) => p.name(),
-        }
-    }
-
-    fn tables(&self) -> &'static [&'static str] {
-        match self {
-            Self::Leaderboard(_) => &leaderboard::TABLES,
-            Self::Feed(_) => &feed::TABLES,
-            Self::Attempts(_) => &attempts::TABLES,
-        }
+        self.name()
     }
 
     async fn apply_in(
@@ -107,26 +75,65 @@ impl Rebuilding {
         conn: &mut PgConnection,
         events: &[RecordedEvent],
     ) -> Result<u64, ApplyError> {
-        let (checkpoint, _) = match self {
-            Self::Leaderboard(p) => p.apply_in(conn, events).await?,
-            Self::Feed(p) => p.apply_in(conn, events).await?,
-            Self::Attempts(p) => p.apply_in(conn, events).await?,
-        };
-        Ok(checkpoint)
+        Ok(Checkpointed::apply_in(self, conn, events).await?.0)
     }
 }
 
-/// Rebuilds `target` from the log in one pass and swaps it in; reports
+/// One read model being rebuilt into its `__next` tables.
+struct Rebuilding {
+    model: ReadModel,
+    next: Box<dyn NextGeneration>,
+}
+
+impl Rebuilding {
+    fn new(pool: &PgPool, model: ReadModel) -> Self {
+        struct Next<'a>(&'a PgPool, Option<Box<dyn NextGeneration>>);
+        impl Register for Next<'_> {
+            fn register<L: ProjectionLogic>(&mut self, logic: L) {
+                self.1 = Some(Box::new(Checkpointed::new(self.0.clone(), logic)));
+            }
+        }
+        let mut next = Next(pool, None);
+        model.register_into(Generation::Next, &mut next);
+        Self {
+            model,
+            next: next.1.expect("every read model registers its projection"),
+        }
+    }
+
+    /// The live projection's name (its checkpoint).
+    fn name(&self) -> &'static str {
+        self.model.name()
+    }
+
+    fn next_name(&self) -> &str {
+        self.next.next_name()
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        self.model.tables()
+    }
+
+    async fn apply_in(
+        &self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<u64, ApplyError> {
+        self.next.apply_in(conn, events).await
+    }
+}
+
+/// Rebuilds what `scope` names from the log in one pass and swaps it in; reports
 /// progress through `progress` (events done, events in all).
 pub async fn replay(
     pool: &PgPool,
-    target: Target,
+    scope: Scope,
     progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> anyhow::Result<Vec<Rebuilt>> {
-    let projections: Vec<Rebuilding> = target
-        .expand()
+    let projections: Vec<Rebuilding> = scope
+        .read_models()
         .into_iter()
-        .map(|t| Rebuilding::new(pool, t))
+        .map(|model| Rebuilding::new(pool, model))
         .collect();
     let mut deferred = Vec::new();
     for projection in &projections {
@@ -268,7 +275,7 @@ async fn swap(
                 .bind(projection.name())
                 .fetch_optional(&mut *tx)
                 .await?;
-        if let Rebuilding::Leaderboard(_) = projection {
+        if projection.model == ReadModel::Leaderboard {
             live_leaderboard = live.unwrap_or(0) as u64;
         }
     }
@@ -322,7 +329,7 @@ async fn swap(
             .bind(projection.next_name())
             .execute(&mut *tx)
             .await?;
-        if let (Rebuilding::Leaderboard(_), Some(seq)) = (projection, unrecorded_move) {
+        if let (ReadModel::Leaderboard, Some(seq)) = (projection.model, unrecorded_move) {
             // Cursors from before that submission cannot be continued exactly.
             LeaderboardQueries::raise_moves_horizon(&mut tx, seq).await?;
         }

@@ -12,6 +12,10 @@
 //! one's at the start of the next. When Postgres cannot be reached the limiter
 //! lets requests through (and logs it): limits protect the service, they
 //! should not take it down.
+//!
+//! The windows' counts sit behind a port ([`WindowStore`]) with a Postgres
+//! and an in-memory adapter; the limiter reads the time from a
+//! [`Clock`]. May use `ops` and `clock`.
 
 use std::net::IpAddr;
 use std::str::FromStr;

@@ -14,6 +14,8 @@
 //! Without NATS (one node on Postgres) the same relay feeds this process's
 //! projections directly ([`Target::Local`]): each batch is applied to every
 //! checkpointed projection and their changes go to the change hub.
+//!
+//! May use `query` (the change hub), `log`, `ops` and `config`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,7 +1,6 @@
 //! The leaderboard projection and its Postgres store.
 
-use podium_domain::attempt::AttemptEvent;
-use podium_domain::log::{Change, PodiumEvent, RecordedEvent};
+use podium_domain::log::{Change, RecordedEvent};
 use serde_json::json;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
@@ -315,33 +314,6 @@ fn count_move(
     }
 }
 
-/// The submission an event records, if it is one.
-fn submission_of(event: &RecordedEvent) -> Result<Option<Submission>, BoxError> {
-    if event.event_type != "AttemptSubmitted" {
-        return Ok(None);
-    }
-    let PodiumEvent::Attempt(AttemptEvent::AttemptSubmitted {
-        attempt_id,
-        test_id,
-        user_id,
-        score,
-        max_score,
-        submitted_at,
-        ..
-    }) = event.decode()?
-    else {
-        return Ok(None);
-    };
-    Ok(Some(Submission {
-        test_id,
-        user_id: user_id.to_string(),
-        attempt_id,
-        score,
-        max_score,
-        submitted_at,
-    }))
-}
-
 impl ProjectionLogic for LeaderboardProjection {
     fn name(&self) -> &str {
         match self.generation {
@@ -357,7 +329,7 @@ impl ProjectionLogic for LeaderboardProjection {
     ) -> Result<Vec<Change>, BoxError> {
         let submissions: Vec<(u64, Submission)> = events
             .iter()
-            .filter_map(|e| submission_of(e).map(|s| s.map(|s| (e.seq, s))).transpose())
+            .filter_map(|e| Submission::of(e).map(|s| s.map(|s| (e.seq, s))).transpose())
             .collect::<Result<_, _>>()?;
         if submissions.is_empty() {
             return Ok(Vec::new());

@@ -1,0 +1,70 @@
+//! The one list of Podium's projections. The NATS workers, the relay's
+//! in-process target and `podium replay` all take their projections from
+//! here, so a projection added here is run, fenced and rebuildable
+//! everywhere. (The embedded mode keeps the same read models in memory,
+//! [`podium_projections::memory::MemoryModels`], and runs the same policy.)
+
+use std::sync::Arc;
+
+use podium_projections::attempts::{self, AttemptsProjection};
+use podium_projections::feed::{self, FeedProjection};
+use podium_projections::leaderboard::{self, LeaderboardProjection};
+use podium_projections::{Generation, ProjectionLogic};
+
+use crate::command::policy::NotificationPolicy;
+use crate::command::Aggregates;
+
+/// A read model that `podium serve` keeps and `podium replay` can rebuild.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadModel {
+    Leaderboard,
+    Feed,
+    Attempts,
+}
+
+impl ReadModel {
+    /// Every read model, in the order they are applied.
+    pub const ALL: [Self; 3] = [Self::Leaderboard, Self::Feed, Self::Attempts];
+
+    /// The live projection's name (its checkpoint's).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Leaderboard => leaderboard::NAME,
+            Self::Feed => feed::NAME,
+            Self::Attempts => attempts::NAME,
+        }
+    }
+
+    /// Its live tables.
+    pub fn tables(self) -> &'static [&'static str] {
+        match self {
+            Self::Leaderboard => &leaderboard::TABLES,
+            Self::Feed => &feed::TABLES,
+            Self::Attempts => &attempts::TABLES,
+        }
+    }
+
+    /// Hands its projection for `generation` (the live tables or their
+    /// `__next` copies) to `to`.
+    pub fn register_into<R: Register>(self, generation: Generation, to: &mut R) {
+        match self {
+            Self::Leaderboard => to.register(LeaderboardProjection::new(generation)),
+            Self::Feed => to.register(FeedProjection::new(generation)),
+            Self::Attempts => to.register(AttemptsProjection::new(generation)),
+        }
+    }
+}
+
+/// What runs projections: given each one's logic in turn.
+pub trait Register {
+    fn register<L: ProjectionLogic>(&mut self, logic: L);
+}
+
+/// Every projection a deployment keeps live: the read models, then the
+/// notification policy (whose commands go through `aggregates`).
+pub fn live(aggregates: Arc<Aggregates>, to: &mut impl Register) {
+    for model in ReadModel::ALL {
+        model.register_into(Generation::Live, to);
+    }
+    to.register(NotificationPolicy::new(aggregates));
+}
