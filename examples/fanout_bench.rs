@@ -28,7 +28,7 @@ use podium_nats::{EventBus, Worker, WorkerConfig};
 use podium_projections::{BoxError, Checkpointed, ProjectionLogic};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgConnection;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// Notes when each event reached the consumer.
 struct Stopwatch {
@@ -121,9 +121,9 @@ async fn main() -> anyhow::Result<()> {
     let append_rate = backlog as f64 / started.elapsed().as_secs_f64();
     let relay = Relay::new(pool.clone(), bus.clone(), RelayConfig::default());
     let relay_stats = relay.stats();
-    let (stop, stopped) = watch::channel(false);
+    let stop = CancellationToken::new();
     let relay_started = Instant::now();
-    tokio::spawn(relay.run(stopped.clone()));
+    tokio::spawn(relay.run(stop.clone()));
     while relay_stats.seq.load(Ordering::Relaxed) < backlog {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -149,7 +149,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     let worker = Worker::new(bus.clone(), projection, WorkerConfig::default());
     let worker_stats = worker.stats();
-    tokio::spawn(worker.run(stopped.clone()));
+    tokio::spawn(worker.run(stop.clone()));
     // Let the consumer pass over the backlog (acknowledged as repeats) first.
     while worker_stats.repeats.load(Ordering::Relaxed) < backlog {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -211,7 +211,7 @@ async fn main() -> anyhow::Result<()> {
         })
         .collect();
     to_nats.sort();
-    let _ = stop.send(true);
+    stop.cancel();
 
     println!(
         "fan-out benchmark ({} events backlog, {rate}/s for {seconds}s)",

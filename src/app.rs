@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::JwtKeys;
 use crate::command::idempotency::{
@@ -44,8 +46,6 @@ const CURSOR_RETENTION: Duration = Duration::from_secs(3600);
 pub struct Application {
     listener: TcpListener,
     state: AppState,
-    /// Turns true on shutdown; handlers and tasks hold receivers.
-    stop: watch::Sender<bool>,
     /// Whether this process runs the relay and projection workers.
     workers: bool,
     /// The primary pool (production).
@@ -197,7 +197,7 @@ impl Application {
             hub.clone(),
             metrics.clone(),
         );
-        let (stop, shutdown) = watch::channel(false);
+        let shutdown = CancellationToken::new();
         // Embedded (one developer, one process), limits are off unless asked for.
         let limits = match settings.rate_limits.as_str() {
             "" if matches!(stores, Stores::Embedded { .. }) => "off",
@@ -272,7 +272,6 @@ impl Application {
         Ok(Self {
             listener,
             state,
-            stop,
             workers: settings.workers,
             pool: wired.pool,
             worker_pool: wired.worker_pool,
@@ -297,36 +296,35 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let stop_tx = self.stop;
         let relay_config = RelayConfig {
             lease_ttl: self.lease_ttl,
             owner: self.instance.clone(),
             ..RelayConfig::default()
         };
-        let stop_rx = self.state.shutdown.clone();
-        let mut tasks = vec![tokio::spawn(maintain(
+        // Every background task stops when `stop` is cancelled.
+        let stop = self.state.shutdown.clone();
+        let tasks = TaskTracker::new();
+        let mut spawned = vec![tasks.spawn(maintain(
             self.state.store.clone(),
             self.state.idempotency.clone(),
             self.state.limiter.clone(),
-            stop_rx.clone(),
+            stop.clone(),
         ))];
         if let Some(bus) = &self.state.bus {
-            tasks.push(tokio::spawn(
-                self.state.hub.clone().listen(bus.clone(), stop_rx.clone()),
-            ));
+            spawned.push(tasks.spawn(self.state.hub.clone().listen(bus.clone(), stop.clone())));
         }
         if let Some(local) = &self.local {
-            tasks.push(tokio::spawn(local.clone().project(
+            spawned.push(tasks.spawn(local.clone().project(
                 self.state.aggregates.clone(),
                 self.state.hub.clone(),
-                stop_rx.clone(),
+                stop.clone(),
             )));
         }
         let relay_on = self.state.bus.as_ref().filter(|_| self.workers);
         if let (Some(bus), Some(_), Some(worker_pool)) = (relay_on, &self.pool, &self.worker_pool) {
             let relay = Relay::new(worker_pool.clone(), bus.clone(), relay_config.clone());
             self.state.metrics.watch(relay.probe());
-            tasks.push(tokio::spawn(relay.run(stop_rx.clone())));
+            spawned.push(tasks.spawn(relay.run(stop.clone())));
             // The policy's commands go through the workers' pool, off the
             // one that serves requests.
             let aggregates = Arc::new(Aggregates::with_metrics(
@@ -338,13 +336,14 @@ impl Application {
                 bus,
                 aggregates,
                 &self.state.metrics,
-                &stop_rx,
+                &tasks,
+                &stop,
                 crate::projector::Leases {
                     ttl: self.lease_ttl,
                     owner: &self.instance,
                 },
             );
-            tasks.extend(projections);
+            spawned.extend(projections);
         }
         if let (None, true, Some(pool)) = (&self.state.bus, self.workers, &self.pool) {
             let target = Target::Local {
@@ -356,25 +355,23 @@ impl Application {
             };
             let relay = Relay::to(pool.clone(), target, relay_config.clone());
             self.state.metrics.watch(relay.probe());
-            tasks.push(tokio::spawn(relay.run(stop_rx.clone())));
+            spawned.push(tasks.spawn(relay.run(stop.clone())));
         }
+        tasks.close();
         tracing::info!(address = %self.listener.local_addr()?, "podium is listening");
         // One router for every connection (a plain router would be rebuilt
         // per connection), with the peer address for rate limits.
         let service = http::router(self.state).into_make_service_with_connect_info::<SocketAddr>();
+        let stopping = stop.clone();
         let serve = axum::serve(self.listener, service).with_graceful_shutdown(async move {
             shutdown.await;
-            let _ = stop_tx.send(true);
+            stopping.cancel();
         });
         let mut server = tokio::spawn(async move { serve.await });
         let timeout = self.shutdown_timeout;
-        let mut stopped = stop_rx;
-        let drain_deadline = async move {
-            if stopped.wait_for(|stop| *stop).await.is_ok() {
-                tokio::time::sleep(timeout).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
+        let drain_deadline = async {
+            stop.cancelled().await;
+            tokio::time::sleep(timeout).await;
         };
         let result = tokio::select! {
             result = &mut server => result.context("the server task failed").and_then(|r| Ok(r?)),
@@ -386,11 +383,12 @@ impl Application {
         };
         // Background tasks saw the same stop signal; give them a moment to
         // finish their batch, then end them.
-        for mut task in tasks {
-            if tokio::time::timeout(TASK_GRACE, &mut task).await.is_err() {
-                tracing::warn!("a background task did not stop in time; ending it");
-                task.abort();
-            }
+        if tokio::time::timeout(TASK_GRACE, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks did not stop in time; ending them");
+            spawned.iter().for_each(JoinHandle::abort);
         }
         result
     }
@@ -402,7 +400,7 @@ async fn maintain(
     store: Arc<dyn ReadStore>,
     keys: Arc<dyn IdempotencyStore>,
     limiter: Option<Arc<RateLimiter>>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(PURGE_INTERVAL);
     loop {
@@ -424,8 +422,7 @@ async fn maintain(
                     Err(err) => tracing::warn!(%err, "cannot prune leaderboard moves"),
                 }
             }
-            // The only change ever sent is "stop".
-            _ = stop.changed() => return,
+            () = stop.cancelled() => return,
         }
     }
 }

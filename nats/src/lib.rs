@@ -12,10 +12,12 @@
 //! Everything here works with nats-server 2.9: one filter subject per consumer.
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod bus;
 pub mod subjects;
 pub mod worker;
 
+pub use backoff::{stopped_during, Backoff};
 pub use bus::{BusError, EventBus, StreamLimits, StreamPosition};
 pub use subjects::Subjects;
 pub use worker::{

@@ -32,8 +32,9 @@ use async_nats::jetstream::Message;
 use futures::StreamExt;
 use podium_domain::log::{Change, RecordedEvent};
 use serde_json::json;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
+use crate::backoff::{stopped_during, Backoff};
 use crate::bus::{StreamPosition, SEQ_HEADER};
 use crate::EventBus;
 
@@ -217,11 +218,11 @@ impl<P: Projection> Worker<P> {
         self.projection.name().to_string()
     }
 
-    /// Consumes until `stop` turns true (finishing the batch in hand), the
+    /// Consumes until `stop` is cancelled (finishing the batch in hand), the
     /// projection halts on a dead letter, another instance fences it off, or
     /// the stream turns out to lack events it needs.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), WorkerError> {
-        let mut backoff = Backoff::new(&self.config);
+    pub async fn run(mut self, stop: CancellationToken) -> Result<(), WorkerError> {
+        let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_max);
         self.checkpoint = loop {
             match self.projection.checkpoint().await {
                 Ok(checkpoint) => break checkpoint,
@@ -234,7 +235,7 @@ impl<P: Projection> Worker<P> {
                 Err(err) => {
                     self.stats.transient_retries.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(projection = self.projection.name(), %err, "cannot read the checkpoint; retrying");
-                    if backoff.wait(&mut stop).await {
+                    if backoff.wait(&stop).await {
                         return Ok(());
                     }
                 }
@@ -243,22 +244,22 @@ impl<P: Projection> Worker<P> {
         self.stats
             .checkpoint
             .store(self.checkpoint, Ordering::Relaxed);
-        let mut backoff = Backoff::new(&self.config);
+        let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_max);
         loop {
-            if *stop.borrow() {
+            if stop.is_cancelled() {
                 return Ok(());
             }
-            match self.read(&mut stop).await {
+            match self.read(&stop).await {
                 Ok(Interrupted::Stop) => return Ok(()),
                 Ok(Interrupted::Reposition { pause: false }) => backoff.reset(),
                 Ok(Interrupted::Reposition { pause: true }) => {
-                    if backoff.wait(&mut stop).await {
+                    if backoff.wait(&stop).await {
                         return Ok(());
                     }
                 }
                 Err(WorkerError::Bus(err)) => {
                     tracing::warn!(projection = self.projection.name(), %err, "cannot read the events stream; retrying");
-                    if backoff.wait(&mut stop).await {
+                    if backoff.wait(&stop).await {
                         return Ok(());
                     }
                 }
@@ -269,7 +270,7 @@ impl<P: Projection> Worker<P> {
 
     /// Finds the next event on the stream and applies what follows, until
     /// interrupted.
-    async fn read(&mut self, stop: &mut watch::Receiver<bool>) -> Result<Interrupted, WorkerError> {
+    async fn read(&mut self, stop: &CancellationToken) -> Result<Interrupted, WorkerError> {
         let bus = |e: async_nats::Error| WorkerError::Bus(e.to_string());
         let start = match self
             .bus
@@ -306,7 +307,7 @@ impl<P: Projection> Worker<P> {
         loop {
             let chunk = tokio::select! {
                 chunk = chunks.next() => chunk,
-                _ = stop.changed() => return Ok(Interrupted::Stop),
+                () = stop.cancelled() => return Ok(Interrupted::Stop),
                 // A consumer left unread too long is dropped by the server,
                 // and the client does not always notice: after a quiet
                 // spell, find the place again with a fresh one.
@@ -361,7 +362,7 @@ impl<P: Projection> Worker<P> {
     async fn process(
         &mut self,
         deliveries: Vec<Delivery>,
-        stop: &mut watch::Receiver<bool>,
+        stop: &CancellationToken,
     ) -> Result<Option<Interrupted>, WorkerError> {
         let mut run = Vec::with_capacity(deliveries.len());
         let mut ahead = false;
@@ -394,12 +395,12 @@ impl<P: Projection> Worker<P> {
     async fn apply_run(
         &mut self,
         mut run: Vec<Delivery>,
-        stop: &mut watch::Receiver<bool>,
+        stop: &CancellationToken,
     ) -> Result<Option<Interrupted>, WorkerError> {
-        let mut backoff = Backoff::new(&self.config);
+        let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_max);
         let mut one_by_one = false;
         while !run.is_empty() {
-            if *stop.borrow() {
+            if stop.is_cancelled() {
                 return Ok(Some(Interrupted::Stop));
             }
             let take = if one_by_one { 1 } else { run.len() };
@@ -493,7 +494,7 @@ impl<P: Projection> Worker<P> {
         &mut self,
         delivery: Delivery,
         error: String,
-        stop: &mut watch::Receiver<bool>,
+        stop: &CancellationToken,
     ) -> Result<Option<Delivery>, WorkerError> {
         let seq = delivery.seq;
         let attempts = {
@@ -504,8 +505,8 @@ impl<P: Projection> Worker<P> {
         let projection = self.name();
         if attempts < self.config.max_failures {
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            let delay = self.config.backoff_base * 2u32.pow((attempts - 1).min(16));
-            let delay = delay.min(self.config.backoff_max);
+            let delay =
+                Backoff::new(self.config.backoff_base, self.config.backoff_max).delay(attempts);
             tracing::warn!(
                 projection,
                 seq,
@@ -515,7 +516,7 @@ impl<P: Projection> Worker<P> {
                 "applying an event failed; will retry"
             );
             // A stop meanwhile is seen by the caller before the retry.
-            sleep_or_stop(delay, stop).await;
+            stopped_during(delay, stop).await;
             return Ok(Some(delivery));
         }
         let event = match &delivery.event {
@@ -529,7 +530,7 @@ impl<P: Projection> Worker<P> {
             "error": error,
             "event": event,
         });
-        let mut backoff = Backoff::new(&self.config);
+        let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_max);
         while let Err(err) = self.bus.publish_dead_letter(&projection, &letter).await {
             // Not recorded yet: the event stays where it is until it is.
             tracing::error!(%err, projection, seq, "cannot publish a dead letter; retrying");
@@ -563,7 +564,7 @@ impl<P: Projection> Worker<P> {
                     error,
                     "dead-lettered an event; skipping it"
                 );
-                let mut backoff = Backoff::new(&self.config);
+                let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_max);
                 loop {
                     match self.projection.skip(seq).await {
                         Ok(()) => break,
@@ -585,34 +586,6 @@ impl<P: Projection> Worker<P> {
                 Ok(None)
             }
         }
-    }
-}
-
-/// Exponential backoff between retries, ended early by a stop signal.
-struct Backoff {
-    base: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    fn new(config: &WorkerConfig) -> Self {
-        Self {
-            base: config.backoff_base,
-            max: config.backoff_max,
-            next: config.backoff_base,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.next = self.base;
-    }
-
-    /// Waits the next delay; true if `stop` turned true meanwhile.
-    async fn wait(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        sleep_or_stop(delay, stop).await
     }
 }
 
@@ -659,15 +632,4 @@ fn delivery(message: &Message) -> Delivery {
         (Err(_), None) => FOREIGN,
     };
     Delivery { seq, event }
-}
-
-/// Sleeps for `duration`; true if `stop` turned true meanwhile.
-pub async fn sleep_or_stop(duration: Duration, stop: &mut watch::Receiver<bool>) -> bool {
-    if *stop.borrow() {
-        return true;
-    }
-    tokio::select! {
-        () = tokio::time::sleep(duration) => *stop.borrow(),
-        _ = stop.changed() => true,
-    }
 }

@@ -29,7 +29,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::JwtKeys;
 use crate::command::idempotency::IdempotencyStore;
@@ -81,8 +81,8 @@ pub struct AppParts {
     /// Open SSE streams per user.
     pub streams: Arc<sse::StreamSlots>,
     pub query: Arc<QuerySettings>,
-    /// Turns true when the server shuts down: streams end cleanly.
-    pub shutdown: watch::Receiver<bool>,
+    /// Cancelled when the server shuts down: streams end cleanly.
+    pub shutdown: CancellationToken,
     /// Shared rate limits; `None` when off.
     pub limiter: Option<Arc<RateLimiter>>,
     /// Proxies whose `X-Forwarded-For` names the client.

@@ -21,6 +21,7 @@ use futures::Stream;
 use podium_domain::log::Change;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use serde::Deserialize;
 
@@ -200,7 +201,7 @@ struct Live<S> {
     last: u64,
     pending: VecDeque<Event>,
     epochs: watch::Receiver<u64>,
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
     state: AppState,
     _slot: Slot,
     _open: OpenGauge,
@@ -235,11 +236,11 @@ impl<S: StreamSource> Live<S> {
             if let Some(event) = self.pending.pop_front() {
                 return Some(event);
             }
-            if *self.stop.borrow() {
+            if self.stop.is_cancelled() {
                 return None;
             }
             tokio::select! {
-                _ = self.stop.changed() => return None,
+                () = self.stop.cancelled() => return None,
                 changed = self.epochs.changed() => {
                     if changed.is_err() {
                         return None;

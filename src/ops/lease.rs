@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use podium_nats::worker::sleep_or_stop;
+use podium_nats::stopped_during;
 use podium_projections::Fence;
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// A fresh name for an instance in lease rows: host, pid and a random part
 /// (a restarted process with a recycled pid is someone else, and so is each
@@ -224,21 +224,21 @@ impl RoleStatus {
 /// How long a halted role waits before it is tried again.
 const HALTED_RETRY: Duration = Duration::from_secs(30);
 
-/// Runs `role` whenever this process holds `lease`, until `stop` turns true:
-/// waits as a standby, renews the lease while the role runs, and starts the
-/// role again after it fails. The role is given a stop signal that also turns
-/// true when the lease is lost.
+/// Runs `role` whenever this process holds `lease`, until `stop` is
+/// cancelled: waits as a standby, renews the lease while the role runs, and
+/// starts the role again after it fails. The role is given a stop token (a
+/// child of `stop`) that is also cancelled when the lease is lost.
 pub async fn supervise<F, Fut>(
     lease: Lease,
     status: Arc<RoleStatus>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
     mut role: F,
 ) where
-    F: FnMut(watch::Receiver<bool>) -> Fut,
+    F: FnMut(CancellationToken) -> Fut,
     Fut: Future<Output = RoleExit>,
 {
     loop {
-        if !wait_for(&lease, &status, &mut stop).await {
+        if !wait_for(&lease, &status, &stop).await {
             return;
         }
         tracing::info!(
@@ -247,15 +247,15 @@ pub async fn supervise<F, Fut>(
             "took over the lease"
         );
         status.set(RoleState::Running);
-        let (role_stop, role_stopped) = watch::channel(false);
+        let role_stop = stop.child_token();
         // The heartbeat runs beside the role in this task (so that it ends
         // with it, however it ends), and tells it to stop if the lease is lost.
-        let running = role(role_stopped);
+        let running = role(role_stop.clone());
         tokio::pin!(running);
         let exit = tokio::select! {
             exit = &mut running => exit,
-            () = heartbeat(&lease, stop.clone()) => {
-                let _ = role_stop.send(true);
+            () = heartbeat(&lease, &stop) => {
+                role_stop.cancel();
                 running.await
             }
         };
@@ -271,7 +271,7 @@ pub async fn supervise<F, Fut>(
                 Some(HALTED_RETRY)
             }
         };
-        if *stop.borrow() {
+        if stop.is_cancelled() {
             lease.release().await;
             status.set(RoleState::Standby);
             return;
@@ -279,10 +279,9 @@ pub async fn supervise<F, Fut>(
         if let Some(pause) = pause {
             // Keep the lease through the pause: another instance would fail
             // the same way.
-            let renewing = stop.clone();
             let stopped = tokio::select! {
-                stopped = sleep_or_stop(pause, &mut stop) => stopped,
-                () = heartbeat(&lease, renewing) => *stop.borrow(),
+                stopped = stopped_during(pause, &stop) => stopped,
+                () = heartbeat(&lease, &stop) => stop.is_cancelled(),
             };
             if stopped {
                 lease.release().await;
@@ -296,8 +295,8 @@ pub async fn supervise<F, Fut>(
     }
 }
 
-/// Waits until the lease is ours (true) or `stop` turns true (false).
-async fn wait_for(lease: &Lease, status: &RoleStatus, stop: &mut watch::Receiver<bool>) -> bool {
+/// Waits until the lease is ours (true) or `stop` is cancelled (false).
+async fn wait_for(lease: &Lease, status: &RoleStatus, stop: &CancellationToken) -> bool {
     loop {
         match lease.try_acquire().await {
             Ok(true) => return true,
@@ -308,19 +307,19 @@ async fn wait_for(lease: &Lease, status: &RoleStatus, stop: &mut watch::Receiver
             }
             Err(err) => tracing::warn!(role = lease.name(), %err, "cannot look at the lease"),
         }
-        if sleep_or_stop(lease.standby_poll(), stop).await {
+        if stopped_during(lease.standby_poll(), stop).await {
             return false;
         }
     }
 }
 
-/// Renews `lease` until `stop` turns true or the lease is lost. While the
+/// Renews `lease` until `stop` is cancelled or the lease is lost. While the
 /// database is unreachable it keeps trying: nobody else can take the lease
 /// then, and the fence guards every write should someone have taken it
 /// meanwhile.
-async fn heartbeat(lease: &Lease, mut stop: watch::Receiver<bool>) {
+async fn heartbeat(lease: &Lease, stop: &CancellationToken) {
     loop {
-        if sleep_or_stop(lease.renew_every(), &mut stop).await {
+        if stopped_during(lease.renew_every(), stop).await {
             return;
         }
         match lease.renew().await {

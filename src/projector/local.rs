@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use podium_projections::memory::MemoryModels;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::command::policy::{MemoryBests, NotificationPolicy};
 use crate::command::Aggregates;
@@ -53,7 +53,7 @@ impl LocalProjector {
         self: Arc<Self>,
         aggregates: Arc<Aggregates>,
         hub: Arc<ChangeHub>,
-        mut stop: watch::Receiver<bool>,
+        stop: CancellationToken,
     ) {
         let policy = NotificationPolicy::new(aggregates);
         let mut bests = MemoryBests::default();
@@ -67,7 +67,7 @@ impl LocalProjector {
             if events.is_empty() {
                 tokio::select! {
                     changed = tail.changed() => if changed.is_err() { return },
-                    _ = stop.changed() => return,
+                    () = stop.cancelled() => return,
                 }
                 continue;
             }
@@ -86,9 +86,8 @@ impl LocalProjector {
                     Ok(()) => policy_at = policy_at.max(event.seq),
                     Err(err) => {
                         tracing::error!(seq = event.seq, %err, "cannot project an event; retrying");
-                        tokio::select! {
-                            () = tokio::time::sleep(RETRY) => {}
-                            _ = stop.changed() => return,
+                        if podium_nats::stopped_during(RETRY, &stop).await {
+                            return;
                         }
                         break;
                     }

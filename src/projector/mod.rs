@@ -26,8 +26,9 @@ use podium_nats::{
 };
 use podium_projections::{ApplyError, Checkpointed, ProjectionLogic};
 use sqlx::PgPool;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::command::Aggregates;
 use crate::ops::lease::{supervise, Lease, RoleExit, RoleState, RoleStatus};
@@ -38,23 +39,25 @@ use registry::Register;
 
 /// Starts one supervised worker per projection (leaderboard, feed, attempts,
 /// and the notification policy, whose commands go through `aggregates`),
-/// each stopping when `stop` turns true.
+/// each spawned on `tasks` and stopping when `stop` is cancelled.
 pub fn spawn_all(
     pool: &PgPool,
     bus: &EventBus,
     aggregates: Arc<Aggregates>,
     metrics: &Metrics,
-    stop: &watch::Receiver<bool>,
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
     leases: Leases<'_>,
 ) -> Vec<JoinHandle<()>> {
     let mut spawner = Spawner {
         pool,
         bus,
         metrics,
+        tasks,
         stop,
         leases,
         watched: Vec::new(),
-        tasks: Vec::new(),
+        spawned: Vec::new(),
     };
     registry::live(aggregates, &mut spawner);
     metrics.watch(Arc::new(ProjectionsProbe {
@@ -62,7 +65,7 @@ pub fn spawn_all(
         relay: bus.subjects().prefix().to_string(),
         workers: spawner.watched,
     }));
-    spawner.tasks
+    spawner.spawned
 }
 
 /// The projections' figures for `/metrics`: state on this instance, worker
@@ -202,11 +205,12 @@ struct Spawner<'a> {
     pool: &'a PgPool,
     bus: &'a EventBus,
     metrics: &'a Metrics,
-    stop: &'a watch::Receiver<bool>,
+    tasks: &'a TaskTracker,
+    stop: &'a CancellationToken,
     leases: Leases<'a>,
     /// What the metrics read of each worker spawned.
     watched: Vec<(String, Arc<WorkerStats>, Arc<RoleStatus>)>,
-    tasks: Vec<JoinHandle<()>>,
+    spawned: Vec<JoinHandle<()>>,
 }
 
 impl Register for Spawner<'_> {
@@ -228,16 +232,15 @@ impl Register for Spawner<'_> {
             .push((name.clone(), stats.clone(), status.clone()));
         let bus = self.bus.clone();
         let stop = self.stop.clone();
-        self.tasks.push(tokio::spawn(supervise(
-            lease,
-            status,
-            stop,
-            move |role_stop| {
-                let worker = Worker::new(bus.clone(), projection.clone(), WorkerConfig::default())
-                    .sharing_stats(stats.clone());
-                async move { role_exit(worker.run(role_stop).await) }
-            },
-        )));
+        self.spawned.push(
+            self.tasks
+                .spawn(supervise(lease, status, stop, move |role_stop| {
+                    let worker =
+                        Worker::new(bus.clone(), projection.clone(), WorkerConfig::default())
+                            .sharing_stats(stats.clone());
+                    async move { role_exit(worker.run(role_stop).await) }
+                })),
+        );
     }
 }
 

@@ -11,6 +11,7 @@ use futures::StreamExt;
 use podium_domain::log::Change;
 use podium_nats::EventBus;
 use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
 
 /// A topic (`leaderboard`, `feed`) and a key in it (a test id, a user id).
 type TopicKey = (String, String);
@@ -135,7 +136,7 @@ impl ChangeHub {
     /// Feeds the hub from `bus` until `stop`: one subscription to every
     /// change notification; when the connection comes back after a loss, or
     /// the subscription ends, subscribers are told to catch up.
-    pub async fn listen(self: Arc<Self>, bus: EventBus, mut stop: watch::Receiver<bool>) {
+    pub async fn listen(self: Arc<Self>, bus: EventBus, stop: CancellationToken) {
         let mut connections = bus.connections();
         loop {
             let mut subscriber = match bus.subscribe_changes().await {
@@ -144,7 +145,7 @@ impl ChangeHub {
                     tracing::warn!(%err, "cannot subscribe to change notifications; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                        _ = stop.changed() => return,
+                        () = stop.cancelled() => return,
                     }
                 }
             };
@@ -160,13 +161,13 @@ impl ChangeHub {
                     changed = connections.changed() => {
                         if changed.is_err() {
                             // The bus is gone; only the stop signal is left to wait for.
-                            let _ = stop.changed().await;
+                            stop.cancelled().await;
                             return;
                         }
                         tracing::info!("NATS connection re-established; subscribers catch up");
                         self.mark_lost();
                     }
-                    _ = stop.changed() => return,
+                    () = stop.cancelled() => return,
                 }
             }
             tracing::warn!("the change subscription ended; subscribing again");

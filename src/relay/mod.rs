@@ -23,12 +23,11 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use podium_domain::log::{Change, RecordedEvent};
-use podium_nats::worker::sleep_or_stop;
-use podium_nats::{EventBus, StreamLimits};
+use podium_nats::{Backoff, EventBus, StreamLimits};
 use podium_projections::{ApplyError, Fence};
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::log::postgres::{LogCursor, LogKey};
@@ -167,9 +166,9 @@ impl Relay {
         }
     }
 
-    /// Relays until `stop` turns true: waits to lead, then publishes; after
+    /// Relays until `stop` is cancelled: waits to lead, then publishes; after
     /// a database error it steps down and tries again.
-    pub async fn run(self, stop: watch::Receiver<bool>) {
+    pub async fn run(self, stop: CancellationToken) {
         let lease = Lease::new(
             self.pool.clone(),
             &format!("relay:{}", self.name()),
@@ -179,11 +178,11 @@ impl Relay {
         let status = self.status.clone();
         let this = &self;
         let fence = lease.fence().clone();
-        supervise(lease, status, stop, |mut role_stop| {
+        supervise(lease, status, stop, |role_stop| {
             let fence = fence.clone();
             async move {
                 this.stats.leader.store(true, Ordering::Relaxed);
-                let result = this.lead(&fence, &mut role_stop).await;
+                let result = this.lead(&fence, &role_stop).await;
                 this.stats.leader.store(false, Ordering::Relaxed);
                 match result {
                     Ok(()) | Err(RelayError::Stopped) => RoleExit::Stopped,
@@ -196,11 +195,7 @@ impl Relay {
         self.stats.leader.store(false, Ordering::Relaxed);
     }
 
-    async fn lead(
-        &self,
-        fence: &Fence,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Result<(), RelayError> {
+    async fn lead(&self, fence: &Fence, stop: &CancellationToken) -> Result<(), RelayError> {
         tracing::info!(relay = self.name(), "this relay is now the active one");
         // A connection of its own, outside the pool's count, for as long as
         // this relay leads.
@@ -210,7 +205,7 @@ impl Relay {
         let mut cursor = self.load_checkpoint(&mut conn).await?;
         self.stats.seq.store(cursor.seq, Ordering::Relaxed);
         loop {
-            if *stop.borrow() {
+            if stop.is_cancelled() {
                 return Err(RelayError::Stopped);
             }
             let (events, next) = cursor.peek(&mut conn, self.config.batch_size).await?;
@@ -230,7 +225,7 @@ impl Relay {
                             cursor = LogCursor::start();
                         }
                     }
-                    _ = stop.changed() => return Err(RelayError::Stopped),
+                    () = stop.cancelled() => return Err(RelayError::Stopped),
                 }
                 continue;
             }
@@ -257,9 +252,9 @@ impl Relay {
     async fn publish(
         &self,
         events: &[RecordedEvent],
-        stop: &mut watch::Receiver<bool>,
+        stop: &CancellationToken,
     ) -> Result<(), RelayError> {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), self.config.max_backoff);
         loop {
             let sent = match &self.target {
                 Target::Nats(bus) => match bus.publish_events(events).await {
@@ -282,11 +277,10 @@ impl Relay {
                 }
                 Err(err) => {
                     self.stats.publish_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%err, ?backoff, "cannot publish; will retry");
-                    if sleep_or_stop(backoff, stop).await {
+                    tracing::warn!(%err, "cannot publish; will retry");
+                    if backoff.wait(stop).await {
                         return Err(RelayError::Stopped);
                     }
-                    backoff = (backoff * 2).min(self.config.max_backoff);
                 }
             }
         }

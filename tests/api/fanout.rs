@@ -17,7 +17,7 @@ use podium_domain::{EventMetadata, UserId};
 use podium_nats::{DeadLetterPolicy, Worker, WorkerConfig};
 use podium_projections::{BoxError, Checkpointed, ProjectionLogic};
 use sqlx::{PgConnection, PgPool};
-use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::helpers::TestDb;
 use crate::nats::{wait_until, PrivateNats, TestBus};
@@ -154,12 +154,16 @@ fn spawn_relay(
 ) -> (
     Arc<podium::relay::RelayStats>,
     tokio::task::JoinHandle<()>,
-    watch::Sender<bool>,
+    DropGuard,
 ) {
     let relay = Relay::new(db.pool.clone(), bus.bus.clone(), config);
     let stats = relay.stats();
-    let (stop, stopped) = watch::channel(false);
-    (stats, tokio::spawn(relay.run(stopped)), stop)
+    let stop = CancellationToken::new();
+    (
+        stats,
+        tokio::spawn(relay.run(stop.clone())),
+        stop.drop_guard(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,8 +178,9 @@ async fn sixteen_writers_twenty_thousand_events_each_consumed_once_in_replay_ord
     )));
     let worker = Worker::new(bus.bus.clone(), projection, WorkerConfig::default());
     let stats = worker.stats();
-    let (_stop_worker, stopped) = watch::channel(false);
-    let worker_task = tokio::spawn(worker.run(stopped));
+    let stop_worker = CancellationToken::new();
+    let _stop_worker = stop_worker.clone().drop_guard();
+    let worker_task = tokio::spawn(worker.run(stop_worker));
 
     let aggregates = Arc::new(Aggregates::new(&db.pool));
     let writers: Vec<_> = (0..16)
@@ -393,15 +398,15 @@ async fn run_until_halted_or(
     };
     let worker = Worker::new(bus.bus.clone(), projection, config);
     let stats = worker.stats();
-    let (stop, stopped) = watch::channel(false);
-    let mut task = tokio::spawn(worker.run(stopped));
+    let stop = CancellationToken::new();
+    let mut task = tokio::spawn(worker.run(stop.clone()));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         tokio::select! {
             result = &mut task => return result.unwrap().err(),
             () = tokio::time::sleep(Duration::from_millis(20)) => {
                 if done(stats.checkpoint.load(Ordering::Relaxed)) {
-                    let _ = stop.send(true);
+                    stop.cancel();
                     return task.await.unwrap().err();
                 }
                 assert!(tokio::time::Instant::now() < deadline, "the worker neither halted nor finished");
