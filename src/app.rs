@@ -199,15 +199,15 @@ impl Application {
         );
         let shutdown = CancellationToken::new();
         // Embedded (one developer, one process), limits are off unless asked for.
-        let limits = match settings.rate_limits.as_str() {
-            "" if matches!(stores, Stores::Embedded { .. }) => "off",
-            limits => limits,
-        };
-        let budgets = crate::ratelimit::parse(limits)
-            .map_err(|err| anyhow::anyhow!("PODIUM_RATE_LIMITS: {err}"))?;
-        let trusted_proxies = crate::ratelimit::parse_proxies(&settings.trusted_proxies)
-            .map_err(|err| anyhow::anyhow!("PODIUM_TRUSTED_PROXIES: {err}"))?;
-        let cors_origins = parse_origins(&settings.cors_origins)?;
+        let budgets = settings
+            .rate_limits
+            .budgets(matches!(stores, Stores::Embedded { .. }));
+        let cors_origins = settings
+            .cors_origins
+            .0
+            .iter()
+            .filter_map(|origin| axum::http::HeaderValue::from_str(origin).ok())
+            .collect();
         let wired = match stores {
             Stores::Postgres {
                 pool,
@@ -253,7 +253,7 @@ impl Application {
                 };
                 Arc::new(RateLimiter::new(windows, budgets, settings.clock.clone()))
             }),
-            trusted_proxies: Arc::new(trusted_proxies),
+            trusted_proxies: Arc::new(settings.trusted_proxies.0.clone()),
             cors_origins: Arc::new(cors_origins),
             http_metrics: settings.http_metrics,
             definitions: moka::future::Cache::new(10_000),
@@ -458,22 +458,4 @@ fn announce_embedded(listener: &TcpListener, embedded: &LocalProjector, dev_secr
          demo:    http://{address}/  (then `podium seed --url http://{address}` for demo data)\n  \
          For production set DATABASE_URL and NATS_URL (see README.md).\n"
     );
-}
-
-/// Parses `PODIUM_CORS_ORIGINS`: comma-separated origins such as
-/// `https://app.example.org`.
-fn parse_origins(spec: &str) -> anyhow::Result<Vec<axum::http::HeaderValue>> {
-    spec.split(',')
-        .map(str::trim)
-        .filter(|origin| !origin.is_empty())
-        .map(|origin| {
-            let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
-                && !origin.ends_with('/');
-            anyhow::ensure!(
-                valid,
-                "PODIUM_CORS_ORIGINS: {origin:?} is not an origin like https://app.example.org"
-            );
-            Ok(axum::http::HeaderValue::from_str(origin)?)
-        })
-        .collect()
 }

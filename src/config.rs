@@ -2,7 +2,8 @@
 //! documents each). Secrets are never printed: `Debug` redacts them.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Args;
@@ -158,11 +159,11 @@ pub struct Settings {
     /// h); unnamed budgets keep those defaults. Unset in the embedded mode:
     /// off.
     #[arg(long, env = "PODIUM_RATE_LIMITS", default_value = "")]
-    pub rate_limits: String,
+    pub rate_limits: RateLimits,
     /// Comma-separated IP addresses of proxies whose `X-Forwarded-For` is
     /// believed; otherwise the client is the socket's peer.
     #[arg(long, env = "PODIUM_TRUSTED_PROXIES", default_value = "")]
-    pub trusted_proxies: String,
+    pub trusted_proxies: TrustedProxies,
     /// Count and time every request in `/metrics` (off only to measure what
     /// that costs).
     #[arg(long, env = "PODIUM_HTTP_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -172,7 +173,7 @@ pub struct Settings {
     pub sentry_dsn: Option<Secret>,
     /// Comma-separated origins allowed to call the API from a browser.
     #[arg(long, env = "PODIUM_CORS_ORIGINS", default_value = "")]
-    pub cors_origins: String,
+    pub cors_origins: CorsOrigins,
     /// Embedded mode only (no DATABASE_URL, no NATS_URL): keep the event log
     /// in this file and rebuild the read models from it at start. Without
     /// it, everything lives in memory and is gone at exit.
@@ -220,9 +221,9 @@ impl Settings {
             },
             query: QuerySettings::default(),
             workers: true,
-            rate_limits: "off".into(),
-            trusted_proxies: String::new(),
-            cors_origins: String::new(),
+            rate_limits: RateLimits::Off,
+            trusted_proxies: TrustedProxies::default(),
+            cors_origins: CorsOrigins::default(),
             sentry_dsn: None,
             http_metrics: true,
             listen,
@@ -246,5 +247,242 @@ impl Settings {
     /// Whether this is the embedded mode: neither Postgres nor NATS given.
     pub fn is_embedded(&self) -> bool {
         self.database.database_url.is_none() && self.nats.nats_url.is_none()
+    }
+}
+
+/// `PODIUM_RATE_LIMITS`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateLimits {
+    /// Unset (or empty): the defaults, except in the embedded mode (off).
+    Unset,
+    Off,
+    On(Budgets),
+}
+
+impl RateLimits {
+    /// The budgets in force, `embedded` or not; `None` when off.
+    pub fn budgets(&self, embedded: bool) -> Option<Budgets> {
+        match self {
+            Self::Unset if embedded => None,
+            Self::Unset => Some(Budgets::default()),
+            Self::Off => None,
+            Self::On(budgets) => Some(budgets.clone()),
+        }
+    }
+}
+
+impl FromStr for RateLimits {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, String> {
+        if spec.trim().is_empty() {
+            return Ok(Self::Unset);
+        }
+        match parse_budgets(spec) {
+            Ok(Some(budgets)) => Ok(Self::On(budgets)),
+            Ok(None) => Ok(Self::Off),
+            Err(err) => Err(format!("PODIUM_RATE_LIMITS: {err}")),
+        }
+    }
+}
+
+/// A budget: `limit` requests per `period`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub name: &'static str,
+    pub limit: u32,
+    pub period: Duration,
+}
+
+impl Budget {
+    /// Tokens one lease asks for: a twentieth of the budget, so that what
+    /// another instance may hold unspent stays small against it.
+    pub fn chunk(&self) -> u32 {
+        (self.limit / 20).clamp(1, 10_000)
+    }
+}
+
+/// The budgets in force, or none (`off`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Budgets {
+    pub user_commands: Budget,
+    pub user_queries: Budget,
+    pub ip: Budget,
+}
+
+impl Default for Budgets {
+    fn default() -> Self {
+        let per_minute = |name, limit| Budget {
+            name,
+            limit,
+            period: Duration::from_secs(60),
+        };
+        Self {
+            user_commands: per_minute("user_commands", 120),
+            user_queries: per_minute("user_queries", 600),
+            ip: per_minute("ip", 1200),
+        }
+    }
+}
+
+/// Parses `PODIUM_RATE_LIMITS`: `off`, or comma-separated
+/// `name=count/unit` (units `s`, `min`, `h`); unnamed budgets keep their
+/// defaults. `None` means off.
+fn parse_budgets(spec: &str) -> Result<Option<Budgets>, String> {
+    let spec = spec.trim();
+    if spec.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let mut budgets = Budgets::default();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, rate) = part
+            .split_once('=')
+            .ok_or_else(|| format!("rate limit {part:?} is not name=count/unit"))?;
+        let (count, unit) = rate
+            .split_once('/')
+            .ok_or_else(|| format!("rate limit {part:?} is not name=count/unit"))?;
+        let limit: u32 = count
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("rate limit {part:?}: the count must be a positive number"))?;
+        let period = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "min" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            other => {
+                return Err(format!(
+                    "rate limit {part:?}: unit {other:?} is not s, min or h"
+                ))
+            }
+        };
+        let budget = match name.trim() {
+            "user_commands" => &mut budgets.user_commands,
+            "user_queries" => &mut budgets.user_queries,
+            "ip" => &mut budgets.ip,
+            other => {
+                return Err(format!(
+                    "rate limit {other:?} is not one of user_commands, user_queries, ip"
+                ))
+            }
+        };
+        budget.limit = limit;
+        budget.period = period;
+    }
+    Ok(Some(budgets))
+}
+
+/// `PODIUM_TRUSTED_PROXIES`: the proxies whose `X-Forwarded-For` is believed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(pub Vec<IpAddr>);
+
+impl FromStr for TrustedProxies {
+    type Err = String;
+
+    /// Comma-separated IP addresses.
+    fn from_str(spec: &str) -> Result<Self, String> {
+        spec.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                IpAddr::from_str(p).map_err(|_| {
+                    format!("PODIUM_TRUSTED_PROXIES: trusted proxy {p:?} is not an IP address")
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+}
+
+/// `PODIUM_CORS_ORIGINS`: the browser origins allowed to call the API.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CorsOrigins(pub Vec<String>);
+
+impl FromStr for CorsOrigins {
+    type Err = String;
+
+    /// Comma-separated origins such as `https://app.example.org`.
+    fn from_str(spec: &str) -> Result<Self, String> {
+        spec.split(',')
+            .map(str::trim)
+            .filter(|origin| !origin.is_empty())
+            .map(|origin| {
+                let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.ends_with('/')
+                    && origin.bytes().all(|b| b.is_ascii_graphic());
+                if valid {
+                    Ok(origin.to_string())
+                } else {
+                    Err(format!(
+                        "PODIUM_CORS_ORIGINS: {origin:?} is not an origin like https://app.example.org"
+                    ))
+                }
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_budgets_and_keeps_defaults_for_unnamed_ones() {
+        let budgets = parse_budgets("user_queries=10/s, ip=5/h").unwrap().unwrap();
+        assert_eq!(budgets.user_queries.limit, 10);
+        assert_eq!(budgets.user_queries.period, Duration::from_secs(1));
+        assert_eq!(budgets.ip.limit, 5);
+        assert_eq!(budgets.ip.period, Duration::from_secs(3600));
+        assert_eq!(budgets.user_commands, Budgets::default().user_commands);
+        assert_eq!(parse_budgets("off").unwrap(), None);
+        assert_eq!(parse_budgets("").unwrap(), Some(Budgets::default()));
+    }
+
+    #[test]
+    fn refuses_malformed_budgets() {
+        for bad in [
+            "user_queries",
+            "user_queries=10",
+            "ip=0/min",
+            "ip=10/day",
+            "other=1/s",
+            "ip=x/s",
+        ] {
+            assert!(parse_budgets(bad).is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn rate_limits_unset_mean_defaults_except_embedded() {
+        let unset: RateLimits = "".parse().unwrap();
+        assert_eq!(unset.budgets(false), Some(Budgets::default()));
+        assert_eq!(unset.budgets(true), None);
+        let off: RateLimits = "off".parse().unwrap();
+        assert_eq!(off.budgets(false), None);
+        let err = "ip=lots/min".parse::<RateLimits>().unwrap_err();
+        assert!(err.starts_with("PODIUM_RATE_LIMITS: "), "{err}");
+    }
+
+    #[test]
+    fn proxies_and_origins_are_checked_when_read() {
+        let proxies: TrustedProxies = " 10.0.0.1, ::1 ,".parse().unwrap();
+        assert_eq!(proxies.0.len(), 2);
+        assert!("a-proxy"
+            .parse::<TrustedProxies>()
+            .unwrap_err()
+            .contains("PODIUM_TRUSTED_PROXIES"));
+        let origins: CorsOrigins = "https://a.example.org, http://localhost:3000"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            origins.0,
+            ["https://a.example.org", "http://localhost:3000"]
+        );
+        for bad in ["app.example.org", "https://a.example.org/", "https://a b"] {
+            let err = bad.parse::<CorsOrigins>().unwrap_err();
+            assert!(err.contains("PODIUM_CORS_ORIGINS"), "{bad}: {err}");
+        }
     }
 }

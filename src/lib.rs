@@ -9,15 +9,15 @@
 //! | module | holds | may use |
 //! |---|---|---|
 //! | [`clock`], [`auth`] | the clock (system or manual), tokens and roles | nothing |
-//! | [`config`] | the settings | `clock` |
+//! | [`config`] | the settings, parsed into types (budgets, proxies, origins) | `clock` |
 //! | [`ops`] | pools, leases, metrics, logging, shutdown | `config` |
 //! | [`log`] | the event log: Postgres tail and reader, in-memory log | `ops`, `clock` |
 //! | [`command`] | aggregates' stores, the event repository, the notification policy, idempotency keys | `log`, `ops`, `clock` |
 //! | [`query`] | read-store port and adapters, query cache, change hub | `ops` |
-//! | [`ratelimit`] | budgets, the limiter, the window-store port and adapters | `ops`, `clock` |
-//! | [`relay`] | the outbox relay: leadership, targets (JetStream, in-process) | `query`, `log`, `ops` |
-//! | [`projector`] | the projection registry and runners (NATS, in-process), replay | `relay`, `command`, `query`, `log`, `ops` |
-//! | [`http`] | router, errors, extractors, SSE, middleware, routes, OpenAPI | `auth`, `query`, `command`, `ratelimit`, `ops`, `clock` |
+//! | [`ratelimit`] | the limiter, the window-store port and adapters | `ops`, `config`, `clock` |
+//! | [`relay`] | the outbox relay: leadership, targets (JetStream, in-process) | `query`, `log`, `ops`, `config` |
+//! | [`projector`] | the projection registry and runners (NATS, in-process), replay | `relay`, `command`, `query`, `log`, `ops`, `config` |
+//! | [`http`] | router, errors, extractors, SSE, middleware, routes, OpenAPI | `auth`, `query`, `command`, `ratelimit`, `ops`, `config`, `clock` |
 //! | [`cli`], [`app`] | the command line and the wiring of a running instance | everything |
 //!
 //! `main.rs` only parses the command line and calls [`cli::run`]; tests start

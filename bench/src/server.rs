@@ -25,7 +25,9 @@ pub async fn serve() -> anyhow::Result<()> {
     settings.nats.nats_url = std::env::var("NATS_URL").ok().filter(|u| !u.is_empty());
     settings.nats.nats_prefix = std::env::var("PODIUM_NATS_PREFIX")?;
     settings.query.sse_max_streams_per_user = 100_000;
-    settings.rate_limits = std::env::var("PODIUM_RATE_LIMITS")?;
+    settings.rate_limits = std::env::var("PODIUM_RATE_LIMITS")?
+        .parse()
+        .map_err(|err: String| anyhow::anyhow!(err))?;
     settings.http_metrics = std::env::var("PODIUM_HTTP_METRICS")? == "true";
     settings.workers = std::env::var("PODIUM_WORKERS")? == "true";
     let app = podium::Application::build(settings).await?;

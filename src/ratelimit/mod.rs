@@ -15,10 +15,13 @@
 //!
 //! The windows' counts sit behind a port ([`WindowStore`]) with a Postgres
 //! and an in-memory adapter; the limiter reads the time from a
-//! [`Clock`]. May use `ops` and `clock`.
+//! [`Clock`]. Its budgets are settings ([`crate::config::Budgets`]). May use
+//! `ops`, `config` and `clock`.
 
 use std::net::IpAddr;
 use std::str::FromStr;
+
+pub use crate::config::{Budget, Budgets};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,105 +30,6 @@ use crate::ops::db::StoreError;
 
 mod windows;
 pub use windows::{MemoryWindows, PgWindows, Window, WindowStore};
-
-/// A budget: `limit` requests per `period`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Budget {
-    pub name: &'static str,
-    pub limit: u32,
-    pub period: Duration,
-}
-
-impl Budget {
-    /// Tokens one lease asks for: a twentieth of the budget, so that what
-    /// another instance may hold unspent stays small against it.
-    fn chunk(&self) -> u32 {
-        (self.limit / 20).clamp(1, 10_000)
-    }
-}
-
-/// The budgets in force, or none (`off`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Budgets {
-    pub user_commands: Budget,
-    pub user_queries: Budget,
-    pub ip: Budget,
-}
-
-impl Default for Budgets {
-    fn default() -> Self {
-        let per_minute = |name, limit| Budget {
-            name,
-            limit,
-            period: Duration::from_secs(60),
-        };
-        Self {
-            user_commands: per_minute("user_commands", 120),
-            user_queries: per_minute("user_queries", 600),
-            ip: per_minute("ip", 1200),
-        }
-    }
-}
-
-/// Parses `PODIUM_RATE_LIMITS`: `off`, or comma-separated
-/// `name=count/unit` (units `s`, `min`, `h`); unnamed budgets keep their
-/// defaults. `None` means off.
-pub fn parse(spec: &str) -> Result<Option<Budgets>, String> {
-    let spec = spec.trim();
-    if spec.eq_ignore_ascii_case("off") {
-        return Ok(None);
-    }
-    let mut budgets = Budgets::default();
-    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (name, rate) = part
-            .split_once('=')
-            .ok_or_else(|| format!("rate limit {part:?} is not name=count/unit"))?;
-        let (count, unit) = rate
-            .split_once('/')
-            .ok_or_else(|| format!("rate limit {part:?} is not name=count/unit"))?;
-        let limit: u32 = count
-            .trim()
-            .parse()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| format!("rate limit {part:?}: the count must be a positive number"))?;
-        let period = match unit.trim() {
-            "s" => Duration::from_secs(1),
-            "min" => Duration::from_secs(60),
-            "h" => Duration::from_secs(3600),
-            other => {
-                return Err(format!(
-                    "rate limit {part:?}: unit {other:?} is not s, min or h"
-                ))
-            }
-        };
-        let budget = match name.trim() {
-            "user_commands" => &mut budgets.user_commands,
-            "user_queries" => &mut budgets.user_queries,
-            "ip" => &mut budgets.ip,
-            other => {
-                return Err(format!(
-                    "rate limit {other:?} is not one of user_commands, user_queries, ip"
-                ))
-            }
-        };
-        budget.limit = limit;
-        budget.period = period;
-    }
-    Ok(Some(budgets))
-}
-
-/// Parses `PODIUM_TRUSTED_PROXIES`: comma-separated IP addresses whose
-/// `X-Forwarded-For` is believed.
-pub fn parse_proxies(spec: &str) -> Result<Vec<IpAddr>, String> {
-    spec.split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            IpAddr::from_str(p).map_err(|_| format!("trusted proxy {p:?} is not an IP address"))
-        })
-        .collect()
-}
 
 /// The client's address: the socket peer, or, when the peer is a trusted
 /// proxy, the last address in `X-Forwarded-For` that is not one.
@@ -365,32 +269,6 @@ mod tests {
         assert_eq!(limiter.purge_expired().await.unwrap(), 0);
         clock.advance(Duration::from_secs(61));
         assert_eq!(limiter.purge_expired().await.unwrap(), 2);
-    }
-
-    #[test]
-    fn parses_budgets_and_keeps_defaults_for_unnamed_ones() {
-        let budgets = parse("user_queries=10/s, ip=5/h").unwrap().unwrap();
-        assert_eq!(budgets.user_queries.limit, 10);
-        assert_eq!(budgets.user_queries.period, Duration::from_secs(1));
-        assert_eq!(budgets.ip.limit, 5);
-        assert_eq!(budgets.ip.period, Duration::from_secs(3600));
-        assert_eq!(budgets.user_commands, Budgets::default().user_commands);
-        assert_eq!(parse("off").unwrap(), None);
-        assert_eq!(parse("").unwrap(), Some(Budgets::default()));
-    }
-
-    #[test]
-    fn refuses_malformed_budgets() {
-        for bad in [
-            "user_queries",
-            "user_queries=10",
-            "ip=0/min",
-            "ip=10/day",
-            "other=1/s",
-            "ip=x/s",
-        ] {
-            assert!(parse(bad).is_err(), "{bad} was accepted");
-        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("log", &["ops", "clock"]),
     ("command", &["log", "ops", "clock"]),
     ("query", &["ops"]),
-    ("ratelimit", &["ops", "clock"]),
+    ("ratelimit", &["ops", "config", "clock"]),
     ("relay", &["query", "log", "ops", "config"]),
     (
         "projector",
