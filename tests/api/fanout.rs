@@ -399,20 +399,19 @@ async fn run_until_halted_or(
     let worker = Worker::new(bus.bus.clone(), projection, config);
     let stats = worker.stats();
     let stop = CancellationToken::new();
-    let mut task = tokio::spawn(worker.run(stop.clone()));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        tokio::select! {
-            result = &mut task => return result.unwrap().err(),
-            () = tokio::time::sleep(Duration::from_millis(20)) => {
-                if done(stats.checkpoint.load(Ordering::Relaxed)) {
-                    stop.cancel();
-                    return task.await.unwrap().err();
-                }
-                assert!(tokio::time::Instant::now() < deadline, "the worker neither halted nor finished");
-            }
+    let task = tokio::spawn(worker.run(stop.clone()));
+    let what = "the worker to halt or finish";
+    crate::helpers::poll(what, Duration::from_secs(60), || async {
+        let checkpoint = stats.checkpoint.load(Ordering::Relaxed);
+        if task.is_finished() || done(checkpoint) {
+            Ok(())
+        } else {
+            Err(checkpoint)
         }
-    }
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap().err()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
