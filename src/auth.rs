@@ -65,6 +65,8 @@ impl JwtKeys {
         );
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // A token is refused before its `nbf` as after its `exp`.
+        validation.validate_nbf = true;
         validation.leeway = 30;
         Ok(Self {
             encoding: EncodingKey::from_secret(secret.as_bytes()),
@@ -149,6 +151,26 @@ mod tests {
             keys.verify_header(Some("Basic x")),
             Err(AuthError::NotBearer)
         );
+    }
+
+    #[test]
+    fn a_token_is_refused_before_its_not_before_time() {
+        let keys = JwtKeys::new(SECRET).unwrap();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let token = |nbf: u64| {
+            let claims = serde_json::json!({
+                "sub": "alice", "role": "user", "exp": now + 3600, "nbf": nbf,
+            });
+            jsonwebtoken::encode(&Header::default(), &claims, &keys.encoding).unwrap()
+        };
+        assert!(
+            keys.verify(&token(now + 600)).is_err(),
+            "valid in ten minutes"
+        );
+        assert!(keys.verify(&token(now - 1)).is_ok());
     }
 
     #[test]

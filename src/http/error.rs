@@ -91,6 +91,9 @@ fn field_problems() -> utoipa::openapi::schema::Array {
         .build()
 }
 
+/// What a 503 says: the cause stays in the logs.
+const UNAVAILABLE: &str = "the database is unavailable right now; retry in a few seconds";
+
 impl ApiError {
     pub fn conflict(kind: &'static str, detail: impl Into<String>) -> Self {
         Self::Conflict {
@@ -176,9 +179,10 @@ impl ApiError {
                 tracing::error!(error = chain, "internal error");
                 "an unexpected error occurred; it has been logged".to_string()
             }
-            Self::Unavailable(detail) => {
-                tracing::warn!(detail, "dependency unavailable");
-                detail.clone()
+            // The cause (a driver's message) is logged, not sent.
+            Self::Unavailable(cause) => {
+                tracing::warn!(cause, "dependency unavailable");
+                UNAVAILABLE.to_string()
             }
             other => other.to_string(),
         };
@@ -298,5 +302,25 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable(_) => ApiError::Unavailable(err.to_string()),
             StoreError::Failed(err) => ApiError::Internal(err),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_503_names_no_driver_internals() {
+        let err = ApiError::from(sqlx::Error::PoolTimedOut);
+        let response = err.to_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(problem["type"], "urn:podium:problem:service-unavailable");
+        let detail = problem["detail"].as_str().unwrap();
+        assert_eq!(detail, UNAVAILABLE);
+        assert!(!detail.contains("pool"), "{detail}");
     }
 }

@@ -98,6 +98,37 @@ async fn two_instances_share_one_users_budget() {
 }
 
 #[tokio::test]
+async fn a_query_token_counts_only_on_streams() {
+    let clock = mid_hour_clock();
+    let app = spawn_app_with(|s| {
+        s.rate_limits = "user_queries=2/h,ip=100/h".parse().unwrap();
+        s.clock = clock.clone();
+    })
+    .await;
+    let token = app.user("alice");
+    // Outside streams `?access_token=` proves nothing: these are anonymous,
+    // refused by the handler, and spend none of alice's budget.
+    for _ in 0..3 {
+        let response = app
+            .request(
+                reqwest::Method::GET,
+                &format!("/v1/me/attempts?access_token={token}"),
+                None,
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    }
+    for _ in 0..2 {
+        let response = app.get("/v1/me/attempts", &token).await;
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let spent = app.get("/v1/me/attempts", &token).await;
+    assert_eq!(spent.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
 async fn client_ips_come_from_forwarded_for_only_behind_a_trusted_proxy() {
     let clock = mid_hour_clock();
     let app = spawn_app_with(|s| {

@@ -85,10 +85,13 @@ pub async fn middleware(
 }
 
 /// The caller proven by the request's token (header, or `?access_token=`
-/// for streams), if any.
+/// for streams, the only routes that take it), if any.
 fn caller(state: &AppState, request: &Request) -> Option<Principal> {
     if let Some(value) = request.headers().get(header::AUTHORIZATION) {
         return state.keys.verify_header(value.to_str().ok()).ok();
+    }
+    if !request.uri().path().ends_with("/stream") {
+        return None;
     }
     let query = request.uri().query()?;
     let token = query
