@@ -124,7 +124,29 @@ pub fn router(state: AppState) -> Router {
         .layer(TraceLayer::new_for_http())
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(axum::middleware::map_request(refuse_odd_request_ids))
         .with_state(state)
+}
+
+/// The longest client `X-Request-Id` kept (it goes into every event's
+/// metadata and every log line).
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Drops a client's `X-Request-Id` that is too long or holds anything but
+/// letters, digits and `-_.:`: the request then gets a fresh UUID.
+async fn refuse_odd_request_ids(mut request: axum::extract::Request) -> axum::extract::Request {
+    let odd = request.headers().get(REQUEST_ID).is_some_and(|id| {
+        let id = id.as_bytes();
+        id.is_empty()
+            || id.len() > MAX_REQUEST_ID_LEN
+            || !id
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+    });
+    if odd {
+        request.headers_mut().remove(REQUEST_ID);
+    }
+    request
 }
 
 /// CORS for browser clients on `origins`; with none, no origin is granted.

@@ -198,6 +198,43 @@ async fn a_client_chosen_test_id_is_kept_and_cannot_be_reused() {
 }
 
 #[tokio::test]
+async fn an_odd_request_id_is_replaced_not_recorded() {
+    let app = spawn_app().await;
+    let test_id = app.published_test().await;
+    let alice = app.user("alice");
+    for odd in [
+        "x".repeat(10_000),
+        "two words".to_string(),
+        "ünïcode".to_string(),
+    ] {
+        let response = app
+            .request(
+                reqwest::Method::POST,
+                &format!("/v1/tests/{test_id}/attempts"),
+                Some(&alice),
+            )
+            .header("x-request-id", odd.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let given = response.headers()["x-request-id"].to_str().unwrap();
+        assert!(uuid::Uuid::parse_str(given).is_ok(), "{given:.40}");
+    }
+    let ids: Vec<String> = sqlx::query_scalar(
+        "SELECT metadata->>'request_id' FROM events WHERE event_type = 'AttemptStarted'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(ids.len(), 3);
+    assert!(
+        ids.iter().all(|id| uuid::Uuid::parse_str(id).is_ok()),
+        "{ids:?}"
+    );
+}
+
+#[tokio::test]
 async fn every_event_records_its_actor_request_and_time() {
     let app = spawn_app().await;
     let test_id = app.published_test().await;
