@@ -69,15 +69,40 @@ impl ValidationErrors {
     }
 }
 
+/// How many errors a message names; the rest are counted.
+const NAMED_IN_MESSAGE: usize = 5;
+
 impl fmt::Display for ValidationErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let parts: Vec<String> = self
             .0
             .iter()
+            .take(NAMED_IN_MESSAGE)
             .map(|e| format!("{}: {}", e.field, e.message))
             .collect();
-        f.write_str(&parts.join("; "))
+        f.write_str(&parts.join("; "))?;
+        match self.0.len().saturating_sub(NAMED_IN_MESSAGE) {
+            0 => Ok(()),
+            more => write!(f, "; and {more} more"),
+        }
     }
 }
 
 impl std::error::Error for ValidationErrors {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_names_a_few_errors_and_counts_the_rest() {
+        let mut errors = ValidationErrors::new();
+        for n in 0..1_000 {
+            errors.add(format!("answers.q{n}"), "no such question");
+        }
+        let message = errors.to_string();
+        assert!(message.starts_with("answers.q0: no such question; answers.q1"));
+        assert!(message.ends_with("; and 995 more"), "{message}");
+        assert!(message.len() < 300);
+    }
+}

@@ -91,6 +91,9 @@ fn field_problems() -> utoipa::openapi::schema::Array {
         .build()
 }
 
+/// The most field errors a 422 lists.
+pub const MAX_LISTED_ERRORS: usize = 50;
+
 /// What a 503 says: the cause stays in the logs.
 const UNAVAILABLE: &str = "the database is unavailable right now; retry in a few seconds";
 
@@ -102,10 +105,13 @@ impl ApiError {
         }
     }
 
+    /// A 422 listing the first [`MAX_LISTED_ERRORS`] of `errors` (the
+    /// detail says how many there are in all).
     pub fn invalid(errors: ValidationErrors) -> Self {
+        let fields = errors.fields();
         Self::Unprocessable {
             detail: format!("the request has invalid values: {errors}"),
-            errors: errors.fields().to_vec(),
+            errors: fields[..fields.len().min(MAX_LISTED_ERRORS)].to_vec(),
         }
     }
 

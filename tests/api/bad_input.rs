@@ -237,6 +237,39 @@ async fn out_of_range_answers_are_unprocessable_and_change_nothing() {
 }
 
 #[tokio::test]
+async fn a_flood_of_answers_is_refused_briefly() {
+    let app = spawn_app().await;
+    let test_id = app.published_test().await;
+    let alice = app.user("alice");
+    let attempt_id = app.started_attempt(&test_id, &alice).await;
+    let events = app.event_count().await;
+    let flood: serde_json::Map<String, Value> =
+        (0..100_000).map(|n| (format!("x{n}"), json!(0))).collect();
+    let response = app
+        .submit(&attempt_id, &alice, Some(json!({ "answers": flood })))
+        .await;
+    let text = response.text().await.unwrap();
+    assert!(text.len() < 4_096, "a {} byte answer", text.len());
+    let problem: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(problem["status"], 422);
+    assert_eq!(problem["errors"][0]["field"], "answers");
+    let message = problem["errors"][0]["message"].as_str().unwrap();
+    assert!(message.contains("at most one per question"), "{message}");
+
+    // As many wrong answers as questions: each is named.
+    let wrong: serde_json::Map<String, Value> = ["nope1", "nope2"]
+        .iter()
+        .map(|q| (q.to_string(), json!(0)))
+        .collect();
+    let response = app
+        .submit(&attempt_id, &alice, Some(json!({ "answers": wrong })))
+        .await;
+    let problem = assert_problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(problem["errors"].as_array().unwrap().len(), 2);
+    assert_eq!(app.event_count().await, events);
+}
+
+#[tokio::test]
 async fn invalid_notifications_are_unprocessable() {
     let app = spawn_app().await;
     let admin = app.admin();

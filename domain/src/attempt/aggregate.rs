@@ -117,6 +117,17 @@ impl Attempt {
         now: DateTime<Utc>,
     ) -> Result<AttemptEvent, AttemptError> {
         let started = self.open_for(by, now)?;
+        if answers.len() > test.questions.len() {
+            // At most one answer per question: refused before any is read.
+            return Err(AttemptError::InvalidAnswers(ValidationErrors::single(
+                "answers",
+                format!(
+                    "{} answers for {} questions: at most one per question",
+                    answers.len(),
+                    test.questions.len()
+                ),
+            )));
+        }
         let mut errors = ValidationErrors::new();
         let mut final_answers = self.answers.clone();
         for (question_id, choice) in answers {
