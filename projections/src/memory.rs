@@ -276,17 +276,18 @@ impl MemoryModels {
         around
     }
 
-    /// Up to `limit` entries of `test_id` changed after `after`, oldest
-    /// change first, with the checkpoint.
+    /// The entries of `test_id` changed after `after`, oldest change first,
+    /// with the checkpoint; `None` when more than `limit` changed (they are
+    /// not ranked then).
     pub fn leaderboard_changed_since(
         &self,
         test_id: Uuid,
         after: u64,
         limit: i64,
-    ) -> (u64, Vec<(u64, RankedEntry)>) {
+    ) -> (u64, Option<Vec<(u64, RankedEntry)>>) {
         let models = self.read();
         let Some(board) = models.boards.get(&test_id) else {
-            return (models.checkpoint, Vec::new());
+            return (models.checkpoint, Some(Vec::new()));
         };
         let mut changed: Vec<(u64, &Entry)> = board
             .entries
@@ -294,13 +295,15 @@ impl MemoryModels {
             .filter(|(_, seq)| *seq > after)
             .map(|(entry, seq)| (*seq, entry))
             .collect();
+        if changed.len() > limit.max(0) as usize {
+            return (models.checkpoint, None);
+        }
         changed.sort_by_key(|(seq, _)| *seq);
         let changed = changed
             .into_iter()
-            .take(limit.max(0) as usize)
             .map(|(seq, entry)| (seq, board.ranked(&entry.rank_key())))
             .collect();
-        (models.checkpoint, changed)
+        (models.checkpoint, Some(changed))
     }
 
     /// A page of `user_id`'s feed (as [`crate::feed::FeedQueries::page`]),

@@ -42,12 +42,16 @@ pub fn encode<C: Serialize>(cursor: &C) -> String {
 
 /// Reads a cursor made by [`encode`]; 400 if it is not one.
 pub fn decode<C: DeserializeOwned>(raw: &str) -> Result<C, ApiError> {
-    let malformed = || ApiError::BadCursor {
-        kind: "invalid-cursor",
-        detail: "the cursor is malformed; use the next_cursor of a previous page".into(),
-    };
     let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| malformed())?;
     serde_json::from_slice(&bytes).map_err(|_| malformed())
+}
+
+/// 400 for a cursor no page made.
+pub fn malformed() -> ApiError {
+    ApiError::BadCursor {
+        kind: "invalid-cursor",
+        detail: "the cursor is malformed; use the next_cursor of a previous page".into(),
+    }
 }
 
 /// 400 for a well-formed cursor of another listing.

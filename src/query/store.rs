@@ -55,13 +55,14 @@ pub trait ReadStore: Send + Sync {
         -> Result<Around, StoreError>;
 
     /// Entries of `test_id` changed after `after` (for SSE resume), with the
-    /// checkpoint.
+    /// checkpoint; `None` when more than `limit` changed (decided before any
+    /// is ranked).
     async fn leaderboard_changed_since(
         &self,
         test_id: Uuid,
         after: Option<u64>,
         limit: i64,
-    ) -> Result<(u64, Vec<(u64, RankedEntry)>), StoreError>;
+    ) -> Result<(u64, Option<Vec<(u64, RankedEntry)>>), StoreError>;
 
     /// A page of `user_id`'s notifications with the unread count.
     async fn feed_page(
@@ -128,7 +129,8 @@ impl ReadStore for PgReadStore {
         }
         let page = LeaderboardQueries::page(&mut tx, test_id, start, limit).await?;
         tx.commit().await?;
-        Ok((seq, Ok(page)))
+        // Too much moved past the cursor to continue it exactly.
+        Ok((seq, page.ok_or(seq)))
     }
 
     async fn around(
@@ -154,14 +156,14 @@ impl ReadStore for PgReadStore {
         test_id: Uuid,
         after: Option<u64>,
         limit: i64,
-    ) -> Result<(u64, Vec<(u64, RankedEntry)>), StoreError> {
+    ) -> Result<(u64, Option<Vec<(u64, RankedEntry)>>), StoreError> {
         let mut tx = crate::ops::db::snapshot(&self.read_pool).await?;
         let seq = checkpoint_of(&mut *tx, leaderboard::NAME).await?;
         let changed = match after {
             Some(after) => {
                 LeaderboardQueries::changed_since(&mut tx, test_id, after, limit).await?
             }
-            None => Vec::new(),
+            None => Some(Vec::new()),
         };
         tx.commit().await?;
         Ok((seq, changed))
@@ -255,10 +257,10 @@ impl ReadStore for MemoryModels {
         test_id: Uuid,
         after: Option<u64>,
         limit: i64,
-    ) -> Result<(u64, Vec<(u64, RankedEntry)>), StoreError> {
+    ) -> Result<(u64, Option<Vec<(u64, RankedEntry)>>), StoreError> {
         Ok(match after {
             Some(after) => MemoryModels::leaderboard_changed_since(self, test_id, after, limit),
-            None => (self.checkpoint(), Vec::new()),
+            None => (self.checkpoint(), Some(Vec::new())),
         })
     }
 

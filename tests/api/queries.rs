@@ -528,3 +528,93 @@ async fn a_rebuild_of_a_caught_up_leaderboard_keeps_cursors_valid() {
         [("bob".into(), 6, 2), ("cat".into(), 6, 3)]
     );
 }
+
+/// `cursor` decoded, changed by `edit`, encoded again: what a client that
+/// edits its cursors sends.
+fn forge(cursor: &str, edit: impl FnOnce(&mut Value)) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    let mut fields: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(cursor).unwrap()).unwrap();
+    edit(&mut fields);
+    URL_SAFE_NO_PAD.encode(serde_json::to_vec(&fields).unwrap())
+}
+
+#[tokio::test]
+async fn forged_cursors_are_bad_requests_never_server_errors() {
+    let (app, _) = spawn_app_with_workers().await;
+    let test_id = app.published_test().await;
+    for (user, score) in [("ann", 10), ("bob", 6)] {
+        take(&app, &test_id, user, score).await;
+    }
+    settle_board(&app, &test_id, 2).await;
+    let token = app.user("viewer");
+    let base = format!("/v1/tests/{test_id}/leaderboard");
+    let (page, _) = get_json(&app, &format!("{base}?limit=1"), &token).await;
+    let cursor = page["next_cursor"].as_str().unwrap().to_string();
+    let forgeries = [
+        ("score", json!(2_147_483_648u64)),
+        ("since", json!(u64::MAX)),
+        ("user", json!("")),
+        ("user", json!("x".repeat(10_000))),
+        ("at", json!("0001-01-01T00:00:00Z")),
+        ("score", json!(-1)),
+    ];
+    for (field, value) in forgeries {
+        let forged = forge(&cursor, |c| c[field] = value);
+        let response = app.get(&format!("{base}?cursor={forged}"), &token).await;
+        let problem = assert_problem(response, StatusCode::BAD_REQUEST).await;
+        assert_eq!(
+            problem["type"], "urn:podium:problem:invalid-cursor",
+            "{field}"
+        );
+    }
+    // The real one still works.
+    let (next, _) = get_json(&app, &format!("{base}?cursor={cursor}"), &token).await;
+    assert_eq!(next["entries"][0]["user_id"], "bob");
+}
+
+#[tokio::test]
+async fn a_cursor_that_too_many_entries_passed_is_expired_not_a_huge_page() {
+    let (app, _) = spawn_app_with_workers().await;
+    let test_id = app.published_test().await;
+    take(&app, &test_id, "ann", 4).await;
+    take(&app, &test_id, "bob", 0).await;
+    settle_board(&app, &test_id, 2).await;
+    let token = app.user("viewer");
+    let base = format!("/v1/tests/{test_id}/leaderboard");
+    let (page, _) = get_json(&app, &format!("{base}?limit=1"), &token).await;
+    let cursor = page["next_cursor"].as_str().unwrap().to_string();
+    // 300 entries that stood behind ann when the cursor was made and stand
+    // ahead of her now: as 300 submissions since would leave the read model.
+    let test: uuid::Uuid = test_id.parse().unwrap();
+    sqlx::query(
+        "INSERT INTO lb_entries (test_id, user_id, best_score, max_score, attempt_id, achieved_at,
+                                 attempts, changed_seq)
+         SELECT $1, 'u' || n, 10, 10, gen_random_uuid(), now(), 2, 1000000 + n
+           FROM generate_series(1, 300) n",
+    )
+    .bind(test)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO lb_moves (seq, test_id, user_id, old_score, old_achieved_at)
+         SELECT 1000000 + n, $1, 'u' || n, 0, now() FROM generate_series(1, 300) n",
+    )
+    .bind(test)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO lb_score_counts (test_id, score, entries) VALUES ($1, 10, 300)
+         ON CONFLICT (test_id, score) DO UPDATE SET entries = lb_score_counts.entries + 300",
+    )
+    .bind(test)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let response = app.get(&format!("{base}?cursor={cursor}"), &token).await;
+    let problem = assert_problem(response, StatusCode::BAD_REQUEST).await;
+    assert_eq!(problem["type"], "urn:podium:problem:cursor-expired");
+}

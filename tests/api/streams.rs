@@ -388,3 +388,81 @@ async fn streams_end_cleanly_when_the_server_shuts_down() {
         "the stream outlived the server"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_resuming_from_zero_on_a_large_board_leave_commands_answering() {
+    let app = crate::helpers::spawn_app().await;
+    let test_id = app.published_test().await;
+    let test: uuid::Uuid = test_id.parse().unwrap();
+    // A 100,000-entry board, every entry changed since seq 0.
+    sqlx::query(
+        "INSERT INTO lb_entries (test_id, user_id, best_score, max_score, attempt_id, achieved_at,
+                                 attempts, changed_seq)
+         SELECT $1, 'u' || n, n % 50, 50, gen_random_uuid(), now(), 1, n
+           FROM generate_series(1, 100000) n",
+    )
+    .bind(test)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO lb_score_counts (test_id, score, entries)
+         SELECT test_id, best_score, count(*) FROM lb_entries WHERE test_id = $1 GROUP BY 1, 2",
+    )
+    .bind(test)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE lb_entries")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+
+    // Twenty clients reconnect from 0 again and again (each resume is told
+    // to reload) while a learner takes tests.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let resumes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let clients: Vec<_> = (0..20)
+        .map(|i| {
+            let (client, address) = (app.client.clone(), app.address.clone());
+            let token = app.user(&format!("watcher{i}"));
+            let path = format!("{address}/v1/tests/{test_id}/leaderboard/stream");
+            let (done, resumes) = (done.clone(), resumes.clone());
+            tokio::spawn(async move {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let request = client
+                        .get(&path)
+                        .bearer_auth(&token)
+                        .header("Last-Event-ID", "0")
+                        .timeout(Duration::from_secs(30));
+                    if let Ok(mut response) = request.send().await {
+                        // The first event (the resync), then hang up.
+                        let _ = response.chunk().await;
+                        resumes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let learner = app.user("learner");
+    for _ in 0..20 {
+        let response = app.start_attempt(&test_id, &learner, None).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    assert!(resumes.load(std::sync::atomic::Ordering::Relaxed) >= 20);
+
+    // A resume that missed too much is told to reload, from the first event.
+    let mut stream = SseClient::open(
+        &app,
+        &format!("/v1/tests/{test_id}/leaderboard/stream"),
+        &learner,
+        Some("0"),
+    )
+    .await;
+    let first = stream.next(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(first.event, "resync");
+}

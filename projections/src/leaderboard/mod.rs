@@ -408,7 +408,7 @@ pub(crate) async fn rank_in(
 }
 
 /// [`rank_in`] for many keys in one statement, in the order given.
-async fn ranks_of(
+pub(crate) async fn ranks_of(
     conn: &mut PgConnection,
     entries: &str,
     counts: &str,

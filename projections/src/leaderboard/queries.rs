@@ -45,6 +45,25 @@ async fn with_rank(
     Ok(RankedEntry { rank, entry })
 }
 
+/// `entries` of `test_id`, each with its rank, ranked in one statement.
+async fn with_ranks(
+    conn: &mut PgConnection,
+    test_id: Uuid,
+    entries: Vec<Entry>,
+) -> Result<Vec<RankedEntry>, sqlx::Error> {
+    let keys: Vec<(Uuid, RankKey)> = entries.iter().map(|e| (test_id, e.rank_key())).collect();
+    let ranks = super::ranks_of(conn, "lb_entries", "lb_score_counts", &keys).await?;
+    Ok(entries
+        .into_iter()
+        .zip(ranks)
+        .map(|(entry, rank)| RankedEntry { rank, entry })
+        .collect())
+}
+
+/// The most entries a cursor page returns as having moved ahead of its
+/// cursor; a cursor that more moved past cannot be continued exactly.
+pub const MAX_JUMPED: i64 = 200;
+
 /// A ranked leaderboard entry as queries return it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RankedEntry {
@@ -280,12 +299,14 @@ impl LeaderboardQueries {
     /// entries that moved from behind it to ahead of it since the cursor's
     /// snapshot (`since`): with those, walking every cursor returns each entry
     /// that existed throughout exactly once, whatever moved meanwhile.
+    /// `None` when more than [`MAX_JUMPED`] entries moved past the cursor:
+    /// it cannot be continued in one page.
     pub async fn page(
         conn: &mut PgConnection,
         test_id: Uuid,
         start: &PageStart,
         limit: i64,
-    ) -> Result<Page, sqlx::Error> {
+    ) -> Result<Option<Page>, sqlx::Error> {
         let total = Self::total(&mut *conn, test_id).await?;
         let (mut entries, rest) = match start {
             PageStart::Offset(0) => {
@@ -301,7 +322,9 @@ impl LeaderboardQueries {
                 (rows, more)
             }
             PageStart::After { key, since } => {
-                let mut jumped = Self::jumped(conn, test_id, key, *since).await?;
+                let Some(mut jumped) = Self::jumped(conn, test_id, key, *since).await? else {
+                    return Ok(None);
+                };
                 let room = (limit - jumped.len() as i64).max(1);
                 let mut rows = Self::page_after(conn, test_id, Some(key), 0, room + 1).await?;
                 let more = rows.len() as i64 > room;
@@ -317,21 +340,21 @@ impl LeaderboardQueries {
             }
         };
         entries.sort_by_key(|e| e.rank);
-        Ok(Page {
+        Ok(Some(Page {
             total,
             entries,
             more: rest,
-        })
+        }))
     }
 
     /// Entries that stood behind `key` at seq `since` and stand at or ahead
-    /// of it now, each with its rank.
+    /// of it now, each with its rank; `None` when more than [`MAX_JUMPED`] did.
     async fn jumped(
         conn: &mut PgConnection,
         test_id: Uuid,
         key: &RankKey,
         since: u64,
-    ) -> Result<Vec<RankedEntry>, sqlx::Error> {
+    ) -> Result<Option<Vec<RankedEntry>>, sqlx::Error> {
         // The first move of each user after `since` tells where they stood then.
         let rows = sqlx::query(&format!(
             "SELECT {ENTRY_COLUMNS_E} FROM lb_entries e
@@ -340,46 +363,53 @@ impl LeaderboardQueries {
                       ORDER BY user_id, seq) m ON m.user_id = e.user_id
               WHERE e.test_id = $1
                 AND (-m.old_score, m.old_achieved_at, m.user_id) > (-$2, $3, $4)
-                AND (-e.best_score, e.achieved_at, e.user_id) <= (-$2, $3, $4)"
+                AND (-e.best_score, e.achieved_at, e.user_id) <= (-$2, $3, $4)
+              LIMIT $6"
         ))
         .bind(test_id)
         .bind(key.score as i32)
         .bind(key.achieved_at)
         .bind(&key.user_id)
         .bind(since as i64)
+        .bind(MAX_JUMPED + 1)
         .fetch_all(&mut *conn)
         .await?;
-        let mut jumped = Vec::with_capacity(rows.len());
-        for row in &rows {
-            jumped.push(with_rank(conn, test_id, entry_from_row(row)?).await?);
+        if rows.len() as i64 > MAX_JUMPED {
+            return Ok(None);
         }
-        Ok(jumped)
+        let entries = rows.iter().map(entry_from_row).collect::<Result<_, _>>()?;
+        Ok(Some(with_ranks(conn, test_id, entries).await?))
     }
 
-    /// Up to `limit` entries changed after seq `after`, oldest change first,
-    /// each with its current rank and the seq of its change.
+    /// The entries changed after seq `after`, oldest change first, each
+    /// with its current rank and the seq of its change; `None` when more
+    /// than `limit` changed, found before any is ranked.
     pub async fn changed_since(
         conn: &mut PgConnection,
         test_id: Uuid,
         after: u64,
         limit: i64,
-    ) -> Result<Vec<(u64, RankedEntry)>, sqlx::Error> {
+    ) -> Result<Option<Vec<(u64, RankedEntry)>>, sqlx::Error> {
         let rows = sqlx::query(&format!(
             "SELECT {ENTRY_COLUMNS}, changed_seq FROM lb_entries
               WHERE test_id = $1 AND changed_seq > $2 ORDER BY changed_seq LIMIT $3"
         ))
         .bind(test_id)
         .bind(after as i64)
-        .bind(limit)
+        .bind(limit + 1)
         .fetch_all(&mut *conn)
         .await?;
-        let mut changed = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let seq: i64 = row.try_get("changed_seq")?;
-            let entry = with_rank(conn, test_id, entry_from_row(row)?).await?;
-            changed.push((seq as u64, entry));
+        if rows.len() as i64 > limit {
+            return Ok(None);
         }
-        Ok(changed)
+        let mut seqs = Vec::with_capacity(rows.len());
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in &rows {
+            seqs.push(row.try_get::<i64, _>("changed_seq")? as u64);
+            entries.push(entry_from_row(row)?);
+        }
+        let ranked = with_ranks(conn, test_id, entries).await?;
+        Ok(Some(seqs.into_iter().zip(ranked).collect()))
     }
 
     /// The seq at or below which moves are no longer all known: a cursor

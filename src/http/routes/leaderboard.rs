@@ -6,7 +6,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use podium_domain::log::Change;
 use podium_domain::UserId;
 use podium_projections::leaderboard::{self, Page, PageStart, RankedEntry};
@@ -83,6 +83,23 @@ struct Cursor {
     user: String,
 }
 
+impl Cursor {
+    /// Cursors are in the client's hands: every field must be one a page
+    /// could have made (400 otherwise, never a database error).
+    fn check(&self) -> Result<(), ApiError> {
+        let year = self.at.year();
+        let sane = i32::try_from(self.score).is_ok()
+            && i64::try_from(self.since).is_ok()
+            && UserId::parse(self.user.clone()).is_ok()
+            && (1970..=9999).contains(&year);
+        if sane {
+            Ok(())
+        } else {
+            Err(pagination::malformed())
+        }
+    }
+}
+
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct PageQuery {
@@ -132,6 +149,7 @@ async fn page(
             if cursor.test_id != test_id {
                 return Err(pagination::foreign());
             }
+            cursor.check()?;
             let start = PageStart::After {
                 key: RankKey {
                     score: cursor.score,
@@ -342,13 +360,13 @@ impl StreamSource for Entries {
         let (seq, changed) = self
             .state
             .store
-            .leaderboard_changed_since(self.test_id, after, sse::CATCH_UP_LIMIT + 1)
+            .leaderboard_changed_since(self.test_id, after, sse::CATCH_UP_LIMIT)
             .await?;
         let mut caught = CatchUp::at(seq);
-        if changed.len() as i64 > sse::CATCH_UP_LIMIT {
+        let Some(changed) = changed else {
             caught.resync();
             return Ok(caught);
-        }
+        };
         for (seq, ranked) in &changed {
             let e = &ranked.entry;
             let data = json!({
