@@ -92,3 +92,48 @@ async fn a_rejected_request_is_replayed_as_rejected_and_a_bad_key_is_refused() {
     assert_problem(response, StatusCode::BAD_REQUEST).await;
     assert_eq!(app.event_count().await, 0);
 }
+
+#[tokio::test]
+async fn a_request_whose_client_went_away_still_answers_its_retry() {
+    let app = spawn_app().await;
+    let admin = app.admin();
+    // Writes to the log wait on this transaction's lock, so the request is
+    // still running when its client gives up.
+    let mut blocker = app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let gave_up = app
+        .request(Method::POST, "/v1/tests", Some(&admin))
+        .header("idempotency-key", "impatient")
+        .json(&sample_test())
+        .timeout(std::time::Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the request was still running");
+    blocker.commit().await.unwrap();
+
+    // The request ran to its end without its client, and its answer is kept.
+    let pool = app.pool.clone();
+    crate::helpers::poll(
+        "the abandoned request's answer to be stored",
+        std::time::Duration::from_secs(20),
+        || async {
+            let status: Option<Option<i16>> =
+                sqlx::query_scalar("SELECT status FROM idempotency_keys WHERE key = 'impatient'")
+                    .fetch_optional(&pool)
+                    .await
+                    .unwrap();
+            match status {
+                Some(Some(status)) => Ok(status),
+                other => Err(other),
+            }
+        },
+    )
+    .await;
+    let retry = post_with_key(&app, "/v1/tests", &admin, "impatient", &sample_test()).await;
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(app.event_count().await, 1);
+}

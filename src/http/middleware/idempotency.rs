@@ -91,24 +91,51 @@ async fn run_once(
         })?;
     let hash = request_hash(&parts, &bytes);
     let store = state.idempotency.as_ref();
-    let (principal, key) = (scope.principal.as_str(), scope.key.as_str());
-    let claimed = store.claim(principal, key, &hash).await;
+    let claimed = store.claim(&scope.principal, &scope.key, &hash).await;
     if !claimed.map_err(|err| ApiError::from(err).into_response())? {
         return Err(replay(store, &scope, &hash).await);
     }
     parts.extensions.insert(scope.clone());
-    let response = next
-        .run(Request::from_parts(parts, Body::from(bytes)))
-        .await;
+    // The request runs to its end in a task of its own, answer stored, even
+    // if the client goes away meanwhile: a retry then gets that answer, not
+    // a key left pending (409) and, a minute later, the command run again.
+    let request = Request::from_parts(parts, Body::from(bytes));
+    let running = tokio::spawn(answer_claimed(
+        state.idempotency.clone(),
+        scope.clone(),
+        request,
+        next,
+    ));
+    match running.await {
+        Ok(response) => Ok(response),
+        Err(err) => {
+            // The handler panicked: free the key, answer 500.
+            release(store, &scope).await;
+            Ok(ApiError::internal(format!("the request handler failed: {err}")).into_response())
+        }
+    }
+}
+
+/// Runs the request that claimed `scope`'s key and stores its answer; frees
+/// the key instead when the answer is not one to replay (5xx, 429) or cannot
+/// be stored, so that a retry runs again.
+async fn answer_claimed(
+    store: std::sync::Arc<dyn IdempotencyStore>,
+    scope: IdempotencyScope,
+    request: Request,
+    next: Next,
+) -> Response {
+    let store = store.as_ref();
+    let response = next.run(request).await;
     let status = response.status();
     if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
         release(store, &scope).await;
-        return Ok(response);
+        return response;
     }
     let (parts, body) = response.into_parts();
     let Ok(body) = axum::body::to_bytes(body, MAX_STORED_BODY).await else {
         release(store, &scope).await;
-        return Ok(ApiError::internal("response too large to store").into_response());
+        return ApiError::internal("response too large to store").into_response();
     };
     let content_type = parts
         .headers
@@ -120,10 +147,11 @@ async fn run_once(
         content_type,
         body: body.to_vec(),
     };
-    if let Err(err) = store.answer(principal, key, answer).await {
-        tracing::warn!(%err, "cannot store an idempotent response; a retry will run again");
+    if let Err(err) = store.answer(&scope.principal, &scope.key, answer).await {
+        tracing::warn!(%err, "cannot store an idempotent response; freeing the key");
+        release(store, &scope).await;
     }
-    Ok(Response::from_parts(parts, Body::from(body)))
+    Response::from_parts(parts, Body::from(body))
 }
 
 fn request_hash(parts: &axum::http::request::Parts, body: &Bytes) -> Vec<u8> {
