@@ -2,7 +2,7 @@
 //! the handlers' annotations, resource by resource from the list that also
 //! builds the router (`routes/mod.rs`). Error answers are declared once
 //! here: every 4xx and 5xx is a [`Problem`], and every `/v1` operation may
-//! answer 401, 429, 500 and 503. A test checks that every route the router
+//! answer 401, 429, 500 and 503, and one with a JSON body 400, 413, 415 and 422. A test checks that every route the router
 //! serves is in it.
 
 use std::sync::OnceLock;
@@ -51,6 +51,22 @@ impl Modify for ProblemResponses {
                 "The database is unavailable (`service-unavailable`); retry later",
             ),
         ];
+        // Whatever an operation with a JSON body may answer about the body.
+        const BODY: [(&str, &str); 4] = [
+            ("400", "The body is not JSON (`malformed-request`)"),
+            (
+                "413",
+                "The body is larger than `PODIUM_BODY_LIMIT` (`payload-too-large`)",
+            ),
+            (
+                "415",
+                "The body is not `application/json` (`unsupported-media-type`)",
+            ),
+            (
+                "422",
+                "The body is not what the operation takes (`invalid-values`)",
+            ),
+        ];
         // The probes, the demo page and this document answer as they say.
         let api = openapi
             .paths
@@ -73,7 +89,9 @@ impl Modify for ProblemResponses {
                         *response = problem(&response.description);
                     }
                 }
-                for (status, description) in COMMON {
+                let with_body = operation.request_body.is_some();
+                let body_answers = with_body.then_some(BODY).into_iter().flatten();
+                for (status, description) in COMMON.into_iter().chain(body_answers) {
                     responses
                         .entry(status.to_string())
                         .or_insert_with(|| RefOr::T(problem(description)));

@@ -138,3 +138,55 @@ async fn the_openapi_document_covers_every_route_and_only_served_ones() {
         }
     }
 }
+
+#[tokio::test]
+async fn each_listing_names_its_own_schema_and_bodies_document_their_refusals() {
+    let app = spawn_app().await;
+    let doc: Value = app
+        .client
+        .get(format!("{}/openapi.json", app.address))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // The schema a 200 answers with, and the schema of its `items` or
+    // `entries` elements.
+    let item_schema = |path: &str, list: &str| {
+        let reference = doc["paths"][path]["get"]["responses"]["200"]["content"]
+            ["application/json"]["schema"]["$ref"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{path}: no schema"))
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .to_string();
+        let items = &doc["components"]["schemas"][&reference]["properties"][list]["items"]["$ref"];
+        (reference, items.as_str().unwrap_or_default().to_string())
+    };
+    let (tests, test_item) = item_schema("/v1/tests", "items");
+    let (attempts, attempt_item) = item_schema("/v1/me/attempts", "items");
+    assert_ne!(tests, attempts);
+    assert!(test_item.ends_with("/TestSummary"), "{test_item}");
+    assert!(attempt_item.ends_with("/AttemptSummary"), "{attempt_item}");
+    let (feed, _) = item_schema("/v1/me/notifications", "items");
+    let (board, _) = item_schema("/v1/tests/{test_id}/leaderboard", "entries");
+    assert_ne!(feed, board);
+
+    for (method, path) in [
+        ("post", "/v1/notifications"),
+        ("put", "/v1/attempts/{attempt_id}/answers/{question_id}"),
+        ("post", "/v1/tests/{test_id}/attempts"),
+        ("post", "/v1/tests"),
+    ] {
+        let responses = &doc["paths"][path][method]["responses"];
+        for status in ["400", "413", "415", "422"] {
+            assert_eq!(
+                responses[status]["content"]["application/problem+json"]["schema"]["$ref"],
+                "#/components/schemas/Problem",
+                "{method} {path} {status}"
+            );
+        }
+    }
+}

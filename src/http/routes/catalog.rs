@@ -156,7 +156,7 @@ struct QuestionView {
 }
 
 #[derive(Serialize, ToSchema)]
-struct ListView {
+struct TestList {
     items: Vec<TestSummary>,
 }
 
@@ -164,10 +164,10 @@ struct ListView {
 #[utoipa::path(get, path = "/v1/tests", tag = "tests",
     security(("bearer" = [])),
     responses(
-        (status = 200, body = ListView),
+        (status = 200, body = TestList),
     ))]
-async fn list(State(state): State<AppState>, _: Principal) -> Result<Json<ListView>, ApiError> {
-    Ok(Json(ListView {
+async fn list(State(state): State<AppState>, _: Principal) -> Result<Json<TestList>, ApiError> {
+    Ok(Json(TestList {
         items: state.store.tests().await?,
     }))
 }

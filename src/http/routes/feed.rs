@@ -55,7 +55,7 @@ struct PageQuery {
 }
 
 #[derive(Serialize, ToSchema)]
-struct PageView {
+struct FeedPageView {
     items: Vec<FeedItem>,
     unread_count: u64,
     next_cursor: Option<String>,
@@ -66,7 +66,7 @@ struct PageView {
     params(PageQuery),
     security(("bearer" = [])),
     responses(
-        (status = 200, body = PageView, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
+        (status = 200, body = FeedPageView, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
         (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)"),
         (status = 422, description = "`limit` outside 1–200, or cursor and offset together"),
     ))]
@@ -111,7 +111,7 @@ async fn page(
             ],
         )
     });
-    let view = PageView {
+    let view = FeedPageView {
         items,
         unread_count,
         next_cursor,

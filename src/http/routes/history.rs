@@ -45,7 +45,7 @@ struct ListQuery {
 }
 
 #[derive(Serialize, ToSchema)]
-struct ListView {
+struct AttemptList {
     items: Vec<AttemptSummary>,
     next_cursor: Option<String>,
 }
@@ -55,7 +55,7 @@ struct ListView {
     params(ListQuery),
     security(("bearer" = [])),
     responses(
-        (status = 200, body = ListView, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
+        (status = 200, body = AttemptList, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
         (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)"),
         (status = 422, description = "`limit` outside 1–200, or cursor and offset together"),
     ))]
@@ -90,5 +90,5 @@ async fn list(
             &[("limit", limit.to_string()), ("cursor", cursor.clone())],
         )
     });
-    Ok((&JsonBody::new(&ListView { items, next_cursor }, link)?).into_response())
+    Ok((&JsonBody::new(&AttemptList { items, next_cursor }, link)?).into_response())
 }

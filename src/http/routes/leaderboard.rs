@@ -112,7 +112,7 @@ struct PageQuery {
 }
 
 #[derive(Serialize, ToSchema)]
-struct PageView {
+struct LeaderboardPage {
     test_id: Uuid,
     total: u64,
     entries: Vec<EntryView>,
@@ -125,7 +125,7 @@ struct PageView {
     params(("test_id" = Uuid, Path), PageQuery),
     security(("bearer" = [])),
     responses(
-        (status = 200, body = PageView, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
+        (status = 200, body = LeaderboardPage, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
         (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)"),
         (status = 422, description = "`limit` outside 1–200, or cursor and offset together"),
         (status = 404, description = "No such test"),
@@ -236,7 +236,7 @@ async fn load_page(
             &[("limit", limit.to_string()), ("cursor", cursor.clone())],
         ),
     };
-    let view = PageView {
+    let view = LeaderboardPage {
         test_id,
         total: page.total,
         entries: page.entries.iter().map(EntryView::from).collect(),
