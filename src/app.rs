@@ -149,6 +149,14 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         Stores::check(&settings)?;
         let (secret, dev_secret) = settings.auth.secret_or_dev();
+        anyhow::ensure!(
+            !dev_secret || settings.listen.ip().is_loopback() || settings.embedded,
+            "PODIUM_JWT_SECRET is not set and the server would listen on {}, which other \
+             machines can reach: it refuses to sign tokens there with the public development \
+             secret. Set PODIUM_JWT_SECRET, listen on 127.0.0.1, or set PODIUM_EMBEDDED=true \
+             to run the embedded mode there anyway",
+            settings.listen
+        );
         let keys = JwtKeys::new(secret)?;
         let stores = Stores::open(&settings).await?;
         let bus = match (&settings.nats.nats_url, &stores) {

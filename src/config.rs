@@ -179,6 +179,11 @@ pub struct Settings {
     /// it, everything lives in memory and is gone at exit.
     #[arg(long, env = "PODIUM_DATA_FILE")]
     pub data_file: Option<std::path::PathBuf>,
+    /// Asks for the embedded mode even on an address other machines can
+    /// reach: only then does it sign tokens with the public development
+    /// secret there (without PODIUM_JWT_SECRET).
+    #[arg(long, env = "PODIUM_EMBEDDED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub embedded: bool,
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, env = "PODIUM_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -227,6 +232,7 @@ impl Settings {
             sentry_dsn: None,
             http_metrics: true,
             listen,
+            embedded: false,
             data_file: None,
             body_limit: DEFAULT_BODY_LIMIT,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,

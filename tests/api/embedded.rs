@@ -62,6 +62,23 @@ async fn set_ups_that_cannot_work_are_refused_at_start_with_the_reason() {
 }
 
 #[tokio::test]
+async fn the_development_secret_is_refused_where_other_machines_can_reach_it() {
+    let anywhere = SocketAddr::from(([0, 0, 0, 0], 0));
+    let mut exposed = Settings::embedded(anywhere);
+    exposed.auth.jwt_secret = None;
+    let message = refusal(exposed.clone()).await;
+    assert!(message.contains("PODIUM_JWT_SECRET is not set"), "{message}");
+    assert!(message.contains("PODIUM_EMBEDDED"), "{message}");
+    // Asked for explicitly, or with a secret of its own, it starts there.
+    let mut asked = exposed.clone();
+    asked.embedded = true;
+    assert!(podium::Application::build(asked).await.is_ok());
+    let mut with_secret = exposed;
+    with_secret.auth.jwt_secret = Some(crate::helpers::SECRET.to_string().into());
+    assert!(podium::Application::build(with_secret).await.is_ok());
+}
+
+#[tokio::test]
 async fn without_a_secret_the_embedded_server_takes_tokens_of_the_development_secret() {
     let app = spawn_embedded_with(|s| s.auth.jwt_secret = None).await;
     let dev = JwtKeys::new(DEV_JWT_SECRET).unwrap();
