@@ -33,6 +33,10 @@ use podium_nats::{EventBus, StreamLimits};
 /// projection, the notification policy's commands, and lease renewals.
 const WORKER_CONNECTIONS: u32 = 7;
 
+/// How often the metrics that cost a query (lags, checkpoints, lease owners)
+/// are sampled; a scrape reads memory only.
+const METRICS_SAMPLE: Duration = Duration::from_secs(2);
+
 /// How long background tasks get to stop after the server has.
 const TASK_GRACE: Duration = Duration::from_secs(10);
 
@@ -321,6 +325,12 @@ impl Application {
         if let Some(bus) = &self.state.bus {
             spawned.push(tasks.spawn(self.state.hub.clone().listen(bus.clone(), stop.clone())));
         }
+        let sampling = self
+            .state
+            .metrics
+            .clone()
+            .sample_every(METRICS_SAMPLE, stop.clone());
+        spawned.push(tasks.spawn(sampling));
         if let Some(local) = &self.local {
             spawned.push(tasks.spawn(local.clone().project(
                 self.state.aggregates.clone(),

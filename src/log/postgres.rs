@@ -171,7 +171,7 @@ pub struct LogProbe {
 
 #[async_trait::async_trait]
 impl crate::ops::metrics::Probe for LogProbe {
-    async fn refresh(&self, metrics: &crate::ops::metrics::Metrics) {
+    async fn sample(&self, metrics: &crate::ops::metrics::Metrics) {
         if let Ok(age) = oldest_writer_age_secs(&self.pool).await {
             metrics.log_stall.set(age);
         }

@@ -5,12 +5,14 @@
 //! projection names, budget names, problem kinds.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
 };
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
 /// Latency buckets, in seconds: 0.5 ms to 10 s.
 const BUCKETS: &[f64] = &[
@@ -65,12 +67,17 @@ pub struct Metrics {
 pub const PROJECTION_STATES: [&str; 4] = ["standby", "running", "catching_up", "halted"];
 
 /// Figures kept elsewhere (a relay's counters, the projections' checkpoints,
-/// the log's oldest writer), read into the metrics at each scrape by the
-/// stage that keeps them.
+/// the log's oldest writer), read into the metrics by the stage that keeps
+/// them: what is in this process's memory at each scrape, what costs a query
+/// in the background every few seconds ([`Metrics::sample_every`]), so that
+/// a scrape never waits on the database.
 #[async_trait::async_trait]
 pub trait Probe: Send + Sync {
-    /// Sets this probe's figures in `metrics`.
-    async fn refresh(&self, metrics: &Metrics);
+    /// Sets the figures this process keeps in memory.
+    fn read(&self, _metrics: &Metrics) {}
+
+    /// Sets the figures that cost a query.
+    async fn sample(&self, _metrics: &Metrics) {}
 
     /// The background roles it watches that have halted, with why.
     fn halted(&self) -> Vec<(String, String)> {
@@ -310,8 +317,9 @@ impl Metrics {
         self.db_seconds.with_label_values(&[op])
     }
 
-    /// Reads what is kept elsewhere: pools, and every probe's figures.
-    pub async fn refresh(&self) {
+    /// Reads what is kept in memory elsewhere: pools, and every probe's
+    /// in-memory figures. Cheap: every scrape does it.
+    pub fn refresh(&self) {
         let (pools, probes) = {
             let sources = self.sources();
             (sources.pools.clone(), sources.probes.clone())
@@ -324,7 +332,21 @@ impl Metrics {
                 .set(i64::from(pool.size()) - idle);
         }
         for probe in probes {
-            probe.refresh(self).await;
+            probe.read(self);
+        }
+    }
+
+    /// Samples every probe's queried figures now and then every `period`,
+    /// until `stop` is cancelled.
+    pub async fn sample_every(self, period: Duration, stop: CancellationToken) {
+        loop {
+            let probes = self.sources().probes.clone();
+            for probe in probes {
+                probe.sample(&self).await;
+            }
+            if podium_nats::stopped_during(period, &stop).await {
+                return;
+            }
         }
     }
 }

@@ -100,7 +100,7 @@ impl LocalProjector {
 /// Its position and the log's head, for `/metrics`.
 #[async_trait::async_trait]
 impl Probe for LocalProjector {
-    async fn refresh(&self, metrics: &Metrics) {
+    fn read(&self, metrics: &Metrics) {
         let (checkpoint, head) = self.progress();
         let p = [PROJECTOR];
         metrics

@@ -80,27 +80,8 @@ struct ProjectionsProbe {
 
 #[async_trait::async_trait]
 impl Probe for ProjectionsProbe {
-    async fn refresh(&self, metrics: &Metrics) {
+    fn read(&self, metrics: &Metrics) {
         use std::sync::atomic::Ordering::Relaxed;
-        let head = crate::relay::head(&self.pool, &self.relay).await.ok();
-        let checkpoints: Vec<(String, i64, f64)> = sqlx::query_as(
-            "SELECT name, seq, EXTRACT(EPOCH FROM now() - updated_at)::float8 FROM projection_checkpoints",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .unwrap_or_default();
-        metrics.lease_owner.reset();
-        let owners: Vec<(String, String)> =
-            sqlx::query_as("SELECT name, owner FROM leases WHERE expires_at > now()")
-                .fetch_all(&self.pool)
-                .await
-                .unwrap_or_default();
-        for (lease, owner) in &owners {
-            metrics
-                .lease_owner
-                .with_label_values(&[lease, owner])
-                .set(1);
-        }
         for (projection, stats, status) in &self.workers {
             let p = [projection.as_str()];
             let state = match status.state() {
@@ -131,6 +112,31 @@ impl Probe for ProjectionsProbe {
                 &metrics.projection_dead_letters.with_label_values(&p),
                 stats.dead_lettered.load(Relaxed),
             );
+        }
+    }
+
+    async fn sample(&self, metrics: &Metrics) {
+        let head = crate::relay::head(&self.pool, &self.relay).await.ok();
+        let checkpoints: Vec<(String, i64, f64)> = sqlx::query_as(
+            "SELECT name, seq, EXTRACT(EPOCH FROM now() - updated_at)::float8 FROM projection_checkpoints",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default();
+        let owners: Vec<(String, String)> =
+            sqlx::query_as("SELECT name, owner FROM leases WHERE expires_at > now()")
+                .fetch_all(&self.pool)
+                .await
+                .unwrap_or_default();
+        metrics.lease_owner.reset();
+        for (lease, owner) in &owners {
+            metrics
+                .lease_owner
+                .with_label_values(&[lease, owner])
+                .set(1);
+        }
+        for (projection, _, _) in &self.workers {
+            let p = [projection.as_str()];
             let (seq, idle) = checkpoints
                 .iter()
                 .find(|(name, _, _)| name == projection)

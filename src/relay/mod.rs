@@ -396,7 +396,7 @@ struct RelayProbe {
 
 #[async_trait::async_trait]
 impl Probe for RelayProbe {
-    async fn refresh(&self, metrics: &Metrics) {
+    fn read(&self, metrics: &Metrics) {
         let stats = &self.stats;
         let leader = stats.leader.load(Ordering::Relaxed);
         metrics.relay_leader.set(i64::from(leader));
@@ -408,6 +408,9 @@ impl Probe for RelayProbe {
             &metrics.relay_failures,
             stats.publish_failures.load(Ordering::Relaxed),
         );
+    }
+
+    async fn sample(&self, metrics: &Metrics) {
         if let Ok(lag) = lag(&self.pool, &self.name).await {
             metrics.relay_lag.set(lag);
         }

@@ -621,3 +621,28 @@ async fn queries_read_from_the_replica_when_one_is_configured() {
     let text = scrape(&app).await;
     assert!(series(&text, "podium_db_pool_connections", &["pool=\"replica\""]).is_some());
 }
+
+#[tokio::test]
+async fn a_scrape_reads_memory_and_answers_while_postgres_is_away() {
+    let postgres = crate::postgres::PrivatePostgres::start();
+    let settings = podium::Settings::new(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        postgres.url(),
+        crate::helpers::SECRET.into(),
+    );
+    let app = podium::Application::build(settings).await.unwrap();
+    let address = format!("http://127.0.0.1:{}/metrics", app.port());
+    tokio::spawn(app.run_until(std::future::pending()));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let scrape = || async { client.get(&address).send().await.map(|r| r.status()) };
+    assert_eq!(scrape().await.unwrap(), StatusCode::OK);
+    postgres.stop();
+    // Queried figures are sampled in the background; a scrape never waits
+    // on the database (the pool would wait 5 s for a connection).
+    for _ in 0..5 {
+        assert_eq!(scrape().await.unwrap(), StatusCode::OK);
+    }
+}

@@ -67,7 +67,10 @@ async fn the_development_secret_is_refused_where_other_machines_can_reach_it() {
     let mut exposed = Settings::embedded(anywhere);
     exposed.auth.jwt_secret = None;
     let message = refusal(exposed.clone()).await;
-    assert!(message.contains("PODIUM_JWT_SECRET is not set"), "{message}");
+    assert!(
+        message.contains("PODIUM_JWT_SECRET is not set"),
+        "{message}"
+    );
     assert!(message.contains("PODIUM_EMBEDDED"), "{message}");
     // Asked for explicitly, or with a secret of its own, it starts there.
     let mut asked = exposed.clone();

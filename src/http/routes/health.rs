@@ -28,7 +28,7 @@ pub(super) struct Doc;
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     use prometheus::Encoder as _;
-    state.metrics.refresh().await;
+    state.metrics.refresh();
     let encoder = prometheus::TextEncoder::new();
     let mut body = Vec::new();
     if let Err(err) = encoder.encode(&state.metrics.registry.gather(), &mut body) {
