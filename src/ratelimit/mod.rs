@@ -9,9 +9,11 @@
 //! exceed it either; an instance may refuse up to (instances − 1) × chunk
 //! requests early, while others hold tokens they have not spent. As with any
 //! fixed window, a client can spend one window's budget at its end and the next
-//! one's at the start of the next. When Postgres cannot be reached the limiter
-//! lets requests through (and logs it): limits protect the service, they
-//! should not take it down.
+//! one's at the start of the next. When the shared windows cannot be reached
+//! (Postgres away, or slower than 250 ms) an instance keeps what is left of
+//! the budget by itself for the rest of the window, without asking again, and
+//! logs it: limits protect the service, they should not take it down or make
+//! every request wait on a database that does not answer.
 //!
 //! The windows' counts sit behind a port ([`WindowStore`]) with a Postgres
 //! and an in-memory adapter; the limiter reads the time from a
@@ -115,6 +117,10 @@ impl BucketState {
     }
 }
 
+/// How long a lease from the shared windows may take before this instance
+/// stops asking for the rest of the window and keeps the budget by itself.
+const LEASE_TIMEOUT: Duration = Duration::from_millis(250);
+
 pub struct RateLimiter {
     /// The shared windows' counts.
     windows: Arc<dyn WindowStore>,
@@ -168,19 +174,32 @@ impl RateLimiter {
             if !matches!(bucket.spend_check(window), Spend::NeedLease) {
                 continue;
             }
-            match self.lease(budget, &bucket_key, window, period).await {
-                Ok((granted, used)) => {
+            let leased = self.lease(budget, &bucket_key, window, period);
+            let failure = match tokio::time::timeout(LEASE_TIMEOUT, leased).await {
+                Ok(Ok((granted, used))) => {
                     let mut tokens = bucket.tokens.lock().expect("never poisoned");
                     if tokens.window == window {
                         tokens.left = granted;
                         tokens.used = used;
                         tokens.spent = granted == 0;
                     }
+                    continue;
                 }
-                Err(err) => {
-                    tracing::warn!(%err, budget = budget.name, "rate limiter unavailable; letting the request through");
-                    return decision(true, 0, 0);
-                }
+                Ok(Err(err)) => err.to_string(),
+                Err(_) => format!("no answer within {LEASE_TIMEOUT:?}"),
+            };
+            tracing::warn!(
+                error = failure,
+                budget = budget.name,
+                "the shared rate-limit windows cannot be reached; this instance keeps the \
+                 budget by itself until the window ends"
+            );
+            let mut tokens = bucket.tokens.lock().expect("never poisoned");
+            if tokens.window == window {
+                // What the shared count had not handed out yet, spent here
+                // without asking again until the window ends.
+                tokens.left = budget.limit.saturating_sub(tokens.used);
+                tokens.spent = true;
             }
         }
     }
@@ -256,6 +275,66 @@ mod tests {
         let next = limiter.check(&budget, "alice").await;
         assert!(next.allowed, "a new window has a new budget");
         assert_eq!((next.remaining, next.reset_secs), (4, 3600));
+    }
+
+    /// Windows behind a database that never answers.
+    #[derive(Default)]
+    struct Unreachable {
+        leases: std::sync::atomic::AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl WindowStore for Unreachable {
+        async fn lease(
+            &self,
+            _: &str,
+            _: Window,
+            _: u32,
+            _: u32,
+        ) -> Result<(u32, u32), StoreError> {
+            self.leases
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::future::pending().await
+        }
+
+        async fn purge_expired(&self, _: u64) -> Result<u64, StoreError> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test]
+    async fn unreachable_windows_cost_one_short_wait_then_the_budget_is_kept_locally() {
+        let clock = clock_at(0);
+        let windows = Arc::new(Unreachable::default());
+        let budgets = Budgets {
+            user_queries: Budget {
+                name: "user_queries",
+                limit: 3,
+                period: Duration::from_secs(60),
+            },
+            ..Budgets::default()
+        };
+        let limiter = RateLimiter::new(windows.clone(), budgets, clock.clone());
+        let budget = limiter.budgets.user_queries;
+        let checks = async {
+            let mut allowed = Vec::new();
+            for _ in 0..5 {
+                allowed.push(limiter.check(&budget, "alice").await.allowed);
+            }
+            allowed
+        };
+        // A check that waited on the database forever would never end.
+        let allowed = tokio::time::timeout(Duration::from_secs(10), checks)
+            .await
+            .expect("the checks end without the database");
+        assert_eq!(allowed, [true, true, true, false, false]);
+        let leases = || windows.leases.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(leases(), 1, "one try per window, not one per request");
+        // The next window tries the shared count again.
+        clock.advance(Duration::from_secs(60));
+        let next = tokio::time::timeout(Duration::from_secs(10), limiter.check(&budget, "alice"));
+        assert!(next.await.unwrap().allowed);
+        assert_eq!(leases(), 2);
     }
 
     #[tokio::test]
