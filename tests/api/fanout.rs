@@ -550,3 +550,34 @@ async fn the_log_is_read_in_numeric_transaction_order() {
     let ids: Vec<&str> = all.iter().map(|e| e.aggregate_id.as_str()).collect();
     assert_eq!(ids, ["9", "10", "100"]);
 }
+
+#[tokio::test]
+async fn a_test_too_large_for_one_message_is_refused_and_the_relay_goes_on() {
+    let (app, _prefix) = crate::read_models::spawn_app_with_workers().await;
+    // 500 questions with long prompts and choices: ~1.5 MB, under the 2 MiB
+    // body limit, over what one NATS message carries.
+    let questions: Vec<serde_json::Value> = (0..500)
+        .map(|i| {
+            serde_json::json!({
+                "id": format!("q{i}"),
+                "prompt": "p".repeat(2_000),
+                "choices": (0..4).map(|c| format!("{c}{}", "c".repeat(250))).collect::<Vec<_>>(),
+                "answer": 0,
+                "points": 1,
+            })
+        })
+        .collect();
+    let heavy = serde_json::json!({"title": "Heavy", "questions": questions});
+    let size = serde_json::to_vec(&heavy).unwrap().len();
+    assert!((1_000_000..2_000_000).contains(&size), "{size} bytes");
+    let response = app.publish_test(heavy).await;
+    let problem =
+        crate::helpers::assert_problem(response, reqwest::StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(problem["errors"][0]["field"], "questions");
+    assert_eq!(app.event_count().await, 0, "nothing was recorded");
+
+    // Everything after it is relayed and projected as usual.
+    let test_id = app.published_test().await;
+    crate::queries::take(&app, &test_id, "ann", 10).await;
+    crate::queries::settle_board(&app, &test_id, 1).await;
+}

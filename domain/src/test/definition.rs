@@ -17,6 +17,10 @@ pub const MAX_CHOICE_LEN: usize = 500;
 pub const MAX_POINTS: i64 = 1_000;
 /// One week: longer limits are almost certainly a unit mistake.
 pub const MAX_TIME_LIMIT_SECS: i64 = 7 * 24 * 3600;
+/// The most a definition may weigh as JSON. It travels whole in one event,
+/// and every event is one NATS message: NATS refuses messages over its
+/// `max_payload` (1 MiB by default), so a definition stays well below it.
+pub const MAX_DEFINITION_BYTES: usize = 512 * 1024;
 
 /// What a client sends to publish a test. Numbers are wide so that out-of-range
 /// values are reported per field rather than as a parse failure.
@@ -116,11 +120,29 @@ impl TestDefinition {
                 points: q.points.clamp(0, MAX_POINTS) as u32,
             });
         }
-        errors.into_result(Self {
+        let definition = Self {
             title,
             time_limit_secs,
             questions,
-        })
+        };
+        if errors.is_empty() {
+            let bytes = definition.json_len();
+            if bytes > MAX_DEFINITION_BYTES {
+                errors.add(
+                    "questions",
+                    format!(
+                        "the test is {bytes} bytes as JSON; at most {MAX_DEFINITION_BYTES} \
+                         (shorten prompts and choices, or split it)"
+                    ),
+                );
+            }
+        }
+        errors.into_result(definition)
+    }
+
+    /// Its size as JSON, in bytes.
+    fn json_len(&self) -> usize {
+        serde_json::to_vec(self).map_or(usize::MAX, |json| json.len())
     }
 
     /// The score of a perfect attempt.
@@ -136,6 +158,30 @@ impl TestDefinition {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_definition_too_heavy_for_one_message_is_refused() {
+        let heavy = |prompt_len: usize, choice_len: usize| TestDraft {
+            title: "Heavy".into(),
+            time_limit_secs: None,
+            questions: (0..MAX_QUESTIONS)
+                .map(|i| QuestionDraft {
+                    prompt: "x".repeat(prompt_len),
+                    choices: (0..10)
+                        .map(|c| format!("{c}{}", "y".repeat(choice_len)))
+                        .collect(),
+                    ..question(&format!("q{i}"))
+                })
+                .collect(),
+        };
+        // 500 questions of 2,000 characters and 10 choices of 300: ~2.5 MB.
+        let errors = TestDefinition::parse(heavy(2_000, 300)).unwrap_err();
+        assert_eq!(errors.fields()[0].field, "questions");
+        assert!(errors.fields()[0].message.contains("bytes as JSON"));
+        // Just under the bound: accepted.
+        let fits = TestDefinition::parse(heavy(800, 5)).unwrap();
+        assert!(fits.json_len() <= MAX_DEFINITION_BYTES);
+    }
 
     fn question(id: &str) -> QuestionDraft {
         QuestionDraft {
