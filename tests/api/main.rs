@@ -14,6 +14,7 @@ mod conformance;
 mod edges;
 mod embedded;
 mod fanout;
+mod fuzz;
 mod idempotency;
 mod instances;
 mod layout;

@@ -220,6 +220,7 @@ async fn submit(
     let view = AttemptView::new(&attempt).ok_or_else(|| ApiError::internal("attempt vanished"))?;
     let grade = view
         .grade
+        .map(GradeView::from)
         .ok_or_else(|| ApiError::internal("submitted attempt has no grade"))?;
     Ok(Json(Submitted {
         attempt_id,
@@ -259,8 +260,45 @@ struct AttemptView {
     started_at: DateTime<Utc>,
     /// The last instant a submission is accepted, for timed tests.
     deadline: Option<DateTime<Utc>>,
+    /// Once submitted: the grade's fields (`score`, `max_score`, `correct`,
+    /// `duration_ms`, `submitted_at`) sit beside the others.
     #[serde(flatten)]
-    grade: Option<GradeView>,
+    #[schema(inline)]
+    grade: Option<SubmittedFields>,
+}
+
+impl From<SubmittedFields> for GradeView {
+    fn from(fields: SubmittedFields) -> Self {
+        let SubmittedFields {
+            score,
+            max_score,
+            correct,
+            duration_ms,
+            submitted_at,
+        } = fields;
+        Self {
+            score,
+            max_score,
+            correct,
+            duration_ms,
+            submitted_at,
+        }
+    }
+}
+
+/// The grade's fields, present once the attempt is submitted.
+#[derive(Serialize, ToSchema)]
+struct SubmittedFields {
+    #[schema(required = false)]
+    score: u32,
+    #[schema(required = false)]
+    max_score: u32,
+    #[schema(required = false)]
+    correct: u32,
+    #[schema(required = false)]
+    duration_ms: u64,
+    #[schema(required = false)]
+    submitted_at: DateTime<Utc>,
 }
 
 #[derive(Serialize, Clone, Copy, ToSchema)]
@@ -287,7 +325,7 @@ impl AttemptView {
             answers: attempt.answers.clone(),
             started_at: started.started_at,
             deadline: started.deadline(),
-            grade: attempt.grade.as_ref().map(|g| GradeView {
+            grade: attempt.grade.as_ref().map(|g| SubmittedFields {
                 score: g.score,
                 max_score: g.max_score,
                 correct: g.correct,
