@@ -121,11 +121,22 @@ pub fn router(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("the request handler panicked").into_response()
         }))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(axum::middleware::map_request(refuse_odd_request_ids))
         .with_state(state)
+}
+
+/// The span of a request: its method and path, never its query (where
+/// `?access_token=` travels).
+fn request_span<B>(request: &axum::http::Request<B>) -> tracing::Span {
+    tracing::debug_span!(
+        "request",
+        method = %request.method(),
+        path = request.uri().path(),
+        version = ?request.version(),
+    )
 }
 
 /// The longest client `X-Request-Id` kept (it goes into every event's
@@ -172,4 +183,48 @@ fn cors(origins: &[HeaderValue]) -> CorsLayer {
         ])
         .expose_headers(EXPOSED.map(HeaderName::from_static))
         .max_age(Duration::from_secs(600))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Log output, kept for the test to read.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_request_span_names_the_path_never_the_query_token() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let request = axum::http::Request::get(
+                "/v1/me/notifications/stream?access_token=eyJ.secret.token",
+            )
+            .body(())
+            .unwrap();
+            let span = request_span(&request);
+            span.in_scope(|| tracing::debug!("handled"));
+        });
+        let logged = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(logged.contains("/v1/me/notifications/stream"), "{logged}");
+        assert!(!logged.contains("secret"), "{logged}");
+    }
 }

@@ -50,6 +50,16 @@ impl CacheKey {
         }
     }
 
+    /// Its size in bytes: the key itself and the strings it holds (a raw
+    /// cursor can be long).
+    fn weight(&self) -> usize {
+        let held = match self {
+            Self::LeaderboardPage { start, .. } => start.capacity(),
+            Self::Around { user_id, .. } | Self::Unread { user_id } => user_id.capacity(),
+        };
+        std::mem::size_of_val(self) + held
+    }
+
     /// The cache's name in metrics.
     fn cache_name(&self) -> &'static str {
         match self {
@@ -118,7 +128,7 @@ impl<A: Answer> QueryCache<A> {
             .max_capacity(config.max_bytes)
             .weigher(|key: &CacheKey, value: &Arc<Cached<A>>| {
                 let body = value.answer.weight();
-                u32::try_from(body + std::mem::size_of_val(key) + 64).unwrap_or(u32::MAX)
+                u32::try_from(body + key.weight() + 64).unwrap_or(u32::MAX)
             })
             .time_to_live(config.ttl)
             .build();
@@ -183,5 +193,26 @@ impl<A: Answer> QueryCache<A> {
             .cache_lookups
             .with_label_values(&[cache, outcome])
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_weighs_the_strings_it_holds() {
+        let page = |start: String| CacheKey::LeaderboardPage {
+            test_id: Uuid::nil(),
+            start,
+            limit: 50,
+        };
+        let short = page("0".into()).weight();
+        let long = page("c".repeat(10_000)).weight();
+        assert!(long > 10_000 && long > short, "{short} then {long}");
+        let unread = CacheKey::Unread {
+            user_id: "u".repeat(500),
+        };
+        assert!(unread.weight() >= 500);
     }
 }
