@@ -121,7 +121,7 @@ impl Stores {
         if settings.is_embedded() {
             let (log, keys) = match &settings.data_file {
                 Some(path) => (
-                    MemLog::open(path)?,
+                    MemLog::open(path).await?,
                     IdempotencyKeys::open(&path.with_extension("keys.jsonl"), RETENTION)?,
                 ),
                 None => (MemLog::in_memory(), IdempotencyKeys::default()),

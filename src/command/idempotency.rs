@@ -271,7 +271,13 @@ impl IdempotencyKeys {
             keys.insert((entry.principal, entry.key), stored);
         }
         let fresh = path.with_extension("rewrite");
-        let mut rewritten = std::fs::File::create(&fresh)
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        // Answers can hold what a user may see alone: owner only.
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut rewritten = options
+            .open(&fresh)
             .with_context(|| format!("cannot write {}", fresh.display()))?;
         rewritten.write_all(&kept)?;
         rewritten.sync_data()?;

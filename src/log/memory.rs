@@ -21,12 +21,62 @@ use podium_domain::log::RecordedEvent;
 use serde_json::Value;
 use tokio::sync::watch;
 
+/// How long [`MemLog::open`] waits for another process to let go of the file.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The whole log, in memory.
 pub struct MemLog {
     state: Mutex<State>,
     /// The seq of the last event appended.
     tail: watch::Sender<u64>,
-    file: Option<(PathBuf, Mutex<File>)>,
+    file: Option<(PathBuf, Arc<Mutex<LogFile>>)>,
+    /// Appends one at a time, across the file write (off the runtime's
+    /// threads) and the update of `state`.
+    appending: tokio::sync::Mutex<()>,
+}
+
+/// The log's file: locked against other processes, and as long as the
+/// commits it holds whole.
+struct LogFile {
+    file: File,
+    /// Where the last whole commit ends.
+    good_len: u64,
+    /// A failed write could not be cut back: nothing more is appended.
+    broken: bool,
+}
+
+impl LogFile {
+    /// Appends one commit's line and syncs it; on any failure (a full disk,
+    /// a failed sync) cuts the file back to its last whole commit, so that
+    /// the next start reads every command that was answered.
+    fn append(&mut self, line: &[u8]) -> std::io::Result<()> {
+        if self.broken {
+            return Err(std::io::Error::other(
+                "the event log file could not be repaired after a failed write; restart",
+            ));
+        }
+        match self
+            .file
+            .write_all(line)
+            .and_then(|()| self.file.sync_data())
+        {
+            Ok(()) => {
+                self.good_len += line.len() as u64;
+                Ok(())
+            }
+            Err(err) => {
+                let repaired = self
+                    .file
+                    .set_len(self.good_len)
+                    .and_then(|()| self.file.sync_data());
+                if let Err(repair) = repaired {
+                    tracing::error!(%repair, "cannot cut the event log back after a failed write");
+                    self.broken = true;
+                }
+                Err(err)
+            }
+        }
+    }
 }
 
 /// The log in memory, compact: names interned, payload and metadata kept
@@ -122,22 +172,36 @@ impl MemLog {
             state: Mutex::default(),
             tail: watch::channel(0).0,
             file: None,
+            appending: tokio::sync::Mutex::new(()),
         }
     }
 
     /// The log kept in `path`: its events are read back (a line torn by a
-    /// crash at the very end is dropped), new ones are appended.
-    pub fn open(path: &Path) -> anyhow::Result<Self> {
+    /// crash at the very end is dropped), new ones are appended. The file is
+    /// locked for this process; one still held by another (a previous
+    /// process shutting down) is waited for up to [`LOCK_WAIT`].
+    pub async fn open(path: &Path) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        let mut file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
+        let mut options = OpenOptions::new();
+        options.create(true).read(true).append(true);
+        // It holds answer keys: readable by its owner only.
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options
             .open(path)
             .with_context(|| format!("cannot open the event log {}", path.display()))?;
+        let waited = std::time::Instant::now();
+        while file.try_lock().is_err() {
+            anyhow::ensure!(
+                waited.elapsed() < LOCK_WAIT,
+                "{} is in use by another Podium process: one file, one process",
+                path.display()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         let mut state = State::default();
         let mut good_len = 0u64;
         let mut lines = BufReader::new(&file).split(b'\n').enumerate().peekable();
@@ -180,10 +244,16 @@ impl MemLog {
         }
         file.sync_data()?;
         let last = state.events.len() as u64;
+        let file = LogFile {
+            file,
+            good_len,
+            broken: false,
+        };
         Ok(Self {
             state: Mutex::new(state),
             tail: watch::channel(last).0,
-            file: Some((path.to_path_buf(), Mutex::new(file))),
+            file: Some((path.to_path_buf(), Arc::new(Mutex::new(file)))),
+            appending: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -215,19 +285,22 @@ impl MemLog {
 
     /// Appends one aggregate's new events if nobody appended to it since
     /// they were decided (else `OptimisticLockError`, as postgres-es).
-    fn append(&self, events: &[SerializedEvent]) -> Result<(), PersistenceError> {
+    async fn append(&self, events: &[SerializedEvent]) -> Result<(), PersistenceError> {
         let Some(first) = events.first() else {
             return Ok(());
         };
-        let mut state = self.lock();
-        let current = state
-            .stream(&first.aggregate_type, &first.aggregate_id)
-            .count();
+        let _appending = self.appending.lock().await;
+        let (current, base) = {
+            let state = self.lock();
+            let current = state
+                .stream(&first.aggregate_type, &first.aggregate_id)
+                .count();
+            (current, state.events.len() as u64)
+        };
         if first.sequence != current + 1 {
             return Err(PersistenceError::OptimisticLockError);
         }
         let now = crate::clock::now();
-        let base = state.events.len() as u64;
         let recorded: Vec<RecordedEvent> = events
             .iter()
             .enumerate()
@@ -246,20 +319,26 @@ impl MemLog {
             .collect();
         if let Some((_, file)) = &self.file {
             // One line per commit, so that a torn write loses it whole.
-            let mut lines = serde_json::to_vec(&recorded)
+            let mut line = serde_json::to_vec(&recorded)
                 .map_err(|e| PersistenceError::UnknownError(Box::new(e)))?;
-            lines.push(b'\n');
-            let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
-            // Durable before anyone sees the events (or the command is answered).
-            file.write_all(&lines)
-                .and_then(|()| file.sync_data())
-                .map_err(|e| PersistenceError::ConnectionError(Box::new(e)))?;
+            line.push(b'\n');
+            // Durable before anyone sees the events (or the command is
+            // answered); written and synced off the runtime's threads.
+            let file = file.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                file.lock().unwrap_or_else(|p| p.into_inner()).append(&line)
+            })
+            .await
+            .map_err(|e| PersistenceError::UnknownError(Box::new(e)))?;
+            written.map_err(|e| PersistenceError::ConnectionError(Box::new(e)))?;
         }
         let last = base + recorded.len() as u64;
-        for event in &recorded {
-            state.push(event);
+        {
+            let mut state = self.lock();
+            for event in &recorded {
+                state.push(event);
+            }
         }
-        drop(state);
         self.tail.send_replace(last);
         Ok(())
     }
@@ -314,7 +393,7 @@ impl PersistedEventRepository for MemLog {
         events: &[SerializedEvent],
         _snapshot_update: Option<(String, Value, usize)>,
     ) -> Result<(), PersistenceError> {
-        self.append(events)
+        self.append(events).await
     }
 
     async fn stream_events<A: Aggregate>(

@@ -279,3 +279,77 @@ async fn an_idempotent_retry_after_a_restart_gets_the_first_answer() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A tmpfs of `kib` KiB mounted on a fresh directory, unmounted on drop:
+/// a disk that fills up.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(kib: u32) -> Self {
+        let dir = std::env::temp_dir().join(format!("podium-disk-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mounting a tmpfs needs root");
+        Self(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_answers_503_and_the_next_start_keeps_every_answered_command() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let disk = SmallDisk::mount(256);
+    let file = disk.0.join("events.jsonl");
+    // Most of the disk is taken: the log has a few dozen KiB.
+    let filler = disk.0.join("filler");
+    std::fs::write(&filler, vec![0u8; 200 * 1024]).unwrap();
+    let app = spawn_embedded_with(|s| s.data_file = Some(file.clone())).await;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the log holds answer keys: owner only");
+    // Another process cannot take the same file meanwhile.
+    let second = podium::log::memory::MemLog::open(&file).await;
+    assert!(second.is_err(), "two writers on one file");
+
+    let admin = app.admin();
+    let mut answered = 0;
+    let refused = loop {
+        assert!(answered < 2_000, "the disk never filled");
+        let response = app.post("/v1/tests", &admin, Some(sample_test())).await;
+        match response.status() {
+            StatusCode::CREATED => answered += 1,
+            _ => break response,
+        }
+    };
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let problem: Value = refused.json().await.unwrap();
+    assert_eq!(problem["type"], "urn:podium:problem:service-unavailable");
+    // Room again: commands go on, after the one that failed.
+    std::fs::remove_file(&filler).unwrap();
+    for _ in 0..3 {
+        let response = app.post("/v1/tests", &admin, Some(sample_test())).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        answered += 1;
+    }
+    drop(app);
+
+    // Every answered command is there after a restart, and nothing else.
+    let app = spawn_embedded_with(|s| s.data_file = Some(file.clone())).await;
+    let token = app.user("reader");
+    let listed = eventually("the tests read back", || async {
+        let body: Value = app.get("/v1/tests", &token).await.json().await.ok()?;
+        let count = body["items"].as_array()?.len();
+        (count == answered).then_some(count)
+    })
+    .await;
+    assert_eq!(listed, answered);
+}
