@@ -163,19 +163,30 @@ struct Issue {
 
 impl NotificationPolicy {
     /// Decides what `event` notifies with the bests in `memory`, and issues
-    /// those notifications.
-    pub async fn handle<M: PolicyMemory>(
+    /// those notifications. If one cannot be issued, `memory` is as it was
+    /// before the event: deciding again (the event is retried) notifies the
+    /// same, personal best and overtaken included.
+    pub async fn handle(
         &self,
-        memory: &mut M,
+        memory: &mut MemoryBests,
         event: &RecordedEvent,
     ) -> Result<(), BoxError> {
         let Some(submission) = Submission::of(event)? else {
             return Ok(());
         };
-        for command in issues(event, decide(memory, &submission).await?)? {
-            self.issue(command).await?;
+        let (test_id, user_id) = (submission.test_id, submission.user_id.as_str());
+        let before = memory.key(test_id, user_id).cloned();
+        let issued = async {
+            for command in issues(event, decide(memory, &submission).await?)? {
+                self.issue(command).await?;
+            }
+            Ok::<(), BoxError>(())
         }
-        Ok(())
+        .await;
+        if issued.is_err() {
+            memory.restore(test_id, user_id, before);
+        }
+        issued
     }
 }
 
@@ -385,6 +396,18 @@ impl MemoryBests {
     fn key(&self, test_id: Uuid, user_id: &str) -> Option<&RankKey> {
         self.tests.get(&test_id)?.by_user.get(user_id)
     }
+
+    /// Puts `user_id`'s best on `test_id` back to `key` (none: no best).
+    fn restore(&mut self, test_id: Uuid, user_id: &str, key: Option<RankKey>) {
+        let bests = self.tests.entry(test_id).or_default();
+        if let Some(current) = bests.by_user.remove(user_id) {
+            bests.order.remove(&current);
+        }
+        if let Some(key) = key {
+            bests.order.insert(key.clone());
+            bests.by_user.insert(user_id.to_string(), key);
+        }
+    }
 }
 
 impl PolicyMemory for MemoryBests {
@@ -541,6 +564,87 @@ mod tests {
         assert_eq!(
             memory.top(TEST).await.unwrap()[..4],
             ["u01", "u02", "x", "y"]
+        );
+    }
+
+    /// The recorded event of `submission`.
+    fn recorded(submission: &Submission, seq: u64) -> RecordedEvent {
+        let event = podium_domain::attempt::AttemptEvent::AttemptSubmitted {
+            attempt_id: submission.attempt_id,
+            test_id: submission.test_id,
+            user_id: UserId::parse(submission.user_id.clone()).unwrap(),
+            answers: Default::default(),
+            score: submission.score,
+            max_score: submission.max_score,
+            correct: submission.correct,
+            question_count: 1,
+            duration_ms: 1,
+            submitted_at: submission.submitted_at,
+        };
+        RecordedEvent {
+            seq,
+            position: seq as i64,
+            aggregate_type: "Attempt".into(),
+            aggregate_id: submission.attempt_id.to_string(),
+            sequence: 1,
+            event_type: "AttemptSubmitted".into(),
+            event_version: "1.0".into(),
+            payload: serde_json::to_value(event).unwrap(),
+            metadata: Default::default(),
+            recorded_at: submission.submitted_at,
+        }
+    }
+
+    /// The notifications the in-memory log holds, as JSON.
+    fn notified(log: &crate::log::memory::MemLog) -> Vec<String> {
+        log.read_after(0, usize::MAX)
+            .iter()
+            .filter(|e| e.event_type == "NotificationCreated")
+            .map(|e| e.payload.to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_notification_that_cannot_be_issued_leaves_the_best_to_decide_again() {
+        use crate::command::{Aggregates, Repository};
+        use crate::log::memory::MemLog;
+        let metrics = crate::ops::metrics::Metrics::new();
+        let log = Arc::new(MemLog::in_memory());
+        let working = Arc::new(Aggregates::with_metrics(
+            &Repository::Embedded(log.clone()),
+            &metrics,
+        ));
+        // A store that cannot be reached: every command fails.
+        let nowhere = sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(std::time::Duration::from_millis(200))
+            .connect_lazy("postgres://podium@127.0.0.1:1/nowhere")
+            .unwrap();
+        let failing = Arc::new(Aggregates::with_metrics(
+            &Repository::Postgres(nowhere),
+            &metrics,
+        ));
+        let mut memory = MemoryBests::default();
+        let first = submission("alice", 5, 1);
+        NotificationPolicy::new(working.clone())
+            .handle(&mut memory, &recorded(&first, 1))
+            .await
+            .unwrap();
+        let better = recorded(&submission("alice", 9, 2), 2);
+        let failed = NotificationPolicy::new(failing)
+            .handle(&mut memory, &better)
+            .await;
+        assert!(failed.is_err());
+        assert_eq!(memory.best(TEST, "alice").await.unwrap(), Some(5));
+        // The retry decides as the first try did.
+        NotificationPolicy::new(working)
+            .handle(&mut memory, &better)
+            .await
+            .unwrap();
+        assert_eq!(memory.best(TEST, "alice").await.unwrap(), Some(9));
+        let kinds = notified(&log);
+        assert!(
+            kinds.iter().any(|k| k.contains("personal_best")),
+            "{kinds:?}"
         );
     }
 }
