@@ -1,13 +1,16 @@
 //! The test catalog: every published test, for clients that let a user pick
-//! one. Tests are few and rarely change, so the Postgres store reads it from
-//! the log itself (the Test aggregates' events) instead of keeping a table.
+//! one, kept by a projection of the Test aggregates' events (summaries only:
+//! a definition can weigh half a megabyte).
 
 use chrono::{DateTime, Utc};
-use podium_domain::log::PodiumEvent;
+use podium_domain::log::{Change, PodiumEvent, RecordedEvent};
 use podium_domain::test::{TestDefinition, TestEvent};
 use serde::Serialize;
-use sqlx::{PgExecutor, Row};
+use sqlx::{PgConnection, PgExecutor, Row};
 use uuid::Uuid;
+
+use crate::checkpointed::{BoxError, ProjectionLogic};
+use crate::tables::Generation;
 
 /// A published test as the catalog lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -44,49 +47,99 @@ pub fn newest_first(tests: &mut [TestSummary]) {
     });
 }
 
+pub const NAME: &str = "catalog";
+pub const TABLES: [&str; 1] = ["catalog_tests"];
+
+/// The catalog read model: one row per published test.
+pub struct CatalogProjection {
+    generation: Generation,
+    table: String,
+}
+
+impl CatalogProjection {
+    pub fn new(generation: Generation) -> Self {
+        Self {
+            generation,
+            table: generation.table("catalog_tests"),
+        }
+    }
+}
+
+impl ProjectionLogic for CatalogProjection {
+    fn name(&self) -> &str {
+        match self.generation {
+            Generation::Live => NAME,
+            Generation::Next => "catalog__next",
+        }
+    }
+
+    /// A publish inserts its test once, an archive sets a flag: applying an
+    /// event again changes nothing.
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<Vec<Change>, BoxError> {
+        for event in events.iter().filter(|e| e.aggregate_type == "Test") {
+            match event.decode()? {
+                PodiumEvent::Test(TestEvent::TestPublished {
+                    test_id,
+                    definition,
+                }) => {
+                    let test = TestSummary::published(test_id, &definition, event.recorded_at);
+                    sqlx::query(&format!(
+                        "INSERT INTO {} (test_id, title, max_score, question_count,
+                                         time_limit_secs, published_at)
+                         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (test_id) DO NOTHING",
+                        self.table
+                    ))
+                    .bind(test.id)
+                    .bind(&test.title)
+                    .bind(test.max_score as i32)
+                    .bind(test.question_count as i32)
+                    .bind(test.time_limit_secs.map(|s| s as i32))
+                    .bind(test.published_at)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+                PodiumEvent::Test(TestEvent::TestArchived { test_id }) => {
+                    sqlx::query(&format!(
+                        "UPDATE {} SET archived = true WHERE test_id = $1",
+                        self.table
+                    ))
+                    .bind(test_id)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+                _ => {}
+            }
+        }
+        Ok(Vec::new())
+    }
+}
+
 /// Every published test in Postgres, newest first.
 pub async fn tests<'e>(db: impl PgExecutor<'e>) -> Result<Vec<TestSummary>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT aggregate_id, sequence, aggregate_type, event_type, event_version, payload,
-                recorded_at
-           FROM events WHERE aggregate_type = 'Test' ORDER BY aggregate_id, sequence",
+        "SELECT test_id, title, max_score, question_count, time_limit_secs, archived,
+                published_at
+           FROM catalog_tests ORDER BY published_at DESC, test_id",
     )
     .fetch_all(db)
     .await?;
-    let mut tests: Vec<TestSummary> = Vec::new();
-    for row in &rows {
-        let event = podium_domain::log::RecordedEvent {
-            seq: 0,
-            position: 0,
-            aggregate_type: row.try_get("aggregate_type")?,
-            aggregate_id: row.try_get("aggregate_id")?,
-            sequence: row.try_get::<i64, _>("sequence")? as u64,
-            event_type: row.try_get("event_type")?,
-            event_version: row.try_get("event_version")?,
-            payload: row.try_get("payload")?,
-            metadata: Default::default(),
-            recorded_at: row.try_get("recorded_at")?,
-        };
-        match event
-            .decode()
-            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?
-        {
-            PodiumEvent::Test(TestEvent::TestPublished {
-                test_id,
-                definition,
-            }) => tests.push(TestSummary::published(
-                test_id,
-                &definition,
-                event.recorded_at,
-            )),
-            PodiumEvent::Test(TestEvent::TestArchived { test_id }) => {
-                if let Some(test) = tests.iter_mut().find(|t| t.id == test_id) {
-                    test.archived = true;
-                }
-            }
-            _ => {}
-        }
-    }
-    newest_first(&mut tests);
-    Ok(tests)
+    rows.iter()
+        .map(|row| {
+            Ok(TestSummary {
+                id: row.try_get("test_id")?,
+                title: row.try_get("title")?,
+                max_score: row.try_get::<i32, _>("max_score")? as u32,
+                question_count: row.try_get::<i32, _>("question_count")? as u32,
+                time_limit_secs: row
+                    .try_get::<Option<i32>, _>("time_limit_secs")?
+                    .map(|s| s as u32),
+                archived: row.try_get("archived")?,
+                published_at: row.try_get("published_at")?,
+            })
+        })
+        .collect()
 }

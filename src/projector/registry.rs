@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use podium_projections::attempts::{self, AttemptsProjection};
+use podium_projections::catalog::{self, CatalogProjection};
 use podium_projections::feed::{self, FeedProjection};
 use podium_projections::leaderboard::{self, LeaderboardProjection};
 use podium_projections::{Generation, ProjectionLogic};
@@ -20,11 +21,12 @@ pub enum ReadModel {
     Leaderboard,
     Feed,
     Attempts,
+    Catalog,
 }
 
 impl ReadModel {
     /// Every read model, in the order they are applied.
-    pub const ALL: [Self; 3] = [Self::Leaderboard, Self::Feed, Self::Attempts];
+    pub const ALL: [Self; 4] = [Self::Leaderboard, Self::Feed, Self::Attempts, Self::Catalog];
 
     /// The live projection's name (its checkpoint's).
     pub fn name(self) -> &'static str {
@@ -32,6 +34,7 @@ impl ReadModel {
             Self::Leaderboard => leaderboard::NAME,
             Self::Feed => feed::NAME,
             Self::Attempts => attempts::NAME,
+            Self::Catalog => catalog::NAME,
         }
     }
 
@@ -41,6 +44,7 @@ impl ReadModel {
             Self::Leaderboard => &leaderboard::TABLES,
             Self::Feed => &feed::TABLES,
             Self::Attempts => &attempts::TABLES,
+            Self::Catalog => &catalog::TABLES,
         }
     }
 
@@ -51,6 +55,7 @@ impl ReadModel {
             Self::Leaderboard => to.register(LeaderboardProjection::new(generation)),
             Self::Feed => to.register(FeedProjection::new(generation)),
             Self::Attempts => to.register(AttemptsProjection::new(generation)),
+            Self::Catalog => to.register(CatalogProjection::new(generation)),
         }
     }
 }

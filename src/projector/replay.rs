@@ -29,6 +29,7 @@ pub enum Scope {
     Leaderboard,
     Feed,
     Attempts,
+    Catalog,
     All,
 }
 
@@ -38,6 +39,7 @@ impl Scope {
             Self::Leaderboard => vec![ReadModel::Leaderboard],
             Self::Feed => vec![ReadModel::Feed],
             Self::Attempts => vec![ReadModel::Attempts],
+            Self::Catalog => vec![ReadModel::Catalog],
             Self::All => ReadModel::ALL.to_vec(),
         }
     }

@@ -17,9 +17,15 @@ use crate::helpers::{podium_process, poll, sample_test, Killed, TestDb, SECRET};
 use crate::nats::{delete_streams, nats_url, unique_prefix, wait_until};
 use crate::postgres::PrivatePostgres;
 
-/// The leases of a deployment: the relay and the four projections.
-const ROLES: usize = 5;
-const PROJECTIONS: [&str; 4] = ["leaderboard", "feed", "attempts", "notification-policy"];
+/// The leases of a deployment: the relay and the five projections.
+const ROLES: usize = 6;
+const PROJECTIONS: [&str; 5] = [
+    "leaderboard",
+    "feed",
+    "attempts",
+    "catalog",
+    "notification-policy",
+];
 
 /// A lease TTL short enough to keep the tests quick, long enough that a
 /// busy machine does not lose leases by accident.

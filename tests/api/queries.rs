@@ -618,3 +618,70 @@ async fn a_cursor_that_too_many_entries_passed_is_expired_not_a_huge_page() {
     let problem = assert_problem(response, StatusCode::BAD_REQUEST).await;
     assert_eq!(problem["type"], "urn:podium:problem:cursor-expired");
 }
+
+#[tokio::test]
+async fn the_catalog_is_a_read_model_that_the_upgrade_fills_from_the_log() {
+    let (app, _) = spawn_app_with_workers().await;
+    let admin = app.admin();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(app.published_test().await);
+    }
+    let archived = app
+        .post(&format!("/v1/tests/{}/archive", ids[0]), &admin, None)
+        .await;
+    assert_eq!(archived.status(), StatusCode::NO_CONTENT);
+    let token = app.user("reader");
+    let listed = |app: &TestApp, token: String| {
+        let app_address = app.address.clone();
+        let client = app.client.clone();
+        async move {
+            let response = client
+                .get(format!("{app_address}/v1/tests"))
+                .bearer_auth(token)
+                .timeout(Duration::from_secs(3))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            response.json::<Value>().await.map_err(|e| e.to_string())
+        }
+    };
+    let catalog = crate::helpers::poll("the catalog", Duration::from_secs(30), || async {
+        let body = listed(&app, token.clone()).await?;
+        let items = body["items"].as_array().cloned().unwrap_or_default();
+        let archived = items.iter().filter(|t| t["archived"] == true).count();
+        if items.len() == 3 && archived == 1 {
+            Ok(body)
+        } else {
+            Err(body.to_string())
+        }
+    })
+    .await;
+
+    // Listing reads no event: it answers while the log is locked.
+    let mut locker = app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let while_locked = listed(&app, token.clone()).await;
+    locker.rollback().await.unwrap();
+    assert_eq!(while_locked.expect("the catalog answers"), catalog);
+
+    // The upgrade's fill from the log gives what the projection keeps.
+    sqlx::query("DELETE FROM catalog_tests")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM projection_checkpoints WHERE name = 'catalog'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let migration = include_str!("../../migrations/20261201000008_catalog.sql");
+    let fill = &migration[migration
+        .find("INSERT INTO projection_checkpoints")
+        .unwrap()..];
+    sqlx::raw_sql(fill).execute(&app.pool).await.unwrap();
+    let refilled = listed(&app, token).await.unwrap();
+    assert_eq!(refilled, catalog);
+}
