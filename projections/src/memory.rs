@@ -572,10 +572,7 @@ impl Models {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use chrono::TimeDelta;
-    use podium_domain::UserId;
     use proptest::prelude::*;
 
     use super::*;
@@ -591,30 +588,7 @@ mod tests {
             correct: 0,
             submitted_at: DateTime::<Utc>::UNIX_EPOCH + TimeDelta::minutes(seq as i64),
         };
-        let event = AttemptEvent::AttemptSubmitted {
-            attempt_id: submission.attempt_id,
-            test_id,
-            user_id: UserId::parse(submission.user_id.clone()).unwrap(),
-            answers: Default::default(),
-            score,
-            max_score: 10,
-            correct: 0,
-            question_count: 1,
-            duration_ms: 1,
-            submitted_at: submission.submitted_at,
-        };
-        let recorded = RecordedEvent {
-            seq,
-            position: seq as i64,
-            aggregate_type: "Attempt".into(),
-            aggregate_id: submission.attempt_id.to_string(),
-            sequence: 1,
-            event_type: "AttemptSubmitted".into(),
-            event_version: "1.0".into(),
-            payload: serde_json::to_value(event).unwrap(),
-            metadata: HashMap::new(),
-            recorded_at: submission.submitted_at,
-        };
+        let recorded = submission.recorded(seq);
         (recorded, submission)
     }
 

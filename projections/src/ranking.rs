@@ -54,6 +54,36 @@ impl Submission {
         })
     }
 
+    /// The event that records this submission (one answered question), at
+    /// log seq `seq`: what tests and benchmarks feed projections.
+    pub fn recorded(&self, seq: u64) -> RecordedEvent {
+        let event = AttemptEvent::AttemptSubmitted {
+            attempt_id: self.attempt_id,
+            test_id: self.test_id,
+            user_id: podium_domain::UserId::parse(self.user_id.clone())
+                .expect("a submission's user id is valid"),
+            answers: Default::default(),
+            score: self.score,
+            max_score: self.max_score,
+            correct: self.correct,
+            question_count: 1,
+            duration_ms: 1,
+            submitted_at: self.submitted_at,
+        };
+        RecordedEvent {
+            seq,
+            position: seq as i64,
+            aggregate_type: "Attempt".into(),
+            aggregate_id: self.attempt_id.to_string(),
+            sequence: 1,
+            event_type: "AttemptSubmitted".into(),
+            event_version: podium_domain::EVENT_VERSION.into(),
+            payload: serde_json::to_value(event).expect("events serialize"),
+            metadata: Default::default(),
+            recorded_at: self.submitted_at,
+        }
+    }
+
     /// The submission `event` records, if it is one (other events are told
     /// by their type, without decoding them).
     pub fn of(event: &RecordedEvent) -> Result<Option<Self>, BoxError> {

@@ -567,34 +567,6 @@ mod tests {
         );
     }
 
-    /// The recorded event of `submission`.
-    fn recorded(submission: &Submission, seq: u64) -> RecordedEvent {
-        let event = podium_domain::attempt::AttemptEvent::AttemptSubmitted {
-            attempt_id: submission.attempt_id,
-            test_id: submission.test_id,
-            user_id: UserId::parse(submission.user_id.clone()).unwrap(),
-            answers: Default::default(),
-            score: submission.score,
-            max_score: submission.max_score,
-            correct: submission.correct,
-            question_count: 1,
-            duration_ms: 1,
-            submitted_at: submission.submitted_at,
-        };
-        RecordedEvent {
-            seq,
-            position: seq as i64,
-            aggregate_type: "Attempt".into(),
-            aggregate_id: submission.attempt_id.to_string(),
-            sequence: 1,
-            event_type: "AttemptSubmitted".into(),
-            event_version: "1.0".into(),
-            payload: serde_json::to_value(event).unwrap(),
-            metadata: Default::default(),
-            recorded_at: submission.submitted_at,
-        }
-    }
-
     /// The notifications the in-memory log holds, as JSON.
     fn notified(log: &crate::log::memory::MemLog) -> Vec<String> {
         log.read_after(0, usize::MAX)
@@ -626,10 +598,10 @@ mod tests {
         let mut memory = MemoryBests::default();
         let first = submission("alice", 5, 1);
         NotificationPolicy::new(working.clone())
-            .handle(&mut memory, &recorded(&first, 1))
+            .handle(&mut memory, &first.recorded(1))
             .await
             .unwrap();
-        let better = recorded(&submission("alice", 9, 2), 2);
+        let better = submission("alice", 9, 2).recorded(2);
         let failed = NotificationPolicy::new(failing)
             .handle(&mut memory, &better)
             .await;

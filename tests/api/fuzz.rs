@@ -414,15 +414,7 @@ async fn every_operation_keeps_to_the_document_whatever_it_is_sent() {
         .await;
     assert_eq!(sent.status(), StatusCode::ACCEPTED);
     let sent: Value = sent.json().await.unwrap();
-    let doc: Value = app
-        .client
-        .get(format!("{}/openapi.json", app.address))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = app.openapi().await;
     let world = World {
         notification_id: sent["notification_ids"][0].as_str().unwrap().to_string(),
         doc,

@@ -312,6 +312,18 @@ impl TestApp {
     }
 
     /// Publishes [`sample_test`] and returns its id.
+    /// The served OpenAPI document.
+    pub async fn openapi(&self) -> Value {
+        let response = self
+            .client
+            .get(format!("{}/openapi.json", self.address))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.unwrap()
+    }
+
     pub async fn published_test(&self) -> String {
         let response = self.publish_test(sample_test()).await;
         assert_eq!(response.status(), StatusCode::CREATED);

@@ -142,15 +142,7 @@ async fn the_openapi_document_covers_every_route_and_only_served_ones() {
 #[tokio::test]
 async fn each_listing_names_its_own_schema_and_bodies_document_their_refusals() {
     let app = spawn_app().await;
-    let doc: Value = app
-        .client
-        .get(format!("{}/openapi.json", app.address))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = app.openapi().await;
     // The schema a 200 answers with, and the schema of its `items` or
     // `entries` elements.
     let item_schema = |path: &str, list: &str| {
