@@ -42,6 +42,11 @@ pub struct Change {
     /// The log seq of the event that caused the change.
     pub seq: u64,
     pub data: serde_json::Value,
+    /// The seq of the change its publisher announced before this one for
+    /// the same topic and key, when it knows it: a subscriber whose last
+    /// change of the key is older missed one in between.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<u64>,
 }
 
 /// A decoded event of any aggregate.

@@ -190,6 +190,34 @@ pub struct Worker<P> {
     stats: Arc<WorkerStats>,
     checkpoint: u64,
     failures: HashMap<u64, u32>,
+    /// The last change announced per topic and key.
+    announced: Announced,
+}
+
+/// The seq of the last change this worker announced per topic and key, so
+/// that each change names its predecessor ([`Change::prev`]) and a
+/// subscriber can tell when one was lost on the way. Bounded: past
+/// [`Announced::MAX_KEYS`] it starts over, and the next change of each key
+/// names none.
+#[derive(Default)]
+struct Announced(HashMap<(String, String), u64>);
+
+impl Announced {
+    const MAX_KEYS: usize = 100_000;
+
+    /// `change`'s predecessor, remembering `change` as the last.
+    fn stamp(&mut self, change: &Change) -> Option<u64> {
+        if self.0.len() >= Self::MAX_KEYS {
+            self.0.clear();
+        }
+        let last = self
+            .0
+            .entry((change.topic.clone(), change.key.clone()))
+            .or_insert(0);
+        let prev = *last;
+        *last = prev.max(change.seq);
+        (prev > 0 && prev < change.seq).then_some(prev)
+    }
 }
 
 impl<P: Projection> Worker<P> {
@@ -201,6 +229,7 @@ impl<P: Projection> Worker<P> {
             stats: Arc::default(),
             checkpoint: 0,
             failures: HashMap::new(),
+            announced: Announced::default(),
         }
     }
 
@@ -475,8 +504,9 @@ impl<P: Projection> Worker<P> {
         for event in &events {
             self.failures.remove(&event.seq);
         }
-        for change in &applied.changes {
-            if let Err(err) = self.bus.publish_change(change).await {
+        for mut change in applied.changes {
+            change.prev = self.announced.stamp(&change);
+            if let Err(err) = self.bus.publish_change(&change).await {
                 tracing::warn!(%err, topic = change.topic, "cannot announce a change");
             }
         }
@@ -632,4 +662,27 @@ fn delivery(message: &Message) -> Delivery {
         (Err(_), None) => FOREIGN,
     };
     Delivery { seq, event }
+}
+
+#[cfg(test)]
+mod announced_tests {
+    use super::*;
+
+    #[test]
+    fn each_change_names_the_last_one_announced_for_its_key() {
+        let change = |key: &str, seq: u64| Change {
+            topic: "feed".into(),
+            key: key.into(),
+            seq,
+            data: serde_json::Value::Null,
+            prev: None,
+        };
+        let mut announced = Announced::default();
+        assert_eq!(announced.stamp(&change("ann", 4)), None);
+        assert_eq!(announced.stamp(&change("bob", 6)), None);
+        assert_eq!(announced.stamp(&change("ann", 9)), Some(4));
+        // A repeat (a redelivered batch) names nothing older than itself.
+        assert_eq!(announced.stamp(&change("ann", 9)), None);
+        assert_eq!(announced.stamp(&change("ann", 11)), Some(9));
+    }
 }

@@ -252,6 +252,19 @@ impl<S: StreamSource> Live<S> {
                     }
                 }
                 received = self.subscription.changes.recv() => match received {
+                    Ok(delivered) if delivered.gap => {
+                        // A change of this key was lost on the way: what
+                        // the read model holds since the last one sent,
+                        // then this one if the read model has not got it.
+                        if let Err(err) = self.catch_up("gap").await {
+                            tracing::warn!(%err, "ending a stream that cannot catch up");
+                            return None;
+                        }
+                        if delivered.change.seq > self.last {
+                            self.last = delivered.change.seq;
+                            self.pending.extend(delivered.events(S::render).iter().cloned());
+                        }
+                    }
                     Ok(delivered) if delivered.change.seq > self.last => {
                         self.last = delivered.change.seq;
                         self.pending.extend(delivered.events(S::render).iter().cloned());

@@ -38,7 +38,8 @@ pub struct Metrics {
     /// SSE clients that fell behind their buffer, by stream and action.
     pub sse_lagged: IntCounterVec,
     /// Catch-ups of SSE streams from the read models, by stream and reason
-    /// (`resume`, `lagged`, `bus_reconnected`).
+    /// (`resume`, `lagged`, `bus_reconnected`, `gap`: a change notification
+    /// was lost on the way).
     pub sse_catch_ups: IntCounterVec,
     /// Requests refused by a rate limit, by budget.
     pub rate_limited: IntCounterVec,

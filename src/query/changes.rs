@@ -20,6 +20,9 @@ type TopicKey = (String, String);
 /// all of them.
 pub struct Delivered {
     pub change: Change,
+    /// Changes of this key were lost before this one (its predecessor is not
+    /// the last one the hub saw): subscribers catch up from the read model.
+    pub gap: bool,
     rendered: OnceLock<Vec<axum::response::sse::Event>>,
 }
 
@@ -33,11 +36,18 @@ impl Delivered {
     }
 }
 
+/// One key's subscribers, and the seq of the last change they were handed.
+struct Channel {
+    sender: broadcast::Sender<Arc<Delivered>>,
+    /// 0 until the first change since the channel opened.
+    last: u64,
+}
+
 /// Routes change notifications to local subscribers.
 pub struct ChangeHub {
     /// One broadcast channel per key that has subscribers; each subscriber
     /// reads at its own pace from the shared buffer.
-    channels: Mutex<HashMap<TopicKey, broadcast::Sender<Arc<Delivered>>>>,
+    channels: Mutex<HashMap<TopicKey, Channel>>,
     /// Messages each channel buffers for its slowest subscriber.
     buffer: usize,
     /// The seq of the last change seen per key, for as long as cached reads
@@ -74,7 +84,11 @@ impl ChangeHub {
             .expect("the hub's lock is never poisoned");
         let changes = channels
             .entry(key.clone())
-            .or_insert_with(|| broadcast::channel(self.buffer).0)
+            .or_insert_with(|| Channel {
+                sender: broadcast::channel(self.buffer).0,
+                last: 0,
+            })
+            .sender
             .subscribe();
         Subscription {
             changes,
@@ -83,18 +97,22 @@ impl ChangeHub {
         }
     }
 
-    /// Records `change` and hands it to the subscribers of its key.
+    /// Records `change` and hands it to the subscribers of its key, telling
+    /// them when the change its publisher announced before it never arrived.
     pub fn deliver(&self, change: Change) {
         let key = (change.topic.clone(), change.key.clone());
         self.raise_version(key.clone(), change.seq);
-        let channels = self
+        let mut channels = self
             .channels
             .lock()
             .expect("the hub's lock is never poisoned");
-        if let Some(sender) = channels.get(&key) {
+        if let Some(channel) = channels.get_mut(&key) {
+            let gap = channel.last > 0 && change.prev.is_some_and(|prev| prev > channel.last);
+            channel.last = channel.last.max(change.seq);
             // No receivers left is fine: the last one is unsubscribing.
-            let _ = sender.send(Arc::new(Delivered {
+            let _ = channel.sender.send(Arc::new(Delivered {
                 change,
+                gap,
                 rendered: OnceLock::new(),
             }));
         }
@@ -193,9 +211,50 @@ impl Drop for Subscription {
         // Ours is the last receiver (subscribing takes the same lock).
         if channels
             .get(&self.key)
-            .is_some_and(|sender| sender.receiver_count() <= 1)
+            .is_some_and(|channel| channel.sender.receiver_count() <= 1)
         {
             channels.remove(&self.key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(seq: u64, prev: Option<u64>) -> Change {
+        Change {
+            topic: "leaderboard".into(),
+            key: "t".into(),
+            seq,
+            data: serde_json::Value::Null,
+            prev,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_whose_predecessor_never_arrived_is_marked_as_a_gap() {
+        let hub = ChangeHub::new(16, Duration::from_secs(60));
+        let mut subscription = hub.subscribe("leaderboard", "t");
+        // The first change of a fresh channel cannot tell; then each names
+        // the one before it, until one names a change that did not arrive.
+        for (seq, prev) in [
+            (5, Some(3)),
+            (9, Some(5)),
+            (14, Some(12)),
+            (20, None),
+            (21, Some(20)),
+        ] {
+            hub.deliver(change(seq, prev));
+        }
+        let mut gaps = Vec::new();
+        for _ in 0..5 {
+            let delivered = subscription.changes.recv().await.unwrap();
+            gaps.push((delivered.change.seq, delivered.gap));
+        }
+        assert_eq!(
+            gaps,
+            [(5, false), (9, false), (14, true), (20, false), (21, false)]
+        );
     }
 }

@@ -88,6 +88,7 @@ impl ProjectionLogic for Recorder {
                 key: event.aggregate_id.clone(),
                 seq: event.seq,
                 data: serde_json::json!({"event_type": event.event_type}),
+                prev: None,
             });
         }
         Ok(changes)

@@ -466,3 +466,62 @@ async fn streams_resuming_from_zero_on_a_large_board_leave_commands_answering() 
     let first = stream.next(Duration::from_secs(10)).await.unwrap();
     assert_eq!(first.event, "resync");
 }
+
+#[tokio::test]
+async fn a_change_lost_on_the_way_is_caught_up_from_the_read_model() {
+    let (app, prefix) = spawn_app_with_workers().await;
+    let test_id = app.published_test().await;
+    let viewer = app.user("viewer");
+    let path = format!("/v1/tests/{test_id}/leaderboard/stream");
+    let mut stream = SseClient::open(&app, &path, &viewer, None).await;
+    take(&app, &test_id, "ann", 4).await;
+    let ann = stream.next_named("entry", WAIT).await.unwrap();
+    assert_eq!(ann.data["user_id"], "ann");
+    let ann_seq: u64 = ann.id.parse().unwrap();
+
+    // Bob's entry reaches the read model, but its change notification is
+    // lost on the way (core NATS drops messages to slow subscribers).
+    let lost = ann_seq + 1_000;
+    sqlx::query(
+        "INSERT INTO lb_entries (test_id, user_id, best_score, max_score, attempt_id, achieved_at,
+                                 attempts, changed_seq)
+         VALUES ($1, 'bob', 10, 10, gen_random_uuid(), now(), 1, $2)",
+    )
+    .bind(test_id.parse::<uuid::Uuid>().unwrap())
+    .bind(lost as i64)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO lb_score_counts (test_id, score, entries) VALUES ($1, 10, 1)
+         ON CONFLICT (test_id, score) DO UPDATE SET entries = lb_score_counts.entries + 1",
+    )
+    .bind(test_id.parse::<uuid::Uuid>().unwrap())
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    // The next change names it as its predecessor.
+    let next = podium_domain::log::Change {
+        topic: "leaderboard".into(),
+        key: test_id.clone(),
+        seq: lost + 1,
+        data: json!({"user_id": "cat", "score": 1, "rank": 3, "previous_rank": null, "attempts": 1}),
+        prev: Some(lost),
+    };
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    let subject = format!("{prefix}.changed.leaderboard.{test_id}");
+    client
+        .publish(subject, serde_json::to_vec(&next).unwrap().into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+
+    let caught = stream.next_named("entry", WAIT).await.unwrap();
+    assert_eq!(
+        (&caught.data["user_id"], caught.id.as_str()),
+        (&json!("bob"), lost.to_string().as_str()),
+        "the lost change, from the read model"
+    );
+    let then = stream.next_named("entry", WAIT).await.unwrap();
+    assert_eq!(then.data["user_id"], "cat");
+}

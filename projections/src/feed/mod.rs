@@ -171,6 +171,7 @@ fn change(user_id: &str, seq: u64, data: serde_json::Value) -> Change {
         key: user_id.to_string(),
         seq,
         data,
+        prev: None,
     }
 }
 

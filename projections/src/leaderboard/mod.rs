@@ -49,6 +49,7 @@ pub fn resync_change(test_id: Uuid, seq: u64) -> Change {
         key: test_id.to_string(),
         seq,
         data: json!({"resync": true}),
+        prev: None,
     }
 }
 
@@ -76,6 +77,7 @@ pub fn entry_change(
             "previous_rank": previous_rank,
             "attempts": entry.attempts,
         }),
+        prev: None,
     }
 }
 
