@@ -23,6 +23,9 @@ use crate::ops::metrics::Metrics;
 
 type Persisted<A> = PersistedEventStore<Repository, A>;
 
+/// Events between two snapshots of an inbox.
+pub const INBOX_SNAPSHOT_EVERY: usize = 50;
+
 /// One aggregate type's command side: execute commands, load current state.
 pub struct Store<A: Aggregate> {
     cqrs: CqrsFramework<A, Persisted<A>>,
@@ -35,10 +38,20 @@ impl<A> Store<A>
 where
     A: Aggregate<Services = ()>,
 {
-    fn new(repository: &Repository, metrics: Option<&Metrics>) -> Self {
+    /// `snapshot_every`: for aggregates whose streams grow without end, a
+    /// snapshot every that many events, so a load reads the snapshot and
+    /// what followed rather than the whole stream.
+    fn new(
+        repository: &Repository,
+        metrics: Option<&Metrics>,
+        snapshot_every: Option<usize>,
+    ) -> Self {
         let persisted = || {
-            PersistedEventStore::new_event_store(repository.clone())
-                .with_upcasters(podium_domain::upcasting::upcasters())
+            let store = match snapshot_every {
+                Some(size) => PersistedEventStore::new_snapshot_store(repository.clone(), size),
+                None => PersistedEventStore::new_event_store(repository.clone()),
+            };
+            store.with_upcasters(podium_domain::upcasting::upcasters())
         };
         Self {
             cqrs: CqrsFramework::new(persisted(), Vec::new(), ()),
@@ -92,10 +105,11 @@ impl Aggregates {
 
     fn build(repository: &Repository, metrics: Option<&Metrics>) -> Self {
         Self {
-            tests: Store::new(repository, metrics),
-            attempts: Store::new(repository, metrics),
-            notifications: Store::new(repository, metrics),
-            inboxes: Store::new(repository, metrics),
+            tests: Store::new(repository, metrics, None),
+            attempts: Store::new(repository, metrics, None),
+            notifications: Store::new(repository, metrics, None),
+            // One "read all" after another, for as long as the user stays.
+            inboxes: Store::new(repository, metrics, Some(INBOX_SNAPSHOT_EVERY)),
         }
     }
 }

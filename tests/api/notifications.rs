@@ -96,3 +96,29 @@ async fn the_kind_defaults_to_announcement() {
             .unwrap();
     assert_eq!(kind, "announcement");
 }
+
+#[tokio::test]
+async fn an_inbox_read_all_many_times_loads_from_a_snapshot() {
+    let app = spawn_app().await;
+    let bob = app.user("bob");
+    let times = podium::command::INBOX_SNAPSHOT_EVERY * 2 + 3;
+    for _ in 0..times {
+        let response = app.post("/v1/me/notifications/read-all", &bob, None).await;
+        assert_eq!(response.status(), reqwest::StatusCode::NO_CONTENT);
+    }
+    // A load reads the snapshot and the few events after it, not the
+    // whole stream.
+    let (snapshot_at, events): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT max(last_sequence) FROM snapshots
+                  WHERE aggregate_type = 'Inbox' AND aggregate_id = 'bob'),
+                (SELECT count(*) FROM events WHERE aggregate_type = 'Inbox' AND aggregate_id = 'bob')",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(events, times as i64);
+    assert!(
+        events - snapshot_at <= podium::command::INBOX_SNAPSHOT_EVERY as i64,
+        "snapshot at {snapshot_at} of {events}"
+    );
+}
