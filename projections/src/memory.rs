@@ -211,13 +211,22 @@ impl MemoryModels {
                 for (_, user, old, _) in board.moves.iter().filter(|m| m.0 > *since) {
                     first_moves.entry(user.as_str()).or_insert(old);
                 }
-                let mut jumped: Vec<RankedEntry> = first_moves
+                let passed: Vec<&str> = first_moves
                     .into_iter()
                     .filter(|(user, old)| {
                         let now = board.entries[*user].0.rank_key();
                         *old > key && now <= *key
                     })
-                    .map(|(user, _)| board.ranked(&board.entries[user].0.rank_key()))
+                    .map(|(user, _)| user)
+                    .collect();
+                // As in Postgres: more than a page's worth cannot be
+                // continued exactly; the cursor is expired.
+                if passed.len() as i64 > crate::leaderboard::MAX_JUMPED {
+                    return (seq, Err(seq));
+                }
+                let mut jumped: Vec<RankedEntry> = passed
+                    .into_iter()
+                    .map(|user| board.ranked(&board.entries[user].0.rank_key()))
                     .collect();
                 let room = limit.saturating_sub(jumped.len()).max(1);
                 let mut rows = board.after(Some(key), room + 1);

@@ -230,6 +230,18 @@ impl<S: StreamSource> Live<S> {
         self.last = self.last.max(caught.seq);
     }
 
+    /// Whether `change`'s predecessor is newer than what this stream sent.
+    fn missed(&self, change: &Change) -> bool {
+        change.prev.is_some_and(|prev| prev > self.last)
+    }
+
+    /// Tells the client to reload, as of seq `seq`.
+    fn resync_at(&mut self, seq: u64) {
+        let mut reload = CatchUp::at(seq);
+        reload.resync();
+        self.push(reload);
+    }
+
     /// The next event to send, or `None` when the stream ends.
     async fn next(&mut self) -> Option<Event> {
         loop {
@@ -252,13 +264,24 @@ impl<S: StreamSource> Live<S> {
                     }
                 }
                 received = self.subscription.changes.recv() => match received {
-                    Ok(delivered) if delivered.gap => {
-                        // A change of this key was lost on the way: what
-                        // the read model holds since the last one sent,
-                        // then this one if the read model has not got it.
+                    // It came after a newer one (an owner handing over):
+                    // the client's last id is past it, so it reloads.
+                    Ok(delivered) if delivered.late && delivered.change.seq <= self.last => {
+                        self.resync_at(self.last);
+                    }
+                    // The one before it was lost on the way (and this stream
+                    // has not covered it otherwise): what the read model
+                    // holds since the last one sent, then this one.
+                    Ok(delivered) if delivered.gap && self.missed(&delivered.change) => {
                         if let Err(err) = self.catch_up("gap").await {
                             tracing::warn!(%err, "ending a stream that cannot catch up");
                             return None;
+                        }
+                        let lost = delivered.change.prev.unwrap_or(delivered.change.seq);
+                        if self.last < lost {
+                            // The read model has not got it yet (a replica
+                            // behind the primary): the client reloads.
+                            self.resync_at(lost);
                         }
                         if delivered.change.seq > self.last {
                             self.last = delivered.change.seq;

@@ -26,13 +26,11 @@ pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The whole log, in memory.
 pub struct MemLog {
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
     /// The seq of the last event appended.
-    tail: watch::Sender<u64>,
+    tail: Arc<watch::Sender<u64>>,
+    /// The file, whose lock also puts appends in one order.
     file: Option<(PathBuf, Arc<Mutex<LogFile>>)>,
-    /// Appends one at a time, across the file write (off the runtime's
-    /// threads) and the update of `state`.
-    appending: tokio::sync::Mutex<()>,
 }
 
 /// The log's file: locked against other processes, and as long as the
@@ -169,10 +167,9 @@ impl MemLog {
     /// An empty log that lives in memory only.
     pub fn in_memory() -> Self {
         Self {
-            state: Mutex::default(),
-            tail: watch::channel(0).0,
+            state: Arc::default(),
+            tail: Arc::new(watch::channel(0).0),
             file: None,
-            appending: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -250,10 +247,9 @@ impl MemLog {
             broken: false,
         };
         Ok(Self {
-            state: Mutex::new(state),
-            tail: watch::channel(last).0,
+            state: Arc::new(Mutex::new(state)),
+            tail: Arc::new(watch::channel(last).0),
             file: Some((path.to_path_buf(), Arc::new(Mutex::new(file)))),
-            appending: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -280,67 +276,26 @@ impl MemLog {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// Appends one aggregate's new events if nobody appended to it since
-    /// they were decided (else `OptimisticLockError`, as postgres-es).
+    /// they were decided (else `OptimisticLockError`, as postgres-es). With
+    /// a file, the whole append runs on a blocking thread, off the runtime's,
+    /// and to its end even if the caller stops waiting: the line written and
+    /// the events in memory never part.
     async fn append(&self, events: &[SerializedEvent]) -> Result<(), PersistenceError> {
-        let Some(first) = events.first() else {
+        if events.is_empty() {
             return Ok(());
-        };
-        let _appending = self.appending.lock().await;
-        let (current, base) = {
-            let state = self.lock();
-            let current = state
-                .stream(&first.aggregate_type, &first.aggregate_id)
-                .count();
-            (current, state.events.len() as u64)
-        };
-        if first.sequence != current + 1 {
-            return Err(PersistenceError::OptimisticLockError);
         }
-        let now = crate::clock::now();
-        let recorded: Vec<RecordedEvent> = events
-            .iter()
-            .enumerate()
-            .map(|(i, e)| RecordedEvent {
-                seq: base + 1 + i as u64,
-                position: (base + 1 + i as u64) as i64,
-                aggregate_type: e.aggregate_type.clone(),
-                aggregate_id: e.aggregate_id.clone(),
-                sequence: e.sequence as u64,
-                event_type: e.event_type.clone(),
-                event_version: e.event_version.clone(),
-                payload: e.payload.clone(),
-                metadata: serde_json::from_value(e.metadata.clone()).unwrap_or_default(),
-                recorded_at: now,
-            })
-            .collect();
-        if let Some((_, file)) = &self.file {
-            // One line per commit, so that a torn write loses it whole.
-            let mut line = serde_json::to_vec(&recorded)
-                .map_err(|e| PersistenceError::UnknownError(Box::new(e)))?;
-            line.push(b'\n');
-            // Durable before anyone sees the events (or the command is
-            // answered); written and synced off the runtime's threads.
-            let file = file.clone();
-            let written = tokio::task::spawn_blocking(move || {
-                file.lock().unwrap_or_else(|p| p.into_inner()).append(&line)
-            })
+        let Some((_, file)) = &self.file else {
+            return commit(&self.state, &self.tail, None, events);
+        };
+        let (state, tail, file) = (self.state.clone(), self.tail.clone(), file.clone());
+        let events = events.to_vec();
+        tokio::task::spawn_blocking(move || commit(&state, &tail, Some(&file), &events))
             .await
-            .map_err(|e| PersistenceError::UnknownError(Box::new(e)))?;
-            written.map_err(|e| PersistenceError::ConnectionError(Box::new(e)))?;
-        }
-        let last = base + recorded.len() as u64;
-        {
-            let mut state = self.lock();
-            for event in &recorded {
-                state.push(event);
-            }
-        }
-        self.tail.send_replace(last);
-        Ok(())
+            .map_err(|e| PersistenceError::UnknownError(Box::new(e)))?
     }
 
     fn events_of(&self, aggregate_type: &str, id: &str, after: usize) -> Vec<SerializedEvent> {
@@ -362,6 +317,68 @@ impl MemLog {
         });
         stream
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Appends `events` (one aggregate's, decided together) to `state` and, if
+/// there is one, to `file` first, durably: the file's lock keeps appends in
+/// one order while the state is locked only to check and to add, never
+/// across the write.
+fn commit(
+    state: &Mutex<State>,
+    tail: &watch::Sender<u64>,
+    file: Option<&Mutex<LogFile>>,
+    events: &[SerializedEvent],
+) -> Result<(), PersistenceError> {
+    let first = &events[0];
+    let mut file = file.map(lock);
+    let mut held = lock(state);
+    let current = held
+        .stream(&first.aggregate_type, &first.aggregate_id)
+        .count();
+    if first.sequence != current + 1 {
+        return Err(PersistenceError::OptimisticLockError);
+    }
+    let base = held.events.len() as u64;
+    let now = crate::clock::now();
+    let recorded: Vec<RecordedEvent> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| RecordedEvent {
+            seq: base + 1 + i as u64,
+            position: (base + 1 + i as u64) as i64,
+            aggregate_type: e.aggregate_type.clone(),
+            aggregate_id: e.aggregate_id.clone(),
+            sequence: e.sequence as u64,
+            event_type: e.event_type.clone(),
+            event_version: e.event_version.clone(),
+            payload: e.payload.clone(),
+            metadata: serde_json::from_value(e.metadata.clone()).unwrap_or_default(),
+            recorded_at: now,
+        })
+        .collect();
+    if let Some(file) = file.as_mut() {
+        // Readers wait for nothing while the line is written: the file's
+        // lock alone keeps the next append behind this one.
+        drop(held);
+        // One line per commit, so that a torn write loses it whole.
+        let mut line = serde_json::to_vec(&recorded)
+            .map_err(|e| PersistenceError::UnknownError(Box::new(e)))?;
+        line.push(b'\n');
+        // Durable before anyone sees the events (or the command is answered).
+        file.append(&line)
+            .map_err(|e| PersistenceError::ConnectionError(Box::new(e)))?;
+        held = lock(state);
+    }
+    for event in &recorded {
+        held.push(event);
+    }
+    drop(held);
+    tail.send_replace(base + recorded.len() as u64);
+    Ok(())
 }
 
 /// [`MemLog`] as cqrs-es sees it.
@@ -413,5 +430,54 @@ impl PersistedEventRepository for MemLog {
             .map(|(i, e)| e.recorded(i as u64 + 1).serialized())
             .collect();
         Ok(Self::replay(events))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use podium_domain::test::Test;
+
+    use super::*;
+
+    fn event(aggregate_id: &str) -> SerializedEvent {
+        SerializedEvent {
+            aggregate_id: aggregate_id.into(),
+            sequence: 1,
+            aggregate_type: "Test".into(),
+            event_type: "TestArchived".into(),
+            event_version: "1.0".into(),
+            payload: serde_json::json!({"TestArchived": {"test_id": uuid::Uuid::nil()}}),
+            metadata: serde_json::json!({}),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_append_whose_caller_stops_waiting_still_lands_whole() {
+        let dir = std::env::temp_dir().join(format!("podium-memlog-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("events.jsonl");
+        let log = MemLog::open(&path).await.unwrap();
+        // The caller gives up as soon as the append has started.
+        let first = [event("a")];
+        let appending = log.persist::<Test>(&first, None);
+        let _ = tokio::time::timeout(std::time::Duration::from_nanos(1), appending).await;
+        log.persist::<Test>(&[event("b")], None).await.unwrap();
+        let mut tail = log.tail();
+        let both = tail.wait_for(|last| *last == 2);
+        tokio::time::timeout(std::time::Duration::from_secs(10), both)
+            .await
+            .expect("both appends land")
+            .unwrap();
+        let seqs: Vec<u64> = log.read_after(0, 10).iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 2]);
+        drop(log);
+        // Read back: two commits, in order, nothing torn or doubled.
+        let again = MemLog::open(&path).await.unwrap();
+        let ids: Vec<String> = again
+            .read_after(0, 10)
+            .iter()
+            .map(|e| format!("{}:{}", e.seq, e.aggregate_id))
+            .collect();
+        assert_eq!(ids.len(), 2, "{ids:?}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -23,6 +23,9 @@ pub struct Delivered {
     /// Changes of this key were lost before this one (its predecessor is not
     /// the last one the hub saw): subscribers catch up from the read model.
     pub gap: bool,
+    /// It came after a newer change of its key (an owner handing over):
+    /// subscribers that sent the newer one cannot place it.
+    pub late: bool,
     rendered: OnceLock<Vec<axum::response::sse::Event>>,
 }
 
@@ -108,11 +111,13 @@ impl ChangeHub {
             .expect("the hub's lock is never poisoned");
         if let Some(channel) = channels.get_mut(&key) {
             let gap = channel.last > 0 && change.prev.is_some_and(|prev| prev > channel.last);
+            let late = change.seq < channel.last;
             channel.last = channel.last.max(change.seq);
             // No receivers left is fine: the last one is unsubscribing.
             let _ = channel.sender.send(Arc::new(Delivered {
                 change,
                 gap,
+                late,
                 rendered: OnceLock::new(),
             }));
         }

@@ -90,7 +90,7 @@ impl BucketState {
     /// Whether a token could be spent now, without spending it.
     fn spend_check(&self, window: u64) -> Spend {
         let tokens = self.tokens.lock().expect("never poisoned");
-        if tokens.window != window || (tokens.left == 0 && !tokens.spent) {
+        if window > tokens.window || (tokens.left == 0 && !tokens.spent) {
             Spend::NeedLease
         } else {
             Spend::Done(tokens.left > 0)
@@ -99,7 +99,9 @@ impl BucketState {
 
     fn spend(&self, window: u64) -> (Spend, u32, u32) {
         let mut tokens = self.tokens.lock().expect("never poisoned");
-        if tokens.window != window {
+        // A request that read the clock just before a rollover spends from
+        // the new window rather than take the bucket back to the old one.
+        if window > tokens.window {
             *tokens = Tokens {
                 window,
                 ..Tokens::default()
@@ -199,6 +201,8 @@ impl RateLimiter {
                 // What the shared count had not handed out yet, spent here
                 // without asking again until the window ends.
                 tokens.left = budget.limit.saturating_sub(tokens.used);
+                // All of it is accounted for: what remains is what is held.
+                tokens.used = budget.limit;
                 tokens.spent = true;
             }
         }
@@ -319,7 +323,8 @@ mod tests {
         let checks = async {
             let mut allowed = Vec::new();
             for _ in 0..5 {
-                allowed.push(limiter.check(&budget, "alice").await.allowed);
+                let decision = limiter.check(&budget, "alice").await;
+                allowed.push((decision.allowed, decision.remaining));
             }
             allowed
         };
@@ -327,7 +332,10 @@ mod tests {
         let allowed = tokio::time::timeout(Duration::from_secs(10), checks)
             .await
             .expect("the checks end without the database");
-        assert_eq!(allowed, [true, true, true, false, false]);
+        assert_eq!(
+            allowed,
+            [(true, 2), (true, 1), (true, 0), (false, 0), (false, 0)]
+        );
         let leases = || windows.leases.load(std::sync::atomic::Ordering::SeqCst);
         assert_eq!(leases(), 1, "one try per window, not one per request");
         // The next window tries the shared count again.

@@ -12,7 +12,7 @@ use crate::ranking::{Entry, RankKey, Submission};
 use crate::tables::Generation;
 
 mod queries;
-pub use queries::{Around, LeaderboardQueries, Page, PageStart, RankedEntry};
+pub use queries::{Around, LeaderboardQueries, Page, PageStart, RankedEntry, MAX_JUMPED};
 
 pub const NAME: &str = "leaderboard";
 pub const TABLES: [&str; 2] = ["lb_entries", "lb_score_counts"];

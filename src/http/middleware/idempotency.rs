@@ -12,7 +12,9 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures::FutureExt as _;
 use sha2::{Digest, Sha256};
+use tracing::Instrument as _;
 
 use uuid::Uuid;
 
@@ -100,18 +102,14 @@ async fn run_once(
     // if the client goes away meanwhile: a retry then gets that answer, not
     // a key left pending (409) and, a minute later, the command run again.
     let request = Request::from_parts(parts, Body::from(bytes));
-    let running = tokio::spawn(answer_claimed(
-        state.idempotency.clone(),
-        scope.clone(),
-        request,
-        next,
-    ));
+    let answering = answer_claimed(state.idempotency.clone(), scope.clone(), request, next);
+    let running = tokio::spawn(answering.instrument(tracing::Span::current()));
     match running.await {
         Ok(response) => Ok(response),
         Err(err) => {
-            // The handler panicked: free the key, answer 500.
+            // The task was cut short (the runtime is going away).
             release(store, &scope).await;
-            Ok(ApiError::internal(format!("the request handler failed: {err}")).into_response())
+            Ok(ApiError::internal(format!("the request did not finish: {err}")).into_response())
         }
     }
 }
@@ -126,7 +124,14 @@ async fn answer_claimed(
     next: Next,
 ) -> Response {
     let store = store.as_ref();
-    let response = next.run(request).await;
+    let ran = std::panic::AssertUnwindSafe(next.run(request))
+        .catch_unwind()
+        .await;
+    let Ok(response) = ran else {
+        // The handler panicked: free the key so that a retry runs again.
+        release(store, &scope).await;
+        return ApiError::internal("the request handler panicked").into_response();
+    };
     let status = response.status();
     if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
         release(store, &scope).await;
