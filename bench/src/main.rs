@@ -215,7 +215,7 @@ async fn live_scenarios(
     let ingest =
         scenarios::ingest(&api, &tests, sizes.users, sizes.concurrency, sizes.secs).await?;
     // Freshness is measured on a caught-up system, not behind ingest's backlog.
-    scenarios::settle(&api).await?;
+    scenarios::settle_log(&db.pool).await?;
     report.row(
         "ingest: commands (start, answer, submit)",
         format!(
@@ -673,7 +673,7 @@ async fn instances_scenario(sizes: &Sizes, report: &mut Report) -> anyhow::Resul
                 .map(|s| Api::new(&s.address))
                 .collect::<Result<_, _>>()?;
             let test = apis[0].publish_test().await?;
-            scenarios::settle(&apis[0]).await?;
+            scenarios::settle_log(&db.pool).await?;
             eprintln!("a burst of {burst} submissions on {count} instance(s)…");
             let step = sizes.concurrency;
             let mut clients = Vec::new();
@@ -702,7 +702,7 @@ async fn instances_scenario(sizes: &Sizes, report: &mut Report) -> anyhow::Resul
                 .map(String::from)
                 .collect();
             eprintln!("at the end of the burst: {behind:?}");
-            scenarios::settle(&apis[0]).await?;
+            scenarios::settle_log(&db.pool).await?;
             let elapsed = burst_done.elapsed();
             for server in servers {
                 server.stop().await;

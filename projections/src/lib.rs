@@ -19,6 +19,7 @@ pub mod feed;
 pub mod fence;
 pub mod leaderboard;
 pub mod memory;
+pub mod ranked_set;
 pub mod ranking;
 pub mod tables;
 

@@ -7,7 +7,7 @@
 //! The conformance suite (`tests/conformance`) runs one set of behaviour
 //! tests against these and the Postgres stores.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ use crate::catalog::TestSummary;
 use crate::checkpointed::BoxError;
 use crate::feed::{self, FeedChange, FeedItem};
 use crate::leaderboard::{self, Around, Page, PageStart, RankedEntry};
+use crate::ranked_set::RankedSet;
 use crate::ranking::{Entry, RankKey, Submission};
 
 /// Every read model, in memory.
@@ -52,7 +53,8 @@ type AttemptKey = (std::cmp::Reverse<DateTime<Utc>>, std::cmp::Reverse<Uuid>);
 #[derive(Default)]
 struct Board {
     entries: HashMap<String, (Entry, u64)>,
-    order: BTreeSet<RankKey>,
+    /// Rank order, with positions: a rank is O(log n), not a walk.
+    order: RankedSet<RankKey>,
     /// (seq, user, where the user stood before, when): for cursor walks.
     moves: Vec<(u64, String, RankKey, Instant)>,
 }
@@ -60,7 +62,7 @@ struct Board {
 impl Board {
     /// 1-based rank of `key`, which is on the board.
     fn rank(&self, key: &RankKey) -> u64 {
-        self.order.range(..key).count() as u64 + 1
+        self.order.position(key) as u64 + 1
     }
 
     fn ranked(&self, key: &RankKey) -> RankedEntry {
@@ -73,18 +75,22 @@ impl Board {
     /// Up to `limit` entries after `key` (from the top with `None`), ranked
     /// from `first_rank`.
     fn after(&self, key: Option<&RankKey>, limit: usize) -> Vec<RankedEntry> {
-        let range = match key {
-            Some(key) => self.order.range((Bound::Excluded(key), Bound::Unbounded)),
-            None => self.order.range::<RankKey, _>(..),
-        };
-        let mut first_rank = None;
-        range
+        // A cursor's key may have left the board since (its user moved up).
+        let start = key.map_or(0, |key| {
+            self.order.position(key) + usize::from(self.order.contains(key))
+        });
+        self.entries_from(start, limit)
+    }
+
+    /// Up to `limit` entries from 0-based position `start`, ranked.
+    fn entries_from(&self, start: usize, limit: usize) -> Vec<RankedEntry> {
+        self.order
+            .iter_from(start)
             .take(limit)
-            .map(|k| {
-                let rank = *first_rank.get_or_insert_with(|| self.rank(k));
-                let entry = self.entries[&k.user_id].0.clone();
-                first_rank = Some(rank + 1);
-                RankedEntry { rank, entry }
+            .enumerate()
+            .map(|(i, k)| RankedEntry {
+                rank: (start + i) as u64 + 1,
+                entry: self.entries[&k.user_id].0.clone(),
             })
             .collect()
     }
@@ -183,22 +189,10 @@ impl MemoryModels {
         let total = board.order.len() as u64;
         let (mut entries, more) = match start {
             PageStart::Offset(offset) => {
-                let keys: Vec<&RankKey> = board
-                    .order
-                    .iter()
-                    .skip(*offset as usize)
-                    .take(limit + 1)
-                    .collect();
-                let more = keys.len() > limit;
-                let entries = keys
-                    .iter()
-                    .take(limit)
-                    .enumerate()
-                    .map(|(i, k)| RankedEntry {
-                        rank: offset + 1 + i as u64,
-                        entry: board.entries[&k.user_id].0.clone(),
-                    })
-                    .collect();
+                let start = usize::try_from(*offset).unwrap_or(usize::MAX);
+                let mut entries = board.entries_from(start, limit + 1);
+                let more = entries.len() > limit;
+                entries.truncate(limit);
                 (entries, more)
             }
             PageStart::After { key, since } => {
@@ -267,18 +261,9 @@ impl MemoryModels {
         let key = entry.rank_key();
         let me = board.ranked(&key);
         let radius = radius.max(0) as usize;
-        let mut above: Vec<RankedEntry> = board
-            .order
-            .range(..&key)
-            .rev()
-            .take(radius)
-            .enumerate()
-            .map(|(i, k)| RankedEntry {
-                rank: me.rank - 1 - i as u64,
-                entry: board.entries[&k.user_id].0.clone(),
-            })
-            .collect();
-        above.reverse();
+        let position = (me.rank - 1) as usize;
+        let first = position.saturating_sub(radius);
+        let above = board.entries_from(first, position - first);
         around.below = board.after(Some(&key), radius);
         around.above = above;
         around.entry = Some(me);

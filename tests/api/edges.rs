@@ -315,13 +315,23 @@ async fn metrics_report_requests_database_cache_relay_projections_and_streams() 
         .get(&format!("/v1/tests/{}", uuid::Uuid::new_v4()), &token)
         .await;
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
-    // Everything relayed and applied, so lags are back to zero.
+    // Everything relayed and applied, so lags are back to zero (as sampled
+    // in the background: a sample after the work has been done).
     wait_until(
         Duration::from_secs(20),
         "the projections catch up",
         || async {
             let text = scrape(&app).await;
+            let leaderboard = ["projection=\"leaderboard\""];
             series(&text, "podium_relay_lag_events", &[]) == Some(0.0)
+                && series(&text, "podium_projection_checkpoint_seq", &leaderboard)
+                    .is_some_and(|seq| seq >= 6.0)
+                && series(
+                    &text,
+                    "podium_projection_lag_seconds",
+                    &["projection=\"feed\""],
+                )
+                .is_some()
                 && series(
                     &text,
                     "podium_projection_lag_events",
