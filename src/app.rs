@@ -220,6 +220,13 @@ impl Application {
             .iter()
             .filter_map(|origin| axum::http::HeaderValue::from_str(origin).ok())
             .collect();
+        // The relay whose numbering the projections follow: the NATS
+        // prefix's, or this single node's own.
+        let numbering_relay = match (&settings.nats.nats_url, settings.workers) {
+            (Some(_), _) => Some(settings.nats.nats_prefix.clone()),
+            (None, true) => Some(crate::relay::LOCAL.to_string()),
+            (None, false) => None,
+        };
         let wired = match stores {
             Stores::Postgres {
                 pool,
@@ -236,6 +243,7 @@ impl Application {
                     store: Arc::new(PgReadStore {
                         pool: pool.clone(),
                         read_pool,
+                        relay: numbering_relay,
                     }),
                     idempotency: Arc::new(PgIdempotencyKeys { pool: pool.clone() }),
                     repository: Repository::Postgres(pool.clone()),

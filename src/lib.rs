@@ -13,7 +13,7 @@
 //! | [`ops`] | pools, leases, metrics, logging, shutdown | `config` |
 //! | [`log`] | the event log: Postgres tail and reader, in-memory log | `ops`, `clock` |
 //! | [`command`] | aggregates' stores, the event repository, the notification policy, idempotency keys | `log`, `ops`, `clock` |
-//! | [`query`] | read-store port and adapters, query cache, change hub | `ops` |
+//! | [`query`] | read-store port and adapters, query cache, change hub | `log`, `ops` |
 //! | [`ratelimit`] | the limiter, the window-store port and adapters | `ops`, `config`, `clock` |
 //! | [`relay`] | the outbox relay: leadership, targets (JetStream, in-process) | `query`, `log`, `ops`, `config` |
 //! | [`projector`] | the projection registry and runners (NATS, in-process), replay | `relay`, `command`, `query`, `log`, `ops`, `config` |

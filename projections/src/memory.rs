@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
-use std::sync::RwLock;
+use std::sync::{OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -31,6 +31,9 @@ use crate::ranking::{Entry, RankKey, Submission};
 #[derive(Default)]
 pub struct MemoryModels {
     inner: RwLock<Models>,
+    /// The seq of the last event in the log these models follow, when told
+    /// how to read it ([`MemoryModels::follow_head`]).
+    head: OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
 }
 
 #[derive(Default)]
@@ -119,6 +122,23 @@ impl MemoryModels {
     /// The seq of the last event applied (0 before any).
     pub fn checkpoint(&self) -> u64 {
         self.read().checkpoint
+    }
+
+    /// Tells the models where the head of their log is, so that they can
+    /// tell when they hold all of it.
+    pub fn follow_head(&self, head: impl Fn() -> u64 + Send + Sync + 'static) {
+        let _ = self.head.set(Box::new(head));
+    }
+
+    /// Whether `user_id` has nothing unread as of now: every event of the
+    /// log is applied and none of the user's items is unread (false when
+    /// the head is unknown).
+    pub fn all_read(&self, user_id: &str) -> bool {
+        let Some(head) = self.head.get() else {
+            return false;
+        };
+        let (checkpoint, unread) = self.unread(user_id);
+        unread == 0 && checkpoint >= head()
     }
 
     /// Applies the next event of the log and returns the changes to

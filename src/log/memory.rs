@@ -258,6 +258,11 @@ impl MemLog {
         self.file.as_ref().map(|(path, _)| path.as_path())
     }
 
+    /// The seq of the last event appended (0 before any).
+    pub fn last(&self) -> u64 {
+        *self.tail.borrow()
+    }
+
     /// Follows the seq of the last event appended.
     pub fn tail(&self) -> watch::Receiver<u64> {
         self.tail.subscribe()

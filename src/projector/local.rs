@@ -34,10 +34,10 @@ pub struct LocalProjector {
 
 impl LocalProjector {
     pub fn new(log: Arc<MemLog>) -> Self {
-        Self {
-            log,
-            models: Arc::new(MemoryModels::new()),
-        }
+        let models = Arc::new(MemoryModels::new());
+        let head = log.clone();
+        models.follow_head(move || head.last());
+        Self { log, models }
     }
 
     /// The read models' checkpoint and the log's last seq.

@@ -1,6 +1,6 @@
 //! The query side below HTTP: the read-store port with its Postgres and
 //! in-memory adapters, the query cache, and the change hub that routes the
-//! projections' change notifications to caches and streams. May use `ops`; answers in its own error type, never in HTTP's.
+//! projections' change notifications to caches and streams. May use `ops` and `log`; answers in its own error type, never in HTTP's.
 
 pub mod cache;
 pub mod changes;

@@ -96,6 +96,11 @@ pub trait ReadStore: Send + Sync {
     /// Forgets leaderboard moves older than `retention` (what cursors'
     /// "moved" lists read); returns how many.
     async fn prune_moves(&self, retention: Duration) -> Result<u64, StoreError>;
+
+    /// Whether `user_id` has nothing unread as of now: the feed holds every
+    /// event committed so far, and none of the user's items is unread. False
+    /// when it cannot tell (a feed behind the log).
+    async fn all_read(&self, user_id: &str) -> Result<bool, StoreError>;
 }
 
 /// The read models in Postgres.
@@ -105,6 +110,9 @@ pub struct PgReadStore {
     pub pool: PgPool,
     /// Where queries read: a replica when `DATABASE_READ_URL` is set.
     pub read_pool: PgPool,
+    /// The relay that numbers the log for this deployment's projections
+    /// (its NATS prefix, or the in-process one's name), if any.
+    pub relay: Option<String>,
 }
 
 #[async_trait]
@@ -221,6 +229,37 @@ impl ReadStore for PgReadStore {
     async fn prune_moves(&self, retention: Duration) -> Result<u64, StoreError> {
         Ok(LeaderboardQueries::prune_moves(&self.pool, retention).await?)
     }
+
+    /// On the primary (a replica may be behind it): the feed has applied
+    /// everything the relay numbered, the relay has nothing left to number,
+    /// and the user's unread count is 0.
+    async fn all_read(&self, user_id: &str) -> Result<bool, StoreError> {
+        let Some(relay) = &self.relay else {
+            return Ok(false);
+        };
+        let mut conn = self.pool.acquire().await?;
+        let row: Option<(bool, i32, String, i64)> = sqlx::query_as(
+            "SELECT COALESCE((SELECT unread FROM feed_counters WHERE user_id = $1), 0) = 0
+                    AND f.seq = r.seq,
+                    r.epoch, r.txid::text, r.position
+               FROM relay_checkpoints r JOIN projection_checkpoints f ON f.name = $3
+              WHERE r.name = $2",
+        )
+        .bind(user_id)
+        .bind(relay)
+        .bind(feed::NAME)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some((true, epoch, txid, position)) = row else {
+            return Ok(false);
+        };
+        let key = crate::log::postgres::LogKey {
+            epoch,
+            txid,
+            position,
+        };
+        Ok(crate::log::postgres::count_after(&mut conn, &key).await? == 0)
+    }
 }
 
 /// The embedded mode's read models, kept by its projector in this process.
@@ -310,5 +349,9 @@ impl ReadStore for MemoryModels {
 
     async fn prune_moves(&self, retention: Duration) -> Result<u64, StoreError> {
         Ok(MemoryModels::prune_moves(self, retention))
+    }
+
+    async fn all_read(&self, user_id: &str) -> Result<bool, StoreError> {
+        Ok(MemoryModels::all_read(self, user_id))
     }
 }

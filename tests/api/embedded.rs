@@ -353,3 +353,55 @@ async fn a_full_disk_answers_503_and_the_next_start_keeps_every_answered_command
     .await;
     assert_eq!(listed, answered);
 }
+
+#[tokio::test]
+async fn read_all_with_nothing_unread_records_nothing_embedded_too() {
+    let dir = std::env::temp_dir().join(format!("podium-embedded-{}", uuid::Uuid::new_v4()));
+    let file = dir.join("events.jsonl");
+    let app = spawn_embedded_with(|s| s.data_file = Some(file.clone())).await;
+    let bob = app.user("bob");
+    let read_alls = || {
+        std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains("\"event_type\":\"AllNotificationsRead\""))
+            .count()
+    };
+    let unread = |count: u64| {
+        let app = &app;
+        let bob = bob.clone();
+        eventually("the unread count", move || {
+            let bob = bob.clone();
+            async move {
+                let body: Value = app
+                    .get("/v1/me/notifications/unread-count", &bob)
+                    .await
+                    .json()
+                    .await
+                    .ok()?;
+                (body["unread_count"] == count).then_some(())
+            }
+        })
+    };
+    let read_all = || app.post("/v1/me/notifications/read-all", &bob, None);
+    app.published_test().await;
+    unread(0).await;
+    assert_eq!(read_all().await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(read_alls(), 0, "nothing was unread");
+    let sent = app
+        .post(
+            "/v1/notifications",
+            &app.admin(),
+            Some(serde_json::json!({"user_ids": ["bob"], "title": "Exam", "body": "Monday"})),
+        )
+        .await;
+    assert_eq!(sent.status(), StatusCode::ACCEPTED);
+    unread(1).await;
+    assert_eq!(read_all().await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(read_alls(), 1);
+    unread(0).await;
+    assert_eq!(read_all().await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(read_alls(), 1, "nothing unread again");
+    drop(app);
+    let _ = std::fs::remove_dir_all(dir);
+}

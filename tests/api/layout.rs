@@ -21,7 +21,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("ops", &["config"]),
     ("log", &["ops", "clock"]),
     ("command", &["log", "ops", "clock"]),
-    ("query", &["ops"]),
+    ("query", &["ops", "log"]),
     ("ratelimit", &["ops", "config", "clock"]),
     ("relay", &["query", "log", "ops", "config"]),
     (

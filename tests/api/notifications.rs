@@ -122,3 +122,76 @@ async fn an_inbox_read_all_many_times_loads_from_a_snapshot() {
         "snapshot at {snapshot_at} of {events}"
     );
 }
+
+/// Inbox events of `user` in the log.
+async fn read_alls(pool: &sqlx::PgPool, user: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_type = 'Inbox' AND aggregate_id = $1",
+    )
+    .bind(user)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Waits until the relay has numbered every event and the feed applied it.
+async fn feed_caught_up(pool: &sqlx::PgPool, relay: &str) {
+    let check = || async {
+        let (feed, relayed, head): (Option<i64>, Option<i64>, i64) = sqlx::query_as(
+            "SELECT (SELECT seq FROM projection_checkpoints WHERE name = 'feed'),
+                    (SELECT seq FROM relay_checkpoints WHERE name = $1),
+                    (SELECT count(*) FROM events)",
+        )
+        .bind(relay)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if feed == Some(head) && relayed == Some(head) {
+            Ok(())
+        } else {
+            Err((feed, relayed, head))
+        }
+    };
+    crate::helpers::poll(
+        "the feed to catch up",
+        std::time::Duration::from_secs(30),
+        check,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn read_all_with_nothing_unread_records_nothing() {
+    let (app, prefix) = crate::read_models::spawn_app_with_workers().await;
+    app.published_test().await;
+    feed_caught_up(&app.pool, &prefix).await;
+    let bob = app.user("bob");
+    let read_all = || app.post("/v1/me/notifications/read-all", &bob, None);
+    for _ in 0..2 {
+        assert_eq!(read_all().await.status(), StatusCode::NO_CONTENT);
+    }
+    assert_eq!(read_alls(&app.pool, "bob").await, 0, "nothing was unread");
+
+    // Something unread: the read-all is recorded, once.
+    let sent = app
+        .post(
+            "/v1/notifications",
+            &app.admin(),
+            Some(json!({"user_ids": ["bob"], "title": "Exam", "body": "Monday"})),
+        )
+        .await;
+    assert_eq!(sent.status(), StatusCode::ACCEPTED);
+    feed_caught_up(&app.pool, &prefix).await;
+    assert_eq!(read_all().await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(read_alls(&app.pool, "bob").await, 1);
+    feed_caught_up(&app.pool, &prefix).await;
+    let unread: Value = app
+        .get("/v1/me/notifications/unread-count", &bob)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(unread["unread_count"], 0);
+    assert_eq!(read_all().await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(read_alls(&app.pool, "bob").await, 1, "nothing unread again");
+}
