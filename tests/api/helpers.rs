@@ -485,3 +485,39 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Writes `count` entries straight into `test_id`'s leaderboard read model,
+/// as if the projection had: for n in 1..=count, user `user`, best score
+/// `score` and changed at seq `seq` (SQL expressions of `n`), reached now.
+/// The test's score counts are recounted.
+pub async fn fill_board(
+    pool: &PgPool,
+    test_id: Uuid,
+    count: i64,
+    (user, score, seq): (&str, &str, &str),
+) {
+    sqlx::query(&format!(
+        "INSERT INTO lb_entries (test_id, user_id, best_score, max_score, attempt_id, achieved_at,
+                                 attempts, changed_seq)
+         SELECT $1, {user}, {score}, 100, gen_random_uuid(), now(), 1, {seq}
+           FROM generate_series(1, $2) n"
+    ))
+    .bind(test_id)
+    .bind(count)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM lb_score_counts WHERE test_id = $1")
+        .bind(test_id)
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO lb_score_counts (test_id, score, entries)
+         SELECT test_id, best_score, count(*) FROM lb_entries WHERE test_id = $1 GROUP BY 1, 2",
+    )
+    .bind(test_id)
+    .execute(pool)
+    .await
+    .unwrap();
+}

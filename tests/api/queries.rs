@@ -588,27 +588,11 @@ async fn a_cursor_that_too_many_entries_passed_is_expired_not_a_huge_page() {
     // 300 entries that stood behind ann when the cursor was made and stand
     // ahead of her now: as 300 submissions since would leave the read model.
     let test: uuid::Uuid = test_id.parse().unwrap();
-    sqlx::query(
-        "INSERT INTO lb_entries (test_id, user_id, best_score, max_score, attempt_id, achieved_at,
-                                 attempts, changed_seq)
-         SELECT $1, 'u' || n, 10, 10, gen_random_uuid(), now(), 2, 1000000 + n
-           FROM generate_series(1, 300) n",
-    )
-    .bind(test)
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    let entries = ("'u' || n", "10", "1000000 + n");
+    crate::helpers::fill_board(&app.pool, test, 300, entries).await;
     sqlx::query(
         "INSERT INTO lb_moves (seq, test_id, user_id, old_score, old_achieved_at)
          SELECT 1000000 + n, $1, 'u' || n, 0, now() FROM generate_series(1, 300) n",
-    )
-    .bind(test)
-    .execute(&app.pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO lb_score_counts (test_id, score, entries) VALUES ($1, 10, 300)
-         ON CONFLICT (test_id, score) DO UPDATE SET entries = lb_score_counts.entries + 300",
     )
     .bind(test)
     .execute(&app.pool)

@@ -395,24 +395,7 @@ async fn streams_resuming_from_zero_on_a_large_board_leave_commands_answering() 
     let test_id = app.published_test().await;
     let test: uuid::Uuid = test_id.parse().unwrap();
     // A 100,000-entry board, every entry changed since seq 0.
-    sqlx::query(
-        "INSERT INTO lb_entries (test_id, user_id, best_score, max_score, attempt_id, achieved_at,
-                                 attempts, changed_seq)
-         SELECT $1, 'u' || n, n % 50, 50, gen_random_uuid(), now(), 1, n
-           FROM generate_series(1, 100000) n",
-    )
-    .bind(test)
-    .execute(&app.pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO lb_score_counts (test_id, score, entries)
-         SELECT test_id, best_score, count(*) FROM lb_entries WHERE test_id = $1 GROUP BY 1, 2",
-    )
-    .bind(test)
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    crate::helpers::fill_board(&app.pool, test, 100_000, ("'u' || n", "n % 50", "n")).await;
     sqlx::query("ANALYZE lb_entries")
         .execute(&app.pool)
         .await
@@ -482,24 +465,9 @@ async fn a_change_lost_on_the_way_is_caught_up_from_the_read_model() {
     // Bob's entry reaches the read model, but its change notification is
     // lost on the way (core NATS drops messages to slow subscribers).
     let lost = ann_seq + 1_000;
-    sqlx::query(
-        "INSERT INTO lb_entries (test_id, user_id, best_score, max_score, attempt_id, achieved_at,
-                                 attempts, changed_seq)
-         VALUES ($1, 'bob', 10, 10, gen_random_uuid(), now(), 1, $2)",
-    )
-    .bind(test_id.parse::<uuid::Uuid>().unwrap())
-    .bind(lost as i64)
-    .execute(&app.pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO lb_score_counts (test_id, score, entries) VALUES ($1, 10, 1)
-         ON CONFLICT (test_id, score) DO UPDATE SET entries = lb_score_counts.entries + 1",
-    )
-    .bind(test_id.parse::<uuid::Uuid>().unwrap())
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    let bob = ("'bob'", "10", &*lost.to_string());
+    let test = test_id.parse::<uuid::Uuid>().unwrap();
+    crate::helpers::fill_board(&app.pool, test, 1, bob).await;
     // The next change names it as its predecessor.
     let next = podium_domain::log::Change {
         topic: "leaderboard".into(),
