@@ -200,23 +200,36 @@ pub struct Worker<P> {
 /// [`Announced::MAX_KEYS`] it starts over, and the next change of each key
 /// names none.
 #[derive(Default)]
-struct Announced(HashMap<(String, String), u64>);
+struct Announced {
+    /// By topic, then key (looked up without allocating).
+    last: HashMap<String, HashMap<String, u64>>,
+    keys: usize,
+}
 
 impl Announced {
     const MAX_KEYS: usize = 100_000;
 
     /// `change`'s predecessor, remembering `change` as the last.
     fn stamp(&mut self, change: &Change) -> Option<u64> {
-        if self.0.len() >= Self::MAX_KEYS {
-            self.0.clear();
+        let seen = self
+            .last
+            .get_mut(change.topic.as_str())
+            .and_then(|keys| keys.get_mut(change.key.as_str()));
+        if let Some(last) = seen {
+            let prev = *last;
+            *last = prev.max(change.seq);
+            return (prev < change.seq).then_some(prev);
         }
-        let last = self
-            .0
-            .entry((change.topic.clone(), change.key.clone()))
-            .or_insert(0);
-        let prev = *last;
-        *last = prev.max(change.seq);
-        (prev > 0 && prev < change.seq).then_some(prev)
+        if self.keys >= Self::MAX_KEYS {
+            self.last.clear();
+            self.keys = 0;
+        }
+        self.keys += 1;
+        self.last
+            .entry(change.topic.clone())
+            .or_default()
+            .insert(change.key.clone(), change.seq);
+        None
     }
 }
 

@@ -148,58 +148,6 @@ impl IdempotencyStore for PgIdempotencyKeys {
     }
 }
 
-#[async_trait]
-impl IdempotencyStore for IdempotencyKeys {
-    async fn claim(&self, principal: &str, key: &str, hash: &[u8]) -> Result<bool, StoreError> {
-        let pair = (principal.to_string(), key.to_string());
-        Ok(IdempotencyKeys::claim(
-            self,
-            pair,
-            hash,
-            RETENTION,
-            PENDING_TAKEOVER,
-        ))
-    }
-
-    async fn held(&self, principal: &str, key: &str) -> Result<Option<Held>, StoreError> {
-        let pair = (principal.to_string(), key.to_string());
-        Ok(self.get(&pair).map(|held| Held {
-            request_hash: held.request_hash,
-            answer: held
-                .answer
-                .map(|(status, content_type, body)| StoredAnswer {
-                    status,
-                    content_type,
-                    body,
-                }),
-        }))
-    }
-
-    async fn answer(
-        &self,
-        principal: &str,
-        key: &str,
-        answer: StoredAnswer,
-    ) -> Result<(), StoreError> {
-        let pair = (principal.to_string(), key.to_string());
-        IdempotencyKeys::answer(
-            self,
-            &pair,
-            (answer.status, answer.content_type, answer.body),
-        );
-        Ok(())
-    }
-
-    async fn release(&self, principal: &str, key: &str) -> Result<(), StoreError> {
-        IdempotencyKeys::release(self, &(principal.to_string(), key.to_string()));
-        Ok(())
-    }
-
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
-        Ok(self.purge(RETENTION))
-    }
-}
-
 /// Idempotency keys in memory (the `idempotency_keys` table of production),
 /// and, beside a file-backed log, in a file of answered keys, so that a
 /// retry after a restart still gets the first answer.
@@ -229,11 +177,9 @@ fn unix_now() -> u64 {
         .as_secs()
 }
 
-/// A claimed key: the request's hash and, once answered, the answer.
-#[derive(Clone)]
-pub struct StoredKey {
-    pub request_hash: Vec<u8>,
-    pub answer: Option<(u16, Option<String>, Vec<u8>)>,
+/// A claimed key and when it was claimed.
+struct StoredKey {
+    held: Held,
     claimed: Instant,
 }
 
@@ -263,11 +209,15 @@ impl IdempotencyKeys {
             };
             kept.extend_from_slice(line.as_bytes());
             kept.push(b'\n');
-            let stored = StoredKey {
+            let held = Held {
                 request_hash: entry.request_hash,
-                answer: Some((entry.status, entry.content_type, entry.body)),
-                claimed,
+                answer: Some(StoredAnswer {
+                    status: entry.status,
+                    content_type: entry.content_type,
+                    body: entry.body,
+                }),
             };
+            let stored = StoredKey { held, claimed };
             keys.insert((entry.principal, entry.key), stored);
         }
         let fresh = path.with_extension("rewrite");
@@ -293,50 +243,52 @@ impl IdempotencyKeys {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), StoredKey>> {
         self.keys.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
-    /// Claims `key` unless another request holds it (answered within
-    /// `retention`, or pending for less than `takeover`).
-    pub fn claim(
-        &self,
-        key: (String, String),
-        hash: &[u8],
-        retention: Duration,
-        takeover: Duration,
-    ) -> bool {
+#[async_trait]
+impl IdempotencyStore for IdempotencyKeys {
+    async fn claim(&self, principal: &str, key: &str, hash: &[u8]) -> Result<bool, StoreError> {
         let mut keys = self.lock();
-        let free = keys.get(&key).is_none_or(|held| {
-            let age = held.claimed.elapsed();
-            age > retention || (held.answer.is_none() && age > takeover)
+        let pair = (principal.to_string(), key.to_string());
+        let free = keys.get(&pair).is_none_or(|stored| {
+            let age = stored.claimed.elapsed();
+            age > RETENTION || (stored.held.answer.is_none() && age > PENDING_TAKEOVER)
         });
         if free {
-            let claimed = StoredKey {
+            let held = Held {
                 request_hash: hash.to_vec(),
                 answer: None,
-                claimed: Instant::now(),
             };
-            keys.insert(key, claimed);
+            let claimed = Instant::now();
+            keys.insert(pair, StoredKey { held, claimed });
         }
-        free
+        Ok(free)
     }
 
-    pub fn get(&self, key: &(String, String)) -> Option<StoredKey> {
-        self.lock().get(key).cloned()
+    async fn held(&self, principal: &str, key: &str) -> Result<Option<Held>, StoreError> {
+        let pair = (principal.to_string(), key.to_string());
+        Ok(self.lock().get(&pair).map(|stored| stored.held.clone()))
     }
 
-    pub fn answer(&self, key: &(String, String), answer: (u16, Option<String>, Vec<u8>)) {
+    async fn answer(
+        &self,
+        principal: &str,
+        key: &str,
+        answer: StoredAnswer,
+    ) -> Result<(), StoreError> {
         let mut keys = self.lock();
-        let Some(held) = keys.get_mut(key) else {
-            return;
+        let Some(stored) = keys.get_mut(&(principal.to_string(), key.to_string())) else {
+            return Ok(());
         };
         if let Some(file) = &self.file {
             let line = KeyLine {
-                principal: key.0.clone(),
-                key: key.1.clone(),
-                request_hash: held.request_hash.clone(),
-                status: answer.0,
-                content_type: answer.1.clone(),
-                body: answer.2.clone(),
-                at: unix_now().saturating_sub(held.claimed.elapsed().as_secs()),
+                principal: principal.to_string(),
+                key: key.to_string(),
+                request_hash: stored.held.request_hash.clone(),
+                status: answer.status,
+                content_type: answer.content_type.clone(),
+                body: answer.body.clone(),
+                at: unix_now().saturating_sub(stored.claimed.elapsed().as_secs()),
             };
             let written = serde_json::to_vec(&line).map(|mut bytes| {
                 bytes.push(b'\n');
@@ -350,18 +302,20 @@ impl IdempotencyKeys {
                 );
             }
         }
-        held.answer = Some(answer);
+        stored.held.answer = Some(answer);
+        Ok(())
     }
 
-    pub fn release(&self, key: &(String, String)) {
-        self.lock().remove(key);
+    async fn release(&self, principal: &str, key: &str) -> Result<(), StoreError> {
+        self.lock()
+            .remove(&(principal.to_string(), key.to_string()));
+        Ok(())
     }
 
-    /// Forgets keys older than `retention`; returns how many.
-    pub fn purge(&self, retention: Duration) -> u64 {
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
         let mut keys = self.lock();
         let before = keys.len();
-        keys.retain(|_, held| held.claimed.elapsed() <= retention);
-        (before - keys.len()) as u64
+        keys.retain(|_, stored| stored.claimed.elapsed() <= RETENTION);
+        Ok((before - keys.len()) as u64)
     }
 }

@@ -356,33 +356,40 @@ impl Relay {
     }
 }
 
+/// Where the relay named `name` stands: the seq it has numbered up to, and
+/// how many events of the log it has not reached yet.
+async fn position(pool: &PgPool, name: &str) -> Result<(i64, i64), sqlx::Error> {
+    let row: Option<(i64, i32, String, i64)> = sqlx::query_as(
+        "SELECT seq, epoch, txid::text, position FROM relay_checkpoints WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await?;
+    let (relayed, key) = match row {
+        None => (0, LogKey::start()),
+        Some((seq, epoch, txid, position)) => (
+            seq,
+            LogKey {
+                epoch,
+                txid,
+                position,
+            },
+        ),
+    };
+    let behind = crate::log::postgres::count_after(&mut *pool.acquire().await?, &key).await?;
+    Ok((relayed, behind))
+}
+
 /// How far the relay named `name` is behind the head of the log, in events.
 pub async fn lag(pool: &PgPool, name: &str) -> Result<i64, sqlx::Error> {
-    let row: Option<(i32, String, i64)> =
-        sqlx::query_as("SELECT epoch, txid::text, position FROM relay_checkpoints WHERE name = $1")
-            .bind(name)
-            .fetch_optional(pool)
-            .await?;
-    let key = match row {
-        None => LogKey::start(),
-        Some((epoch, txid, position)) => LogKey {
-            epoch,
-            txid,
-            position,
-        },
-    };
-    crate::log::postgres::count_after(&mut *pool.acquire().await?, &key).await
+    Ok(position(pool, name).await?.1)
 }
 
 /// The head of the log in seqs, as the relay named `name` numbers it: what
 /// it has numbered plus what it has not reached yet.
 pub async fn head(pool: &PgPool, name: &str) -> Result<i64, sqlx::Error> {
-    let relayed: Option<i64> =
-        sqlx::query_scalar("SELECT seq FROM relay_checkpoints WHERE name = $1")
-            .bind(name)
-            .fetch_optional(pool)
-            .await?;
-    Ok(relayed.unwrap_or(0) + lag(pool, name).await?)
+    let (relayed, behind) = position(pool, name).await?;
+    Ok(relayed + behind)
 }
 
 /// A relay's figures for `/metrics`: whether it leads, what it published,
