@@ -24,6 +24,7 @@ use crate::ops::metrics::Metrics;
 use crate::projector::local::LocalProjector;
 use crate::query::cache::{CacheConfig, QueryCache};
 use crate::query::changes::ChangeHub;
+use crate::query::rank_index::RankIndex;
 use crate::query::store::{PgReadStore, ReadStore};
 use crate::ratelimit::{MemoryWindows, PgWindows, RateLimiter, WindowStore};
 use crate::relay::{Relay, RelayConfig, Target};
@@ -239,11 +240,23 @@ impl Application {
                 }
                 metrics.watch_pool("workers", &worker_pool);
                 metrics.watch(Arc::new(LogProbe { pool: pool.clone() }));
+                // Ranks from memory need to hear of every change, as the cache does.
+                let ranks = (query.rank_index_max_bytes > 0 && changes_known).then(|| {
+                    let index = RankIndex::new(
+                        read_pool.clone(),
+                        hub.clone(),
+                        query.rank_index_max_bytes,
+                        shutdown.child_token(),
+                    );
+                    metrics.watch(index.clone());
+                    index
+                });
                 Wired {
                     store: Arc::new(PgReadStore {
                         pool: pool.clone(),
                         read_pool,
                         relay: numbering_relay,
+                        ranks,
                     }),
                     idempotency: Arc::new(PgIdempotencyKeys { pool: pool.clone() }),
                     repository: Repository::Postgres(pool.clone()),

@@ -124,6 +124,10 @@ pub struct QuerySettings {
     /// Open SSE streams one user may hold on one instance.
     #[arg(long, env = "PODIUM_SSE_MAX_STREAMS_PER_USER", default_value_t = 8)]
     pub sse_max_streams_per_user: usize,
+    /// Bytes of leaderboards this instance holds in memory to answer ranks
+    /// (least recently read boards are evicted); 0 turns the index off.
+    #[arg(long, env = "PODIUM_RANK_INDEX_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub rank_index_max_bytes: u64,
 }
 
 impl Default for QuerySettings {
@@ -135,6 +139,7 @@ impl Default for QuerySettings {
             sse_heartbeat_secs: 15,
             sse_buffer: 256,
             sse_max_streams_per_user: 8,
+            rank_index_max_bytes: 256 * 1024 * 1024,
         }
     }
 }

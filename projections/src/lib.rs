@@ -6,6 +6,8 @@
 //! - [`fence`]: lease tokens that fence an ex-owner's writes, and which
 //!   failures are transient.
 //! - [`ranking`]: the leaderboard rules, pure (and an in-memory board).
+//! - [`ranked_set`], [`board_index`]: an order-statistic set, and a compact
+//!   leaderboard in memory built on it (ranks in O(log n)).
 //! - [`leaderboard`], [`feed`], [`attempts`]: the projections and their stores.
 //! - [`catalog`]: the published tests.
 //! - [`memory`]: every read model in memory, for the embedded mode.
@@ -13,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attempts;
+pub mod board_index;
 pub mod catalog;
 pub mod checkpointed;
 pub mod feed;

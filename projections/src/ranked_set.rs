@@ -13,6 +13,13 @@
 //!
 //! Keys sit in the blocks themselves: no per-key allocation beyond what a
 //! key owns, and about 1/MAX_BLOCK of overhead per key.
+//!
+//! The order is the keys' own ([`Ord`]), or one the caller passes to the
+//! `_by` methods: a compact index keeps small handles as keys and orders
+//! them by what they point at ([`crate::board_index`]). A caller must pass
+//! the same order to every call.
+
+use std::cmp::Ordering;
 
 /// The most keys a block holds before it splits in two.
 pub const MAX_BLOCK: usize = 512;
@@ -35,7 +42,7 @@ impl<K> Default for RankedSet<K> {
     }
 }
 
-impl<K: Ord> RankedSet<K> {
+impl<K> RankedSet<K> {
     pub fn new() -> Self {
         Self::default()
     }
@@ -48,10 +55,33 @@ impl<K: Ord> RankedSet<K> {
         self.len == 0
     }
 
+    /// A set of `keys`, which are sorted and distinct, in full blocks.
+    pub fn from_sorted(keys: impl IntoIterator<Item = K>) -> Self {
+        let mut set = Self::default();
+        let mut block = Vec::with_capacity(MAX_BLOCK);
+        for key in keys {
+            block.push(key);
+            if block.len() == MAX_BLOCK {
+                set.len += block.len();
+                set.blocks
+                    .push(std::mem::replace(&mut block, Vec::with_capacity(MAX_BLOCK)));
+            }
+        }
+        if !block.is_empty() {
+            block.shrink_to_fit();
+            set.len += block.len();
+            set.blocks.push(block);
+        }
+        set.recount();
+        set
+    }
+
     /// The block where `key` is or would go.
-    fn block_of(&self, key: &K) -> usize {
+    fn block_of(&self, key: &K, cmp: impl Fn(&K, &K) -> Ordering) -> usize {
         // The last block whose first key is at or before `key`.
-        let after = self.blocks.partition_point(|block| &block[0] <= key);
+        let after = self
+            .blocks
+            .partition_point(|block| cmp(&block[0], key) != Ordering::Greater);
         after.saturating_sub(1)
     }
 
@@ -87,17 +117,17 @@ impl<K: Ord> RankedSet<K> {
         }
     }
 
-    /// Adds `key`; false if it was there already.
-    pub fn insert(&mut self, key: K) -> bool {
+    /// Adds `key` in the order `cmp`; false if it was there already.
+    pub fn insert_by(&mut self, key: K, cmp: impl Fn(&K, &K) -> Ordering) -> bool {
         if self.blocks.is_empty() {
             self.blocks.push(vec![key]);
             self.len = 1;
             self.recount();
             return true;
         }
-        let b = self.block_of(&key);
+        let b = self.block_of(&key, &cmp);
         let block = &mut self.blocks[b];
-        let at = match block.binary_search(&key) {
+        let at = match block.binary_search_by(|k| cmp(k, &key)) {
             Ok(_) => return false,
             Err(at) => at,
         };
@@ -105,6 +135,7 @@ impl<K: Ord> RankedSet<K> {
         self.len += 1;
         if block.len() > MAX_BLOCK {
             let tail = block.split_off(block.len() / 2);
+            block.shrink_to_fit();
             self.blocks.insert(b + 1, tail);
             self.recount();
         } else {
@@ -113,14 +144,14 @@ impl<K: Ord> RankedSet<K> {
         true
     }
 
-    /// Removes `key`; false if it was not there.
-    pub fn remove(&mut self, key: &K) -> bool {
+    /// Removes `key` (found in the order `cmp`); false if it was not there.
+    pub fn remove_by(&mut self, key: &K, cmp: impl Fn(&K, &K) -> Ordering) -> bool {
         if self.blocks.is_empty() {
             return false;
         }
-        let b = self.block_of(key);
+        let b = self.block_of(key, &cmp);
         let block = &mut self.blocks[b];
-        let Ok(at) = block.binary_search(key) else {
+        let Ok(at) = block.binary_search_by(|k| cmp(k, key)) else {
             return false;
         };
         block.remove(at);
@@ -134,19 +165,25 @@ impl<K: Ord> RankedSet<K> {
         true
     }
 
-    pub fn contains(&self, key: &K) -> bool {
-        !self.blocks.is_empty() && self.blocks[self.block_of(key)].binary_search(key).is_ok()
-    }
-
-    /// How many keys sort before `key` (whether or not it is in the set):
-    /// a key's 0-based position.
-    pub fn position(&self, key: &K) -> usize {
+    /// How many keys sort before `key` in the order `cmp` (whether or not it
+    /// is in the set): a key's 0-based position.
+    pub fn position_by(&self, key: &K, cmp: impl Fn(&K, &K) -> Ordering) -> usize {
         if self.blocks.is_empty() {
             return 0;
         }
-        let b = self.block_of(key);
-        let inside = self.blocks[b].partition_point(|k| k < key);
+        let b = self.block_of(key, &cmp);
+        let inside = self.blocks[b].partition_point(|k| cmp(k, key) == Ordering::Less);
         self.before_block(b) + inside
+    }
+
+    /// Bytes the set holds beyond the keys' own allocations.
+    pub fn bytes(&self) -> usize {
+        self.blocks
+            .iter()
+            .map(|block| block.capacity() * std::mem::size_of::<K>())
+            .sum::<usize>()
+            + self.blocks.capacity() * std::mem::size_of::<Vec<K>>()
+            + self.counts.capacity() * std::mem::size_of::<usize>()
     }
 
     /// The block holding position `index`, and the position inside it.
@@ -190,10 +227,34 @@ impl<K: Ord> RankedSet<K> {
     }
 }
 
+/// The set in its keys' own order.
+impl<K: Ord> RankedSet<K> {
+    /// Adds `key`; false if it was there already.
+    pub fn insert(&mut self, key: K) -> bool {
+        self.insert_by(key, K::cmp)
+    }
+
+    /// Removes `key`; false if it was not there.
+    pub fn remove(&mut self, key: &K) -> bool {
+        self.remove_by(key, K::cmp)
+    }
+
+    pub fn contains(&self, key: &K) -> bool {
+        !self.blocks.is_empty()
+            && self.blocks[self.block_of(key, K::cmp)]
+                .binary_search(key)
+                .is_ok()
+    }
+
+    /// How many keys sort before `key` (whether or not it is in the set):
+    /// a key's 0-based position.
+    pub fn position(&self, key: &K) -> usize {
+        self.position_by(key, K::cmp)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
-
     use proptest::prelude::*;
 
     use super::*;
@@ -217,12 +278,16 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
-        /// Whatever is inserted and removed, it answers as a sorted set
-        /// walked key by key would.
+        /// Whatever is inserted and removed, into a set built empty or from
+        /// sorted keys, it answers as a sorted set walked key by key would.
         #[test]
-        fn it_answers_as_a_walked_sorted_set(ops in ops(), probes in prop::collection::vec(0u16..3100, 20)) {
-            let mut set = RankedSet::new();
-            let mut reference = BTreeSet::new();
+        fn it_answers_as_a_walked_sorted_set(
+            start in prop::collection::btree_set(0u16..3000, 0..2000),
+            ops in ops(),
+            probes in prop::collection::vec(0u16..3100, 20),
+        ) {
+            let mut set = RankedSet::from_sorted(start.iter().copied());
+            let mut reference = start;
             for op in ops {
                 match op {
                     Op::Insert(k) => prop_assert_eq!(set.insert(k), reference.insert(k)),

@@ -61,6 +61,14 @@ pub struct Metrics {
     pub projection_state: IntGaugeVec,
     /// 1 for the instance holding each live lease (any instance's).
     pub lease_owner: IntGaugeVec,
+    /// Warm boards in this instance's rank index, their entries and bytes.
+    pub rank_index_boards: IntGauge,
+    pub rank_index_entries: IntGauge,
+    pub rank_index_bytes: IntGauge,
+    pub rank_index_warm_ups: IntCounter,
+    pub rank_index_evictions: IntCounter,
+    /// Rank reads by where they were answered (`index`, `sql`).
+    pub rank_index_reads: IntCounterVec,
     sources: Arc<Mutex<Sources>>,
 }
 
@@ -287,6 +295,39 @@ impl Metrics {
                 "lease_owner",
                 "1 for the instance that holds each background role's lease",
                 &["lease", "owner"],
+            ),
+            rank_index_boards: register(
+                r,
+                IntGauge::new("rank_index_boards", "Leaderboards warm in this instance's rank index")
+                    .unwrap(),
+            ),
+            rank_index_entries: register(
+                r,
+                IntGauge::new("rank_index_entries", "Entries held by the rank index").unwrap(),
+            ),
+            rank_index_bytes: register(
+                r,
+                IntGauge::new("rank_index_bytes", "Bytes held by the rank index, user ids included")
+                    .unwrap(),
+            ),
+            rank_index_warm_ups: register(
+                r,
+                IntCounter::new("rank_index_warm_ups_total", "Boards loaded into the rank index")
+                    .unwrap(),
+            ),
+            rank_index_evictions: register(
+                r,
+                IntCounter::new(
+                    "rank_index_evictions_total",
+                    "Boards evicted from the rank index to stay within its byte budget",
+                )
+                .unwrap(),
+            ),
+            rank_index_reads: counter_vec(
+                r,
+                "rank_index_reads_total",
+                "Leaderboard reads that rank, by where they were answered (index, sql)",
+                &["source"],
             ),
             registry,
             sources: Arc::default(),

@@ -6,6 +6,7 @@
 //! resume depend on. Failures are [`StoreError`]s; `http` decides what they
 //! answer.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,6 +23,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::ops::db::StoreError;
+use crate::query::rank_index::RankIndex;
 
 /// A feed page: items newest first, whether more follow, the unread count.
 pub struct FeedPage {
@@ -113,6 +115,9 @@ pub struct PgReadStore {
     /// The relay that numbers the log for this deployment's projections
     /// (its NATS prefix, or the in-process one's name), if any.
     pub relay: Option<String>,
+    /// Where ranks are answered from memory, when on: around-user and offset
+    /// pages of a warm board never reach the database.
+    pub ranks: Option<Arc<RankIndex>>,
 }
 
 #[async_trait]
@@ -127,6 +132,28 @@ impl ReadStore for PgReadStore {
         start: &PageStart,
         limit: i64,
     ) -> Result<(u64, Result<Page, u64>), StoreError> {
+        if let (PageStart::Offset(offset), Some(ranks)) = (start, &self.ranks) {
+            let limit = usize::try_from(limit).unwrap_or(0);
+            let page = ranks
+                .read(test_id, |board, seq| {
+                    let mut entries = board.page(*offset, limit + 1);
+                    let more = entries.len() > limit;
+                    entries.truncate(limit);
+                    let total = board.len();
+                    (
+                        seq,
+                        Ok(Page {
+                            total,
+                            entries,
+                            more,
+                        }),
+                    )
+                })
+                .await;
+            if let Some(page) = page {
+                return Ok(page);
+            }
+        }
         let mut tx = crate::ops::db::snapshot(&self.read_pool).await?;
         let seq = checkpoint_of(&mut *tx, leaderboard::NAME).await?;
         if let PageStart::After { since, .. } = start {
@@ -147,6 +174,28 @@ impl ReadStore for PgReadStore {
         user_id: &str,
         radius: i64,
     ) -> Result<Around, StoreError> {
+        if let Some(ranks) = &self.ranks {
+            let radius = usize::try_from(radius).unwrap_or(0);
+            let around = ranks
+                .read(test_id, |board, checkpoint| {
+                    let found = board.around(user_id, radius);
+                    let (entry, above, below) = match found {
+                        Some((entry, above, below)) => (Some(entry), above, below),
+                        None => (None, Vec::new(), Vec::new()),
+                    };
+                    Around {
+                        total: board.len(),
+                        checkpoint,
+                        entry,
+                        above,
+                        below,
+                    }
+                })
+                .await;
+            if let Some(around) = around {
+                return Ok(around);
+            }
+        }
         Ok(
             LeaderboardQueries::around(
                 &self.read_pool,

@@ -21,6 +21,7 @@ mod layout;
 mod notifications;
 mod openapi;
 mod queries;
+mod rank_index;
 mod read_models;
 mod single_node;
 mod sse;

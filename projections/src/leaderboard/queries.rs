@@ -8,7 +8,10 @@ use std::time::Duration;
 use sqlx::{PgConnection, PgExecutor, PgPool, Row};
 use uuid::Uuid;
 
+use futures::TryStreamExt;
+
 use super::{entry_from_row, rank_in};
+use crate::board_index::BoardIndex;
 use crate::ranking::{Entry, RankKey};
 
 /// Entries from `rows`, the `i`-th one with rank `rank_of(i)`.
@@ -382,14 +385,13 @@ impl LeaderboardQueries {
     }
 
     /// The entries changed after seq `after`, oldest change first, each
-    /// with its current rank and the seq of its change; `None` when more
-    /// than `limit` changed, found before any is ranked.
-    pub async fn changed_since(
+    /// with the seq of its change; `None` when more than `limit` changed.
+    pub async fn changed_after(
         conn: &mut PgConnection,
         test_id: Uuid,
         after: u64,
         limit: i64,
-    ) -> Result<Option<Vec<(u64, RankedEntry)>>, sqlx::Error> {
+    ) -> Result<Option<Vec<(u64, Entry)>>, sqlx::Error> {
         let rows = sqlx::query(&format!(
             "SELECT {ENTRY_COLUMNS}, changed_seq FROM lb_entries
               WHERE test_id = $1 AND changed_seq > $2 ORDER BY changed_seq LIMIT $3"
@@ -402,14 +404,66 @@ impl LeaderboardQueries {
         if rows.len() as i64 > limit {
             return Ok(None);
         }
-        let mut seqs = Vec::with_capacity(rows.len());
-        let mut entries = Vec::with_capacity(rows.len());
-        for row in &rows {
-            seqs.push(row.try_get::<i64, _>("changed_seq")? as u64);
-            entries.push(entry_from_row(row)?);
-        }
+        rows.iter()
+            .map(|row| {
+                let seq = row.try_get::<i64, _>("changed_seq")? as u64;
+                Ok((seq, entry_from_row(row)?))
+            })
+            .collect::<Result<_, _>>()
+            .map(Some)
+    }
+
+    /// [`Self::changed_after`], each entry with its current rank.
+    pub async fn changed_since(
+        conn: &mut PgConnection,
+        test_id: Uuid,
+        after: u64,
+        limit: i64,
+    ) -> Result<Option<Vec<(u64, RankedEntry)>>, sqlx::Error> {
+        let Some(changed) = Self::changed_after(conn, test_id, after, limit).await? else {
+            return Ok(None);
+        };
+        let (seqs, entries): (Vec<u64>, Vec<Entry>) = changed.into_iter().unzip();
         let ranked = with_ranks(conn, test_id, entries).await?;
         Ok(Some(seqs.into_iter().zip(ranked).collect()))
+    }
+
+    /// Every entry of `test_id`, as a [`BoardIndex`], with the seq of the
+    /// board's last change; rows are streamed into the index as they come.
+    pub async fn board(
+        conn: &mut PgConnection,
+        test_id: Uuid,
+    ) -> Result<(BoardIndex, u64), sqlx::Error> {
+        let sql = format!("SELECT {ENTRY_COLUMNS}, changed_seq FROM lb_entries WHERE test_id = $1");
+        let mut rows = sqlx::query(&sql).bind(test_id).fetch(&mut *conn);
+        let mut loading = BoardIndex::loading();
+        let mut last = 0;
+        while let Some(row) = rows.try_next().await? {
+            last = last.max(row.try_get::<i64, _>("changed_seq")? as u64);
+            loading.add(&entry_from_row(&row)?);
+        }
+        Ok((loading.finish(), last))
+    }
+
+    /// The identity of the live entries table: a rebuild swaps in another.
+    pub async fn table_id<'e>(db: impl PgExecutor<'e>) -> Result<u32, sqlx::Error> {
+        let oid: i64 = sqlx::query_scalar("SELECT 'lb_entries'::regclass::oid::int8")
+            .fetch_one(db)
+            .await?;
+        Ok(oid as u32)
+    }
+
+    /// The seq of the last change of `test_id`'s board (0: none).
+    pub async fn last_change<'e>(
+        db: impl PgExecutor<'e>,
+        test_id: Uuid,
+    ) -> Result<u64, sqlx::Error> {
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT max(changed_seq) FROM lb_entries WHERE test_id = $1")
+                .bind(test_id)
+                .fetch_one(db)
+                .await?;
+        Ok(seq.unwrap_or(0) as u64)
     }
 
     /// The seq at or below which moves are no longer all known: a cursor

@@ -1,0 +1,358 @@
+//! The rank index: each instance's leaderboards in memory. Answers from it
+//! equal the SQL answers, follow submissions on every instance, survive
+//! instances coming and going, and stay within their byte budget.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use podium::query::changes::ChangeHub;
+use podium::query::rank_index::RankIndex;
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::helpers::{fill_board, poll, spawn_single_node_with, TestApp, TestDb};
+use crate::nats::{nats_url, unique_prefix};
+use crate::queries::take;
+
+/// Ids that sort differently bytewise than in most locales, and many ties:
+/// seven scores, one time for all; written before any event of the log.
+const USERS: (&str, &str, &str) = (
+    "(ARRAY['User-', 'user_', 'u.', 'Zed'])[n % 4 + 1] || n",
+    "(n % 7) * 10",
+    "0",
+);
+
+/// A GET's status and body.
+async fn answer(app: &TestApp, path: &str) -> (StatusCode, Value) {
+    let response = app.get(path, &app.user("reader")).await;
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// [`answer`], with the next page's cursor decoded and without the
+/// checkpoint it names: a board that did not change reflects an older
+/// checkpoint in memory than a fresh SQL snapshot (the log moved on with
+/// other events), and both are exact.
+async fn ranked_answer(app: &TestApp, path: &str) -> (StatusCode, Value) {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    let (status, mut body) = answer(app, path).await;
+    if let Some(cursor) = body["next_cursor"].as_str() {
+        let mut cursor: Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(cursor).unwrap()).unwrap();
+        cursor.as_object_mut().unwrap().remove("since");
+        body["next_cursor"] = cursor;
+    }
+    (status, body)
+}
+
+/// The paths whose answers rank: offset pages all along the board, a
+/// user's neighbours near the top, the middle and the bottom, and a user
+/// with no entry.
+fn ranked_paths(test_id: &str, users: &[String]) -> Vec<String> {
+    let mut paths: Vec<String> = [0, 1, 6, 1_500, 2_990, 2_999, 3_000, 9_000]
+        .iter()
+        .map(|offset| format!("/v1/tests/{test_id}/leaderboard?offset={offset}&limit=7"))
+        .collect();
+    for user in users {
+        for radius in [0, 3] {
+            paths.push(format!(
+                "/v1/tests/{test_id}/leaderboard/users/{user}?radius={radius}"
+            ));
+        }
+    }
+    paths
+}
+
+async fn index_reads(app: &TestApp) -> f64 {
+    app.metric("podium_rank_index_reads_total", &["source=\"index\""])
+        .await
+}
+
+/// Warm answers (from memory) are the cold ones (from SQL), byte for byte,
+/// before and after a submission moves everyone below it.
+#[tokio::test]
+async fn warm_answers_equal_the_sql_answers() {
+    let warm = spawn_single_node_with(|s| s.query.cache_max_bytes = 0).await;
+    // On the same database, with nothing telling it of changes: no index.
+    let cold = warm.another_instance(|s| s.query.cache_max_bytes = 0).await;
+    let test_id = warm.published_test().await;
+    fill_board(&warm.pool, test_id.parse().unwrap(), 3_000, USERS).await;
+    let users: Vec<String> = ["User-4", "user_1", "u.2", "Zed3", "Zed2999", "nobody"]
+        .map(String::from)
+        .to_vec();
+    let paths = ranked_paths(&test_id, &users);
+    // The first read starts the warm-up.
+    answer(&warm, &paths[0]).await;
+    poll("the board to warm", Duration::from_secs(20), || async {
+        let boards = warm.metric("podium_rank_index_boards", &[]).await;
+        if boards >= 1.0 {
+            Ok(())
+        } else {
+            Err(boards)
+        }
+    })
+    .await;
+    let before = index_reads(&warm).await;
+    for path in &paths {
+        assert_eq!(
+            ranked_answer(&warm, path).await,
+            ranked_answer(&cold, path).await,
+            "{path}"
+        );
+    }
+    assert!(index_reads(&warm).await >= before + paths.len() as f64);
+    assert_eq!(
+        cold.metric("podium_rank_index_reads_total", &[]).await,
+        0.0,
+        "the second instance has no index"
+    );
+
+    // A submission of a new user, at the top: every rank moves.
+    take(&warm, &test_id, "newcomer", 10).await;
+    let newcomer = format!("/v1/tests/{test_id}/leaderboard/users/newcomer?radius=2");
+    poll(
+        "the newcomer to be ranked",
+        Duration::from_secs(20),
+        || async {
+            let (status, body) = answer(&warm, &newcomer).await;
+            if status == StatusCode::OK {
+                Ok(body)
+            } else {
+                Err(status)
+            }
+        },
+    )
+    .await;
+    let before = index_reads(&warm).await;
+    for path in paths.iter().chain([&newcomer]) {
+        assert_eq!(
+            ranked_answer(&warm, path).await,
+            ranked_answer(&cold, path).await,
+            "{path}"
+        );
+    }
+    assert!(index_reads(&warm).await >= before + paths.len() as f64 + 1.0);
+}
+
+/// The board as the read model holds it, sorted by the rules:
+/// (user, score, reached at).
+async fn read_model(pool: &sqlx::PgPool, test_id: &str) -> Vec<(String, i32, DateTime<Utc>)> {
+    sqlx::query_as(
+        "SELECT user_id, best_score, achieved_at FROM lb_entries WHERE test_id = $1
+          ORDER BY best_score DESC, achieved_at, user_id COLLATE \"C\"",
+    )
+    .bind(test_id.parse::<Uuid>().unwrap())
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Whether `app`'s whole board and every user's neighbourhood are `expected`.
+async fn agrees(
+    app: &TestApp,
+    test_id: &str,
+    expected: &[(String, i32, DateTime<Utc>)],
+) -> Result<(), String> {
+    let (_, page) = answer(
+        app,
+        &format!("/v1/tests/{test_id}/leaderboard?offset=0&limit=200"),
+    )
+    .await;
+    let ranked: Vec<(u64, String, i64)> = page["entries"]
+        .as_array()
+        .ok_or_else(|| format!("no page: {page}"))?
+        .iter()
+        .map(|e| {
+            (
+                e["rank"].as_u64().unwrap(),
+                e["user_id"].as_str().unwrap().to_string(),
+                e["score"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let want: Vec<(u64, String, i64)> = expected
+        .iter()
+        .enumerate()
+        .map(|(i, (user, score, _))| (i as u64 + 1, user.clone(), i64::from(*score)))
+        .collect();
+    if ranked != want {
+        return Err(format!(
+            "{} has {ranked:?}, the read model {want:?}",
+            app.address
+        ));
+    }
+    for (i, (user, _, _)) in expected.iter().enumerate() {
+        let path = format!("/v1/tests/{test_id}/leaderboard/users/{user}?radius=1");
+        let (_, around) = answer(app, &path).await;
+        let rank = around["entry"]["rank"].as_u64();
+        let above = around["above"].as_array().map(Vec::len);
+        if rank != Some(i as u64 + 1) || above != Some(i.min(1)) {
+            return Err(format!("{user} at {} on {}: {around}", i + 1, app.address));
+        }
+    }
+    Ok(())
+}
+
+/// An answer read while submissions flow is one the board had at some
+/// point: ranks 1, 2, 3… in order, scores not rising down the page.
+fn consistent(page: &Value) -> bool {
+    let Some(entries) = page["entries"].as_array() else {
+        return false;
+    };
+    entries.iter().enumerate().all(|(i, e)| {
+        e["rank"].as_u64() == Some(i as u64 + 1)
+            && (i == 0 || entries[i - 1]["score"].as_i64() >= e["score"].as_i64())
+    })
+}
+
+/// Instances on one database and one NATS, one started mid-flow (cold) and
+/// one stopped mid-flow, rank every entry as the read model does, from
+/// their indexes.
+#[tokio::test]
+async fn instances_rank_as_the_read_model_while_submissions_flow() {
+    let prefix = unique_prefix();
+    let on_nats = |s: &mut podium::config::Settings| {
+        s.nats.nats_url = Some(nats_url());
+        s.nats.nats_prefix = prefix.clone();
+        s.query.cache_max_bytes = 0;
+    };
+    let first = crate::helpers::spawn_app_with(on_nats).await;
+    let second = first.another_instance(on_nats).await;
+    let test_id = first.published_test().await;
+    let mut instances = vec![first, second];
+    let scores = [0, 4, 6, 10];
+    let mut seed = 7u64;
+    for round in 0..3 {
+        if round == 1 {
+            // A restart: a cold instance joins, an old one leaves.
+            let third = instances[0].another_instance(on_nats).await;
+            instances.push(third);
+        }
+        if round == 2 {
+            instances.remove(0);
+        }
+        for i in 0..16 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let user = format!("learner{}", (seed >> 33) % 12);
+            let score = scores[((seed >> 40) % 4) as usize];
+            let via = &instances[i % instances.len()];
+            take(via, &test_id, &user, score).await;
+            for app in &instances {
+                let (_, page) = answer(
+                    app,
+                    &format!("/v1/tests/{test_id}/leaderboard?offset=0&limit=50"),
+                )
+                .await;
+                assert!(consistent(&page), "{}: {page}", app.address);
+            }
+        }
+        let expected = read_model(&instances[0].pool, &test_id).await;
+        for app in &instances {
+            poll(
+                "the instance to rank as the read model",
+                Duration::from_secs(30),
+                || async {
+                    let expected = read_model(&app.pool, &test_id).await;
+                    agrees(app, &test_id, &expected).await
+                },
+            )
+            .await;
+        }
+        assert!(!expected.is_empty());
+    }
+    for app in &instances {
+        assert!(
+            index_reads(app).await > 0.0,
+            "{} read no rank from memory",
+            app.address
+        );
+    }
+}
+
+/// Boards beyond the byte budget are evicted least recently read first.
+#[tokio::test]
+async fn boards_are_evicted_least_recently_read_first_under_the_byte_budget() {
+    let db = TestDb::with_pool_size(2).await;
+    let boards: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    for test_id in &boards {
+        fill_board(&db.pool, *test_id, 1_000, USERS).await;
+    }
+    let stop = CancellationToken::new();
+    let index = |budget: u64| {
+        let hub = ChangeHub::new(16, Duration::from_secs(60));
+        RankIndex::new(db.pool.clone(), hub, budget, stop.clone())
+    };
+    let warm = |index: Arc<RankIndex>, test_id: Uuid| async move {
+        poll("a board to warm", Duration::from_secs(20), || async {
+            match index.read(test_id, |board, _| board.len()).await {
+                Some(len) => Ok(len),
+                None => Err("cold"),
+            }
+        })
+        .await
+    };
+    // What one board takes (the three are alike)…
+    let measure = index(u64::MAX / 2);
+    assert_eq!(warm(measure.clone(), boards[0]).await, 1_000);
+    let one = measure.stats().bytes;
+    // …and room for two boards, not three.
+    let budget = one * 5 / 2;
+    let index = index(budget);
+    let warm = |test_id| warm(index.clone(), test_id);
+    assert_eq!(warm(boards[0]).await, 1_000);
+    assert_eq!(warm(boards[1]).await, 1_000);
+    let two = index.stats();
+    assert_eq!(two.boards, 2);
+    assert!(two.bytes <= budget, "{two:?}");
+    // The first is read again: the second is now the least recent.
+    assert!(index.read(boards[0], |_, _| ()).await.is_some());
+    assert_eq!(warm(boards[2]).await, 1_000);
+    let stats = index.stats();
+    assert_eq!((stats.boards, stats.entries), (2, 2_000), "{stats:?}");
+    assert!(stats.bytes <= budget, "{stats:?}");
+    assert!(index.read(boards[0], |_, _| ()).await.is_some());
+    assert!(
+        index.read(boards[1], |_, _| ()).await.is_none(),
+        "the least recently read board was evicted"
+    );
+    stop.cancel();
+}
+
+/// A board larger than the whole budget is never loaded: SQL answers it,
+/// and the boards already warm stay.
+#[tokio::test]
+async fn a_board_larger_than_the_budget_stays_in_sql() {
+    let db = TestDb::with_pool_size(2).await;
+    let (small, large) = (Uuid::new_v4(), Uuid::new_v4());
+    fill_board(&db.pool, small, 100, USERS).await;
+    fill_board(&db.pool, large, 5_000, USERS).await;
+    let hub = ChangeHub::new(16, Duration::from_secs(60));
+    let stop = CancellationToken::new();
+    let index = RankIndex::new(db.pool.clone(), hub, 100_000, stop.clone());
+    poll(
+        "the small board to warm",
+        Duration::from_secs(20),
+        || async { index.read(small, |_, _| ()).await.ok_or("cold") },
+    )
+    .await;
+    assert!(index.read(large, |_, _| ()).await.is_none());
+    poll(
+        "the large board to be refused",
+        Duration::from_secs(20),
+        || async {
+            match index.refused() {
+                1 => Ok(()),
+                other => Err(other),
+            }
+        },
+    )
+    .await;
+    assert!(index.read(large, |_, _| ()).await.is_none());
+    assert_eq!(index.stats().boards, 1);
+    assert!(index.read(small, |_, _| ()).await.is_some());
+    stop.cancel();
+}
