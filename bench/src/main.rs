@@ -184,6 +184,7 @@ async fn live_scenarios(
         rate_limits: "off",
         metrics: true,
         workers: true,
+        cache: true,
     })
     .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -411,6 +412,7 @@ async fn embedded_scenarios(sizes: &Sizes, report: &mut Report) -> anyhow::Resul
         rate_limits: "off",
         metrics: true,
         workers: true,
+        cache: true,
     })
     .await?;
     let api = Api::new(&server.address)?;
@@ -524,6 +526,7 @@ async fn overhead(
             rate_limits: limits,
             metrics,
             workers: false,
+            cache: true,
         })
         .await?;
         let api = Api::new(&server.address)?;
@@ -591,31 +594,29 @@ async fn scale_scenarios(
         Some(replay_rate >= 0.5 * read_rate),
     );
 
+    // NATS tells the server of changes, so it holds a rank index (nothing
+    // changes here: no workers); no query cache, so every read is ranked.
+    let prefix = format!("benchsc{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let server = Server::start(Options {
         database_url: &db.url,
-        nats_url: "",
-        prefix: "bench-scale",
+        nats_url: &nats_url(),
+        prefix: &prefix,
         rate_limits: "off",
         metrics: true,
         workers: false,
+        cache: false,
     })
-    .await?;
-    let api = Api::new(&server.address)?;
-    let viewer = Arc::new(vec![api.token("viewer", Role::User)]);
+    .await;
+    let result = async {
+        let server = server?;
+        let measured = rank_at_scale(&server, test, sizes, report).await;
+        server.stop().await;
+        measured
+    }
+    .await;
+    cleanup_nats(&prefix).await;
+    let measured = result?;
     let attempts = sizes.attempts;
-    eprintln!("rank at scale…");
-    let measured = closed_loop(
-        server.addr,
-        viewer,
-        CONNECTIONS,
-        sizes.secs,
-        Arc::new(move |i| {
-            let user = 1 + i.wrapping_mul(2_654_435_761) % attempts;
-            format!("/v1/tests/{test}/leaderboard/users/user-{user}")
-        }),
-    )
-    .await?;
-    server.stop().await;
     eprintln!("Redis ceiling…");
     let redis = ceilings::redis(attempts, CONNECTIONS as u32, sizes.redis_requests)?;
     let (rps, p99) = (measured.per_second, ms(&measured.latency, 0.99));
@@ -642,6 +643,100 @@ async fn scale_scenarios(
     Ok(replay_rate)
 }
 
+/// The value of `/metrics` line `name` (with its labels, if any), 0 if absent.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit_once(' ')?.1.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The rank index on the scale board: its warm-up (time and bytes per
+/// entry), then around-user and a deep offset page from it. Returns the
+/// around-user measure (for the row beside Redis).
+async fn rank_at_scale(
+    server: &Server,
+    test: uuid::Uuid,
+    sizes: &Sizes,
+    report: &mut Report,
+) -> anyhow::Result<load::Measured> {
+    let api = Api::new(&server.address)?;
+    let token = api.token("viewer", Role::User);
+    let viewer = Arc::new(vec![token.clone()]);
+    let attempts = sizes.attempts;
+    eprintln!("warming the rank index…");
+    let started = Instant::now();
+    // The first read starts the warm-up (and is answered from SQL).
+    api.get_json(&format!("/v1/tests/{test}/leaderboard?limit=1"), &token)
+        .await?;
+    let text = loop {
+        let text = api.metrics().await?;
+        if metric(&text, "podium_rank_index_boards") >= 1.0 {
+            break text;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "the board did not warm"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let warm_up = started.elapsed().as_secs_f64();
+    let entries = metric(&text, "podium_rank_index_entries");
+    let index = metric(&text, "podium_rank_index_bytes{part=\"index\"}") / entries;
+    let ids = metric(&text, "podium_rank_index_bytes{part=\"user_ids\"}") / entries;
+    report.row(
+        &format!("rank index: warm-up of a board of {entries:.0} entries"),
+        format!("{warm_up:.2} s; {index:.1} B per entry, and {ids:.1} B of user id"),
+        "—".into(),
+        None,
+        "≤ 5 s; ≤ 64 B per entry beyond the user id",
+        Some(warm_up <= 5.0 && index <= 64.0),
+    );
+    eprintln!("rank at scale…");
+    let around = closed_loop(
+        server.addr,
+        viewer.clone(),
+        CONNECTIONS,
+        sizes.secs,
+        Arc::new(move |i| {
+            let user = 1 + i.wrapping_mul(2_654_435_761) % attempts;
+            format!("/v1/tests/{test}/leaderboard/users/user-{user}")
+        }),
+    )
+    .await?;
+    // Ranks 999,950 to 999,999 on a million entries.
+    let offset = attempts.saturating_sub(51);
+    let deep = closed_loop(
+        server.addr,
+        viewer,
+        CONNECTIONS,
+        sizes.secs,
+        Arc::new(move |_| format!("/v1/tests/{test}/leaderboard?offset={offset}&limit=50")),
+    )
+    .await?;
+    let p99 = ms(&deep.latency, 0.99);
+    report.row(
+        &format!(
+            "rank at scale: offset page at rank {} (50 entries), {CONNECTIONS} connections",
+            offset + 1
+        ),
+        format!(
+            "{:.0} req/s, p50 {:.2} / p99 {p99:.2} ms",
+            deep.per_second,
+            ms(&deep.latency, 0.5)
+        ),
+        "—".into(),
+        None,
+        "p99 ≤ 5 ms",
+        Some(p99 <= 5.0),
+    );
+    report.latencies.push((
+        format!("offset page at rank {}, {attempts} entries", offset + 1),
+        deep.latency,
+    ));
+    Ok(around)
+}
+
 /// A server with NATS, running the relay and the projections.
 async fn server_with_workers(database_url: &str, prefix: &str) -> anyhow::Result<Server> {
     Server::start(Options {
@@ -651,6 +746,7 @@ async fn server_with_workers(database_url: &str, prefix: &str) -> anyhow::Result
         rate_limits: "off",
         metrics: true,
         workers: true,
+        cache: true,
     })
     .await
 }

@@ -30,6 +30,9 @@ pub async fn serve() -> anyhow::Result<()> {
         .map_err(|err: String| anyhow::anyhow!(err))?;
     settings.http_metrics = std::env::var("PODIUM_HTTP_METRICS")? == "true";
     settings.workers = std::env::var("PODIUM_WORKERS")? == "true";
+    if std::env::var("PODIUM_QUERY_CACHE")? != "true" {
+        settings.query.cache_max_bytes = 0;
+    }
     let app = podium::Application::build(settings).await?;
     println!("PORT {}", app.port());
     app.run_until(async {
@@ -50,6 +53,8 @@ pub struct Options<'a> {
     pub rate_limits: &'a str,
     pub metrics: bool,
     pub workers: bool,
+    /// The query cache (off: every read reaches the read store).
+    pub cache: bool,
 }
 
 pub struct Server {
@@ -68,6 +73,7 @@ impl Server {
             .env("PODIUM_RATE_LIMITS", options.rate_limits)
             .env("PODIUM_HTTP_METRICS", options.metrics.to_string())
             .env("PODIUM_WORKERS", options.workers.to_string())
+            .env("PODIUM_QUERY_CACHE", options.cache.to_string())
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())

@@ -64,7 +64,8 @@ pub struct Metrics {
     /// Warm boards in this instance's rank index, their entries and bytes.
     pub rank_index_boards: IntGauge,
     pub rank_index_entries: IntGauge,
-    pub rank_index_bytes: IntGauge,
+    /// By part: `user_ids`, `index` (everything else).
+    pub rank_index_bytes: IntGaugeVec,
     pub rank_index_warm_ups: IntCounter,
     pub rank_index_evictions: IntCounter,
     /// Rank reads by where they were answered (`index`, `sql`).
@@ -305,10 +306,11 @@ impl Metrics {
                 r,
                 IntGauge::new("rank_index_entries", "Entries held by the rank index").unwrap(),
             ),
-            rank_index_bytes: register(
+            rank_index_bytes: gauge_vec(
                 r,
-                IntGauge::new("rank_index_bytes", "Bytes held by the rank index, user ids included")
-                    .unwrap(),
+                "rank_index_bytes",
+                "Bytes held by the rank index, by part (user_ids, index: everything else)",
+                &["part"],
             ),
             rank_index_warm_ups: register(
                 r,

@@ -77,6 +77,8 @@ struct Board {
     /// When it was last read, on the index's clock.
     used: AtomicU64,
     bytes: AtomicU64,
+    /// Of `bytes`, those of the user ids.
+    user_id_bytes: AtomicU64,
     entries: AtomicU64,
     stop: CancellationToken,
 }
@@ -88,27 +90,39 @@ impl Board {
             seq: watch::channel(None).0,
             used: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            user_id_bytes: AtomicU64::new(0),
             entries: AtomicU64::new(0),
             stop,
         }
     }
 
     fn set(&self, state: State) {
-        let (seq, entries, bytes) = match &state {
-            State::Warm(warm) => (
-                Some(warm.seq),
-                warm.index.len(),
-                warm.index.bytes().total() as u64,
-            ),
-            _ => (None, 0, 0),
+        let seq = match &state {
+            State::Warm(warm) => {
+                self.measure(warm);
+                Some(warm.seq)
+            }
+            _ => {
+                self.entries.store(0, Ordering::Relaxed);
+                self.bytes.store(0, Ordering::Relaxed);
+                self.user_id_bytes.store(0, Ordering::Relaxed);
+                None
+            }
         };
         *self
             .state
             .write()
             .expect("a board's lock is never poisoned") = state;
-        self.entries.store(entries, Ordering::Relaxed);
-        self.bytes.store(bytes, Ordering::Relaxed);
         self.seq.send_replace(seq);
+    }
+
+    /// Notes the size of `warm`, this board's.
+    fn measure(&self, warm: &Warm) {
+        let bytes = warm.index.bytes();
+        self.entries.store(warm.index.len(), Ordering::Relaxed);
+        self.bytes.store(bytes.total() as u64, Ordering::Relaxed);
+        self.user_id_bytes
+            .store(bytes.user_ids as u64, Ordering::Relaxed);
     }
 }
 
@@ -350,14 +364,9 @@ impl RankIndex {
         }
         // A replica behind the last snapshot cannot take the board back.
         warm.seq = warm.seq.max(seq);
-        let (seq, entries, bytes) = (
-            warm.seq,
-            warm.index.len(),
-            warm.index.bytes().total() as u64,
-        );
+        board.measure(warm);
+        let seq = warm.seq;
         drop(state);
-        board.entries.store(entries, Ordering::Relaxed);
-        board.bytes.store(bytes, Ordering::Relaxed);
         board.seq.send_replace(Some(seq));
         Ok(true)
     }
@@ -413,6 +422,7 @@ impl RankIndex {
             stats.boards += 1;
             stats.entries += board.entries.load(Ordering::Relaxed);
             stats.bytes += board.bytes.load(Ordering::Relaxed);
+            stats.user_id_bytes += board.user_id_bytes.load(Ordering::Relaxed);
         }
         stats
     }
@@ -423,7 +433,9 @@ impl RankIndex {
 pub struct IndexStats {
     pub boards: u64,
     pub entries: u64,
+    /// All of it, user ids included.
     pub bytes: u64,
+    pub user_id_bytes: u64,
 }
 
 impl Probe for RankIndex {
@@ -431,7 +443,14 @@ impl Probe for RankIndex {
         let stats = self.stats();
         metrics.rank_index_boards.set(stats.boards as i64);
         metrics.rank_index_entries.set(stats.entries as i64);
-        metrics.rank_index_bytes.set(stats.bytes as i64);
+        metrics
+            .rank_index_bytes
+            .with_label_values(&["user_ids"])
+            .set(stats.user_id_bytes as i64);
+        metrics
+            .rank_index_bytes
+            .with_label_values(&["index"])
+            .set((stats.bytes - stats.user_id_bytes) as i64);
         let counts = &self.counts;
         for (counter, value) in [
             (&metrics.rank_index_warm_ups, &counts.warm_ups),
