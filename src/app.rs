@@ -22,6 +22,7 @@ use crate::log::memory::MemLog;
 use crate::log::postgres::LogProbe;
 use crate::ops::metrics::Metrics;
 use crate::projector::local::LocalProjector;
+use crate::projector::LiveParts;
 use crate::query::cache::{CacheConfig, QueryCache};
 use crate::query::changes::ChangeHub;
 use crate::query::rank_index::RankIndex;
@@ -29,6 +30,7 @@ use crate::query::store::{PgReadStore, ReadStore};
 use crate::ratelimit::{MemoryWindows, PgWindows, RateLimiter, WindowStore};
 use crate::relay::{Relay, RelayConfig, Target};
 use podium_nats::{EventBus, StreamLimits};
+use podium_projections::leaderboard::LiveBoards;
 
 /// Connections in the projection workers' pool: one transaction per
 /// projection, the notification policy's commands, and lease renewals.
@@ -65,6 +67,8 @@ pub struct Application {
     lease_ttl: Duration,
     /// This instance's name in lease rows and metrics.
     instance: String,
+    /// The rank index the query API reads and the leaderboard worker ranks with.
+    ranks: Option<Arc<RankIndex>>,
 }
 
 /// The stores, as the rest of the application uses them.
@@ -75,6 +79,7 @@ struct Wired {
     pool: Option<sqlx::PgPool>,
     worker_pool: Option<sqlx::PgPool>,
     local: Option<Arc<LocalProjector>>,
+    ranks: Option<Arc<RankIndex>>,
 }
 
 /// Where events and read models live, as the settings choose.
@@ -256,13 +261,14 @@ impl Application {
                         pool: pool.clone(),
                         read_pool,
                         relay: numbering_relay,
-                        ranks,
+                        ranks: ranks.clone(),
                     }),
                     idempotency: Arc::new(PgIdempotencyKeys { pool: pool.clone() }),
                     repository: Repository::Postgres(pool.clone()),
                     pool: Some(pool),
                     worker_pool: Some(worker_pool),
                     local: None,
+                    ranks,
                 }
             }
             Stores::Embedded { projector, keys } => {
@@ -274,6 +280,7 @@ impl Application {
                     pool: None,
                     worker_pool: None,
                     local: Some(projector),
+                    ranks: None,
                 }
             }
         };
@@ -312,7 +319,17 @@ impl Application {
             shutdown_timeout: Duration::from_secs(settings.shutdown_timeout_secs),
             lease_ttl: Duration::from_millis(settings.lease_ttl_ms),
             instance: crate::ops::lease::new_instance_id(),
+            ranks: wired.ranks,
         })
+    }
+
+    /// What this instance's live projections act through: `aggregates`,
+    /// and the rank index the leaderboard ranks with.
+    fn live_parts(&self, aggregates: Arc<Aggregates>) -> LiveParts {
+        LiveParts {
+            aggregates,
+            boards: self.ranks.clone().map(|ranks| ranks as Arc<dyn LiveBoards>),
+        }
     }
 
     /// The port actually bound (useful with port 0).
@@ -373,7 +390,7 @@ impl Application {
             let projections = crate::projector::spawn_all(
                 worker_pool,
                 bus,
-                aggregates,
+                self.live_parts(aggregates),
                 &self.state.metrics,
                 &tasks,
                 &stop,
@@ -388,7 +405,7 @@ impl Application {
             let target = Target::Local {
                 projections: crate::projector::local_projections(
                     pool,
-                    self.state.aggregates.clone(),
+                    self.live_parts(self.state.aggregates.clone()),
                 ),
                 hub: self.state.hub.clone(),
             };

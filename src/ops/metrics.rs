@@ -68,7 +68,8 @@ pub struct Metrics {
     pub rank_index_bytes: IntGaugeVec,
     pub rank_index_warm_ups: IntCounter,
     pub rank_index_evictions: IntCounter,
-    /// Rank reads by where they were answered (`index`, `sql`).
+    /// Rank lookups by where they were answered (`index`, `sql`; `batch`: a
+    /// worker ranked a batch's changes in memory).
     pub rank_index_reads: IntCounterVec,
     sources: Arc<Mutex<Sources>>,
 }
@@ -328,7 +329,7 @@ impl Metrics {
             rank_index_reads: counter_vec(
                 r,
                 "rank_index_reads_total",
-                "Leaderboard reads that rank, by where they were answered (index, sql)",
+                "Rank lookups by where they were answered: index, sql (queries), batch (a worker's batch ranked in memory)",
                 &["source"],
             ),
             registry,

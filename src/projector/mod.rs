@@ -30,11 +30,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::command::Aggregates;
 use crate::ops::lease::{supervise, Lease, RoleExit, RoleState, RoleStatus};
 use crate::ops::metrics::{raise_to, Metrics, Probe, PROJECTION_STATES};
 use crate::relay::ApplyBatch;
 use prometheus::Histogram;
+pub use registry::LiveParts;
 use registry::Register;
 
 /// Starts one supervised worker per projection (leaderboard, feed, attempts,
@@ -43,7 +43,7 @@ use registry::Register;
 pub fn spawn_all(
     pool: &PgPool,
     bus: &EventBus,
-    aggregates: Arc<Aggregates>,
+    parts: LiveParts,
     metrics: &Metrics,
     tasks: &TaskTracker,
     stop: &CancellationToken,
@@ -59,7 +59,7 @@ pub fn spawn_all(
         watched: Vec::new(),
         spawned: Vec::new(),
     };
-    registry::live(aggregates, &mut spawner);
+    registry::live(parts, &mut spawner);
     metrics.watch(Arc::new(ProjectionsProbe {
         pool: pool.clone(),
         relay: bus.subjects().prefix().to_string(),
@@ -168,7 +168,7 @@ impl Probe for ProjectionsProbe {
 /// The same projections for the relay's local target (one node without
 /// NATS): each applies a batch and advances its checkpoint in one
 /// transaction, as under a worker.
-pub fn local_projections(pool: &PgPool, aggregates: Arc<Aggregates>) -> Vec<(String, ApplyBatch)> {
+pub fn local_projections(pool: &PgPool, parts: LiveParts) -> Vec<(String, ApplyBatch)> {
     struct Local<'a> {
         pool: &'a PgPool,
         projections: Vec<(String, ApplyBatch)>,
@@ -188,7 +188,7 @@ pub fn local_projections(pool: &PgPool, aggregates: Arc<Aggregates>) -> Vec<(Str
         pool,
         projections: Vec::new(),
     };
-    registry::live(aggregates, &mut local);
+    registry::live(parts, &mut local);
     local.projections
 }
 

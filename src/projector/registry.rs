@@ -9,7 +9,7 @@ use std::sync::Arc;
 use podium_projections::attempts::{self, AttemptsProjection};
 use podium_projections::catalog::{self, CatalogProjection};
 use podium_projections::feed::{self, FeedProjection};
-use podium_projections::leaderboard::{self, LeaderboardProjection};
+use podium_projections::leaderboard::{self, LeaderboardProjection, LiveBoards};
 use podium_projections::{Generation, ProjectionLogic};
 
 use crate::command::policy::NotificationPolicy;
@@ -65,11 +65,26 @@ pub trait Register {
     fn register<L: ProjectionLogic>(&mut self, logic: L);
 }
 
+/// What live projections act through besides their tables.
+#[derive(Clone)]
+pub struct LiveParts {
+    /// Where the notification policy's commands go.
+    pub aggregates: Arc<Aggregates>,
+    /// This instance's rank index, which the leaderboard ranks what it
+    /// announces with where it can.
+    pub boards: Option<Arc<dyn LiveBoards>>,
+}
+
 /// Every projection a deployment keeps live: the read models, then the
-/// notification policy (whose commands go through `aggregates`).
-pub fn live(aggregates: Arc<Aggregates>, to: &mut impl Register) {
+/// notification policy.
+pub fn live(parts: LiveParts, to: &mut impl Register) {
     for model in ReadModel::ALL {
-        model.register_into(Generation::Live, to);
+        match model {
+            ReadModel::Leaderboard => to.register(
+                LeaderboardProjection::new(Generation::Live).ranking_with(parts.boards.clone()),
+            ),
+            other => other.register_into(Generation::Live, to),
+        }
     }
-    to.register(NotificationPolicy::new(aggregates));
+    to.register(NotificationPolicy::new(parts.aggregates));
 }

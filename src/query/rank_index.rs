@@ -23,12 +23,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use podium_projections::board_index::BoardIndex;
 use podium_projections::checkpoint_of;
-use podium_projections::leaderboard::{self, LeaderboardQueries};
+use podium_projections::leaderboard::{self, LeaderboardQueries, LiveBoards};
+use podium_projections::ranking::Entry;
 use sqlx::PgPool;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -116,6 +117,33 @@ impl Board {
         self.seq.send_replace(seq);
     }
 
+    /// Brings the warm board forward with `changed`: every entry changed
+    /// after some seq at or before the board's last change, as of checkpoint
+    /// `checkpoint`. Entries the board already holds (changed at or before
+    /// its last change) are skipped, so a pull and the owner's worker may
+    /// both bring it forward, in any order, and a snapshot older than the
+    /// board (a lagging replica) takes nothing back. False if not warm.
+    fn advance(&self, changed: &[(u64, Entry)], checkpoint: u64) -> bool {
+        let mut state = self
+            .state
+            .write()
+            .expect("a board's lock is never poisoned");
+        let State::Warm(warm) = &mut *state else {
+            return false;
+        };
+        let held = warm.last_change;
+        for (seq, entry) in changed.iter().filter(|(seq, _)| *seq > held) {
+            warm.index.upsert(entry);
+            warm.last_change = warm.last_change.max(*seq);
+        }
+        warm.seq = warm.seq.max(checkpoint);
+        self.measure(warm);
+        let seq = warm.seq;
+        drop(state);
+        self.seq.send_replace(Some(seq));
+        true
+    }
+
     /// Notes the size of `warm`, this board's.
     fn measure(&self, warm: &Warm) {
         let bytes = warm.index.bytes();
@@ -134,10 +162,14 @@ struct Counts {
     refused: AtomicU64,
     from_index: AtomicU64,
     from_sql: AtomicU64,
+    /// Boards the leaderboard worker ranked a batch on.
+    batches: AtomicU64,
 }
 
 /// The instance's rank index.
 pub struct RankIndex {
+    /// Itself, for the tasks it spawns.
+    me: Weak<Self>,
     pool: PgPool,
     hub: Arc<ChangeHub>,
     max_bytes: u64,
@@ -156,7 +188,8 @@ impl RankIndex {
         max_bytes: u64,
         stop: CancellationToken,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             pool,
             hub,
             max_bytes,
@@ -172,7 +205,7 @@ impl RankIndex {
     /// instance has heard of for longer than a pull takes. Every `None` is
     /// answered from SQL.
     pub async fn read<R>(
-        self: &Arc<Self>,
+        &self,
         test_id: Uuid,
         read: impl FnOnce(&BoardIndex, u64) -> R,
     ) -> Option<R> {
@@ -186,7 +219,7 @@ impl RankIndex {
     }
 
     async fn try_read<R>(
-        self: &Arc<Self>,
+        &self,
         test_id: Uuid,
         read: impl FnOnce(&BoardIndex, u64) -> R,
     ) -> Option<R> {
@@ -212,7 +245,7 @@ impl RankIndex {
     }
 
     /// `test_id`'s board, marked used; a new one starts warming.
-    fn board(self: &Arc<Self>, test_id: Uuid) -> Arc<Board> {
+    fn board(&self, test_id: Uuid) -> Arc<Board> {
         let now = self.clock.fetch_add(1, Ordering::Relaxed);
         let mut boards = self
             .boards
@@ -223,7 +256,9 @@ impl RankIndex {
             None => {
                 let board = Arc::new(Board::new(self.stop.child_token()));
                 boards.insert(test_id, board.clone());
-                tokio::spawn(self.clone().keep(test_id, board.clone()));
+                if let Some(me) = self.me.upgrade() {
+                    tokio::spawn(me.keep(test_id, board.clone()));
+                }
                 board
             }
         };
@@ -249,6 +284,15 @@ impl RankIndex {
             () = stop.cancelled() => {}
         }
         self.forget(test_id, &board);
+    }
+
+    /// `test_id`'s board if the index has one (warm or not), not marked used.
+    fn existing_board(&self, test_id: Uuid) -> Option<Arc<Board>> {
+        let boards = self
+            .boards
+            .lock()
+            .expect("the index's lock is never poisoned");
+        boards.get(&test_id).cloned()
     }
 
     /// Removes `board` from the index (if it is still `test_id`'s) and stops it.
@@ -351,24 +395,7 @@ impl RankIndex {
         let Some(changed) = changed else {
             return Ok(false);
         };
-        let mut state = board
-            .state
-            .write()
-            .expect("a board's lock is never poisoned");
-        let State::Warm(warm) = &mut *state else {
-            return Ok(false);
-        };
-        for (changed_seq, entry) in &changed {
-            warm.index.upsert(entry);
-            warm.last_change = warm.last_change.max(*changed_seq);
-        }
-        // A replica behind the last snapshot cannot take the board back.
-        warm.seq = warm.seq.max(seq);
-        board.measure(warm);
-        let seq = warm.seq;
-        drop(state);
-        board.seq.send_replace(Some(seq));
-        Ok(true)
+        Ok(board.advance(&changed, seq))
     }
 
     /// Evicts the least recently read boards until the rest fit the budget.
@@ -403,6 +430,11 @@ impl RankIndex {
         }
     }
 
+    /// Batches the leaderboard worker ranked in memory (per test).
+    pub fn batches_ranked(&self) -> u64 {
+        self.counts.batches.load(Ordering::Relaxed)
+    }
+
     /// Boards not loaded because they could not fit the budget alone.
     pub fn refused(&self) -> u64 {
         self.counts.refused.load(Ordering::Relaxed)
@@ -425,6 +457,53 @@ impl RankIndex {
             stats.user_id_bytes += board.user_id_bytes.load(Ordering::Relaxed);
         }
         stats
+    }
+}
+
+/// The owner's leaderboard worker ranks the changes it announces here: it
+/// brings the board forward inside its transaction (so the board is exact
+/// before every batch, whatever the notifications' timing) and ranks in
+/// memory.
+impl LiveBoards for RankIndex {
+    fn last_change(&self, test_id: Uuid) -> Option<u64> {
+        let board = self.board(test_id);
+        let state = board
+            .state
+            .read()
+            .expect("a board's lock is never poisoned");
+        match &*state {
+            State::Warm(warm) => Some(warm.last_change),
+            _ => None,
+        }
+    }
+
+    fn advance(&self, test_id: Uuid, changed: &[(u64, Entry)], checkpoint: u64) {
+        if let Some(board) = self.existing_board(test_id) {
+            board.advance(changed, checkpoint);
+        }
+    }
+
+    fn rank_with(
+        &self,
+        test_id: Uuid,
+        last_change: u64,
+        rank: &mut dyn FnMut(&BoardIndex),
+    ) -> bool {
+        let Some(board) = self.existing_board(test_id) else {
+            return false;
+        };
+        let state = board
+            .state
+            .read()
+            .expect("a board's lock is never poisoned");
+        match &*state {
+            State::Warm(warm) if warm.last_change == last_change => {
+                rank(&warm.index);
+                self.counts.batches.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -458,7 +537,11 @@ impl Probe for RankIndex {
         ] {
             crate::ops::metrics::raise_to(counter, value.load(Ordering::Relaxed));
         }
-        for (source, value) in [("index", &counts.from_index), ("sql", &counts.from_sql)] {
+        for (source, value) in [
+            ("index", &counts.from_index),
+            ("sql", &counts.from_sql),
+            ("batch", &counts.batches),
+        ] {
             crate::ops::metrics::raise_to(
                 &metrics.rank_index_reads.with_label_values(&[source]),
                 value.load(Ordering::Relaxed),

@@ -356,3 +356,182 @@ async fn a_board_larger_than_the_budget_stays_in_sql() {
     assert!(index.read(small, |_, _| ()).await.is_some());
     stop.cancel();
 }
+
+/// The rank of `user` on `test_id` as the read model says, by counting.
+async fn counted_rank(pool: &sqlx::PgPool, test_id: &str, user: &str) -> Option<u64> {
+    let rank: Option<i64> = sqlx::query_scalar(
+        "SELECT 1 + (SELECT count(*) FROM lb_entries x
+                      WHERE x.test_id = me.test_id
+                        AND (-x.best_score, x.achieved_at, x.user_id)
+                          < (-me.best_score, me.achieved_at, me.user_id))
+           FROM lb_entries me WHERE me.test_id = $1 AND me.user_id = $2",
+    )
+    .bind(test_id.parse::<Uuid>().unwrap())
+    .bind(user)
+    .fetch_optional(pool)
+    .await
+    .unwrap();
+    rank.map(|r| r as u64)
+}
+
+/// The ranks a stream announces (`rank`, `previous_rank`) are counted in
+/// memory on a warm board, and are the read model's.
+#[tokio::test]
+async fn announced_ranks_come_from_memory_and_are_the_read_models() {
+    let app = spawn_single_node_with(|s| s.query.cache_max_bytes = 0).await;
+    let test_id = app.published_test().await;
+    // Odd scores, between those the sample test gives (0, 4, 6, 10).
+    fill_board(
+        &app.pool,
+        test_id.parse().unwrap(),
+        2_000,
+        (USERS.0, "(n % 4) * 2 + 3", "0"),
+    )
+    .await;
+    answer(&app, &format!("/v1/tests/{test_id}/leaderboard?limit=1")).await;
+    poll("the board to warm", Duration::from_secs(20), || async {
+        let boards = app.metric("podium_rank_index_boards", &[]).await;
+        if boards >= 1.0 {
+            Ok(())
+        } else {
+            Err(boards)
+        }
+    })
+    .await;
+    let mut stream = crate::sse::SseClient::open(
+        &app,
+        &format!("/v1/tests/{test_id}/leaderboard/stream"),
+        &app.user("watcher"),
+        None,
+    )
+    .await;
+    let plan = [
+        ("a", 4),
+        ("b", 10),
+        ("a", 6),
+        ("c", 0),
+        ("b", 4),
+        ("a", 10),
+        ("d", 6),
+        ("c", 10),
+        ("d", 6),
+    ];
+    for (user, score) in plan {
+        let before = counted_rank(&app.pool, &test_id, user).await;
+        take(&app, &test_id, user, score).await;
+        let event = stream
+            .next_named("entry", Duration::from_secs(20))
+            .await
+            .expect("the submission is announced");
+        assert_eq!(event.data["user_id"], user, "{event:?}");
+        let after = counted_rank(&app.pool, &test_id, user).await;
+        assert_eq!(
+            event.data["rank"].as_u64(),
+            after,
+            "{user} {score}: {event:?}"
+        );
+        assert_eq!(
+            event.data["previous_rank"].as_u64(),
+            before,
+            "{user} {score}: {event:?}"
+        );
+    }
+    let batches = app
+        .metric("podium_rank_index_reads_total", &["source=\"batch\""])
+        .await;
+    assert!(
+        batches >= plan.len() as f64,
+        "{batches} batches ranked in memory"
+    );
+}
+
+/// Batches of several submissions each (some of one user twice) ranked in
+/// memory announce, for every entry a batch changed, its rank before the
+/// batch and after it, as the read model counts them.
+#[tokio::test]
+async fn batches_ranked_in_memory_announce_the_read_models_ranks() {
+    use podium_projections::leaderboard::{LeaderboardProjection, LiveBoards};
+    use podium_projections::ranking::Submission;
+    use podium_projections::{Checkpointed, Generation};
+
+    let db = TestDb::with_pool_size(3).await;
+    let test_id = Uuid::new_v4();
+    fill_board(&db.pool, test_id, 500, (USERS.0, "(n % 4) * 2 + 3", "0")).await;
+    let stop = CancellationToken::new();
+    let hub = ChangeHub::new(16, Duration::from_secs(60));
+    let index = RankIndex::new(db.pool.clone(), hub, 1 << 30, stop.clone());
+    poll("the board to warm", Duration::from_secs(20), || async {
+        index.read(test_id, |_, _| ()).await.ok_or("cold")
+    })
+    .await;
+    let boards: Arc<dyn LiveBoards> = index.clone();
+    let projection = Checkpointed::new(
+        db.pool.clone(),
+        LeaderboardProjection::new(Generation::Live).ranking_with(Some(boards)),
+    );
+    let test = test_id.to_string();
+    let mut seq = 0;
+    let mut rng = 11u64;
+    let mut next = |below: u64| {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (rng >> 33) % below
+    };
+    let at = DateTime::<Utc>::UNIX_EPOCH + chrono::TimeDelta::days(20_000);
+    for _ in 0..12 {
+        let size = 1 + next(8);
+        let batch: Vec<Submission> = (0..size)
+            .map(|i| Submission {
+                test_id,
+                // A few users, so that a batch often moves one twice, and
+                // ids from the board too.
+                user_id: match next(3) {
+                    0 => format!("learner{}", next(6)),
+                    _ => format!(
+                        "{}{}",
+                        ["User-", "user_", "u.", "Zed"][(i % 4) as usize],
+                        next(500) + 1
+                    ),
+                },
+                attempt_id: Uuid::new_v4(),
+                score: next(12) as u32,
+                max_score: 12,
+                correct: 0,
+                submitted_at: at + chrono::TimeDelta::seconds(next(3) as i64),
+            })
+            .collect();
+        let mut users: Vec<String> = batch.iter().map(|s| s.user_id.clone()).collect();
+        users.sort();
+        users.dedup();
+        let mut before = std::collections::HashMap::new();
+        for user in &users {
+            before.insert(user.clone(), counted_rank(&db.pool, &test, user).await);
+        }
+        let events: Vec<_> = batch
+            .iter()
+            .map(|s| {
+                seq += 1;
+                s.recorded(seq)
+            })
+            .collect();
+        let (_, changes) = projection.apply(&events).await.unwrap();
+        assert_eq!(changes.len(), users.len(), "{changes:?}");
+        for change in &changes {
+            let user = change.data["user_id"].as_str().unwrap();
+            let after = counted_rank(&db.pool, &test, user).await;
+            assert_eq!(change.data["rank"].as_u64(), after, "{user}: {change:?}");
+            assert_eq!(
+                change.data["previous_rank"].as_u64(),
+                before[user],
+                "{user}: {change:?}"
+            );
+        }
+    }
+    assert_eq!(
+        index.batches_ranked(),
+        12,
+        "every batch was ranked in memory"
+    );
+    stop.cancel();
+}

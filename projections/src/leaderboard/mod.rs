@@ -6,7 +6,9 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
+use crate::board_index::BoardIndex;
 use crate::checkpointed::{BoxError, ProjectionLogic};
 use crate::ranking::{Entry, RankKey, Submission};
 use crate::tables::Generation;
@@ -24,6 +26,8 @@ pub struct LeaderboardProjection {
     generation: Generation,
     entries: String,
     counts: String,
+    /// Where a live batch ranks in memory, when it can.
+    boards: Option<Arc<dyn LiveBoards>>,
 }
 
 impl LeaderboardProjection {
@@ -32,9 +36,43 @@ impl LeaderboardProjection {
             generation,
             entries: generation.table("lb_entries"),
             counts: generation.table("lb_score_counts"),
+            boards: None,
         }
     }
+
+    /// Ranks the changes a live batch announces on `boards` wherever one
+    /// holds exactly what the batch's transaction sees (SQL elsewhere).
+    pub fn ranking_with(mut self, boards: Option<Arc<dyn LiveBoards>>) -> Self {
+        self.boards = boards;
+        self
+    }
 }
+
+/// Leaderboards held in memory (an instance's rank index), which a live
+/// batch ranks with when one holds exactly what its transaction sees: the
+/// board's last change is the read model's.
+pub trait LiveBoards: Send + Sync {
+    /// The seq of the last change `test_id`'s board holds, if it is warm (a
+    /// cold board starts warming).
+    fn last_change(&self, test_id: Uuid) -> Option<u64>;
+
+    /// Brings the board forward: `changed` holds every entry changed after
+    /// some seq at or before the board's last change, each with the seq of
+    /// its change, as the read model stood at checkpoint `checkpoint`.
+    fn advance(&self, test_id: Uuid, changed: &[(u64, Entry)], checkpoint: u64);
+
+    /// Runs `rank` on the board if its last change is `last_change`;
+    /// false (and `rank` not run) otherwise.
+    fn rank_with(&self, test_id: Uuid, last_change: u64, rank: &mut dyn FnMut(&BoardIndex))
+        -> bool;
+}
+
+/// Most changed entries a batch pulls into a board that is behind.
+const PULL_LIMIT: i64 = 10_000;
+
+/// Ranks of the entries a live batch changes, by (test, user): before the
+/// batch (if the user had an entry) and after it.
+type BatchRanks = HashMap<(Uuid, String), (Option<u64>, u64)>;
 
 /// Most entries of one test a batch announces one by one, with their ranks;
 /// beyond that (a backlog being worked off) it announces one `resync` for the
@@ -91,6 +129,7 @@ impl LeaderboardProjection {
         &self,
         conn: &mut PgConnection,
         submissions: &[(u64, Submission)],
+        checkpoint: u64,
     ) -> Result<Vec<Change>, sqlx::Error> {
         let live = self.generation == Generation::Live;
         let mut keys: Vec<(Uuid, String)> = submissions
@@ -151,10 +190,29 @@ impl LeaderboardProjection {
             .filter(|(_, (count, _))| *count > ANNOUNCE_LIMIT)
             .map(|(test, (_, last))| (test, last))
             .collect();
+        // Tests ranked in memory, then the rest in SQL.
+        let in_memory = match (&self.boards, live) {
+            (Some(boards), true) => {
+                rank_in_memory(
+                    conn,
+                    boards.as_ref(),
+                    &entries,
+                    &before,
+                    &crowded,
+                    checkpoint,
+                )
+                .await?
+            }
+            _ => BatchRanks::new(),
+        };
+        let ranked_in_memory =
+            |test: &Uuid, user: &String| in_memory.contains_key(&(*test, user.clone()));
         let previous_ranks = if live {
             let keys: Vec<(Uuid, RankKey)> = before
                 .iter()
-                .filter(|((test, _), _)| !crowded.contains_key(test))
+                .filter(|((test, user), _)| {
+                    !crowded.contains_key(test) && !ranked_in_memory(test, user)
+                })
                 .map(|((test, _), key)| (*test, key.clone()))
                 .collect();
             let ranks = ranks_of(&mut *conn, &self.entries, &self.counts, &keys).await?;
@@ -231,14 +289,23 @@ impl LeaderboardProjection {
         after.sort_by_key(|(seq, _, _)| *seq);
         let keys: Vec<(Uuid, RankKey)> = after
             .iter()
+            .filter(|(_, test, entry)| !ranked_in_memory(test, &entry.user_id))
             .map(|(_, test, entry)| (*test, entry.rank_key()))
             .collect();
-        let ranks = ranks_of(&mut *conn, &self.entries, &self.counts, &keys).await?;
+        let mut ranks = ranks_of(&mut *conn, &self.entries, &self.counts, &keys)
+            .await?
+            .into_iter();
         let mut changes: Vec<Change> = after
             .into_iter()
-            .zip(ranks)
-            .map(|((seq, test, entry), rank)| {
-                let previous = previous_ranks.get(&(test, entry.user_id.clone())).copied();
+            .map(|(seq, test, entry)| {
+                let key = (test, entry.user_id.clone());
+                let (previous, rank) = match in_memory.get(&key) {
+                    Some(ranked) => *ranked,
+                    None => (
+                        previous_ranks.get(&key).copied(),
+                        ranks.next().expect("a rank for each entry ranked in SQL"),
+                    ),
+                };
                 entry_change(test, seq, entry, rank, previous)
             })
             .chain(
@@ -336,8 +403,83 @@ impl ProjectionLogic for LeaderboardProjection {
         if submissions.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(self.record_batch(conn, &submissions).await?)
+        let checkpoint = events[0].seq - 1;
+        Ok(self.record_batch(conn, &submissions, checkpoint).await?)
     }
+}
+
+/// Ranks the changed `entries` (each user's entry after the batch, by test
+/// and user; `before`: the keys of those who had one) of every uncrowded
+/// test whose board `boards` holds exactly as the transaction sees it,
+/// bringing a board that is a few changes behind forward first. Before the
+/// batch, a key's rank is its board's; after it, the board's minus the
+/// batch's old keys ahead of it plus its new keys ahead of it. Checked
+/// before the batch writes anything (`checkpoint`: the seq before it).
+async fn rank_in_memory(
+    conn: &mut PgConnection,
+    boards: &dyn LiveBoards,
+    entries: &HashMap<(Uuid, String), (Entry, u64)>,
+    before: &HashMap<(Uuid, String), RankKey>,
+    crowded: &HashMap<Uuid, u64>,
+    checkpoint: u64,
+) -> Result<BatchRanks, sqlx::Error> {
+    let mut tests: Vec<Uuid> = entries
+        .keys()
+        .map(|(test, _)| *test)
+        .filter(|test| !crowded.contains_key(test))
+        .collect();
+    tests.sort();
+    tests.dedup();
+    let held: Vec<(Uuid, u64)> = tests
+        .into_iter()
+        .filter_map(|test| boards.last_change(test).map(|last| (test, last)))
+        .collect();
+    let mut ranked = BatchRanks::new();
+    if held.is_empty() {
+        return Ok(ranked);
+    }
+    let tests: Vec<Uuid> = held.iter().map(|(test, _)| *test).collect();
+    let current = LeaderboardQueries::last_changes(&mut *conn, &tests).await?;
+    for (test, held) in held {
+        let now = current.get(&test).copied().unwrap_or(0);
+        if held < now {
+            match LeaderboardQueries::changed_after(conn, test, held, PULL_LIMIT).await? {
+                Some(changed) => boards.advance(test, &changed, checkpoint),
+                None => continue,
+            }
+        }
+        let mut old: Vec<&RankKey> = before
+            .iter()
+            .filter(|((t, _), _)| *t == test)
+            .map(|(_, key)| key)
+            .collect();
+        old.sort();
+        let changed: Vec<(&String, RankKey)> = entries
+            .iter()
+            .filter(|((t, _), _)| *t == test)
+            .map(|((_, user), (entry, _))| (user, entry.rank_key()))
+            .collect();
+        let mut new: Vec<&RankKey> = changed.iter().map(|(_, key)| key).collect();
+        new.sort();
+        let mut test_ranks = Vec::with_capacity(changed.len());
+        let ranked_all = boards.rank_with(test, now, &mut |board| {
+            test_ranks.clear();
+            for (user, key) in &changed {
+                let previous = before
+                    .get(&(test, (*user).clone()))
+                    .map(|old_key| board.rank_of_key(old_key));
+                let old_ahead = old.partition_point(|k| *k < key) as u64;
+                let new_ahead = new.partition_point(|k| *k < key) as u64;
+                // The board holds every old key, so at least `old_ahead` rank ahead.
+                let rank = (board.rank_of_key(key) + new_ahead).saturating_sub(old_ahead);
+                test_ranks.push(((test, (*user).clone()), (previous, rank)));
+            }
+        });
+        if ranked_all {
+            ranked.extend(test_ranks);
+        }
+    }
+    Ok(ranked)
 }
 
 /// Notes where each moved entry stood before the submission (its seq) that

@@ -453,17 +453,24 @@ impl LeaderboardQueries {
         Ok(oid as u32)
     }
 
-    /// The seq of the last change of `test_id`'s board (0: none).
-    pub async fn last_change<'e>(
+    /// The seq of the last change of each board of `tests` (absent: none),
+    /// each found at the end of its index range.
+    pub async fn last_changes<'e>(
         db: impl PgExecutor<'e>,
-        test_id: Uuid,
-    ) -> Result<u64, sqlx::Error> {
-        let seq: Option<i64> =
-            sqlx::query_scalar("SELECT max(changed_seq) FROM lb_entries WHERE test_id = $1")
-                .bind(test_id)
-                .fetch_one(db)
-                .await?;
-        Ok(seq.unwrap_or(0) as u64)
+        tests: &[Uuid],
+    ) -> Result<std::collections::HashMap<Uuid, u64>, sqlx::Error> {
+        let rows: Vec<(Uuid, Option<i64>)> = sqlx::query_as(
+            "SELECT t.test_id,
+                    (SELECT max(changed_seq) FROM lb_entries e WHERE e.test_id = t.test_id)
+               FROM UNNEST($1::uuid[]) t(test_id)",
+        )
+        .bind(tests)
+        .fetch_all(db)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(test, seq)| Some((test, seq? as u64)))
+            .collect())
     }
 
     /// The seq at or below which moves are no longer all known: a cursor
