@@ -43,6 +43,9 @@ enum Command {
     Serve,
     /// Only "three instances vs one", printed to stderr (for looking into it).
     Instances(AllArgs),
+    /// Only replay and rank at scale (seed, replay, the rank index, Redis),
+    /// printed to stderr.
+    Scale(AllArgs),
 }
 
 #[derive(clap::Args)]
@@ -108,6 +111,15 @@ fn main() -> anyhow::Result<()> {
             let mut report = Report::default();
             instances_scenario(&Sizes::new(args.smoke), &mut report).await?;
             eprintln!("{}", report.markdown("", "podium-bench instances"));
+            anyhow::Ok(())
+        }),
+        Command::Scale(args) => runtime.block_on(async {
+            let mut report = Report::default();
+            let scale = ScratchDb::create(4).await?;
+            let result = scale_scenarios(&scale, &Sizes::new(args.smoke), &mut report).await;
+            scale.drop().await?;
+            result?;
+            eprintln!("{}", report.markdown("", "podium-bench scale"));
             anyhow::Ok(())
         }),
     }
