@@ -215,3 +215,103 @@ impl AttemptQueries {
         Ok((attempts, more))
     }
 }
+
+/// One attempt's row as a fold keeps it.
+struct AttemptRow {
+    user_id: String,
+    test_id: Uuid,
+    max_score: u32,
+    started_at: DateTime<Utc>,
+    /// Score, max score, correct, duration and time, once submitted.
+    submitted: Option<(u32, u32, u32, u64, DateTime<Utc>)>,
+}
+
+/// "My attempts" folded in memory for a rebuild, by the same rules as
+/// [`AttemptsProjection`]: the first start of an attempt inserts it, a
+/// submission of an attempt started before completes it; written with COPY.
+#[derive(Default)]
+pub struct AttemptsFold {
+    attempts: std::collections::HashMap<Uuid, AttemptRow>,
+}
+
+impl crate::fold::Fold for AttemptsFold {
+    fn add(&mut self, events: &[RecordedEvent]) -> Result<(), BoxError> {
+        for event in events {
+            if event.aggregate_type != "Attempt" || event.event_type == "AnswerRecorded" {
+                continue;
+            }
+            match event.decode()? {
+                PodiumEvent::Attempt(AttemptEvent::AttemptStarted {
+                    attempt_id,
+                    test_id,
+                    user_id,
+                    started_at,
+                    max_score,
+                    ..
+                }) => {
+                    self.attempts.entry(attempt_id).or_insert(AttemptRow {
+                        user_id: user_id.to_string(),
+                        test_id,
+                        max_score,
+                        started_at,
+                        submitted: None,
+                    });
+                }
+                PodiumEvent::Attempt(AttemptEvent::AttemptSubmitted {
+                    attempt_id,
+                    score,
+                    max_score,
+                    correct,
+                    duration_ms,
+                    submitted_at,
+                    ..
+                }) => {
+                    if let Some(row) = self.attempts.get_mut(&attempt_id) {
+                        row.submitted =
+                            Some((score, max_score, correct, duration_ms, submitted_at));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn write<'c>(
+        self: Box<Self>,
+        conn: &'c mut PgConnection,
+    ) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>> {
+        Box::pin(async move {
+            use crate::fold::{copy_time, CopyWriter};
+            let mut rows = CopyWriter::start(
+                conn,
+                &format!(
+                    "COPY {} (attempt_id, user_id, test_id, status, score, max_score, correct,
+                              duration_ms, started_at, submitted_at) FROM STDIN",
+                    Generation::Next.table("my_attempts")
+                ),
+            )
+            .await?;
+            for (attempt_id, row) in self.attempts {
+                let submitted = row.submitted;
+                rows.field(attempt_id)
+                    .field(&row.user_id)
+                    .field(row.test_id)
+                    .field(if submitted.is_some() {
+                        "submitted"
+                    } else {
+                        "in_progress"
+                    })
+                    .optional(submitted.map(|s| s.0))
+                    .field(submitted.map_or(row.max_score, |s| s.1))
+                    .optional(submitted.map(|s| s.2))
+                    .optional(submitted.map(|s| s.3))
+                    .field(copy_time(row.started_at))
+                    .optional(submitted.map(|s| copy_time(s.4)));
+                rows.end_row().await?;
+            }
+            rows.finish().await?;
+            Ok(())
+        })
+    }
+}

@@ -3,6 +3,8 @@
 //! - [`checkpointed`]: a projection applies events and advances its checkpoint
 //!   in one Postgres transaction, so a redelivered event is skipped and
 //!   nothing is applied twice.
+//! - [`fold`]: a read model folded in memory and written with COPY, for
+//!   rebuilds at the speed of the log.
 //! - [`fence`]: lease tokens that fence an ex-owner's writes, and which
 //!   failures are transient.
 //! - [`ranking`]: the leaderboard rules, pure (and an in-memory board).
@@ -20,6 +22,7 @@ pub mod catalog;
 pub mod checkpointed;
 pub mod feed;
 pub mod fence;
+pub mod fold;
 pub mod leaderboard;
 pub mod memory;
 pub mod ranked_set;

@@ -6,10 +6,11 @@
 
 use std::sync::Arc;
 
-use podium_projections::attempts::{self, AttemptsProjection};
+use podium_projections::attempts::{self, AttemptsFold, AttemptsProjection};
 use podium_projections::catalog::{self, CatalogProjection};
 use podium_projections::feed::{self, FeedProjection};
-use podium_projections::leaderboard::{self, LeaderboardProjection, LiveBoards};
+use podium_projections::fold::Fold;
+use podium_projections::leaderboard::{self, LeaderboardFold, LeaderboardProjection, LiveBoards};
 use podium_projections::{Generation, ProjectionLogic};
 
 use crate::command::policy::NotificationPolicy;
@@ -45,6 +46,17 @@ impl ReadModel {
             Self::Feed => &feed::TABLES,
             Self::Attempts => &attempts::TABLES,
             Self::Catalog => &catalog::TABLES,
+        }
+    }
+
+    /// Its fold for rebuilds, if it has one: the read model computed in
+    /// memory and written with COPY (the others rebuild through their
+    /// set-wise projection).
+    pub fn fold(self) -> Option<Box<dyn Fold>> {
+        match self {
+            Self::Leaderboard => Some(Box::new(LeaderboardFold::default())),
+            Self::Attempts => Some(Box::new(AttemptsFold::default())),
+            Self::Feed | Self::Catalog => None,
         }
     }
 

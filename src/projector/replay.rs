@@ -15,6 +15,8 @@ use podium_projections::leaderboard::LeaderboardQueries;
 use podium_projections::{ApplyError, Checkpointed, Generation, ProjectionLogic};
 use sqlx::{PgConnection, PgPool};
 
+use podium_projections::fold::Fold;
+
 use super::registry::{ReadModel, Register};
 use crate::log::postgres::LogCursor;
 
@@ -85,6 +87,9 @@ impl<L: ProjectionLogic> NextGeneration for Checkpointed<L> {
 struct Rebuilding {
     model: ReadModel,
     next: Box<dyn NextGeneration>,
+    /// Where the log is folded while it is read, if the read model folds;
+    /// written into the copies at the end.
+    fold: Option<Box<dyn Fold>>,
 }
 
 impl Rebuilding {
@@ -100,6 +105,7 @@ impl Rebuilding {
         Self {
             model,
             next: next.1.expect("every read model registers its projection"),
+            fold: model.fold(),
         }
     }
 
@@ -132,7 +138,7 @@ pub async fn replay(
     scope: Scope,
     progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> anyhow::Result<Vec<Rebuilt>> {
-    let projections: Vec<Rebuilding> = scope
+    let mut projections: Vec<Rebuilding> = scope
         .read_models()
         .into_iter()
         .map(|model| Rebuilding::new(pool, model))
@@ -158,7 +164,9 @@ pub async fn replay(
         // runs at the pace of the slower of the two, not of both in turn.
         // Each projection in a transaction of its own (their copies and
         // checkpoints are apart), side by side.
-        let apply = futures::future::try_join_all(projections.iter().map(|projection| {
+        let (folding, applying): (Vec<_>, Vec<_>) =
+            projections.iter_mut().partition(|p| p.fold.is_some());
+        let apply = futures::future::try_join_all(applying.into_iter().map(|projection| {
             let events = &events;
             async move {
                 let mut tx = pool.begin().await?;
@@ -173,8 +181,19 @@ pub async fn replay(
                 anyhow::Ok(())
             }
         }));
-        let (applied, read) = tokio::join!(apply, after.peek(&mut reader, BATCH));
+        // Folds work while the next batch is on its way (the read is polled
+        // first, so its query is sent before they start).
+        let fold = async {
+            for projection in folding {
+                let fold = projection.fold.as_mut().expect("partitioned by fold");
+                fold.add(&events)
+                    .map_err(|err| anyhow::anyhow!("folding {}: {err}", projection.name()))?;
+            }
+            anyhow::Ok(())
+        };
+        let (read, applied, folded) = tokio::join!(after.peek(&mut reader, BATCH), apply, fold);
         applied?;
+        folded?;
         next = read?;
         cursor = after;
         progress(cursor.seq, total.max(cursor.seq as i64) as u64);
@@ -182,7 +201,7 @@ pub async fn replay(
         // treating them as tiny and scans them whole on every batch.
         let batches = cursor.seq / BATCH as u64;
         if batches.is_power_of_two() || cursor.seq % ANALYZE_EVERY < BATCH as u64 {
-            for projection in &projections {
+            for projection in projections.iter().filter(|p| p.fold.is_none()) {
                 for table in projection.tables() {
                     let next = Generation::Next.table(table);
                     sqlx::query(&format!("ANALYZE {next}"))
@@ -193,6 +212,26 @@ pub async fn replay(
         }
     }
     drop(reader);
+    // The folds written out, each with the checkpoint of the last event it
+    // folded, from which the swap applies what was written meanwhile.
+    for projection in &mut projections {
+        let Some(fold) = projection.fold.take() else {
+            continue;
+        };
+        let mut tx = pool.begin().await?;
+        fold.write(&mut tx)
+            .await
+            .with_context(|| format!("writing {}", projection.name()))?;
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (name, seq) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET seq = EXCLUDED.seq, updated_at = now()",
+        )
+        .bind(projection.next_name())
+        .bind(cursor.seq as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+    }
     // The secondary indexes, built once over the whole result rather than
     // kept up row by row.
     for definition in &deferred {

@@ -512,3 +512,30 @@ impl podium_projections::ProjectionLogic for Renamed {
         self.0.apply_batch(conn, events).await
     }
 }
+
+/// A rebuild folds attempts left in progress as well as submitted ones, and
+/// a user's repeated submissions into one entry, as the live projections did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_keeps_attempts_in_progress_and_repeated_submissions() {
+    let (app, _) = spawn_app_with_workers().await;
+    let test_id = app.published_test().await;
+    for (user, submit) in [("ann", true), ("bob", false), ("ann", true), ("cy", false)] {
+        let token = app.user(user);
+        let attempt = app.started_attempt(&test_id, &token).await;
+        if submit {
+            let answers = serde_json::json!({"answers": {"q1": 1, "q2": 0}});
+            let response = app.submit(&attempt, &token, Some(answers)).await;
+            assert_eq!(response.status(), reqwest::StatusCode::OK);
+        }
+    }
+    settle(&app.pool).await;
+    let live = snapshot(&app.pool).await;
+    let in_progress = live["my_attempts"]
+        .iter()
+        .filter(|row| row["status"] == "in_progress")
+        .count();
+    assert_eq!(in_progress, 2, "{:?}", live["my_attempts"]);
+    let mut progress = |_: u64, _: u64| {};
+    replay(&app.pool, Scope::All, &mut progress).await.unwrap();
+    assert_same(&snapshot(&app.pool).await, &live);
+}

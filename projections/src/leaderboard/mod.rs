@@ -583,3 +583,73 @@ pub(crate) async fn ranks_of(
     .await?;
     Ok(ahead.into_iter().map(|a| a as u64 + 1).collect())
 }
+
+/// The leaderboard folded in memory for a rebuild: each (test, user)'s entry
+/// by the same rules as [`LeaderboardProjection`], with the seq of the last
+/// submission that touched it; written with COPY, score counts included.
+/// A rebuild records no moves (as the set-wise path records none).
+#[derive(Default)]
+pub struct LeaderboardFold {
+    entries: HashMap<(Uuid, String), (Entry, u64)>,
+}
+
+impl crate::fold::Fold for LeaderboardFold {
+    fn add(&mut self, events: &[RecordedEvent]) -> Result<(), BoxError> {
+        for event in events {
+            if let Some(submission) = Submission::of(event)? {
+                let key = (submission.test_id, submission.user_id.clone());
+                let previous = self.entries.get(&key).map(|(entry, _)| entry);
+                let entry = Entry::record(previous, &submission);
+                self.entries.insert(key, (entry, event.seq));
+            }
+        }
+        Ok(())
+    }
+
+    fn write<'c>(
+        self: Box<Self>,
+        conn: &'c mut PgConnection,
+    ) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>> {
+        Box::pin(async move {
+            use crate::fold::{copy_time, CopyWriter};
+            let next = Generation::Next;
+            let mut counts: HashMap<(Uuid, u32), i64> = HashMap::new();
+            let mut rows = CopyWriter::start(
+                conn,
+                &format!(
+                    "COPY {} (test_id, user_id, best_score, max_score, attempt_id, achieved_at,
+                              attempts, changed_seq) FROM STDIN",
+                    next.table("lb_entries")
+                ),
+            )
+            .await?;
+            for ((test, _), (entry, seq)) in self.entries {
+                *counts.entry((test, entry.best_score)).or_default() += 1;
+                rows.field(test)
+                    .field(&entry.user_id)
+                    .field(entry.best_score)
+                    .field(entry.max_score)
+                    .field(entry.attempt_id)
+                    .field(copy_time(entry.achieved_at))
+                    .field(entry.attempts)
+                    .field(seq);
+                rows.end_row().await?;
+            }
+            rows.finish().await?;
+            let mut rows = CopyWriter::start(
+                conn,
+                &format!(
+                    "COPY {} (test_id, score, entries) FROM STDIN",
+                    next.table("lb_score_counts")
+                ),
+            )
+            .await?;
+            for ((test, score), entries) in counts {
+                rows.field(test).field(score).field(entries);
+                rows.end_row().await?;
+            }
+            rows.finish().await?;
+            Ok(())
+        })
+    }
+}
