@@ -46,6 +46,9 @@ enum Command {
     /// Only replay and rank at scale (seed, replay, the rank index, Redis),
     /// printed to stderr.
     Scale(AllArgs),
+    /// Only the backlog a live instance works off, printed to stderr (its
+    /// ratios are against placeholders: `all` measures their ceilings).
+    Backlog(AllArgs),
 }
 
 #[derive(clap::Args)]
@@ -111,6 +114,12 @@ fn main() -> anyhow::Result<()> {
             let mut report = Report::default();
             instances_scenario(&Sizes::new(args.smoke), &mut report).await?;
             eprintln!("{}", report.markdown("", "podium-bench instances"));
+            anyhow::Ok(())
+        }),
+        Command::Backlog(args) => runtime.block_on(async {
+            let mut report = Report::default();
+            backlog_scenario(&Sizes::new(args.smoke), (1.0, 1.0), &mut report).await?;
+            eprintln!("{}", report.markdown("", "podium-bench backlog"));
             anyhow::Ok(())
         }),
         Command::Scale(args) => runtime.block_on(async {
@@ -852,7 +861,14 @@ async fn backlog_scenario(
     (replay_rate, ingest_rate): (f64, f64),
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    const PROJECTIONS: [&str; 4] = ["leaderboard", "feed", "attempts", "notification-policy"];
+    // The relay first: when it is done, what is left is the projections'.
+    const PROJECTIONS: [&str; 5] = [
+        "relay",
+        "leaderboard",
+        "feed",
+        "attempts",
+        "notification-policy",
+    ];
     let db = ScratchDb::create(2).await?;
     let prefix = format!("benchbl{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let result = async {
@@ -868,10 +884,12 @@ async fn backlog_scenario(
                 started.elapsed() < Duration::from_secs(3600),
                 "the backlog was not worked off within an hour"
             );
-            let checkpoints: Vec<(String, i64)> =
-                sqlx::query_as("SELECT name, seq FROM projection_checkpoints")
-                    .fetch_all(&db.pool)
-                    .await?;
+            let checkpoints: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT name, seq FROM projection_checkpoints
+                 UNION ALL SELECT 'relay', seq FROM relay_checkpoints",
+            )
+            .fetch_all(&db.pool)
+            .await?;
             for (name, seq) in checkpoints {
                 let projection = PROJECTIONS.iter().find(|p| **p == name);
                 if let Some(projection) = projection {

@@ -58,7 +58,7 @@ pub struct RelayConfig {
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
-            batch_size: 500,
+            batch_size: 1_000,
             poll_interval: Duration::from_secs(1),
             blocked_poll: Duration::from_millis(5),
             lease_ttl: Duration::from_millis(crate::config::DEFAULT_LEASE_TTL_MS),
@@ -204,11 +204,18 @@ impl Relay {
         listener.listen(CHANNEL).await?;
         let mut cursor = self.load_checkpoint(&mut conn).await?;
         self.stats.seq.store(cursor.seq, Ordering::Relaxed);
+        // The batch after `cursor`, read while the one before it was being
+        // published (a backlog then goes at the pace of the slower of the
+        // two, not of both in turn).
+        let mut read_ahead = None;
         loop {
             if stop.is_cancelled() {
                 return Err(RelayError::Stopped);
             }
-            let (events, next) = cursor.peek(&mut conn, self.config.batch_size).await?;
+            let (events, next) = match read_ahead.take() {
+                Some(batch) => batch,
+                None => cursor.peek(&mut conn, self.config.batch_size).await?,
+            };
             if events.is_empty() {
                 // Committed events that we may not read yet wait behind an
                 // older transaction that is still running — perhaps one that
@@ -230,7 +237,17 @@ impl Relay {
                 continue;
             }
             let span = tracing::debug_span!("relay_batch", from = cursor.seq + 1, to = next.seq);
-            match self.publish(&events, stop).instrument(span).await {
+            // A full batch says more is waiting: read it meanwhile.
+            let more = events.len() as i64 == self.config.batch_size;
+            let publish = self.publish(&events, stop).instrument(span);
+            let (published, read) = if more {
+                let (published, read) =
+                    tokio::join!(publish, next.peek(&mut conn, self.config.batch_size));
+                (published, Some(read))
+            } else {
+                (publish.await, None)
+            };
+            match published {
                 Err(RelayError::Rewind) => {
                     tracing::info!(
                         "a reader is behind the relay: reading the log again from its start"
@@ -241,6 +258,7 @@ impl Relay {
                 other => other?,
             }
             self.save_checkpoint(&mut conn, &next, fence).await?;
+            read_ahead = read.transpose()?;
             cursor = next;
             self.stats.seq.store(cursor.seq, Ordering::Relaxed);
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
