@@ -446,10 +446,30 @@ impl<P: Projection> Worker<P> {
                 return Ok(Some(Interrupted::Stop));
             }
             let take = if one_by_one { 1 } else { run.len() };
-            let batch = &run[..take];
-            let result = match batch.iter().map(|d| d.event.clone()).collect() {
-                Ok(events) => self.try_apply(events).await,
-                Err(reason) => Err(ProjectionError::Failed(reason)),
+            let undecodable = run[..take]
+                .iter()
+                .find_map(|d| d.event.as_ref().err().cloned());
+            let result = match undecodable {
+                Some(reason) => Err(ProjectionError::Failed(reason)),
+                None => {
+                    // The events leave their deliveries for the call (no
+                    // copy of each event's JSON per attempt) and come back
+                    // if the batch is to be tried again.
+                    let events: Vec<RecordedEvent> = run[..take]
+                        .iter_mut()
+                        .map(|d| {
+                            std::mem::replace(&mut d.event, Err(String::new()))
+                                .expect("every event of the batch decoded")
+                        })
+                        .collect();
+                    let result = self.try_apply(&events).await;
+                    if result.is_err() {
+                        for (delivery, event) in run.iter_mut().zip(events) {
+                            delivery.event = Ok(event);
+                        }
+                    }
+                    result
+                }
             };
             match result {
                 Ok(()) => {
@@ -460,7 +480,7 @@ impl<P: Projection> Worker<P> {
                     self.stats.transient_retries.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         projection = self.projection.name(),
-                        seq = batch[0].seq,
+                        seq = run[0].seq,
                         error,
                         "applying failed for a passing reason; will retry"
                     );
@@ -502,9 +522,9 @@ impl<P: Projection> Worker<P> {
         Ok(None)
     }
 
-    async fn try_apply(&mut self, events: Vec<RecordedEvent>) -> Result<(), ProjectionError> {
+    async fn try_apply(&mut self, events: &[RecordedEvent]) -> Result<(), ProjectionError> {
         let started = Instant::now();
-        let applied = self.projection.apply(&events).await?;
+        let applied = self.projection.apply(events).await?;
         let micros = started.elapsed().as_micros() as u64;
         self.stats
             .last_apply_micros
@@ -514,7 +534,7 @@ impl<P: Projection> Worker<P> {
             Ordering::Relaxed,
         );
         self.set_checkpoint(applied.checkpoint);
-        for event in &events {
+        for event in events {
             self.failures.remove(&event.seq);
         }
         for mut change in applied.changes {
