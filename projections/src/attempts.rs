@@ -45,41 +45,23 @@ impl ProjectionLogic for AttemptsProjection {
         let mut started = Started::default();
         let mut submitted = Submitted::default();
         for event in events {
-            if event.aggregate_type != "Attempt" || event.event_type == "AnswerRecorded" {
-                continue;
-            }
-            match event.decode()? {
-                PodiumEvent::Attempt(AttemptEvent::AttemptStarted {
-                    attempt_id,
-                    test_id,
-                    user_id,
-                    started_at,
-                    max_score,
-                    ..
-                }) => {
-                    started.attempt_id.push(attempt_id);
-                    started.user_id.push(user_id.to_string());
-                    started.test_id.push(test_id);
-                    started.max_score.push(max_score as i32);
-                    started.started_at.push(started_at);
+            match AttemptStep::of(event)? {
+                Some(AttemptStep::Started(start)) => {
+                    started.attempt_id.push(start.attempt_id);
+                    started.user_id.push(start.user_id);
+                    started.test_id.push(start.test_id);
+                    started.max_score.push(start.max_score as i32);
+                    started.started_at.push(start.started_at);
                 }
-                PodiumEvent::Attempt(AttemptEvent::AttemptSubmitted {
-                    attempt_id,
-                    score,
-                    max_score,
-                    correct,
-                    duration_ms,
-                    submitted_at,
-                    ..
-                }) => {
-                    submitted.attempt_id.push(attempt_id);
-                    submitted.score.push(score as i32);
-                    submitted.max_score.push(max_score as i32);
-                    submitted.correct.push(correct as i32);
-                    submitted.duration_ms.push(duration_ms as i64);
-                    submitted.submitted_at.push(submitted_at);
+                Some(AttemptStep::Submitted(done)) => {
+                    submitted.attempt_id.push(done.attempt_id);
+                    submitted.score.push(done.score as i32);
+                    submitted.max_score.push(done.max_score as i32);
+                    submitted.correct.push(done.correct as i32);
+                    submitted.duration_ms.push(done.duration_ms as i64);
+                    submitted.submitted_at.push(done.submitted_at);
                 }
-                _ => {}
+                None => {}
             }
         }
         if !started.attempt_id.is_empty() {
@@ -120,6 +102,76 @@ impl ProjectionLogic for AttemptsProjection {
             .await?;
         }
         Ok(Vec::new())
+    }
+}
+
+/// An attempt's start, as "my attempts" records it.
+struct Start {
+    attempt_id: Uuid,
+    user_id: String,
+    test_id: Uuid,
+    max_score: u32,
+    started_at: DateTime<Utc>,
+}
+
+/// An attempt's submission, as "my attempts" records it.
+#[derive(Clone, Copy)]
+struct Done {
+    attempt_id: Uuid,
+    score: u32,
+    max_score: u32,
+    correct: u32,
+    duration_ms: u64,
+    submitted_at: DateTime<Utc>,
+}
+
+/// What an event does to "my attempts": starts an attempt, or completes
+/// one; the one reading of events the projection and its fold share.
+enum AttemptStep {
+    Started(Start),
+    Submitted(Done),
+}
+
+impl AttemptStep {
+    /// `event`'s step, if it is one (other events are told by their type,
+    /// without decoding them).
+    fn of(event: &RecordedEvent) -> Result<Option<Self>, BoxError> {
+        if event.aggregate_type != "Attempt" || event.event_type == "AnswerRecorded" {
+            return Ok(None);
+        }
+        Ok(match event.decode()? {
+            PodiumEvent::Attempt(AttemptEvent::AttemptStarted {
+                attempt_id,
+                test_id,
+                user_id,
+                started_at,
+                max_score,
+                ..
+            }) => Some(Self::Started(Start {
+                attempt_id,
+                user_id: user_id.to_string(),
+                test_id,
+                max_score,
+                started_at,
+            })),
+            PodiumEvent::Attempt(AttemptEvent::AttemptSubmitted {
+                attempt_id,
+                score,
+                max_score,
+                correct,
+                duration_ms,
+                submitted_at,
+                ..
+            }) => Some(Self::Submitted(Done {
+                attempt_id,
+                score,
+                max_score,
+                correct,
+                duration_ms,
+                submitted_at,
+            })),
+            _ => None,
+        })
     }
 }
 
@@ -216,62 +268,29 @@ impl AttemptQueries {
     }
 }
 
-/// One attempt's row as a fold keeps it.
-struct AttemptRow {
-    user_id: String,
-    test_id: Uuid,
-    max_score: u32,
-    started_at: DateTime<Utc>,
-    /// Score, max score, correct, duration and time, once submitted.
-    submitted: Option<(u32, u32, u32, u64, DateTime<Utc>)>,
-}
-
 /// "My attempts" folded in memory for a rebuild, by the same rules as
 /// [`AttemptsProjection`]: the first start of an attempt inserts it, a
 /// submission of an attempt started before completes it; written with COPY.
 #[derive(Default)]
 pub struct AttemptsFold {
-    attempts: std::collections::HashMap<Uuid, AttemptRow>,
+    attempts: std::collections::HashMap<Uuid, (Start, Option<Done>)>,
 }
 
 impl crate::fold::Fold for AttemptsFold {
     fn add(&mut self, events: &[RecordedEvent]) -> Result<(), BoxError> {
         for event in events {
-            if event.aggregate_type != "Attempt" || event.event_type == "AnswerRecorded" {
-                continue;
-            }
-            match event.decode()? {
-                PodiumEvent::Attempt(AttemptEvent::AttemptStarted {
-                    attempt_id,
-                    test_id,
-                    user_id,
-                    started_at,
-                    max_score,
-                    ..
-                }) => {
-                    self.attempts.entry(attempt_id).or_insert(AttemptRow {
-                        user_id: user_id.to_string(),
-                        test_id,
-                        max_score,
-                        started_at,
-                        submitted: None,
-                    });
+            match AttemptStep::of(event)? {
+                Some(AttemptStep::Started(start)) => {
+                    self.attempts
+                        .entry(start.attempt_id)
+                        .or_insert((start, None));
                 }
-                PodiumEvent::Attempt(AttemptEvent::AttemptSubmitted {
-                    attempt_id,
-                    score,
-                    max_score,
-                    correct,
-                    duration_ms,
-                    submitted_at,
-                    ..
-                }) => {
-                    if let Some(row) = self.attempts.get_mut(&attempt_id) {
-                        row.submitted =
-                            Some((score, max_score, correct, duration_ms, submitted_at));
+                Some(AttemptStep::Submitted(done)) => {
+                    if let Some((_, submitted)) = self.attempts.get_mut(&done.attempt_id) {
+                        *submitted = Some(done);
                     }
                 }
-                _ => {}
+                None => {}
             }
         }
         Ok(())
@@ -292,22 +311,21 @@ impl crate::fold::Fold for AttemptsFold {
                 ),
             )
             .await?;
-            for (attempt_id, row) in self.attempts {
-                let submitted = row.submitted;
+            for (attempt_id, (start, done)) in self.attempts {
                 rows.field(attempt_id)
-                    .field(&row.user_id)
-                    .field(row.test_id)
-                    .field(if submitted.is_some() {
+                    .field(&start.user_id)
+                    .field(start.test_id)
+                    .field(if done.is_some() {
                         "submitted"
                     } else {
                         "in_progress"
                     })
-                    .optional(submitted.map(|s| s.0))
-                    .field(submitted.map_or(row.max_score, |s| s.1))
-                    .optional(submitted.map(|s| s.2))
-                    .optional(submitted.map(|s| s.3))
-                    .field(copy_time(row.started_at))
-                    .optional(submitted.map(|s| copy_time(s.4)));
+                    .optional(done.map(|d| d.score))
+                    .field(done.map_or(start.max_score, |d| d.max_score))
+                    .optional(done.map(|d| d.correct))
+                    .optional(done.map(|d| d.duration_ms))
+                    .field(copy_time(start.started_at))
+                    .optional(done.map(|d| copy_time(d.submitted_at)));
                 rows.end_row().await?;
             }
             rows.finish().await?;

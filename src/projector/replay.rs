@@ -222,14 +222,7 @@ pub async fn replay(
         fold.write(&mut tx)
             .await
             .with_context(|| format!("writing {}", projection.name()))?;
-        sqlx::query(
-            "INSERT INTO projection_checkpoints (name, seq) VALUES ($1, $2)
-             ON CONFLICT (name) DO UPDATE SET seq = EXCLUDED.seq, updated_at = now()",
-        )
-        .bind(projection.next_name())
-        .bind(cursor.seq as i64)
-        .execute(&mut *tx)
-        .await?;
+        set_checkpoint(&mut tx, projection.next_name(), cursor.seq).await?;
         tx.commit().await?;
     }
     // The secondary indexes, built once over the whole result rather than
@@ -298,6 +291,19 @@ async fn prepare_next(
     Ok(deferred)
 }
 
+/// Sets projection `name`'s checkpoint to `seq`.
+async fn set_checkpoint(conn: &mut PgConnection, name: &str, seq: u64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (name, seq) VALUES ($1, $2)
+         ON CONFLICT (name) DO UPDATE SET seq = EXCLUDED.seq, updated_at = now()",
+    )
+    .bind(name)
+    .bind(seq as i64)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Under a lock on the live tables: applies what was written meanwhile, then
 /// renames the copies in and moves the checkpoints over.
 async fn swap(
@@ -358,14 +364,7 @@ async fn swap(
                 .execute(&mut *tx)
                 .await?;
         }
-        sqlx::query(
-            "INSERT INTO projection_checkpoints (name, seq) VALUES ($1, $2)
-             ON CONFLICT (name) DO UPDATE SET seq = EXCLUDED.seq, updated_at = now()",
-        )
-        .bind(projection.name())
-        .bind(cursor.seq as i64)
-        .execute(&mut *tx)
-        .await?;
+        set_checkpoint(&mut tx, projection.name(), cursor.seq).await?;
         sqlx::query("DELETE FROM projection_checkpoints WHERE name = $1")
             .bind(projection.next_name())
             .execute(&mut *tx)

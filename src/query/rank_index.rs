@@ -144,6 +144,14 @@ impl Board {
         true
     }
 
+    /// `read` of the board while it is warm; `None` otherwise.
+    fn warm<R>(&self, read: impl FnOnce(&Warm) -> Option<R>) -> Option<R> {
+        match &*self.state.read().expect("a board's lock is never poisoned") {
+            State::Warm(warm) => read(warm),
+            _ => None,
+        }
+    }
+
     /// Notes the size of `warm`, this board's.
     fn measure(&self, warm: &Warm) {
         let bytes = warm.index.bytes();
@@ -234,14 +242,7 @@ impl RankIndex {
                 return None;
             }
         }
-        let state = board
-            .state
-            .read()
-            .expect("a board's lock is never poisoned");
-        match &*state {
-            State::Warm(warm) => Some(read(&warm.index, warm.seq)),
-            _ => None,
-        }
+        board.warm(|warm| Some(read(&warm.index, warm.seq)))
     }
 
     /// `test_id`'s board, marked used; a new one starts warming.
@@ -376,13 +377,9 @@ impl RankIndex {
     /// too much changed to pull, or a rebuild swapped the read model's table
     /// (the board is to be reloaded).
     async fn pull(&self, test_id: Uuid, board: &Board) -> Result<bool, sqlx::Error> {
-        let (after, loaded_from) = match &*board
-            .state
-            .read()
-            .expect("a board's lock is never poisoned")
-        {
-            State::Warm(warm) => (warm.last_change, warm.table),
-            _ => return Ok(false),
+        let Some((after, loaded_from)) = board.warm(|warm| Some((warm.last_change, warm.table)))
+        else {
+            return Ok(false);
         };
         let mut tx = crate::ops::db::snapshot(&self.pool).await?;
         let seq = checkpoint_of(&mut *tx, leaderboard::NAME).await?;
@@ -466,15 +463,7 @@ impl RankIndex {
 /// memory.
 impl LiveBoards for RankIndex {
     fn last_change(&self, test_id: Uuid) -> Option<u64> {
-        let board = self.board(test_id);
-        let state = board
-            .state
-            .read()
-            .expect("a board's lock is never poisoned");
-        match &*state {
-            State::Warm(warm) => Some(warm.last_change),
-            _ => None,
-        }
+        self.board(test_id).warm(|warm| Some(warm.last_change))
     }
 
     fn advance(&self, test_id: Uuid, changed: &[(u64, Entry)], checkpoint: u64) {
@@ -492,18 +481,12 @@ impl LiveBoards for RankIndex {
         let Some(board) = self.existing_board(test_id) else {
             return false;
         };
-        let state = board
-            .state
-            .read()
-            .expect("a board's lock is never poisoned");
-        match &*state {
-            State::Warm(warm) if warm.last_change == last_change => {
-                rank(&warm.index);
-                self.counts.batches.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            _ => false,
+        let ranked =
+            board.warm(|warm| (warm.last_change == last_change).then(|| rank(&warm.index)));
+        if ranked.is_some() {
+            self.counts.batches.fetch_add(1, Ordering::Relaxed);
         }
+        ranked.is_some()
     }
 }
 

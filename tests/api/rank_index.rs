@@ -67,6 +67,21 @@ fn ranked_paths(test_id: &str, users: &[String]) -> Vec<String> {
     paths
 }
 
+/// Reads `test_id`'s board on `app` (which starts its warm-up) and waits
+/// until the index holds it.
+async fn warm_up(app: &TestApp, test_id: &str) {
+    answer(app, &format!("/v1/tests/{test_id}/leaderboard?limit=1")).await;
+    poll("the board to warm", Duration::from_secs(20), || async {
+        let boards = app.metric("podium_rank_index_boards", &[]).await;
+        if boards >= 1.0 {
+            Ok(())
+        } else {
+            Err(boards)
+        }
+    })
+    .await;
+}
+
 async fn index_reads(app: &TestApp) -> f64 {
     app.metric("podium_rank_index_reads_total", &["source=\"index\""])
         .await
@@ -85,17 +100,7 @@ async fn warm_answers_equal_the_sql_answers() {
         .map(String::from)
         .to_vec();
     let paths = ranked_paths(&test_id, &users);
-    // The first read starts the warm-up.
-    answer(&warm, &paths[0]).await;
-    poll("the board to warm", Duration::from_secs(20), || async {
-        let boards = warm.metric("podium_rank_index_boards", &[]).await;
-        if boards >= 1.0 {
-            Ok(())
-        } else {
-            Err(boards)
-        }
-    })
-    .await;
+    warm_up(&warm, &test_id).await;
     let before = index_reads(&warm).await;
     for path in &paths {
         assert_eq!(
@@ -388,16 +393,7 @@ async fn announced_ranks_come_from_memory_and_are_the_read_models() {
         (USERS.0, "(n % 4) * 2 + 3", "0"),
     )
     .await;
-    answer(&app, &format!("/v1/tests/{test_id}/leaderboard?limit=1")).await;
-    poll("the board to warm", Duration::from_secs(20), || async {
-        let boards = app.metric("podium_rank_index_boards", &[]).await;
-        if boards >= 1.0 {
-            Ok(())
-        } else {
-            Err(boards)
-        }
-    })
-    .await;
+    warm_up(&app, &test_id).await;
     let mut stream = crate::sse::SseClient::open(
         &app,
         &format!("/v1/tests/{test_id}/leaderboard/stream"),
