@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use podium_projections::board_index::BoardIndex;
 use podium_projections::checkpoint_of;
 use podium_projections::leaderboard::{self, LeaderboardQueries, LiveBoards};
-use podium_projections::ranking::Entry;
+use podium_projections::ranking::{Entry, RankKey};
 use sqlx::PgPool;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -243,6 +243,22 @@ impl RankIndex {
             }
         }
         board.warm(|warm| Some(read(&warm.index, warm.seq)))
+    }
+
+    /// The ranks `keys` have on `test_id`'s board if it is warm and its last
+    /// change is `last_change` (so it is exactly the board of the snapshot
+    /// that read `last_change`); a cold board starts warming.
+    pub fn ranks_at(&self, test_id: Uuid, last_change: u64, keys: &[RankKey]) -> Option<Vec<u64>> {
+        let ranks = self.board(test_id).warm(|warm| {
+            (warm.last_change == last_change)
+                .then(|| keys.iter().map(|key| warm.index.rank_of_key(key)).collect())
+        });
+        let counter = match ranks {
+            Some(_) => &self.counts.from_index,
+            None => &self.counts.from_sql,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        ranks
     }
 
     /// `test_id`'s board, marked used; a new one starts warming.

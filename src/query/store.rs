@@ -19,7 +19,8 @@ use podium_projections::leaderboard::{
     self, Around, LeaderboardQueries, Page, PageStart, RankedEntry,
 };
 use podium_projections::memory::MemoryModels;
-use sqlx::PgPool;
+use podium_projections::ranking::{Entry, RankKey};
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::ops::db::StoreError;
@@ -120,6 +121,42 @@ pub struct PgReadStore {
     pub ranks: Option<Arc<RankIndex>>,
 }
 
+impl PgReadStore {
+    /// `changed` entries of `test_id` (each with the seq of its change)
+    /// with their ranks as the snapshot `conn` reads them: from the rank
+    /// index when its board is exactly that snapshot's (its last change is
+    /// the snapshot's), by counting otherwise.
+    async fn rank_changed(
+        &self,
+        conn: &mut PgConnection,
+        test_id: Uuid,
+        changed: Vec<(u64, Entry)>,
+    ) -> Result<Vec<(u64, RankedEntry)>, sqlx::Error> {
+        let (seqs, entries): (Vec<u64>, Vec<Entry>) = changed.into_iter().unzip();
+        let in_memory = match &self.ranks {
+            Some(ranks) if !entries.is_empty() => {
+                let last = LeaderboardQueries::last_changes(&mut *conn, &[test_id])
+                    .await?
+                    .get(&test_id)
+                    .copied()
+                    .unwrap_or(0);
+                let keys: Vec<RankKey> = entries.iter().map(Entry::rank_key).collect();
+                ranks.ranks_at(test_id, last, &keys)
+            }
+            _ => None,
+        };
+        let ranked = match in_memory {
+            Some(ranks) => entries
+                .into_iter()
+                .zip(ranks)
+                .map(|(entry, rank)| RankedEntry { rank, entry })
+                .collect(),
+            None => LeaderboardQueries::ranked(conn, test_id, entries).await?,
+        };
+        Ok(seqs.into_iter().zip(ranked).collect())
+    }
+}
+
 #[async_trait]
 impl ReadStore for PgReadStore {
     async fn is_ready(&self) -> bool {
@@ -218,7 +255,10 @@ impl ReadStore for PgReadStore {
         let seq = checkpoint_of(&mut *tx, leaderboard::NAME).await?;
         let changed = match after {
             Some(after) => {
-                LeaderboardQueries::changed_since(&mut tx, test_id, after, limit).await?
+                match LeaderboardQueries::changed_after(&mut tx, test_id, after, limit).await? {
+                    Some(changed) => Some(self.rank_changed(&mut tx, test_id, changed).await?),
+                    None => None,
+                }
             }
             None => Some(Vec::new()),
         };

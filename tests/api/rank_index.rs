@@ -531,3 +531,70 @@ async fn batches_ranked_in_memory_announce_the_read_models_ranks() {
     );
     stop.cancel();
 }
+
+/// A stream resumed on a warm board catches up with ranks counted in
+/// memory, and they are the read model's.
+#[tokio::test]
+async fn a_resumed_stream_is_ranked_from_memory() {
+    let app = spawn_single_node_with(|s| s.query.cache_max_bytes = 0).await;
+    let test_id = app.published_test().await;
+    fill_board(
+        &app.pool,
+        test_id.parse().unwrap(),
+        1_000,
+        (USERS.0, "(n % 4) * 2 + 3", "0"),
+    )
+    .await;
+    warm_up(&app, &test_id).await;
+    let path = format!("/v1/tests/{test_id}/leaderboard/stream");
+    let token = app.user("watcher");
+    let mut stream = crate::sse::SseClient::open(&app, &path, &token, None).await;
+    take(&app, &test_id, "a", 4).await;
+    let seen = stream
+        .next_named("entry", Duration::from_secs(20))
+        .await
+        .expect("the first submission is announced");
+    drop(stream);
+    for (user, score) in [("b", 10), ("c", 6), ("a", 10)] {
+        take(&app, &test_id, user, score).await;
+    }
+    // The board in memory has every change: a read of it answers a's best.
+    let around_a = format!("/v1/tests/{test_id}/leaderboard/users/a?radius=0");
+    poll(
+        "the index to hold a's best",
+        Duration::from_secs(20),
+        || async {
+            let before = index_reads(&app).await;
+            let (_, body) = answer(&app, &around_a).await;
+            let from_index = index_reads(&app).await > before;
+            match body["entry"]["score"].as_u64() {
+                Some(10) if from_index => Ok(()),
+                other => Err((other, from_index)),
+            }
+        },
+    )
+    .await;
+    let sql_reads = || app.metric("podium_rank_index_reads_total", &["source=\"sql\""]);
+    let (index_before, sql_before) = (index_reads(&app).await, sql_reads().await);
+    let mut resumed = crate::sse::SseClient::open(&app, &path, &token, Some(&seen.id)).await;
+    let mut caught_up = Vec::new();
+    for _ in 0..3 {
+        let event = resumed
+            .next_named("entry", Duration::from_secs(20))
+            .await
+            .expect("a missed change");
+        caught_up.push(event);
+    }
+    let users: Vec<&str> = caught_up
+        .iter()
+        .map(|e| e.data["user_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, ["b", "c", "a"]);
+    for event in &caught_up {
+        let user = event.data["user_id"].as_str().unwrap();
+        let counted = counted_rank(&app.pool, &test_id, user).await;
+        assert_eq!(event.data["rank"].as_u64(), counted, "{event:?}");
+    }
+    assert!(index_reads(&app).await > index_before, "ranked in memory");
+    assert_eq!(sql_reads().await, sql_before, "nothing ranked by counting");
+}

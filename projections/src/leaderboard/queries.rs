@@ -413,19 +413,13 @@ impl LeaderboardQueries {
             .map(Some)
     }
 
-    /// [`Self::changed_after`], each entry with its current rank.
-    pub async fn changed_since(
+    /// `entries` of `test_id`, each with its rank, counted in one statement.
+    pub async fn ranked(
         conn: &mut PgConnection,
         test_id: Uuid,
-        after: u64,
-        limit: i64,
-    ) -> Result<Option<Vec<(u64, RankedEntry)>>, sqlx::Error> {
-        let Some(changed) = Self::changed_after(conn, test_id, after, limit).await? else {
-            return Ok(None);
-        };
-        let (seqs, entries): (Vec<u64>, Vec<Entry>) = changed.into_iter().unzip();
-        let ranked = with_ranks(conn, test_id, entries).await?;
-        Ok(Some(seqs.into_iter().zip(ranked).collect()))
+        entries: Vec<Entry>,
+    ) -> Result<Vec<RankedEntry>, sqlx::Error> {
+        with_ranks(conn, test_id, entries).await
     }
 
     /// Every entry of `test_id`, as a [`BoardIndex`], with the seq of the
