@@ -27,6 +27,9 @@ impl Answer for CachedAnswer {
     }
 }
 
+/// Bytes a JSON body is first given: a 50-entry page fits.
+const INITIAL_BODY: usize = 8 * 1024;
+
 /// A JSON answer ready to send, with its `Link: rel="next"` if any.
 #[derive(Debug, Clone)]
 pub struct JsonBody {
@@ -36,7 +39,14 @@ pub struct JsonBody {
 
 impl JsonBody {
     pub fn new(value: &impl serde::Serialize, link: Option<HeaderValue>) -> Result<Self, ApiError> {
-        let json = serde_json::to_vec(value).map_err(ApiError::internal)?;
+        // Room for a page of entries from the start: a vector grown from
+        // empty copies itself a dozen times on the way to a few KiB.
+        let mut json = Vec::with_capacity(INITIAL_BODY);
+        serde_json::to_writer(&mut json, value).map_err(ApiError::internal)?;
+        // Cached bodies keep their buffer: not one four times too large.
+        if json.capacity() > 4 * json.len() {
+            json.shrink_to_fit();
+        }
         Ok(Self {
             json: Bytes::from(json),
             link,
