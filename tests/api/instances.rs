@@ -246,6 +246,89 @@ impl Deployment {
         Ok(())
     }
 
+    /// Whether `instance` ranks every entry of `test_id` as the read model
+    /// does, in a whole page and in each user's neighbourhood, and has
+    /// answered ranks from its rank index; `Err` says what differs.
+    async fn ranks_agree(&self, instance: usize, test_id: &str) -> Result<(), String> {
+        let expected: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT user_id, best_score::bigint FROM lb_entries WHERE test_id = $1
+              ORDER BY best_score DESC, achieved_at, user_id",
+        )
+        .bind(test_id.parse::<uuid::Uuid>().unwrap())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+        let token = self.token("reader", Role::User);
+        let get = |path: String| {
+            let request = self
+                .client
+                .get(format!("{}{path}", self.address(instance)))
+                .bearer_auth(&token);
+            async move {
+                let response = request.send().await.map_err(|e| e.to_string())?;
+                response.json::<Value>().await.map_err(|e| e.to_string())
+            }
+        };
+        let page = get(format!(
+            "/v1/tests/{test_id}/leaderboard?offset=0&limit=200"
+        ))
+        .await?;
+        let ranked: Vec<(u64, String, i64)> = page["entries"]
+            .as_array()
+            .ok_or_else(|| format!("no page: {page}"))?
+            .iter()
+            .map(|e| {
+                let user = e["user_id"].as_str().unwrap_or_default().to_string();
+                (
+                    e["rank"].as_u64().unwrap_or(0),
+                    user,
+                    e["score"].as_i64().unwrap_or(-1),
+                )
+            })
+            .collect();
+        let want: Vec<(u64, String, i64)> = expected
+            .iter()
+            .enumerate()
+            .map(|(i, (user, score))| (i as u64 + 1, user.clone(), *score))
+            .collect();
+        if ranked != want {
+            return Err(format!(
+                "instance {instance} ranks {ranked:?}, the read model {want:?}"
+            ));
+        }
+        for (i, (user, _)) in expected.iter().enumerate() {
+            let around = get(format!(
+                "/v1/tests/{test_id}/leaderboard/users/{user}?radius=0"
+            ))
+            .await?;
+            if around["entry"]["rank"].as_u64() != Some(i as u64 + 1) {
+                return Err(format!(
+                    "instance {instance}: {user} at {}: {around}",
+                    i + 1
+                ));
+            }
+        }
+        let from_index = self
+            .metric(
+                instance,
+                "podium_rank_index_reads_total",
+                &["source=\"index\""],
+            )
+            .await;
+        if from_index == 0.0 {
+            return Err(format!("instance {instance} answered no rank from memory"));
+        }
+        Ok(())
+    }
+
+    /// Waits until every instance in `instances` ranks as the read model.
+    async fn wait_ranks_agree(&self, instances: &[usize], test_id: &str, timeout: Duration) {
+        for instance in instances {
+            let what = "the instance to rank as the read model";
+            poll(what, timeout, || self.ranks_agree(*instance, test_id)).await;
+        }
+    }
+
     /// Waits until [`Self::converged`] holds, at most `timeout`.
     async fn wait_converged(&self, acknowledged: &HashSet<String>, timeout: Duration) {
         let what = "the read models to converge";
@@ -322,6 +405,10 @@ async fn a_paused_owner_is_replaced_within_seconds_and_applies_nothing_after_it_
     deployment
         .wait_converged(&acknowledged, Duration::from_secs(30))
         .await;
+    // Every instance holds the board in memory before the pause.
+    deployment
+        .wait_ranks_agree(&[0, 1, 2], &test, Duration::from_secs(30))
+        .await;
 
     // The owner of the relay and of every projection freezes.
     deployment.signal(0, "-STOP");
@@ -369,6 +456,10 @@ async fn a_paused_owner_is_replaced_within_seconds_and_applies_nothing_after_it_
         .wait_converged(&acknowledged, Duration::from_secs(30))
         .await;
     assert_eq!(deployment.owned_by(deployment.pid(0)).await, 0);
+    // The woken instance's board, frozen through the changes, caught up.
+    deployment
+        .wait_ranks_agree(&[0, 1, 2], &test, Duration::from_secs(30))
+        .await;
     println!("a standby took over and applied the paused owner's work in {taken_over:?}");
 }
 
@@ -395,6 +486,9 @@ async fn killing_the_owner_mid_load_loses_and_doubles_nothing() {
     );
     deployment
         .wait_converged(&acknowledged, Duration::from_secs(60))
+        .await;
+    deployment
+        .wait_ranks_agree(&[1, 2], &test, Duration::from_secs(30))
         .await;
     let mut dead_letters = 0.0;
     for instance in 1..3 {
