@@ -233,9 +233,10 @@ impl RankIndex {
     ) -> Option<R> {
         let board = self.board(test_id);
         let heard = self.hub.version(leaderboard::TOPIC, &test_id.to_string());
-        let mut seq = board.seq.subscribe();
-        let at = (*seq.borrow())?;
+        let at = (*board.seq.borrow())?;
         if at < heard {
+            // Only a read that must wait subscribes (most do not).
+            let mut seq = board.seq.subscribe();
             let caught_up =
                 tokio::time::timeout(FRESH_WAIT, seq.wait_for(|s| s.is_some_and(|s| s >= heard)));
             if !matches!(caught_up.await, Ok(Ok(_))) {
