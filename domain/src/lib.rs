@@ -8,7 +8,7 @@
 //!
 //! Layout: one folder per aggregate (`test/`, `attempt/`, `notification/`), each
 //! with `aggregate.rs`, `commands.rs` and `events.rs`; shared value types in
-//! [`ids`], [`validation`] and [`metadata`]; event upcasting in [`upcasting`];
+//! [`ids`], [`validation`], [`metadata`] and [`time`]; event upcasting in [`upcasting`];
 //! the log as readers see it (ordered, decodable) in [`log`].
 #![forbid(unsafe_code)]
 
@@ -18,6 +18,7 @@ pub mod log;
 pub mod metadata;
 pub mod notification;
 pub mod test;
+pub mod time;
 pub mod upcasting;
 pub mod validation;
 

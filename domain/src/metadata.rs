@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use crate::time::{Fraction, Rfc3339};
+use chrono::{DateTime, Utc};
 
 /// The acting user id used for events the system itself causes.
 pub const SYSTEM_ACTOR: &str = "system";
@@ -28,8 +29,7 @@ impl EventMetadata {
             (Self::REQUEST_ID.to_string(), self.request_id),
             (
                 Self::RECORDED_AT.to_string(),
-                self.recorded_at
-                    .to_rfc3339_opts(SecondsFormat::Micros, true),
+                Rfc3339::new(&self.recorded_at, Fraction::Micros).to_string(),
             ),
         ])
     }

@@ -118,5 +118,5 @@ impl<'c> CopyWriter<'c> {
 pub fn copy_time(at: chrono::DateTime<chrono::Utc>) -> impl Display {
     let micros = chrono::DateTime::from_timestamp_micros(at.timestamp_micros())
         .expect("a time from an event is in range");
-    micros.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    podium_domain::time::Rfc3339::new(&micros, podium_domain::time::Fraction::Micros)
 }

@@ -15,7 +15,9 @@ pub struct FeedItem {
     pub title: String,
     pub body: String,
     pub link: Option<String>,
+    #[serde(serialize_with = "podium_domain::time::serialize")]
     pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "podium_domain::time::serialize_option")]
     pub read_at: Option<DateTime<Utc>>,
     /// The log seq that created the item: the feed's order and its cursor.
     #[serde(skip)]

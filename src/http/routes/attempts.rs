@@ -46,6 +46,7 @@ struct StartBody {
 struct Started {
     attempt_id: Uuid,
     test_id: Uuid,
+    #[serde(serialize_with = "podium_domain::time::serialize")]
     started_at: DateTime<Utc>,
 }
 
@@ -257,8 +258,10 @@ struct AttemptView {
     user_id: String,
     status: &'static str,
     answers: BTreeMap<String, u32>,
+    #[serde(serialize_with = "podium_domain::time::serialize")]
     started_at: DateTime<Utc>,
     /// The last instant a submission is accepted, for timed tests.
+    #[serde(serialize_with = "podium_domain::time::serialize_option")]
     deadline: Option<DateTime<Utc>>,
     /// Once submitted: the grade's fields (`score`, `max_score`, `correct`,
     /// `duration_ms`, `submitted_at`) sit beside the others.
@@ -298,6 +301,7 @@ struct SubmittedFields {
     #[schema(required = false)]
     duration_ms: u64,
     #[schema(required = false)]
+    #[serde(serialize_with = "podium_domain::time::serialize")]
     submitted_at: DateTime<Utc>,
 }
 
@@ -307,6 +311,7 @@ struct GradeView {
     max_score: u32,
     correct: u32,
     duration_ms: u64,
+    #[serde(serialize_with = "podium_domain::time::serialize")]
     submitted_at: DateTime<Utc>,
 }
 

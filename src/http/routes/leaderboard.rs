@@ -54,6 +54,7 @@ struct EntryView {
     user_id: String,
     score: u32,
     max_score: u32,
+    #[serde(serialize_with = "podium_domain::time::serialize")]
     achieved_at: DateTime<Utc>,
     attempts: u32,
 }
