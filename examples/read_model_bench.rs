@@ -50,7 +50,7 @@ async fn main() -> anyhow::Result<()> {
 
     let started = Instant::now();
     let mut progress = podium::projector::replay::stderr_progress();
-    let rebuilt = replay(&pool, Scope::All, &mut progress).await?;
+    let rebuilt = replay(&pool, &Scope::All.read_models(), &mut progress).await?;
     let replay_secs = started.elapsed().as_secs_f64();
     assert!(rebuilt.iter().all(|r| r.checkpoint == events));
 

@@ -22,6 +22,7 @@ use crate::log::memory::MemLog;
 use crate::log::postgres::LogProbe;
 use crate::ops::metrics::Metrics;
 use crate::projector::local::LocalProjector;
+use crate::projector::operations::{Operations, Owners};
 use crate::projector::LiveParts;
 use crate::query::cache::{CacheConfig, QueryCache};
 use crate::query::changes::ChangeHub;
@@ -69,11 +70,15 @@ pub struct Application {
     instance: String,
     /// The rank index the query API reads and the leaderboard worker ranks with.
     ranks: Option<Arc<RankIndex>>,
+    /// The projection engine as operators see it (Postgres only).
+    operations: Option<Arc<Operations>>,
 }
 
 /// The stores, as the rest of the application uses them.
 struct Wired {
     store: Arc<dyn ReadStore>,
+    /// The operator API's view of the projection engine (Postgres only).
+    operations: Option<Arc<Operations>>,
     idempotency: Arc<dyn IdempotencyStore>,
     repository: Repository,
     pool: Option<sqlx::PgPool>,
@@ -256,7 +261,17 @@ impl Application {
                     metrics.watch(index.clone());
                     index
                 });
+                // Operators see the projections of whichever relay numbers
+                // the log (none: the log has no order to project from).
+                let operations = numbering_relay.clone().map(|relay| {
+                    let owners = match settings.nats.nats_url {
+                        Some(_) => Owners::PerProjection,
+                        None => Owners::Relay(crate::relay::lease_name(&relay)),
+                    };
+                    Arc::new(Operations::new(pool.clone(), relay, owners))
+                });
                 Wired {
+                    operations,
                     store: Arc::new(PgReadStore {
                         pool: pool.clone(),
                         read_pool,
@@ -277,6 +292,7 @@ impl Application {
                     store: projector.models.clone(),
                     idempotency: Arc::new(keys),
                     repository: Repository::Embedded(projector.log.clone()),
+                    operations: None,
                     pool: None,
                     worker_pool: None,
                     local: Some(projector),
@@ -298,6 +314,10 @@ impl Application {
             http_metrics: settings.http_metrics,
             definitions: moka::future::Cache::new(10_000),
             store: wired.store,
+            operations: wired
+                .operations
+                .clone()
+                .map(|o| o as Arc<dyn crate::ops::operator::Operator>),
             idempotency: wired.idempotency,
             keys: Arc::new(keys),
             body_limit: settings.body_limit,
@@ -320,6 +340,7 @@ impl Application {
             lease_ttl: Duration::from_millis(settings.lease_ttl_ms),
             instance: crate::ops::lease::new_instance_id(),
             ranks: wired.ranks,
+            operations: wired.operations,
         })
     }
 
@@ -412,6 +433,16 @@ impl Application {
             let relay = Relay::to(pool.clone(), target, relay_config.clone());
             self.state.metrics.watch(relay.probe());
             spawned.push(tasks.spawn(relay.run(stop.clone())));
+        }
+        // Rebuilds asked for through the operator API run on the instance
+        // that owns the projection.
+        if let (true, Some(pool), Some(operations)) = (self.workers, &self.pool, &self.operations) {
+            spawned.push(tasks.spawn(crate::projector::operations::run_requested(
+                pool.clone(),
+                self.instance.clone(),
+                operations.owners().clone(),
+                stop.clone(),
+            )));
         }
         tasks.close();
         tracing::info!(address = %self.listener.local_addr()?, "podium is listening");

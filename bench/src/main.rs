@@ -601,7 +601,7 @@ async fn scale_scenarios(
     let mut progress = podium::projector::replay::stderr_progress();
     podium::projector::replay::replay(
         &db.pool,
-        podium::projector::replay::Scope::All,
+        &podium::projector::replay::Scope::All.read_models(),
         &mut progress,
     )
     .await?;

@@ -21,6 +21,6 @@ pub use backoff::{stopped_during, Backoff};
 pub use bus::{BusError, EventBus, StreamLimits, StreamPosition};
 pub use subjects::Subjects;
 pub use worker::{
-    Applied, DeadLetterPolicy, Projection, ProjectionError, Worker, WorkerConfig, WorkerError,
-    WorkerStats,
+    Applied, DeadLetter, DeadLetterPolicy, Projection, ProjectionError, Worker, WorkerConfig,
+    WorkerError, WorkerStats,
 };

@@ -81,6 +81,29 @@ pub trait Projection: Send + Sync + 'static {
 
     /// Moves the checkpoint past `seq` without applying it (the skip policy).
     fn skip(&self, seq: u64) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+
+    /// Records a dead letter where operators list it, before it goes to the
+    /// dead-letter stream. Nowhere, unless the projection keeps them.
+    fn record_dead_letter(
+        &self,
+        letter: &DeadLetter,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send {
+        let _ = letter;
+        async { Ok(()) }
+    }
+}
+
+/// An event a projection gave up on, as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub seq: u64,
+    /// The event's type, or `(undecodable)`.
+    pub event_type: String,
+    pub error: String,
+    /// Failures of this delivery of it.
+    pub failures: u32,
+    /// Whether the worker skips it by itself (the skip policy).
+    pub skipped: bool,
 }
 
 /// What a worker does once an event has failed `max_failures` times.
@@ -581,6 +604,38 @@ impl<P: Projection> Worker<P> {
             // A stop meanwhile is seen by the caller before the retry.
             stopped_during(delay, stop).await;
             return Ok(Some(delivery));
+        }
+        let record = DeadLetter {
+            seq,
+            event_type: delivery
+                .event
+                .as_ref()
+                .map_or_else(|_| "(undecodable)".to_string(), |e| e.event_type.clone()),
+            error: error.clone(),
+            failures: attempts,
+            skipped: self.config.policy == DeadLetterPolicy::Skip,
+        };
+        let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_max);
+        loop {
+            match self.projection.record_dead_letter(&record).await {
+                Ok(()) => break,
+                Err(ProjectionError::Transient(err)) => {
+                    tracing::warn!(
+                        projection,
+                        seq,
+                        err,
+                        "cannot record a dead letter yet; retrying"
+                    );
+                    if backoff.wait(stop).await {
+                        return Ok(Some(delivery));
+                    }
+                }
+                Err(err) => {
+                    // It still goes to the dead-letter stream below.
+                    tracing::error!(projection, seq, %err, "cannot record a dead letter");
+                    break;
+                }
+            }
         }
         let event = match &delivery.event {
             Ok(event) => serde_json::to_value(event).unwrap_or_default(),

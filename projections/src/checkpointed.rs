@@ -76,6 +76,11 @@ pub struct Checkpointed<L> {
 }
 
 impl<L: ProjectionLogic> Checkpointed<L> {
+    /// Where its tables and checkpoint are.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     pub fn new(pool: PgPool, logic: L) -> Self {
         Self {
             pool,

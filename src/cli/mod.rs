@@ -162,9 +162,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let pool = crate::ops::db::connect(&args.database).await?;
             crate::ops::db::migrate(&pool).await?;
             let mut progress = crate::projector::replay::stderr_progress();
-            for rebuilt in
-                crate::projector::replay::replay(&pool, args.projection, &mut progress).await?
-            {
+            // One rebuild of a read model at a time, whoever runs it: a
+            // rebuild already running (through the operator API, or another
+            // `podium replay`) refuses this one.
+            let runner = format!("podium replay ({})", crate::ops::lease::new_instance_id());
+            let rebuilt = crate::projector::operations::rebuild(
+                &pool,
+                &args.projection.read_models(),
+                &runner,
+                &mut progress,
+            )
+            .await?;
+            for rebuilt in rebuilt {
                 eprintln!(
                     "replay {}: rebuilt and swapped in at seq {}",
                     rebuilt.projection, rebuilt.checkpoint

@@ -66,6 +66,9 @@ impl std::ops::Deref for AppState {
 pub struct AppParts {
     /// Where the read models are read.
     pub store: Arc<dyn ReadStore>,
+    /// The projection engine as operators see it; `None` in the embedded
+    /// mode (its read models live in memory and are rebuilt at every start).
+    pub operations: Option<Arc<dyn crate::ops::operator::Operator>>,
     /// Where idempotency keys and their answers are kept.
     pub idempotency: Arc<dyn IdempotencyStore>,
     pub aggregates: Arc<Aggregates>,

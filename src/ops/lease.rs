@@ -88,7 +88,7 @@ impl Lease {
              VALUES ($1, $2, 1, now() + make_interval(secs => $3 / 1000.0))
              ON CONFLICT (name) DO UPDATE
                 SET owner = EXCLUDED.owner, token = leases.token + 1,
-                    expires_at = EXCLUDED.expires_at, acquired_at = now()
+                    expires_at = EXCLUDED.expires_at, acquired_at = now(), halted = NULL
               WHERE leases.expires_at < now() OR leases.owner = EXCLUDED.owner
              RETURNING token",
         )
@@ -120,6 +120,23 @@ impl Lease {
             self.fence.set_token(0);
         }
         Ok(renewed)
+    }
+
+    /// Says on the lease row why its owner halted the role (every instance
+    /// reads it there), while the lease is still ours.
+    async fn note_halted(&self, reason: &str) {
+        let noted = sqlx::query(
+            "UPDATE leases SET halted = $4 WHERE name = $1 AND owner = $2 AND token = $3",
+        )
+        .bind(self.name())
+        .bind(&*self.owner)
+        .bind(self.fence.token())
+        .bind(reason)
+        .execute(&self.pool)
+        .await;
+        if let Err(err) = noted {
+            tracing::warn!(lease = self.name(), %err, "cannot note that a role halted");
+        }
     }
 
     /// Gives the lease up at once, so that a standby need not wait for it to
@@ -176,6 +193,8 @@ pub enum RoleExit {
 pub struct RoleStatus {
     state: AtomicU8,
     halted: std::sync::Mutex<Option<String>>,
+    /// Ends a halted role's pause early (an operator acted).
+    wake: tokio::sync::Notify,
 }
 
 /// What a role is doing in this process.
@@ -196,6 +215,11 @@ impl RoleStatus {
             2 => RoleState::Halted,
             _ => RoleState::Standby,
         }
+    }
+
+    /// Tries a halted role again now rather than after its pause.
+    pub fn wake(&self) {
+        self.wake.notify_one();
     }
 
     /// Why the role halted, while it is halted.
@@ -267,6 +291,7 @@ pub async fn supervise<F, Fut>(
             }
             RoleExit::Halted(reason) => {
                 tracing::error!(role = lease.name(), reason, "a role halted");
+                lease.note_halted(&reason).await;
                 status.halt(reason);
                 Some(HALTED_RETRY)
             }
@@ -282,6 +307,7 @@ pub async fn supervise<F, Fut>(
             let stopped = tokio::select! {
                 stopped = stopped_during(pause, &stop) => stopped,
                 () = heartbeat(&lease, &stop) => stop.is_cancelled(),
+                () = status.wake.notified() => false,
             };
             if stopped {
                 lease.release().await;

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub projection_redeliveries: IntCounterVec,
     pub projection_retries: IntCounterVec,
     pub projection_dead_letters: IntCounterVec,
+    /// Dead-lettered events skipped at an operator's request.
+    pub projection_skipped: IntCounterVec,
     pub projection_transient_retries: IntCounterVec,
     /// 1 for the state each projection is in on this instance.
     pub projection_state: IntGaugeVec,
@@ -278,6 +280,12 @@ impl Metrics {
                 r,
                 "projection_dead_letters_total",
                 "Events sent to the dead-letter stream",
+                &["projection"],
+            ),
+            projection_skipped: counter_vec(
+                r,
+                "projection_skipped_total",
+                "Dead-lettered events skipped at an operator's request",
                 &["projection"],
             ),
             projection_transient_retries: counter_vec(

@@ -14,6 +14,7 @@
 //! `config`.
 
 pub mod local;
+pub mod operations;
 pub mod registry;
 pub mod replay;
 
@@ -22,7 +23,8 @@ use std::time::Duration;
 
 use podium_domain::log::RecordedEvent;
 use podium_nats::{
-    Applied, EventBus, Projection, ProjectionError, Worker, WorkerConfig, WorkerError, WorkerStats,
+    Applied, DeadLetter, EventBus, Projection, ProjectionError, Worker, WorkerConfig, WorkerError,
+    WorkerStats,
 };
 use podium_projections::{ApplyError, Checkpointed, ProjectionLogic};
 use sqlx::PgPool;
@@ -238,13 +240,33 @@ impl Register for Spawner<'_> {
             .push((name.clone(), stats.clone(), status.clone()));
         let bus = self.bus.clone();
         let stop = self.stop.clone();
+        // Operators' retries and skips of its dead letters wake it when halted.
+        self.spawned
+            .push(self.tasks.spawn(operations::watch_requests(
+                self.pool.clone(),
+                name,
+                status.clone(),
+                stop.clone(),
+            )));
+        let pool = self.pool.clone();
+        let skipped = self.metrics.projection_skipped.clone();
         self.spawned.push(
             self.tasks
                 .spawn(supervise(lease, status, stop, move |role_stop| {
                     let worker =
                         Worker::new(bus.clone(), projection.clone(), WorkerConfig::default())
                             .sharing_stats(stats.clone());
-                    async move { role_exit(worker.run(role_stop).await) }
+                    let (pool, projection, skipped) =
+                        (pool.clone(), projection.clone(), skipped.clone());
+                    async move {
+                        // What operators asked of its dead letters comes first.
+                        if let Err(err) =
+                            operations::carry_out_skips(&pool, &*projection, &skipped).await
+                        {
+                            return RoleExit::Failed(err.to_string());
+                        }
+                        role_exit(worker.run(role_stop).await)
+                    }
                 })),
         );
     }
@@ -311,5 +333,11 @@ impl<L: ProjectionLogic> Projection for PgProjection<L> {
 
     async fn skip(&self, seq: u64) -> Result<(), ProjectionError> {
         self.inner.skip(seq).await.map_err(worker_error)
+    }
+
+    async fn record_dead_letter(&self, letter: &DeadLetter) -> Result<(), ProjectionError> {
+        operations::record_dead_letter(self.inner.pool(), self.name(), letter)
+            .await
+            .map_err(|err| worker_error(err.into()))
     }
 }

@@ -36,7 +36,7 @@ pub enum Scope {
 }
 
 impl Scope {
-    fn read_models(self) -> Vec<ReadModel> {
+    pub fn read_models(self) -> Vec<ReadModel> {
         match self {
             Self::Leaderboard => vec![ReadModel::Leaderboard],
             Self::Feed => vec![ReadModel::Feed],
@@ -131,17 +131,18 @@ impl Rebuilding {
     }
 }
 
-/// Rebuilds what `scope` names from the log in one pass and swaps it in; reports
-/// progress through `progress` (events done, events in all).
+/// Rebuilds `models` from the log in one pass and swaps them in; reports
+/// progress through `progress` (events done, events in all). Callers make
+/// sure that no other rebuild of them runs meanwhile
+/// ([`super::operations::rebuild`]).
 pub async fn replay(
     pool: &PgPool,
-    scope: Scope,
+    models: &[ReadModel],
     progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> anyhow::Result<Vec<Rebuilt>> {
-    let mut projections: Vec<Rebuilding> = scope
-        .read_models()
-        .into_iter()
-        .map(|model| Rebuilding::new(pool, model))
+    let mut projections: Vec<Rebuilding> = models
+        .iter()
+        .map(|&model| Rebuilding::new(pool, model))
         .collect();
     let mut deferred = Vec::new();
     for projection in &projections {

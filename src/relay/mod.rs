@@ -171,7 +171,7 @@ impl Relay {
     pub async fn run(self, stop: CancellationToken) {
         let lease = Lease::new(
             self.pool.clone(),
-            &format!("relay:{}", self.name()),
+            &lease_name(self.name()),
             self.config.lease_ttl,
             &self.config.owner,
         );
@@ -448,6 +448,11 @@ impl Probe for RelayProbe {
             .into_iter()
             .collect()
     }
+}
+
+/// The lease of the relay named `name`.
+pub fn lease_name(name: &str) -> String {
+    format!("relay:{name}")
 }
 
 /// The local target's checkpoint name.

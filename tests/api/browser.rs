@@ -298,3 +298,106 @@ async fn embedded() {
 async fn production() {
     the_demo_page_follows_the_leaderboard_live(Adapters::Production, "production").await;
 }
+
+/// The operator page on a production deployment: it lists the projections,
+/// runs a rebuild to 100% and retries a dead letter, all without a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_page_rebuilds_and_retries_without_a_reload() {
+    let test = "browser::operator_page";
+    let Some((driver, chromium)) = browser_or_skip(test) else {
+        return;
+    };
+    let Some(app) = serve(Adapters::Production, test, |_| {}).await else {
+        return;
+    };
+    let test_id = app.published_test().await;
+    ace(&app, &test_id, "early-bird").await;
+    // The attempts read model refuses one learner's row: a dead letter.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.user_id = 'poison-1' THEN RAISE EXCEPTION 'refused %', NEW.user_id; END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON my_attempts
+           FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let poisoned = app
+        .start_attempt(&test_id, &app.user("poison-1"), None)
+        .await;
+    assert_eq!(poisoned.status(), StatusCode::CREATED);
+
+    let browser = Browser::start(&driver, &chromium).await;
+    browser
+        .open(&format!("{}/admin?token={}", app.address, app.admin()))
+        .await;
+    browser
+        .until(
+            "five projections and the dead letter",
+            "return document.querySelectorAll('#projections tr[data-projection]').length === 5
+                && document.querySelector('#letters tr[data-letter] button.retry:not([disabled])') !== null
+                && document.querySelector('#projections tr[data-projection=\"attempts\"] .state')
+                     .textContent === 'halted';",
+        )
+        .await;
+    browser
+        .eval("window.podiumMarker = 'no reload'; return true;")
+        .await;
+    browser
+        .until(
+            "the leaderboard's rebuild button",
+            "const b = document.querySelector('#projections tr[data-projection=\"leaderboard\"] button.rebuild');
+             if (b && !b.disabled) { b.click(); return true; } return false;",
+        )
+        .await;
+    browser
+        .until(
+            "the progress bar at 100%",
+            "const bar = document.getElementById('progress-leaderboard');
+             const eta = document.getElementById('eta-leaderboard');
+             return bar && bar.value === 100 && eta.textContent.includes('done');",
+        )
+        .await;
+    // The cause goes away; the dead letter is retried from the page.
+    sqlx::raw_sql("DROP TRIGGER refuse_poison ON my_attempts")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    browser
+        .eval(
+            "document.querySelector('#letters tr[data-letter] button.retry').click(); return true;",
+        )
+        .await;
+    browser
+        .until(
+            "no dead letter left and the attempts projection running",
+            "return document.querySelectorAll('#letters tr[data-letter]').length === 0
+                && document.querySelector('#projections tr[data-projection=\"attempts\"] .state')
+                     .textContent === 'running';",
+        )
+        .await;
+    assert_eq!(
+        browser.eval("return window.podiumMarker;").await,
+        "no reload"
+    );
+    let rebuilt: String =
+        sqlx::query_scalar("SELECT state FROM projection_rebuilds WHERE name = 'leaderboard'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(rebuilt, "done");
+    let applied: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM my_attempts WHERE user_id = 'poison-1'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(applied, 1, "the retried start is applied once");
+    let shot = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/browser-artifacts")
+        .join("operator-page.png");
+    browser.screenshot(&shot).await;
+    eprintln!("screenshot: {}", shot.display());
+}

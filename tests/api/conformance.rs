@@ -497,7 +497,7 @@ pub async fn a_rebuild_from_the_log_answers_the_same(adapters: Adapters) {
             let mut progress = |_, _| {};
             podium::projector::replay::replay(
                 &app.pool,
-                podium::projector::replay::Scope::All,
+                &podium::projector::replay::Scope::All.read_models(),
                 &mut progress,
             )
             .await

@@ -11,6 +11,7 @@ use podium_domain::UserId;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
+use sqlx::Connection;
 use sqlx::PgPool;
 
 use crate::helpers::{podium_process, poll, sample_test, Killed, TestDb, SECRET};
@@ -580,4 +581,475 @@ async fn a_minute_without_postgres_loses_nothing_and_heals_without_a_restart() {
         states.insert(projection, running);
     }
     assert!(states.values().all(|running| *running == 1.0), "{states:?}");
+}
+
+impl Deployment {
+    /// `method path` on `instance` as `token`: the status and the JSON body
+    /// (`Null` when there is none).
+    async fn call(
+        &self,
+        instance: usize,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+    ) -> (StatusCode, Value) {
+        let response = self
+            .client
+            .request(method, format!("{}{path}", self.address(instance)))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap_or_else(|err| panic!("{path}: {err}"));
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Whether `owner` (an instance id in lease rows) is instance `instance`.
+    fn is_instance(&self, owner: &str, instance: usize) -> bool {
+        owner.split('/').nth(1) == Some(self.pid(instance).to_string().as_str())
+    }
+
+    /// The operator API's projection `name`, read through `instance`.
+    async fn projection(&self, instance: usize, name: &str) -> Value {
+        let admin = self.token("operator", Role::Admin);
+        let (status, body) = self
+            .call(
+                instance,
+                reqwest::Method::GET,
+                "/v1/admin/projections",
+                &admin,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no projection {name} in {body}"))
+    }
+
+    /// The leaderboard read model, row by row.
+    async fn boards(
+        &self,
+    ) -> Vec<(
+        uuid::Uuid,
+        String,
+        i32,
+        i32,
+        i32,
+        chrono::DateTime<chrono::Utc>,
+    )> {
+        sqlx::query_as(
+            "SELECT test_id, user_id, best_score, max_score, attempts, achieved_at
+               FROM lb_entries ORDER BY test_id, user_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+}
+
+/// Every operator endpoint, as (method, path) for dead letter `letter`.
+fn operator_endpoints(letter: i64) -> Vec<(reqwest::Method, String)> {
+    use reqwest::Method;
+    vec![
+        (Method::GET, "/v1/admin/projections".into()),
+        (
+            Method::POST,
+            "/v1/admin/projections/leaderboard/rebuild".into(),
+        ),
+        (
+            Method::GET,
+            "/v1/admin/projections/leaderboard/rebuild".into(),
+        ),
+        (Method::GET, "/v1/admin/dead-letters".into()),
+        (
+            Method::POST,
+            format!("/v1/admin/dead-letters/{letter}/retry"),
+        ),
+        (
+            Method::POST,
+            format!("/v1/admin/dead-letters/{letter}/skip"),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_asked_through_any_instance_runs_once_on_the_owner_while_submissions_flow() {
+    use reqwest::Method;
+    let (_db, deployment) = shared_deployment(3).await;
+    let test = deployment.published_test(1).await;
+    let mut acknowledged = HashSet::new();
+    for i in 0..40u64 {
+        let user = format!("learner-{}", i % 20);
+        acknowledged.extend(deployment.take(i as usize % 3, &test, &user, i).await);
+    }
+    // A learner's token opens none of it.
+    let learner = deployment.token("learner-1", Role::User);
+    for (method, path) in operator_endpoints(1) {
+        let (status, body) = deployment.call(2, method.clone(), &path, &learner).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}: {body}");
+    }
+    let admin = deployment.token("operator", Role::Admin);
+    // Every instance sees the same five projections, owned by the first.
+    for instance in 0..3 {
+        let (status, body) = deployment
+            .call(instance, Method::GET, "/v1/admin/projections", &admin)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let names: Vec<&str> = body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, PROJECTIONS);
+        for p in body["items"].as_array().unwrap() {
+            assert!(
+                deployment.is_instance(p["owner"].as_str().unwrap_or_default(), 0),
+                "{p}"
+            );
+        }
+    }
+    deployment
+        .wait_converged(&acknowledged, Duration::from_secs(60))
+        .await;
+    let caught_up = deployment.projection(2, "leaderboard").await;
+    assert_eq!(caught_up["state"], "running", "{caught_up}");
+    assert_eq!(caught_up["lag_events"], 0, "{caught_up}");
+    assert_eq!(caught_up["checkpoint"], caught_up["head"], "{caught_up}");
+    let (status, body) = deployment
+        .call(
+            1,
+            Method::GET,
+            "/v1/admin/projections/leaderboard/rebuild",
+            &admin,
+        )
+        .await;
+    assert_eq!((status, &body["state"]), (StatusCode::OK, &json!("none")));
+    let (status, body) = deployment
+        .call(
+            1,
+            Method::POST,
+            "/v1/admin/projections/nonesuch/rebuild",
+            &admin,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = deployment
+        .call(
+            1,
+            Method::POST,
+            "/v1/admin/projections/notification-policy/rebuild",
+            &admin,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+
+    // Submissions flow through two instances while one asks for the rebuild
+    // and another watches it.
+    let flowing = std::sync::atomic::AtomicBool::new(true);
+    let submit = async {
+        let mut acknowledged = HashSet::new();
+        let mut i = 1_000u64;
+        while flowing.load(std::sync::atomic::Ordering::Relaxed) {
+            let user = format!("learner-{}", i % 25);
+            acknowledged.extend(deployment.take(1 + i as usize % 2, &test, &user, i).await);
+            i += 1;
+        }
+        acknowledged
+    };
+    let rebuild = async {
+        let (status, body) = deployment
+            .call(
+                1,
+                Method::POST,
+                "/v1/admin/projections/leaderboard/rebuild",
+                &admin,
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        assert_eq!(body, json!({"name": "leaderboard", "state": "rebuilding"}));
+        let (status, body) = deployment
+            .call(
+                2,
+                Method::POST,
+                "/v1/admin/projections/leaderboard/rebuild",
+                &admin,
+            )
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT, "a second rebuild: {body}");
+        let reader = deployment.token("reader", Role::User);
+        let seen = std::sync::Mutex::new(Vec::new());
+        let done = poll("the rebuild to finish", Duration::from_secs(60), || async {
+            // The live read model answers throughout.
+            let (status, page) = deployment
+                .call(
+                    0,
+                    Method::GET,
+                    &format!("/v1/tests/{test}/leaderboard"),
+                    &reader,
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            let (status, progress) = deployment
+                .call(
+                    2,
+                    Method::GET,
+                    "/v1/admin/projections/leaderboard/rebuild",
+                    &admin,
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK);
+            seen.lock()
+                .unwrap()
+                .push(progress["processed"].as_i64().unwrap());
+            match progress["state"].as_str() {
+                Some("done") => Ok(progress),
+                Some("rebuilding") => Err(progress),
+                _ => panic!("the rebuild: {progress}"),
+            }
+        })
+        .await;
+        flowing.store(false, std::sync::atomic::Ordering::Relaxed);
+        (done, seen.into_inner().unwrap())
+    };
+    let (more, (done, seen)) = tokio::join!(submit, rebuild);
+    acknowledged.extend(more);
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "progress only rises: {seen:?}"
+    );
+    assert!(done["total"].as_i64().unwrap() > 0, "{done}");
+    assert_eq!(done["processed"], done["total"], "{done}");
+    assert_eq!(done["eta_secs"], 0.0, "{done}");
+    assert!(
+        done["finished_at"].is_string() && done["started_at"].is_string(),
+        "{done}"
+    );
+    assert!(
+        deployment.is_instance(done["runner"].as_str().unwrap(), 0),
+        "the owner ran it: {done}"
+    );
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM projection_rebuilds")
+        .fetch_one(&deployment.pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 1);
+    // Nothing submitted meanwhile is lost or doubled, and what the rebuild
+    // left is what a fresh replay of the log makes.
+    deployment
+        .wait_converged(&acknowledged, Duration::from_secs(60))
+        .await;
+    let rebuilt = deployment.boards().await;
+    let mut quiet = |_, _| {};
+    podium::projector::replay::replay(
+        &deployment.pool,
+        &podium::projector::replay::Scope::Leaderboard.read_models(),
+        &mut quiet,
+    )
+    .await
+    .unwrap();
+    assert_eq!(deployment.boards().await, rebuilt);
+    // `podium replay` is refused while a rebuild runs: here one holds the
+    // lock as a runner would.
+    let mut locks = sqlx::PgConnection::connect(&deployment.database_url)
+        .await
+        .unwrap();
+    let _: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext('leaderboard'))")
+        .bind(0x7064_7262_i32)
+        .fetch_one(&mut locks)
+        .await
+        .unwrap();
+    let refused = podium::projector::operations::rebuild(
+        &deployment.pool,
+        &podium::projector::replay::Scope::Leaderboard.read_models(),
+        "a second runner",
+        &mut quiet,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("a rebuild of leaderboard is already running"),
+        "{refused}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_everywhere_and_retried_or_skipped_by_the_owner() {
+    use reqwest::Method;
+    let (_db, deployment) = shared_deployment(3).await;
+    let test = deployment.published_test(1).await;
+    let admin = deployment.token("operator", Role::Admin);
+    let (deployment, test, admin) = (&deployment, &test, &admin);
+    // The attempts read model refuses two learners' rows, as a bad
+    // migration or a bug in a projection would.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.user_id LIKE 'poison-%' THEN RAISE EXCEPTION 'refused %', NEW.user_id; END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON my_attempts
+           FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
+    )
+    .execute(&deployment.pool)
+    .await
+    .unwrap();
+    let start = move |user: &str, instance: usize| {
+        let token = deployment.token(user, Role::User);
+        let path = format!("/v1/tests/{test}/attempts");
+        async move {
+            deployment
+                .post(instance, &path, &token, json!({}))
+                .await
+                .expect("the attempt starts")["attempt_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let first = start("poison-1", 1).await;
+    let second = start("poison-2", 2).await;
+    let after = start("after-skip", 1).await;
+    let letters = move |instance: usize| async move {
+        let (status, body) = deployment
+            .call(
+                instance,
+                Method::GET,
+                "/v1/admin/dead-letters?projection=attempts",
+                admin,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["items"].as_array().unwrap().clone()
+    };
+    let letter = poll("a dead letter", Duration::from_secs(60), || async {
+        match letters(2).await.as_slice() {
+            [letter] => Ok(letter.clone()),
+            other => Err(other.to_vec()),
+        }
+    })
+    .await;
+    assert_eq!(letter["event_type"], "AttemptStarted", "{letter}");
+    assert_eq!(letter["projection"], "attempts");
+    assert_eq!(letter["failures"], 5, "{letter}");
+    assert!(
+        letter["error"]
+            .as_str()
+            .unwrap()
+            .contains("refused poison-1"),
+        "{letter}"
+    );
+    for instance in 0..3 {
+        let attempts = deployment.projection(instance, "attempts").await;
+        assert_eq!(attempts["state"], "halted", "{attempts}");
+        assert_eq!(attempts["dead_letters"], 1, "{attempts}");
+        assert_eq!(
+            attempts["checkpoint"].as_i64().unwrap() + 1,
+            letter["seq"].as_i64().unwrap()
+        );
+    }
+    // The cause of the first goes away; it is retried through another
+    // instance than the owner, and applied once, in order; the second
+    // learner's start fails next.
+    sqlx::raw_sql(
+        "CREATE OR REPLACE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.user_id = 'poison-2' THEN RAISE EXCEPTION 'refused %', NEW.user_id; END IF;
+           RETURN NEW;
+         END $$;",
+    )
+    .execute(&deployment.pool)
+    .await
+    .unwrap();
+    let id = letter["id"].as_i64().unwrap();
+    let (status, body) = deployment
+        .call(
+            2,
+            Method::POST,
+            &format!("/v1/admin/dead-letters/{id}/retry"),
+            admin,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let next = poll(
+        "the second dead letter",
+        Duration::from_secs(60),
+        || async {
+            match letters(1).await.as_slice() {
+                [letter] if letter["id"] != id => Ok(letter.clone()),
+                other => Err(other.to_vec()),
+            }
+        },
+    )
+    .await;
+    assert!(
+        next["error"].as_str().unwrap().contains("refused poison-2"),
+        "{next}"
+    );
+    let rows = move |attempt: String| async move {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM my_attempts WHERE attempt_id = $1::uuid")
+            .bind(attempt)
+            .fetch_one(&deployment.pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        rows(first.clone()).await,
+        1,
+        "the retried event is applied once"
+    );
+    let (status, body) = deployment
+        .call(
+            0,
+            Method::POST,
+            &format!("/v1/admin/dead-letters/{id}/retry"),
+            admin,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "resolved already: {body}");
+    let (status, body) = deployment
+        .call(0, Method::POST, "/v1/admin/dead-letters/999999/skip", admin)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    // The second is skipped: the projection goes on without it.
+    let skip = format!("/v1/admin/dead-letters/{}/skip", next["id"]);
+    let (status, body) = deployment.call(1, Method::POST, &skip, admin).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    poll(
+        "the projection to go on",
+        Duration::from_secs(60),
+        || async {
+            let after_rows = rows(after.clone()).await;
+            let attempts = deployment.projection(2, "attempts").await;
+            if after_rows == 1 && attempts["state"] == "running" && attempts["dead_letters"] == 0 {
+                Ok(())
+            } else {
+                Err((after_rows, attempts))
+            }
+        },
+    )
+    .await;
+    assert_eq!(rows(second).await, 0, "the skipped event is not applied");
+    assert!(letters(0).await.is_empty());
+    let skipped = deployment
+        .metric(
+            0,
+            "podium_projection_skipped_total",
+            &["projection=\"attempts\""],
+        )
+        .await;
+    assert_eq!(skipped, 1.0, "the owner counted the skip");
+    let state: String = sqlx::query_scalar("SELECT state FROM dead_letters WHERE id = $1")
+        .bind(next["id"].as_i64().unwrap())
+        .fetch_one(&deployment.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "skipped");
 }

@@ -517,7 +517,7 @@ async fn a_rebuild_of_a_caught_up_leaderboard_keeps_cursors_valid() {
     let mut progress = |_, _| {};
     podium::projector::replay::replay(
         &app.pool,
-        podium::projector::replay::Scope::Leaderboard,
+        &podium::projector::replay::Scope::Leaderboard.read_models(),
         &mut progress,
     )
     .await

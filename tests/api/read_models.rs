@@ -353,7 +353,9 @@ async fn live_read_models_equal_a_replay_and_the_rules_applied_to_the_log() {
     );
 
     let mut progress = |_: u64, _: u64| {};
-    replay(&app.pool, Scope::All, &mut progress).await.unwrap();
+    replay(&app.pool, &Scope::All.read_models(), &mut progress)
+        .await
+        .unwrap();
     assert_same(&snapshot(&app.pool).await, &live);
 }
 
@@ -365,7 +367,7 @@ async fn traffic_keeps_flowing_during_a_replay_and_nothing_is_lost_or_doubled() 
     let pool = app.pool.clone();
     let rebuild = tokio::spawn(async move {
         let mut progress = |_: u64, _: u64| {};
-        replay(&pool, Scope::All, &mut progress).await
+        replay(&pool, &Scope::All.read_models(), &mut progress).await
     });
     traffic(&app, &tests, 80, 13).await;
     rebuild.await.unwrap().unwrap();
@@ -375,7 +377,9 @@ async fn traffic_keeps_flowing_during_a_replay_and_nothing_is_lost_or_doubled() 
     let (boards, _) = naive(&app.pool).await;
     assert_eq!(ranked_boards(&app.pool).await, boards);
     let mut progress = |_: u64, _: u64| {};
-    replay(&app.pool, Scope::All, &mut progress).await.unwrap();
+    replay(&app.pool, &Scope::All.read_models(), &mut progress)
+        .await
+        .unwrap();
     assert_same(&snapshot(&app.pool).await, &live);
 }
 
@@ -536,6 +540,8 @@ async fn a_rebuild_keeps_attempts_in_progress_and_repeated_submissions() {
         .count();
     assert_eq!(in_progress, 2, "{:?}", live["my_attempts"]);
     let mut progress = |_: u64, _: u64| {};
-    replay(&app.pool, Scope::All, &mut progress).await.unwrap();
+    replay(&app.pool, &Scope::All.read_models(), &mut progress)
+        .await
+        .unwrap();
     assert_same(&snapshot(&app.pool).await, &live);
 }

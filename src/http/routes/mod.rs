@@ -2,6 +2,7 @@
 //! OpenAPI annotations. May use the rest of `http/` and the query and
 //! command sides; nothing here is used outside `http/`.
 
+mod admin;
 mod attempts;
 mod catalog;
 mod demo;
@@ -20,7 +21,7 @@ use super::AppState;
 type Resource = (fn() -> Router<AppState>, fn() -> utoipa::openapi::OpenApi);
 
 /// Every resource, once: the router and the document both come from here.
-const RESOURCES: [Resource; 8] = [
+const RESOURCES: [Resource; 9] = [
     (health::router, health::Doc::openapi),
     (demo::router, demo::Doc::openapi),
     (catalog::router, catalog::Doc::openapi),
@@ -29,6 +30,7 @@ const RESOURCES: [Resource; 8] = [
     (leaderboard::router, leaderboard::Doc::openapi),
     (feed::router, feed::Doc::openapi),
     (history::router, history::Doc::openapi),
+    (admin::router, admin::Doc::openapi),
 ];
 
 /// Every resource's routes.
