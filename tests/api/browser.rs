@@ -313,18 +313,7 @@ async fn the_operator_page_rebuilds_and_retries_without_a_reload() {
     let test_id = app.published_test().await;
     ace(&app, &test_id, "early-bird").await;
     // The attempts read model refuses one learner's row: a dead letter.
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-           IF NEW.user_id = 'poison-1' THEN RAISE EXCEPTION 'refused %', NEW.user_id; END IF;
-           RETURN NEW;
-         END $$;
-         CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON my_attempts
-           FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
-    )
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    crate::helpers::refuse_attempts_of(&app.pool, "poison-1").await;
     let poisoned = app
         .start_attempt(&test_id, &app.user("poison-1"), None)
         .await;
@@ -362,7 +351,7 @@ async fn the_operator_page_rebuilds_and_retries_without_a_reload() {
         )
         .await;
     // The cause goes away; the dead letter is retried from the page.
-    sqlx::raw_sql("DROP TRIGGER refuse_poison ON my_attempts")
+    sqlx::raw_sql("DROP TRIGGER refuse_users ON my_attempts")
         .execute(&app.pool)
         .await
         .unwrap();

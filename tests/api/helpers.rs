@@ -521,3 +521,22 @@ pub async fn fill_board(
     .await
     .unwrap();
 }
+
+/// Makes the attempts read model refuse the rows of users matching `like`
+/// (a SQL LIKE pattern), as a bug or a bad migration would: applying their
+/// events fails, and they are dead-lettered. Called again, it changes the
+/// pattern; `DROP TRIGGER refuse_users ON my_attempts` ends it.
+pub async fn refuse_attempts_of(pool: &sqlx::PgPool, like: &str) {
+    sqlx::raw_sql(&format!(
+        "CREATE OR REPLACE FUNCTION refuse_users() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.user_id LIKE '{like}' THEN RAISE EXCEPTION 'refused %', NEW.user_id; END IF;
+           RETURN NEW;
+         END $$;
+         CREATE OR REPLACE TRIGGER refuse_users BEFORE INSERT OR UPDATE ON my_attempts
+           FOR EACH ROW EXECUTE FUNCTION refuse_users();"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+}

@@ -14,7 +14,9 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::Connection;
 use sqlx::PgPool;
 
-use crate::helpers::{podium_process, poll, sample_test, Killed, TestDb, SECRET};
+use crate::helpers::{
+    podium_process, poll, refuse_attempts_of, sample_test, Killed, TestDb, SECRET,
+};
 use crate::nats::{delete_streams, nats_url, unique_prefix, wait_until};
 use crate::postgres::PrivatePostgres;
 
@@ -889,18 +891,7 @@ async fn dead_letters_are_listed_everywhere_and_retried_or_skipped_by_the_owner(
     let (deployment, test, admin) = (&deployment, &test, &admin);
     // The attempts read model refuses two learners' rows, as a bad
     // migration or a bug in a projection would.
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-           IF NEW.user_id LIKE 'poison-%' THEN RAISE EXCEPTION 'refused %', NEW.user_id; END IF;
-           RETURN NEW;
-         END $$;
-         CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON my_attempts
-           FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
-    )
-    .execute(&deployment.pool)
-    .await
-    .unwrap();
+    refuse_attempts_of(&deployment.pool, "poison-%").await;
     let start = move |user: &str, instance: usize| {
         let token = deployment.token(user, Role::User);
         let path = format!("/v1/tests/{test}/attempts");
@@ -958,16 +949,7 @@ async fn dead_letters_are_listed_everywhere_and_retried_or_skipped_by_the_owner(
     // The cause of the first goes away; it is retried through another
     // instance than the owner, and applied once, in order; the second
     // learner's start fails next.
-    sqlx::raw_sql(
-        "CREATE OR REPLACE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-           IF NEW.user_id = 'poison-2' THEN RAISE EXCEPTION 'refused %', NEW.user_id; END IF;
-           RETURN NEW;
-         END $$;",
-    )
-    .execute(&deployment.pool)
-    .await
-    .unwrap();
+    refuse_attempts_of(&deployment.pool, "poison-2").await;
     let id = letter["id"].as_i64().unwrap();
     let (status, body) = deployment
         .call(

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -43,18 +43,7 @@ pub(super) struct Doc;
 #[utoipa::path(get, path = "/admin", tag = "operations",
     responses((status = 200, description = "The operator page", content_type = "text/html")))]
 async fn page() -> impl IntoResponse {
-    (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-cache"),
-            (
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
-                 img-src 'self' data:; connect-src 'self'",
-            ),
-        ],
-        PAGE,
-    )
+    super::demo::static_page(PAGE)
 }
 
 /// The operator side, where there is one.

@@ -24,6 +24,12 @@ pub(super) struct Doc;
 #[utoipa::path(get, path = "/", tag = "operations",
     responses((status = 200, description = "The demo page", content_type = "text/html")))]
 pub(super) async fn page() -> impl IntoResponse {
+    static_page(PAGE)
+}
+
+/// One of Podium's pages: HTML with its CSS and JS inline, allowed to talk
+/// to this server only.
+pub(super) fn static_page(html: &'static str) -> impl IntoResponse {
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -34,6 +40,6 @@ pub(super) async fn page() -> impl IntoResponse {
                  img-src 'self' data:; connect-src 'self'",
             ),
         ],
-        PAGE,
+        html,
     )
 }
