@@ -880,6 +880,117 @@ async fn a_rebuild_asked_through_any_instance_runs_once_on_the_owner_while_submi
             .contains("a rebuild of leaderboard is already running"),
         "{refused}"
     );
+    // And so is the command operators script.
+    let replay = std::process::Command::new(env!("CARGO_BIN_EXE_podium"))
+        .args(["replay", "--projection", "leaderboard"])
+        .env("DATABASE_URL", &deployment.database_url)
+        .env_remove("NATS_URL")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&replay.stderr);
+    assert!(
+        !replay.status.success(),
+        "podium replay ran beside a rebuild"
+    );
+    assert!(
+        said.contains("a rebuild of leaderboard is already running"),
+        "podium replay said: {said}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_whose_runner_is_killed_is_finished_by_the_next_owner() {
+    use reqwest::Method;
+    let (_db, mut deployment) = shared_deployment(3).await;
+    // A log long enough for the rebuild to be caught running.
+    let mut quiet = |_, _| {};
+    podium::cli::bulk_seed::bulk(&deployment.pool, 50_000, &mut quiet)
+        .await
+        .unwrap();
+    let admin = deployment.token("operator", Role::Admin);
+    let (status, body) = deployment
+        .call(
+            1,
+            Method::POST,
+            "/v1/admin/projections/leaderboard/rebuild",
+            &admin,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let running = poll("the owner to run it", Duration::from_secs(60), || async {
+        let (_, progress) = deployment
+            .call(
+                2,
+                Method::GET,
+                "/v1/admin/projections/leaderboard/rebuild",
+                &admin,
+            )
+            .await;
+        let runner = progress["runner"].as_str().unwrap_or_default();
+        if progress["state"] == "rebuilding" && deployment.is_instance(runner, 0) {
+            Ok(progress)
+        } else {
+            Err(progress)
+        }
+    })
+    .await;
+    deployment.kill(0);
+    let done = poll(
+        "another owner to finish it",
+        Duration::from_secs(180),
+        || async {
+            let (_, progress) = deployment
+                .call(
+                    2,
+                    Method::GET,
+                    "/v1/admin/projections/leaderboard/rebuild",
+                    &admin,
+                )
+                .await;
+            match progress["state"].as_str() {
+                Some("done") => Ok(progress),
+                Some("rebuilding") => Err(progress),
+                _ => panic!("the rebuild: {progress} (it ran as {running})"),
+            }
+        },
+    )
+    .await;
+    let runner = done["runner"].as_str().unwrap();
+    assert!(
+        deployment.is_instance(runner, 1) || deployment.is_instance(runner, 2),
+        "a surviving owner finished it: {done}"
+    );
+    let owner: String =
+        sqlx::query_scalar("SELECT owner FROM leases WHERE name = 'projection:leaderboard'")
+            .fetch_one(&deployment.pool)
+            .await
+            .unwrap();
+    assert_eq!(owner, runner, "the projection's owner ran it");
+    // Once the live projection has caught up, the board is what a fresh
+    // replay of the log makes.
+    poll(
+        "the leaderboard to catch up",
+        Duration::from_secs(180),
+        || async {
+            let board = deployment.projection(1, "leaderboard").await;
+            if board["lag_events"] == 0 && board["state"] == "running" {
+                Ok(())
+            } else {
+                Err(board)
+            }
+        },
+    )
+    .await;
+    let rebuilt = deployment.boards().await;
+    assert_eq!(rebuilt.len(), 50_000);
+    podium::projector::replay::replay(
+        &deployment.pool,
+        &podium::projector::replay::Scope::Leaderboard.read_models(),
+        &mut quiet,
+    )
+    .await
+    .unwrap();
+    assert_eq!(deployment.boards().await, rebuilt);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
