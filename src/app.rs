@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::idp::{KeySource, ProviderSettings};
 use crate::auth::JwtKeys;
 use crate::command::idempotency::{
     IdempotencyKeys, IdempotencyStore, PgIdempotencyKeys, RETENTION,
@@ -172,7 +173,14 @@ impl Application {
              to run the embedded mode there anyway",
             settings.listen
         );
-        let keys = JwtKeys::new(secret)?;
+        let mut keys = JwtKeys::new(secret)?;
+        if let Some(provider) = identity_provider(&settings.idp) {
+            let provider = Arc::new(crate::auth::idp::IdentityProvider::new(provider));
+            // A provider away at start is fetched again on the first token
+            // it signs; HS256 tokens work meanwhile.
+            provider.refresh().await;
+            keys = keys.with_provider(provider);
+        }
         let stores = Stores::open(&settings).await?;
         let bus = match (&settings.nats.nats_url, &stores) {
             (Some(url), _) => {
@@ -479,6 +487,22 @@ impl Application {
         }
         result
     }
+}
+
+/// The identity provider to accept tokens from, if one is configured.
+fn identity_provider(idp: &crate::config::IdpSettings) -> Option<ProviderSettings> {
+    let source = match (&idp.jwks_url, &idp.oidc_issuer) {
+        (Some(url), _) => KeySource::Jwks(url.clone()),
+        (None, Some(issuer)) => KeySource::Oidc(issuer.clone()),
+        (None, None) => return None,
+    };
+    Some(ProviderSettings {
+        issuer: idp.jwt_issuer.clone().or_else(|| idp.oidc_issuer.clone()),
+        audience: idp.jwt_audience.clone(),
+        role_claim: idp.jwt_role_claim.clone(),
+        min_refetch: Duration::from_millis(idp.jwks_min_refetch_ms),
+        source,
+    })
 }
 
 /// Purges what has expired: idempotency keys, rate-limit windows, and

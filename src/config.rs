@@ -91,6 +91,45 @@ impl AuthSettings {
     }
 }
 
+/// An identity provider whose tokens are accepted beside HS256 ones.
+#[derive(Debug, Clone, Args)]
+pub struct IdpSettings {
+    /// The identity provider's JSON Web Key Set (RS256, ES256 and EdDSA keys).
+    #[arg(long, env = "PODIUM_JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// An OpenID Connect issuer whose discovery document names the key set
+    /// (instead of PODIUM_JWKS_URL); its tokens must carry it as `iss`.
+    #[arg(long, env = "PODIUM_OIDC_ISSUER", conflicts_with = "jwks_url")]
+    pub oidc_issuer: Option<String>,
+    /// The `iss` the provider's tokens must carry.
+    #[arg(long, env = "PODIUM_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// The `aud` the provider's tokens must carry.
+    #[arg(long, env = "PODIUM_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// The claim that says `admin` (a string, or an array holding it; a
+    /// dotted path reaches into objects).
+    #[arg(long, env = "PODIUM_JWT_ROLE_CLAIM", default_value = "role")]
+    pub jwt_role_claim: String,
+    /// The shortest time between two fetches of the key set, in ms (a token
+    /// with an unknown key makes one).
+    #[arg(long, env = "PODIUM_JWKS_MIN_REFETCH_MS", default_value_t = 10_000)]
+    pub jwks_min_refetch_ms: u64,
+}
+
+impl Default for IdpSettings {
+    fn default() -> Self {
+        Self {
+            jwks_url: None,
+            oidc_issuer: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_role_claim: "role".into(),
+            jwks_min_refetch_ms: 10_000,
+        }
+    }
+}
+
 /// Where NATS is and which subjects and streams are ours.
 #[derive(Debug, Clone, Args)]
 pub struct NatsSettings {
@@ -151,6 +190,8 @@ pub struct Settings {
     pub database: DatabaseSettings,
     #[command(flatten)]
     pub auth: AuthSettings,
+    #[command(flatten)]
+    pub idp: IdpSettings,
     #[command(flatten)]
     pub nats: NatsSettings,
     #[command(flatten)]
@@ -225,6 +266,7 @@ impl Settings {
             auth: AuthSettings {
                 jwt_secret: Some(jwt_secret.into()),
             },
+            idp: IdpSettings::default(),
             nats: NatsSettings {
                 nats_url: None,
                 nats_prefix: DEFAULT_NATS_PREFIX.to_string(),

@@ -126,7 +126,7 @@ impl FromRequestParts<AppState> for Principal {
             .headers
             .get(header::AUTHORIZATION)
             .map(|value| value.to_str().unwrap_or_default());
-        Ok(state.keys.verify_header(header)?)
+        Ok(state.keys.authenticate_header(header).await?)
     }
 }
 

@@ -110,13 +110,20 @@ pub struct StreamQuery {
 
 impl StreamQuery {
     /// The caller, from `Authorization` or else `?access_token=`.
-    pub fn caller(&self, state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    pub async fn caller(
+        &self,
+        state: &AppState,
+        headers: &HeaderMap,
+    ) -> Result<Principal, ApiError> {
         let principal = match (headers.get(header::AUTHORIZATION), &self.access_token) {
-            (Some(value), _) => state
-                .keys
-                .verify_header(Some(value.to_str().unwrap_or_default())),
-            (None, Some(token)) => state.keys.verify(token),
-            (None, None) => state.keys.verify_header(None),
+            (Some(value), _) => {
+                state
+                    .keys
+                    .authenticate_header(Some(value.to_str().unwrap_or_default()))
+                    .await
+            }
+            (None, Some(token)) => state.keys.authenticate(token).await,
+            (None, None) => state.keys.authenticate_header(None).await,
         };
         Ok(principal?)
     }

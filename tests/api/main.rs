@@ -16,6 +16,7 @@ mod embedded;
 mod fanout;
 mod fuzz;
 mod idempotency;
+mod idp;
 mod instances;
 mod layout;
 mod notifications;

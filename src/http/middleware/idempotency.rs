@@ -67,7 +67,7 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     // Unauthenticated requests are refused by the handler; nothing to store.
-    let Ok(principal) = state.keys.verify_header(auth) else {
+    let Ok(principal) = state.keys.authenticate_header(auth).await else {
         return next.run(request).await;
     };
     let scope = IdempotencyScope {

@@ -46,7 +46,8 @@ pub async fn middleware(
         let ip = client_ip(peer, forwarded, &state.trusted_proxies);
         decisions.push(limiter.check(&limiter.budgets.ip, &ip.to_string()).await);
     }
-    if let Some(principal) = caller(&state, &request) {
+    let token = bearer_or_stream_token(&request);
+    if let Some(principal) = caller(&state, token).await {
         let budget = if matches!(*request.method(), Method::GET | Method::HEAD) {
             &limiter.budgets.user_queries
         } else {
@@ -84,11 +85,11 @@ pub async fn middleware(
     response
 }
 
-/// The caller proven by the request's token (header, or `?access_token=`
-/// for streams, the only routes that take it), if any.
-fn caller(state: &AppState, request: &Request) -> Option<Principal> {
+/// The request's token: from `Authorization` (the whole header, `Bearer`
+/// and all), or `?access_token=` for streams, the only routes that take it.
+fn bearer_or_stream_token(request: &Request) -> Option<Presented> {
     if let Some(value) = request.headers().get(header::AUTHORIZATION) {
-        return state.keys.verify_header(value.to_str().ok()).ok();
+        return Some(Presented::Header(value.to_str().ok()?.to_string()));
     }
     if !request.uri().path().ends_with("/stream") {
         return None;
@@ -97,7 +98,24 @@ fn caller(state: &AppState, request: &Request) -> Option<Principal> {
     let token = query
         .split('&')
         .find_map(|pair| pair.strip_prefix("access_token="))?;
-    state.keys.verify(token).ok()
+    Some(Presented::Query(token.to_string()))
+}
+
+/// A token as the request presents it (owned: the request's body is not
+/// `Sync`, so the request cannot be borrowed across the check).
+enum Presented {
+    /// The `Authorization` header's value.
+    Header(String),
+    /// `?access_token=`.
+    Query(String),
+}
+
+/// The caller that `token` proves, if any.
+async fn caller(state: &AppState, token: Option<Presented>) -> Option<Principal> {
+    match token? {
+        Presented::Header(header) => state.keys.authenticate_header(Some(&header)).await.ok(),
+        Presented::Query(token) => state.keys.authenticate(&token).await.ok(),
+    }
 }
 
 fn set_headers(headers: &mut HeaderMap, decision: &Decision) {

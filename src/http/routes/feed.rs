@@ -226,7 +226,7 @@ async fn stream(
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<StreamQuery>,
 ) -> Result<Response, ApiError> {
-    let principal = query.caller(&state, &headers)?;
+    let principal = query.caller(&state, &headers).await?;
     let last_event_id = query.last_event_id(&headers)?;
     let user = principal.user_id.to_string();
     let source = Notifications {

@@ -412,7 +412,7 @@ async fn stream(
     ApiPath(test_id): ApiPath<Uuid>,
     ApiQuery(query): ApiQuery<StreamQuery>,
 ) -> Result<Response, ApiError> {
-    let principal = query.caller(&state, &headers)?;
+    let principal = query.caller(&state, &headers).await?;
     let last_event_id = query.last_event_id(&headers)?;
     published_definition(&state, test_id).await?;
     let source = Entries {

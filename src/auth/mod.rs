@@ -1,5 +1,10 @@
-//! Bearer-token authentication: HS256 JWTs with `sub`, `role` and `exp`.
+//! Bearer-token authentication: HS256 JWTs with `sub`, `role` and `exp`
+//! signed with `PODIUM_JWT_SECRET`, and, when one is configured, an identity
+//! provider's RS256, ES256 and EdDSA tokens ([`idp`]).
 
+pub mod idp;
+
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -47,6 +52,25 @@ pub enum AuthError {
     Expired,
     #[error("the token is invalid: {0}")]
     Invalid(String),
+    /// Signed with a key the identity provider's key set lacks (after a
+    /// refetch, when one was allowed).
+    #[error("the token is signed with key {0:?}, which the identity provider does not list")]
+    UnknownKey(String),
+}
+
+/// Why jsonwebtoken refused a token.
+fn refusal(err: jsonwebtoken::errors::Error) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind;
+    match err.kind() {
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
+        ErrorKind::ImmatureSignature => {
+            AuthError::Invalid("the token is not valid yet (nbf)".into())
+        }
+        ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer (iss)".into()),
+        ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience (aud)".into()),
+        _ => AuthError::Invalid(err.to_string()),
+    }
 }
 
 /// Signs and checks tokens with one secret.
@@ -55,6 +79,8 @@ pub struct JwtKeys {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    /// The identity provider whose tokens are accepted too, if any.
+    provider: Option<Arc<idp::IdentityProvider>>,
 }
 
 impl JwtKeys {
@@ -72,7 +98,19 @@ impl JwtKeys {
             encoding: EncodingKey::from_secret(secret.as_bytes()),
             decoding: DecodingKey::from_secret(secret.as_bytes()),
             validation,
+            provider: None,
         })
+    }
+
+    /// Accepts `provider`'s tokens besides HS256 ones.
+    pub fn with_provider(mut self, provider: Arc<idp::IdentityProvider>) -> Self {
+        self.provider = Some(provider);
+        self
+    }
+
+    /// The identity provider, if one is configured.
+    pub fn provider(&self) -> Option<&Arc<idp::IdentityProvider>> {
+        self.provider.as_ref()
     }
 
     /// A token for `user_id` with `role`, valid for `ttl`.
@@ -89,15 +127,21 @@ impl JwtKeys {
             .expect("HS256 signing with an in-memory key cannot fail")
     }
 
-    /// Checks a raw token.
+    /// Checks a raw token with the keys at hand: HS256 against the secret,
+    /// others against the identity provider's keys as last fetched.
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
-        use jsonwebtoken::errors::ErrorKind;
+        let header = jsonwebtoken::decode_header(token).map_err(refusal)?;
+        if header.alg != Algorithm::HS256 {
+            return match &self.provider {
+                Some(provider) => provider.verify(&header, token),
+                None => Err(AuthError::Invalid(format!(
+                    "{:?} tokens need an identity provider (PODIUM_JWKS_URL); this server takes HS256",
+                    header.alg
+                ))),
+            };
+        }
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|err| match err.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
-                _ => AuthError::Invalid(err.to_string()),
-            })?;
+            .map_err(refusal)?;
         let user_id = UserId::parse(data.claims.sub)
             .map_err(|err| AuthError::Invalid(format!("sub: {err}")))?;
         Ok(Principal {
@@ -106,15 +150,36 @@ impl JwtKeys {
         })
     }
 
-    /// Checks an `Authorization` header value.
-    pub fn verify_header(&self, header: Option<&str>) -> Result<Principal, AuthError> {
-        let header = header.ok_or(AuthError::Missing)?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .ok_or(AuthError::NotBearer)?;
-        self.verify(token.trim())
+    /// [`Self::verify`], fetching the identity provider's keys again first
+    /// when the token names a key not among them (at most once per the
+    /// provider's minimum interval).
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        match (self.verify(token), &self.provider) {
+            (Err(AuthError::UnknownKey(_)), Some(provider)) if provider.refresh().await => {
+                self.verify(token)
+            }
+            (result, _) => result,
+        }
     }
+
+    /// [`Self::authenticate`] for an `Authorization` header.
+    pub async fn authenticate_header(&self, header: Option<&str>) -> Result<Principal, AuthError> {
+        self.authenticate(bearer(header)?).await
+    }
+
+    pub fn verify_header(&self, header: Option<&str>) -> Result<Principal, AuthError> {
+        self.verify(bearer(header)?)
+    }
+}
+
+/// The token of an `Authorization: Bearer` header.
+fn bearer(header: Option<&str>) -> Result<&str, AuthError> {
+    let header = header.ok_or(AuthError::Missing)?;
+    let token = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .ok_or(AuthError::NotBearer)?;
+    Ok(token.trim())
 }
 
 #[cfg(test)]
