@@ -311,6 +311,11 @@ impl Application {
         let state = AppState::new(AppParts {
             aggregates: Arc::new(Aggregates::with_metrics(&wired.repository, &metrics)),
             limiter: budgets.map(|budgets| {
+                // Every budget's refusals show in /metrics from the start (a
+                // rate over an absent series is no rate at all).
+                for budget in [&budgets.user_commands, &budgets.user_queries, &budgets.ip] {
+                    metrics.rate_limited.with_label_values(&[budget.name]);
+                }
                 let windows: Arc<dyn WindowStore> = match &wired.pool {
                     Some(pool) => Arc::new(PgWindows { pool: pool.clone() }),
                     None => Arc::new(MemoryWindows::default()),

@@ -347,6 +347,11 @@ pub async fn open<S: StreamSource>(
     }
     let caught = source.catch_up(last_event_id).await?;
     let gauge = state.metrics.sse_open.with_label_values(&[source.kind()]);
+    // Slow clients of this kind of stream show in /metrics as zero until one is.
+    state
+        .metrics
+        .sse_lagged
+        .with_label_values(&[source.kind(), "caught_up"]);
     gauge.inc();
     let mut live = Live {
         source,

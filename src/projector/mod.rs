@@ -238,6 +238,8 @@ impl Register for Spawner<'_> {
         let status = Arc::new(RoleStatus::default());
         self.watched
             .push((name.clone(), stats.clone(), status.clone()));
+        // Zero until an operator skips one.
+        self.metrics.projection_skipped.with_label_values(&[&name]);
         let bus = self.bus.clone();
         let stop = self.stop.clone();
         // Operators' retries and skips of its dead letters wake it when halted.

@@ -20,6 +20,7 @@ mod idp;
 mod instances;
 mod layout;
 mod notifications;
+mod observability;
 mod openapi;
 mod queries;
 mod rank_index;
