@@ -185,7 +185,11 @@ impl Application {
         let bus = match (&settings.nats.nats_url, &stores) {
             (Some(url), _) => {
                 let bus = EventBus::connect(url, &settings.nats.nats_prefix).await?;
-                bus.ensure_streams(&StreamLimits::default()).await?;
+                bus.ensure_streams(&StreamLimits {
+                    replicas: usize::from(settings.nats.nats_replicas),
+                    ..StreamLimits::default()
+                })
+                .await?;
                 Some(bus)
             }
             (None, Stores::Postgres { .. }) if settings.workers => {

@@ -133,13 +133,19 @@ impl Default for IdpSettings {
 /// Where NATS is and which subjects and streams are ours.
 #[derive(Debug, Clone, Args)]
 pub struct NatsSettings {
-    /// NATS server with JetStream, e.g. `nats://127.0.0.1:4222`. Without it
-    /// events stay in Postgres and nothing is relayed.
+    /// NATS server with JetStream, e.g. `nats://127.0.0.1:4222`, or a
+    /// cluster's servers separated by commas. Without it events stay in
+    /// Postgres and nothing is relayed.
     #[arg(long, env = "NATS_URL")]
     pub nats_url: Option<String>,
     /// Prefix of subjects and stream names, so deployments can share a server.
     #[arg(long, env = "PODIUM_NATS_PREFIX", default_value = DEFAULT_NATS_PREFIX)]
     pub nats_prefix: String,
+    /// Copies JetStream keeps of Podium's streams (up to the cluster's size;
+    /// 3 survives the loss of any one node of three).
+    #[arg(long, env = "PODIUM_NATS_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_replicas: u8,
 }
 
 /// The query side: cache and streams.
@@ -270,6 +276,7 @@ impl Settings {
             nats: NatsSettings {
                 nats_url: None,
                 nats_prefix: DEFAULT_NATS_PREFIX.to_string(),
+                nats_replicas: 1,
             },
             query: QuerySettings::default(),
             workers: true,

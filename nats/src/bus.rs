@@ -43,6 +43,9 @@ pub struct StreamLimits {
     /// How long a `Nats-Msg-Id` is remembered: a relay retrying within this
     /// window publishes nothing twice. Consumers skip repeats anyway.
     pub duplicate_window: Duration,
+    /// Copies of each stream in a JetStream cluster (1 on a single server;
+    /// 3 survives the loss of any one node of three).
+    pub replicas: usize,
 }
 
 impl Default for StreamLimits {
@@ -51,6 +54,7 @@ impl Default for StreamLimits {
             max_age: Duration::from_secs(7 * 24 * 3600),
             max_bytes: -1,
             duplicate_window: Duration::from_secs(5 * 60),
+            replicas: 1,
         }
     }
 }
@@ -100,7 +104,15 @@ pub struct EventBus {
 impl EventBus {
     /// Connects to `url` (retrying in the background if NATS goes away
     /// later) for the deployment named by `prefix`.
+    /// Connects to the server at `url`, or to a cluster: several URLs
+    /// separated by commas, any of which will do (the client moves to
+    /// another when one goes away).
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, BusError> {
+        let servers: Vec<&str> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
         let subjects = Subjects::new(prefix).map_err(BusError::Config)?;
         let (connected, connections) = watch::channel(0u64);
         let connected = Arc::new(connected);
@@ -116,7 +128,7 @@ impl EventBus {
             })
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
-            .connect(url)
+            .connect(servers)
             .await
             .map_err(|err| BusError::Connect(err.to_string()))?;
         let mut bus = Self::new(client, subjects);
@@ -177,6 +189,7 @@ impl EventBus {
             max_age: limits.max_age,
             max_bytes: limits.max_bytes,
             duplicate_window: limits.duplicate_window,
+            num_replicas: limits.replicas,
             ..Default::default()
         };
         let dead_letters = stream::Config {
@@ -185,6 +198,7 @@ impl EventBus {
             subjects: vec![self.subjects.all_dead_letters()],
             storage: stream::StorageType::File,
             max_age: Duration::from_secs(30 * 24 * 3600),
+            num_replicas: limits.replicas,
             ..Default::default()
         };
         for config in [events, dead_letters] {

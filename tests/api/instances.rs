@@ -45,12 +45,27 @@ struct Deployment {
     keys: JwtKeys,
     client: reqwest::Client,
     instances: Vec<Option<(Killed, String)>>,
+    /// The NATS servers the instances are given (`NATS_URL`).
+    nats: String,
+    /// Settings every instance gets besides the defaults here.
+    env: Vec<(String, String)>,
 }
 
 impl Deployment {
     /// Starts `n` instances; the first takes every lease before the others
     /// start, so the tests know who owns what.
     async fn start(database_url: String, pool: PgPool, n: usize) -> Self {
+        Self::start_on(database_url, pool, n, nats_url(), Vec::new()).await
+    }
+
+    /// [`Self::start`] on the NATS servers `nats`, with `env` besides.
+    async fn start_on(
+        database_url: String,
+        pool: PgPool,
+        n: usize,
+        nats: String,
+        env: Vec<(String, String)>,
+    ) -> Self {
         let mut deployment = Self {
             database_url,
             pool,
@@ -61,6 +76,8 @@ impl Deployment {
                 .build()
                 .unwrap(),
             instances: Vec::new(),
+            nats,
+            env,
         };
         deployment.add_instance();
         let first = deployment.pid(0);
@@ -78,13 +95,17 @@ impl Deployment {
 
     fn add_instance(&mut self) {
         let env = [
-            ("NATS_URL", nats_url()),
+            ("NATS_URL", self.nats.clone()),
             ("PODIUM_NATS_PREFIX", self.prefix.clone()),
             ("PODIUM_LEASE_TTL_MS", LEASE_TTL_MS.to_string()),
             ("PODIUM_DB_MAX_CONNECTIONS", "4".to_string()),
             ("PODIUM_DB_ACQUIRE_TIMEOUT_SECS", "2".to_string()),
         ];
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let env: Vec<(&str, &str)> = env
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .chain(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .collect();
         self.instances
             .push(Some(podium_process(&self.database_url, &env)));
     }
@@ -342,7 +363,7 @@ impl Deployment {
 impl Drop for Deployment {
     fn drop(&mut self) {
         self.instances.clear();
-        delete_streams(nats_url(), self.prefix.clone());
+        delete_streams(self.nats.clone(), self.prefix.clone());
     }
 }
 
@@ -1145,4 +1166,91 @@ async fn dead_letters_are_listed_everywhere_and_retried_or_skipped_by_the_owner(
         .await
         .unwrap();
     assert_eq!(state, "skipped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_node_killed_mid_load_loses_and_doubles_nothing() {
+    let mut cluster = crate::nats::NatsCluster::start().await;
+    let db = TestDb::new().await;
+    let deployment = Deployment::start_on(
+        db.url(),
+        db.pool.clone(),
+        2,
+        cluster.url(),
+        vec![("PODIUM_NATS_REPLICAS".into(), "3".into())],
+    )
+    .await;
+    let test = deployment.published_test(1).await;
+    // The events stream keeps three copies, one per node.
+    let servers: Vec<String> = cluster.url().split(',').map(str::to_string).collect();
+    let js = async_nats::jetstream::new(async_nats::connect(servers).await.unwrap());
+    let name = podium_nats::Subjects::new(&deployment.prefix)
+        .unwrap()
+        .events_stream();
+    let info = js
+        .get_stream(&name)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.config.num_replicas, 3);
+    let peers = info.cluster.as_ref().map_or(0, |c| c.replicas.len());
+    assert_eq!(peers, 2, "a leader and two replicas: {:?}", info.cluster);
+    let flowing = std::sync::atomic::AtomicBool::new(true);
+    let submitted = std::sync::atomic::AtomicUsize::new(0);
+    let load = async {
+        let mut acknowledged = HashSet::new();
+        let mut i = 0u64;
+        while flowing.load(std::sync::atomic::Ordering::Relaxed) {
+            let user = format!("learner-{}", i % 40);
+            if let Some(attempt) = deployment.take(i as usize % 2, &test, &user, i).await {
+                acknowledged.insert(attempt);
+                submitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            i += 1;
+        }
+        acknowledged
+    };
+    let fault = async {
+        poll(
+            "submissions before the fault",
+            Duration::from_secs(60),
+            || async {
+                let n = submitted.load(std::sync::atomic::Ordering::Relaxed);
+                if n >= 40 {
+                    Ok(())
+                } else {
+                    Err(n)
+                }
+            },
+        )
+        .await;
+        cluster.kill(0);
+        let before = submitted.load(std::sync::atomic::Ordering::Relaxed);
+        poll(
+            "submissions after the fault",
+            Duration::from_secs(120),
+            || async {
+                let n = submitted.load(std::sync::atomic::Ordering::Relaxed);
+                if n >= before + 40 {
+                    Ok(())
+                } else {
+                    Err(n)
+                }
+            },
+        )
+        .await;
+        flowing.store(false, std::sync::atomic::Ordering::Relaxed);
+    };
+    let (acknowledged, ()) = tokio::join!(load, fault);
+    assert!(
+        acknowledged.len() >= 80,
+        "{} acknowledged",
+        acknowledged.len()
+    );
+    deployment
+        .wait_converged(&acknowledged, Duration::from_secs(120))
+        .await;
 }

@@ -178,3 +178,99 @@ where
     })
     .await
 }
+
+/// A private three-node JetStream cluster on 127.0.0.1 (`nats-server`
+/// processes, `../shared/FAULTS.md`), for the tests that kill a node. The
+/// nodes and their storage go when it is dropped.
+pub struct NatsCluster {
+    dir: std::path::PathBuf,
+    nodes: Vec<Option<crate::helpers::Killed>>,
+    ports: Vec<u16>,
+}
+
+impl NatsCluster {
+    /// Starts three nodes and waits until JetStream has a metadata leader.
+    pub async fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("podium-nats-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ports: Vec<u16> = (0..3).map(|_| crate::postgres::free_port()).collect();
+        let routes: Vec<u16> = (0..3).map(|_| crate::postgres::free_port()).collect();
+        let route_list = routes
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut nodes = Vec::new();
+        for n in 0..3 {
+            let config = dir.join(format!("n{n}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "server_name: n{n}\nlisten: 127.0.0.1:{}\n\
+                     jetstream {{ store_dir: \"{}\" }}\n\
+                     cluster {{\n  name: podium\n  listen: 127.0.0.1:{}\n  routes: [{route_list}]\n}}\n",
+                    ports[n],
+                    dir.join(format!("js{n}")).display(),
+                    routes[n]
+                ),
+            )
+            .unwrap();
+            let child = std::process::Command::new("nats-server")
+                .arg("-c")
+                .arg(&config)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("nats-server starts");
+            nodes.push(Some(crate::helpers::Killed(child)));
+        }
+        let cluster = Self { dir, nodes, ports };
+        // Ready once a replicated stream can be made (and removed again).
+        let url = cluster.url();
+        crate::helpers::poll("the JetStream cluster", Duration::from_secs(60), || {
+            let url = url.clone();
+            async move {
+                let servers: Vec<&str> = url.split(',').collect();
+                let client = async_nats::connect(servers)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let js = async_nats::jetstream::new(client);
+                let config = async_nats::jetstream::stream::Config {
+                    name: "ready".into(),
+                    subjects: vec!["ready.>".into()],
+                    num_replicas: 3,
+                    ..Default::default()
+                };
+                js.create_stream(config).await.map_err(|e| e.to_string())?;
+                js.delete_stream("ready").await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(())
+            }
+        })
+        .await;
+        cluster
+    }
+
+    /// Every node's URL, comma-separated, as `NATS_URL` takes them.
+    pub fn url(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// kill -9 of node `n`.
+    pub fn kill(&mut self, n: usize) {
+        if let Some(mut node) = self.nodes[n].take() {
+            let _ = node.0.kill();
+            let _ = node.0.wait();
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
