@@ -259,6 +259,9 @@ impl Application {
                 metrics.watch_pool("primary", &pool);
                 if settings.database.database_read_url.is_some() {
                     metrics.watch_pool("replica", &read_pool);
+                    metrics.watch(Arc::new(crate::ops::db::ReplicaProbe {
+                        pool: read_pool.clone(),
+                    }));
                 }
                 metrics.watch_pool("workers", &worker_pool);
                 metrics.watch(Arc::new(LogProbe { pool: pool.clone() }));

@@ -160,3 +160,29 @@ pub fn is_unavailable(err: &(dyn std::error::Error + 'static)) -> bool {
         _ => false,
     }
 }
+
+/// How far a read replica's replay is behind its primary, for `/metrics`:
+/// 0 once it has replayed all it received (an idle primary sends nothing),
+/// else the time since the last transaction it replayed was committed.
+pub struct ReplicaProbe {
+    pub pool: PgPool,
+}
+
+#[async_trait::async_trait]
+impl crate::ops::metrics::Probe for ReplicaProbe {
+    async fn sample(&self, metrics: &crate::ops::metrics::Metrics) {
+        let lag: Result<f64, sqlx::Error> = sqlx::query_scalar(
+            "SELECT CASE
+                      WHEN NOT pg_is_in_recovery() THEN 0
+                      WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
+                      ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0)
+                    END::float8",
+        )
+        .fetch_one(&self.pool)
+        .await;
+        match lag {
+            Ok(lag) => metrics.replica_lag.set(lag),
+            Err(err) => tracing::debug!(%err, "cannot read the replica's lag"),
+        }
+    }
+}

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub relay_published: IntCounter,
     pub relay_failures: IntCounter,
     pub log_stall: prometheus::Gauge,
+    /// How far the read replica's replay is behind (0 without a replica).
+    pub replica_lag: prometheus::Gauge,
     pub projection_checkpoint: IntGaugeVec,
     pub projection_lag_events: IntGaugeVec,
     pub projection_lag_seconds: prometheus::GaugeVec,
@@ -232,6 +234,14 @@ impl Metrics {
                 prometheus::Gauge::new(
                     "log_oldest_writer_age_seconds",
                     "Age of the oldest open transaction that holds back tailers of the log",
+                )
+                .unwrap(),
+            ),
+            replica_lag: register(
+                r,
+                prometheus::Gauge::new(
+                    "db_replica_lag_seconds",
+                    "Seconds the read replica's replay is behind the primary (0 when caught up, or without a replica)",
                 )
                 .unwrap(),
             ),

@@ -25,6 +25,7 @@ mod openapi;
 mod queries;
 mod rank_index;
 mod read_models;
+mod replica;
 mod single_node;
 mod sse;
 mod stores;

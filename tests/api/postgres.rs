@@ -59,6 +59,12 @@ impl PrivatePostgres {
             .open(data.join("postgresql.conf"))
             .unwrap();
         std::io::Write::write_all(&mut file, conf.as_bytes()).unwrap();
+        // Streaming replicas may connect (`replica`).
+        let mut hba = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("pg_hba.conf"))
+            .unwrap();
+        std::io::Write::write_all(&mut hba, b"host replication all 127.0.0.1/32 trust\n").unwrap();
         let postgres = Self { dir, port };
         postgres.start_server();
         postgres
@@ -84,6 +90,50 @@ impl PrivatePostgres {
 
     pub fn restart(&self) {
         self.start_server();
+    }
+
+    /// A hot standby of this server fed by streaming replication
+    /// (`pg_basebackup -R`), on a port and in a directory of its own.
+    pub fn replica(&self) -> PrivatePostgres {
+        let dir = std::env::temp_dir().join(format!("podium-pg-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let chown = Command::new("chown")
+            .args(["postgres", dir.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(chown.success());
+        let replica = Self {
+            dir,
+            port: free_port(),
+        };
+        as_postgres(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-D",
+                &replica.data(),
+                "-R",
+                "-X",
+                "stream",
+            ],
+        );
+        let conf = format!(
+            "port = {}\nunix_socket_directories = '{}'\n",
+            replica.port,
+            replica.dir.display()
+        );
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(replica.dir.join("data").join("postgresql.conf"))
+            .unwrap();
+        std::io::Write::write_all(&mut file, conf.as_bytes()).unwrap();
+        replica.start_server();
+        replica
     }
 }
 
