@@ -199,11 +199,9 @@ async fn tokens_that_claim_too_much_are_refused() {
         c.as_object_mut().unwrap().remove(key);
         c
     };
-    let public_pem = {
-        // The RSA public key, as a confused verifier would use it as an HS256 secret.
-        let jwk = jwk("rsa-1");
-        serde_json::to_vec(&jwk).unwrap()
-    };
+    // The RSA public key (PEM), as a confused verifier would use it as an
+    // HS256 secret.
+    let public_pem = fixture("rsa-1.pub.pem");
     let mut hs256 = Header::new(Algorithm::HS256);
     hs256.kid = Some("rsa-1".into());
     let unsigned = format!(
