@@ -283,16 +283,20 @@ impl TestApp {
 
     /// The value of metric `name` with `labels` (each `key="value"`) from
     /// `/metrics`, 0 when absent.
-    pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
-        let text = self
-            .client
+    /// The text of `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        self.client
             .get(format!("{}/metrics", self.address))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let text = self.metrics_text().await;
         text.lines()
             .filter(|line| line.starts_with(name) && !line.starts_with('#'))
             .filter(|line| labels.iter().all(|label| line.contains(label)))

@@ -162,15 +162,7 @@ async fn the_dashboard_and_the_rules_name_what_metrics_serves_and_the_dashboard_
         "every family in /metrics",
         Duration::from_secs(30),
         || async {
-            let text = app
-                .client
-                .get(format!("{}/metrics", app.address))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = app.metrics_text().await;
             let families: BTreeSet<String> = text
                 .lines()
                 .filter_map(|line| line.strip_prefix("# TYPE "))

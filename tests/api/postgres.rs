@@ -27,15 +27,21 @@ fn as_postgres(binary: &str, args: &[&str]) -> std::process::Output {
     output
 }
 
+/// A fresh temporary directory the `postgres` user owns.
+fn postgres_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("podium-pg-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let chown = Command::new("chown")
+        .args(["postgres", dir.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    dir
+}
+
 impl PrivatePostgres {
     pub fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!("podium-pg-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let chown = Command::new("chown")
-            .args(["postgres", dir.to_str().unwrap()])
-            .status()
-            .unwrap();
-        assert!(chown.success());
+        let dir = postgres_dir();
         let port = free_port();
         let data = dir.join("data");
         as_postgres(
@@ -95,15 +101,8 @@ impl PrivatePostgres {
     /// A hot standby of this server fed by streaming replication
     /// (`pg_basebackup -R`), on a port and in a directory of its own.
     pub fn replica(&self) -> PrivatePostgres {
-        let dir = std::env::temp_dir().join(format!("podium-pg-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let chown = Command::new("chown")
-            .args(["postgres", dir.to_str().unwrap()])
-            .status()
-            .unwrap();
-        assert!(chown.success());
         let replica = Self {
-            dir,
+            dir: postgres_dir(),
             port: free_port(),
         };
         as_postgres(
