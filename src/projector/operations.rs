@@ -42,6 +42,10 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// projection's owner tries to take it over (the lock says if it can).
 const STALE_AFTER_SECS: f64 = 5.0;
 
+/// Connections a rebuild started by the owner opens for itself: the lock's,
+/// the log reader's, one per read model applied set-wise, and progress.
+const REBUILD_CONNECTIONS: u32 = 5;
+
 /// How often the owner looks for requested rebuilds and operator requests.
 const LOOK_EVERY: Duration = Duration::from_secs(1);
 
@@ -538,7 +542,20 @@ pub async fn run_requested(
             }
             let models = [model];
             let mut quiet = |_, _| {};
-            let rebuilding = rebuild(&pool, &models, &instance, &mut quiet);
+            // Connections of its own: a rebuild holds several for minutes,
+            // which neither the requests' pool nor the workers' can spare.
+            let own = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(REBUILD_CONNECTIONS)
+                .connect_with((*pool.connect_options()).clone())
+                .await;
+            let own = match own {
+                Ok(own) => own,
+                Err(err) => {
+                    tracing::warn!(%err, "cannot connect for a rebuild");
+                    continue;
+                }
+            };
+            let rebuilding = rebuild(&own, &models, &instance, &mut quiet);
             tokio::select! {
                 result = rebuilding => match result {
                     Ok(_) | Err(RebuildError::Refused(_)) => {}
@@ -547,6 +564,7 @@ pub async fn run_requested(
                 // Its row goes stale and the next owner starts it again.
                 () = stop.cancelled() => return,
             }
+            own.close().await;
         }
     }
 }
