@@ -57,8 +57,6 @@ pub struct IdentityProvider {
     keys: RwLock<Arc<HashMap<String, Key>>>,
     /// When the key set was last asked for (whatever came of it).
     fetched: tokio::sync::Mutex<Option<Instant>>,
-    /// How many fetches were made (for metrics and tests).
-    fetches: std::sync::atomic::AtomicU64,
 }
 
 /// How long one fetch of the key set may take.
@@ -75,13 +73,7 @@ impl IdentityProvider {
                 .expect("an HTTP client with a timeout builds"),
             keys: RwLock::new(Arc::default()),
             fetched: tokio::sync::Mutex::new(None),
-            fetches: std::sync::atomic::AtomicU64::new(0),
         }
-    }
-
-    /// How many times the key set was fetched.
-    pub fn fetches(&self) -> u64 {
-        self.fetches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Fetches the key set unless one was fetched less than the minimum
@@ -93,8 +85,6 @@ impl IdentityProvider {
             return false;
         }
         *fetched = Some(Instant::now());
-        self.fetches
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match self.fetch().await {
             Ok(keys) => {
                 tracing::info!(keys = keys.len(), "fetched the identity provider's keys");

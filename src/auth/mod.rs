@@ -108,11 +108,6 @@ impl JwtKeys {
         self
     }
 
-    /// The identity provider, if one is configured.
-    pub fn provider(&self) -> Option<&Arc<idp::IdentityProvider>> {
-        self.provider.as_ref()
-    }
-
     /// A token for `user_id` with `role`, valid for `ttl`.
     pub fn issue(&self, user_id: &UserId, role: Role, ttl: Duration) -> String {
         let exp = (SystemTime::now() + ttl)

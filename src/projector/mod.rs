@@ -119,12 +119,7 @@ impl Probe for ProjectionsProbe {
 
     async fn sample(&self, metrics: &Metrics) {
         let head = crate::relay::head(&self.pool, &self.relay).await.ok();
-        let checkpoints: Vec<(String, i64, f64)> = sqlx::query_as(
-            "SELECT name, seq, EXTRACT(EPOCH FROM now() - updated_at)::float8 FROM projection_checkpoints",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .unwrap_or_default();
+        let checkpoints = Checkpoints::load(&self.pool).await.unwrap_or_default();
         let owners: Vec<(String, String)> =
             sqlx::query_as("SELECT name, owner FROM leases WHERE expires_at > now()")
                 .fetch_all(&self.pool)
@@ -139,18 +134,14 @@ impl Probe for ProjectionsProbe {
         }
         for (projection, _, _) in &self.workers {
             let p = [projection.as_str()];
-            let (seq, idle) = checkpoints
-                .iter()
-                .find(|(name, _, _)| name == projection)
-                .map_or((0, 0.0), |(_, seq, idle)| (*seq, *idle));
+            let (seq, _) = checkpoints.of(projection);
             metrics.projection_checkpoint.with_label_values(&p).set(seq);
             if let Some(head) = head {
-                let behind = (head - seq).max(0);
+                let (behind, seconds) = checkpoints.lag(projection, head);
                 metrics
                     .projection_lag_events
                     .with_label_values(&p)
                     .set(behind);
-                let seconds = if behind > 0 { idle } else { 0.0 };
                 metrics
                     .projection_lag_seconds
                     .with_label_values(&p)
@@ -158,12 +149,44 @@ impl Probe for ProjectionsProbe {
             }
         }
     }
-
     fn halted(&self) -> Vec<(String, String)> {
         self.workers
             .iter()
             .filter_map(|(name, _, status)| status.halted().map(|reason| (name.clone(), reason)))
             .collect()
+    }
+}
+
+/// Every projection's checkpoint, and how long ago it last moved.
+#[derive(Default)]
+pub struct Checkpoints(std::collections::HashMap<String, (i64, f64)>);
+
+impl Checkpoints {
+    pub async fn load(pool: &PgPool) -> Result<Self, sqlx::Error> {
+        let rows: Vec<(String, i64, f64)> = sqlx::query_as(
+            "SELECT name, seq, EXTRACT(EPOCH FROM now() - updated_at)::float8 FROM projection_checkpoints",
+        )
+        .fetch_all(pool)
+        .await?;
+        Ok(Self(
+            rows.into_iter()
+                .map(|(name, seq, idle)| (name, (seq, idle)))
+                .collect(),
+        ))
+    }
+
+    /// Projection `name`'s checkpoint and seconds since it moved (0 before
+    /// its first event).
+    pub fn of(&self, name: &str) -> (i64, f64) {
+        self.0.get(name).copied().unwrap_or((0, 0.0))
+    }
+
+    /// How far `name` is behind `head`, in events, and how long it has
+    /// stood still while behind (0 when caught up).
+    pub fn lag(&self, name: &str, head: i64) -> (i64, f64) {
+        let (seq, idle) = self.of(name);
+        let behind = (head - seq).max(0);
+        (behind, if behind > 0 { idle } else { 0.0 })
     }
 }
 

@@ -161,11 +161,7 @@ impl Operations {
 impl Operator for Operations {
     async fn projections(&self) -> Result<Vec<ProjectionView>, sqlx::Error> {
         let head = crate::relay::head(&self.pool, &self.relay).await?;
-        let checkpoints: Vec<(String, i64, f64)> = sqlx::query_as(
-            "SELECT name, seq, EXTRACT(EPOCH FROM now() - updated_at)::float8 FROM projection_checkpoints",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let checkpoints = super::Checkpoints::load(&self.pool).await?;
         let leases: Vec<(String, String, Option<String>)> =
             sqlx::query_as("SELECT name, owner, halted FROM leases WHERE expires_at > now()")
                 .fetch_all(&self.pool)
@@ -183,13 +179,10 @@ impl Operator for Operations {
         Ok(projection_names()
             .into_iter()
             .map(|name| {
-                let (checkpoint, idle) = checkpoints
-                    .iter()
-                    .find(|(n, _, _)| n == name)
-                    .map_or((0, 0.0), |(_, seq, idle)| (*seq, *idle));
+                let (checkpoint, _) = checkpoints.of(name);
+                let (lag_events, lag_seconds) = checkpoints.lag(name, head);
                 let lease = self.owners.lease(name);
                 let lease = leases.iter().find(|(n, _, _)| *n == lease);
-                let lag_events = (head - checkpoint).max(0);
                 let halted = lease.and_then(|(_, _, halted)| halted.clone());
                 let state = if rebuilding.iter().any(|r| r == name) {
                     "rebuilding"
@@ -207,7 +200,7 @@ impl Operator for Operations {
                     checkpoint,
                     head,
                     lag_events,
-                    lag_seconds: if lag_events > 0 { idle } else { 0.0 },
+                    lag_seconds,
                     state,
                     owner: lease.map(|(_, owner, _)| owner.clone()),
                     dead_letters: letters
