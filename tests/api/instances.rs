@@ -628,6 +628,18 @@ impl Deployment {
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
+    /// `method` on the leaderboard's rebuild through `instance`, as an
+    /// operator.
+    async fn leaderboard_rebuild(
+        &self,
+        instance: usize,
+        method: reqwest::Method,
+    ) -> (StatusCode, Value) {
+        let admin = self.token("operator", Role::Admin);
+        let path = "/v1/admin/projections/leaderboard/rebuild";
+        self.call(instance, method, path, &admin).await
+    }
+
     /// Whether `owner` (an instance id in lease rows) is instance `instance`.
     fn is_instance(&self, owner: &str, instance: usize) -> bool {
         owner.split('/').nth(1) == Some(self.pid(instance).to_string().as_str())
@@ -744,14 +756,7 @@ async fn a_rebuild_asked_through_any_instance_runs_once_on_the_owner_while_submi
     assert_eq!(caught_up["state"], "running", "{caught_up}");
     assert_eq!(caught_up["lag_events"], 0, "{caught_up}");
     assert_eq!(caught_up["checkpoint"], caught_up["head"], "{caught_up}");
-    let (status, body) = deployment
-        .call(
-            1,
-            Method::GET,
-            "/v1/admin/projections/leaderboard/rebuild",
-            &admin,
-        )
-        .await;
+    let (status, body) = deployment.leaderboard_rebuild(1, Method::GET).await;
     assert_eq!((status, &body["state"]), (StatusCode::OK, &json!("none")));
     let (status, body) = deployment
         .call(
@@ -786,24 +791,10 @@ async fn a_rebuild_asked_through_any_instance_runs_once_on_the_owner_while_submi
         acknowledged
     };
     let rebuild = async {
-        let (status, body) = deployment
-            .call(
-                1,
-                Method::POST,
-                "/v1/admin/projections/leaderboard/rebuild",
-                &admin,
-            )
-            .await;
+        let (status, body) = deployment.leaderboard_rebuild(1, Method::POST).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
         assert_eq!(body, json!({"name": "leaderboard", "state": "rebuilding"}));
-        let (status, body) = deployment
-            .call(
-                2,
-                Method::POST,
-                "/v1/admin/projections/leaderboard/rebuild",
-                &admin,
-            )
-            .await;
+        let (status, body) = deployment.leaderboard_rebuild(2, Method::POST).await;
         assert_eq!(status, StatusCode::CONFLICT, "a second rebuild: {body}");
         let reader = deployment.token("reader", Role::User);
         let seen = std::sync::Mutex::new(Vec::new());
@@ -818,14 +809,7 @@ async fn a_rebuild_asked_through_any_instance_runs_once_on_the_owner_while_submi
                 )
                 .await;
             assert_eq!(status, StatusCode::OK, "{page}");
-            let (status, progress) = deployment
-                .call(
-                    2,
-                    Method::GET,
-                    "/v1/admin/projections/leaderboard/rebuild",
-                    &admin,
-                )
-                .await;
+            let (status, progress) = deployment.leaderboard_rebuild(2, Method::GET).await;
             assert_eq!(status, StatusCode::OK);
             seen.lock()
                 .unwrap()
@@ -919,79 +903,56 @@ async fn a_rebuild_asked_through_any_instance_runs_once_on_the_owner_while_submi
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rebuild_whose_runner_is_killed_is_finished_by_the_next_owner() {
+/// Three instances over a log of 100,001 events (long enough for a rebuild
+/// to be caught running), the leaderboard's rebuild asked through instance 1
+/// and running on its owner, instance 0.
+async fn a_rebuild_running_on_instance_0() -> (TestDb, Deployment) {
     use reqwest::Method;
-    let (_db, mut deployment) = shared_deployment(3).await;
-    // A log long enough for the rebuild to be caught running.
+    let (db, deployment) = shared_deployment(3).await;
     let mut quiet = |_, _| {};
     podium::cli::bulk_seed::bulk(&deployment.pool, 50_000, &mut quiet)
         .await
         .unwrap();
-    let admin = deployment.token("operator", Role::Admin);
-    let (status, body) = deployment
-        .call(
-            1,
-            Method::POST,
-            "/v1/admin/projections/leaderboard/rebuild",
-            &admin,
-        )
-        .await;
+    let (status, body) = deployment.leaderboard_rebuild(1, Method::POST).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let running = poll("the owner to run it", Duration::from_secs(60), || async {
-        let (_, progress) = deployment
-            .call(
-                2,
-                Method::GET,
-                "/v1/admin/projections/leaderboard/rebuild",
-                &admin,
-            )
-            .await;
+    poll("the owner to run it", Duration::from_secs(60), || async {
+        let (_, progress) = deployment.leaderboard_rebuild(2, Method::GET).await;
         let runner = progress["runner"].as_str().unwrap_or_default();
         if progress["state"] == "rebuilding" && deployment.is_instance(runner, 0) {
-            Ok(progress)
+            Ok(())
         } else {
             Err(progress)
         }
     })
     .await;
-    deployment.kill(0);
-    let done = poll(
-        "another owner to finish it",
+    (db, deployment)
+}
+
+/// The leaderboard's rebuild once done (as instance 2 reports it).
+async fn rebuild_done(deployment: &Deployment) -> Value {
+    poll(
+        "the rebuild to finish",
         Duration::from_secs(180),
         || async {
             let (_, progress) = deployment
-                .call(
-                    2,
-                    Method::GET,
-                    "/v1/admin/projections/leaderboard/rebuild",
-                    &admin,
-                )
+                .leaderboard_rebuild(2, reqwest::Method::GET)
                 .await;
             match progress["state"].as_str() {
                 Some("done") => Ok(progress),
                 Some("rebuilding") => Err(progress),
-                _ => panic!("the rebuild: {progress} (it ran as {running})"),
+                _ => panic!("the rebuild: {progress}"),
             }
         },
     )
-    .await;
-    let runner = done["runner"].as_str().unwrap();
-    assert!(
-        deployment.is_instance(runner, 1) || deployment.is_instance(runner, 2),
-        "a surviving owner finished it: {done}"
-    );
-    let owner: String =
-        sqlx::query_scalar("SELECT owner FROM leases WHERE name = 'projection:leaderboard'")
-            .fetch_one(&deployment.pool)
-            .await
-            .unwrap();
-    assert_eq!(owner, runner, "the projection's owner ran it");
-    // Once the live projection has caught up, the board is what a fresh
-    // replay of the log makes.
+    .await
+}
+
+/// Once the live leaderboard has caught up, the board holds every seeded
+/// entry and is what a fresh replay of the log makes.
+async fn the_board_is_a_fresh_replay(deployment: &Deployment) {
     poll(
         "the leaderboard to catch up",
-        Duration::from_secs(180),
+        Duration::from_secs(300),
         || async {
             let board = deployment.projection(1, "leaderboard").await;
             if board["lag_events"] == 0 && board["state"] == "running" {
@@ -1004,6 +965,7 @@ async fn a_rebuild_whose_runner_is_killed_is_finished_by_the_next_owner() {
     .await;
     let rebuilt = deployment.boards().await;
     assert_eq!(rebuilt.len(), 50_000);
+    let mut quiet = |_, _| {};
     podium::projector::replay::replay(
         &deployment.pool,
         &podium::projector::replay::Scope::Leaderboard.read_models(),
@@ -1012,6 +974,80 @@ async fn a_rebuild_whose_runner_is_killed_is_finished_by_the_next_owner() {
     .await
     .unwrap();
     assert_eq!(deployment.boards().await, rebuilt);
+}
+
+/// The instance holding the leaderboard's lease now.
+async fn leaderboard_owner(deployment: &Deployment) -> Option<String> {
+    sqlx::query_scalar(
+        "SELECT owner FROM leases WHERE name = 'projection:leaderboard' AND expires_at > now()",
+    )
+    .fetch_optional(&deployment.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_whose_runner_is_killed_is_finished_by_the_next_owner() {
+    let (_db, mut deployment) = a_rebuild_running_on_instance_0().await;
+    deployment.kill(0);
+    let done = rebuild_done(&deployment).await;
+    let runner = done["runner"].as_str().unwrap();
+    assert!(
+        deployment.is_instance(runner, 1) || deployment.is_instance(runner, 2),
+        "a surviving owner finished it: {done}"
+    );
+    let owner = leaderboard_owner(&deployment).await;
+    assert_eq!(
+        owner.as_deref(),
+        Some(runner),
+        "the projection's owner ran it"
+    );
+    the_board_is_a_fresh_replay(&deployment).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_runner_keeps_its_rebuild_and_finishes_it_when_it_wakes() {
+    let (_db, deployment) = a_rebuild_running_on_instance_0().await;
+    deployment.signal(0, "-STOP");
+    // Another instance takes the projection over, and the rebuild's row
+    // stands still well past the 5 s after which the new owner looks at it
+    // (once a second) and finds the paused runner's lock held.
+    poll(
+        "another owner, and the rebuild standing still",
+        Duration::from_secs(60),
+        || async {
+            let owner = leaderboard_owner(&deployment).await.unwrap_or_default();
+            let still: f64 = sqlx::query_scalar(
+                "SELECT EXTRACT(EPOCH FROM now() - heartbeat_at)::float8
+                   FROM projection_rebuilds WHERE name = 'leaderboard'",
+            )
+            .fetch_one(&deployment.pool)
+            .await
+            .unwrap();
+            let taken = deployment.is_instance(&owner, 1) || deployment.is_instance(&owner, 2);
+            if taken && still > 9.0 {
+                Ok(())
+            } else {
+                Err((owner, still))
+            }
+        },
+    )
+    .await;
+    let (_, progress) = deployment
+        .leaderboard_rebuild(2, reqwest::Method::GET)
+        .await;
+    assert_eq!(progress["state"], "rebuilding", "{progress}");
+    assert!(
+        deployment.is_instance(progress["runner"].as_str().unwrap(), 0),
+        "no second runner started it: {progress}"
+    );
+    deployment.signal(0, "-CONT");
+    let done = rebuild_done(&deployment).await;
+    assert!(
+        deployment.is_instance(done["runner"].as_str().unwrap(), 0),
+        "the woken runner finished it: {done}"
+    );
+    the_board_is_a_fresh_replay(&deployment).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
