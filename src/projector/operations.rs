@@ -445,21 +445,28 @@ pub async fn rebuild(
             }
         }
     };
-    let (state, error) = match &result {
-        Ok(_) => ("done", None),
-        Err(err) => ("failed", Some(format!("{err:#}"))),
+    let read = done.load(Ordering::Relaxed);
+    // Done: every event up to the checkpoint swapped in, including those
+    // written while the log was read (the swap applied them), and that is
+    // the whole of it. Failed: as far as it read, of the total it expected.
+    let (state, error, processed, total) = match &result {
+        Ok(rebuilt) => {
+            let reached = rebuilt.iter().map(|r| r.checkpoint).max().unwrap_or(read);
+            ("done", None, reached, Some(reached))
+        }
+        Err(err) => ("failed", Some(format!("{err:#}")), read, None),
     };
-    let done = done.load(Ordering::Relaxed);
     sqlx::query(
         "UPDATE projection_rebuilds
             SET state = $2, error = $3, finished_at = now(), heartbeat_at = now(),
-                processed = GREATEST(processed, $4), total = GREATEST(total, $4)
+                processed = $4, total = COALESCE($5, GREATEST(total, $4))
           WHERE name = ANY($1)",
     )
     .bind(&names)
     .bind(state)
     .bind(error)
-    .bind(done as i64)
+    .bind(processed as i64)
+    .bind(total.map(|t| t as i64))
     .execute(pool)
     .await?;
     locks.close().await?;
