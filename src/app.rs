@@ -1,7 +1,6 @@
 //! Builds the server from settings and runs it until a shutdown signal.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -464,17 +463,29 @@ impl Application {
                 stop.clone(),
             )));
         }
+        // Every open stream lives in one of a few writers.
+        let writer_settings = http::sse::writer::WriterSettings {
+            writers: std::thread::available_parallelism().map_or(1, usize::from),
+            buffer: self.state.query.sse_buffer,
+            heartbeat: Duration::from_secs(self.state.query.sse_heartbeat_secs.max(1)),
+        };
+        let (writers, writer_tasks) = http::sse::writer::Writers::start(
+            self.state.hub.clone(),
+            self.state.metrics.clone(),
+            &writer_settings,
+            stop.clone(),
+            &tasks,
+        );
+        spawned.extend(writer_tasks);
         tasks.close();
         tracing::info!(address = %self.listener.local_addr()?, "podium is listening");
-        // One router for every connection (a plain router would be rebuilt
-        // per connection), with the peer address for rate limits.
-        let service = http::router(self.state).into_make_service_with_connect_info::<SocketAddr>();
+        let router = http::router(self.state);
         let stopping = stop.clone();
-        let serve = axum::serve(self.listener, service).with_graceful_shutdown(async move {
+        let serve = http::server::serve(self.listener, router, writers, async move {
             shutdown.await;
             stopping.cancel();
         });
-        let mut server = tokio::spawn(async move { serve.await });
+        let mut server = tokio::spawn(serve);
         let timeout = self.shutdown_timeout;
         let drain_deadline = async {
             stop.cancelled().await;

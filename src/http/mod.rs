@@ -12,6 +12,7 @@ pub mod middleware;
 mod openapi;
 mod pagination;
 mod routes;
+pub mod server;
 pub mod sse;
 
 use std::sync::Arc;

@@ -1,22 +1,24 @@
 //! Each API instance's one subscription to the projections' "changed"
 //! notifications (`<prefix>.changed.>`), routed to the instance's own
-//! subscribers — SSE streams — and remembered as per-key versions for the
-//! query cache. One NATS subscription serves any number of clients.
+//! subscribers — the SSE writers and the rank index — and remembered as
+//! per-key versions for the query cache. One NATS subscription serves any
+//! number of clients.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::StreamExt;
 use podium_domain::log::Change;
 use podium_nats::EventBus;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// A topic (`leaderboard`, `feed`) and a key in it (a test id, a user id).
 type TopicKey = (String, String);
 
-/// A change as handed to subscribers, with its SSE rendering done once for
+/// A change as handed to subscribers, with its SSE text rendered once for
 /// all of them.
 pub struct Delivered {
     pub change: Change,
@@ -26,24 +28,42 @@ pub struct Delivered {
     /// It came after a newer change of its key (an owner handing over):
     /// subscribers that sent the newer one cannot place it.
     pub late: bool,
-    rendered: OnceLock<Vec<axum::response::sse::Event>>,
+    rendered: OnceLock<Bytes>,
 }
 
 impl Delivered {
-    /// The change's SSE events, rendered by `render` for the first caller.
-    pub fn events(
-        &self,
-        render: impl FnOnce(&Change) -> Vec<axum::response::sse::Event>,
-    ) -> &[axum::response::sse::Event] {
+    /// The change's SSE text, rendered by `render` for the first caller.
+    pub fn events(&self, render: impl FnOnce(&Change) -> Bytes) -> &Bytes {
         self.rendered.get_or_init(|| render(&self.change))
     }
 }
 
+/// Where a subscriber that reads many keys at once (an SSE writer) takes
+/// every change of the keys it forwards.
+pub type Sink = mpsc::UnboundedSender<Arc<Delivered>>;
+
 /// One key's subscribers, and the seq of the last change they were handed.
 struct Channel {
     sender: broadcast::Sender<Arc<Delivered>>,
+    /// Sinks forwarded this key, by their owner's id.
+    sinks: Vec<(usize, Sink)>,
     /// 0 until the first change since the channel opened.
     last: u64,
+}
+
+impl Channel {
+    fn new(buffer: usize) -> Self {
+        Self {
+            sender: broadcast::channel(buffer).0,
+            sinks: Vec::new(),
+            last: 0,
+        }
+    }
+
+    /// Whether nothing but `receivers` receivers listen any more.
+    fn unheard(&self, receivers: usize) -> bool {
+        self.sinks.is_empty() && self.sender.receiver_count() <= receivers
+    }
 }
 
 /// Routes change notifications to local subscribers.
@@ -87,16 +107,42 @@ impl ChangeHub {
             .expect("the hub's lock is never poisoned");
         let changes = channels
             .entry(key.clone())
-            .or_insert_with(|| Channel {
-                sender: broadcast::channel(self.buffer).0,
-                last: 0,
-            })
+            .or_insert_with(|| Channel::new(self.buffer))
             .sender
             .subscribe();
         Subscription {
             changes,
             hub: self.clone(),
             key,
+        }
+    }
+
+    /// Hands every change of `topic`/`key` from now on to `sink`, as the
+    /// sink of owner `owner`, until [`unforward`](Self::unforward).
+    pub fn forward(&self, topic: &str, key: &str, owner: usize, sink: Sink) {
+        let mut channels = self
+            .channels
+            .lock()
+            .expect("the hub's lock is never poisoned");
+        let channel = channels
+            .entry((topic.to_string(), key.to_string()))
+            .or_insert_with(|| Channel::new(self.buffer));
+        channel.sinks.retain(|(id, _)| *id != owner);
+        channel.sinks.push((owner, sink));
+    }
+
+    /// Stops handing `topic`/`key`'s changes to owner `owner`'s sink.
+    pub fn unforward(&self, topic: &str, key: &str, owner: usize) {
+        let mut channels = self
+            .channels
+            .lock()
+            .expect("the hub's lock is never poisoned");
+        let key = (topic.to_string(), key.to_string());
+        if let Some(channel) = channels.get_mut(&key) {
+            channel.sinks.retain(|(id, _)| *id != owner);
+            if channel.unheard(0) {
+                channels.remove(&key);
+            }
         }
     }
 
@@ -113,13 +159,18 @@ impl ChangeHub {
             let gap = channel.last > 0 && change.prev.is_some_and(|prev| prev > channel.last);
             let late = change.seq < channel.last;
             channel.last = channel.last.max(change.seq);
-            // No receivers left is fine: the last one is unsubscribing.
-            let _ = channel.sender.send(Arc::new(Delivered {
+            let delivered = Arc::new(Delivered {
                 change,
                 gap,
                 late,
                 rendered: OnceLock::new(),
-            }));
+            });
+            for (_, sink) in &channel.sinks {
+                // A sink whose owner has stopped is dropped with its key.
+                let _ = sink.send(delivered.clone());
+            }
+            // No receivers left is fine: the last one is unsubscribing.
+            let _ = channel.sender.send(delivered);
         }
     }
 
@@ -216,7 +267,7 @@ impl Drop for Subscription {
         // Ours is the last receiver (subscribing takes the same lock).
         if channels
             .get(&self.key)
-            .is_some_and(|channel| channel.sender.receiver_count() <= 1)
+            .is_some_and(|channel| channel.unheard(1))
         {
             channels.remove(&self.key);
         }

@@ -17,7 +17,7 @@ use crate::http::cached::{self, JsonBody, Loaded};
 use crate::http::error::ApiError;
 use crate::http::extract::ApiQuery;
 use crate::http::pagination::{self, next_link};
-use crate::http::sse::{self, CatchUp, StreamQuery, StreamSource};
+use crate::http::sse::{self, CatchUp, Frames, StreamQuery, StreamSource};
 use crate::http::AppState;
 use crate::query::cache::CacheKey;
 use crate::query::store::FeedPage;
@@ -190,23 +190,18 @@ impl StreamSource for Notifications {
         Ok(caught)
     }
 
-    fn render(change: &Change) -> Vec<axum::response::sse::Event> {
+    fn render(change: &Change, out: &mut Frames) {
         let data = &change.data;
-        let mut events = Vec::with_capacity(2);
         if let Some(item) = data.get("notification") {
-            events.push(sse::event(change.seq, "notification", item));
+            out.json(change.seq, "notification", item);
         }
         if let Some(ids) = data.get("read") {
-            events.push(sse::event(change.seq, "read", &json!({ "ids": ids })));
+            out.json(change.seq, "read", &json!({ "ids": ids }));
         }
         if let Some(unread_count) = data.get("unread_count") {
-            events.push(sse::event(
-                change.seq,
-                "unread_count",
-                &json!({ "unread_count": unread_count }),
-            ));
+            let count = json!({ "unread_count": unread_count });
+            out.json(change.seq, "unread_count", &count);
         }
-        events
     }
 }
 

@@ -22,7 +22,7 @@ use crate::http::cached::{self, JsonBody, Loaded};
 use crate::http::error::ApiError;
 use crate::http::extract::{ApiPath, ApiQuery};
 use crate::http::pagination::{self, next_link};
-use crate::http::sse::{self, CatchUp, StreamQuery, StreamSource};
+use crate::http::sse::{self, CatchUp, Frames, StreamQuery, StreamSource};
 use crate::http::AppState;
 use crate::query::cache::CacheKey;
 
@@ -383,12 +383,12 @@ impl StreamSource for Entries {
         Ok(caught)
     }
 
-    fn render(change: &Change) -> Vec<axum::response::sse::Event> {
+    fn render(change: &Change, out: &mut Frames) {
         if podium_projections::leaderboard::is_resync(change) {
             let reason = json!({"reason": "too many changes at once; reload"});
-            return vec![sse::event(change.seq, "resync", &reason)];
+            return out.json(change.seq, "resync", &reason);
         }
-        vec![sse::event(change.seq, "entry", &change.data)]
+        out.json(change.seq, "entry", &change.data);
     }
 }
 
