@@ -326,48 +326,61 @@ pub async fn freshness(
 pub struct FanOut {
     pub streams: usize,
     pub rss_per_stream_kib: f64,
+    /// The server's CPU over as long before the streams opened.
+    pub baseline_cpu_percent: f64,
+    /// The server's CPU while the streams sat idle (heartbeats only), in
+    /// percent of one core.
+    pub idle_cpu_percent: f64,
+    /// How long that was watched.
+    pub idle: Duration,
     /// From the submission's 200 to each stream's `entry` event.
     pub delivery: Histogram<u64>,
 }
 
-/// Opens `n` leaderboard streams, then submits once and times the change's
-/// arrival on each. `rss` reads the server's memory.
+/// Opens `n` leaderboard streams, watches the server's CPU while they sit
+/// idle for `idle`, then submits once and times the change's arrival on
+/// each. `server` reads the server's memory and CPU.
 pub async fn fan_out(
     api: &Api,
     addr: SocketAddr,
     test: Uuid,
     n: usize,
-    rss: impl Fn() -> u64,
+    idle: Duration,
+    server: &crate::server::Server,
 ) -> anyhow::Result<FanOut> {
+    let rss = || server.rss_kib();
     let viewer = api.token("fan-viewer", Role::User);
     let path = format!("/v1/tests/{test}/leaderboard/stream");
+    let (cpu_before, idle_from) = (server.cpu_secs(), Instant::now());
+    tokio::time::sleep(idle).await;
+    let baseline_cpu_percent =
+        (server.cpu_secs() - cpu_before) / idle_from.elapsed().as_secs_f64() * 100.0;
     let before = rss();
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(n.max(1));
+    // Opened in two halves, each read by a thread of its own (one thread
+    // cannot hold more descriptors than the process may open, so neither
+    // can hold all).
+    let request =
+        format!("GET {path} HTTP/1.1\r\nhost: bench\r\nauthorization: Bearer {viewer}\r\n\r\n");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut readers = Vec::new();
-    for _ in 0..n {
-        let (path, viewer, ready_tx) = (path.clone(), viewer.clone(), ready_tx.clone());
-        readers.push(tokio::spawn(async move {
-            let mut body = open_stream(addr, &path, &viewer).await?;
-            ready_tx.send(()).await.ok();
-            while let Some(frame) = body.frame().await {
-                if frame?
-                    .data_ref()
-                    .is_some_and(|d| d.windows(12).any(|w| w == b"event: entry"))
-                {
-                    return anyhow::Ok(Some(Instant::now()));
-                }
-            }
-            anyhow::Ok(None)
+    for half in [n / 2, n - n / 2] {
+        let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+        let (request, stop) = (request.clone(), stop.clone());
+        readers.push(std::thread::spawn(move || {
+            crate::streams::run(addr, &request, half, opened_tx, &stop)
         }));
+        tokio::task::spawn_blocking(move || opened_rx.recv())
+            .await?
+            .map_err(|_| anyhow::anyhow!("a client thread ended before its streams opened"))??;
     }
-    drop(ready_tx);
-    let mut opened = 0;
-    while opened < n && ready_rx.recv().await.is_some() {
-        opened += 1;
-    }
+    let opened = n;
     // Let the server settle its buffers before reading its memory.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss();
+    let (cpu_before, idle_from) = (server.cpu_secs(), Instant::now());
+    tokio::time::sleep(idle).await;
+    let idle = idle_from.elapsed();
+    let idle_cpu_percent = (server.cpu_secs() - cpu_before) / idle.as_secs_f64() * 100.0;
     let token = api.token("fan-trigger", Role::User);
     let client = api.clone();
     let trigger = tokio::spawn(async move {
@@ -377,17 +390,37 @@ pub async fn fan_out(
     });
     let accepted = trigger.await??;
     let mut delivery = histogram();
-    for reader in readers {
-        if let Ok(Ok(Ok(Some(arrived)))) =
-            tokio::time::timeout(Duration::from_secs(60), reader).await
-        {
+    let mut missed = 0;
+    let waiting = tokio::task::spawn_blocking(move || {
+        readers
+            .into_iter()
+            .map(|reader| reader.join().unwrap_or_default())
+            .collect::<Vec<_>>()
+    });
+    // A stream that has not got the change within a minute never will.
+    let give_up = async {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        std::future::pending::<()>().await;
+    };
+    let halves = tokio::select! {
+        halves = waiting => halves?,
+        () = give_up => unreachable!("pending"),
+    };
+    for arrived in halves.into_iter().flatten() {
+        match arrived {
             // An event can beat the 200 to the client: no delay then.
-            record(&mut delivery, arrived.saturating_duration_since(accepted));
+            Some(arrived) => record(&mut delivery, arrived.saturating_duration_since(accepted)),
+            None => missed += 1,
         }
     }
+    anyhow::ensure!(missed == 0, "{missed} of {n} streams never got the change");
     Ok(FanOut {
         streams: opened,
         rss_per_stream_kib: after.saturating_sub(before) as f64 / opened.max(1) as f64,
+        baseline_cpu_percent,
+        idle_cpu_percent,
+        idle,
         delivery,
     })
 }

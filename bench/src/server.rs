@@ -112,6 +112,25 @@ impl Server {
             .unwrap_or(0)
     }
 
+    /// CPU time the server has used (user and system), in seconds.
+    pub fn cpu_secs(&self) -> f64 {
+        // Clock ticks, 100 a second on Linux (USER_HZ).
+        const TICKS: f64 = 100.0;
+        let Some(pid) = self.child.id() else {
+            return 0.0;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name, which is in parentheses: utime and
+        // stime are the 12th and 13th of them.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+        ticks(11).unwrap_or(0.0) / TICKS + ticks(12).unwrap_or(0.0) / TICKS
+    }
+
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }

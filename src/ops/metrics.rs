@@ -41,6 +41,9 @@ pub struct Metrics {
     /// (`resume`, `lagged`, `bus_reconnected`, `gap`: a change notification
     /// was lost on the way).
     pub sse_catch_ups: IntCounterVec,
+    /// Time a writer took to write one change to every stream of its key
+    /// that it holds, by stream kind.
+    pub sse_fan_out: HistogramVec,
     /// Requests refused by a rate limit, by budget.
     pub rate_limited: IntCounterVec,
     pub relay_lag: IntGauge,
@@ -206,6 +209,12 @@ impl Metrics {
                 "sse_catch_ups_total",
                 "SSE streams caught up from the read models",
                 &["stream", "reason"],
+            ),
+            sse_fan_out: histogram_vec(
+                r,
+                "sse_fan_out_seconds",
+                "Time a writer took to write one change to all its streams of the key",
+                &["stream"],
             ),
             rate_limited: counter_vec(
                 r,

@@ -752,10 +752,17 @@ async fn a_rebuild_asked_through_any_instance_runs_once_on_the_owner_while_submi
     deployment
         .wait_converged(&acknowledged, Duration::from_secs(60))
         .await;
-    let caught_up = deployment.projection(2, "leaderboard").await;
-    assert_eq!(caught_up["state"], "running", "{caught_up}");
-    assert_eq!(caught_up["lag_events"], 0, "{caught_up}");
-    assert_eq!(caught_up["checkpoint"], caught_up["head"], "{caught_up}");
+    // The notification policy may still append (a personal best's notice)
+    // after the boards converged: the head moves once more, then stops.
+    wait_until(
+        Duration::from_secs(30),
+        "the leaderboard reports no lag",
+        || async {
+            let p = deployment.projection(2, "leaderboard").await;
+            p["state"] == "running" && p["lag_events"] == 0 && p["checkpoint"] == p["head"]
+        },
+    )
+    .await;
     let (status, body) = deployment.leaderboard_rebuild(1, Method::GET).await;
     assert_eq!((status, &body["state"]), (StatusCode::OK, &json!("none")));
     let (status, body) = deployment

@@ -30,3 +30,4 @@ mod single_node;
 mod sse;
 mod stores;
 mod streams;
+mod writers;

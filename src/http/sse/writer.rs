@@ -374,6 +374,7 @@ impl Shard {
             _slot: slot,
             _open: open,
         });
+        // The socket is fresh: its first write is taken.
         self.send(index, &Wire::new(start));
         // What changed since the handler subscribed, until this writer's
         // forward (anything also forwarded is dropped by its seq).
@@ -398,12 +399,17 @@ impl Shard {
         let Some(group) = self.groups.get(&key) else {
             return;
         };
+        let started = std::time::Instant::now();
         let source = group.source.clone();
         let wire = Wire::new(delivered.events(|change| source.render(change)).clone());
         let members = group.members.clone();
         for index in members {
             self.apply_rendered(index, delivered, &wire, false);
         }
+        self.metrics
+            .sse_fan_out
+            .with_label_values(&[source.kind()])
+            .observe(started.elapsed().as_secs_f64());
     }
 
     fn apply(&mut self, index: u32, delivered: &Arc<Delivered>, replay: bool) {
@@ -461,15 +467,11 @@ impl Shard {
                     // The read model has not got it yet (a replica behind
                     // the primary): the client reloads.
                     self.resync_at(index, lost);
-                    if let Some(conn) = self.conn(index) {
-                        if change.seq > conn.last {
-                            conn.last = change.seq;
-                            self.send(index, wire);
-                        }
+                    if self.conn(index).is_some_and(|conn| change.seq > conn.last) {
+                        self.send_up_to(index, wire, change.seq);
                     }
                 } else if change.seq > last {
-                    conn.last = change.seq;
-                    self.send(index, wire);
+                    self.send_up_to(index, wire, change.seq);
                 }
             }
         }
@@ -483,17 +485,18 @@ impl Shard {
         let mut reload = CatchUp::at(seq);
         reload.resync();
         let mut out = Frames::default();
-        conn.last = reload.send_after(conn.last, &mut out);
-        self.send(index, &Wire::of(out));
+        let last = reload.send_after(conn.last, &mut out);
+        self.send_up_to(index, &Wire::of(out), last);
     }
 
     /// Writes `wire` to the stream at `index`, or queues it while the socket
-    /// blocks; a stream that falls `buffer` writes behind is marked
-    /// [`Mode::Behind`], and one whose socket fails is closed.
-    fn send(&mut self, index: u32, wire: &Wire) {
+    /// blocks; returns whether it did (only then has the client been sent
+    /// it). A stream that falls `buffer` writes behind is marked
+    /// [`Mode::Behind`] instead, and one whose socket fails is closed.
+    fn send(&mut self, index: u32, wire: &Wire) -> bool {
         let buffer = self.buffer;
         let Some(conn) = self.conns[index as usize].conn.as_mut() else {
-            return;
+            return false;
         };
         let bytes = wire.framed(conn.framing);
         if !conn.out.is_empty() {
@@ -507,22 +510,37 @@ impl Shard {
                         .inc();
                     tracing::debug!("a slow SSE client catches up from the read model");
                 }
-                return;
+                return false;
             }
             conn.out.push_back(bytes);
-            return;
+            return true;
         }
         match conn.socket.try_write(&bytes) {
-            Ok(written) if written == bytes.len() => {}
+            Ok(written) if written == bytes.len() => true,
             Ok(written) => {
                 conn.out.push_back(bytes.slice(written..));
                 self.flush(index);
+                true
             }
             Err(err) if err.kind() == ErrorKind::WouldBlock => {
                 conn.out.push_back(bytes);
                 self.flush(index);
+                true
             }
-            Err(_) => self.close(index),
+            Err(_) => {
+                self.close(index);
+                false
+            }
+        }
+    }
+
+    /// Sends `wire`, which brings the client up to `seq`, to the stream at
+    /// `index`; what it has been sent moves only if it was.
+    fn send_up_to(&mut self, index: u32, wire: &Wire, seq: u64) {
+        if self.send(index, wire) {
+            if let Some(conn) = self.conn(index) {
+                conn.last = conn.last.max(seq);
+            }
         }
     }
 
@@ -670,9 +688,8 @@ impl Shard {
             else {
                 unreachable!("checked above");
             };
-            conn.last = last;
             let index = waiter.0;
-            self.send(index, &wire);
+            self.send_up_to(index, &wire, last);
             for delivered in &queued {
                 self.apply(index, delivered, true);
             }
@@ -696,7 +713,7 @@ impl Shard {
         let beat = Wire::new(Bytes::from_static(b":\n\n"));
         for index in 0..self.conns.len() as u32 {
             if self.conn(index).is_some_and(|conn| conn.out.is_empty()) {
-                self.send(index, &beat);
+                let _ = self.send(index, &beat);
             }
         }
     }
