@@ -163,7 +163,8 @@ pub struct QuerySettings {
     /// Seconds between SSE heartbeat comments.
     #[arg(long, env = "PODIUM_SSE_HEARTBEAT_SECS", default_value_t = 15)]
     pub sse_heartbeat_secs: u64,
-    /// Changes an SSE client may fall behind before it is caught up from the read model.
+    /// Writes an SSE stream may have queued while its socket is full; past
+    /// that it is caught up from the read model once the socket drains.
     #[arg(long, env = "PODIUM_SSE_BUFFER", default_value_t = 256)]
     pub sse_buffer: usize,
     /// Open SSE streams one user may hold on one instance.

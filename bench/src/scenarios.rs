@@ -328,6 +328,8 @@ pub struct FanOut {
     pub rss_per_stream_kib: f64,
     /// The server's CPU over as long before the streams opened.
     pub baseline_cpu_percent: f64,
+    /// How long each writer took to write the change to its streams.
+    pub writing_ms: f64,
     /// The server's CPU while the streams sat idle (heartbeats only), in
     /// percent of one core.
     pub idle_cpu_percent: f64,
@@ -381,6 +383,21 @@ pub async fn fan_out(
     tokio::time::sleep(idle).await;
     let idle = idle_from.elapsed();
     let idle_cpu_percent = (server.cpu_secs() - cpu_before) / idle.as_secs_f64() * 100.0;
+    // The writers' time for this one change, from their histogram's sums.
+    let fan_out_sums = |text: String| {
+        let series = r#"{stream="leaderboard"}"#;
+        let value = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("{name}{series} ")))
+                .and_then(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (
+            value("podium_sse_fan_out_seconds_sum"),
+            value("podium_sse_fan_out_seconds_count"),
+        )
+    };
+    let (sum_before, count_before) = fan_out_sums(api.metrics().await?);
     let token = api.token("fan-trigger", Role::User);
     let client = api.clone();
     let trigger = tokio::spawn(async move {
@@ -415,10 +432,13 @@ pub async fn fan_out(
         }
     }
     anyhow::ensure!(missed == 0, "{missed} of {n} streams never got the change");
+    let (sum_after, count_after) = fan_out_sums(api.metrics().await?);
+    let writing_ms = (sum_after - sum_before) / (count_after - count_before).max(1.0) * 1000.0;
     Ok(FanOut {
         streams: opened,
         rss_per_stream_kib: after.saturating_sub(before) as f64 / opened.max(1) as f64,
         baseline_cpu_percent,
+        writing_ms,
         idle_cpu_percent,
         idle,
         delivery,
