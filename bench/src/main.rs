@@ -263,16 +263,7 @@ async fn streams_only(sizes: &Sizes) -> anyhow::Result<()> {
     let db = ScratchDb::create(2).await?;
     let nats = nats_url();
     let result = async {
-        let server = Server::start(Options {
-            database_url: &db.url,
-            nats_url: &nats,
-            prefix: &prefix,
-            rate_limits: "off",
-            metrics: true,
-            workers: true,
-            cache: true,
-        })
-        .await?;
+        let server = Server::start(Options::full(&db.url, &nats, &prefix)).await?;
         let api = Api::new(&server.address)?;
         let test = api.publish_test().await?;
         let mut report = Report::default();
@@ -296,16 +287,7 @@ async fn live_scenarios(
     report: &mut Report,
 ) -> anyhow::Result<f64> {
     let nats = nats_url();
-    let server = Server::start(Options {
-        database_url: &db.url,
-        nats_url: &nats,
-        prefix,
-        rate_limits: "off",
-        metrics: true,
-        workers: true,
-        cache: true,
-    })
-    .await?;
+    let server = Server::start(Options::full(&db.url, &nats, prefix)).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_mib = server.rss_kib() as f64 / 1024.0;
     let api = Api::new(&server.address)?;
@@ -509,16 +491,7 @@ async fn live_scenarios(
 /// The embedded mode (no Postgres, no NATS) under the same ingest,
 /// freshness and cached-page load as production.
 async fn embedded_scenarios(sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
-    let server = Server::start(Options {
-        database_url: "",
-        nats_url: "",
-        prefix: "embedded",
-        rate_limits: "off",
-        metrics: true,
-        workers: true,
-        cache: true,
-    })
-    .await?;
+    let server = Server::start(Options::full("", "", "embedded")).await?;
     let api = Api::new(&server.address)?;
     let viewer = Arc::new(vec![api.token("viewer", Role::User)]);
     let mut tests = Vec::new();
@@ -852,16 +825,7 @@ async fn rank_at_scale(
 
 /// A server with NATS, running the relay and the projections.
 async fn server_with_workers(database_url: &str, prefix: &str) -> anyhow::Result<Server> {
-    Server::start(Options {
-        database_url,
-        nats_url: &nats_url(),
-        prefix,
-        rate_limits: "off",
-        metrics: true,
-        workers: true,
-        cache: true,
-    })
-    .await
+    Server::start(Options::full(database_url, &nats_url(), prefix)).await
 }
 
 /// The same burst of submissions on one instance and on three (spread over

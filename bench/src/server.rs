@@ -57,6 +57,22 @@ pub struct Options<'a> {
     pub cache: bool,
 }
 
+impl<'a> Options<'a> {
+    /// A server as deployed: workers, the cache and metrics on, rate limits
+    /// off (the harness's clients are few users sending much).
+    pub fn full(database_url: &'a str, nats_url: &'a str, prefix: &'a str) -> Self {
+        Self {
+            database_url,
+            nats_url,
+            prefix,
+            rate_limits: "off",
+            metrics: true,
+            workers: true,
+            cache: true,
+        }
+    }
+}
+
 pub struct Server {
     child: tokio::process::Child,
     pub address: String,
