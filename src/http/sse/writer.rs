@@ -199,6 +199,18 @@ struct Group {
     members: Vec<u32>,
 }
 
+impl Group {
+    /// `delivered` as this key's streams are sent it (its text rendered once
+    /// for every writer).
+    fn wire(&self, delivered: &Delivered) -> Wire {
+        Wire::new(
+            delivered
+                .events(|change| self.source.render(change))
+                .clone(),
+        )
+    }
+}
+
 /// Streams whose sockets became ready, named by slab index and generation.
 #[derive(Default)]
 struct Ready {
@@ -400,15 +412,14 @@ impl Shard {
             return;
         };
         let started = std::time::Instant::now();
-        let source = group.source.clone();
-        let wire = Wire::new(delivered.events(|change| source.render(change)).clone());
+        let (wire, kind) = (group.wire(delivered), group.source.kind());
         let members = group.members.clone();
         for index in members {
             self.apply_rendered(index, delivered, &wire, false);
         }
         self.metrics
             .sse_fan_out
-            .with_label_values(&[source.kind()])
+            .with_label_values(&[kind])
             .observe(started.elapsed().as_secs_f64());
     }
 
@@ -420,8 +431,7 @@ impl Shard {
         let Some(group) = self.groups.get(&key) else {
             return;
         };
-        let source = group.source.clone();
-        let wire = Wire::new(delivered.events(|change| source.render(change)).clone());
+        let wire = group.wire(delivered);
         self.apply_rendered(index, delivered, &wire, replay);
     }
 
