@@ -17,6 +17,9 @@ use crate::command::idempotency::{
 };
 use crate::command::{Aggregates, Repository};
 use crate::config::Settings;
+use crate::delivery::memory::MemoryDeliveries;
+use crate::delivery::postgres::PgDeliveries;
+use crate::delivery::{Channel, Deliveries, DeliveryStore};
 use crate::http::{self, AppParts, AppState};
 use crate::log::memory::MemLog;
 use crate::log::postgres::LogProbe;
@@ -72,6 +75,10 @@ pub struct Application {
     ranks: Option<Arc<RankIndex>>,
     /// The projection engine as operators see it (Postgres only).
     operations: Option<Arc<Operations>>,
+    /// Email and webhook delivery.
+    deliveries: Arc<Deliveries>,
+    /// Events each delivery channel's consumer hands out unacknowledged.
+    delivery_max_ack_pending: i64,
 }
 
 /// The stores, as the rest of the application uses them.
@@ -85,6 +92,7 @@ struct Wired {
     worker_pool: Option<sqlx::PgPool>,
     local: Option<Arc<LocalProjector>>,
     ranks: Option<Arc<RankIndex>>,
+    deliveries: Arc<dyn DeliveryStore>,
 }
 
 /// Where events and read models live, as the settings choose.
@@ -294,6 +302,7 @@ impl Application {
                     }),
                     idempotency: Arc::new(PgIdempotencyKeys { pool: pool.clone() }),
                     repository: Repository::Postgres(pool.clone()),
+                    deliveries: Arc::new(PgDeliveries { pool: pool.clone() }),
                     pool: Some(pool),
                     worker_pool: Some(worker_pool),
                     local: None,
@@ -311,9 +320,12 @@ impl Application {
                     worker_pool: None,
                     local: Some(projector),
                     ranks: None,
+                    deliveries: Arc::new(MemoryDeliveries::default()),
                 }
             }
         };
+        let deliveries = Deliveries::new(wired.deliveries, &settings.delivery, metrics.clone())?;
+        metrics.watch(deliveries.clone());
         let state = AppState::new(AppParts {
             aggregates: Arc::new(Aggregates::with_metrics(&wired.repository, &metrics)),
             limiter: budgets.map(|budgets| {
@@ -332,6 +344,7 @@ impl Application {
             cors_origins: Arc::new(cors_origins),
             http_metrics: settings.http_metrics,
             definitions: moka::future::Cache::new(10_000),
+            deliveries: deliveries.clone(),
             store: wired.store,
             operations: wired
                 .operations
@@ -360,6 +373,8 @@ impl Application {
             instance: crate::ops::lease::new_instance_id(),
             ranks: wired.ranks,
             operations: wired.operations,
+            deliveries,
+            delivery_max_ack_pending: settings.delivery.delivery_max_ack_pending,
         })
     }
 
@@ -413,6 +428,7 @@ impl Application {
             spawned.push(tasks.spawn(local.clone().project(
                 self.state.aggregates.clone(),
                 self.state.hub.clone(),
+                self.deliveries.clone(),
                 stop.clone(),
             )));
         }
@@ -440,13 +456,29 @@ impl Application {
                 },
             );
             spawned.extend(projections);
+            // Every instance pulls each channel's events from one durable
+            // consumer: an event is recorded by one of them.
+            let channels = Channel::ALL
+                .into_iter()
+                .filter(|c| *c != Channel::Email || self.deliveries.emails());
+            for channel in channels {
+                spawned.push(tasks.spawn(crate::delivery::intake::run(
+                    self.deliveries.clone(),
+                    bus.clone(),
+                    channel,
+                    self.delivery_max_ack_pending,
+                    stop.clone(),
+                )));
+            }
         }
         if let (None, true, Some(pool)) = (&self.state.bus, self.workers, &self.pool) {
+            let mut projections = crate::projector::local_projections(
+                pool,
+                self.live_parts(self.state.aggregates.clone()),
+            );
+            projections.push(crate::projector::delivery_intake(self.deliveries.clone()));
             let target = Target::Local {
-                projections: crate::projector::local_projections(
-                    pool,
-                    self.live_parts(self.state.aggregates.clone()),
-                ),
+                projections,
                 hub: self.state.hub.clone(),
             };
             let relay = Relay::to(pool.clone(), target, relay_config.clone());
@@ -462,6 +494,16 @@ impl Application {
                 operations.owners().clone(),
                 stop.clone(),
             )));
+        }
+        // Every instance that runs background work sends due deliveries.
+        if self.workers {
+            spawned.push(
+                tasks.spawn(
+                    self.deliveries
+                        .clone()
+                        .dispatch(tasks.clone(), stop.clone()),
+                ),
+            );
         }
         // Every open stream lives in one of a few writers.
         let writer_settings = http::sse::writer::WriterSettings {

@@ -203,6 +203,8 @@ pub struct Settings {
     pub nats: NatsSettings,
     #[command(flatten)]
     pub query: QuerySettings,
+    #[command(flatten)]
+    pub delivery: DeliverySettings,
     /// Run the relay and the projection workers in this process (with NATS).
     /// API-only instances set it to false.
     #[arg(long, env = "PODIUM_WORKERS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -280,6 +282,7 @@ impl Settings {
                 nats_replicas: 1,
             },
             query: QuerySettings::default(),
+            delivery: DeliverySettings::default(),
             workers: true,
             rate_limits: RateLimits::Off,
             trusted_proxies: TrustedProxies::default(),
@@ -308,6 +311,126 @@ impl Settings {
     /// Whether this is the embedded mode: neither Postgres nor NATS given.
     pub fn is_embedded(&self) -> bool {
         self.database.database_url.is_none() && self.nats.nats_url.is_none()
+    }
+}
+
+/// Email and webhook delivery.
+#[derive(Debug, Clone, Args)]
+pub struct DeliverySettings {
+    /// SMTP server that sends the emails: `smtp://host:port` (plain;
+    /// `?tls=required` or `?tls=opportunistic` for STARTTLS),
+    /// `smtps://host:port` (TLS), with `user:password@` when it asks for
+    /// them. Without it no email is sent; users' settings are still kept.
+    #[arg(long, env = "PODIUM_SMTP_URL", hide_env_values = true)]
+    pub smtp_url: Option<Secret>,
+    /// The emails' sender.
+    #[arg(long, env = "PODIUM_EMAIL_FROM", default_value = DEFAULT_EMAIL_FROM)]
+    pub email_from: String,
+    /// Waits before each retry of an email that failed for a while
+    /// (connection refused, SMTP 4xx); after the last one it is failed.
+    #[arg(long, env = "PODIUM_EMAIL_RETRY_SCHEDULE", default_value = DEFAULT_EMAIL_RETRY_SCHEDULE)]
+    pub email_retry_schedule: Schedule,
+    /// Waits before each retry of a webhook that did not answer 2xx; after
+    /// the last one the delivery is failed.
+    #[arg(long, env = "PODIUM_WEBHOOK_RETRY_SCHEDULE", default_value = DEFAULT_WEBHOOK_RETRY_SCHEDULE)]
+    pub webhook_retry_schedule: Schedule,
+    /// How long a webhook receiver has to answer, in milliseconds.
+    #[arg(long, env = "PODIUM_WEBHOOK_TIMEOUT_MS", default_value_t = DEFAULT_WEBHOOK_TIMEOUT_MS)]
+    pub webhook_timeout_ms: u64,
+    /// Sends in flight at once on this instance (emails and webhooks); the
+    /// SMTP pool holds as many connections.
+    #[arg(long, env = "PODIUM_DELIVERY_CONCURRENCY", default_value_t = DEFAULT_DELIVERY_CONCURRENCY)]
+    pub delivery_concurrency: usize,
+    /// Events each channel's JetStream consumer hands out unacknowledged,
+    /// across all instances: how far intake may run ahead.
+    #[arg(long, env = "PODIUM_DELIVERY_MAX_ACK_PENDING", default_value_t = DEFAULT_DELIVERY_MAX_ACK_PENDING)]
+    pub delivery_max_ack_pending: i64,
+    /// Milliseconds an instance keeps a delivery it took before another may
+    /// take it (it was killed, paused or cut off mid-send). Longer than any
+    /// send: the webhook timeout, an SMTP exchange.
+    #[arg(long, env = "PODIUM_DELIVERY_LEASE_MS", default_value_t = DEFAULT_DELIVERY_LEASE_MS)]
+    pub delivery_lease_ms: u64,
+    /// How often, in milliseconds, an instance looks for deliveries that came
+    /// due (retries, other instances' lapsed leases); new ones start at once.
+    #[arg(long, env = "PODIUM_DELIVERY_POLL_MS", default_value_t = DEFAULT_DELIVERY_POLL_MS)]
+    pub delivery_poll_ms: u64,
+}
+
+pub const DEFAULT_EMAIL_FROM: &str = "Podium <podium@localhost>";
+pub const DEFAULT_EMAIL_RETRY_SCHEDULE: &str = "5s,30s,2m,10m,30m,1h,2h,4h";
+pub const DEFAULT_WEBHOOK_RETRY_SCHEDULE: &str = "5s,5m,30m,2h,5h,10h,10h";
+pub const DEFAULT_WEBHOOK_TIMEOUT_MS: u64 = 15_000;
+pub const DEFAULT_DELIVERY_CONCURRENCY: usize = 16;
+pub const DEFAULT_DELIVERY_MAX_ACK_PENDING: i64 = 1_000;
+pub const DEFAULT_DELIVERY_LEASE_MS: u64 = 60_000;
+pub const DEFAULT_DELIVERY_POLL_MS: u64 = 500;
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self {
+            smtp_url: None,
+            email_from: DEFAULT_EMAIL_FROM.to_string(),
+            email_retry_schedule: DEFAULT_EMAIL_RETRY_SCHEDULE
+                .parse()
+                .expect("a valid default"),
+            webhook_retry_schedule: DEFAULT_WEBHOOK_RETRY_SCHEDULE
+                .parse()
+                .expect("a valid default"),
+            webhook_timeout_ms: DEFAULT_WEBHOOK_TIMEOUT_MS,
+            delivery_concurrency: DEFAULT_DELIVERY_CONCURRENCY,
+            delivery_max_ack_pending: DEFAULT_DELIVERY_MAX_ACK_PENDING,
+            delivery_lease_ms: DEFAULT_DELIVERY_LEASE_MS,
+            delivery_poll_ms: DEFAULT_DELIVERY_POLL_MS,
+        }
+    }
+}
+
+/// Waits between retries: comma-separated durations such as `5s,5m,2h`
+/// (units `ms`, `s`, `m` or `min`, `h`, `d`). A delivery is tried once plus
+/// once per entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule(pub Vec<Duration>);
+
+impl Schedule {
+    /// The wait before the next try after `attempts` tries, or `None` when
+    /// the schedule is spent.
+    pub fn after(&self, attempts: u32) -> Option<Duration> {
+        let index = usize::try_from(attempts).ok()?.checked_sub(1)?;
+        self.0.get(index).copied()
+    }
+}
+
+impl FromStr for Schedule {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, String> {
+        spec.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|part| {
+                let digits = part
+                    .find(|c: char| !c.is_ascii_digit())
+                    .unwrap_or(part.len());
+                let (count, unit) = part.split_at(digits);
+                let count: u64 = count
+                    .parse()
+                    .map_err(|_| format!("retry wait {part:?} is not a number and a unit"))?;
+                let unit_ms: u64 = match unit {
+                    "ms" => 1,
+                    "s" => 1_000,
+                    "m" | "min" => 60_000,
+                    "h" => 3_600_000,
+                    "d" => 86_400_000,
+                    other => {
+                        return Err(format!(
+                            "retry wait {part:?}: unit {other:?} is not ms, s, m, min, h or d"
+                        ))
+                    }
+                };
+                Ok(Duration::from_millis(count.saturating_mul(unit_ms)))
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
     }
 }
 
@@ -488,6 +611,27 @@ impl FromStr for CorsOrigins {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_schedule_reads_the_contracts_units_and_is_spent_after_its_last_wait() {
+        let schedule: Schedule = DEFAULT_WEBHOOK_RETRY_SCHEDULE.parse().unwrap();
+        assert_eq!(schedule.0.len(), 7);
+        assert_eq!(schedule.after(1), Some(Duration::from_secs(5)));
+        assert_eq!(schedule.after(2), Some(Duration::from_secs(300)));
+        assert_eq!(schedule.after(4), Some(Duration::from_secs(7200)));
+        assert_eq!(schedule.after(7), Some(Duration::from_secs(36_000)));
+        assert_eq!(schedule.after(8), None);
+        assert_eq!(schedule.after(0), None);
+        let short: Schedule = "100ms, 1min,2d".parse().unwrap();
+        assert_eq!(
+            short.0,
+            [100, 60_000, 172_800_000].map(Duration::from_millis)
+        );
+        assert_eq!("".parse::<Schedule>().unwrap().after(1), None);
+        for bad in ["5", "s", "5 s", "5w", "-5s", "5s,x"] {
+            assert!(bad.parse::<Schedule>().is_err(), "{bad:?} was accepted");
+        }
+    }
 
     #[test]
     fn parses_budgets_and_keeps_defaults_for_unnamed_ones() {

@@ -16,8 +16,9 @@
 //! | [`query`] | read-store port and adapters, query cache, change hub | `log`, `ops` |
 //! | [`ratelimit`] | the limiter, the window-store port and adapters | `ops`, `config`, `clock` |
 //! | [`relay`] | the outbox relay: leadership, targets (JetStream, in-process) | `query`, `log`, `ops`, `config` |
-//! | [`projector`] | the projection registry and runners (NATS, in-process), replay | `relay`, `command`, `query`, `log`, `ops`, `config` |
-//! | [`http`] | router, errors, extractors, SSE, middleware, routes, OpenAPI | `auth`, `query`, `command`, `ratelimit`, `ops`, `config`, `clock` |
+//! | [`projector`] | the projection registry and runners (NATS, in-process), replay | `relay`, `command`, `query`, `delivery`, `log`, `ops`, `config` |
+//! | [`delivery`] | email and webhook delivery: intake, dispatch, their stores, SMTP and HTTP senders | `ops`, `config` |
+//! | [`http`] | router, errors, extractors, SSE, middleware, routes, OpenAPI | `auth`, `query`, `command`, `ratelimit`, `delivery`, `ops`, `config`, `clock` |
 //! | [`cli`], [`app`] | the command line and the wiring of a running instance | everything |
 //!
 //! `main.rs` only parses the command line and calls [`cli::run`]; tests start
@@ -41,6 +42,7 @@ pub mod cli;
 pub mod clock;
 pub mod command;
 pub mod config;
+pub mod delivery;
 pub mod http;
 pub mod log;
 pub mod ops;

@@ -95,6 +95,8 @@ pub struct AppParts {
     pub cors_origins: Arc<Vec<HeaderValue>>,
     /// Whether requests are counted and timed in metrics.
     pub http_metrics: bool,
+    /// Email settings, webhook endpoints and their deliveries.
+    pub deliveries: Arc<crate::delivery::Deliveries>,
     /// Published tests' definitions, which never change.
     pub definitions: moka::future::Cache<uuid::Uuid, Arc<podium_domain::test::TestDefinition>>,
 }

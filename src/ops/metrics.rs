@@ -78,6 +78,15 @@ pub struct Metrics {
     /// Rank lookups by where they were answered (`index`, `sql`; `batch`: a
     /// worker ranked a batch's changes in memory).
     pub rank_index_reads: IntCounterVec,
+    /// Tries of deliveries by channel and outcome (`delivered`, `retried`,
+    /// `failed`, `disabled`: a webhook endpoint answered 410).
+    pub deliveries: IntCounterVec,
+    /// Time one try took, by channel.
+    pub delivery_seconds: HistogramVec,
+    /// Deliveries waiting to be sent (or retried), by channel.
+    pub delivery_pending: IntGaugeVec,
+    /// Age of the oldest pending delivery, by channel.
+    pub delivery_oldest_pending: prometheus::GaugeVec,
     sources: Arc<Mutex<Sources>>,
 }
 
@@ -358,6 +367,35 @@ impl Metrics {
                 "rank_index_reads_total",
                 "Rank lookups by where they were answered: index, sql (queries), batch (a worker's batch ranked in memory)",
                 &["source"],
+            ),
+            deliveries: counter_vec(
+                r,
+                "deliveries_total",
+                "Tries of email and webhook deliveries by channel and outcome",
+                &["channel", "outcome"],
+            ),
+            delivery_seconds: histogram_vec(
+                r,
+                "delivery_seconds",
+                "Time one delivery try took, by channel",
+                &["channel"],
+            ),
+            delivery_pending: gauge_vec(
+                r,
+                "delivery_pending",
+                "Deliveries waiting to be sent or retried, by channel",
+                &["channel"],
+            ),
+            delivery_oldest_pending: register(
+                r,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "delivery_oldest_pending_seconds",
+                        "Age of the oldest pending delivery, by channel",
+                    ),
+                    &["channel"],
+                )
+                .expect("valid metric"),
             ),
             registry,
             sources: Arc::default(),

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::command::policy::{MemoryBests, NotificationPolicy};
 use crate::command::Aggregates;
+use crate::delivery::{Channel, Deliveries};
 use crate::log::memory::MemLog;
 use crate::ops::metrics::{Metrics, Probe};
 use crate::query::changes::ChangeHub;
@@ -47,14 +48,18 @@ impl LocalProjector {
 
     /// Follows the log until `stop`: applies each event to the read models,
     /// announces the changes, and runs the notification policy (whose
-    /// commands append to the same log). At start it replays the whole log,
-    /// which is how a file-backed log rebuilds its read models.
+    /// commands append to the same log), and records the deliveries of
+    /// events appended since it started. At start it replays the whole log,
+    /// which is how a file-backed log rebuilds its read models (what it read
+    /// back was delivered, or not, by the process that appended it).
     pub async fn project(
         self: Arc<Self>,
         aggregates: Arc<Aggregates>,
         hub: Arc<ChangeHub>,
+        deliveries: Arc<Deliveries>,
         stop: CancellationToken,
     ) {
+        let delivered_up_to = *self.log.tail().borrow();
         let policy = NotificationPolicy::new(aggregates);
         let mut bests = MemoryBests::default();
         // The policy's own checkpoint: it acts once per event, even on replay
@@ -81,6 +86,14 @@ impl LocalProjector {
                     Ok(()) if event.seq > policy_at => policy.handle(&mut bests, event).await,
                     Ok(()) => Ok(()),
                     Err(err) => Err(err),
+                };
+                let decided = match decided {
+                    Ok(()) if event.seq > delivered_up_to && event.seq > policy_at => deliveries
+                        .intake(&Channel::ALL, std::slice::from_ref(event))
+                        .await
+                        .map(drop)
+                        .map_err(|err| err.to_string()),
+                    other => other.map_err(|err| err.to_string()),
                 };
                 match decided {
                     Ok(()) => policy_at = policy_at.max(event.seq),

@@ -190,6 +190,22 @@ impl Checkpoints {
     }
 }
 
+/// Delivery intake for the relay's local target (one node without NATS):
+/// records the deliveries each batch asks for before the relay moves on, so
+/// a failure makes the relay send the batch again (recorded once).
+pub fn delivery_intake(deliveries: Arc<crate::delivery::Deliveries>) -> (String, ApplyBatch) {
+    let apply: ApplyBatch = Box::new(move |events| {
+        let deliveries = deliveries.clone();
+        Box::pin(async move {
+            deliveries
+                .intake(&crate::delivery::Channel::ALL, &events)
+                .await?;
+            Ok(Vec::new())
+        })
+    });
+    ("delivery".to_string(), apply)
+}
+
 /// The same projections for the relay's local target (one node without
 /// NATS): each applies a batch and advances its checkpoint in one
 /// transaction, as under a worker.

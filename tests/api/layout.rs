@@ -23,10 +23,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("command", &["log", "ops", "clock"]),
     ("query", &["ops", "log"]),
     ("ratelimit", &["ops", "config", "clock"]),
+    ("delivery", &["ops", "config"]),
     ("relay", &["query", "log", "ops", "config"]),
     (
         "projector",
-        &["relay", "command", "query", "log", "ops", "config"],
+        &[
+            "relay", "command", "query", "delivery", "log", "ops", "config",
+        ],
     ),
     (
         "http",
@@ -35,6 +38,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "query",
             "command",
             "ratelimit",
+            "delivery",
             "ops",
             "config",
             "clock",
@@ -66,6 +70,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "ratelimit",
             "relay",
             "projector",
+            "delivery",
             "http",
         ],
     ),

@@ -11,6 +11,7 @@ mod browser;
 mod commands;
 mod concurrency;
 mod conformance;
+mod delivery;
 mod edges;
 mod embedded;
 mod fanout;

@@ -5,6 +5,7 @@
 mod admin;
 mod attempts;
 mod catalog;
+mod delivery;
 mod demo;
 mod feed;
 mod health;
@@ -21,7 +22,7 @@ use super::AppState;
 type Resource = (fn() -> Router<AppState>, fn() -> utoipa::openapi::OpenApi);
 
 /// Every resource, once: the router and the document both come from here.
-const RESOURCES: [Resource; 9] = [
+const RESOURCES: [Resource; 10] = [
     (health::router, health::Doc::openapi),
     (demo::router, demo::Doc::openapi),
     (catalog::router, catalog::Doc::openapi),
@@ -31,6 +32,7 @@ const RESOURCES: [Resource; 9] = [
     (feed::router, feed::Doc::openapi),
     (history::router, history::Doc::openapi),
     (admin::router, admin::Doc::openapi),
+    (delivery::router, delivery::Doc::openapi),
 ];
 
 /// Every resource's routes.

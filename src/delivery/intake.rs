@@ -1,0 +1,139 @@
+//! Intake in production: one durable JetStream consumer per channel on the
+//! events stream, pulled by every instance. Each event goes to one instance
+//! at a time; it is acknowledged once its deliveries are recorded, and
+//! JetStream hands it to another instance if that one dies first (recording
+//! it again records nothing new). Started at the first event after the
+//! consumer's creation: history is not mailed out when delivery is deployed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::AckKind;
+use futures::{FutureExt, StreamExt};
+use podium_domain::log::RecordedEvent;
+use podium_nats::EventBus;
+use tokio_util::sync::CancellationToken;
+
+use super::{Channel, Deliveries};
+
+/// Most events recorded in one statement.
+const BATCH: usize = 500;
+/// How long an instance may hold an event before JetStream hands it to another.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+/// The wait before an event whose deliveries could not be recorded comes back.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// The consumer's name on the events stream.
+pub fn consumer_name(channel: Channel) -> String {
+    format!("delivery-{}", channel.as_str())
+}
+
+/// Pulls `channel`'s events until `stop`, recording their deliveries;
+/// re-creates the consumer (or waits for the stream) whenever it is gone.
+pub async fn run(
+    deliveries: Arc<Deliveries>,
+    bus: EventBus,
+    channel: Channel,
+    max_ack_pending: i64,
+    stop: CancellationToken,
+) {
+    let mut backoff = podium_nats::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        match pull_until_broken(&deliveries, &bus, channel, max_ack_pending, &stop).await {
+            Ok(()) => return,
+            Err(err) => {
+                tracing::warn!(channel = channel.as_str(), %err, "delivery intake interrupted; reconnecting");
+                if backoff.wait(&stop).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// `Ok` when stopped; `Err` when the consumer or its messages broke off.
+async fn pull_until_broken(
+    deliveries: &Deliveries,
+    bus: &EventBus,
+    channel: Channel,
+    max_ack_pending: i64,
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    let stream = bus.events_stream().await.map_err(|e| e.to_string())?;
+    let filter_subject = match channel {
+        Channel::Email => bus.subjects().event("Notification", "NotificationCreated"),
+        Channel::Webhook => bus.subjects().all_events(),
+    };
+    let name = consumer_name(channel);
+    let consumer = stream
+        .get_or_create_consumer(
+            &name,
+            pull::Config {
+                durable_name: Some(name.clone()),
+                description: Some(format!("Podium's {} deliveries: intake", channel.as_str())),
+                filter_subject,
+                deliver_policy: DeliverPolicy::New,
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                max_ack_pending,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("cannot open consumer {name}: {e}"))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| format!("cannot pull from {name}: {e}"))?;
+    loop {
+        let first = tokio::select! {
+            next = messages.next() => next,
+            () = stop.cancelled() => return Ok(()),
+        };
+        let mut batch = match first {
+            Some(Ok(message)) => vec![message],
+            Some(Err(err)) => return Err(err.to_string()),
+            None => return Err("the consumer's messages ended".into()),
+        };
+        // Whatever else is here already joins this batch.
+        while batch.len() < BATCH {
+            match messages.next().now_or_never() {
+                Some(Some(Ok(message))) => batch.push(message),
+                _ => break,
+            }
+        }
+        let mut events = Vec::with_capacity(batch.len());
+        let mut readable = Vec::with_capacity(batch.len());
+        for message in batch {
+            match serde_json::from_slice::<RecordedEvent>(&message.payload) {
+                Ok(event) => {
+                    events.push(event);
+                    readable.push(message);
+                }
+                Err(err) => {
+                    tracing::warn!(subject = %message.subject, %err, "not an event: skipped by delivery");
+                    let _ = message.ack_with(AckKind::Term).await;
+                }
+            }
+        }
+        match deliveries.intake(&[channel], &events).await {
+            Ok(_) => {
+                for message in readable {
+                    // A lost ack only means the event comes back, and is
+                    // recorded as nothing new.
+                    let _ = message.ack().await;
+                }
+            }
+            Err(err) => {
+                tracing::warn!(channel = channel.as_str(), %err, "cannot record deliveries; the events come back");
+                for message in readable {
+                    let _ = message.ack_with(AckKind::Nak(Some(RETRY))).await;
+                }
+                if podium_nats::stopped_during(RETRY, stop).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! The delivery store of the embedded mode: the same rules as Postgres's,
+//! in this process's memory (gone at exit, like its read models).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{
+    Backlog, Channel, Claimed, DeliveryStore, DeliveryView, EmailSettings, Endpoint, Finish,
+    Planned, StoreResult,
+};
+
+struct Row {
+    planned: Planned,
+    created_at: DateTime<Utc>,
+    status: &'static str,
+    attempts: u32,
+    last_status_code: Option<u16>,
+    last_error: Option<String>,
+    next_attempt_at: DateTime<Utc>,
+    claim: Option<Uuid>,
+    delivered_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Default)]
+struct State {
+    settings: HashMap<String, EmailSettings>,
+    endpoints: Vec<Endpoint>,
+    /// In the order recorded: a row's place is its `n`.
+    rows: Vec<Row>,
+    ids: HashMap<Uuid, usize>,
+}
+
+#[derive(Default)]
+pub struct MemoryDeliveries {
+    state: Mutex<State>,
+}
+
+impl MemoryDeliveries {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn later(at: DateTime<Utc>, by: Duration) -> DateTime<Utc> {
+    at + chrono::Duration::from_std(by).unwrap_or(chrono::Duration::MAX)
+}
+
+#[async_trait::async_trait]
+impl DeliveryStore for MemoryDeliveries {
+    async fn email_settings(&self, users: &[&str]) -> StoreResult<HashMap<String, EmailSettings>> {
+        let state = self.state();
+        Ok(users
+            .iter()
+            .filter_map(|user| Some((user.to_string(), state.settings.get(*user)?.clone())))
+            .collect())
+    }
+
+    async fn put_email_settings(&self, user: &str, settings: &EmailSettings) -> StoreResult<()> {
+        self.state()
+            .settings
+            .insert(user.to_string(), settings.clone());
+        Ok(())
+    }
+
+    async fn create_endpoint(&self, endpoint: &Endpoint) -> StoreResult<()> {
+        self.state().endpoints.push(endpoint.clone());
+        Ok(())
+    }
+
+    async fn endpoints(&self) -> StoreResult<Vec<Endpoint>> {
+        Ok(self.state().endpoints.clone())
+    }
+
+    async fn delete_endpoint(&self, id: Uuid) -> StoreResult<bool> {
+        let mut state = self.state();
+        let before = state.endpoints.len();
+        state.endpoints.retain(|e| e.id != id);
+        let deleted = state.endpoints.len() < before;
+        // As the foreign key's cascade does: its deliveries go with it.
+        for row in &mut state.rows {
+            if row.planned.endpoint_id == Some(id) && row.status == "pending" {
+                row.status = "failed";
+                row.last_error = Some("the endpoint was deleted".into());
+            }
+        }
+        Ok(deleted)
+    }
+
+    async fn record(&self, planned: &[Planned]) -> StoreResult<u64> {
+        let mut state = self.state();
+        let now = Utc::now();
+        let mut recorded = 0;
+        for p in planned {
+            let known_endpoint = p
+                .endpoint_id
+                .is_none_or(|id| state.endpoints.iter().any(|e| e.id == id));
+            if state.ids.contains_key(&p.id) || !known_endpoint {
+                continue;
+            }
+            let n = state.rows.len();
+            state.ids.insert(p.id, n);
+            state.rows.push(Row {
+                planned: p.clone(),
+                created_at: now,
+                status: "pending",
+                attempts: 0,
+                last_status_code: None,
+                last_error: None,
+                next_attempt_at: now,
+                claim: None,
+                delivered_at: None,
+            });
+            recorded += 1;
+        }
+        Ok(recorded)
+    }
+
+    async fn claim(&self, claim: Uuid, lease: Duration, limit: usize) -> StoreResult<Vec<Claimed>> {
+        let mut state = self.state();
+        let now = Utc::now();
+        let mut due: Vec<usize> = (0..state.rows.len())
+            .filter(|&n| {
+                let row = &state.rows[n];
+                row.status == "pending" && row.next_attempt_at <= now
+            })
+            .collect();
+        due.sort_by_key(|&n| {
+            (
+                state.rows[n].planned.priority,
+                state.rows[n].next_attempt_at,
+            )
+        });
+        due.truncate(limit);
+        let mut claimed = Vec::with_capacity(due.len());
+        for n in due {
+            let endpoint = state.rows[n]
+                .planned
+                .endpoint_id
+                .and_then(|id| state.endpoints.iter().find(|e| e.id == id).cloned());
+            let row = &mut state.rows[n];
+            row.claim = Some(claim);
+            row.next_attempt_at = later(now, lease);
+            claimed.push(Claimed {
+                id: row.planned.id,
+                channel: row.planned.channel,
+                target: row.planned.target.clone(),
+                endpoint,
+                message_id: row.planned.message_id.clone(),
+                payload: row.planned.payload.clone(),
+                attempts: row.attempts,
+                claim,
+            });
+        }
+        Ok(claimed)
+    }
+
+    async fn finish(&self, id: Uuid, claim: Uuid, finish: &Finish) -> StoreResult<bool> {
+        let mut state = self.state();
+        let now = Utc::now();
+        let Some(&n) = state.ids.get(&id) else {
+            return Ok(false);
+        };
+        let row = &mut state.rows[n];
+        if row.claim != Some(claim) || row.status != "pending" {
+            return Ok(false);
+        }
+        row.status = finish.status;
+        row.attempts += 1;
+        row.last_status_code = finish.status_code;
+        row.last_error = finish.error.clone();
+        row.claim = None;
+        if let Some(wait) = finish.retry_in {
+            row.next_attempt_at = later(now, wait);
+        }
+        if finish.status == "delivered" {
+            row.delivered_at = Some(now);
+        }
+        if let Some(endpoint) = finish.disable {
+            if let Some(e) = state.endpoints.iter_mut().find(|e| e.id == endpoint) {
+                e.status = "disabled".into();
+            }
+            for row in &mut state.rows {
+                if row.planned.endpoint_id == Some(endpoint) && row.status == "pending" {
+                    row.status = "failed";
+                    row.last_error = Some("the endpoint is disabled (410 Gone)".into());
+                    row.claim = None;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    async fn deliveries_of(
+        &self,
+        endpoint: Uuid,
+        limit: usize,
+        before: Option<i64>,
+    ) -> StoreResult<Vec<DeliveryView>> {
+        let state = self.state();
+        let end = before.map_or(state.rows.len(), |b| {
+            usize::try_from(b).unwrap_or_default().min(state.rows.len())
+        });
+        Ok(state.rows[..end]
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(|(_, row)| row.planned.endpoint_id == Some(endpoint))
+            .take(limit)
+            .map(|(n, row)| DeliveryView {
+                id: row.planned.id,
+                event: row.planned.event.clone(),
+                status: row.status.to_string(),
+                attempts: row.attempts,
+                last_status_code: row.last_status_code,
+                last_error: row.last_error.clone(),
+                next_attempt_at: (row.status == "pending").then_some(row.next_attempt_at),
+                delivered_at: row.delivered_at,
+                n: i64::try_from(n).unwrap_or(i64::MAX),
+            })
+            .collect())
+    }
+
+    async fn backlog(&self) -> StoreResult<HashMap<Channel, Backlog>> {
+        let state = self.state();
+        let now = Utc::now();
+        let mut backlog: HashMap<Channel, Backlog> = HashMap::new();
+        for row in state.rows.iter().filter(|r| r.status == "pending") {
+            let figures = backlog.entry(row.planned.channel).or_default();
+            figures.pending += 1;
+            let age = (now - row.created_at).num_milliseconds() as f64 / 1000.0;
+            figures.oldest_secs = figures.oldest_secs.max(age);
+        }
+        Ok(backlog)
+    }
+}
