@@ -325,7 +325,7 @@ impl Application {
             }
         };
         let deliveries = Deliveries::new(wired.deliveries, &settings.delivery, metrics.clone())?;
-        metrics.watch(deliveries.clone());
+        metrics.watch(deliveries.probe());
         let state = AppState::new(AppParts {
             aggregates: Arc::new(Aggregates::with_metrics(&wired.repository, &metrics)),
             limiter: budgets.map(|budgets| {

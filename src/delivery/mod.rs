@@ -331,6 +331,9 @@ impl Deliveries {
             .map(|url| email::Mailer::new(url.expose(), &settings.email_from, concurrency))
             .transpose()?;
         for channel in Channel::ALL {
+            metrics
+                .delivery_seconds
+                .with_label_values(&[channel.as_str()]);
             for outcome in ["delivered", "retried", "failed"] {
                 metrics
                     .deliveries
@@ -516,11 +519,21 @@ impl Deliveries {
     }
 }
 
-/// The backlog of each channel, for `/metrics`.
+impl Deliveries {
+    /// What `/metrics` samples: the backlog of each channel. (The probe holds
+    /// the store alone: the metrics hold their probes, and the service holds
+    /// the metrics.)
+    pub fn probe(&self) -> Arc<dyn Probe> {
+        Arc::new(BacklogProbe(self.store.clone()))
+    }
+}
+
+struct BacklogProbe(Arc<dyn DeliveryStore>);
+
 #[async_trait::async_trait]
-impl Probe for Deliveries {
+impl Probe for BacklogProbe {
     async fn sample(&self, metrics: &Metrics) {
-        let Ok(backlog) = self.store.backlog().await else {
+        let Ok(backlog) = self.0.backlog().await else {
             return;
         };
         for channel in Channel::ALL {
