@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{
-    Backlog, Channel, Claimed, DeliveryStore, DeliveryView, EmailSettings, Endpoint, Finish,
-    Planned, StoreResult,
+    Backlog, Channel, Claimed, DeliveryFilter, DeliveryStore, DeliveryView, EmailSettings,
+    Endpoint, Finish, Planned, StoreResult,
 };
 
 struct Row {
@@ -196,9 +196,9 @@ impl DeliveryStore for MemoryDeliveries {
         Ok(true)
     }
 
-    async fn deliveries_of(
+    async fn deliveries(
         &self,
-        endpoint: Uuid,
+        filter: &DeliveryFilter,
         limit: usize,
         before: Option<i64>,
     ) -> StoreResult<Vec<DeliveryView>> {
@@ -210,10 +210,18 @@ impl DeliveryStore for MemoryDeliveries {
             .iter()
             .enumerate()
             .rev()
-            .filter(|(_, row)| row.planned.endpoint_id == Some(endpoint))
+            .filter(|(_, row)| {
+                filter
+                    .endpoint
+                    .is_none_or(|e| row.planned.endpoint_id == Some(e))
+                    && filter.channel.is_none_or(|c| row.planned.channel == c)
+                    && filter.status.as_deref().is_none_or(|s| row.status == s)
+            })
             .take(limit)
             .map(|(n, row)| DeliveryView {
                 id: row.planned.id,
+                channel: row.planned.channel.as_str(),
+                target: row.planned.target.clone(),
                 event: row.planned.event.clone(),
                 status: row.status.to_string(),
                 attempts: row.attempts,
@@ -224,6 +232,22 @@ impl DeliveryStore for MemoryDeliveries {
                 n: i64::try_from(n).unwrap_or(i64::MAX),
             })
             .collect())
+    }
+
+    async fn retry(&self, id: Uuid) -> StoreResult<Option<bool>> {
+        let mut state = self.state();
+        let Some(&n) = state.ids.get(&id) else {
+            return Ok(None);
+        };
+        let row = &mut state.rows[n];
+        if row.status != "failed" {
+            return Ok(Some(false));
+        }
+        row.status = "pending";
+        row.attempts = 0;
+        row.next_attempt_at = Utc::now();
+        row.claim = None;
+        Ok(Some(true))
     }
 
     async fn backlog(&self) -> StoreResult<HashMap<Channel, Backlog>> {

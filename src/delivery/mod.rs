@@ -236,10 +236,23 @@ impl Finish {
     }
 }
 
+/// Which deliveries a listing shows.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    pub endpoint: Option<Uuid>,
+    pub channel: Option<Channel>,
+    /// `pending`, `delivered` or `failed`.
+    pub status: Option<String>,
+}
+
 /// A delivery as the delivery log shows it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DeliveryView {
     pub id: Uuid,
+    /// `email` or `webhook`.
+    pub channel: &'static str,
+    /// The address, or the endpoint's id.
+    pub target: String,
     /// The webhook event type (or the notification's kind, for email).
     pub event: String,
     /// `pending`, `delivered` or `failed`.
@@ -284,14 +297,18 @@ pub trait DeliveryStore: Send + Sync {
     /// Records how a try of a delivery taken under `claim` ended; nothing if
     /// another instance has taken it since. Returns whether it was recorded.
     async fn finish(&self, id: Uuid, claim: Uuid, finish: &Finish) -> StoreResult<bool>;
-    /// An endpoint's deliveries, newest first, from before `before` (an
+    /// The deliveries `filter` picks, newest first, from before `before` (an
     /// earlier page's last `n`).
-    async fn deliveries_of(
+    async fn deliveries(
         &self,
-        endpoint: Uuid,
+        filter: &DeliveryFilter,
         limit: usize,
         before: Option<i64>,
     ) -> StoreResult<Vec<DeliveryView>>;
+    /// Makes a failed delivery pending again, due now, with its tries
+    /// counted afresh. Returns `None` for no such delivery, `Some(false)`
+    /// if it is not failed.
+    async fn retry(&self, id: Uuid) -> StoreResult<Option<bool>>;
     /// Pending deliveries by channel.
     async fn backlog(&self) -> StoreResult<HashMap<Channel, Backlog>>;
 }
@@ -354,6 +371,16 @@ impl Deliveries {
             wake: Notify::new(),
             metrics,
         }))
+    }
+
+    /// Makes a failed delivery pending again and sends it soon (see
+    /// [`DeliveryStore::retry`]).
+    pub async fn retry(&self, id: Uuid) -> StoreResult<Option<bool>> {
+        let retried = self.store.retry(id).await?;
+        if retried == Some(true) {
+            self.wake.notify_one();
+        }
+        Ok(retried)
     }
 
     /// Whether emails are sent at all (an SMTP server is configured).

@@ -8,8 +8,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{
-    Backlog, Channel, Claimed, DeliveryStore, DeliveryView, EmailSettings, Endpoint, Finish,
-    Planned, StoreResult,
+    Backlog, Channel, Claimed, DeliveryFilter, DeliveryStore, DeliveryView, EmailSettings,
+    Endpoint, Finish, Planned, StoreResult,
 };
 
 pub struct PgDeliveries {
@@ -237,15 +237,17 @@ impl DeliveryStore for PgDeliveries {
         Ok(updated.rows_affected() > 0)
     }
 
-    async fn deliveries_of(
+    async fn deliveries(
         &self,
-        endpoint: Uuid,
+        filter: &DeliveryFilter,
         limit: usize,
         before: Option<i64>,
     ) -> StoreResult<Vec<DeliveryView>> {
         type Row = (
             i64,
             Uuid,
+            String,
+            String,
             String,
             String,
             i32,
@@ -255,34 +257,72 @@ impl DeliveryStore for PgDeliveries {
             Option<DateTime<Utc>>,
         );
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT n, id, event, status, attempts, last_status_code, last_error,
+            "SELECT n, id, channel, target, event, status, attempts, last_status_code, last_error,
                     next_attempt_at, delivered_at
              FROM deliveries
-             WHERE endpoint_id = $1 AND n < $2
+             WHERE n < $1
+               AND ($2::uuid IS NULL OR endpoint_id = $2)
+               AND ($3::text IS NULL OR channel = $3)
+               AND ($4::text IS NULL OR status = $4)
              ORDER BY n DESC
-             LIMIT $3",
+             LIMIT $5",
         )
-        .bind(endpoint)
         .bind(before.unwrap_or(i64::MAX))
+        .bind(filter.endpoint)
+        .bind(filter.channel.map(Channel::as_str))
+        .bind(&filter.status)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
             .into_iter()
-            .map(
-                |(n, id, event, status, attempts, code, error, next, delivered_at)| DeliveryView {
-                    id,
-                    event,
-                    next_attempt_at: (status == "pending").then_some(next),
-                    status,
-                    attempts: u32::try_from(attempts).unwrap_or_default(),
-                    last_status_code: code.and_then(|c| u16::try_from(c).ok()),
-                    last_error: error,
-                    delivered_at,
+            .filter_map(
+                |(
                     n,
+                    id,
+                    channel,
+                    target,
+                    event,
+                    status,
+                    attempts,
+                    code,
+                    error,
+                    next,
+                    delivered_at,
+                )| {
+                    Some(DeliveryView {
+                        id,
+                        channel: Channel::parse(&channel)?.as_str(),
+                        target,
+                        event,
+                        next_attempt_at: (status == "pending").then_some(next),
+                        status,
+                        attempts: u32::try_from(attempts).unwrap_or_default(),
+                        last_status_code: code.and_then(|c| u16::try_from(c).ok()),
+                        last_error: error,
+                        delivered_at,
+                        n,
+                    })
                 },
             )
             .collect())
+    }
+
+    async fn retry(&self, id: Uuid) -> StoreResult<Option<bool>> {
+        let status: Option<String> = sqlx::query_scalar(
+            "WITH old AS (SELECT id, status FROM deliveries WHERE id = $1 FOR UPDATE)
+             UPDATE deliveries d
+             SET status = CASE WHEN old.status = 'failed' THEN 'pending' ELSE d.status END,
+                 attempts = CASE WHEN old.status = 'failed' THEN 0 ELSE d.attempts END,
+                 next_attempt_at = CASE WHEN old.status = 'failed' THEN now() ELSE d.next_attempt_at END,
+                 claim = CASE WHEN old.status = 'failed' THEN NULL ELSE d.claim END
+             FROM old WHERE d.id = old.id
+             RETURNING old.status",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(status.map(|s| s == "failed"))
     }
 
     async fn backlog(&self) -> StoreResult<HashMap<Channel, Backlog>> {

@@ -575,6 +575,89 @@ async fn a_permanent_refusal_is_not_retried_and_a_temporary_one_is() {
     .unwrap();
     assert_eq!(attempts, 1, "a 5xx is never tried again");
     assert!(sink.mails().is_empty());
+
+    // Operators see it among the failed deliveries, and may send it again.
+    let failed: Value = app
+        .get(
+            "/v1/admin/deliveries?channel=email&status=failed",
+            &app.admin(),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let items = failed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{failed}");
+    assert_eq!(items[0]["target"], "reject-gone@example.org");
+    assert_eq!(items[0]["channel"], "email");
+    assert_eq!(items[0]["last_status_code"], 550);
+    let id = items[0]["id"].as_str().unwrap().to_string();
+    let retried = app
+        .post(
+            &format!("/v1/admin/deliveries/{id}/retry"),
+            &app.admin(),
+            None,
+        )
+        .await;
+    assert_eq!(retried.status(), StatusCode::ACCEPTED);
+    poll(
+        "the retried email refused again",
+        Duration::from_secs(20),
+        || async {
+            let (status, attempts): (String, i32) =
+                sqlx::query_as("SELECT status, attempts FROM deliveries WHERE id = $1::uuid")
+                    .bind(&id)
+                    .fetch_one(&app.pool)
+                    .await
+                    .unwrap();
+            if status == "failed" && attempts == 1 {
+                Ok(())
+            } else {
+                Err((status, attempts))
+            }
+        },
+    )
+    .await;
+    let pending: Value = app
+        .get("/v1/admin/deliveries?status=pending", &app.admin())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let busy = pending["items"][0]["id"].as_str().unwrap();
+    assert_problem(
+        app.post(
+            &format!("/v1/admin/deliveries/{busy}/retry"),
+            &app.admin(),
+            None,
+        )
+        .await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert_problem(
+        app.post(
+            &format!("/v1/admin/deliveries/{}/retry", uuid::Uuid::new_v4()),
+            &app.admin(),
+            None,
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    for bad in ["channel=sms", "status=lost", "limit=500"] {
+        assert_problem(
+            app.get(&format!("/v1/admin/deliveries?{bad}"), &app.admin())
+                .await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
+    }
+    assert_problem(
+        app.get("/v1/admin/deliveries", &app.user("gone")).await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use podium_domain::ValidationErrors;
@@ -13,7 +13,9 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::delivery::{DeliveryView, EmailSettings, Endpoint, EMAIL_KINDS, WEBHOOK_EVENTS};
+use crate::delivery::{
+    Channel, DeliveryFilter, DeliveryView, EmailSettings, Endpoint, EMAIL_KINDS, WEBHOOK_EVENTS,
+};
 use crate::http::error::ApiError;
 use crate::http::extract::{Admin, ApiJson, ApiPath, ApiQuery};
 use crate::http::pagination::{self, next_link};
@@ -30,6 +32,8 @@ pub fn router() -> Router<AppState> {
         .route("/v1/webhooks", get(endpoints).post(create_endpoint))
         .route("/v1/webhooks/{id}", delete(delete_endpoint))
         .route("/v1/webhooks/{id}/deliveries", get(deliveries))
+        .route("/v1/admin/deliveries", get(all_deliveries))
+        .route("/v1/admin/deliveries/{id}/retry", post(retry_delivery))
 }
 
 /// This resource's operations in the OpenAPI document.
@@ -40,7 +44,9 @@ pub fn router() -> Router<AppState> {
     endpoints,
     create_endpoint,
     delete_endpoint,
-    deliveries
+    deliveries,
+    all_deliveries,
+    retry_delivery
 ))]
 pub(super) struct Doc;
 
@@ -310,10 +316,10 @@ struct DeliveriesQuery {
     cursor: Option<String>,
 }
 
-/// Deliveries of the endpoint older than its `n`-th.
+/// Deliveries of one listing older than its `n`-th.
 #[derive(Serialize, Deserialize)]
 struct Cursor {
-    endpoint: Uuid,
+    deliveries: String,
     before: i64,
 }
 
@@ -321,6 +327,52 @@ struct Cursor {
 struct Deliveries {
     items: Vec<DeliveryView>,
     next_cursor: Option<String>,
+}
+
+/// A page of the deliveries `filter` picks, the listing at `path` (with
+/// `query` besides the cursor) named `listing` in its cursors.
+async fn page(
+    state: &AppState,
+    filter: &DeliveryFilter,
+    (limit, cursor): (Option<i64>, Option<&str>),
+    listing: String,
+    path: &str,
+    mut query: Vec<(&str, String)>,
+) -> Result<Response, ApiError> {
+    let limit = pagination::limit(limit)?;
+    let before = match cursor {
+        Some(raw) => {
+            let cursor: Cursor = pagination::decode(raw)?;
+            if cursor.deliveries != listing {
+                return Err(pagination::foreign());
+            }
+            Some(cursor.before)
+        }
+        None => None,
+    };
+    // One more than asked says whether there is a next page.
+    let mut items = state
+        .deliveries
+        .store
+        .deliveries(filter, limit as usize + 1, before)
+        .await?;
+    let next_cursor = (items.len() as i64 > limit).then(|| {
+        items.truncate(limit as usize);
+        pagination::encode(&Cursor {
+            deliveries: listing,
+            before: items.last().map_or(0, |d| d.n),
+        })
+    });
+    let link = next_cursor.as_ref().and_then(|cursor| {
+        query.push(("limit", limit.to_string()));
+        query.push(("cursor", cursor.clone()));
+        next_link(path, &query)
+    });
+    let mut response = Json(Deliveries { items, next_cursor }).into_response();
+    if let Some(link) = link {
+        response.headers_mut().insert(header::LINK, link);
+    }
+    Ok(response)
 }
 
 /// An endpoint's delivery log, newest first (admin): each event sent to it,
@@ -342,39 +394,128 @@ async fn deliveries(
     ApiPath(id): ApiPath<Uuid>,
     ApiQuery(query): ApiQuery<DeliveriesQuery>,
 ) -> Result<Response, ApiError> {
-    let limit = pagination::limit(query.limit)?;
-    let before = match &query.cursor {
-        Some(raw) => {
-            let cursor: Cursor = pagination::decode(raw)?;
-            if cursor.endpoint != id {
-                return Err(pagination::foreign());
-            }
-            Some(cursor.before)
-        }
-        None => None,
-    };
-    let store = &state.deliveries.store;
-    if !store.endpoints().await?.iter().any(|e| e.id == id) {
+    if !state
+        .deliveries
+        .store
+        .endpoints()
+        .await?
+        .iter()
+        .any(|e| e.id == id)
+    {
         return Err(no_endpoint(id));
     }
-    // One more than asked says whether there is a next page.
-    let mut items = store.deliveries_of(id, limit as usize + 1, before).await?;
-    let next_cursor = (items.len() as i64 > limit).then(|| {
-        items.truncate(limit as usize);
-        pagination::encode(&Cursor {
-            endpoint: id,
-            before: items.last().map_or(0, |d| d.n),
-        })
-    });
-    let link = next_cursor.as_ref().and_then(|cursor| {
-        next_link(
-            &format!("/v1/webhooks/{id}/deliveries"),
-            &[("limit", limit.to_string()), ("cursor", cursor.clone())],
-        )
-    });
-    let mut response = Json(Deliveries { items, next_cursor }).into_response();
-    if let Some(link) = link {
-        response.headers_mut().insert(header::LINK, link);
+    let filter = DeliveryFilter {
+        endpoint: Some(id),
+        ..DeliveryFilter::default()
+    };
+    page(
+        &state,
+        &filter,
+        (query.limit, query.cursor.as_deref()),
+        format!("endpoint:{id}"),
+        &format!("/v1/webhooks/{id}/deliveries"),
+        Vec::new(),
+    )
+    .await
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct AllDeliveriesQuery {
+    /// `email` or `webhook`; both when absent.
+    channel: Option<String>,
+    /// `pending`, `delivered` or `failed` (the dead letters); all when absent.
+    status: Option<String>,
+    /// 1–200, default 50.
+    limit: Option<i64>,
+    /// A `next_cursor` of a previous page.
+    cursor: Option<String>,
+}
+
+/// Every delivery, newest first, of a channel and status (admin): with
+/// `status=failed`, the deliveries that gave up (a permanent refusal, the
+/// retry schedule spent, an endpoint that answered 410), for retrying.
+#[utoipa::path(get, path = "/v1/admin/deliveries", tag = "delivery",
+    params(AllDeliveriesQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = Deliveries, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
+        (status = 400, description = "A malformed or foreign cursor"),
+        (status = 401, description = "No valid token"),
+        (status = 403, description = "Not an admin"),
+        (status = 422, description = "An unknown channel or status, or `limit` outside 1–200"),
+    ))]
+async fn all_deliveries(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiQuery(query): ApiQuery<AllDeliveriesQuery>,
+) -> Result<Response, ApiError> {
+    let mut errors = ValidationErrors::new();
+    let channel = match query.channel.as_deref().map(|c| (c, Channel::parse(c))) {
+        None => None,
+        Some((_, Some(channel))) => Some(channel),
+        Some((_, None)) => {
+            errors.add("channel", "must be email or webhook");
+            None
+        }
+    };
+    if let Some(status) = &query.status {
+        if !["pending", "delivered", "failed"].contains(&status.as_str()) {
+            errors.add("status", "must be pending, delivered or failed");
+        }
     }
-    Ok(response)
+    errors.into_result(()).map_err(ApiError::invalid)?;
+    let mut kept = Vec::new();
+    if let Some(channel) = channel {
+        kept.push(("channel", channel.as_str().to_string()));
+    }
+    if let Some(status) = &query.status {
+        kept.push(("status", status.clone()));
+    }
+    let listing = format!(
+        "admin:{}:{}",
+        channel.map_or("", Channel::as_str),
+        query.status.as_deref().unwrap_or_default()
+    );
+    let filter = DeliveryFilter {
+        endpoint: None,
+        channel,
+        status: query.status.clone(),
+    };
+    page(
+        &state,
+        &filter,
+        (query.limit, query.cursor.as_deref()),
+        listing,
+        "/v1/admin/deliveries",
+        kept,
+    )
+    .await
+}
+
+/// Sends a failed delivery again, its tries counted afresh (admin).
+#[utoipa::path(post, path = "/v1/admin/deliveries/{id}/retry", tag = "delivery",
+    params(("id" = Uuid, Path, description = "The delivery's id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Pending again: sent soon"),
+        (status = 400, description = "The id is not a UUID"),
+        (status = 401, description = "No valid token"),
+        (status = 403, description = "Not an admin"),
+        (status = 404, description = "No such delivery"),
+        (status = 409, description = "It has not failed (pending or delivered)"),
+    ))]
+async fn retry_delivery(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    match state.deliveries.retry(id).await? {
+        Some(true) => Ok(StatusCode::ACCEPTED),
+        Some(false) => Err(ApiError::conflict(
+            "delivery-not-failed",
+            "only a failed delivery can be retried; this one is pending or delivered",
+        )),
+        None => Err(ApiError::NotFound(format!("no delivery {id}"))),
+    }
 }
