@@ -9,6 +9,7 @@
 //! pgbench and redis-benchmark.
 
 mod ceilings;
+mod delivery;
 mod load;
 mod report;
 mod scenarios;
@@ -50,6 +51,8 @@ enum Command {
     /// Only the SSE streams (memory, idle CPU, one change to all), printed
     /// to stderr.
     Streams(AllArgs),
+    /// Only email and webhook delivery, printed to stderr.
+    Delivery(AllArgs),
     /// Only the backlog a live instance works off, printed to stderr (its
     /// ratios are against placeholders: `all` measures their ceilings).
     Backlog(AllArgs),
@@ -78,6 +81,10 @@ struct Sizes {
     users: usize,
     tests: usize,
     redis_requests: u64,
+    /// Emails (and webhooks) in a delivery throughput run.
+    deliveries: usize,
+    /// Recipients of the announcement a personal best is sent behind.
+    crowd: usize,
 }
 
 impl Sizes {
@@ -91,6 +98,8 @@ impl Sizes {
                 users: 40,
                 tests: 2,
                 redis_requests: 2_000,
+                deliveries: 100,
+                crowd: 200,
             }
         } else {
             Self {
@@ -101,6 +110,8 @@ impl Sizes {
                 users: 5_000,
                 tests: 4,
                 redis_requests: 300_000,
+                deliveries: 5_000,
+                crowd: 10_000,
             }
         }
     }
@@ -121,6 +132,12 @@ fn main() -> anyhow::Result<()> {
             anyhow::Ok(())
         }),
         Command::Streams(args) => runtime.block_on(streams_only(&Sizes::new(args.smoke))),
+        Command::Delivery(args) => runtime.block_on(async {
+            let mut report = Report::default();
+            delivery_scenario(&Sizes::new(args.smoke), &mut report).await?;
+            eprintln!("{}", report.markdown("", "podium-bench delivery"));
+            anyhow::Ok(())
+        }),
         Command::Backlog(args) => runtime.block_on(async {
             let mut report = Report::default();
             backlog_scenario(&Sizes::new(args.smoke), (1.0, 1.0), &mut report).await?;
@@ -163,6 +180,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     let replay_rate = result?;
     backlog_scenario(&sizes, (replay_rate, ingest_rate), &mut report).await?;
     instances_scenario(&sizes, &mut report).await?;
+    delivery_scenario(&sizes, &mut report).await?;
     let command = if args.smoke {
         "podium-bench all --smoke"
     } else {
@@ -181,6 +199,21 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         args.charts.display()
     );
     Ok(())
+}
+
+/// Email and webhook delivery on a server and database of their own.
+async fn delivery_scenario(sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
+    let prefix = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let db = ScratchDb::create(2).await?;
+    let delivery_sizes = delivery::Sizes {
+        backlog: sizes.deliveries,
+        crowd: sizes.crowd,
+        secs: sizes.secs,
+    };
+    let result = delivery::scenario(&db, &nats_url(), &prefix, &delivery_sizes, report).await;
+    cleanup_nats(&prefix).await;
+    db.drop().await?;
+    result
 }
 
 /// `charts` as seen from the folder of `out`.

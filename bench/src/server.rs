@@ -33,6 +33,13 @@ pub async fn serve() -> anyhow::Result<()> {
     if std::env::var("PODIUM_QUERY_CACHE")? != "true" {
         settings.query.cache_max_bytes = 0;
     }
+    // Delivery from its own variables (PODIUM_SMTP_URL…), as `podium serve` reads them.
+    #[derive(clap::Parser)]
+    struct DeliveryEnv {
+        #[command(flatten)]
+        delivery: podium::config::DeliverySettings,
+    }
+    settings.delivery = <DeliveryEnv as clap::Parser>::parse_from(["serve"]).delivery;
     let app = podium::Application::build(settings).await?;
     println!("PORT {}", app.port());
     app.run_until(async {
@@ -81,8 +88,14 @@ pub struct Server {
 
 impl Server {
     pub async fn start(options: Options<'_>) -> anyhow::Result<Self> {
+        Self::start_with(options, &[]).await
+    }
+
+    /// [`Self::start`] with `env` besides.
+    pub async fn start_with(options: Options<'_>, env: &[(&str, String)]) -> anyhow::Result<Self> {
         let mut child = tokio::process::Command::new(std::env::current_exe()?)
             .arg("serve")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("DATABASE_URL", options.database_url)
             .env("NATS_URL", options.nats_url)
             .env("PODIUM_NATS_PREFIX", options.prefix)
