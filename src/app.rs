@@ -79,6 +79,8 @@ pub struct Application {
     deliveries: Arc<Deliveries>,
     /// Events each delivery channel's consumer hands out unacknowledged.
     delivery_max_ack_pending: i64,
+    /// How long delivered and failed deliveries are kept.
+    delivery_retention: chrono::Duration,
 }
 
 /// The stores, as the rest of the application uses them.
@@ -375,6 +377,9 @@ impl Application {
             operations: wired.operations,
             deliveries,
             delivery_max_ack_pending: settings.delivery.delivery_max_ack_pending,
+            delivery_retention: chrono::Duration::days(i64::from(
+                settings.delivery.delivery_retention_days.max(1),
+            )),
         })
     }
 
@@ -413,6 +418,7 @@ impl Application {
             self.state.store.clone(),
             self.state.idempotency.clone(),
             self.state.limiter.clone(),
+            (self.deliveries.store.clone(), self.delivery_retention),
             stop.clone(),
         ))];
         if let Some(bus) = &self.state.bus {
@@ -570,12 +576,14 @@ fn identity_provider(idp: &crate::config::IdpSettings) -> Option<ProviderSetting
     })
 }
 
-/// Purges what has expired: idempotency keys, rate-limit windows, and
-/// leaderboard moves older than any cursor that can still be continued.
+/// Purges what has expired: idempotency keys, rate-limit windows,
+/// leaderboard moves older than any cursor that can still be continued, and
+/// deliveries done for longer than their retention.
 async fn maintain(
     store: Arc<dyn ReadStore>,
     keys: Arc<dyn IdempotencyStore>,
     limiter: Option<Arc<RateLimiter>>,
+    (deliveries, retention): (Arc<dyn DeliveryStore>, chrono::Duration),
     stop: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(PURGE_INTERVAL);
@@ -596,6 +604,11 @@ async fn maintain(
                     Ok(0) => {}
                     Ok(pruned) => tracing::info!(pruned, "pruned old leaderboard moves"),
                     Err(err) => tracing::warn!(%err, "cannot prune leaderboard moves"),
+                }
+                match deliveries.purge(chrono::Utc::now() - retention).await {
+                    Ok(0) => {}
+                    Ok(purged) => tracing::info!(purged, "purged old deliveries"),
+                    Err(err) => tracing::warn!(%err, "cannot purge old deliveries"),
                 }
             }
             () = stop.cancelled() => return,

@@ -354,6 +354,9 @@ pub struct DeliverySettings {
     /// due (retries, other instances' lapsed leases); new ones start at once.
     #[arg(long, env = "PODIUM_DELIVERY_POLL_MS", default_value_t = DEFAULT_DELIVERY_POLL_MS)]
     pub delivery_poll_ms: u64,
+    /// Days delivered and failed deliveries stay in the delivery logs.
+    #[arg(long, env = "PODIUM_DELIVERY_RETENTION_DAYS", default_value_t = DEFAULT_DELIVERY_RETENTION_DAYS)]
+    pub delivery_retention_days: u32,
 }
 
 pub const DEFAULT_EMAIL_FROM: &str = "Podium <podium@localhost>";
@@ -364,6 +367,7 @@ pub const DEFAULT_DELIVERY_CONCURRENCY: usize = 16;
 pub const DEFAULT_DELIVERY_MAX_ACK_PENDING: i64 = 1_000;
 pub const DEFAULT_DELIVERY_LEASE_MS: u64 = 60_000;
 pub const DEFAULT_DELIVERY_POLL_MS: u64 = 500;
+pub const DEFAULT_DELIVERY_RETENTION_DAYS: u32 = 30;
 
 impl Default for DeliverySettings {
     fn default() -> Self {
@@ -381,6 +385,7 @@ impl Default for DeliverySettings {
             delivery_max_ack_pending: DEFAULT_DELIVERY_MAX_ACK_PENDING,
             delivery_lease_ms: DEFAULT_DELIVERY_LEASE_MS,
             delivery_poll_ms: DEFAULT_DELIVERY_POLL_MS,
+            delivery_retention_days: DEFAULT_DELIVERY_RETENTION_DAYS,
         }
     }
 }

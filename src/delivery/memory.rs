@@ -262,4 +262,21 @@ impl DeliveryStore for MemoryDeliveries {
         }
         Ok(backlog)
     }
+
+    async fn purge(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+        let mut state = self.state();
+        let old = |row: &Row| row.status != "pending" && row.created_at < before;
+        let purged = state.rows.iter().filter(|row| old(row)).count();
+        if purged > 0 {
+            state.rows.retain(|row| !old(row));
+            let ids = state
+                .rows
+                .iter()
+                .enumerate()
+                .map(|(n, row)| (row.planned.id, n))
+                .collect();
+            state.ids = ids;
+        }
+        Ok(purged as u64)
+    }
 }

@@ -311,6 +311,9 @@ pub trait DeliveryStore: Send + Sync {
     async fn retry(&self, id: Uuid) -> StoreResult<Option<bool>>;
     /// Pending deliveries by channel.
     async fn backlog(&self) -> StoreResult<HashMap<Channel, Backlog>>;
+    /// Forgets delivered and failed deliveries recorded before `before`;
+    /// returns how many.
+    async fn purge(&self, before: DateTime<Utc>) -> StoreResult<u64>;
 }
 
 /// How each channel sends.

@@ -346,4 +346,13 @@ impl DeliveryStore for PgDeliveries {
             })
             .collect())
     }
+
+    async fn purge(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+        let purged =
+            sqlx::query("DELETE FROM deliveries WHERE status <> 'pending' AND created_at < $1")
+                .bind(before)
+                .execute(&self.pool)
+                .await?;
+        Ok(purged.rows_affected())
+    }
 }

@@ -1377,3 +1377,114 @@ async fn a_killed_instance_loses_no_email() {
     );
     delete_streams(nats_url(), prefix);
 }
+
+// ------------------------------------------------------------- the stores
+
+/// The Postgres and the in-memory store follow the same rules: a delivery is
+/// recorded once, taken personal first, its outcome recorded only under the
+/// claim that took it, given back when its lease lapses, and purged once done.
+#[tokio::test]
+async fn both_stores_keep_the_same_rules() {
+    use podium::delivery::memory::MemoryDeliveries;
+    use podium::delivery::postgres::PgDeliveries;
+    use podium::delivery::{Channel, DeliveryStore, Finish, Planned};
+
+    let db = TestDb::new().await;
+    sqlx::migrate!("./migrations").run(&db.pool).await.unwrap();
+    let stores: [(&str, Arc<dyn DeliveryStore>); 2] = [
+        (
+            "postgres",
+            Arc::new(PgDeliveries {
+                pool: db.pool.clone(),
+            }),
+        ),
+        ("memory", Arc::new(MemoryDeliveries::default())),
+    ];
+    let planned = |n: u128, priority: i16| Planned {
+        id: uuid::Uuid::from_u128(n),
+        channel: Channel::Email,
+        target: format!("u{n}@example.org"),
+        endpoint_id: None,
+        event: "announcement".into(),
+        message_id: format!("msg_{n}"),
+        priority,
+        payload: json!({"n": n}),
+    };
+    let delivered = Finish {
+        status: "delivered",
+        retry_in: None,
+        status_code: Some(250),
+        error: None,
+        disable: None,
+    };
+    for (name, store) in stores {
+        let batch = [planned(1, 1), planned(2, 1), planned(3, 0)];
+        assert_eq!(store.record(&batch).await.unwrap(), 3, "{name}");
+        assert_eq!(
+            store.record(&batch).await.unwrap(),
+            0,
+            "{name}: recorded once"
+        );
+        let first = uuid::Uuid::new_v4();
+        let taken = store
+            .claim(first, Duration::from_millis(300), 2)
+            .await
+            .unwrap();
+        assert_eq!(taken.len(), 2, "{name}");
+        assert_eq!(
+            taken[0].id,
+            uuid::Uuid::from_u128(3),
+            "{name}: personal first"
+        );
+        // Taken deliveries are nobody else's until their lease lapses.
+        let other = uuid::Uuid::new_v4();
+        let rest = store
+            .claim(other, Duration::from_secs(60), 10)
+            .await
+            .unwrap();
+        assert_eq!(rest.len(), 1, "{name}");
+        assert!(store.finish(taken[0].id, first, &delivered).await.unwrap());
+        assert!(
+            !store.finish(taken[0].id, first, &delivered).await.unwrap(),
+            "{name}: recorded once"
+        );
+        // The second one's taker is gone: after the lease another takes it,
+        // and the first taker's late outcome is not recorded.
+        let lapsed = taken[1].id;
+        let again = poll(
+            "the lapsed delivery taken again",
+            Duration::from_secs(10),
+            || {
+                let store = store.clone();
+                async move {
+                    let got = store
+                        .claim(other, Duration::from_secs(60), 10)
+                        .await
+                        .unwrap();
+                    if got.len() == 1 {
+                        Ok(got)
+                    } else {
+                        Err(got.len())
+                    }
+                }
+            },
+        )
+        .await;
+        assert_eq!(again[0].id, lapsed, "{name}");
+        assert!(
+            !store.finish(lapsed, first, &delivered).await.unwrap(),
+            "{name}: fenced"
+        );
+        assert!(
+            store.finish(lapsed, other, &delivered).await.unwrap(),
+            "{name}"
+        );
+        let backlog = store.backlog().await.unwrap();
+        assert_eq!(backlog[&Channel::Email].pending, 1, "{name}");
+        // Done ones are purged; the pending one stays.
+        let future = chrono::Utc::now() + chrono::Duration::seconds(5);
+        assert_eq!(store.purge(future).await.unwrap(), 2, "{name}");
+        let backlog = store.backlog().await.unwrap();
+        assert_eq!(backlog[&Channel::Email].pending, 1, "{name}");
+    }
+}
