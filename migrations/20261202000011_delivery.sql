@@ -10,7 +10,8 @@ CREATE TABLE delivery_settings
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 
--- Webhook endpoints, registered by admins. `events` empty: every event type.
+-- Webhook endpoints, registered by admins. `events` empty: every event type,
+-- including types added later.
 CREATE TABLE webhook_endpoints
 (
     id         uuid PRIMARY KEY,
@@ -55,6 +56,17 @@ CREATE TABLE deliveries
     delivered_at     timestamptz
 );
 
-CREATE INDEX deliveries_due ON deliveries (priority, next_attempt_at) WHERE status = 'pending';
+-- The claim reads one channel and one priority at a time: a bounded range
+-- of this index, however many pending rows wait for later retries.
+CREATE INDEX deliveries_due ON deliveries (channel, priority, next_attempt_at) WHERE status = 'pending';
 CREATE INDEX deliveries_of_endpoint ON deliveries (endpoint_id, n DESC) WHERE endpoint_id IS NOT NULL;
 CREATE INDEX deliveries_pending_by_channel ON deliveries (channel, created_at) WHERE status = 'pending';
+
+-- The highest log seq each channel's intake has recorded deliveries for: a
+-- consumer created again (its stream or itself deleted) starts after it, so
+-- events already taken in are not taken in again.
+CREATE TABLE delivery_intake
+(
+    channel text PRIMARY KEY,
+    seq     bigint NOT NULL
+);

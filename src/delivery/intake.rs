@@ -2,8 +2,10 @@
 //! events stream, pulled by every instance. Each event goes to one instance
 //! at a time; it is acknowledged once its deliveries are recorded, and
 //! JetStream hands it to another instance if that one dies first (recording
-//! it again records nothing new). Started at the first event after the
-//! consumer's creation: history is not mailed out when delivery is deployed.
+//! it again records nothing new). The first consumer starts at the next
+//! event (history is not mailed out when delivery is deployed); one made
+//! again, after its stream or itself was deleted, starts after the last
+//! event its channel took in, which Postgres keeps.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +14,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::AckKind;
 use futures::{FutureExt, StreamExt};
 use podium_domain::log::RecordedEvent;
-use podium_nats::EventBus;
+use podium_nats::{EventBus, StreamPosition};
 use tokio_util::sync::CancellationToken;
 
 use super::{Channel, Deliveries};
@@ -52,6 +54,41 @@ pub async fn run(
     }
 }
 
+/// Where a consumer made afresh starts, and the last event taken in before
+/// it: after that event (the stream, or the consumer alone, was deleted and
+/// made again), or at the next event when delivery is new here (history is
+/// not sent).
+async fn start(
+    deliveries: &Deliveries,
+    bus: &EventBus,
+    channel: Channel,
+) -> Result<(DeliverPolicy, u64), String> {
+    let Some(mark) = deliveries
+        .store
+        .intake_mark(channel)
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok((DeliverPolicy::New, 0));
+    };
+    let policy = match bus.position_of(mark + 1).await.map_err(|e| e.to_string())? {
+        StreamPosition::At(start_sequence) | StreamPosition::Await(start_sequence) => {
+            DeliverPolicy::ByStartSequence { start_sequence }
+        }
+        StreamPosition::Missing { wanted, first_kept } => {
+            tracing::warn!(
+                channel = channel.as_str(),
+                wanted,
+                first_kept,
+                "the events stream no longer holds every event after the last one delivery took in; \
+                 delivery resumes at the oldest it holds"
+            );
+            DeliverPolicy::All
+        }
+    };
+    Ok((policy, mark))
+}
+
 /// `Ok` when stopped; `Err` when the consumer or its messages broke off.
 async fn pull_until_broken(
     deliveries: &Deliveries,
@@ -66,22 +103,29 @@ async fn pull_until_broken(
         Channel::Webhook => bus.subjects().all_events(),
     };
     let name = consumer_name(channel);
-    let consumer = stream
-        .get_or_create_consumer(
-            &name,
-            pull::Config {
-                durable_name: Some(name.clone()),
-                description: Some(format!("Podium's {} deliveries: intake", channel.as_str())),
-                filter_subject,
-                deliver_policy: DeliverPolicy::New,
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: ACK_WAIT,
-                max_ack_pending,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| format!("cannot open consumer {name}: {e}"))?;
+    // Events at or below this were taken in by a consumer before this one.
+    let mut taken_in = 0;
+    let consumer = match stream.get_consumer::<pull::Config>(&name).await {
+        Ok(consumer) => consumer,
+        // Gone (or never made): made again after the last event taken in.
+        Err(_) => {
+            let (deliver_policy, mark) = start(deliveries, bus, channel).await?;
+            taken_in = mark;
+            stream
+                .create_consumer(pull::Config {
+                    durable_name: Some(name.clone()),
+                    description: Some(format!("Podium's {} deliveries: intake", channel.as_str())),
+                    filter_subject,
+                    deliver_policy,
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: ACK_WAIT,
+                    max_ack_pending,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| format!("cannot create consumer {name}: {e}"))?
+        }
+    };
     let mut messages = consumer
         .messages()
         .await
@@ -107,6 +151,11 @@ async fn pull_until_broken(
         let mut readable = Vec::with_capacity(batch.len());
         for message in batch {
             match serde_json::from_slice::<RecordedEvent>(&message.payload) {
+                // A stream being filled again from the log may still hand
+                // out events from before the start position found.
+                Ok(event) if event.seq <= taken_in => {
+                    let _ = message.ack().await;
+                }
                 Ok(event) => {
                     events.push(event);
                     readable.push(message);
@@ -117,8 +166,15 @@ async fn pull_until_broken(
                 }
             }
         }
-        match deliveries.intake(&[channel], &events).await {
-            Ok(_) => {
+        let recorded = async {
+            deliveries.intake(&[channel], &events).await?;
+            match events.iter().map(|e| e.seq).max() {
+                Some(last) => deliveries.store.note_intake(channel, last).await,
+                None => Ok(()),
+            }
+        };
+        match recorded.await {
+            Ok(()) => {
                 for message in readable {
                     // A lost ack only means the event comes back, and is
                     // recorded as nothing new.

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{
     Backlog, Channel, Claimed, DeliveryFilter, DeliveryStore, DeliveryView, EmailSettings,
-    Endpoint, Finish, Planned, StoreResult,
+    Endpoint, Finish, Planned, Retry, StoreResult, Take,
 };
 
 struct Row {
@@ -29,9 +29,39 @@ struct Row {
 struct State {
     settings: HashMap<String, EmailSettings>,
     endpoints: Vec<Endpoint>,
-    /// In the order recorded: a row's place is its `n`.
-    rows: Vec<Row>,
+    /// In the order recorded: a row's place is its `n`, which never changes
+    /// (a deleted or purged row leaves its place empty).
+    rows: Vec<Option<Row>>,
     ids: HashMap<Uuid, usize>,
+    marks: HashMap<Channel, u64>,
+}
+
+impl State {
+    fn live(&self) -> impl DoubleEndedIterator<Item = (usize, &Row)> {
+        self.rows
+            .iter()
+            .enumerate()
+            .filter_map(|(n, row)| Some((n, row.as_ref()?)))
+    }
+
+    fn row_mut(&mut self, id: Uuid) -> Option<&mut Row> {
+        let n = *self.ids.get(&id)?;
+        self.rows[n].as_mut()
+    }
+
+    /// Empties the places of the rows `gone` picks.
+    fn remove(&mut self, gone: impl Fn(&Row) -> bool) -> usize {
+        let mut removed = 0;
+        for slot in &mut self.rows {
+            if slot.as_ref().is_some_and(&gone) {
+                if let Some(row) = slot.take() {
+                    self.ids.remove(&row.planned.id);
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
 }
 
 #[derive(Default)]
@@ -83,12 +113,7 @@ impl DeliveryStore for MemoryDeliveries {
         state.endpoints.retain(|e| e.id != id);
         let deleted = state.endpoints.len() < before;
         // As the foreign key's cascade does: its deliveries go with it.
-        for row in &mut state.rows {
-            if row.planned.endpoint_id == Some(id) && row.status == "pending" {
-                row.status = "failed";
-                row.last_error = Some("the endpoint was deleted".into());
-            }
-        }
+        state.remove(|row| row.planned.endpoint_id == Some(id));
         Ok(deleted)
     }
 
@@ -105,7 +130,7 @@ impl DeliveryStore for MemoryDeliveries {
             }
             let n = state.rows.len();
             state.ids.insert(p.id, n);
-            state.rows.push(Row {
+            state.rows.push(Some(Row {
                 planned: p.clone(),
                 created_at: now,
                 status: "pending",
@@ -115,37 +140,41 @@ impl DeliveryStore for MemoryDeliveries {
                 next_attempt_at: now,
                 claim: None,
                 delivered_at: None,
-            });
+            }));
             recorded += 1;
         }
         Ok(recorded)
     }
 
-    async fn claim(&self, claim: Uuid, lease: Duration, limit: usize) -> StoreResult<Vec<Claimed>> {
+    async fn claim(&self, take: &Take<'_>) -> StoreResult<Vec<Claimed>> {
         let mut state = self.state();
         let now = Utc::now();
-        let mut due: Vec<usize> = (0..state.rows.len())
-            .filter(|&n| {
-                let row = &state.rows[n];
-                row.status == "pending" && row.next_attempt_at <= now
+        let mut due: Vec<(DateTime<Utc>, usize)> = state
+            .live()
+            .filter(|(_, row)| {
+                row.status == "pending"
+                    && row.planned.channel == take.channel
+                    && row.planned.priority == take.priority
+                    && row.next_attempt_at <= now
+                    && row
+                        .planned
+                        .endpoint_id
+                        .is_none_or(|e| !take.skip_endpoints.contains(&e))
             })
+            .map(|(n, row)| (row.next_attempt_at, n))
             .collect();
-        due.sort_by_key(|&n| {
-            (
-                state.rows[n].planned.priority,
-                state.rows[n].next_attempt_at,
-            )
-        });
-        due.truncate(limit);
+        due.sort();
+        due.truncate(take.limit);
         let mut claimed = Vec::with_capacity(due.len());
-        for n in due {
-            let endpoint = state.rows[n]
-                .planned
-                .endpoint_id
-                .and_then(|id| state.endpoints.iter().find(|e| e.id == id).cloned());
-            let row = &mut state.rows[n];
-            row.claim = Some(claim);
-            row.next_attempt_at = later(now, lease);
+        for (_, n) in due {
+            let endpoint_id = state.rows[n].as_ref().and_then(|r| r.planned.endpoint_id);
+            let endpoint =
+                endpoint_id.and_then(|id| state.endpoints.iter().find(|e| e.id == id).cloned());
+            let Some(row) = state.rows[n].as_mut() else {
+                continue;
+            };
+            row.claim = Some(take.claim);
+            row.next_attempt_at = later(now, take.lease);
             claimed.push(Claimed {
                 id: row.planned.id,
                 channel: row.planned.channel,
@@ -154,7 +183,7 @@ impl DeliveryStore for MemoryDeliveries {
                 message_id: row.planned.message_id.clone(),
                 payload: row.planned.payload.clone(),
                 attempts: row.attempts,
-                claim,
+                claim: take.claim,
             });
         }
         Ok(claimed)
@@ -163,29 +192,29 @@ impl DeliveryStore for MemoryDeliveries {
     async fn finish(&self, id: Uuid, claim: Uuid, finish: &Finish) -> StoreResult<bool> {
         let mut state = self.state();
         let now = Utc::now();
-        let Some(&n) = state.ids.get(&id) else {
-            return Ok(false);
-        };
-        let row = &mut state.rows[n];
-        if row.claim != Some(claim) || row.status != "pending" {
-            return Ok(false);
+        let mut recorded = false;
+        if let Some(row) = state.row_mut(id) {
+            if row.claim == Some(claim) && row.status == "pending" {
+                row.status = finish.status;
+                row.attempts += 1;
+                row.last_status_code = finish.status_code;
+                row.last_error = finish.error.clone();
+                row.claim = None;
+                if let Some(wait) = finish.retry_in {
+                    row.next_attempt_at = later(now, wait);
+                }
+                if finish.status == "delivered" {
+                    row.delivered_at = Some(now);
+                }
+                recorded = true;
+            }
         }
-        row.status = finish.status;
-        row.attempts += 1;
-        row.last_status_code = finish.status_code;
-        row.last_error = finish.error.clone();
-        row.claim = None;
-        if let Some(wait) = finish.retry_in {
-            row.next_attempt_at = later(now, wait);
-        }
-        if finish.status == "delivered" {
-            row.delivered_at = Some(now);
-        }
+        // The receiver's 410 disables its endpoint, recorded or not.
         if let Some(endpoint) = finish.disable {
             if let Some(e) = state.endpoints.iter_mut().find(|e| e.id == endpoint) {
                 e.status = "disabled".into();
             }
-            for row in &mut state.rows {
+            for row in state.rows.iter_mut().flatten() {
                 if row.planned.endpoint_id == Some(endpoint) && row.status == "pending" {
                     row.status = "failed";
                     row.last_error = Some("the endpoint is disabled (410 Gone)".into());
@@ -193,7 +222,7 @@ impl DeliveryStore for MemoryDeliveries {
                 }
             }
         }
-        Ok(true)
+        Ok(recorded)
     }
 
     async fn deliveries(
@@ -203,17 +232,15 @@ impl DeliveryStore for MemoryDeliveries {
         before: Option<i64>,
     ) -> StoreResult<Vec<DeliveryView>> {
         let state = self.state();
-        let end = before.map_or(state.rows.len(), |b| {
-            usize::try_from(b).unwrap_or_default().min(state.rows.len())
-        });
-        Ok(state.rows[..end]
-            .iter()
-            .enumerate()
+        let end = before.map_or(i64::MAX, |b| b);
+        Ok(state
+            .live()
             .rev()
-            .filter(|(_, row)| {
-                filter
-                    .endpoint
-                    .is_none_or(|e| row.planned.endpoint_id == Some(e))
+            .filter(|(n, row)| {
+                i64::try_from(*n).unwrap_or(i64::MAX) < end
+                    && filter
+                        .endpoint
+                        .is_none_or(|e| row.planned.endpoint_id == Some(e))
                     && filter.channel.is_none_or(|c| row.planned.channel == c)
                     && filter.status.as_deref().is_none_or(|s| row.status == s)
             })
@@ -234,27 +261,48 @@ impl DeliveryStore for MemoryDeliveries {
             .collect())
     }
 
-    async fn retry(&self, id: Uuid) -> StoreResult<Option<bool>> {
+    async fn retry(&self, id: Uuid) -> StoreResult<Retry> {
         let mut state = self.state();
         let Some(&n) = state.ids.get(&id) else {
-            return Ok(None);
+            return Ok(Retry::NoSuchDelivery);
         };
-        let row = &mut state.rows[n];
+        let Some(endpoint_id) = state.rows[n].as_ref().map(|r| r.planned.endpoint_id) else {
+            return Ok(Retry::NoSuchDelivery);
+        };
+        let disabled =
+            endpoint_id.is_some_and(|id| state.endpoints.iter().any(|e| e.id == id && !e.active()));
+        let Some(row) = state.rows[n].as_mut() else {
+            return Ok(Retry::NoSuchDelivery);
+        };
         if row.status != "failed" {
-            return Ok(Some(false));
+            return Ok(Retry::NotFailed);
+        }
+        if disabled {
+            return Ok(Retry::EndpointDisabled);
         }
         row.status = "pending";
         row.attempts = 0;
         row.next_attempt_at = Utc::now();
         row.claim = None;
-        Ok(Some(true))
+        Ok(Retry::Retried)
+    }
+
+    async fn intake_mark(&self, channel: Channel) -> StoreResult<Option<u64>> {
+        Ok(self.state().marks.get(&channel).copied())
+    }
+
+    async fn note_intake(&self, channel: Channel, seq: u64) -> StoreResult<()> {
+        let mut state = self.state();
+        let mark = state.marks.entry(channel).or_default();
+        *mark = (*mark).max(seq);
+        Ok(())
     }
 
     async fn backlog(&self) -> StoreResult<HashMap<Channel, Backlog>> {
         let state = self.state();
         let now = Utc::now();
         let mut backlog: HashMap<Channel, Backlog> = HashMap::new();
-        for row in state.rows.iter().filter(|r| r.status == "pending") {
+        for (_, row) in state.live().filter(|(_, r)| r.status == "pending") {
             let figures = backlog.entry(row.planned.channel).or_default();
             figures.pending += 1;
             let age = (now - row.created_at).num_milliseconds() as f64 / 1000.0;
@@ -264,19 +312,9 @@ impl DeliveryStore for MemoryDeliveries {
     }
 
     async fn purge(&self, before: DateTime<Utc>) -> StoreResult<u64> {
-        let mut state = self.state();
-        let old = |row: &Row| row.status != "pending" && row.created_at < before;
-        let purged = state.rows.iter().filter(|row| old(row)).count();
-        if purged > 0 {
-            state.rows.retain(|row| !old(row));
-            let ids = state
-                .rows
-                .iter()
-                .enumerate()
-                .map(|(n, row)| (row.planned.id, n))
-                .collect();
-            state.ids = ids;
-        }
+        let purged = self
+            .state()
+            .remove(|row| row.status != "pending" && row.created_at < before);
         Ok(purged as u64)
     }
 }

@@ -40,6 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::FutureExt;
 use podium_domain::log::RecordedEvent;
 use serde::Serialize;
 use tokio::sync::{Notify, Semaphore};
@@ -70,6 +71,10 @@ impl Channel {
 
     pub fn parse(raw: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|c| c.as_str() == raw)
+    }
+
+    fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -124,6 +129,11 @@ pub struct Endpoint {
 impl Endpoint {
     pub fn active(&self) -> bool {
         self.status == "active"
+    }
+
+    /// Whether it gets events of type `kind` (an empty list: every type).
+    pub fn wants(&self, kind: &str) -> bool {
+        self.events.is_empty() || self.events.iter().any(|t| t == kind)
     }
 }
 
@@ -268,6 +278,59 @@ pub struct DeliveryView {
     pub n: i64,
 }
 
+/// Which due deliveries a dispatcher takes.
+#[derive(Debug, Clone)]
+pub struct Take<'a> {
+    pub channel: Channel,
+    /// [`plan::PERSONAL`] or [`plan::BULK`].
+    pub priority: i16,
+    pub claim: Uuid,
+    pub lease: Duration,
+    pub limit: usize,
+    /// Endpoints with as many sends in flight on this instance as they may
+    /// have: none of theirs is taken.
+    pub skip_endpoints: &'a [Uuid],
+}
+
+/// Due deliveries of `channel`, personal first, up to `limit`.
+pub async fn take_due(
+    store: &dyn DeliveryStore,
+    channel: Channel,
+    claim: Uuid,
+    lease: Duration,
+    limit: usize,
+    skip_endpoints: &[Uuid],
+) -> StoreResult<Vec<Claimed>> {
+    let mut taken = Vec::new();
+    for priority in [plan::PERSONAL, plan::BULK] {
+        let left = limit - taken.len();
+        if left == 0 {
+            break;
+        }
+        let take = Take {
+            channel,
+            priority,
+            claim,
+            lease,
+            limit: left,
+            skip_endpoints,
+        };
+        taken.extend(store.claim(&take).await?);
+    }
+    Ok(taken)
+}
+
+/// What asking to send a delivery again did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    Retried,
+    NoSuchDelivery,
+    /// It is pending or delivered.
+    NotFailed,
+    /// Its endpoint answered 410 since.
+    EndpointDisabled,
+}
+
 /// The pending deliveries of a channel.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Backlog {
@@ -292,8 +355,9 @@ pub trait DeliveryStore: Send + Sync {
     async fn delete_endpoint(&self, id: Uuid) -> StoreResult<bool>;
     /// Records what is not recorded yet; returns how many were new.
     async fn record(&self, planned: &[Planned]) -> StoreResult<u64>;
-    /// Takes up to `limit` due deliveries, personal first, for `lease`.
-    async fn claim(&self, claim: Uuid, lease: Duration, limit: usize) -> StoreResult<Vec<Claimed>>;
+    /// Takes up to `take.limit` due deliveries of one channel and priority,
+    /// oldest due first, for `take.lease`.
+    async fn claim(&self, take: &Take<'_>) -> StoreResult<Vec<Claimed>>;
     /// Records how a try of a delivery taken under `claim` ended; nothing if
     /// another instance has taken it since. Returns whether it was recorded.
     async fn finish(&self, id: Uuid, claim: Uuid, finish: &Finish) -> StoreResult<bool>;
@@ -306,9 +370,12 @@ pub trait DeliveryStore: Send + Sync {
         before: Option<i64>,
     ) -> StoreResult<Vec<DeliveryView>>;
     /// Makes a failed delivery pending again, due now, with its tries
-    /// counted afresh. Returns `None` for no such delivery, `Some(false)`
-    /// if it is not failed.
-    async fn retry(&self, id: Uuid) -> StoreResult<Option<bool>>;
+    /// counted afresh, unless it has not failed or its endpoint is disabled.
+    async fn retry(&self, id: Uuid) -> StoreResult<Retry>;
+    /// The highest log seq `channel`'s intake recorded deliveries for.
+    async fn intake_mark(&self, channel: Channel) -> StoreResult<Option<u64>>;
+    /// Raises that mark to `seq`.
+    async fn note_intake(&self, channel: Channel, seq: u64) -> StoreResult<()>;
     /// Pending deliveries by channel.
     async fn backlog(&self) -> StoreResult<HashMap<Channel, Backlog>>;
     /// Forgets delivered and failed deliveries recorded before `before`;
@@ -333,8 +400,9 @@ pub struct Deliveries {
     concurrency: usize,
     lease: Duration,
     poll: Duration,
-    /// Rung when this instance recorded deliveries, or finished a send.
-    wake: Notify,
+    /// Per channel ([`Channel::index`]): rung when this instance recorded
+    /// deliveries of it, or finished a send.
+    wake: [Notify; 2],
     metrics: Metrics,
 }
 
@@ -345,6 +413,14 @@ impl Deliveries {
         metrics: Metrics,
     ) -> anyhow::Result<Arc<Self>> {
         let concurrency = settings.delivery_concurrency.max(1);
+        anyhow::ensure!(
+            settings.delivery_lease_ms >= 2 * settings.webhook_timeout_ms,
+            "PODIUM_DELIVERY_LEASE_MS ({}) must be at least twice PODIUM_WEBHOOK_TIMEOUT_MS ({}): \
+             a send is cut off at half the lease, so that no other instance takes it over while \
+             it runs",
+            settings.delivery_lease_ms,
+            settings.webhook_timeout_ms
+        );
         let email = settings
             .smtp_url
             .as_ref()
@@ -371,17 +447,19 @@ impl Deliveries {
             concurrency,
             lease: Duration::from_millis(settings.delivery_lease_ms.max(1)),
             poll: Duration::from_millis(settings.delivery_poll_ms.max(10)),
-            wake: Notify::new(),
+            wake: [Notify::new(), Notify::new()],
             metrics,
         }))
     }
 
     /// Makes a failed delivery pending again and sends it soon (see
     /// [`DeliveryStore::retry`]).
-    pub async fn retry(&self, id: Uuid) -> StoreResult<Option<bool>> {
+    pub async fn retry(&self, id: Uuid) -> StoreResult<Retry> {
         let retried = self.store.retry(id).await?;
-        if retried == Some(true) {
-            self.wake.notify_one();
+        if retried == Retry::Retried {
+            for wake in &self.wake {
+                wake.notify_one();
+            }
         }
         Ok(retried)
     }
@@ -433,20 +511,59 @@ impl Deliveries {
             return Ok(0);
         }
         let recorded = self.store.record(&planned).await?;
-        self.wake.notify_one();
+        for channel in Channel::ALL {
+            if planned.iter().any(|p| p.channel == channel) {
+                self.wake[channel.index()].notify_one();
+            }
+        }
         Ok(recorded)
     }
 
-    /// Sends due deliveries until `stop`, up to the concurrency at a time;
-    /// each send is spawned on `tasks`.
+    /// Sends due deliveries until `stop`: each channel this instance can
+    /// send on has its own permits (a webhook receiver that stalls cannot
+    /// hold up email), and no endpoint has more than a quarter of them.
+    /// Each send is spawned on `tasks`.
     pub async fn dispatch(self: Arc<Self>, tasks: TaskTracker, stop: CancellationToken) {
+        let channels = Channel::ALL
+            .into_iter()
+            .filter(|c| *c != Channel::Email || self.emails());
+        futures::future::join_all(channels.map(|channel| {
+            self.clone()
+                .dispatch_channel(channel, tasks.clone(), stop.clone())
+        }))
+        .await;
+    }
+
+    async fn dispatch_channel(
+        self: Arc<Self>,
+        channel: Channel,
+        tasks: TaskTracker,
+        stop: CancellationToken,
+    ) {
         let permits = Arc::new(Semaphore::new(self.concurrency));
+        let per_endpoint = (self.concurrency / 4).max(1);
+        let in_flight: Arc<std::sync::Mutex<HashMap<Uuid, usize>>> = Arc::default();
+        let wake = &self.wake[channel.index()];
         let mut failures = 0u32;
         loop {
             let free = permits.available_permits();
             let mut claimed = 0;
             if free > 0 {
-                match self.store.claim(Uuid::new_v4(), self.lease, free).await {
+                let busy: Vec<Uuid> = lock(&in_flight)
+                    .iter()
+                    .filter(|(_, n)| **n >= per_endpoint)
+                    .map(|(e, _)| *e)
+                    .collect();
+                let taken = take_due(
+                    &*self.store,
+                    channel,
+                    Uuid::new_v4(),
+                    self.lease,
+                    free,
+                    &busy,
+                )
+                .await;
+                match taken {
                     Ok(batch) => {
                         failures = 0;
                         claimed = batch.len();
@@ -454,17 +571,30 @@ impl Deliveries {
                             let Ok(permit) = permits.clone().try_acquire_owned() else {
                                 break;
                             };
-                            let this = self.clone();
+                            let endpoint = delivery.endpoint.as_ref().map(|e| e.id);
+                            if let Some(endpoint) = endpoint {
+                                *lock(&in_flight).entry(endpoint).or_default() += 1;
+                            }
+                            let (this, in_flight) = (self.clone(), in_flight.clone());
                             tasks.spawn(async move {
                                 this.send(delivery).await;
+                                if let Some(endpoint) = endpoint {
+                                    let mut in_flight = lock(&in_flight);
+                                    if let Some(n) = in_flight.get_mut(&endpoint) {
+                                        *n -= 1;
+                                        if *n == 0 {
+                                            in_flight.remove(&endpoint);
+                                        }
+                                    }
+                                }
                                 drop(permit);
-                                this.wake.notify_one();
+                                this.wake[channel.index()].notify_one();
                             });
                         }
                     }
                     Err(err) => {
                         failures = failures.saturating_add(1);
-                        tracing::warn!(%err, "cannot take due deliveries; will retry");
+                        tracing::warn!(channel = channel.as_str(), %err, "cannot take due deliveries; will retry");
                     }
                 }
             }
@@ -474,7 +604,7 @@ impl Deliveries {
             }
             let wait = self.poll * failures.clamp(1, 20);
             tokio::select! {
-                () = self.wake.notified() => {}
+                () = wake.notified() => {}
                 () = tokio::time::sleep(wait) => {}
                 () = stop.cancelled() => return,
             }
@@ -485,22 +615,36 @@ impl Deliveries {
     async fn send(&self, delivery: Claimed) {
         let channel = delivery.channel;
         let started = std::time::Instant::now();
-        let (outcome, schedule) = match channel {
+        let (sending, schedule) = match channel {
             Channel::Email => (
-                match &self.senders.email {
-                    Some(mailer) => mailer.send(&delivery).await,
-                    None => Outcome::Temporary {
-                        status_code: None,
-                        error: "PODIUM_SMTP_URL is not set on this instance".into(),
-                    },
-                },
+                async {
+                    match &self.senders.email {
+                        Some(mailer) => mailer.send(&delivery).await,
+                        None => Outcome::Temporary {
+                            status_code: None,
+                            error: "PODIUM_SMTP_URL is not set on this instance".into(),
+                        },
+                    }
+                }
+                .boxed(),
                 &self.email_schedule,
             ),
             Channel::Webhook => (
-                self.senders.webhooks.send(&delivery).await,
+                self.senders.webhooks.send(&delivery).boxed(),
                 &self.webhook_schedule,
             ),
         };
+        // A send never outlives half its lease: past the lease another
+        // instance would send the same message.
+        let outcome = tokio::time::timeout(self.lease / 2, sending)
+            .await
+            .unwrap_or_else(|_| Outcome::Temporary {
+                status_code: None,
+                error: format!(
+                    "the send took longer than {:?} (half the lease)",
+                    self.lease / 2
+                ),
+            });
         self.metrics
             .delivery_seconds
             .with_label_values(&[channel.as_str()])
@@ -579,6 +723,12 @@ impl Probe for BacklogProbe {
                 .set(figures.oldest_secs);
         }
     }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A fresh webhook secret: `whsec_` and 32 random bytes in base64.

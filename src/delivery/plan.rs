@@ -33,6 +33,8 @@ const NAMESPACE: Uuid = Uuid::from_u128(0x6a0e_2f4c_94d1_4c59_8f0b_5d1c_7e3a_0b2
 #[derive(Debug, Clone, PartialEq)]
 pub struct Planned {
     pub id: Uuid,
+    /// The log seq of the event: deliveries are recorded in log order.
+    pub seq: u64,
     pub channel: Channel,
     /// The address, or the endpoint's id.
     pub target: String,
@@ -110,6 +112,7 @@ pub fn email(
     }
     Some(Planned {
         id: delivery_id(Channel::Email, recorded, address),
+        seq: recorded.seq,
         channel: Channel::Email,
         target: address.clone(),
         endpoint_id: None,
@@ -206,11 +209,12 @@ pub fn webhooks(
     });
     endpoints
         .iter()
-        .filter(|e| e.active() && e.events.iter().any(|t| t == kind))
+        .filter(|e| e.active() && e.wants(kind))
         .map(|endpoint| {
             let target = endpoint.id.to_string();
             Planned {
                 id: delivery_id(Channel::Webhook, recorded, &target),
+                seq: recorded.seq,
                 channel: Channel::Webhook,
                 target,
                 endpoint_id: Some(endpoint.id),

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::{
     Backlog, Channel, Claimed, DeliveryFilter, DeliveryStore, DeliveryView, EmailSettings,
-    Endpoint, Finish, Planned, StoreResult,
+    Endpoint, Finish, Planned, Retry, StoreResult, Take,
 };
 
 pub struct PgDeliveries {
@@ -105,7 +105,9 @@ impl DeliveryStore for PgDeliveries {
         let mut messages = Vec::with_capacity(planned.len());
         let mut priorities = Vec::with_capacity(planned.len());
         let mut payloads = Vec::with_capacity(planned.len());
+        let mut seqs = Vec::with_capacity(planned.len());
         for p in planned {
+            seqs.push(i64::try_from(p.seq).unwrap_or(i64::MAX));
             ids.push(p.id);
             channels.push(p.channel.as_str());
             targets.push(p.target.as_str());
@@ -117,16 +119,19 @@ impl DeliveryStore for PgDeliveries {
         }
         // An endpoint deleted since the plan has no deliveries: the join
         // drops its rows instead of failing the batch on the foreign key.
+        // In log order (the delivery logs list newest first by insertion),
+        // which is also one order for every batch: two overlapping batches
+        // wait for each other's keys in the same order, never in a cycle.
         let recorded = sqlx::query(
             "INSERT INTO deliveries
                  (id, channel, target, endpoint_id, event, message_id, priority, payload, next_attempt_at)
              SELECT d.id, d.channel, d.target, d.endpoint_id, d.event, d.message_id, d.priority, d.payload, now()
              FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[],
-                         $7::smallint[], $8::jsonb[])
-                  AS d (id, channel, target, endpoint_id, event, message_id, priority, payload)
+                         $7::smallint[], $8::jsonb[], $9::bigint[])
+                  AS d (id, channel, target, endpoint_id, event, message_id, priority, payload, seq)
              WHERE d.endpoint_id IS NULL
                 OR EXISTS (SELECT 1 FROM webhook_endpoints e WHERE e.id = d.endpoint_id)
-             ORDER BY d.priority
+             ORDER BY d.seq, d.id
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(&ids)
@@ -137,61 +142,92 @@ impl DeliveryStore for PgDeliveries {
         .bind(&messages)
         .bind(&priorities)
         .bind(&payloads)
+        .bind(&seqs)
         .execute(&self.pool)
         .await?;
         Ok(recorded.rows_affected())
     }
 
-    async fn claim(&self, claim: Uuid, lease: Duration, limit: usize) -> StoreResult<Vec<Claimed>> {
-        let rows: Vec<(Uuid, String, String, Option<Uuid>, String, serde_json::Value, i32)> =
-            sqlx::query_as(
-                "WITH due AS (
-                     SELECT id FROM deliveries
-                     WHERE status = 'pending' AND next_attempt_at <= now()
-                     ORDER BY priority, next_attempt_at
-                     LIMIT $3
-                     FOR UPDATE SKIP LOCKED
-                 )
+    async fn claim(&self, take: &Take<'_>) -> StoreResult<Vec<Claimed>> {
+        type Row = (
+            Uuid,
+            String,
+            String,
+            serde_json::Value,
+            i32,
+            Option<Uuid>,
+            Option<String>,
+            Option<Vec<String>>,
+            Option<String>,
+            Option<String>,
+            Option<DateTime<Utc>>,
+        );
+        // One channel and priority: a bounded range of `deliveries_due`.
+        let rows: Vec<Row> = sqlx::query_as(
+            "WITH due AS (
+                 SELECT id FROM deliveries
+                 WHERE status = 'pending' AND channel = $1 AND priority = $2
+                   AND next_attempt_at <= now()
+                   AND (endpoint_id IS NULL OR endpoint_id <> ALL($6))
+                 ORDER BY next_attempt_at
+                 LIMIT $5
+                 FOR UPDATE SKIP LOCKED
+             ),
+             taken AS (
                  UPDATE deliveries d
-                 SET claim = $1, next_attempt_at = now() + make_interval(secs => $2)
+                 SET claim = $3, next_attempt_at = now() + make_interval(secs => $4)
                  FROM due WHERE d.id = due.id
-                 RETURNING d.id, d.channel, d.target, d.endpoint_id, d.message_id, d.payload, d.attempts",
-            )
-            .bind(claim)
-            .bind(seconds(lease))
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
-            .await?;
-        let wanted: Vec<Uuid> = rows.iter().filter_map(|r| r.3).collect();
-        let endpoints: HashMap<Uuid, Endpoint> = if wanted.is_empty() {
-            HashMap::new()
-        } else {
-            let found: Vec<EndpointRow> = sqlx::query_as(
-                "SELECT id, url, events, secret, status, created_at FROM webhook_endpoints
-                 WHERE id = ANY($1)",
-            )
-            .bind(&wanted)
-            .fetch_all(&self.pool)
-            .await?;
-            found
-                .into_iter()
-                .map(|row| (row.0, endpoint(row)))
-                .collect()
-        };
+                 RETURNING d.id, d.target, d.message_id, d.payload, d.attempts, d.endpoint_id
+             )
+             SELECT t.id, t.target, t.message_id, t.payload, t.attempts,
+                    e.id, e.url, e.events, e.secret, e.status, e.created_at
+             FROM taken t LEFT JOIN webhook_endpoints e ON e.id = t.endpoint_id",
+        )
+        .bind(take.channel.as_str())
+        .bind(take.priority)
+        .bind(take.claim)
+        .bind(seconds(take.lease))
+        .bind(i64::try_from(take.limit).unwrap_or(i64::MAX))
+        .bind(take.skip_endpoints)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows
             .into_iter()
-            .filter_map(
-                |(id, channel, target, endpoint_id, message_id, payload, attempts)| {
-                    Some(Claimed {
+            .map(
+                |(
+                    id,
+                    target,
+                    message_id,
+                    payload,
+                    attempts,
+                    e_id,
+                    url,
+                    events,
+                    secret,
+                    status,
+                    created,
+                )| {
+                    let endpoint = match (e_id, url, events, secret, status, created) {
+                        (
+                            Some(id),
+                            Some(url),
+                            Some(events),
+                            Some(secret),
+                            Some(status),
+                            Some(at),
+                        ) => Some(endpoint((id, url, events, secret, status, at))),
+                        _ => None,
+                    };
+                    Claimed {
                         id,
-                        channel: Channel::parse(&channel)?,
+                        channel: take.channel,
                         target,
-                        endpoint: endpoint_id.and_then(|e| endpoints.get(&e).cloned()),
+                        endpoint,
                         message_id,
                         payload,
                         attempts: u32::try_from(attempts).unwrap_or_default(),
-                        claim,
-                    })
+                        claim: take.claim,
+                    }
                 },
             )
             .collect())
@@ -199,6 +235,14 @@ impl DeliveryStore for PgDeliveries {
 
     async fn finish(&self, id: Uuid, claim: Uuid, finish: &Finish) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await?;
+        // The endpoint first, as every 410 of it does: two of them at once
+        // queue here instead of each holding a delivery the other fails.
+        if let Some(endpoint) = finish.disable {
+            sqlx::query("SELECT 1 FROM webhook_endpoints WHERE id = $1 FOR UPDATE")
+                .bind(endpoint)
+                .execute(&mut *tx)
+                .await?;
+        }
         let updated = sqlx::query(
             "UPDATE deliveries
              SET status = $3,
@@ -308,21 +352,52 @@ impl DeliveryStore for PgDeliveries {
             .collect())
     }
 
-    async fn retry(&self, id: Uuid) -> StoreResult<Option<bool>> {
-        let status: Option<String> = sqlx::query_scalar(
-            "WITH old AS (SELECT id, status FROM deliveries WHERE id = $1 FOR UPDATE)
-             UPDATE deliveries d
-             SET status = CASE WHEN old.status = 'failed' THEN 'pending' ELSE d.status END,
-                 attempts = CASE WHEN old.status = 'failed' THEN 0 ELSE d.attempts END,
-                 next_attempt_at = CASE WHEN old.status = 'failed' THEN now() ELSE d.next_attempt_at END,
-                 claim = CASE WHEN old.status = 'failed' THEN NULL ELSE d.claim END
-             FROM old WHERE d.id = old.id
-             RETURNING old.status",
+    async fn retry(&self, id: Uuid) -> StoreResult<Retry> {
+        let found: Option<(String, bool)> = sqlx::query_as(
+            "WITH old AS (
+                 SELECT d.id, d.status, COALESCE(e.status <> 'active', false) AS disabled
+                 FROM deliveries d LEFT JOIN webhook_endpoints e ON e.id = d.endpoint_id
+                 WHERE d.id = $1
+                 FOR UPDATE OF d
+             ),
+             retried AS (
+                 UPDATE deliveries d
+                 SET status = 'pending', attempts = 0, next_attempt_at = now(), claim = NULL
+                 FROM old WHERE d.id = old.id AND old.status = 'failed' AND NOT old.disabled
+                 RETURNING d.id
+             )
+             SELECT status, disabled FROM old",
         )
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(status.map(|s| s == "failed"))
+        Ok(match found {
+            None => Retry::NoSuchDelivery,
+            Some((status, _)) if status != "failed" => Retry::NotFailed,
+            Some((_, true)) => Retry::EndpointDisabled,
+            Some(_) => Retry::Retried,
+        })
+    }
+
+    async fn intake_mark(&self, channel: Channel) -> StoreResult<Option<u64>> {
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT seq FROM delivery_intake WHERE channel = $1")
+                .bind(channel.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(seq.and_then(|s| u64::try_from(s).ok()))
+    }
+
+    async fn note_intake(&self, channel: Channel, seq: u64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO delivery_intake (channel, seq) VALUES ($1, $2)
+             ON CONFLICT (channel) DO UPDATE SET seq = GREATEST(delivery_intake.seq, $2)",
+        )
+        .bind(channel.as_str())
+        .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn backlog(&self) -> StoreResult<HashMap<Channel, Backlog>> {

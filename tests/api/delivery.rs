@@ -25,10 +25,11 @@ use crate::helpers::{
 };
 use crate::nats::{delete_streams, nats_url, unique_prefix};
 
-/// Retries a few times a second: the tests' schedule for email.
-const QUICK_RETRIES: &str = "200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,\
-                             200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,\
-                             200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms";
+/// Retries five times a second for a minute: the tests' schedule for email
+/// (longer than any wait a test makes a delivery go through).
+fn quick_retries() -> podium::config::Schedule {
+    vec!["200ms"; 300].join(",").parse().unwrap()
+}
 
 // ---------------------------------------------------------------- the sink
 
@@ -86,8 +87,11 @@ impl MailSink {
         self.process = Some(Killed(child));
     }
 
-    fn stop(&mut self) {
-        self.process = None;
+    /// Starts or ends an outage: every connection greeted with 421.
+    fn toggle_outage(&self) {
+        let pid = self.process.as_ref().unwrap().0.id().to_string();
+        let sent = Command::new("kill").args(["-USR1", &pid]).status().unwrap();
+        assert!(sent.success());
     }
 
     fn url(&self) -> String {
@@ -335,7 +339,7 @@ async fn app_with_mail(sink: &MailSink, configure: impl FnOnce(&mut Settings)) -
         s.nats.nats_url = Some(nats_url());
         s.nats.nats_prefix = unique_prefix();
         s.delivery.smtp_url = Some(smtp.into());
-        s.delivery.email_retry_schedule = QUICK_RETRIES.parse().unwrap();
+        s.delivery.email_retry_schedule = quick_retries();
         s.delivery.delivery_poll_ms = 100;
         configure(s);
     })
@@ -468,8 +472,8 @@ async fn one_email_per_notification_of_a_chosen_kind_none_otherwise() {
 
 #[tokio::test]
 async fn a_sink_outage_is_retried_until_every_email_arrives_once() {
-    let mut sink = MailSink::start(0);
-    sink.stop();
+    let sink = MailSink::start(0);
+    sink.toggle_outage();
     let app = app_with_mail(&sink, |_| {}).await;
     let users: Vec<String> = (0..20).map(|n| format!("learner{n}")).collect();
     for user in &users {
@@ -498,7 +502,7 @@ async fn a_sink_outage_is_retried_until_every_email_arrives_once() {
         },
     )
     .await;
-    sink.run();
+    sink.toggle_outage();
     let mails = wait_for_mails(&sink, 20, Duration::from_secs(30)).await;
     poll("no delivery pending", Duration::from_secs(10), || async {
         match pending_deliveries(&app.pool).await {
@@ -524,7 +528,11 @@ async fn a_sink_outage_is_retried_until_every_email_arrives_once() {
 #[tokio::test]
 async fn a_permanent_refusal_is_not_retried_and_a_temporary_one_is() {
     let sink = MailSink::start(0);
-    let app = app_with_mail(&sink, |_| {}).await;
+    // The busy address stays pending (an hour's wait after five tries).
+    let app = app_with_mail(&sink, |s| {
+        s.delivery.email_retry_schedule = "200ms,200ms,200ms,200ms,1h".parse().unwrap();
+    })
+    .await;
     set_email(&app, "gone", Some("reject-gone@example.org"), None).await;
     set_email(&app, "busy", Some("busy-busy@example.org"), None).await;
     notify(&app, &["gone", "busy"], "announcement", "Hello").await;
@@ -708,14 +716,14 @@ async fn personal_emails_go_ahead_of_a_large_announcement() {
 
 // ---------------------------------------------------------------- webhooks
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_are_signed_filtered_retried_on_schedule_and_disabled_by_410() {
     let receiver = Receiver::start().await;
     let app = spawn_app_with(|s| {
         s.nats.nats_url = Some(nats_url());
         s.nats.nats_prefix = unique_prefix();
         s.delivery.webhook_retry_schedule = "300ms,600ms".parse().unwrap();
-        s.delivery.webhook_timeout_ms = 500;
+        s.delivery.webhook_timeout_ms = 2_000;
         s.delivery.delivery_poll_ms = 50;
     })
     .await;
@@ -746,7 +754,7 @@ async fn webhooks_are_signed_filtered_retried_on_schedule_and_disabled_by_410() 
         .register(
             &app,
             "slow",
-            Behaviour::Slow(Duration::from_secs(2)),
+            Behaviour::Slow(Duration::from_secs(5)),
             Some(&["test.published"]),
         )
         .await;
@@ -994,8 +1002,9 @@ async fn the_delivery_log_pages_newest_first_and_deleting_an_endpoint_stops_it()
     let endpoint = receiver
         .register(&app, "tests", Behaviour::Ok, Some(&["test.published"]))
         .await;
+    let mut published = Vec::new();
     for _ in 0..5 {
-        app.published_test().await;
+        published.push(app.published_test().await);
     }
     poll("five deliveries", Duration::from_secs(30), || async {
         match receiver.received("tests").len() {
@@ -1026,16 +1035,20 @@ async fn the_delivery_log_pages_newest_first_and_deleting_an_endpoint_stops_it()
         .all(|d| d["status"] == "delivered" && d["attempts"] == 1));
     let ids: HashSet<&str> = seen.iter().map(|d| d["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), 5, "every delivery once");
-    // Newest first: the reverse of the order they were recorded in.
-    let recorded: Vec<String> = sqlx::query_scalar(
-        "SELECT id::text FROM deliveries WHERE endpoint_id = $1::uuid ORDER BY created_at DESC, n DESC",
-    )
-    .bind(&endpoint)
-    .fetch_all(&app.pool)
-    .await
-    .unwrap();
-    let listed: Vec<&str> = seen.iter().map(|d| d["id"].as_str().unwrap()).collect();
-    assert_eq!(listed, recorded);
+    // Newest first: the last test published is the first delivery listed.
+    let mut listed_tests = Vec::new();
+    for delivery in &seen {
+        let test: String = sqlx::query_scalar(
+            "SELECT payload -> 'data' ->> 'id' FROM deliveries WHERE id = $1::uuid",
+        )
+        .bind(delivery["id"].as_str().unwrap())
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        listed_tests.push(test);
+    }
+    published.reverse();
+    assert_eq!(listed_tests, published);
     // A cursor of another endpoint's log is refused.
     let other = receiver.register(&app, "other", Behaviour::Ok, None).await;
     let c = first["next_cursor"].as_str().unwrap();
@@ -1316,6 +1329,7 @@ async fn a_killed_instance_loses_no_email() {
         ("PODIUM_SMTP_URL", smtp),
         ("PODIUM_DELIVERY_CONCURRENCY", concurrency),
         ("PODIUM_DELIVERY_LEASE_MS", "2000".to_string()),
+        ("PODIUM_WEBHOOK_TIMEOUT_MS", "1000".to_string()),
         ("PODIUM_DELIVERY_POLL_MS", "100".to_string()),
         ("PODIUM_LEASE_TTL_MS", "3000".to_string()),
     ];
@@ -1382,12 +1396,16 @@ async fn a_killed_instance_loses_no_email() {
 
 /// The Postgres and the in-memory store follow the same rules: a delivery is
 /// recorded once, taken personal first, its outcome recorded only under the
-/// claim that took it, given back when its lease lapses, and purged once done.
+/// claim that took it, given back when its lease lapses, purged once done;
+/// a 410 disables the endpoint and fails what waits for it; deleting an
+/// endpoint deletes its deliveries; a failed delivery may be sent again.
 #[tokio::test]
 async fn both_stores_keep_the_same_rules() {
     use podium::delivery::memory::MemoryDeliveries;
     use podium::delivery::postgres::PgDeliveries;
-    use podium::delivery::{Channel, DeliveryStore, Finish, Planned};
+    use podium::delivery::{
+        take_due, Channel, DeliveryFilter, DeliveryStore, Endpoint, Finish, Planned, Retry,
+    };
 
     let db = TestDb::new().await;
     sqlx::migrate!("./migrations").run(&db.pool).await.unwrap();
@@ -1400,8 +1418,9 @@ async fn both_stores_keep_the_same_rules() {
         ),
         ("memory", Arc::new(MemoryDeliveries::default())),
     ];
-    let planned = |n: u128, priority: i16| Planned {
+    let email = |n: u128, priority: i16| Planned {
         id: uuid::Uuid::from_u128(n),
+        seq: n as u64,
         channel: Channel::Email,
         target: format!("u{n}@example.org"),
         endpoint_id: None,
@@ -1410,15 +1429,18 @@ async fn both_stores_keep_the_same_rules() {
         priority,
         payload: json!({"n": n}),
     };
-    let delivered = Finish {
-        status: "delivered",
+    let finish = |status: &'static str, code: u16, disable: Option<uuid::Uuid>| Finish {
+        status,
         retry_in: None,
-        status_code: Some(250),
+        status_code: Some(code),
         error: None,
-        disable: None,
+        disable,
     };
+    let delivered = finish("delivered", 250, None);
+    let lease = Duration::from_millis(300);
     for (name, store) in stores {
-        let batch = [planned(1, 1), planned(2, 1), planned(3, 0)];
+        let store = &*store;
+        let batch = [email(1, 1), email(2, 1), email(3, 0)];
         assert_eq!(store.record(&batch).await.unwrap(), 3, "{name}");
         assert_eq!(
             store.record(&batch).await.unwrap(),
@@ -1426,8 +1448,7 @@ async fn both_stores_keep_the_same_rules() {
             "{name}: recorded once"
         );
         let first = uuid::Uuid::new_v4();
-        let taken = store
-            .claim(first, Duration::from_millis(300), 2)
+        let taken = take_due(store, Channel::Email, first, lease, 2, &[])
             .await
             .unwrap();
         assert_eq!(taken.len(), 2, "{name}");
@@ -1436,10 +1457,14 @@ async fn both_stores_keep_the_same_rules() {
             uuid::Uuid::from_u128(3),
             "{name}: personal first"
         );
+        assert!(take_due(store, Channel::Webhook, first, lease, 10, &[])
+            .await
+            .unwrap()
+            .is_empty());
         // Taken deliveries are nobody else's until their lease lapses.
         let other = uuid::Uuid::new_v4();
-        let rest = store
-            .claim(other, Duration::from_secs(60), 10)
+        let long = Duration::from_secs(60);
+        let rest = take_due(store, Channel::Email, other, long, 10, &[])
             .await
             .unwrap();
         assert_eq!(rest.len(), 1, "{name}");
@@ -1454,18 +1479,14 @@ async fn both_stores_keep_the_same_rules() {
         let again = poll(
             "the lapsed delivery taken again",
             Duration::from_secs(10),
-            || {
-                let store = store.clone();
-                async move {
-                    let got = store
-                        .claim(other, Duration::from_secs(60), 10)
-                        .await
-                        .unwrap();
-                    if got.len() == 1 {
-                        Ok(got)
-                    } else {
-                        Err(got.len())
-                    }
+            || async {
+                let got = take_due(store, Channel::Email, other, long, 10, &[])
+                    .await
+                    .unwrap();
+                if got.len() == 1 {
+                    Ok(got)
+                } else {
+                    Err(got.len())
                 }
             },
         )
@@ -1479,12 +1500,202 @@ async fn both_stores_keep_the_same_rules() {
             store.finish(lapsed, other, &delivered).await.unwrap(),
             "{name}"
         );
+        // A permanent failure may be sent again, once it has failed.
+        let refused = rest[0].id;
+        assert_eq!(
+            store.retry(refused).await.unwrap(),
+            Retry::NotFailed,
+            "{name}"
+        );
+        assert!(store
+            .finish(refused, other, &finish("failed", 550, None))
+            .await
+            .unwrap());
+        assert_eq!(
+            store.retry(refused).await.unwrap(),
+            Retry::Retried,
+            "{name}"
+        );
+        assert_eq!(
+            store.retry(uuid::Uuid::new_v4()).await.unwrap(),
+            Retry::NoSuchDelivery,
+            "{name}"
+        );
         let backlog = store.backlog().await.unwrap();
         assert_eq!(backlog[&Channel::Email].pending, 1, "{name}");
         // Done ones are purged; the pending one stays.
         let future = chrono::Utc::now() + chrono::Duration::seconds(5);
         assert_eq!(store.purge(future).await.unwrap(), 2, "{name}");
-        let backlog = store.backlog().await.unwrap();
-        assert_eq!(backlog[&Channel::Email].pending, 1, "{name}");
+        let left = store
+            .deliveries(&DeliveryFilter::default(), 10, None)
+            .await
+            .unwrap();
+        assert_eq!(left.len(), 1, "{name}");
+        assert_eq!(left[0].id, refused, "{name}");
+
+        // Webhooks: a 410 disables the endpoint and fails what waits for it.
+        let endpoint = Endpoint {
+            id: uuid::Uuid::new_v4(),
+            url: "http://127.0.0.1:9/hook".into(),
+            events: Vec::new(),
+            secret: podium::delivery::new_secret(),
+            status: "active".into(),
+            created_at: chrono::Utc::now(),
+        };
+        store.create_endpoint(&endpoint).await.unwrap();
+        let hook = |n: u128| Planned {
+            channel: Channel::Webhook,
+            target: endpoint.id.to_string(),
+            endpoint_id: Some(endpoint.id),
+            ..email(n, 0)
+        };
+        store.record(&[hook(10), hook(11), hook(12)]).await.unwrap();
+        let claim = uuid::Uuid::new_v4();
+        // At its limit, the endpoint's deliveries are left alone.
+        let skipped = take_due(store, Channel::Webhook, claim, long, 10, &[endpoint.id])
+            .await
+            .unwrap();
+        assert!(skipped.is_empty(), "{name}");
+        let hooks = take_due(store, Channel::Webhook, claim, long, 1, &[])
+            .await
+            .unwrap();
+        assert_eq!(
+            hooks[0].endpoint.as_ref().map(|e| e.id),
+            Some(endpoint.id),
+            "{name}"
+        );
+        let gone = finish("failed", 410, Some(endpoint.id));
+        assert!(
+            store.finish(hooks[0].id, claim, &gone).await.unwrap(),
+            "{name}"
+        );
+        let endpoints = store.endpoints().await.unwrap();
+        assert!(!endpoints[0].active(), "{name}: disabled");
+        let filter = DeliveryFilter {
+            endpoint: Some(endpoint.id),
+            ..DeliveryFilter::default()
+        };
+        let log = store.deliveries(&filter, 10, None).await.unwrap();
+        assert_eq!(log.len(), 3, "{name}");
+        assert!(log.iter().all(|d| d.status == "failed"), "{name}: {log:?}");
+        assert_eq!(
+            store.retry(hooks[0].id).await.unwrap(),
+            Retry::EndpointDisabled,
+            "{name}"
+        );
+        // Deleting the endpoint deletes its deliveries.
+        assert!(store.delete_endpoint(endpoint.id).await.unwrap());
+        assert!(
+            store
+                .deliveries(&filter, 10, None)
+                .await
+                .unwrap()
+                .is_empty(),
+            "{name}"
+        );
+        assert_eq!(
+            store.retry(hooks[0].id).await.unwrap(),
+            Retry::NoSuchDelivery,
+            "{name}"
+        );
+        // The intake's mark only rises.
+        assert_eq!(
+            store.intake_mark(Channel::Email).await.unwrap(),
+            None,
+            "{name}"
+        );
+        store.note_intake(Channel::Email, 7).await.unwrap();
+        store.note_intake(Channel::Email, 5).await.unwrap();
+        assert_eq!(
+            store.intake_mark(Channel::Email).await.unwrap(),
+            Some(7),
+            "{name}"
+        );
     }
+}
+
+/// The events stream deleted (by hand, or by its limits) and made again by
+/// the relay, which fills it from the log: delivery goes on after the last
+/// event it took in and sends nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_events_stream_sends_nothing_twice() {
+    let receiver = Receiver::start().await;
+    let prefix = unique_prefix();
+    let stream_prefix = prefix.clone();
+    let app = spawn_app_with(move |s| {
+        s.nats.nats_url = Some(nats_url());
+        s.nats.nats_prefix = prefix;
+        s.delivery.delivery_poll_ms = 50;
+    })
+    .await;
+    receiver
+        .register(&app, "tests", Behaviour::Ok, Some(&["test.published"]))
+        .await;
+    let mut published = Vec::new();
+    for _ in 0..3 {
+        published.push(app.published_test().await);
+    }
+    poll("three tests delivered", Duration::from_secs(30), || async {
+        match receiver.received("tests").len() {
+            3 => Ok(()),
+            n => Err(n),
+        }
+    })
+    .await;
+    // Deliveries done and purged, as after their retention: only the
+    // intake's mark remembers them.
+    sqlx::query("DELETE FROM deliveries")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let bus = podium_nats::EventBus::connect(&nats_url(), &stream_prefix)
+        .await
+        .unwrap();
+    bus.jetstream()
+        .delete_stream(bus.subjects().events_stream())
+        .await
+        .unwrap();
+    // The next event makes the relay notice, make the stream again and fill
+    // it from the log.
+    published.push(app.published_test().await);
+    let last = published.last().unwrap().clone();
+    poll(
+        "the fourth test delivered",
+        Duration::from_secs(60),
+        || async {
+            let got = receiver.received("tests");
+            if got.iter().any(|r| r.body["data"]["id"] == last.as_str()) {
+                Ok(())
+            } else {
+                Err(got.len())
+            }
+        },
+    )
+    .await;
+    // One more, so anything sent twice has had the time to arrive.
+    published.push(app.published_test().await);
+    let fifth = published.last().unwrap().clone();
+    poll(
+        "the fifth test delivered",
+        Duration::from_secs(30),
+        || async {
+            let got = receiver.received("tests");
+            if got.iter().any(|r| r.body["data"]["id"] == fifth.as_str()) {
+                Ok(())
+            } else {
+                Err(got.len())
+            }
+        },
+    )
+    .await;
+    let got: Vec<String> = receiver
+        .received("tests")
+        .iter()
+        .map(|r| r.body["data"]["id"].as_str().unwrap().to_string())
+        .collect();
+    let mut sorted = got.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(got.len(), 5, "each test once: {got:?}");
+    assert_eq!(sorted.len(), 5);
 }

@@ -14,7 +14,8 @@ use uuid::Uuid;
 
 use crate::auth::Principal;
 use crate::delivery::{
-    Channel, DeliveryFilter, DeliveryView, EmailSettings, Endpoint, EMAIL_KINDS, WEBHOOK_EVENTS,
+    Channel, DeliveryFilter, DeliveryView, EmailSettings, Endpoint, Retry, EMAIL_KINDS,
+    WEBHOOK_EVENTS,
 };
 use crate::http::error::ApiError;
 use crate::http::extract::{Admin, ApiJson, ApiPath, ApiQuery};
@@ -159,7 +160,8 @@ impl EndpointBody {
             Err(err) => errors.add("url", format!("is not a URL: {err}")),
         }
         let events = match self.events {
-            None => WEBHOOK_EVENTS.map(String::from).to_vec(),
+            // Every type, including those added later.
+            None => Vec::new(),
             Some(events) if events.is_empty() => {
                 errors.add(
                     "events",
@@ -226,8 +228,8 @@ async fn create_endpoint(
     let location = format!("/v1/webhooks/{}", endpoint.id);
     let created = CreatedEndpoint {
         id: endpoint.id,
+        events: shown(&endpoint),
         url: endpoint.url,
-        events: endpoint.events,
         secret: endpoint.secret,
     };
     Ok((
@@ -270,8 +272,8 @@ async fn endpoints(State(state): State<AppState>, _: Admin) -> Result<Json<Endpo
         .into_iter()
         .map(|e| EndpointView {
             id: e.id,
+            events: shown(&e),
             url: e.url,
-            events: e.events,
             status: e.status,
             created_at: e.created_at,
         })
@@ -301,6 +303,15 @@ async fn delete_endpoint(
     } else {
         Err(no_endpoint(id))
     }
+}
+
+/// The event types an endpoint gets, as its answers list them.
+fn shown(endpoint: &Endpoint) -> Vec<String> {
+    WEBHOOK_EVENTS
+        .into_iter()
+        .filter(|kind| endpoint.wants(kind))
+        .map(String::from)
+        .collect()
 }
 
 fn no_endpoint(id: Uuid) -> ApiError {
@@ -503,7 +514,7 @@ async fn all_deliveries(
         (status = 401, description = "No valid token"),
         (status = 403, description = "Not an admin"),
         (status = 404, description = "No such delivery"),
-        (status = 409, description = "It has not failed (pending or delivered)"),
+        (status = 409, description = "It has not failed (pending or delivered), or its endpoint is disabled"),
     ))]
 async fn retry_delivery(
     State(state): State<AppState>,
@@ -511,11 +522,15 @@ async fn retry_delivery(
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
     match state.deliveries.retry(id).await? {
-        Some(true) => Ok(StatusCode::ACCEPTED),
-        Some(false) => Err(ApiError::conflict(
+        Retry::Retried => Ok(StatusCode::ACCEPTED),
+        Retry::NotFailed => Err(ApiError::conflict(
             "delivery-not-failed",
             "only a failed delivery can be retried; this one is pending or delivered",
         )),
-        None => Err(ApiError::NotFound(format!("no delivery {id}"))),
+        Retry::EndpointDisabled => Err(ApiError::conflict(
+            "endpoint-disabled",
+            "its endpoint answered 410 and is disabled; register the receiver again",
+        )),
+        Retry::NoSuchDelivery => Err(ApiError::NotFound(format!("no delivery {id}"))),
     }
 }
