@@ -19,7 +19,7 @@ use podium_projections::{BoxError, Checkpointed, ProjectionLogic};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::helpers::TestDb;
+use crate::helpers::{poll, TestDb};
 use crate::nats::{wait_until, PrivateNats, TestBus};
 
 /// A projection that records every event it applies, in the order applied,
@@ -127,7 +127,27 @@ async fn append(aggregates: &Aggregates, writer: usize, count: usize, users: usi
 }
 
 /// Every event of the log, read from Postgres from the start: what a replay sees.
-async fn replay_order(pool: &PgPool) -> Vec<(u64, String)> {
+/// The whole log in replay order, once `n` events are readable. The log is
+/// read below the oldest transaction still open in the cluster (any
+/// database's: other tests' too), so a moment may pass before the last
+/// events committed here can be read.
+async fn replay_order(pool: &PgPool, n: usize) -> Vec<(u64, String)> {
+    poll(
+        &format!("{n} events readable in replay order"),
+        Duration::from_secs(30),
+        || async {
+            let all = read_log(pool).await;
+            if all.len() >= n {
+                Ok(all)
+            } else {
+                Err(all.len())
+            }
+        },
+    )
+    .await
+}
+
+async fn read_log(pool: &PgPool) -> Vec<(u64, String)> {
     let mut conn = pool.acquire().await.unwrap();
     let mut cursor = LogCursor::start();
     let mut all = Vec::new();
@@ -220,7 +240,7 @@ async fn sixteen_writers_twenty_thousand_events_each_consumed_once_in_replay_ord
     assert!(!worker_task.is_finished());
 
     let recorded = recorded(&db.pool).await;
-    let replay = replay_order(&db.pool).await;
+    let replay = replay_order(&db.pool, 20_000).await;
     assert_eq!(recorded.len(), 20_000);
     let recorded: Vec<(u64, String)> = recorded.into_iter().map(|(s, i)| (s as u64, i)).collect();
     // Applied in seq order 1..=20000, and the same order a replay reads.
@@ -402,7 +422,7 @@ async fn run_until_halted_or(
     let stop = CancellationToken::new();
     let task = tokio::spawn(worker.run(stop.clone()));
     let what = "the worker to halt or finish";
-    crate::helpers::poll(what, Duration::from_secs(60), || async {
+    poll(what, Duration::from_secs(60), || async {
         let checkpoint = stats.checkpoint.load(Ordering::Relaxed);
         if task.is_finished() || done(checkpoint) {
             Ok(())
@@ -513,7 +533,7 @@ async fn a_restore_into_another_cluster_starts_a_new_epoch_that_sorts_last() {
         .await
         .unwrap();
     assert_eq!(epochs, [1, 1, 1, 2, 2, 2]);
-    let replay = replay_order(&db.pool).await;
+    let replay = replay_order(&db.pool, 6).await;
     assert_eq!(replay.len(), 6);
 }
 
