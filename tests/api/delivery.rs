@@ -324,6 +324,45 @@ impl Receiver {
             .collect()
     }
 
+    /// Registers `/tests` for `test.published`, publishes `n` tests and
+    /// waits until each was delivered; returns the endpoint and the tests.
+    async fn tests_delivered(&self, app: &TestApp, n: usize) -> (String, Vec<String>) {
+        let endpoint = self
+            .register(app, "tests", Behaviour::Ok, Some(&["test.published"]))
+            .await;
+        let mut published = Vec::new();
+        for _ in 0..n {
+            published.push(app.published_test().await);
+        }
+        self.wait_for_count("tests", n, Duration::from_secs(30))
+            .await;
+        (endpoint, published)
+    }
+
+    /// Waits until `path` got exactly `n` requests.
+    async fn wait_for_count(&self, path: &str, n: usize, timeout: Duration) {
+        poll(&format!("{n} requests at {path}"), timeout, || async {
+            match self.received(path).len() {
+                got if got == n => Ok(()),
+                got => Err(got),
+            }
+        })
+        .await;
+    }
+
+    /// Waits until `path` got the `test.published` of `test_id`.
+    async fn wait_for_test(&self, path: &str, test_id: &str, timeout: Duration) {
+        poll(&format!("test {test_id} at {path}"), timeout, || async {
+            let got = self.received(path);
+            if got.iter().any(|r| r.body["data"]["id"] == test_id) {
+                Ok(())
+            } else {
+                Err(got.len())
+            }
+        })
+        .await;
+    }
+
     fn forged(&self) -> usize {
         self.state.lock().unwrap().forged
     }
@@ -391,6 +430,51 @@ async fn pending_deliveries(pool: &sqlx::PgPool) -> i64 {
         .unwrap()
 }
 
+/// Gives users `{prefix}1` to `{prefix}{n}` the address
+/// `{user}@example.org` for announcements.
+async fn addresses(pool: &sqlx::PgPool, prefix: &str, n: usize) {
+    sqlx::query(
+        "INSERT INTO delivery_settings (user_id, email, email_kinds)
+         SELECT $1 || g, $1 || g || '@example.org', ARRAY['announcement']
+         FROM generate_series(1, $2) g",
+    )
+    .bind(prefix)
+    .bind(n as i32)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Waits until no delivery is pending.
+async fn no_delivery_pending(pool: &sqlx::PgPool, timeout: Duration) {
+    poll("no delivery pending", timeout, || async {
+        match pending_deliveries(pool).await {
+            0 => Ok(()),
+            n => Err(n),
+        }
+    })
+    .await;
+}
+
+/// Waits until the newest delivery of `endpoint`'s log is `status`; returns
+/// the log's first page.
+async fn newest_delivery(app: &TestApp, endpoint: &str, status: &str, timeout: Duration) -> Value {
+    let path = format!("/v1/webhooks/{endpoint}/deliveries");
+    poll(
+        &format!("the newest delivery {status}"),
+        timeout,
+        || async {
+            let log: Value = app.get(&path, &app.admin()).await.json().await.unwrap();
+            if log["items"][0]["status"] == status {
+                Ok(log)
+            } else {
+                Err(log)
+            }
+        },
+    )
+    .await
+}
+
 // ------------------------------------------------------------------- email
 
 #[tokio::test]
@@ -421,13 +505,7 @@ async fn one_email_per_notification_of_a_chosen_kind_none_otherwise() {
     notify(&app, &["alice"], "personal_best", "A new best").await;
 
     let mails = wait_for_mails(&sink, 3, Duration::from_secs(30)).await;
-    poll("no delivery pending", Duration::from_secs(10), || async {
-        match pending_deliveries(&app.pool).await {
-            0 => Ok(()),
-            n => Err(n),
-        }
-    })
-    .await;
+    no_delivery_pending(&app.pool, Duration::from_secs(10)).await;
     assert_eq!(mails.len(), 3);
     let mails = sink.mails();
     let mut got: Vec<(String, String)> = mails
@@ -504,13 +582,7 @@ async fn a_sink_outage_is_retried_until_every_email_arrives_once() {
     .await;
     sink.toggle_outage();
     let mails = wait_for_mails(&sink, 20, Duration::from_secs(30)).await;
-    poll("no delivery pending", Duration::from_secs(10), || async {
-        match pending_deliveries(&app.pool).await {
-            0 => Ok(()),
-            n => Err(n),
-        }
-    })
-    .await;
+    no_delivery_pending(&app.pool, Duration::from_secs(10)).await;
     assert_eq!(mails.len(), 20);
     let mails = sink.mails();
     assert_eq!(mails.len(), 20, "{:?}", message_ids(&mails));
@@ -674,15 +746,7 @@ async fn personal_emails_go_ahead_of_a_large_announcement() {
     let sink = MailSink::start(10);
     let app = app_with_mail(&sink, |s| s.delivery.delivery_concurrency = 4).await;
     const CROWD: usize = 2_000;
-    sqlx::query(
-        "INSERT INTO delivery_settings (user_id, email, email_kinds)
-         SELECT 'crowd' || n, 'crowd' || n || '@example.org', ARRAY['announcement']
-         FROM generate_series(1, $1) n",
-    )
-    .bind(CROWD as i32)
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    addresses(&app.pool, "crowd", CROWD).await;
     set_email(&app, "vip", Some("vip@example.org"), None).await;
     let crowd: Vec<String> = (1..=CROWD).map(|n| format!("crowd{n}")).collect();
     for chunk in crowd.chunks(1_000) {
@@ -822,17 +886,9 @@ async fn webhooks_are_signed_filtered_retried_on_schedule_and_disabled_by_410() 
     assert_eq!(receiver.forged(), 0);
 
     // Filters: only test.published reaches "tests".
-    poll(
-        "the test at the filtered endpoint",
-        Duration::from_secs(10),
-        || async {
-            match receiver.received("tests").len() {
-                1 => Ok(()),
-                n => Err(n),
-            }
-        },
-    )
-    .await;
+    receiver
+        .wait_for_count("tests", 1, Duration::from_secs(10))
+        .await;
     // The failing endpoint: tried at once, then after 300 ms and 600 ms, then failed.
     let tries = poll(
         "three tries of the failing endpoint",
@@ -853,24 +909,7 @@ async fn webhooks_are_signed_filtered_retried_on_schedule_and_disabled_by_410() 
     );
     assert!(tries[1].at - tries[0].at >= Duration::from_millis(300));
     assert!(tries[2].at - tries[1].at >= Duration::from_millis(600));
-    let log = poll(
-        "the failing delivery failed",
-        Duration::from_secs(10),
-        || async {
-            let log: Value = app
-                .get(&format!("/v1/webhooks/{failing}/deliveries"), &app.admin())
-                .await
-                .json()
-                .await
-                .unwrap();
-            if log["items"][0]["status"] == "failed" {
-                Ok(log)
-            } else {
-                Err(log)
-            }
-        },
-    )
-    .await;
+    let log = newest_delivery(&app, &failing, "failed", Duration::from_secs(10)).await;
     let item = &log["items"][0];
     assert_eq!(item["attempts"], 3);
     assert_eq!(item["last_status_code"], 500);
@@ -883,24 +922,7 @@ async fn webhooks_are_signed_filtered_retried_on_schedule_and_disabled_by_410() 
     );
 
     // Flaky: the retry delivers.
-    let flaky_log: Value = poll(
-        "the flaky endpoint delivered",
-        Duration::from_secs(10),
-        || async {
-            let log: Value = app
-                .get(&format!("/v1/webhooks/{flaky}/deliveries"), &app.admin())
-                .await
-                .json()
-                .await
-                .unwrap();
-            if log["items"][0]["status"] == "delivered" {
-                Ok(log)
-            } else {
-                Err(log)
-            }
-        },
-    )
-    .await;
+    let flaky_log = newest_delivery(&app, &flaky, "delivered", Duration::from_secs(10)).await;
     assert_eq!(flaky_log["items"][0]["attempts"], 2);
     assert!(flaky_log["items"][0]["delivered_at"].is_string());
 
@@ -957,19 +979,9 @@ async fn webhooks_are_signed_filtered_retried_on_schedule_and_disabled_by_410() 
     let gone_tries = receiver.received("gone").len();
     assert!(gone_tries <= 2, "{gone_tries} requests to a 410 endpoint");
     let second = app.published_test().await;
-    poll(
-        "the next test at the catch-all endpoint",
-        Duration::from_secs(20),
-        || async {
-            let got = receiver.received("all");
-            if got.iter().any(|r| r.body["data"]["id"] == second.as_str()) {
-                Ok(())
-            } else {
-                Err(got.len())
-            }
-        },
-    )
-    .await;
+    receiver
+        .wait_for_test("all", &second, Duration::from_secs(20))
+        .await;
     assert_eq!(
         receiver.received("gone").len(),
         gone_tries,
@@ -999,20 +1011,7 @@ async fn the_delivery_log_pages_newest_first_and_deleting_an_endpoint_stops_it()
         s.nats.nats_prefix = unique_prefix();
     })
     .await;
-    let endpoint = receiver
-        .register(&app, "tests", Behaviour::Ok, Some(&["test.published"]))
-        .await;
-    let mut published = Vec::new();
-    for _ in 0..5 {
-        published.push(app.published_test().await);
-    }
-    poll("five deliveries", Duration::from_secs(30), || async {
-        match receiver.received("tests").len() {
-            5 => Ok(()),
-            n => Err(n),
-        }
-    })
-    .await;
+    let (endpoint, mut published) = receiver.tests_delivered(&app, 5).await;
     let path = format!("/v1/webhooks/{endpoint}/deliveries");
     let first = app.get(&format!("{path}?limit=2"), &app.admin()).await;
     assert!(first.headers().get("link").is_some());
@@ -1062,41 +1061,23 @@ async fn the_delivery_log_pages_newest_first_and_deleting_an_endpoint_stops_it()
     )
     .await;
 
-    let deleted = app
-        .request(
+    let delete = || async {
+        app.request(
             Method::DELETE,
             &format!("/v1/webhooks/{endpoint}"),
             Some(&app.admin()),
         )
         .send()
         .await
-        .unwrap();
-    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+        .unwrap()
+    };
+    assert_eq!(delete().await.status(), StatusCode::NO_CONTENT);
     assert_problem(app.get(&path, &app.admin()).await, StatusCode::NOT_FOUND).await;
-    let again = app
-        .request(
-            Method::DELETE,
-            &format!("/v1/webhooks/{endpoint}"),
-            Some(&app.admin()),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_problem(again, StatusCode::NOT_FOUND).await;
+    assert_problem(delete().await, StatusCode::NOT_FOUND).await;
     let last = app.published_test().await;
-    poll(
-        "the next test at the other endpoint",
-        Duration::from_secs(20),
-        || async {
-            let got = receiver.received("other");
-            if got.iter().any(|r| r.body["data"]["id"] == last.as_str()) {
-                Ok(())
-            } else {
-                Err(got.len())
-            }
-        },
-    )
-    .await;
+    receiver
+        .wait_for_test("other", &last, Duration::from_secs(20))
+        .await;
     assert_eq!(
         receiver.received("tests").len(),
         5,
@@ -1336,15 +1317,7 @@ async fn a_killed_instance_loses_no_email() {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (mut first, first_address) = podium_process(&db.url(), &env);
     let (_second, _) = podium_process(&db.url(), &env);
-    sqlx::query(
-        "INSERT INTO delivery_settings (user_id, email, email_kinds)
-         SELECT 'u' || n, 'u' || n || '@example.org', ARRAY['announcement']
-         FROM generate_series(1, $1) n",
-    )
-    .bind(USERS as i32)
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    addresses(&db.pool, "u", USERS).await;
     let keys = podium::auth::JwtKeys::new(SECRET).unwrap();
     let admin = keys.issue(
         &podium_domain::UserId::parse("ops").unwrap(),
@@ -1376,13 +1349,7 @@ async fn a_killed_instance_loses_no_email() {
         }
     })
     .await;
-    poll("no delivery pending", Duration::from_secs(30), || async {
-        match pending_deliveries(&db.pool).await {
-            0 => Ok(()),
-            n => Err(n),
-        }
-    })
-    .await;
+    no_delivery_pending(&db.pool, Duration::from_secs(30)).await;
     let mails = sink.mails();
     let twice = mails.len() - USERS;
     assert!(
@@ -1628,20 +1595,7 @@ async fn a_recreated_events_stream_sends_nothing_twice() {
         s.delivery.delivery_poll_ms = 50;
     })
     .await;
-    receiver
-        .register(&app, "tests", Behaviour::Ok, Some(&["test.published"]))
-        .await;
-    let mut published = Vec::new();
-    for _ in 0..3 {
-        published.push(app.published_test().await);
-    }
-    poll("three tests delivered", Duration::from_secs(30), || async {
-        match receiver.received("tests").len() {
-            3 => Ok(()),
-            n => Err(n),
-        }
-    })
-    .await;
+    let (_, mut published) = receiver.tests_delivered(&app, 3).await;
     // Deliveries done and purged, as after their retention: only the
     // intake's mark remembers them.
     sqlx::query("DELETE FROM deliveries")
@@ -1659,35 +1613,15 @@ async fn a_recreated_events_stream_sends_nothing_twice() {
     // it from the log.
     published.push(app.published_test().await);
     let last = published.last().unwrap().clone();
-    poll(
-        "the fourth test delivered",
-        Duration::from_secs(60),
-        || async {
-            let got = receiver.received("tests");
-            if got.iter().any(|r| r.body["data"]["id"] == last.as_str()) {
-                Ok(())
-            } else {
-                Err(got.len())
-            }
-        },
-    )
-    .await;
+    receiver
+        .wait_for_test("tests", &last, Duration::from_secs(60))
+        .await;
     // One more, so anything sent twice has had the time to arrive.
     published.push(app.published_test().await);
     let fifth = published.last().unwrap().clone();
-    poll(
-        "the fifth test delivered",
-        Duration::from_secs(30),
-        || async {
-            let got = receiver.received("tests");
-            if got.iter().any(|r| r.body["data"]["id"] == fifth.as_str()) {
-                Ok(())
-            } else {
-                Err(got.len())
-            }
-        },
-    )
-    .await;
+    receiver
+        .wait_for_test("tests", &fifth, Duration::from_secs(30))
+        .await;
     let got: Vec<String> = receiver
         .received("tests")
         .iter()

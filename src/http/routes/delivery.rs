@@ -77,6 +77,28 @@ struct SettingsBody {
     email_kinds: Option<Vec<String>>,
 }
 
+/// `values` in their order, each once, every one of `known`; an unknown one
+/// is an error naming `field[i]`.
+fn chosen(
+    field: &str,
+    values: Vec<String>,
+    known: &[&str],
+    errors: &mut ValidationErrors,
+) -> Vec<String> {
+    let mut chosen: Vec<String> = Vec::with_capacity(values.len());
+    for (i, value) in values.into_iter().enumerate() {
+        if !known.contains(&value.as_str()) {
+            errors.add(
+                format!("{field}[{i}]"),
+                format!("must be one of {}", known.join(", ")),
+            );
+        } else if !chosen.contains(&value) {
+            chosen.push(value);
+        }
+    }
+    chosen
+}
+
 impl SettingsBody {
     fn parse(self) -> Result<EmailSettings, ValidationErrors> {
         let mut errors = ValidationErrors::new();
@@ -93,20 +115,7 @@ impl SettingsBody {
         }
         let email_kinds = match self.email_kinds {
             None => EmailSettings::default().email_kinds,
-            Some(kinds) => {
-                let mut chosen: Vec<String> = Vec::with_capacity(kinds.len());
-                for (i, kind) in kinds.into_iter().enumerate() {
-                    if !EMAIL_KINDS.contains(&kind.as_str()) {
-                        errors.add(
-                            format!("email_kinds[{i}]"),
-                            format!("must be one of {}", EMAIL_KINDS.join(", ")),
-                        );
-                    } else if !chosen.contains(&kind) {
-                        chosen.push(kind);
-                    }
-                }
-                chosen
-            }
+            Some(kinds) => chosen("email_kinds", kinds, &EMAIL_KINDS, &mut errors),
         };
         errors.into_result(EmailSettings { email, email_kinds })
     }
@@ -169,20 +178,7 @@ impl EndpointBody {
                 );
                 events
             }
-            Some(events) => {
-                let mut chosen: Vec<String> = Vec::with_capacity(events.len());
-                for (i, event) in events.into_iter().enumerate() {
-                    if !WEBHOOK_EVENTS.contains(&event.as_str()) {
-                        errors.add(
-                            format!("events[{i}]"),
-                            format!("must be one of {}", WEBHOOK_EVENTS.join(", ")),
-                        );
-                    } else if !chosen.contains(&event) {
-                        chosen.push(event);
-                    }
-                }
-                chosen
-            }
+            Some(events) => chosen("events", events, &WEBHOOK_EVENTS, &mut errors),
         };
         errors.into_result((url, events))
     }
