@@ -325,7 +325,8 @@ impl Receiver {
     }
 
     /// Registers `/tests` for `test.published`, publishes `n` tests and
-    /// waits until each was delivered; returns the endpoint and the tests.
+    /// waits until each was delivered and recorded so; returns the endpoint
+    /// and the tests.
     async fn tests_delivered(&self, app: &TestApp, n: usize) -> (String, Vec<String>) {
         let endpoint = self
             .register(app, "tests", Behaviour::Ok, Some(&["test.published"]))
@@ -336,6 +337,8 @@ impl Receiver {
         }
         self.wait_for_count("tests", n, Duration::from_secs(30))
             .await;
+        // The receiver has answered; the outcomes are recorded right after.
+        no_delivery_pending(&app.pool, Duration::from_secs(10)).await;
         (endpoint, published)
     }
 
@@ -541,11 +544,22 @@ async fn one_email_per_notification_of_a_chosen_kind_none_otherwise() {
     .await
     .unwrap();
     assert_eq!(delivered, 3);
-    assert_eq!(
-        app.metric("podium_deliveries_total", &["email", "delivered"])
-            .await,
-        3.0
-    );
+    // Counted right after each outcome is recorded.
+    poll(
+        "three deliveries counted",
+        Duration::from_secs(10),
+        || async {
+            let counted = app
+                .metric("podium_deliveries_total", &["email", "delivered"])
+                .await;
+            if counted == 3.0 {
+                Ok(())
+            } else {
+                Err(counted)
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
