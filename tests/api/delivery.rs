@@ -1317,6 +1317,25 @@ async fn the_embedded_mode_delivers_with_the_same_code() {
 /// server accepted them, the outcome was not recorded).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instance_loses_no_email() {
+    one_instance_fails_mid_send(Fault::Kill).await;
+}
+
+/// SIGSTOP of one of two instances while they send (a frozen VM, a long
+/// pause): the other sends everything within the lease; when the paused one
+/// wakes, its late outcomes are fenced and at most its sends in flight
+/// arrive twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_instance_holds_up_no_email() {
+    one_instance_fails_mid_send(Fault::Pause).await;
+}
+
+#[derive(Clone, Copy)]
+enum Fault {
+    Kill,
+    Pause,
+}
+
+async fn one_instance_fails_mid_send(fault: Fault) {
     const USERS: usize = 300;
     const CONCURRENCY: usize = 4;
     let sink = MailSink::start(20);
@@ -1354,8 +1373,20 @@ async fn a_killed_instance_loses_no_email() {
         .unwrap();
     assert_eq!(sent.status(), StatusCode::ACCEPTED);
     wait_for_mails(&sink, 30, Duration::from_secs(60)).await;
-    first.0.kill().unwrap();
-    let _ = first.0.wait();
+    let pid = first.0.id().to_string();
+    match fault {
+        Fault::Kill => {
+            first.0.kill().unwrap();
+            let _ = first.0.wait();
+        }
+        Fault::Pause => {
+            assert!(Command::new("kill")
+                .args(["-STOP", &pid])
+                .status()
+                .unwrap()
+                .success());
+        }
+    }
     poll("every user's email", Duration::from_secs(90), || async {
         let got: HashSet<String> = sink
             .mails()
@@ -1370,6 +1401,26 @@ async fn a_killed_instance_loses_no_email() {
     })
     .await;
     no_delivery_pending(&db.pool, Duration::from_secs(30)).await;
+    if let Fault::Pause = fault {
+        assert!(Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success());
+        // Awake and answering: what it held was sent by the other instance.
+        poll(
+            "the paused instance awake",
+            Duration::from_secs(30),
+            || async {
+                match reqwest::get(format!("{first_address}/healthz")).await {
+                    Ok(r) if r.status().is_success() => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
+        .await;
+        no_delivery_pending(&db.pool, Duration::from_secs(30)).await;
+    }
     let mails = sink.mails();
     let twice = mails.len() - USERS;
     assert!(
