@@ -71,19 +71,31 @@ impl Slots {
         &chunk[start + 1..start + 1 + len]
     }
 
-    /// The rank order of two handles; `PROBE` stands for `probe`.
+    /// The rank order of two handles; `PROBE` stands for `probe`. User ids
+    /// are read only to break a tie of score and time: they live in another
+    /// allocation, and fetching them on every comparison is most of the cost
+    /// of a rank.
     fn compare(&self, a: u32, b: u32, probe: Option<&RankKey>) -> Ordering {
-        let key = |handle: u32| -> (u32, i64, &[u8]) {
-            match probe.filter(|_| handle == PROBE) {
-                Some(key) => (key.score, micros(key.achieved_at), key.user_id.as_bytes()),
+        let probe = |handle: u32| probe.filter(|_| handle == PROBE);
+        let fields = |handle: u32| -> (u32, i64) {
+            match probe(handle) {
+                Some(key) => (key.score, micros(key.achieved_at)),
                 None => {
                     let slot = self.slot(handle);
-                    (slot.best, slot.at, self.name(handle))
+                    (slot.best, slot.at)
                 }
             }
         };
-        let (a, b) = (key(a), key(b));
-        b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then_with(|| a.2.cmp(b.2))
+        let name = |handle: u32| -> &[u8] {
+            match probe(handle) {
+                Some(key) => key.user_id.as_bytes(),
+                None => self.name(handle),
+            }
+        };
+        let (fa, fb) = (fields(a), fields(b));
+        fb.0.cmp(&fa.0)
+            .then(fa.1.cmp(&fb.1))
+            .then_with(|| name(a).cmp(name(b)))
     }
 }
 
