@@ -49,9 +49,9 @@ pub(super) struct Doc;
 
 /// An entry as the API shows it.
 #[derive(Serialize, ToSchema)]
-struct EntryView {
+struct EntryView<'a> {
     rank: u64,
-    user_id: String,
+    user_id: &'a str,
     score: u32,
     max_score: u32,
     #[serde(serialize_with = "podium_domain::time::serialize")]
@@ -59,12 +59,12 @@ struct EntryView {
     attempts: u32,
 }
 
-impl From<&RankedEntry> for EntryView {
-    fn from(ranked: &RankedEntry) -> Self {
+impl<'a> From<&'a RankedEntry> for EntryView<'a> {
+    fn from(ranked: &'a RankedEntry) -> Self {
         let e = &ranked.entry;
         Self {
             rank: ranked.rank,
-            user_id: e.user_id.clone(),
+            user_id: &e.user_id,
             score: e.best_score,
             max_score: e.max_score,
             achieved_at: e.achieved_at,
@@ -113,10 +113,10 @@ struct PageQuery {
 }
 
 #[derive(Serialize, ToSchema)]
-struct LeaderboardPage {
+struct LeaderboardPage<'a> {
     test_id: Uuid,
     total: u64,
-    entries: Vec<EntryView>,
+    entries: Vec<EntryView<'a>>,
     next_cursor: Option<String>,
 }
 
@@ -268,12 +268,12 @@ struct AroundQuery {
 }
 
 #[derive(Serialize, ToSchema)]
-struct AroundView {
+struct AroundView<'a> {
     test_id: Uuid,
     total: u64,
-    entry: EntryView,
-    above: Vec<EntryView>,
-    below: Vec<EntryView>,
+    entry: EntryView<'a>,
+    above: Vec<EntryView<'a>>,
+    below: Vec<EntryView<'a>>,
 }
 
 /// A user's entry with the entries ranked just above and below.
