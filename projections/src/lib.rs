@@ -14,6 +14,7 @@
 //! - [`catalog`]: the published tests.
 //! - [`memory`]: every read model in memory, for the embedded mode.
 //! - [`tables`]: live tables versus the `__next` copies a replay fills.
+//! - [`windows`]: a test's boards per day, week and month beside all time.
 #![forbid(unsafe_code)]
 
 pub mod attempts;
@@ -28,6 +29,7 @@ pub mod memory;
 pub mod ranked_set;
 pub mod ranking;
 pub mod tables;
+pub mod windows;
 
 pub use checkpointed::{checkpoint_of, ApplyError, BoxError, Checkpointed, ProjectionLogic};
 pub use fence::{is_transient, Fence};

@@ -486,7 +486,9 @@ impl Models {
                     summary.submitted_at = Some(submitted_at);
                 }
                 let submission = Submission::from_event(&submitted).expect("a submission event");
-                vec![self.record(&submission, seq)]
+                crate::windows::boards_of(&submission)
+                    .map(|on_board| self.record(&on_board, seq))
+                    .collect()
             }
             PodiumEvent::Notification(NotificationEvent::NotificationCreated {
                 notification_id,
@@ -591,6 +593,7 @@ mod tests {
 
     use super::*;
     use crate::ranking::Board as Reference;
+    use crate::windows::Window;
 
     fn submitted(seq: u64, user: u8, score: u32, test_id: Uuid) -> (RecordedEvent, Submission) {
         let submission = Submission {
@@ -605,6 +608,20 @@ mod tests {
         let recorded = submission.recorded(seq);
         (recorded, submission)
     }
+
+    /// Instants where periods end: day ends, Monday 00:00, month ends, a
+    /// leap day, a year end.
+    const BOUNDARIES: [&str; 6] = [
+        "2026-12-07T00:00:00Z",
+        "2028-02-28T00:00:00Z",
+        "2028-02-29T00:00:00Z",
+        "2028-03-01T00:00:00Z",
+        "2027-01-01T00:00:00Z",
+        "2026-11-30T12:00:00Z",
+    ];
+    /// Microseconds from a boundary: the day before, just before, on it,
+    /// just after, an hour after.
+    const OFFSETS: [i64; 5] = [-86_400_000_000, -1, 0, 1, 3_600_000_000];
 
     fn page_users(page: &Page) -> Vec<(u64, String)> {
         page.entries
@@ -628,7 +645,9 @@ mod tests {
                 let (event, submission) = submitted(i as u64 + 1, *user, *score, test_id);
                 let changes = models.apply(&event).unwrap();
                 let (previous, rank) = reference.record(&submission);
-                prop_assert_eq!(changes.len(), 1);
+                // One change per board: all time first, then day, week, month.
+                prop_assert_eq!(changes.len(), 4);
+                prop_assert_eq!(&changes[0].key, &test_id.to_string());
                 prop_assert_eq!(&changes[0].data["rank"], &serde_json::json!(rank));
                 prop_assert_eq!(&changes[0].data["previous_rank"], &serde_json::json!(previous));
             }
@@ -661,6 +680,54 @@ mod tests {
                     (rank + 1..=(rank + 2).min(expected.len() as u64)).collect();
                 prop_assert_eq!(above, want_above);
                 prop_assert_eq!(below, want_below);
+            }
+        }
+
+        /// Each window's boards hold what the rules give over that period's
+        /// submissions alone, for submissions on either side of day ends,
+        /// Monday week starts, month ends and a leap day.
+        #[test]
+        fn window_boards_are_the_rules_over_each_periods_submissions(
+            raw in prop::collection::vec(
+                (0u8..8, 0u32..5, 0usize..BOUNDARIES.len(), 0usize..OFFSETS.len()),
+                1..60,
+            ),
+        ) {
+            let test_id = Uuid::from_u128(11);
+            let models = MemoryModels::new();
+            let mut submissions = Vec::new();
+            for (i, (user, score, boundary, offset)) in raw.iter().enumerate() {
+                let (_, mut submission) = submitted(i as u64 + 1, *user, *score, test_id);
+                submission.submitted_at = crate::windows::parse_instant(BOUNDARIES[*boundary])
+                    .unwrap()
+                    + TimeDelta::microseconds(OFFSETS[*offset]);
+                models.apply(&submission.recorded(i as u64 + 1)).unwrap();
+                submissions.push(submission);
+            }
+            for window in [Window::All, Window::Day, Window::Week, Window::Month] {
+                for submission in &submissions {
+                    let period = window.period(submission.submitted_at);
+                    let mut reference = Reference::default();
+                    for s in &submissions {
+                        if window.period(s.submitted_at) == period {
+                            reference.record(s);
+                        }
+                    }
+                    let expected: Vec<(u64, String, u32, u32)> = reference
+                        .ranked()
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, e)| (i as u64 + 1, e.user_id, e.best_score, e.attempts))
+                        .collect();
+                    let board = crate::windows::board_at(test_id, window, submission.submitted_at);
+                    let page = models.leaderboard_page(board, &PageStart::Offset(0), 1000).1.unwrap();
+                    let got: Vec<(u64, String, u32, u32)> = page
+                        .entries
+                        .into_iter()
+                        .map(|e| (e.rank, e.entry.user_id, e.entry.best_score, e.entry.attempts))
+                        .collect();
+                    prop_assert_eq!(got, expected, "{:?} {:?}", window, period);
+                }
             }
         }
 

@@ -573,11 +573,134 @@ pub async fn the_demo_seed_fills_tests_leaderboards_and_feeds(adapters: Adapters
     assert_eq!(status, StatusCode::OK);
 }
 
+/// Windows: each submission counts on its day's, week's and month's boards
+/// beside all time; past periods are boards of their own; links and cursors
+/// stay on their board; bad windows and periods are refused.
+pub async fn leaderboard_windows(adapters: Adapters) {
+    let Some(app) = serve(adapters, "leaderboard_windows", |_| {}).await else {
+        return;
+    };
+    let test_id = app.published_test().await;
+    assert_eq!(take(&app, &test_id, "w1", true, true).await, 10);
+    assert_eq!(take(&app, &test_id, "w2", true, false).await, 4);
+    assert_eq!(take(&app, &test_id, "w3", false, true).await, 6);
+    let all = board_when(&app, &test_id, 3, |_| true).await;
+    assert_eq!(
+        (&all["window"], &all["period_start"], &all["period_end"]),
+        (&json!("all"), &Value::Null, &Value::Null)
+    );
+    let token = app.user("observer");
+    let time = |v: &Value| {
+        chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap())
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    };
+    for (window, days) in [("day", 1..=1), ("week", 7..=7), ("month", 28..=31)] {
+        let path = format!("/v1/tests/{test_id}/leaderboard?window={window}");
+        let board = eventually("the windowed board", || async {
+            let (status, body) = json(&app, &path, &token).await;
+            (status == StatusCode::OK && body["total"] == 3).then_some(body)
+        })
+        .await;
+        assert_eq!(users(&board["entries"]), ["w1", "w3", "w2"], "{window}");
+        assert_eq!(board["window"], window);
+        let (start, end) = (time(&board["period_start"]), time(&board["period_end"]));
+        let now = chrono::Utc::now();
+        assert!(start <= now && now < end, "{window}: {start} – {end}");
+        assert!(days.contains(&(end - start).num_days()), "{window}");
+        assert_eq!(start.time(), chrono::NaiveTime::MIN);
+        use chrono::Datelike;
+        match window {
+            "week" => assert_eq!(start.weekday(), chrono::Weekday::Mon),
+            "month" => assert_eq!(start.day(), 1),
+            _ => {}
+        }
+        // The period before is a board of its own: empty.
+        let before = (start - chrono::Duration::days(1)).format("%Y-%m-%d");
+        let (status, past) = json(&app, &format!("{path}&period={before}"), &token).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            (
+                past["total"].as_u64(),
+                past["entries"].as_array().map(Vec::len)
+            ),
+            (Some(0), Some(0))
+        );
+        assert_eq!(time(&past["period_end"]), start);
+        // The same period named by a time inside it.
+        let inside = (start + chrono::Duration::hours(5)).to_rfc3339();
+        let (_, named) = json(
+            &app,
+            &format!("{path}&period={}", inside.replace('+', "%2B")),
+            &token,
+        )
+        .await;
+        assert_eq!(named["period_start"], board["period_start"]);
+        assert_eq!(named["total"], 3);
+    }
+    // Neighbours in a window; a link and a cursor stay on their board.
+    let (status, around) = json(
+        &app,
+        &format!("/v1/tests/{test_id}/leaderboard/users/w3?window=week&radius=1"),
+        &token,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (around["entry"]["rank"].as_u64(), around["window"].as_str()),
+        (Some(2), Some("week"))
+    );
+    assert_eq!(users(&around["above"]), ["w1"]);
+    let first = app
+        .get(
+            &format!("/v1/tests/{test_id}/leaderboard?window=month&limit=1"),
+            &token,
+        )
+        .await;
+    let link = first.headers()["link"].to_str().unwrap().to_string();
+    assert!(link.contains("window=month&period="), "{link}");
+    let first: Value = first.json().await.unwrap();
+    let next = link.trim_start_matches('<').split('>').next().unwrap();
+    let (_, second) = json(&app, next, &token).await;
+    assert_eq!(users(&second["entries"]), ["w3"]);
+    assert_eq!(second["entries"][0]["rank"], 2);
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let foreign = app
+        .get(
+            &format!("/v1/tests/{test_id}/leaderboard?cursor={cursor}"),
+            &token,
+        )
+        .await;
+    crate::helpers::assert_problem(foreign, StatusCode::BAD_REQUEST).await;
+    // Refused: an unknown window, a malformed period, a period of all time.
+    for query in [
+        "window=year",
+        "window=day&period=yesterday",
+        "window=day&period=2026-02-30",
+        "period=2026-12-01",
+    ] {
+        let response = app
+            .get(&format!("/v1/tests/{test_id}/leaderboard?{query}"), &token)
+            .await;
+        crate::helpers::assert_problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+    }
+    let unknown = uuid::Uuid::new_v4();
+    let (status, _) = json(
+        &app,
+        &format!("/v1/tests/{unknown}/leaderboard?window=day"),
+        &token,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
 /// What users see of `test_id` and of user q: the views a rebuild must keep.
 async fn views(app: &TestApp, test_id: &str) -> Vec<Value> {
     let paths = [
         format!("/v1/tests/{test_id}/leaderboard"),
         format!("/v1/tests/{test_id}/leaderboard/users/r?radius=2"),
+        format!("/v1/tests/{test_id}/leaderboard?window=week"),
+        format!("/v1/tests/{test_id}/leaderboard/users/r?window=day"),
         "/v1/me/notifications".to_string(),
         "/v1/me/attempts".to_string(),
         "/v1/tests".to_string(),
@@ -623,6 +746,7 @@ macro_rules! conformance {
 conformance!(
     commands_grade_refuse_and_replay,
     leaderboard_ranks_pages_and_neighbours,
+    leaderboard_windows,
     feed_counts_notifications_and_reads,
     sse_resume_gets_exactly_what_was_missed,
     a_rebuild_from_the_log_answers_the_same,

@@ -233,9 +233,14 @@ impl Deployment {
         let submitted = query("SELECT count(*) FROM events WHERE event_type = 'AttemptSubmitted'")
             .await
             .map_err(|e| e.to_string())?;
-        let on_boards = query("SELECT COALESCE(sum(attempts), 0)::bigint FROM lb_entries")
-            .await
-            .map_err(|e| e.to_string())?;
+        // The all-time boards (each submission is on its day's, week's and
+        // month's boards too).
+        let on_boards = query(
+            "SELECT COALESCE(sum(attempts), 0)::bigint FROM lb_entries
+              WHERE test_id IN (SELECT test_id FROM catalog_tests)",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         let graded = query("SELECT count(*) FROM feed_items WHERE kind = 'attempt_graded'")
             .await
             .map_err(|e| e.to_string())?;

@@ -12,6 +12,7 @@ use crate::board_index::BoardIndex;
 use crate::checkpointed::{BoxError, ProjectionLogic};
 use crate::ranking::{Entry, RankKey, Submission};
 use crate::tables::Generation;
+use crate::windows;
 
 mod queries;
 pub use queries::{Around, LeaderboardQueries, Page, PageStart, RankedEntry, MAX_JUMPED};
@@ -396,10 +397,12 @@ impl ProjectionLogic for LeaderboardProjection {
         conn: &mut PgConnection,
         events: &[RecordedEvent],
     ) -> Result<Vec<Change>, BoxError> {
-        let submissions: Vec<(u64, Submission)> = events
-            .iter()
-            .filter_map(|e| Submission::of(e).map(|s| s.map(|s| (e.seq, s))).transpose())
-            .collect::<Result<_, _>>()?;
+        let mut submissions: Vec<(u64, Submission)> = Vec::new();
+        for event in events {
+            if let Some(submission) = Submission::of(event)? {
+                submissions.extend(windows::boards_of(&submission).map(|s| (event.seq, s)));
+            }
+        }
         if submissions.is_empty() {
             return Ok(Vec::new());
         }
@@ -494,7 +497,7 @@ async fn record_moves(
     sqlx::query(
         "INSERT INTO lb_moves (seq, test_id, user_id, old_score, old_achieved_at)
          SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::timestamptz[])
-         ON CONFLICT (seq) DO NOTHING",
+         ON CONFLICT (test_id, seq) DO NOTHING",
     )
     .bind(
         moves
@@ -596,7 +599,10 @@ pub struct LeaderboardFold {
 impl crate::fold::Fold for LeaderboardFold {
     fn add(&mut self, events: &[RecordedEvent]) -> Result<(), BoxError> {
         for event in events {
-            if let Some(submission) = Submission::of(event)? {
+            let Some(submission) = Submission::of(event)? else {
+                continue;
+            };
+            for submission in windows::boards_of(&submission) {
                 let key = (submission.test_id, submission.user_id.clone());
                 let previous = self.entries.get(&key).map(|(entry, _)| entry);
                 let entry = Entry::record(previous, &submission);

@@ -11,6 +11,7 @@ use podium_domain::log::Change;
 use podium_domain::UserId;
 use podium_projections::leaderboard::{self, Page, PageStart, RankedEntry};
 use podium_projections::ranking::RankKey;
+use podium_projections::windows::{self, Period, Window};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
@@ -31,6 +32,100 @@ pub const MAX_RADIUS: u16 = 50;
 const DEFAULT_RADIUS: u16 = 5;
 /// Largest offset accepted (beyond any real leaderboard, within Postgres' bigint).
 const MAX_OFFSET: u64 = 1 << 40;
+
+/// Which of a test's boards a query reads.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct BoardQuery {
+    /// `all` (default), `day`, `week` or `month` (UTC; weeks begin on Monday).
+    window: Option<String>,
+    /// A date `YYYY-MM-DD`, or an RFC 3339 time, inside the wanted period
+    /// (default: the current one); not with `window=all`.
+    period: Option<String>,
+}
+
+/// The board a query chose: a test's, in a window's period.
+#[derive(Clone, Copy)]
+pub(super) struct Board {
+    pub test_id: Uuid,
+    /// The board's own id: the test's for `all`.
+    pub id: Uuid,
+    pub window: Window,
+    pub period: Option<Period>,
+}
+
+impl BoardQuery {
+    /// The board this query names, with the current period as of `now`
+    /// unless it names another; 422 for an unknown window or a malformed
+    /// period.
+    pub(super) fn board(&self, test_id: Uuid, now: DateTime<Utc>) -> Result<Board, ApiError> {
+        let window = match self.window.as_deref() {
+            None => Window::All,
+            Some(name) => Window::parse(name).ok_or_else(|| {
+                pagination::invalid("window", "must be one of all, day, week, month")
+            })?,
+        };
+        let at = match self.period.as_deref() {
+            None => now,
+            Some(_) if window == Window::All => {
+                return Err(pagination::invalid(
+                    "period",
+                    "the all-time board has no periods; give a window (day, week, month)",
+                ))
+            }
+            Some(text) => windows::parse_instant(text).ok_or_else(|| {
+                pagination::invalid(
+                    "period",
+                    "must be a date YYYY-MM-DD or an RFC 3339 time inside the period",
+                )
+            })?,
+        };
+        let period = window.period(at);
+        Ok(Board {
+            test_id,
+            id: windows::board_at(test_id, window, at),
+            window,
+            period,
+        })
+    }
+}
+
+impl Board {
+    /// The query parameters that name this board in a link (none for `all`).
+    fn link_params(&self) -> Vec<(&'static str, String)> {
+        match self.period {
+            Some(period) => vec![
+                ("window", self.window.as_str().to_string()),
+                ("period", period.start.format("%Y-%m-%d").to_string()),
+            ],
+            None => Vec::new(),
+        }
+    }
+}
+
+/// What every leaderboard answer says of its board.
+#[derive(Serialize, ToSchema)]
+struct WindowView {
+    window: Window,
+    /// When the period began; `null` for `all`.
+    #[serde(serialize_with = "podium_domain::time::serialize_option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    period_start: Option<DateTime<Utc>>,
+    /// When the period ends (the current period's reset); `null` for `all`.
+    #[serde(serialize_with = "podium_domain::time::serialize_option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    period_end: Option<DateTime<Utc>>,
+}
+
+impl From<&Board> for WindowView {
+    fn from(board: &Board) -> Self {
+        Self {
+            window: board.window,
+            period_start: board.period.map(|p| p.start),
+            period_end: board.period.map(|p| p.end),
+        }
+    }
+}
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -115,6 +210,8 @@ struct PageQuery {
 #[derive(Serialize, ToSchema)]
 struct LeaderboardPage<'a> {
     test_id: Uuid,
+    #[serde(flatten)]
+    window: WindowView,
     total: u64,
     entries: Vec<EntryView<'a>>,
     next_cursor: Option<String>,
@@ -123,12 +220,12 @@ struct LeaderboardPage<'a> {
 /// A page of the leaderboard, by cursor (walks see every entry once while
 /// scores change) or by offset.
 #[utoipa::path(get, path = "/v1/tests/{test_id}/leaderboard", tag = "leaderboards",
-    params(("test_id" = Uuid, Path), PageQuery),
+    params(("test_id" = Uuid, Path), PageQuery, BoardQuery),
     security(("bearer" = [])),
     responses(
         (status = 200, body = LeaderboardPage, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
         (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)"),
-        (status = 422, description = "`limit` outside 1–200, or cursor and offset together"),
+        (status = 422, description = "`limit` outside 1–200, cursor and offset together, an unknown `window` or a malformed `period`"),
         (status = 404, description = "No such test"),
     ))]
 async fn page(
@@ -136,7 +233,9 @@ async fn page(
     _: Principal,
     ApiPath(test_id): ApiPath<Uuid>,
     ApiQuery(query): ApiQuery<PageQuery>,
+    ApiQuery(board): ApiQuery<BoardQuery>,
 ) -> Result<Response, ApiError> {
+    let board = board.board(test_id, crate::clock::now())?;
     let limit = pagination::limit(query.limit)?;
     let (start, key) = match (&query.cursor, query.offset) {
         (Some(_), Some(_)) => {
@@ -147,7 +246,7 @@ async fn page(
         }
         (Some(raw), None) => {
             let cursor: Cursor = pagination::decode(raw)?;
-            if cursor.test_id != test_id {
+            if cursor.test_id != board.id {
                 return Err(pagination::foreign());
             }
             cursor.check()?;
@@ -173,14 +272,14 @@ async fn page(
         }
     };
     let key = CacheKey::LeaderboardPage {
-        test_id,
+        test_id: board.id,
         start: key,
         limit: limit as u16,
     };
     let body = cached::get_or_load(
         &state.cache,
         key,
-        load_page(&state, test_id, start, limit, query.offset.is_some()),
+        load_page(&state, board, start, limit, query.offset.is_some()),
     )
     .await?;
     Ok((&body).into_response())
@@ -188,19 +287,23 @@ async fn page(
 
 async fn load_page(
     state: &AppState,
-    test_id: Uuid,
+    board: Board,
     start: PageStart,
     limit: i64,
     by_offset: bool,
 ) -> Result<Loaded, ApiError> {
-    let (seq, page) = state.store.leaderboard_page(test_id, &start, limit).await?;
+    let test_id = board.test_id;
+    let (seq, page) = state
+        .store
+        .leaderboard_page(board.id, &start, limit)
+        .await?;
     let page = match page {
         Ok(page) => page,
         Err(horizon) => {
             // Cached pages may carry such cursors: read them afresh.
             state
                 .hub
-                .mark_stale(leaderboard::TOPIC, &test_id.to_string(), horizon);
+                .mark_stale(leaderboard::TOPIC, &board.id.to_string(), horizon);
             let expired = ApiError::BadCursor {
                 kind: "cursor-expired",
                 detail:
@@ -221,7 +324,7 @@ async fn load_page(
             });
         }
     }
-    let next_cursor = next_cursor(test_id, &page, seq);
+    let next_cursor = next_cursor(board.id, &page, seq);
     // Clients that page by offset are linked by offset; others by cursor.
     let link = match (&start, &next_cursor) {
         (_, None) => None,
@@ -230,15 +333,22 @@ async fn load_page(
             &[
                 ("limit", limit.to_string()),
                 ("offset", (offset + limit as u64).to_string()),
-            ],
+            ]
+            .into_iter()
+            .chain(board.link_params())
+            .collect::<Vec<_>>(),
         ),
         (_, Some(cursor)) => next_link(
             &format!("/v1/tests/{test_id}/leaderboard"),
-            &[("limit", limit.to_string()), ("cursor", cursor.clone())],
+            &[("limit", limit.to_string()), ("cursor", cursor.clone())]
+                .into_iter()
+                .chain(board.link_params())
+                .collect::<Vec<_>>(),
         ),
     };
     let view = LeaderboardPage {
         test_id,
+        window: WindowView::from(&board),
         total: page.total,
         entries: page.entries.iter().map(EntryView::from).collect(),
         next_cursor,
@@ -249,10 +359,11 @@ async fn load_page(
     })
 }
 
-fn next_cursor(test_id: Uuid, page: &Page, since: u64) -> Option<String> {
+/// The cursor after `page` of board `board_id`.
+fn next_cursor(board_id: Uuid, page: &Page, since: u64) -> Option<String> {
     let last = page.entries.last().filter(|_| page.more)?;
     Some(pagination::encode(&Cursor {
-        test_id,
+        test_id: board_id,
         since,
         score: last.entry.best_score,
         at: last.entry.achieved_at,
@@ -270,6 +381,8 @@ struct AroundQuery {
 #[derive(Serialize, ToSchema)]
 struct AroundView<'a> {
     test_id: Uuid,
+    #[serde(flatten)]
+    window: WindowView,
     total: u64,
     entry: EntryView<'a>,
     above: Vec<EntryView<'a>>,
@@ -278,20 +391,22 @@ struct AroundView<'a> {
 
 /// A user's entry with the entries ranked just above and below.
 #[utoipa::path(get, path = "/v1/tests/{test_id}/leaderboard/users/{user_id}", tag = "leaderboards",
-    params(("test_id" = Uuid, Path), ("user_id" = String, Path), AroundQuery),
+    params(("test_id" = Uuid, Path), ("user_id" = String, Path), AroundQuery, BoardQuery),
     security(("bearer" = [])),
     responses(
         (status = 200, body = AroundView),
         (status = 400, description = "Malformed id"),
         (status = 404, description = "The user has no entry"),
-        (status = 422, description = "`radius` above 50"),
+        (status = 422, description = "`radius` above 50, an unknown `window` or a malformed `period`"),
     ))]
 async fn around(
     State(state): State<AppState>,
     _: Principal,
     ApiPath((test_id, user_id)): ApiPath<(Uuid, String)>,
     ApiQuery(query): ApiQuery<AroundQuery>,
+    ApiQuery(board): ApiQuery<BoardQuery>,
 ) -> Result<Response, ApiError> {
+    let board = board.board(test_id, crate::clock::now())?;
     let user = UserId::parse(user_id)
         .map_err(|err| ApiError::BadRequest(format!("invalid user id in the path: {err}")))?;
     let radius = query.radius.unwrap_or(DEFAULT_RADIUS);
@@ -302,28 +417,24 @@ async fn around(
         ));
     }
     let key = CacheKey::Around {
-        test_id,
+        test_id: board.id,
         user_id: user.to_string(),
         radius,
     };
-    let body = cached::get_or_load(
-        &state.cache,
-        key,
-        load_around(&state, test_id, user, radius),
-    )
-    .await?;
+    let body =
+        cached::get_or_load(&state.cache, key, load_around(&state, board, user, radius)).await?;
     Ok((&body).into_response())
 }
 
 async fn load_around(
     state: &AppState,
-    test_id: Uuid,
+    board: Board,
     user: UserId,
     radius: u16,
 ) -> Result<Loaded, ApiError> {
     let around = state
         .store
-        .around(test_id, user.as_str(), i64::from(radius))
+        .around(board.id, user.as_str(), i64::from(radius))
         .await?;
     let seq = around.checkpoint;
     let Some(entry) = &around.entry else {
@@ -334,7 +445,8 @@ async fn load_around(
         });
     };
     let view = AroundView {
-        test_id,
+        test_id: board.test_id,
+        window: WindowView::from(&board),
         total: around.total,
         entry: EntryView::from(entry),
         above: around.above.iter().map(EntryView::from).collect(),
