@@ -241,6 +241,31 @@ async fn the_demo_page_follows_the_leaderboard_live(adapters: Adapters, name: &s
         browser.eval("return window.podiumMarker;").await,
         "no reload"
     );
+    // The window picker: this week's board holds both (both submitted just
+    // now), and says which week it is and when it resets.
+    let pick = |window: &str| {
+        format!(
+            "const s = document.getElementById('window-select'); s.value = '{window}';
+             s.dispatchEvent(new Event('change')); return true;"
+        )
+    };
+    browser.eval(&pick("week")).await;
+    let period = browser
+        .until(
+            "this week's board",
+            "const p = document.getElementById('lb-period').textContent;
+             return p.startsWith('week:')
+                 && document.querySelectorAll('#leaderboard tr[data-user]').length === 2 && p;",
+        )
+        .await;
+    assert!(period.as_str().unwrap().contains("resets"), "{period}");
+    browser.eval(&pick("all")).await;
+    browser
+        .until(
+            "the all-time board again",
+            "return document.getElementById('lb-period').textContent === 'all time';",
+        )
+        .await;
 
     // A notification arrives live and is marked read from the page.
     let sent = app

@@ -684,6 +684,14 @@ pub async fn leaderboard_windows(adapters: Adapters) {
             .await;
         crate::helpers::assert_problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
     }
+    // Streams follow the all-time board only, and say so.
+    let stream = app
+        .get(
+            &format!("/v1/tests/{test_id}/leaderboard/stream?window=day"),
+            &token,
+        )
+        .await;
+    crate::helpers::assert_problem(stream, StatusCode::UNPROCESSABLE_ENTITY).await;
     let unknown = uuid::Uuid::new_v4();
     let (status, _) = json(
         &app,

@@ -201,18 +201,21 @@ async fn naive(pool: &PgPool) -> (Boards, BTreeMap<String, i64>) {
             let body = &e.payload[&e.event_type];
             match e.event_type.as_str() {
                 "AttemptSubmitted" => {
-                    let key = (
-                        body["test_id"].as_str().unwrap().to_string(),
-                        body["user_id"].as_str().unwrap().to_string(),
-                    );
+                    use podium_projections::windows::{board_at, Window};
+                    let test: uuid::Uuid = body["test_id"].as_str().unwrap().parse().unwrap();
+                    let user = body["user_id"].as_str().unwrap().to_string();
                     let score = body["score"].as_i64().unwrap();
                     let at: DateTime<Utc> =
                         serde_json::from_value(body["submitted_at"].clone()).unwrap();
-                    let entry = best.entry(key).or_insert((score, at, 0));
-                    if score > entry.0 {
-                        *entry = (score, at, entry.2);
+                    // On the test's board and on its day's, week's and month's.
+                    for window in [Window::All, Window::Day, Window::Week, Window::Month] {
+                        let key = (board_at(test, window, at).to_string(), user.clone());
+                        let entry = best.entry(key).or_insert((score, at, 0));
+                        if score > entry.0 {
+                            *entry = (score, at, entry.2);
+                        }
+                        entry.2 += 1;
                     }
-                    entry.2 += 1;
                 }
                 "NotificationCreated" => {
                     let user = body["recipient"].as_str().unwrap().to_string();

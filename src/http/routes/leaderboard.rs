@@ -510,12 +510,13 @@ impl StreamSource for Entries {
 /// the test (a backlog being worked off): reload then. Ids are log seqs;
 /// resume with `Last-Event-ID`.
 #[utoipa::path(get, path = "/v1/tests/{test_id}/leaderboard/stream", tag = "leaderboards",
-    params(("test_id" = Uuid, Path), ("last-event-id" = Option<String>, Header), crate::http::sse::StreamQuery),
+    params(("test_id" = Uuid, Path), ("last-event-id" = Option<String>, Header), crate::http::sse::StreamQuery, BoardQuery),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "An event stream", content_type = "text/event-stream", headers(("cache-control" = String, description = "no-cache"), ("x-accel-buffering" = String, description = "no"))),
         (status = 400, description = "Malformed id or Last-Event-ID"),
         (status = 404, description = "No such test"),
+        (status = 422, description = "A `window` other than `all` (streams follow the all-time board), or an unknown one"),
         (status = 429, description = "Too many open streams"),
     ))]
 async fn stream(
@@ -523,8 +524,15 @@ async fn stream(
     headers: HeaderMap,
     ApiPath(test_id): ApiPath<Uuid>,
     ApiQuery(query): ApiQuery<StreamQuery>,
+    ApiQuery(board): ApiQuery<BoardQuery>,
 ) -> Result<Response, ApiError> {
     let principal = query.caller(&state, &headers).await?;
+    if board.board(test_id, crate::clock::now())?.window != Window::All {
+        return Err(pagination::invalid(
+            "window",
+            "streams follow the all-time board; read a window's pages instead",
+        ));
+    }
     let last_event_id = query.last_event_id(&headers)?;
     published_definition(&state, test_id).await?;
     let source = Entries {
