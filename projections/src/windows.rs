@@ -102,10 +102,10 @@ pub fn board_id(test_id: Uuid, window: Window, start: DateTime<Utc>) -> Uuid {
     if window == Window::All {
         return test_id;
     }
-    let mut name = Vec::with_capacity(32);
-    name.extend_from_slice(test_id.as_bytes());
-    name.extend_from_slice(window.as_str().as_bytes());
-    name.extend_from_slice(start.format("%Y-%m-%d").to_string().as_bytes());
+    let mut name = [0u8; 25];
+    name[..16].copy_from_slice(test_id.as_bytes());
+    name[16] = window as u8;
+    name[17..].copy_from_slice(&start.timestamp().to_be_bytes());
     Uuid::new_v5(&NAMESPACE, &name)
 }
 

@@ -241,6 +241,10 @@ impl Deployment {
         )
         .await
         .map_err(|e| e.to_string())?;
+        // Every board: all time, day, week and month, each once.
+        let on_every_board = query("SELECT COALESCE(sum(attempts), 0)::bigint FROM lb_entries")
+            .await
+            .map_err(|e| e.to_string())?;
         let graded = query("SELECT count(*) FROM feed_items WHERE kind = 'attempt_graded'")
             .await
             .map_err(|e| e.to_string())?;
@@ -260,12 +264,14 @@ impl Deployment {
         .map_err(|e| e.to_string())?;
         if (submitted as usize) < acknowledged.len()
             || on_boards != submitted
+            || on_every_board != 4 * submitted
             || graded != submitted
             || mine.len() as i64 != submitted
             || missing > 0
         {
             return Err(format!(
-                "{} acknowledged, {submitted} in the log, {on_boards} on the boards, \
+                "{} acknowledged, {submitted} in the log, {on_boards} on the all-time boards \
+                 ({on_every_board} on every board), \
                  {graded} graded notifications, {} in my attempts ({missing} missing); \
                  positions {positions:?}",
                 acknowledged.len(),
