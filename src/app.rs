@@ -346,6 +346,7 @@ impl Application {
             cors_origins: Arc::new(cors_origins),
             http_metrics: settings.http_metrics,
             definitions: moka::future::Cache::new(10_000),
+            clock: settings.clock.clone(),
             deliveries: deliveries.clone(),
             store: wired.store,
             operations: wired
@@ -520,6 +521,7 @@ impl Application {
         let (writers, writer_tasks) = http::sse::writer::Writers::start(
             self.state.hub.clone(),
             self.state.metrics.clone(),
+            self.state.clock.clone(),
             &writer_settings,
             stop.clone(),
             &tasks,

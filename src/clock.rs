@@ -1,7 +1,8 @@
-//! Where time comes from: the one clock commands read ([`now`]), and the
-//! [`Clock`] handle that time-windowed parts (the rate limiter) are given,
-//! the system's in production and a manual one in tests, so that no test
-//! waits on the wall clock. Uses nothing else of the crate.
+//! Where time comes from: the system's clock ([`now`]), and the [`Clock`]
+//! handle that whatever depends on the time of day is given (the commands
+//! the HTTP API issues, leaderboard windows and their streams' rollover, the
+//! rate limiter): the system's in production and a manual one in tests, so
+//! that no test waits on the wall clock. Uses nothing else of the crate.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -60,6 +61,17 @@ impl Clock {
     /// Whole seconds since the Unix epoch.
     pub fn unix_secs(&self) -> u64 {
         self.since_epoch().as_secs()
+    }
+
+    /// Now on this clock, to the microsecond (as [`now`] for the system's).
+    pub fn now(&self) -> DateTime<Utc> {
+        match &self.manual {
+            None => now(),
+            Some(millis) => {
+                let millis = i64::try_from(millis.load(Ordering::SeqCst)).unwrap_or(i64::MAX);
+                DateTime::from_timestamp_millis(millis).unwrap_or(DateTime::<Utc>::MAX_UTC)
+            }
+        }
     }
 }
 

@@ -253,8 +253,8 @@ pub struct Settings {
     /// before another instance takes it over.
     #[arg(long, env = "PODIUM_LEASE_TTL_MS", default_value_t = DEFAULT_LEASE_TTL_MS)]
     pub lease_ttl_ms: u64,
-    /// Where time-windowed parts (the rate limiter) read the time: the
-    /// system's; tests set a manual one.
+    /// Where the API, leaderboard windows and the rate limiter read the
+    /// time: the system's; tests set a manual one.
     #[arg(skip)]
     pub clock: crate::clock::Clock,
 }

@@ -99,6 +99,8 @@ pub struct AppParts {
     pub deliveries: Arc<crate::delivery::Deliveries>,
     /// Published tests' definitions, which never change.
     pub definitions: moka::future::Cache<uuid::Uuid, Arc<podium_domain::test::TestDefinition>>,
+    /// What commands and leaderboard windows take as now.
+    pub clock: crate::clock::Clock,
 }
 
 pub fn router(state: AppState) -> Router {

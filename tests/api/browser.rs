@@ -259,6 +259,16 @@ async fn the_demo_page_follows_the_leaderboard_live(adapters: Adapters, name: &s
         )
         .await;
     assert!(period.as_str().unwrap().contains("resets"), "{period}");
+    // The stream follows the week's board now: a new entry shows live.
+    ace(&app, &test_id, "weekly").await;
+    browser
+        .until(
+            "a live entry on the week's board",
+            "const row = document.querySelector('#leaderboard tr[data-user=\"weekly\"]');
+             return row && document.getElementById('lb-period').textContent.startsWith('week:')
+                 && row.cells[0].textContent.trim();",
+        )
+        .await;
     browser.eval(&pick("all")).await;
     browser
         .until(

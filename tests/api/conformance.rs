@@ -684,14 +684,16 @@ pub async fn leaderboard_windows(adapters: Adapters) {
             .await;
         crate::helpers::assert_problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
     }
-    // Streams follow the all-time board only, and say so.
-    let stream = app
-        .get(
-            &format!("/v1/tests/{test_id}/leaderboard/stream?window=day"),
-            &token,
-        )
-        .await;
-    crate::helpers::assert_problem(stream, StatusCode::UNPROCESSABLE_ENTITY).await;
+    // Streams follow the current period: a past one is refused.
+    for query in ["window=day&period=2026-12-01", "window=fortnight"] {
+        let stream = app
+            .get(
+                &format!("/v1/tests/{test_id}/leaderboard/stream?{query}"),
+                &token,
+            )
+            .await;
+        crate::helpers::assert_problem(stream, StatusCode::UNPROCESSABLE_ENTITY).await;
+    }
     let unknown = uuid::Uuid::new_v4();
     let (status, _) = json(
         &app,
@@ -700,6 +702,82 @@ pub async fn leaderboard_windows(adapters: Adapters) {
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// A windowed stream at a period's end: the clock (a manual one, which the
+/// server's commands, windows and stream writers read) is moved past
+/// midnight into a leap day; the stream says `period` (id 0) and goes on
+/// with the new day's board, which holds only what was submitted on it.
+pub async fn a_windowed_stream_rolls_over_at_the_period_end(adapters: Adapters) {
+    use std::time::{Duration as StdDuration, UNIX_EPOCH};
+    let eve = chrono::DateTime::parse_from_rfc3339("2028-02-28T23:59:00Z").unwrap();
+    let clock = podium::clock::Clock::manual(
+        UNIX_EPOCH + StdDuration::from_secs(eve.timestamp().try_into().unwrap()),
+    );
+    let configured = clock.clone();
+    let Some(app) = serve(
+        adapters,
+        "a_windowed_stream_rolls_over_at_the_period_end",
+        move |s| s.clock = configured,
+    )
+    .await
+    else {
+        return;
+    };
+    let test_id = app.published_test().await;
+    let token = app.user("watcher");
+    let path = format!("/v1/tests/{test_id}/leaderboard/stream?window=day");
+    let mut stream = SseClient::open(&app, &path, &token, None).await;
+    take(&app, &test_id, "late", true, false).await;
+    let late = stream
+        .next_named("entry", CONVERGE)
+        .await
+        .expect("the entry of the day's last submission");
+    assert_eq!(
+        (&late.data["user_id"], &late.data["rank"]),
+        (&json!("late"), &json!(1))
+    );
+
+    clock.advance(StdDuration::from_secs(90));
+    let period = stream
+        .next_named("period", CONVERGE)
+        .await
+        .expect("the period event at midnight");
+    assert_eq!(period.id, "0");
+    assert_eq!(
+        period.data,
+        json!({
+            "window": "day",
+            "period_start": "2028-02-29T00:00:00Z",
+            "period_end": "2028-03-01T00:00:00Z",
+        })
+    );
+    take(&app, &test_id, "early", false, true).await;
+    let early = stream
+        .next_named("entry", CONVERGE)
+        .await
+        .expect("the new day's first entry");
+    assert_eq!(
+        (&early.data["user_id"], &early.data["rank"]),
+        (&json!("early"), &json!(1)),
+        "the new day's board holds only its own submissions"
+    );
+    // The pages agree: each day is a board of its own.
+    let day = |period: &str| format!("/v1/tests/{test_id}/leaderboard?window=day{period}");
+    let (_, today) = json(&app, &day(""), &token).await;
+    assert_eq!(users(&today["entries"]), ["early"]);
+    assert_eq!(today["period_start"], "2028-02-29T00:00:00Z");
+    let (_, eve) = json(&app, &day("&period=2028-02-28"), &token).await;
+    assert_eq!(users(&eve["entries"]), ["late"]);
+    // A client that reconnects with the period event's id gets the new
+    // day's board from its start.
+    drop(stream);
+    let mut resumed = SseClient::open(&app, &path, &token, Some("0")).await;
+    let again = resumed
+        .next_named("entry", CONVERGE)
+        .await
+        .expect("the new day's entries on resume");
+    assert_eq!(again.data["user_id"], "early");
 }
 
 /// What users see of `test_id` and of user q: the views a rebuild must keep.
@@ -755,6 +833,7 @@ conformance!(
     commands_grade_refuse_and_replay,
     leaderboard_ranks_pages_and_neighbours,
     leaderboard_windows,
+    a_windowed_stream_rolls_over_at_the_period_end,
     feed_counts_notifications_and_reads,
     sse_resume_gets_exactly_what_was_missed,
     a_rebuild_from_the_log_answers_the_same,

@@ -90,7 +90,7 @@ async fn start(
         attempt_id,
         user_id: principal.user_id.clone(),
         test,
-        now: crate::clock::now(),
+        now: state.clock.now(),
     };
     let id = attempt_id.to_string();
     let attempts = &state.aggregates.attempts;
@@ -152,7 +152,7 @@ async fn answer(
         question_id,
         choice: body.choice,
         test,
-        now: crate::clock::now(),
+        now: state.clock.now(),
     };
     state
         .aggregates
@@ -205,7 +205,7 @@ async fn submit(
         by: principal.user_id.clone(),
         answers: body.answers,
         test,
-        now: crate::clock::now(),
+        now: state.clock.now(),
     };
     let id = attempt_id.to_string();
     let attempts = &state.aggregates.attempts;

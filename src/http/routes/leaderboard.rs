@@ -80,17 +80,26 @@ impl BoardQuery {
                 )
             })?,
         };
-        let period = window.period(at);
-        Ok(Board {
-            test_id,
-            id: windows::board_at(test_id, window, at),
-            window,
-            period,
-        })
+        Ok(Board::at(test_id, window, at))
     }
 }
 
 impl Board {
+    /// `test_id`'s board in `window` for the period that holds `at`.
+    fn at(test_id: Uuid, window: Window, at: DateTime<Utc>) -> Board {
+        Board {
+            test_id,
+            id: windows::board_at(test_id, window, at),
+            window,
+            period: window.period(at),
+        }
+    }
+
+    /// The board of the same test and window whose period begins at `at`.
+    fn following(&self, at: DateTime<Utc>) -> Board {
+        Board::at(self.test_id, self.window, at)
+    }
+
     /// The query parameters that name this board in a link (none for `all`).
     fn link_params(&self) -> Vec<(&'static str, String)> {
         match self.period {
@@ -235,7 +244,7 @@ async fn page(
     ApiQuery(query): ApiQuery<PageQuery>,
     ApiQuery(board): ApiQuery<BoardQuery>,
 ) -> Result<Response, ApiError> {
-    let board = board.board(test_id, crate::clock::now())?;
+    let board = board.board(test_id, state.clock.now())?;
     let limit = pagination::limit(query.limit)?;
     let (start, key) = match (&query.cursor, query.offset) {
         (Some(_), Some(_)) => {
@@ -406,7 +415,7 @@ async fn around(
     ApiQuery(query): ApiQuery<AroundQuery>,
     ApiQuery(board): ApiQuery<BoardQuery>,
 ) -> Result<Response, ApiError> {
-    let board = board.board(test_id, crate::clock::now())?;
+    let board = board.board(test_id, state.clock.now())?;
     let user = UserId::parse(user_id)
         .map_err(|err| ApiError::BadRequest(format!("invalid user id in the path: {err}")))?;
     let radius = query.radius.unwrap_or(DEFAULT_RADIUS);
@@ -458,10 +467,10 @@ async fn load_around(
     })
 }
 
-/// `entry` events of one test's leaderboard.
+/// `entry` events of one board.
 struct Entries {
     state: AppState,
-    test_id: Uuid,
+    board: Board,
 }
 
 impl StreamSource for Entries {
@@ -473,7 +482,7 @@ impl StreamSource for Entries {
         let (seq, changed) = self
             .state
             .store
-            .leaderboard_changed_since(self.test_id, after, sse::CATCH_UP_LIMIT)
+            .leaderboard_changed_since(self.board.id, after, sse::CATCH_UP_LIMIT)
             .await?;
         let mut caught = CatchUp::at(seq);
         let Some(changed) = changed else {
@@ -502,13 +511,36 @@ impl StreamSource for Entries {
         }
         out.json(change.seq, "entry", &change.data);
     }
+
+    fn ends_at(&self) -> Option<DateTime<Utc>> {
+        self.board.period.map(|period| period.end)
+    }
+
+    fn next(&self) -> Option<sse::Next<Self>> {
+        let end = self.ends_at()?;
+        let board = self.board.following(end);
+        let mut announce = Frames::default();
+        let view = serde_json::to_value(WindowView::from(&board)).ok()?;
+        announce.json(0, "period", &view);
+        Some(sse::Next {
+            source: Entries {
+                state: self.state.clone(),
+                board,
+            },
+            key: board.id.to_string(),
+            announce,
+        })
+    }
 }
 
 /// Server-Sent Events: `entry` `{"user_id", "score", "rank", "previous_rank",
 /// "attempts"}` for each changed entry; `resync` when a resume missed too
 /// much, or when one batch of the projection changed more than 100 entries of
-/// the test (a backlog being worked off): reload then. Ids are log seqs;
-/// resume with `Last-Event-ID`.
+/// the board (a backlog being worked off): reload then. Ids are log seqs;
+/// resume with `Last-Event-ID`. With a `window`, the stream follows the
+/// current period's board; when the period ends (within a second) it sends
+/// `period` `{"window", "period_start", "period_end"}` with id 0, then the
+/// new period's entries so far, and goes on with it.
 #[utoipa::path(get, path = "/v1/tests/{test_id}/leaderboard/stream", tag = "leaderboards",
     params(("test_id" = Uuid, Path), ("last-event-id" = Option<String>, Header), crate::http::sse::StreamQuery, BoardQuery),
     security(("bearer" = [])),
@@ -516,7 +548,7 @@ impl StreamSource for Entries {
         (status = 200, description = "An event stream", content_type = "text/event-stream", headers(("cache-control" = String, description = "no-cache"), ("x-accel-buffering" = String, description = "no"))),
         (status = 400, description = "Malformed id or Last-Event-ID"),
         (status = 404, description = "No such test"),
-        (status = 422, description = "A `window` other than `all` (streams follow the all-time board), or an unknown one"),
+        (status = 422, description = "An unknown `window`, or a `period` (streams follow the current one)"),
         (status = 429, description = "Too many open streams"),
     ))]
 async fn stream(
@@ -527,24 +559,26 @@ async fn stream(
     ApiQuery(board): ApiQuery<BoardQuery>,
 ) -> Result<Response, ApiError> {
     let principal = query.caller(&state, &headers).await?;
-    if board.board(test_id, crate::clock::now())?.window != Window::All {
+    if board.period.is_some() {
         return Err(pagination::invalid(
-            "window",
-            "streams follow the all-time board; read a window's pages instead",
+            "period",
+            "streams follow the current period; read a past period's pages instead",
         ));
     }
+    let board = board.board(test_id, state.clock.now())?;
     let last_event_id = query.last_event_id(&headers)?;
     published_definition(&state, test_id).await?;
+    let key = board.id.to_string();
     let source = Entries {
         state: state.clone(),
-        test_id,
+        board,
     };
     sse::open(
         &state,
         principal.user_id.as_str(),
         source,
         leaderboard::TOPIC,
-        &test_id.to_string(),
+        &key,
         last_event_id,
     )
     .await

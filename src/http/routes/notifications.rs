@@ -117,7 +117,7 @@ async fn send(
     ApiJson(body): ApiJson<SendBody>,
 ) -> Result<(StatusCode, Json<Sent>), ApiError> {
     let contents = body.parse().map_err(ApiError::invalid)?;
-    let now = crate::clock::now();
+    let now = state.clock.now();
     let mut notification_ids = Vec::with_capacity(contents.len());
     for content in contents {
         let notification_id = match &scope {
@@ -161,7 +161,7 @@ async fn mark_read(
 ) -> Result<StatusCode, ApiError> {
     let command = NotificationCommand::MarkRead {
         by: principal.user_id.clone(),
-        now: crate::clock::now(),
+        now: state.clock.now(),
     };
     let result = state
         .aggregates
@@ -191,7 +191,7 @@ async fn read_all(
     }
     let command = InboxCommand::ReadAll {
         user_id: principal.user_id.clone(),
-        now: crate::clock::now(),
+        now: state.clock.now(),
     };
     let result = state
         .aggregates

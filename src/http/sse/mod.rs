@@ -14,6 +14,12 @@
 //! snapshot: what it read covers every change up to `w`, so live changes at
 //! or below `w` are dropped and the rest sent. The same catch-up runs when a
 //! slow client falls behind or the NATS connection was re-established.
+//!
+//! A source may close (a windowed leaderboard's period ends): its writer
+//! then moves its streams to the source that follows, sends them the event
+//! that says so with id 0, and catches them up on the new source from the
+//! start. A client that reconnects in between resumes from 0: everything
+//! the new source holds.
 
 pub mod writer;
 
@@ -27,6 +33,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use bytes::{BufMut, Bytes, BytesMut};
+use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use podium_domain::log::Change;
 use serde::Deserialize;
@@ -57,6 +64,30 @@ pub trait StreamSource: Send + Sync + 'static {
 
     /// Writes the events a live change becomes.
     fn render(change: &Change, out: &mut Frames);
+
+    /// When what this stream follows closes (a leaderboard period's end);
+    /// `None` for what never does.
+    fn ends_at(&self) -> Option<DateTime<Utc>> {
+        None
+    }
+
+    /// What the stream follows once [`ends_at`](Self::ends_at) has passed:
+    /// the next source, the hub key of its changes, and the event that
+    /// tells the client. `None` ends the stream.
+    fn next(&self) -> Option<Next<Self>>
+    where
+        Self: Sized,
+    {
+        None
+    }
+}
+
+/// What a stream goes on with when its source closes.
+pub struct Next<S> {
+    pub source: S,
+    pub key: String,
+    /// Written to the client before the new source's catch-up.
+    pub announce: Frames,
 }
 
 /// [`StreamSource`] for the writers, which hold streams of every kind.
@@ -64,6 +95,8 @@ trait Source: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
     fn catch_up(&self, after: Option<u64>) -> BoxFuture<'_, Result<CatchUp, ApiError>>;
     fn render(&self, change: &Change) -> Bytes;
+    fn ends_at(&self) -> Option<DateTime<Utc>>;
+    fn next(&self) -> Option<Next<Arc<dyn Source>>>;
 }
 
 impl<S: StreamSource> Source for S {
@@ -79,6 +112,18 @@ impl<S: StreamSource> Source for S {
         let mut out = Frames::default();
         S::render(change, &mut out);
         out.freeze()
+    }
+
+    fn ends_at(&self) -> Option<DateTime<Utc>> {
+        StreamSource::ends_at(self)
+    }
+
+    fn next(&self) -> Option<Next<Arc<dyn Source>>> {
+        StreamSource::next(self).map(|next| Next {
+            source: Arc::new(next.source) as Arc<dyn Source>,
+            key: next.key,
+            announce: next.announce,
+        })
     }
 }
 

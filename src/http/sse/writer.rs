@@ -6,7 +6,9 @@
 //! stream of its key. A socket that would block keeps what is left in a
 //! queue of shared buffers and wakes the writer when it drains; one that
 //! falls `buffer` writes behind stops being queued for and is caught up from
-//! the read model once drained. One heartbeat ticker serves every stream.
+//! the read model once drained. One heartbeat ticker serves every stream,
+//! and one ticker moves the streams of a source that closed (a leaderboard
+//! period that ended) on to the next, within a second of its end.
 //! Catch-ups (a lost change, a NATS reconnection, a slow client) run as
 //! queries beside the writer, one per key and starting point however many
 //! streams need it.
@@ -30,7 +32,10 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{CatchUp, Frames, Opened, Source};
+use chrono::{DateTime, Utc};
+
+use super::{CatchUp, Frames, Next, Opened, Source};
+use crate::clock::Clock;
 use crate::http::error::ApiError;
 use crate::ops::metrics::Metrics;
 use crate::query::changes::{ChangeHub, Delivered};
@@ -73,6 +78,7 @@ impl Writers {
     pub fn start(
         hub: Arc<ChangeHub>,
         metrics: Metrics,
+        clock: Clock,
         settings: &WriterSettings,
         stop: CancellationToken,
         tasks: &TaskTracker,
@@ -87,6 +93,8 @@ impl Writers {
                 id,
                 hub: hub.clone(),
                 metrics: metrics.clone(),
+                clock: clock.clone(),
+                next_end: None,
                 buffer: settings.buffer.max(1),
                 conns: Vec::new(),
                 free: Vec::new(),
@@ -196,6 +204,8 @@ struct Conn {
 struct Group {
     key: Arc<TopicKey>,
     source: Arc<dyn Source>,
+    /// When its source closes, if it does.
+    ends: Option<DateTime<Utc>>,
     members: Vec<u32>,
 }
 
@@ -256,6 +266,10 @@ struct Shard {
     id: usize,
     hub: Arc<ChangeHub>,
     metrics: Metrics,
+    /// What tells when a source closes.
+    clock: Clock,
+    /// The earliest of the groups' ends.
+    next_end: Option<DateTime<Utc>>,
     buffer: usize,
     conns: Vec<Entry>,
     free: Vec<u32>,
@@ -271,6 +285,9 @@ struct Shard {
 /// Most changes taken from the hub in one go.
 const BATCH: usize = 256;
 
+/// How often a writer looks for sources that have closed.
+const ROLL_CHECK: Duration = Duration::from_secs(1);
+
 impl Shard {
     async fn run(
         mut self,
@@ -285,6 +302,8 @@ impl Shard {
         let mut ticker = tokio::time::interval(heartbeat.max(Duration::from_millis(100)));
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         ticker.tick().await;
+        let mut rolls = tokio::time::interval(ROLL_CHECK);
+        rolls.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut batch = Vec::with_capacity(BATCH);
         loop {
             tokio::select! {
@@ -312,6 +331,7 @@ impl Shard {
                     self.all_catch_up();
                 }
                 _ = ticker.tick() => self.heartbeat(),
+                _ = rolls.tick() => self.roll_due(),
             }
         }
         self.end_all();
@@ -343,18 +363,8 @@ impl Shard {
             slot,
             open,
         } = stream;
-        let key = Arc::new((topic, key));
-        if !self.groups.contains_key(&key) {
-            self.hub.forward(&key.0, &key.1, self.id, self.sink.clone());
-            let group = Group {
-                key: key.clone(),
-                source,
-                members: Vec::new(),
-            };
-            self.groups.insert(key.clone(), group);
-        }
-        let group = self.groups.get_mut(&key).expect("just inserted");
-        let key = group.key.clone();
+        let key = self.group(topic, key, source);
+        let group = self.groups.get_mut(&key).expect("just made");
         let index = match self.free.pop() {
             Some(index) => index,
             None => {
@@ -402,6 +412,80 @@ impl Shard {
             self.catch_up(index, "bus_reconnected", Vec::new());
         }
         self.service(index);
+    }
+
+    /// The group of `topic`/`key`, made (and its key forwarded from the
+    /// hub) if it is new.
+    fn group(&mut self, topic: String, key: String, source: Arc<dyn Source>) -> Arc<TopicKey> {
+        let key = Arc::new((topic, key));
+        if let Some(group) = self.groups.get(&key) {
+            return group.key.clone();
+        }
+        self.hub.forward(&key.0, &key.1, self.id, self.sink.clone());
+        let ends = source.ends_at();
+        if let Some(end) = ends {
+            self.next_end = Some(self.next_end.map_or(end, |next| next.min(end)));
+        }
+        let group = Group {
+            key: key.clone(),
+            source,
+            ends,
+            members: Vec::new(),
+        };
+        self.groups.insert(key.clone(), group);
+        key
+    }
+
+    /// Moves the streams of every source that has closed on to the source
+    /// that follows it: each is told (the source's announcement) and caught
+    /// up on the new one from the start. Streams of a source with no
+    /// successor end.
+    fn roll_due(&mut self) {
+        let now = self.clock.now();
+        if self.next_end.is_none_or(|end| end > now) {
+            return;
+        }
+        let due: Vec<Arc<TopicKey>> = self
+            .groups
+            .values()
+            .filter(|group| group.ends.is_some_and(|end| end <= now))
+            .map(|group| group.key.clone())
+            .collect();
+        for key in due {
+            let Some(group) = self.groups.remove(&key) else {
+                continue;
+            };
+            self.hub.unforward(&key.0, &key.1, self.id);
+            let Some(Next {
+                source,
+                key: next,
+                announce,
+            }) = group.source.next()
+            else {
+                for index in group.members {
+                    self.close(index);
+                }
+                continue;
+            };
+            let next = self.group(key.0.clone(), next, source);
+            let announce = Wire::of(announce);
+            for index in group.members {
+                let Some(conn) = self.conns[index as usize].conn.as_mut() else {
+                    continue;
+                };
+                let joined = self.groups.get_mut(&next).expect("just made");
+                conn.key = next.clone();
+                conn.pos = joined.members.len();
+                joined.members.push(index);
+                // What was under way for the old source no longer applies:
+                // the client starts over on the new one.
+                conn.mode = Mode::Live;
+                conn.last = 0;
+                self.send(index, &announce);
+                self.catch_up(index, "period", Vec::new());
+            }
+        }
+        self.next_end = self.groups.values().filter_map(|group| group.ends).min();
     }
 
     /// Hands one change to every stream of its key.
@@ -670,13 +754,16 @@ impl Shard {
 
     fn caught_up(&mut self, caught: CaughtUp) {
         let CaughtUp { key, after, result } = caught;
-        let waiting = self.catch_ups.remove(&(key, after)).unwrap_or_default();
+        let waiting = self
+            .catch_ups
+            .remove(&(key.clone(), after))
+            .unwrap_or_default();
         let caught = match result {
             Ok(caught) => caught,
             Err(err) => {
                 tracing::warn!(%err, "ending streams that cannot catch up");
                 for waiter in waiting {
-                    if self.current(waiter).is_some() {
+                    if self.current(waiter).is_some_and(|conn| *conn.key == *key) {
                         self.close(waiter.0);
                     }
                 }
@@ -690,7 +777,8 @@ impl Shard {
             let Some(conn) = self.current(waiter) else {
                 continue;
             };
-            if !matches!(conn.mode, Mode::CatchingUp { .. }) {
+            // A stream that moved to another source since waits for its own.
+            if !matches!(conn.mode, Mode::CatchingUp { .. }) || *conn.key != *key {
                 continue;
             }
             let Mode::CatchingUp { queued, overflowed } =
