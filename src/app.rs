@@ -347,6 +347,9 @@ impl Application {
             http_metrics: settings.http_metrics,
             definitions: moka::future::Cache::new(10_000),
             clock: settings.clock.clone(),
+            as_of: Arc::new(crate::query::as_of::AsOfBoards::new(
+                settings.query.as_of_cache_max_bytes,
+            )),
             deliveries: deliveries.clone(),
             store: wired.store,
             operations: wired
@@ -501,6 +504,21 @@ impl Application {
                 operations.owners().clone(),
                 stop.clone(),
             )));
+        }
+        // Every instance that runs background work notifies the podiums of
+        // periods that close (each exactly once, whoever does it).
+        if self.workers || self.local.is_some() {
+            let ledger: Arc<dyn crate::projector::podiums::PodiumLedger> = match &self.pool {
+                Some(pool) => Arc::new(crate::projector::podiums::PgPodiumLedger(pool.clone())),
+                None => Arc::new(crate::projector::podiums::MemoryPodiumLedger::default()),
+            };
+            let podiums = crate::projector::podiums::Podiums {
+                store: self.state.store.clone(),
+                aggregates: self.state.aggregates.clone(),
+                ledger,
+                clock: self.state.clock.clone(),
+            };
+            spawned.push(tasks.spawn(podiums.run(stop.clone())));
         }
         // Every instance that runs background work sends due deliveries.
         if self.workers {

@@ -174,6 +174,10 @@ pub struct QuerySettings {
     /// (least recently read boards are evicted); 0 turns the index off.
     #[arg(long, env = "PODIUM_RANK_INDEX_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub rank_index_max_bytes: u64,
+    /// Bytes of leaderboards as of past instants (`as_of`) this instance
+    /// keeps once folded (least recently read are evicted).
+    #[arg(long, env = "PODIUM_AS_OF_CACHE_MAX_BYTES", default_value_t = 128 * 1024 * 1024)]
+    pub as_of_cache_max_bytes: u64,
 }
 
 impl Default for QuerySettings {
@@ -186,6 +190,7 @@ impl Default for QuerySettings {
             sse_buffer: 256,
             sse_max_streams_per_user: 8,
             rank_index_max_bytes: 256 * 1024 * 1024,
+            as_of_cache_max_bytes: 128 * 1024 * 1024,
         }
     }
 }

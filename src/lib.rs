@@ -16,7 +16,7 @@
 //! | [`query`] | read-store port and adapters, query cache, change hub | `log`, `ops` |
 //! | [`ratelimit`] | the limiter, the window-store port and adapters | `ops`, `config`, `clock` |
 //! | [`relay`] | the outbox relay: leadership, targets (JetStream, in-process) | `query`, `log`, `ops`, `config` |
-//! | [`projector`] | the projection registry and runners (NATS, in-process), replay | `relay`, `command`, `query`, `delivery`, `log`, `ops`, `config` |
+//! | [`projector`] | the projection registry and runners (NATS, in-process), replay, period podiums | `relay`, `command`, `query`, `delivery`, `log`, `ops`, `config`, `clock` |
 //! | [`delivery`] | email and webhook delivery: intake, dispatch, their stores, SMTP and HTTP senders | `ops`, `config` |
 //! | [`http`] | router, errors, extractors, SSE, middleware, routes, OpenAPI | `auth`, `query`, `command`, `ratelimit`, `delivery`, `ops`, `config`, `clock` |
 //! | [`cli`], [`app`] | the command line and the wiring of a running instance | everything |

@@ -8,6 +8,7 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use crate::checkpointed::{BoxError, ProjectionLogic};
+use crate::ranking::Submission;
 use crate::tables::Generation;
 
 pub const NAME: &str = "attempts";
@@ -220,6 +221,39 @@ pub struct AttemptSummary {
 pub struct AttemptQueries;
 
 impl AttemptQueries {
+    /// Every submission of `test_id` made at or before `until`, in no order.
+    pub async fn submitted_until(
+        conn: &mut PgConnection,
+        test_id: Uuid,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<Submission>, sqlx::Error> {
+        /// user, attempt, score, max score, correct, submitted at.
+        type Row = (String, Uuid, i32, i32, Option<i32>, DateTime<Utc>);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT user_id, attempt_id, COALESCE(score, 0), max_score, correct, submitted_at
+               FROM my_attempts
+              WHERE test_id = $1 AND status = 'submitted' AND submitted_at <= $2",
+        )
+        .bind(test_id)
+        .bind(until)
+        .fetch_all(conn)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(user_id, attempt_id, score, max_score, correct, submitted_at)| Submission {
+                    test_id,
+                    user_id,
+                    attempt_id,
+                    score: score.max(0) as u32,
+                    max_score: max_score.max(0) as u32,
+                    correct: correct.unwrap_or(0).max(0) as u32,
+                    submitted_at,
+                },
+            )
+            .collect())
+    }
+
     /// Up to `limit` of `user_id`'s attempts, newest first, after the one
     /// started at `after` (a `(started_at, attempt_id)` pair); the flag tells
     /// whether more follow.

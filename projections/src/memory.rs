@@ -130,6 +130,11 @@ impl MemoryModels {
         let _ = self.head.set(Box::new(head));
     }
 
+    /// The seq of the log's last event, when the models know how to read it.
+    pub fn head(&self) -> Option<u64> {
+        self.head.get().map(|head| head())
+    }
+
     /// Whether `user_id` has nothing unread as of now: every event of the
     /// log is applied and none of the user's items is unread (false when
     /// the head is unknown).
@@ -403,6 +408,29 @@ impl MemoryModels {
         let more = items.len() > limit;
         items.truncate(limit);
         (items, more)
+    }
+
+    /// Every submission of `test_id` made at or before `until`, in no order.
+    pub fn submitted_until(&self, test_id: Uuid, until: DateTime<Utc>) -> Vec<Submission> {
+        let models = self.read();
+        models
+            .attempts
+            .values()
+            .flat_map(|list| list.values())
+            .filter(|a| a.test_id == test_id && a.status == "submitted")
+            .filter_map(|a| {
+                let submitted_at = a.submitted_at.filter(|at| *at <= until)?;
+                Some(Submission {
+                    test_id,
+                    user_id: a.user_id.clone(),
+                    attempt_id: a.attempt_id,
+                    score: a.score?,
+                    max_score: a.max_score,
+                    correct: a.correct.unwrap_or(0),
+                    submitted_at,
+                })
+            })
+            .collect()
     }
 
     /// Every published test, newest first.

@@ -199,6 +199,26 @@ impl Board {
     }
 }
 
+/// The board `submissions` make, every entry in rank order: each is
+/// recorded in the order of its time (then attempt id), as the log records
+/// them. What a board looked like at an instant is this fold over the
+/// submissions made up to it.
+pub fn board_of(mut submissions: Vec<Submission>) -> Vec<Entry> {
+    submissions.sort_by(|a, b| {
+        a.submitted_at
+            .cmp(&b.submitted_at)
+            .then(a.attempt_id.cmp(&b.attempt_id))
+    });
+    let mut entries: std::collections::HashMap<String, Entry> = std::collections::HashMap::new();
+    for submission in &submissions {
+        let entry = Entry::record(entries.get(&submission.user_id), submission);
+        entries.insert(submission.user_id.clone(), entry);
+    }
+    let mut ranked: Vec<Entry> = entries.into_values().collect();
+    ranked.sort_by_key(Entry::rank_key);
+    ranked
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -275,6 +295,25 @@ mod tests {
                 .map(|e| (e.user_id, e.best_score, e.achieved_at, e.attempts))
                 .collect();
             prop_assert_eq!(ranked, naive(&subs));
+        }
+
+        #[test]
+        fn a_board_as_of_any_instant_is_the_rules_over_the_submissions_up_to_it(
+            (subs, shuffled) in submissions()
+                .prop_flat_map(|subs| (Just(subs.clone()), Just(subs).prop_shuffle())),
+            instant in -1i64..61,
+        ) {
+            // Handed over in any order, folded up to `instant` only.
+            let given: Vec<Submission> = shuffled
+                .into_iter()
+                .filter(|s| s.submitted_at <= at(instant))
+                .collect();
+            let board: Vec<_> = board_of(given)
+                .into_iter()
+                .map(|e| (e.user_id, e.best_score, e.achieved_at, e.attempts))
+                .collect();
+            let upto: Vec<Submission> = subs.iter().take_while(|s| s.submitted_at <= at(instant)).cloned().collect();
+            prop_assert_eq!(board, naive(&upto));
         }
 
         #[test]

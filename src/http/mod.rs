@@ -101,6 +101,8 @@ pub struct AppParts {
     pub definitions: moka::future::Cache<uuid::Uuid, Arc<podium_domain::test::TestDefinition>>,
     /// What commands and leaderboard windows take as now.
     pub clock: crate::clock::Clock,
+    /// Leaderboards as of past instants, folded on demand.
+    pub as_of: Arc<crate::query::as_of::AsOfBoards>,
 }
 
 pub fn router(state: AppState) -> Router {

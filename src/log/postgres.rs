@@ -140,6 +140,21 @@ fn decode_row(row: &sqlx::postgres::PgRow) -> Result<LogRow, sqlx::Error> {
     })
 }
 
+/// The key of the last committed event, if any.
+pub async fn last_key(conn: &mut PgConnection) -> Result<Option<LogKey>, sqlx::Error> {
+    let row: Option<(i32, String, i64)> = sqlx::query_as(
+        "SELECT epoch, txid::text, position FROM events
+          ORDER BY epoch DESC, txid DESC, position DESC LIMIT 1",
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|(epoch, txid, position)| LogKey {
+        epoch,
+        txid,
+        position,
+    }))
+}
+
 /// How many committed events lie after `after` (readable or not yet).
 pub async fn count_after(conn: &mut PgConnection, after: &LogKey) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(

@@ -9,12 +9,13 @@
 //! projections may be owned by different instances, so the work spreads.
 //!
 //! Here too: the one list of projections ([`registry`]), the embedded mode's
-//! in-process runner ([`local`]) and rebuilds ([`replay`]). May use `relay`,
-//! `command` (the policy issues commands), `query`, `log`, `ops` and
-//! `config`.
+//! in-process runner ([`local`]), rebuilds ([`replay`]) and the time-triggered
+//! notifications of period podiums ([`podiums`]). May use `relay`, `command`
+//! (the policy issues commands), `query`, `log`, `ops`, `config` and `clock`.
 
 pub mod local;
 pub mod operations;
+pub mod podiums;
 pub mod registry;
 pub mod replay;
 

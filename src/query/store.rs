@@ -19,12 +19,23 @@ use podium_projections::leaderboard::{
     self, Around, LeaderboardQueries, Page, PageStart, RankedEntry,
 };
 use podium_projections::memory::MemoryModels;
-use podium_projections::ranking::{Entry, RankKey};
+use podium_projections::ranking::{Entry, RankKey, Submission};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::ops::db::StoreError;
 use crate::query::rank_index::RankIndex;
+
+/// A point in the log: the leaderboard has "reached" it once it has applied
+/// every event committed before it was taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogMark {
+    /// The order key of the last committed event, until the relay has
+    /// numbered it.
+    Key(crate::log::postgres::LogKey),
+    /// A log seq.
+    Seq(u64),
+}
 
 /// A feed page: items newest first, whether more follow, the unread count.
 pub struct FeedPage {
@@ -104,6 +115,22 @@ pub trait ReadStore: Send + Sync {
     /// event committed so far, and none of the user's items is unread. False
     /// when it cannot tell (a feed behind the log).
     async fn all_read(&self, user_id: &str) -> Result<bool, StoreError>;
+
+    /// Every submission of `test_id` made at or before `until`, in no order
+    /// (what a board as of `until` is folded from).
+    async fn submitted_until(
+        &self,
+        test_id: Uuid,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<Submission>, StoreError>;
+
+    /// Where the log ends now.
+    async fn log_mark(&self) -> Result<LogMark, StoreError>;
+
+    /// Whether the leaderboard has applied everything before `mark`, which
+    /// it may refine (a key becomes the seq the relay gave it) so that the
+    /// next question is cheaper. False when it cannot tell.
+    async fn leaderboard_reached(&self, mark: &mut LogMark) -> Result<bool, StoreError>;
 }
 
 /// The read models in Postgres.
@@ -349,6 +376,53 @@ impl ReadStore for PgReadStore {
         };
         Ok(crate::log::postgres::count_after(&mut conn, &key).await? == 0)
     }
+
+    async fn submitted_until(
+        &self,
+        test_id: Uuid,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<Submission>, StoreError> {
+        let mut conn = self.read_pool.acquire().await?;
+        Ok(AttemptQueries::submitted_until(&mut conn, test_id, until).await?)
+    }
+
+    /// The last committed event's key, on the primary.
+    async fn log_mark(&self) -> Result<LogMark, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(match crate::log::postgres::last_key(&mut conn).await? {
+            Some(key) => LogMark::Key(key),
+            None => LogMark::Seq(0),
+        })
+    }
+
+    /// A key is reached by the relay (on the primary) first: its seq then is
+    /// at or past the key's. A seq is reached by the leaderboard where
+    /// queries read it.
+    async fn leaderboard_reached(&self, mark: &mut LogMark) -> Result<bool, StoreError> {
+        if let LogMark::Key(key) = mark {
+            let Some(relay) = &self.relay else {
+                return Ok(false);
+            };
+            let numbered: Option<(i64, bool)> = sqlx::query_as(
+                "SELECT seq, (epoch, txid, position) >= ($2, $3::text::xid8, $4)
+                   FROM relay_checkpoints WHERE name = $1",
+            )
+            .bind(relay)
+            .bind(key.epoch)
+            .bind(&key.txid)
+            .bind(key.position)
+            .fetch_optional(&self.pool)
+            .await?;
+            match numbered {
+                Some((seq, true)) => *mark = LogMark::Seq(seq.max(0) as u64),
+                _ => return Ok(false),
+            }
+        }
+        let LogMark::Seq(seq) = *mark else {
+            unreachable!("a key became a seq above");
+        };
+        Ok(checkpoint_of(&self.read_pool, leaderboard::NAME).await? >= seq)
+    }
 }
 
 /// The embedded mode's read models, kept by its projector in this process.
@@ -442,5 +516,26 @@ impl ReadStore for MemoryModels {
 
     async fn all_read(&self, user_id: &str) -> Result<bool, StoreError> {
         Ok(MemoryModels::all_read(self, user_id))
+    }
+
+    async fn submitted_until(
+        &self,
+        test_id: Uuid,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<Submission>, StoreError> {
+        Ok(MemoryModels::submitted_until(self, test_id, until))
+    }
+
+    async fn log_mark(&self) -> Result<LogMark, StoreError> {
+        Ok(LogMark::Seq(
+            self.head().unwrap_or_else(|| self.checkpoint()),
+        ))
+    }
+
+    async fn leaderboard_reached(&self, mark: &mut LogMark) -> Result<bool, StoreError> {
+        Ok(match mark {
+            LogMark::Seq(seq) => self.checkpoint() >= *seq,
+            LogMark::Key(_) => false,
+        })
     }
 }

@@ -110,7 +110,7 @@ where
     .await
 }
 
-async fn json(app: &TestApp, path: &str, token: &str) -> (StatusCode, Value) {
+pub async fn json(app: &TestApp, path: &str, token: &str) -> (StatusCode, Value) {
     let response = app.get(path, token).await;
     let status = response.status();
     (status, response.json().await.unwrap_or(Value::Null))
@@ -709,11 +709,7 @@ pub async fn leaderboard_windows(adapters: Adapters) {
 /// midnight into a leap day; the stream says `period` (id 0) and goes on
 /// with the new day's board, which holds only what was submitted on it.
 pub async fn a_windowed_stream_rolls_over_at_the_period_end(adapters: Adapters) {
-    use std::time::{Duration as StdDuration, UNIX_EPOCH};
-    let eve = chrono::DateTime::parse_from_rfc3339("2028-02-28T23:59:00Z").unwrap();
-    let clock = podium::clock::Clock::manual(
-        UNIX_EPOCH + StdDuration::from_secs(eve.timestamp().try_into().unwrap()),
-    );
+    let clock = manual_clock("2028-02-28T23:59:00Z");
     let configured = clock.clone();
     let Some(app) = serve(
         adapters,
@@ -738,7 +734,7 @@ pub async fn a_windowed_stream_rolls_over_at_the_period_end(adapters: Adapters) 
         (&json!("late"), &json!(1))
     );
 
-    clock.advance(StdDuration::from_secs(90));
+    clock.advance(Duration::from_secs(90));
     let period = stream
         .next_named("period", CONVERGE)
         .await
@@ -778,6 +774,233 @@ pub async fn a_windowed_stream_rolls_over_at_the_period_end(adapters: Adapters) 
         .await
         .expect("the new day's entries on resume");
     assert_eq!(again.data["user_id"], "early");
+}
+
+/// Boards as of past instants: submissions a minute apart on a manual
+/// clock; each instant's board holds exactly what was submitted by then,
+/// ranked as the live board ranks; links and cursors keep their instant.
+pub async fn leaderboard_as_of(adapters: Adapters) {
+    let clock = manual_clock("2027-05-10T10:00:00Z");
+    let configured = clock.clone();
+    let Some(app) = serve(adapters, "leaderboard_as_of", move |s| s.clock = configured).await
+    else {
+        return;
+    };
+    let test_id = app.published_test().await;
+    let minute = Duration::from_secs(60);
+    take(&app, &test_id, "amy", true, false).await; // 10:00, 4
+    clock.advance(minute);
+    take(&app, &test_id, "bob", true, true).await; // 10:01, 10
+    clock.advance(minute);
+    take(&app, &test_id, "amy", true, true).await; // 10:02, 10 (after bob)
+    clock.advance(minute);
+    take(&app, &test_id, "cid", false, true).await; // 10:03, 6
+    clock.advance(minute * 2);
+    let token = app.user("observer");
+    let page = |as_of: &str| format!("/v1/tests/{test_id}/leaderboard?as_of={as_of}");
+    let now = page("2027-05-10T10:05:00Z");
+    let latest = eventually("every attempt recorded", || async {
+        let (_, body) = json(&app, &now, &token).await;
+        (body["total"] == 3).then_some(body)
+    })
+    .await;
+    let live = board_when(&app, &test_id, 3, |_| true).await;
+    assert_eq!(
+        latest["entries"], live["entries"],
+        "as of now is the live board"
+    );
+    assert_eq!(latest["as_of"], "2027-05-10T10:05:00Z");
+    let ranks = |body: &Value| -> Vec<(String, u64, u64)> {
+        body["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["user_id"].as_str().unwrap().to_string(),
+                    e["score"].as_u64().unwrap(),
+                    e["attempts"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    for (at, expected) in [
+        ("2027-05-10T09:59:59Z", vec![]),
+        ("2027-05-10T10:00:00Z", vec![("amy", 4, 1)]),
+        ("2027-05-10T10:01:30Z", vec![("bob", 10, 1), ("amy", 4, 1)]),
+        ("2027-05-10T10:02:00Z", vec![("bob", 10, 1), ("amy", 10, 2)]),
+        (
+            "2027-05-10T12:03:00%2B02:00",
+            vec![("bob", 10, 1), ("amy", 10, 2), ("cid", 6, 1)],
+        ),
+    ] {
+        let (status, body) = json(&app, &page(at), &token).await;
+        assert_eq!(status, StatusCode::OK, "{at}");
+        let expected: Vec<(String, u64, u64)> = expected
+            .into_iter()
+            .map(|(u, s, a)| (u.to_string(), s, a))
+            .collect();
+        assert_eq!(ranks(&body), expected, "as of {at}");
+        assert_eq!(body["total"], expected.len());
+    }
+    // A cursor walk keeps its instant, in the link and in the cursor.
+    let first = app
+        .get(&format!("{}&limit=1", page("2027-05-10T10:02:00Z")), &token)
+        .await;
+    let link = first.headers()["link"].to_str().unwrap().to_string();
+    assert!(link.contains("as_of=2027-05-10T10:02:00Z"), "{link}");
+    let first: Value = first.json().await.unwrap();
+    let next = link.trim_start_matches('<').split('>').next().unwrap();
+    let (_, second) = json(&app, next, &token).await;
+    assert_eq!(users(&second["entries"]), ["amy"]);
+    assert_eq!(second["entries"][0]["rank"], 2);
+    let cursor = first["next_cursor"].as_str().unwrap();
+    for path in [
+        format!("/v1/tests/{test_id}/leaderboard?cursor={cursor}"),
+        format!("{}&cursor={cursor}", page("2027-05-10T10:03:00Z")),
+    ] {
+        let foreign = app.get(&path, &token).await;
+        crate::helpers::assert_problem(foreign, StatusCode::BAD_REQUEST).await;
+    }
+    // Neighbours as of an instant; none before the user's first attempt.
+    let around = |user: &str, at: &str| {
+        format!("/v1/tests/{test_id}/leaderboard/users/{user}?radius=1&as_of={at}")
+    };
+    let (status, body) = json(&app, &around("amy", "2027-05-10T10:01:30Z"), &token).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (
+            &body["entry"]["rank"],
+            &body["as_of"],
+            users(&body["above"])
+        ),
+        (&json!(2), &json!("2027-05-10T10:01:30Z"), vec!["bob"])
+    );
+    let (status, _) = json(&app, &around("cid", "2027-05-10T10:02:59Z"), &token).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Refused: malformed, in the future, with a window; unknown test: 404.
+    for query in [
+        "as_of=yesterday",
+        "as_of=2027-05-10T10:05:01Z",
+        "as_of=2027-05-10T10:00:00Z&window=day",
+    ] {
+        let response = app
+            .get(&format!("/v1/tests/{test_id}/leaderboard?{query}"), &token)
+            .await;
+        crate::helpers::assert_problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+    }
+    let stream = app
+        .get(
+            &format!("/v1/tests/{test_id}/leaderboard/stream?as_of=2027-05-10T10:00:00Z"),
+            &token,
+        )
+        .await;
+    crate::helpers::assert_problem(stream, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let unknown = uuid::Uuid::new_v4();
+    let (status, _) = json(
+        &app,
+        &format!("/v1/tests/{unknown}/leaderboard?as_of=2027-05-10T10:00:00Z"),
+        &token,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// A manual clock stopped at `at` (RFC 3339, whole seconds).
+pub fn manual_clock(at: &str) -> podium::clock::Clock {
+    let at = chrono::DateTime::parse_from_rfc3339(at).unwrap();
+    let secs = u64::try_from(at.timestamp()).unwrap();
+    podium::clock::Clock::manual(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// `user`'s notifications of `kind`, once there are `count` of them.
+pub async fn notified(app: &TestApp, user: &str, kind: &str, count: usize) -> Vec<Value> {
+    let token = app.user(user);
+    eventually("the notifications", || async {
+        let (_, feed) = json(app, "/v1/me/notifications?limit=200", &token).await;
+        let items: Vec<Value> = feed["items"]
+            .as_array()?
+            .iter()
+            .filter(|item| item["kind"] == kind)
+            .cloned()
+            .collect();
+        (items.len() == count).then_some(items)
+    })
+    .await
+}
+
+/// Period podiums: when a day (and a month) closes — the server's manual
+/// clock is moved past the end and the grace — the first three of each
+/// board of the period are told their place, once; the fourth is not.
+pub async fn a_closed_period_notifies_its_first_three(adapters: Adapters) {
+    let clock = manual_clock("2028-02-29T23:58:00Z");
+    let configured = clock.clone();
+    let Some(app) = serve(
+        adapters,
+        "a_closed_period_notifies_its_first_three",
+        move |s| s.clock = configured,
+    )
+    .await
+    else {
+        return;
+    };
+    let test_id = app.published_test().await;
+    podium_day(&app, &test_id).await;
+    clock.advance(Duration::from_secs(150));
+    for (user, place) in [("gold", "1st"), ("silver", "2nd"), ("bronze", "3rd")] {
+        let items = notified(&app, user, "period_podium", 2).await;
+        let mut titles: Vec<&str> = items.iter().map(|i| i["title"].as_str().unwrap()).collect();
+        titles.sort_unstable();
+        assert_eq!(
+            titles,
+            [
+                format!("{place} place of the day"),
+                format!("{place} place of the month")
+            ],
+            "{user}"
+        );
+        let links: Vec<&str> = items.iter().map(|i| i["link"].as_str().unwrap()).collect();
+        assert!(
+            links.contains(
+                &format!("/v1/tests/{test_id}/leaderboard?window=day&period=2028-02-29").as_str()
+            ),
+            "{links:?}"
+        );
+    }
+    // The fourth is told nothing (its notifications would precede the
+    // third's month podium in the log, which has arrived).
+    let (_, feed) = json(&app, "/v1/me/notifications", &app.user("fourth")).await;
+    let kinds: Vec<&str> = feed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["attempt_graded"]);
+}
+
+/// Four learners on the day that holds the clock's time: gold (10), silver
+/// (6), bronze (4), fourth (0); returns once the day's board holds them.
+pub async fn podium_day(app: &TestApp, test_id: &str) {
+    for (user, q1, q2) in [
+        ("gold", true, true),
+        ("silver", false, true),
+        ("bronze", true, false),
+        ("fourth", false, false),
+    ] {
+        take(app, test_id, user, q1, q2).await;
+    }
+    let token = app.user("observer");
+    let path = format!("/v1/tests/{test_id}/leaderboard?window=day");
+    let board = eventually("the day's board", || async {
+        let (_, board) = json(app, &path, &token).await;
+        (board["total"] == 4).then_some(board)
+    })
+    .await;
+    assert_eq!(
+        users(&board["entries"]),
+        ["gold", "silver", "bronze", "fourth"]
+    );
 }
 
 /// What users see of `test_id` and of user q: the views a rebuild must keep.
@@ -834,6 +1057,8 @@ conformance!(
     leaderboard_ranks_pages_and_neighbours,
     leaderboard_windows,
     a_windowed_stream_rolls_over_at_the_period_end,
+    a_closed_period_notifies_its_first_three,
+    leaderboard_as_of,
     feed_counts_notifications_and_reads,
     sse_resume_gets_exactly_what_was_missed,
     a_rebuild_from_the_log_answers_the_same,

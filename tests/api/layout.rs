@@ -28,7 +28,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "projector",
         &[
-            "relay", "command", "query", "delivery", "log", "ops", "config",
+            "relay", "command", "query", "delivery", "log", "ops", "config", "clock",
         ],
     ),
     (

@@ -23,6 +23,7 @@ mod layout;
 mod notifications;
 mod observability;
 mod openapi;
+mod podiums;
 mod queries;
 mod rank_index;
 mod read_models;

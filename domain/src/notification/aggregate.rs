@@ -21,14 +21,18 @@ pub enum NotificationKind {
     AttemptGraded,
     PersonalBest,
     RankOvertaken,
+    /// One of the top three of a test's board when its day, week or month
+    /// closed.
+    PeriodPodium,
     Announcement,
 }
 
 impl NotificationKind {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::AttemptGraded,
         Self::PersonalBest,
         Self::RankOvertaken,
+        Self::PeriodPodium,
         Self::Announcement,
     ];
 
@@ -37,6 +41,7 @@ impl NotificationKind {
             Self::AttemptGraded => "attempt_graded",
             Self::PersonalBest => "personal_best",
             Self::RankOvertaken => "rank_overtaken",
+            Self::PeriodPodium => "period_podium",
             Self::Announcement => "announcement",
         }
     }

@@ -2,15 +2,15 @@
 //! neighbours, and live `entry` events.
 
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use chrono::{DateTime, Datelike, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use podium_domain::log::Change;
 use podium_domain::UserId;
 use podium_projections::leaderboard::{self, Page, PageStart, RankedEntry};
-use podium_projections::ranking::RankKey;
+use podium_projections::ranking::{Entry, RankKey};
 use podium_projections::windows::{self, Period, Window};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -42,6 +42,10 @@ pub(super) struct BoardQuery {
     /// A date `YYYY-MM-DD`, or an RFC 3339 time, inside the wanted period
     /// (default: the current one); not with `window=all`.
     period: Option<String>,
+    /// An RFC 3339 time, not in the future: the all-time board as it stood
+    /// then (only submissions made at or before it count). Not with a
+    /// window other than `all`; not on streams.
+    as_of: Option<String>,
 }
 
 /// The board a query chose: a test's, in a window's period.
@@ -81,6 +85,34 @@ impl BoardQuery {
             })?,
         };
         Ok(Board::at(test_id, window, at))
+    }
+}
+
+impl BoardQuery {
+    /// The instant `as_of` names for `board`, if any: 422 when malformed,
+    /// after `now`, or with a window.
+    fn as_of(&self, board: &Board, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, ApiError> {
+        let Some(text) = self.as_of.as_deref() else {
+            return Ok(None);
+        };
+        let at = DateTime::parse_from_rfc3339(text)
+            .map_err(|_| {
+                pagination::invalid(
+                    "as_of",
+                    "must be an RFC 3339 time, e.g. 2026-12-01T18:00:00Z",
+                )
+            })?
+            .with_timezone(&Utc);
+        if board.window != Window::All {
+            return Err(pagination::invalid(
+                "as_of",
+                "a board as of a past time is an all-time board; leave out window",
+            ));
+        }
+        if at > now {
+            return Err(pagination::invalid("as_of", "must not be in the future"));
+        }
+        Ok(Some(at))
     }
 }
 
@@ -186,6 +218,9 @@ struct Cursor {
     score: u32,
     at: DateTime<Utc>,
     user: String,
+    /// The instant of an `as_of` board.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    as_of: Option<DateTime<Utc>>,
 }
 
 impl Cursor {
@@ -221,6 +256,13 @@ struct LeaderboardPage<'a> {
     test_id: Uuid,
     #[serde(flatten)]
     window: WindowView,
+    /// The instant of an `as_of` board (absent otherwise).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "podium_domain::time::serialize_option"
+    )]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    as_of: Option<DateTime<Utc>>,
     total: u64,
     entries: Vec<EntryView<'a>>,
     next_cursor: Option<String>,
@@ -234,7 +276,7 @@ struct LeaderboardPage<'a> {
     responses(
         (status = 200, body = LeaderboardPage, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
         (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)"),
-        (status = 422, description = "`limit` outside 1–200, cursor and offset together, an unknown `window` or a malformed `period`"),
+        (status = 422, description = "`limit` outside 1–200, cursor and offset together, an unknown `window`, a malformed `period`, or an `as_of` that is malformed, in the future or with a window"),
         (status = 404, description = "No such test"),
     ))]
 async fn page(
@@ -242,9 +284,11 @@ async fn page(
     _: Principal,
     ApiPath(test_id): ApiPath<Uuid>,
     ApiQuery(query): ApiQuery<PageQuery>,
-    ApiQuery(board): ApiQuery<BoardQuery>,
+    ApiQuery(chosen): ApiQuery<BoardQuery>,
 ) -> Result<Response, ApiError> {
-    let board = board.board(test_id, state.clock.now())?;
+    let now = state.clock.now();
+    let board = chosen.board(test_id, now)?;
+    let as_of = chosen.as_of(&board, now)?;
     let limit = pagination::limit(query.limit)?;
     let (start, key) = match (&query.cursor, query.offset) {
         (Some(_), Some(_)) => {
@@ -255,7 +299,7 @@ async fn page(
         }
         (Some(raw), None) => {
             let cursor: Cursor = pagination::decode(raw)?;
-            if cursor.test_id != board.id {
+            if cursor.test_id != board.id || cursor.as_of != as_of {
                 return Err(pagination::foreign());
             }
             cursor.check()?;
@@ -280,31 +324,68 @@ async fn page(
             (PageStart::Offset(offset), format!("offset:{offset}"))
         }
     };
+    let listing = Listing {
+        board,
+        start,
+        limit,
+        by_offset: query.offset.is_some(),
+    };
+    if let Some(at) = as_of {
+        return as_of_page(&state, listing, at, now).await;
+    }
     let key = CacheKey::LeaderboardPage {
         test_id: board.id,
         start: key,
         limit: limit as u16,
     };
-    let body = cached::get_or_load(
-        &state.cache,
-        key,
-        load_page(&state, board, start, limit, query.offset.is_some()),
-    )
-    .await?;
+    let body = cached::get_or_load(&state.cache, key, load_page(&state, listing)).await?;
     Ok((&body).into_response())
 }
 
-async fn load_page(
-    state: &AppState,
+/// What a page request asks for.
+struct Listing {
     board: Board,
     start: PageStart,
     limit: i64,
+    /// Whether the client pages by offset (its links then do too).
     by_offset: bool,
-) -> Result<Loaded, ApiError> {
+}
+
+impl Listing {
+    /// The link to the page after this one, which `next_cursor` starts.
+    fn next_link(
+        &self,
+        next_cursor: Option<&String>,
+        as_of: Option<DateTime<Utc>>,
+    ) -> Option<HeaderValue> {
+        let cursor = next_cursor?;
+        let test_id = self.board.test_id;
+        let mut params = vec![("limit", self.limit.to_string())];
+        match self.start {
+            PageStart::Offset(offset) if self.by_offset => {
+                params.push(("offset", (offset + self.limit as u64).to_string()))
+            }
+            _ => params.push(("cursor", cursor.clone())),
+        }
+        params.extend(self.board.link_params());
+        if let Some(at) = as_of {
+            params.push(("as_of", at.to_rfc3339_opts(SecondsFormat::AutoSi, true)));
+        }
+        next_link(&format!("/v1/tests/{test_id}/leaderboard"), &params)
+    }
+}
+
+async fn load_page(state: &AppState, listing: Listing) -> Result<Loaded, ApiError> {
+    let Listing {
+        board,
+        start,
+        limit,
+        ..
+    } = &listing;
     let test_id = board.test_id;
     let (seq, page) = state
         .store
-        .leaderboard_page(board.id, &start, limit)
+        .leaderboard_page(board.id, start, *limit)
         .await?;
     let page = match page {
         Ok(page) => page,
@@ -333,31 +414,12 @@ async fn load_page(
             });
         }
     }
-    let next_cursor = next_cursor(board.id, &page, seq);
-    // Clients that page by offset are linked by offset; others by cursor.
-    let link = match (&start, &next_cursor) {
-        (_, None) => None,
-        (PageStart::Offset(offset), Some(_)) if by_offset => next_link(
-            &format!("/v1/tests/{test_id}/leaderboard"),
-            &[
-                ("limit", limit.to_string()),
-                ("offset", (offset + limit as u64).to_string()),
-            ]
-            .into_iter()
-            .chain(board.link_params())
-            .collect::<Vec<_>>(),
-        ),
-        (_, Some(cursor)) => next_link(
-            &format!("/v1/tests/{test_id}/leaderboard"),
-            &[("limit", limit.to_string()), ("cursor", cursor.clone())]
-                .into_iter()
-                .chain(board.link_params())
-                .collect::<Vec<_>>(),
-        ),
-    };
+    let next_cursor = next_cursor(board.id, &page, seq, None);
+    let link = listing.next_link(next_cursor.as_ref(), None);
     let view = LeaderboardPage {
         test_id,
-        window: WindowView::from(&board),
+        window: WindowView::from(board),
+        as_of: None,
         total: page.total,
         entries: page.entries.iter().map(EntryView::from).collect(),
         next_cursor,
@@ -368,8 +430,66 @@ async fn load_page(
     })
 }
 
-/// The cursor after `page` of board `board_id`.
-fn next_cursor(board_id: Uuid, page: &Page, since: u64) -> Option<String> {
+/// A page of the all-time board as of `at`, folded (or kept) in memory.
+async fn as_of_page(
+    state: &AppState,
+    listing: Listing,
+    at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<Response, ApiError> {
+    let test_id = listing.board.test_id;
+    let entries = state
+        .as_of
+        .board(state.store.as_ref(), test_id, at, now)
+        .await?;
+    if entries.is_empty() {
+        published_definition(state, test_id).await?;
+    }
+    let from = match &listing.start {
+        PageStart::Offset(offset) => usize::try_from(*offset).unwrap_or(usize::MAX),
+        PageStart::After { key, .. } => entries.partition_point(|e| e.rank_key() <= *key),
+    };
+    let ranked = ranked(&entries, from, listing.limit as usize);
+    let page = Page {
+        total: entries.len() as u64,
+        more: from.saturating_add(ranked.len()) < entries.len(),
+        entries: ranked,
+    };
+    let next_cursor = next_cursor(test_id, &page, 0, Some(at));
+    let link = listing.next_link(next_cursor.as_ref(), Some(at));
+    let view = LeaderboardPage {
+        test_id,
+        window: WindowView::from(&listing.board),
+        as_of: Some(at),
+        total: page.total,
+        entries: page.entries.iter().map(EntryView::from).collect(),
+        next_cursor,
+    };
+    Ok((&JsonBody::new(&view, link)?).into_response())
+}
+
+/// `count` entries of `entries` (a whole board in rank order) from index
+/// `from`, with their ranks.
+fn ranked(entries: &[Entry], from: usize, count: usize) -> Vec<RankedEntry> {
+    entries
+        .iter()
+        .enumerate()
+        .skip(from)
+        .take(count)
+        .map(|(i, entry)| RankedEntry {
+            rank: i as u64 + 1,
+            entry: entry.clone(),
+        })
+        .collect()
+}
+
+/// The cursor after `page` of board `board_id` (as of `as_of`, if given).
+fn next_cursor(
+    board_id: Uuid,
+    page: &Page,
+    since: u64,
+    as_of: Option<DateTime<Utc>>,
+) -> Option<String> {
     let last = page.entries.last().filter(|_| page.more)?;
     Some(pagination::encode(&Cursor {
         test_id: board_id,
@@ -377,6 +497,7 @@ fn next_cursor(board_id: Uuid, page: &Page, since: u64) -> Option<String> {
         score: last.entry.best_score,
         at: last.entry.achieved_at,
         user: last.entry.user_id.clone(),
+        as_of,
     }))
 }
 
@@ -392,6 +513,13 @@ struct AroundView<'a> {
     test_id: Uuid,
     #[serde(flatten)]
     window: WindowView,
+    /// The instant of an `as_of` board (absent otherwise).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "podium_domain::time::serialize_option"
+    )]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    as_of: Option<DateTime<Utc>>,
     total: u64,
     entry: EntryView<'a>,
     above: Vec<EntryView<'a>>,
@@ -406,16 +534,18 @@ struct AroundView<'a> {
         (status = 200, body = AroundView),
         (status = 400, description = "Malformed id"),
         (status = 404, description = "The user has no entry"),
-        (status = 422, description = "`radius` above 50, an unknown `window` or a malformed `period`"),
+        (status = 422, description = "`radius` above 50, an unknown `window`, a malformed `period`, or an `as_of` that is malformed, in the future or with a window"),
     ))]
 async fn around(
     State(state): State<AppState>,
     _: Principal,
     ApiPath((test_id, user_id)): ApiPath<(Uuid, String)>,
     ApiQuery(query): ApiQuery<AroundQuery>,
-    ApiQuery(board): ApiQuery<BoardQuery>,
+    ApiQuery(chosen): ApiQuery<BoardQuery>,
 ) -> Result<Response, ApiError> {
-    let board = board.board(test_id, state.clock.now())?;
+    let now = state.clock.now();
+    let board = chosen.board(test_id, now)?;
+    let as_of = chosen.as_of(&board, now)?;
     let user = UserId::parse(user_id)
         .map_err(|err| ApiError::BadRequest(format!("invalid user id in the path: {err}")))?;
     let radius = query.radius.unwrap_or(DEFAULT_RADIUS);
@@ -424,6 +554,9 @@ async fn around(
             "radius",
             format!("must be between 0 and {MAX_RADIUS}"),
         ));
+    }
+    if let Some(at) = as_of {
+        return as_of_around(&state, board, user, radius, (at, now)).await;
     }
     let key = CacheKey::Around {
         test_id: board.id,
@@ -456,6 +589,7 @@ async fn load_around(
     let view = AroundView {
         test_id: board.test_id,
         window: WindowView::from(&board),
+        as_of: None,
         total: around.total,
         entry: EntryView::from(entry),
         above: around.above.iter().map(EntryView::from).collect(),
@@ -465,6 +599,42 @@ async fn load_around(
         answer: JsonBody::new(&view, None),
         seq,
     })
+}
+
+/// `user`'s entry and neighbours on the all-time board as of `at`.
+async fn as_of_around(
+    state: &AppState,
+    board: Board,
+    user: UserId,
+    radius: u16,
+    (at, now): (DateTime<Utc>, DateTime<Utc>),
+) -> Result<Response, ApiError> {
+    let entries = state
+        .as_of
+        .board(state.store.as_ref(), board.test_id, at, now)
+        .await?;
+    let Some(index) = entries.iter().position(|e| e.user_id == user.as_str()) else {
+        return Err(ApiError::NotFound(format!(
+            "{user} had no entry on this leaderboard at {at}"
+        )));
+    };
+    let radius = usize::from(radius);
+    let first = index.saturating_sub(radius);
+    let (above, mine, below) = (
+        ranked(&entries, first, index - first),
+        ranked(&entries, index, 1),
+        ranked(&entries, index + 1, radius),
+    );
+    let view = AroundView {
+        test_id: board.test_id,
+        window: WindowView::from(&board),
+        as_of: Some(at),
+        total: entries.len() as u64,
+        entry: EntryView::from(&mine[0]),
+        above: above.iter().map(EntryView::from).collect(),
+        below: below.iter().map(EntryView::from).collect(),
+    };
+    Ok((&JsonBody::new(&view, None)?).into_response())
 }
 
 /// `entry` events of one board.
@@ -548,7 +718,7 @@ impl StreamSource for Entries {
         (status = 200, description = "An event stream", content_type = "text/event-stream", headers(("cache-control" = String, description = "no-cache"), ("x-accel-buffering" = String, description = "no"))),
         (status = 400, description = "Malformed id or Last-Event-ID"),
         (status = 404, description = "No such test"),
-        (status = 422, description = "An unknown `window`, or a `period` (streams follow the current one)"),
+        (status = 422, description = "An unknown `window`, or a `period` or `as_of` (streams follow the current board)"),
         (status = 429, description = "Too many open streams"),
     ))]
 async fn stream(
@@ -563,6 +733,12 @@ async fn stream(
         return Err(pagination::invalid(
             "period",
             "streams follow the current period; read a past period's pages instead",
+        ));
+    }
+    if board.as_of.is_some() {
+        return Err(pagination::invalid(
+            "as_of",
+            "streams follow the board as it is; read a past board's pages instead",
         ));
     }
     let board = board.board(test_id, state.clock.now())?;
