@@ -24,6 +24,9 @@ use crate::log::postgres::LogCursor;
 const BATCH: i64 = 1_000;
 /// Events between refreshes of the copies' planner statistics.
 const ANALYZE_EVERY: u64 = 100_000;
+/// What each index build of a replay may sort in memory (Postgres' default,
+/// 64 MB, spills a leaderboard of millions of entries to disk).
+const INDEX_SORT_MEMORY: &str = "256MB";
 
 /// What a replay rebuilds: one read model, or all of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -214,33 +217,59 @@ pub async fn replay(
     }
     drop(reader);
     // The folds written out, each with the checkpoint of the last event it
-    // folded, from which the swap applies what was written meanwhile.
-    for projection in &mut projections {
-        let Some(fold) = projection.fold.take() else {
-            continue;
-        };
-        let mut tx = pool.begin().await?;
-        fold.write(&mut tx)
-            .await
-            .with_context(|| format!("writing {}", projection.name()))?;
-        set_checkpoint(&mut tx, projection.next_name(), cursor.seq).await?;
-        tx.commit().await?;
+    // folded, from which the swap applies what was written meanwhile: each
+    // on a connection of its own, side by side, so that formatting rows here
+    // and storing them in Postgres overlap.
+    let folds: Vec<_> = projections
+        .iter_mut()
+        .filter_map(|projection| {
+            let fold = projection.fold.take()?;
+            Some((fold, projection.name(), projection.next_name().to_string()))
+        })
+        .collect();
+    let seq = cursor.seq;
+    let writes = folds.into_iter().map(|(fold, name, next_name)| {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await?;
+            fold.write(&mut tx)
+                .await
+                .with_context(|| format!("writing {name}"))?;
+            set_checkpoint(&mut tx, &next_name, seq).await?;
+            tx.commit().await?;
+            anyhow::Ok(())
+        })
+    });
+    for written in futures::future::join_all(writes).await {
+        written.context("a fold's writer stopped")??;
     }
     // The secondary indexes, built once over the whole result rather than
-    // kept up row by row.
-    for definition in &deferred {
-        sqlx::query(definition).execute(pool).await?;
-    }
+    // kept up row by row, side by side (building indexes only share-locks
+    // a table), each with room to sort in memory.
+    futures::future::try_join_all(deferred.iter().map(|definition| async move {
+        let mut tx = pool.begin().await?;
+        sqlx::query(&format!(
+            "SET LOCAL maintenance_work_mem = '{INDEX_SORT_MEMORY}'"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(definition).execute(&mut *tx).await?;
+        tx.commit().await?;
+        anyhow::Ok(())
+    }))
+    .await?;
     let checkpoint = swap(pool, &projections, cursor).await?;
     // Fresh statistics and visibility map for the swapped-in tables, so that
-    // rank counts are index-only scans from the start.
-    for projection in &projections {
-        for table in projection.tables() {
-            sqlx::query(&format!("VACUUM ANALYZE {table}"))
-                .execute(pool)
-                .await?;
-        }
-    }
+    // rank counts are index-only scans from the start; side by side too.
+    let tables = projections
+        .iter()
+        .flat_map(|projection| projection.tables());
+    futures::future::try_join_all(tables.map(|table| async move {
+        sqlx::query(&format!("VACUUM ANALYZE {table}"))
+            .execute(pool)
+            .await
+    }))
+    .await?;
     Ok(projections
         .iter()
         .map(|p| Rebuilt {
