@@ -1096,6 +1096,33 @@ async fn as_of_rows(
         "p99 ≤ 10 ms",
         Some(p99 <= 10.0),
     );
+    // Rank history: a fold of the whole board for each request.
+    let history = closed_loop(
+        server.addr,
+        Arc::new(vec![api.token("viewer", Role::User)]),
+        1,
+        sizes.secs,
+        Arc::new(move |i| {
+            let user = i * 7919 % submissions + 1;
+            format!("/v1/tests/{test_id}/leaderboard/users/user-{user}/history")
+        }),
+    )
+    .await?;
+    let (p50, p99) = (ms(&history.latency, 0.5), ms(&history.latency, 0.99));
+    report.row(
+        &format!("rank history of a learner on a board of {submissions} submissions, 1 connection"),
+        format!(
+            "{:.1} req/s, p50 {p50:.1} / p99 {p99:.1} ms",
+            history.per_second
+        ),
+        "—".into(),
+        None,
+        "measured",
+        None,
+    );
+    report
+        .latencies
+        .push(("rank history (a fold per request)".into(), history.latency));
     report
         .latencies
         .push(("as_of first page, uncached".into(), uncached.latency));

@@ -15,6 +15,7 @@
 //! - [`memory`]: every read model in memory, for the embedded mode.
 //! - [`tables`]: live tables versus the `__next` copies a replay fills.
 //! - [`windows`]: a test's boards per day, week and month beside all time.
+//! - [`history`]: a user's rank after each of their submissions.
 #![forbid(unsafe_code)]
 
 pub mod attempts;
@@ -24,6 +25,7 @@ pub mod checkpointed;
 pub mod feed;
 pub mod fence;
 pub mod fold;
+pub mod history;
 pub mod leaderboard;
 pub mod memory;
 pub mod ranked_set;

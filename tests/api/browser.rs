@@ -276,6 +276,22 @@ async fn the_demo_page_follows_the_leaderboard_live(adapters: Adapters, name: &s
             "return document.getElementById('lb-period').textContent === 'all time';",
         )
         .await;
+    // A learner's neighbours, and their rank after each attempt as a chart.
+    browser
+        .eval(
+            "document.getElementById('around-user').value = 'newcomer';
+             document.getElementById('around-go').click(); return true;",
+        )
+        .await;
+    let ranks = browser
+        .until(
+            "the newcomer's rank history",
+            "const f = document.getElementById('rank-history');
+             const dots = [...document.querySelectorAll('#rank-chart circle')];
+             return !f.hidden && dots.length > 0 && dots.map((d) => d.dataset.rank).join(',');",
+        )
+        .await;
+    assert_eq!(ranks, "2", "one attempt, second right after it");
 
     // A notification arrives live and is marked read from the page.
     let sent = app

@@ -906,6 +906,115 @@ pub async fn leaderboard_as_of(adapters: Adapters) {
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
+/// Rank history: for each of a user's attempts, newest first, their best
+/// and rank right after it; per window's period; paged; refusals.
+pub async fn rank_history_of_a_learner(adapters: Adapters) {
+    let clock = manual_clock("2027-05-10T10:00:00Z");
+    let configured = clock.clone();
+    let Some(app) = serve(adapters, "rank_history_of_a_learner", move |s| {
+        s.clock = configured
+    })
+    .await
+    else {
+        return;
+    };
+    let test_id = app.published_test().await;
+    let minute = Duration::from_secs(60);
+    for (user, q1, q2) in [
+        ("amy", true, false), // 4: first
+        ("bob", true, true),  // 10: amy second
+        ("amy", false, true), // 6: still second
+        ("cid", true, true),  // 10, later than bob
+        ("amy", true, true),  // 10, latest of three: third
+    ] {
+        take(&app, &test_id, user, q1, q2).await;
+        clock.advance(minute);
+    }
+    let token = app.user("observer");
+    let path = format!("/v1/tests/{test_id}/leaderboard/users/amy/history");
+    let items = |body: &Value| -> Vec<(u64, u64, u64)> {
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                let n = |k: &str| i[k].as_u64().unwrap();
+                (n("score"), n("best_score"), n("rank"))
+            })
+            .collect()
+    };
+    let history = eventually("every attempt recorded", || async {
+        let (_, body) = json(&app, &path, &token).await;
+        (body["items"].as_array().map(Vec::len) == Some(3)).then_some(body)
+    })
+    .await;
+    assert_eq!(items(&history), [(10, 10, 3), (6, 6, 2), (4, 4, 1)]);
+    assert_eq!(history["items"][0]["submitted_at"], "2027-05-10T10:04:00Z");
+    // Pages, newest first; a cursor belongs to its user and board.
+    let first = app.get(&format!("{path}?limit=2"), &token).await;
+    let link = first.headers()["link"].to_str().unwrap().to_string();
+    let first: Value = first.json().await.unwrap();
+    assert_eq!(items(&first), [(10, 10, 3), (6, 6, 2)]);
+    let next = link.trim_start_matches('<').split('>').next().unwrap();
+    let (_, second) = json(&app, next, &token).await;
+    assert_eq!(items(&second), [(4, 4, 1)]);
+    assert_eq!(second["next_cursor"], Value::Null);
+    let cursor = first["next_cursor"].as_str().unwrap();
+    for foreign in [
+        format!("/v1/tests/{test_id}/leaderboard/users/bob/history?cursor={cursor}"),
+        format!("{path}?window=day&cursor={cursor}"),
+    ] {
+        let response = app.get(&foreign, &token).await;
+        crate::helpers::assert_problem(response, StatusCode::BAD_REQUEST).await;
+    }
+    // The next day: a board of its own, where amy is alone.
+    clock.advance(Duration::from_secs(24 * 3600));
+    take(&app, &test_id, "amy", false, false).await;
+    let today = eventually("the new day's attempt", || async {
+        let (status, body) = json(&app, &format!("{path}?window=day"), &token).await;
+        (status == StatusCode::OK).then_some(body)
+    })
+    .await;
+    assert_eq!(items(&today), [(0, 0, 1)]);
+    assert_eq!(today["period_start"], "2027-05-11T00:00:00Z");
+    let (_, yesterday) = json(
+        &app,
+        &format!("{path}?window=day&period=2027-05-10"),
+        &token,
+    )
+    .await;
+    assert_eq!(items(&yesterday).len(), 3);
+    let (_, all) = json(&app, &path, &token).await;
+    assert_eq!(items(&all)[0], (0, 10, 3), "all time: the best stays");
+    // Refused: no such test, no attempts, as_of, unknown window.
+    let unknown = uuid::Uuid::new_v4();
+    for (path, status) in [
+        (
+            format!("/v1/tests/{unknown}/leaderboard/users/amy/history"),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            format!("/v1/tests/{test_id}/leaderboard/users/dan/history"),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            format!("{path}?window=week&period=2027-04-01"),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            format!("{path}?as_of=2027-05-10T10:00:00Z"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            format!("{path}?window=year"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ] {
+        let response = app.get(&path, &token).await;
+        crate::helpers::assert_problem(response, status).await;
+    }
+}
+
 /// A manual clock stopped at `at` (RFC 3339, whole seconds).
 pub fn manual_clock(at: &str) -> podium::clock::Clock {
     let at = chrono::DateTime::parse_from_rfc3339(at).unwrap();
@@ -1059,6 +1168,7 @@ conformance!(
     a_windowed_stream_rolls_over_at_the_period_end,
     a_closed_period_notifies_its_first_three,
     leaderboard_as_of,
+    rank_history_of_a_learner,
     feed_counts_notifications_and_reads,
     sse_resume_gets_exactly_what_was_missed,
     a_rebuild_from_the_log_answers_the_same,

@@ -9,6 +9,7 @@ use axum::Router;
 use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use podium_domain::log::Change;
 use podium_domain::UserId;
+use podium_projections::history::rank_history;
 use podium_projections::leaderboard::{self, Page, PageStart, RankedEntry};
 use podium_projections::ranking::{Entry, RankKey};
 use podium_projections::windows::{self, Period, Window};
@@ -176,11 +177,15 @@ pub fn router() -> Router<AppState> {
             get(around),
         )
         .route("/v1/tests/{test_id}/leaderboard/stream", get(stream))
+        .route(
+            "/v1/tests/{test_id}/leaderboard/users/{user_id}/history",
+            get(history),
+        )
 }
 
 /// This resource's operations in the OpenAPI document.
 #[derive(utoipa::OpenApi)]
-#[openapi(paths(page, around, stream))]
+#[openapi(paths(page, around, stream, history))]
 pub(super) struct Doc;
 
 /// An entry as the API shows it.
@@ -635,6 +640,148 @@ async fn as_of_around(
         below: below.iter().map(EntryView::from).collect(),
     };
     Ok((&JsonBody::new(&view, None)?).into_response())
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct HistoryQuery {
+    /// 1–200, default 50.
+    limit: Option<i64>,
+    /// A `next_cursor` of a previous page of this history.
+    cursor: Option<String>,
+}
+
+/// Where the next page of a user's history on a board starts: after the
+/// attempt `id` submitted at `at`.
+#[derive(Serialize, Deserialize)]
+struct HistoryCursor {
+    #[serde(rename = "history")]
+    board: Uuid,
+    user: String,
+    at: DateTime<Utc>,
+    id: Uuid,
+}
+
+#[derive(Serialize, ToSchema)]
+struct HistoryItemView {
+    attempt_id: Uuid,
+    #[serde(serialize_with = "podium_domain::time::serialize")]
+    #[schema(value_type = String, format = DateTime)]
+    submitted_at: DateTime<Utc>,
+    score: u32,
+    /// The user's best score on the board right after this attempt.
+    best_score: u32,
+    /// The user's rank on the board right after this attempt.
+    rank: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+struct RankHistoryView {
+    test_id: Uuid,
+    user_id: String,
+    #[serde(flatten)]
+    window: WindowView,
+    /// Newest first.
+    items: Vec<HistoryItemView>,
+    next_cursor: Option<String>,
+}
+
+/// A user's rank history on a test's board: for each of their submitted
+/// attempts (in the window's period, when one is given), newest first, their
+/// best score and rank right after it was recorded. Folded from every
+/// submission on the board, so it covers attempts of any age.
+#[utoipa::path(get, path = "/v1/tests/{test_id}/leaderboard/users/{user_id}/history", tag = "leaderboards",
+    params(("test_id" = Uuid, Path), ("user_id" = String, Path), HistoryQuery, BoardQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = RankHistoryView, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
+        (status = 400, description = "Malformed user id, or a malformed or foreign cursor (`invalid-cursor`)"),
+        (status = 404, description = "No such test, or the user has no attempt on that board"),
+        (status = 422, description = "`limit` outside 1–200, an unknown `window`, a malformed `period`, or an `as_of` (a history covers every attempt)"),
+    ))]
+async fn history(
+    State(state): State<AppState>,
+    _: Principal,
+    ApiPath((test_id, user_id)): ApiPath<(Uuid, String)>,
+    ApiQuery(query): ApiQuery<HistoryQuery>,
+    ApiQuery(chosen): ApiQuery<BoardQuery>,
+) -> Result<Response, ApiError> {
+    let now = state.clock.now();
+    let board = chosen.board(test_id, now)?;
+    if chosen.as_of.is_some() {
+        return Err(pagination::invalid(
+            "as_of",
+            "a history covers every attempt; leave out as_of",
+        ));
+    }
+    let user = UserId::parse(user_id)
+        .map_err(|err| ApiError::BadRequest(format!("invalid user id in the path: {err}")))?;
+    let limit = pagination::limit(query.limit)? as usize;
+    let after = match &query.cursor {
+        None => None,
+        Some(raw) => {
+            let cursor: HistoryCursor = pagination::decode(raw)?;
+            if cursor.board != board.id || cursor.user != user.as_str() {
+                return Err(pagination::foreign());
+            }
+            Some((cursor.at, cursor.id))
+        }
+    };
+    published_definition(&state, test_id).await?;
+    let until = board.period.map_or(now, |period| {
+        (period.end - chrono::Duration::microseconds(1)).min(now)
+    });
+    let mut submissions = state.store.submitted_until(test_id, until).await?;
+    if let Some(period) = board.period {
+        submissions.retain(|s| s.submitted_at >= period.start);
+    }
+    let mut items = rank_history(submissions, user.as_str());
+    if items.is_empty() {
+        return Err(ApiError::NotFound(format!(
+            "{user} has no attempt on this leaderboard"
+        )));
+    }
+    items.reverse();
+    let from = after.map_or(0, |cursor| {
+        items.partition_point(|item| (item.submitted_at, item.attempt_id) >= cursor)
+    });
+    let page = &items[from..items.len().min(from.saturating_add(limit))];
+    let next_cursor = page
+        .last()
+        .filter(|_| from + page.len() < items.len())
+        .map(|last| {
+            pagination::encode(&HistoryCursor {
+                board: board.id,
+                user: user.to_string(),
+                at: last.submitted_at,
+                id: last.attempt_id,
+            })
+        });
+    let link = next_cursor.as_ref().and_then(|cursor| {
+        let mut params = vec![("limit", limit.to_string()), ("cursor", cursor.clone())];
+        params.extend(board.link_params());
+        next_link(
+            &format!("/v1/tests/{test_id}/leaderboard/users/{user}/history"),
+            &params,
+        )
+    });
+    let view = RankHistoryView {
+        test_id,
+        user_id: user.to_string(),
+        window: WindowView::from(&board),
+        items: page
+            .iter()
+            .map(|item| HistoryItemView {
+                attempt_id: item.attempt_id,
+                submitted_at: item.submitted_at,
+                score: item.score,
+                best_score: item.best_score,
+                rank: item.rank,
+            })
+            .collect(),
+        next_cursor,
+    };
+    Ok((&JsonBody::new(&view, link)?).into_response())
 }
 
 /// `entry` events of one board.
