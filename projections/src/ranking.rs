@@ -139,6 +139,16 @@ impl Entry {
         }
     }
 
+    /// The order of two entries on a board (the better first), as their
+    /// [`RankKey`]s compare, without building them.
+    pub fn rank_cmp(&self, other: &Entry) -> Ordering {
+        other
+            .best_score
+            .cmp(&self.best_score)
+            .then(self.achieved_at.cmp(&other.achieved_at))
+            .then_with(|| self.user_id.cmp(&other.user_id))
+    }
+
     /// Whether `submission` improved on this entry (the previous one).
     pub fn improved_by(previous: Option<&Entry>, submission: &Submission) -> bool {
         previous.is_none_or(|e| submission.score > e.best_score)
@@ -194,7 +204,7 @@ impl Board {
     /// Every entry in rank order.
     pub fn ranked(&self) -> Vec<Entry> {
         let mut entries: Vec<Entry> = self.entries.values().cloned().collect();
-        entries.sort_by_key(Entry::rank_key);
+        entries.sort_by(Entry::rank_cmp);
         entries
     }
 }
@@ -204,18 +214,24 @@ impl Board {
 /// them. What a board looked like at an instant is this fold over the
 /// submissions made up to it.
 pub fn board_of(mut submissions: Vec<Submission>) -> Vec<Entry> {
-    submissions.sort_by(|a, b| {
+    submissions.sort_unstable_by(|a, b| {
         a.submitted_at
             .cmp(&b.submitted_at)
             .then(a.attempt_id.cmp(&b.attempt_id))
     });
     let mut entries: std::collections::HashMap<String, Entry> = std::collections::HashMap::new();
-    for submission in &submissions {
-        let entry = Entry::record(entries.get(&submission.user_id), submission);
-        entries.insert(submission.user_id.clone(), entry);
+    for submission in submissions {
+        match entries.get_mut(&submission.user_id) {
+            Some(entry) => *entry = Entry::record(Some(entry), &submission),
+            None => {
+                let entry = Entry::record(None, &submission);
+                entries.insert(submission.user_id, entry);
+            }
+        }
     }
     let mut ranked: Vec<Entry> = entries.into_values().collect();
-    ranked.sort_by_key(Entry::rank_key);
+    // One entry per user: no two are equal.
+    ranked.sort_unstable_by(Entry::rank_cmp);
     ranked
 }
 

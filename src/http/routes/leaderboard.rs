@@ -336,7 +336,20 @@ async fn page(
         by_offset: query.offset.is_some(),
     };
     if let Some(at) = as_of {
-        return as_of_page(&state, listing, at, now).await;
+        // A board as of a settled instant never changes: its pages are
+        // answered from the query cache like the live board's.
+        if at > now - crate::query::as_of::SETTLED {
+            let loaded = load_as_of_page(&state, listing, at, now).await?;
+            return Ok((&loaded.answer?).into_response());
+        }
+        let key = CacheKey::LeaderboardPage {
+            test_id: board.id,
+            start: format!("as_of:{}:{key}", at.timestamp_micros()),
+            limit: limit as u16,
+        };
+        let load = load_as_of_page(&state, listing, at, now);
+        let body = cached::get_or_load(&state.cache, key, load).await?;
+        return Ok((&body).into_response());
     }
     let key = CacheKey::LeaderboardPage {
         test_id: board.id,
@@ -435,20 +448,26 @@ async fn load_page(state: &AppState, listing: Listing) -> Result<Loaded, ApiErro
     })
 }
 
-/// A page of the all-time board as of `at`, folded (or kept) in memory.
-async fn as_of_page(
+/// A page of the all-time board as of `at`, folded (or kept) in memory. It
+/// reflects no checkpoint: a settled instant's answer never goes stale.
+async fn load_as_of_page(
     state: &AppState,
     listing: Listing,
     at: DateTime<Utc>,
     now: DateTime<Utc>,
-) -> Result<Response, ApiError> {
+) -> Result<Loaded, ApiError> {
     let test_id = listing.board.test_id;
     let entries = state
         .as_of
         .board(state.store.as_ref(), test_id, at, now)
         .await?;
     if entries.is_empty() {
-        published_definition(state, test_id).await?;
+        if let Err(err) = published_definition(state, test_id).await {
+            return Ok(Loaded {
+                answer: Err(err),
+                seq: u64::MAX,
+            });
+        }
     }
     let from = match &listing.start {
         PageStart::Offset(offset) => usize::try_from(*offset).unwrap_or(usize::MAX),
@@ -470,7 +489,10 @@ async fn as_of_page(
         entries: page.entries.iter().map(EntryView::from).collect(),
         next_cursor,
     };
-    Ok((&JsonBody::new(&view, link)?).into_response())
+    Ok(Loaded {
+        answer: JsonBody::new(&view, link),
+        seq: u64::MAX,
+    })
 }
 
 /// `count` entries of `entries` (a whole board in rank order) from index
