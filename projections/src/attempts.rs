@@ -230,9 +230,10 @@ impl AttemptQueries {
         /// user, attempt, score, max score, correct, submitted at.
         type Row = (String, Uuid, i32, i32, Option<i32>, DateTime<Utc>);
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT user_id, attempt_id, COALESCE(score, 0), max_score, correct, submitted_at
+            "SELECT user_id, attempt_id, score, max_score, correct, submitted_at
                FROM my_attempts
-              WHERE test_id = $1 AND status = 'submitted' AND submitted_at <= $2",
+              WHERE test_id = $1 AND status = 'submitted' AND submitted_at <= $2
+                AND score IS NOT NULL",
         )
         .bind(test_id)
         .bind(until)

@@ -33,7 +33,7 @@ use podium_domain::notification::{
 };
 use podium_domain::{EventMetadata, UserId};
 use podium_projections::catalog::TestSummary;
-use podium_projections::leaderboard::{PageStart, RankedEntry};
+use podium_projections::leaderboard::{self, PageStart, RankedEntry};
 use podium_projections::windows::{self, Period, Window, PERIODIC};
 use podium_projections::BoxError;
 use sqlx::PgPool;
@@ -190,7 +190,7 @@ impl Podiums {
                     vacant.insert(self.store.log_mark().await?)
                 }
             };
-            if !self.store.leaderboard_reached(mark).await? {
+            if !self.store.reached(leaderboard::NAME, mark).await? {
                 return Ok(());
             }
             let notified = self.notify(window, period).await?;

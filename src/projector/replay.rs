@@ -10,6 +10,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures::{StreamExt, TryStreamExt};
 use podium_domain::log::RecordedEvent;
 use podium_projections::leaderboard::LeaderboardQueries;
 use podium_projections::{ApplyError, Checkpointed, Generation, ProjectionLogic};
@@ -27,6 +28,8 @@ const ANALYZE_EVERY: u64 = 100_000;
 /// What each index build of a replay may sort in memory (Postgres' default,
 /// 64 MB, spills a leaderboard of millions of entries to disk).
 const INDEX_SORT_MEMORY: &str = "256MB";
+/// Most writes, index builds or vacuums of a replay at once.
+const MAX_SIDE_BY_SIDE: usize = 3;
 
 /// What a replay rebuilds: one read model, or all of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -217,9 +220,9 @@ pub async fn replay(
     }
     drop(reader);
     // The folds written out, each with the checkpoint of the last event it
-    // folded, from which the swap applies what was written meanwhile: each
-    // on a connection of its own, side by side, so that formatting rows here
-    // and storing them in Postgres overlap.
+    // folded, from which the swap applies what was written meanwhile: a few
+    // at once on connections of their own, so that formatting rows here and
+    // storing them in Postgres overlap.
     let folds: Vec<_> = projections
         .iter_mut()
         .filter_map(|projection| {
@@ -228,9 +231,9 @@ pub async fn replay(
         })
         .collect();
     let seq = cursor.seq;
-    let writes = folds.into_iter().map(|(fold, name, next_name)| {
-        let pool = pool.clone();
-        tokio::spawn(async move {
+    let mut writes: Vec<Step<'_>> = Vec::new();
+    for (fold, name, next_name) in folds {
+        writes.push(Box::pin(async move {
             let mut tx = pool.begin().await?;
             fold.write(&mut tx)
                 .await
@@ -238,38 +241,43 @@ pub async fn replay(
             set_checkpoint(&mut tx, &next_name, seq).await?;
             tx.commit().await?;
             anyhow::Ok(())
-        })
-    });
-    for written in futures::future::join_all(writes).await {
-        written.context("a fold's writer stopped")??;
+        }));
     }
+    side_by_side(pool, writes).await?;
     // The secondary indexes, built once over the whole result rather than
     // kept up row by row, side by side (building indexes only share-locks
     // a table), each with room to sort in memory.
-    futures::future::try_join_all(deferred.iter().map(|definition| async move {
-        let mut tx = pool.begin().await?;
-        sqlx::query(&format!(
-            "SET LOCAL maintenance_work_mem = '{INDEX_SORT_MEMORY}'"
-        ))
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(definition).execute(&mut *tx).await?;
-        tx.commit().await?;
-        anyhow::Ok(())
-    }))
-    .await?;
+    let mut builds: Vec<Step<'_>> = Vec::new();
+    for definition in &deferred {
+        builds.push(Box::pin(async move {
+            let mut tx = pool.begin().await?;
+            sqlx::query(&format!(
+                "SET LOCAL maintenance_work_mem = '{INDEX_SORT_MEMORY}'"
+            ))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(definition).execute(&mut *tx).await?;
+            tx.commit().await?;
+            anyhow::Ok(())
+        }));
+    }
+    side_by_side(pool, builds).await?;
     let checkpoint = swap(pool, &projections, cursor).await?;
     // Fresh statistics and visibility map for the swapped-in tables, so that
     // rank counts are index-only scans from the start; side by side too.
-    let tables = projections
+    let mut vacuums: Vec<Step<'_>> = Vec::new();
+    for table in projections
         .iter()
-        .flat_map(|projection| projection.tables());
-    futures::future::try_join_all(tables.map(|table| async move {
-        sqlx::query(&format!("VACUUM ANALYZE {table}"))
-            .execute(pool)
-            .await
-    }))
-    .await?;
+        .flat_map(|projection| projection.tables())
+    {
+        vacuums.push(Box::pin(async move {
+            sqlx::query(&format!("VACUUM ANALYZE {table}"))
+                .execute(pool)
+                .await?;
+            anyhow::Ok(())
+        }));
+    }
+    side_by_side(pool, vacuums).await?;
     Ok(projections
         .iter()
         .map(|p| Rebuilt {
@@ -319,6 +327,21 @@ async fn prepare_next(
         .await?;
     tx.commit().await?;
     Ok(deferred)
+}
+
+/// One write, index build or vacuum of a replay.
+type Step<'a> = futures::future::BoxFuture<'a, anyhow::Result<()>>;
+
+/// Runs `steps` a few at a time (each index build may sort in
+/// [`INDEX_SORT_MEMORY`]), never more than `pool` can serve with one
+/// connection to spare, so that none waits past its acquire timeout.
+async fn side_by_side(pool: &PgPool, steps: Vec<Step<'_>>) -> anyhow::Result<()> {
+    let spare = (pool.options().get_max_connections() as usize).saturating_sub(1);
+    futures::stream::iter(steps)
+        .buffer_unordered(spare.clamp(1, MAX_SIDE_BY_SIDE))
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
 }
 
 /// Sets projection `name`'s checkpoint to `seq`.

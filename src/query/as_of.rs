@@ -3,23 +3,33 @@
 //! index range of the attempts read model) by the leaderboard's own rules
 //! ([`board_of`]), and kept in a cache bounded in bytes.
 //!
-//! A board as of an instant at least [`SETTLED`] ago is kept: every
-//! submission made up to it has been recorded by then (the attempts read
-//! model follows the log within a second or so), so it never changes, and
-//! cursor walks over it are stable. A more recent one is folded for each
-//! request and not kept.
+//! A board is kept only once its instant is *settled*: the attempts read
+//! model is known to hold every submission made up to it. Then it never
+//! changes, and cursor walks over it are stable. The proof is a mark of the
+//! log taken at some time `T` ([`ReadStore::log_mark`]) that the attempts
+//! projection has reached: every submission committed before `T` is then
+//! recorded, and one made at or before `T - SLACK` has committed before
+//! `T`. Marks are taken as requests need them, one at a time, so a lagging
+//! projection (a NATS outage, a replica behind) only delays caching; it
+//! never gets an incomplete board kept. Instants less than [`SETTLED`] old
+//! are never kept.
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use podium_projections::attempts;
 use podium_projections::ranking::{board_of, Entry};
+use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use crate::ops::db::StoreError;
-use crate::query::store::ReadStore;
+use crate::query::store::{LogMark, ReadStore};
 
-/// How long ago an instant must be for its board to be kept.
+/// How long ago an instant must be, at least, for its board to be kept.
 pub const SETTLED: chrono::Duration = chrono::Duration::seconds(60);
+
+/// How long a submission may take from reading its time to committing.
+const SLACK: chrono::Duration = chrono::Duration::seconds(10);
 
 /// Bytes an entry weighs in the cache, beyond its user id: the entry's own
 /// fields and the vector's slot.
@@ -28,6 +38,16 @@ const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
 /// Boards as of past instants, by test and instant.
 pub struct AsOfBoards {
     cache: moka::future::Cache<(Uuid, DateTime<Utc>), Arc<Vec<Entry>>>,
+    horizon: Mutex<Horizon>,
+}
+
+/// How far the attempts read model is known to be complete.
+#[derive(Default)]
+struct Horizon {
+    /// Every submission made at or before this is recorded.
+    settled: Option<DateTime<Utc>>,
+    /// A mark taken at the time given, not reached yet.
+    pending: Option<(DateTime<Utc>, LogMark)>,
 }
 
 impl AsOfBoards {
@@ -43,24 +63,56 @@ impl AsOfBoards {
                 u32::try_from(bytes).unwrap_or(u32::MAX)
             })
             .build();
-        Self { cache }
+        Self {
+            cache,
+            horizon: Mutex::new(Horizon::default()),
+        }
     }
 
-    /// `test_id`'s all-time board as of `at` (at or before `now`), every
-    /// entry in rank order.
+    /// Whether the board as of `at` is settled at `now`: it will never
+    /// change (see the module's documentation).
+    pub async fn settled(
+        &self,
+        store: &dyn ReadStore,
+        at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        if at > now - SETTLED {
+            return Ok(false);
+        }
+        let mut horizon = self.horizon.lock().await;
+        if horizon.settled.is_some_and(|settled| settled >= at) {
+            return Ok(true);
+        }
+        if horizon.pending.is_none() {
+            horizon.pending = Some((now, store.log_mark().await?));
+        }
+        let Some((taken, mark)) = horizon.pending.as_mut() else {
+            unreachable!("set above");
+        };
+        let taken = *taken;
+        if store.reached(attempts::NAME, mark).await? {
+            horizon.pending = None;
+            horizon.settled = Some(taken - SLACK);
+        }
+        Ok(horizon.settled.is_some_and(|settled| settled >= at))
+    }
+
+    /// `test_id`'s all-time board as of `at`, every entry in rank order;
+    /// kept when `settled` (as [`AsOfBoards::settled`] said).
     pub async fn board(
         &self,
         store: &dyn ReadStore,
         test_id: Uuid,
         at: DateTime<Utc>,
-        now: DateTime<Utc>,
+        settled: bool,
     ) -> Result<Arc<Vec<Entry>>, StoreError> {
         let key = (test_id, at);
         if let Some(board) = self.cache.get(&key).await {
             return Ok(board);
         }
         let board = Arc::new(board_of(store.submitted_until(test_id, at).await?));
-        if at <= now - SETTLED {
+        if settled {
             self.cache.insert(key, board.clone()).await;
         }
         Ok(board)

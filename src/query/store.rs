@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::ops::db::StoreError;
 use crate::query::rank_index::RankIndex;
 
-/// A point in the log: the leaderboard has "reached" it once it has applied
+/// A point in the log: a projection has "reached" it once it has applied
 /// every event committed before it was taken.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogMark {
@@ -127,10 +127,10 @@ pub trait ReadStore: Send + Sync {
     /// Where the log ends now.
     async fn log_mark(&self) -> Result<LogMark, StoreError>;
 
-    /// Whether the leaderboard has applied everything before `mark`, which
-    /// it may refine (a key becomes the seq the relay gave it) so that the
-    /// next question is cheaper. False when it cannot tell.
-    async fn leaderboard_reached(&self, mark: &mut LogMark) -> Result<bool, StoreError>;
+    /// Whether `projection` has applied everything before `mark`, which it
+    /// may refine (a key becomes the seq the relay gave it) so that the next
+    /// question is cheaper. False when it cannot tell.
+    async fn reached(&self, projection: &str, mark: &mut LogMark) -> Result<bool, StoreError>;
 }
 
 /// The read models in Postgres.
@@ -396,9 +396,9 @@ impl ReadStore for PgReadStore {
     }
 
     /// A key is reached by the relay (on the primary) first: its seq then is
-    /// at or past the key's. A seq is reached by the leaderboard where
+    /// at or past the key's. A seq is reached by the projection where
     /// queries read it.
-    async fn leaderboard_reached(&self, mark: &mut LogMark) -> Result<bool, StoreError> {
+    async fn reached(&self, projection: &str, mark: &mut LogMark) -> Result<bool, StoreError> {
         if let LogMark::Key(key) = mark {
             let Some(relay) = &self.relay else {
                 return Ok(false);
@@ -421,7 +421,7 @@ impl ReadStore for PgReadStore {
         let LogMark::Seq(seq) = *mark else {
             unreachable!("a key became a seq above");
         };
-        Ok(checkpoint_of(&self.read_pool, leaderboard::NAME).await? >= seq)
+        Ok(checkpoint_of(&self.read_pool, projection).await? >= seq)
     }
 }
 
@@ -532,7 +532,8 @@ impl ReadStore for MemoryModels {
         ))
     }
 
-    async fn leaderboard_reached(&self, mark: &mut LogMark) -> Result<bool, StoreError> {
+    /// The embedded models apply every event together: one checkpoint.
+    async fn reached(&self, _: &str, mark: &mut LogMark) -> Result<bool, StoreError> {
         Ok(match mark {
             LogMark::Seq(seq) => self.checkpoint() >= *seq,
             LogMark::Key(_) => false,

@@ -724,6 +724,16 @@ pub async fn a_windowed_stream_rolls_over_at_the_period_end(adapters: Adapters) 
     let token = app.user("watcher");
     let path = format!("/v1/tests/{test_id}/leaderboard/stream?window=day");
     let mut stream = SseClient::open(&app, &path, &token, None).await;
+    let opening = stream.next(CONVERGE).await.expect("the opening event");
+    assert_eq!(
+        (opening.event.as_str(), &opening.data["period_start"]),
+        ("period", &json!("2028-02-28T00:00:00Z")),
+        "a windowed stream says first which period it follows"
+    );
+    // More streams of the same board, one of them gone before midnight:
+    // every stream left moves on.
+    let mut second = SseClient::open(&app, &path, &token, None).await;
+    let gone = SseClient::open(&app, &path, &token, None).await;
     take(&app, &test_id, "late", true, false).await;
     let late = stream
         .next_named("entry", CONVERGE)
@@ -734,6 +744,7 @@ pub async fn a_windowed_stream_rolls_over_at_the_period_end(adapters: Adapters) 
         (&json!("late"), &json!(1))
     );
 
+    drop(gone);
     clock.advance(Duration::from_secs(90));
     let period = stream
         .next_named("period", CONVERGE)
@@ -748,11 +759,26 @@ pub async fn a_windowed_stream_rolls_over_at_the_period_end(adapters: Adapters) 
             "period_end": "2028-03-01T00:00:00Z",
         })
     );
+    let opened = second
+        .next_named("period", CONVERGE)
+        .await
+        .expect("opening");
+    assert_eq!(opened.data["period_start"], "2028-02-28T00:00:00Z");
+    let other = second
+        .next_named("period", CONVERGE)
+        .await
+        .expect("every stream of the board moves on");
+    assert_eq!(other.data["period_start"], "2028-02-29T00:00:00Z");
     take(&app, &test_id, "early", false, true).await;
     let early = stream
         .next_named("entry", CONVERGE)
         .await
         .expect("the new day's first entry");
+    let also = second
+        .next_named("entry", CONVERGE)
+        .await
+        .expect("the new day's first entry on the other stream");
+    assert_eq!(also.data["user_id"], "early");
     assert_eq!(
         (&early.data["user_id"], &early.data["rank"]),
         (&json!("early"), &json!(1)),
@@ -765,6 +791,14 @@ pub async fn a_windowed_stream_rolls_over_at_the_period_end(adapters: Adapters) 
     assert_eq!(today["period_start"], "2028-02-29T00:00:00Z");
     let (_, eve) = json(&app, &day("&period=2028-02-28"), &token).await;
     assert_eq!(users(&eve["entries"]), ["late"]);
+    // A client that was away at midnight and reconnects with the old day's
+    // id is told the period first.
+    let mut back = SseClient::open(&app, &path, &token, Some(&late.id)).await;
+    let told = back.next(CONVERGE).await.expect("the opening event");
+    assert_eq!(
+        (told.event.as_str(), &told.data["period_start"]),
+        ("period", &json!("2028-02-29T00:00:00Z"))
+    );
     // A client that reconnects with the period event's id gets the new
     // day's board from its start.
     drop(stream);

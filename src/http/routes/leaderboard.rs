@@ -6,7 +6,7 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use chrono::{DateTime, Datelike, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, SubsecRound, Utc};
 use podium_domain::log::Change;
 use podium_domain::UserId;
 use podium_projections::history::rank_history;
@@ -103,7 +103,10 @@ impl BoardQuery {
                     "must be an RFC 3339 time, e.g. 2026-12-01T18:00:00Z",
                 )
             })?
-            .with_timezone(&Utc);
+            .with_timezone(&Utc)
+            // Times are kept to the microsecond: a finer instant names the
+            // same board (and the same cached pages and cursors).
+            .trunc_subsecs(6);
         if board.window != Window::All {
             return Err(pagination::invalid(
                 "as_of",
@@ -338,8 +341,9 @@ async fn page(
     if let Some(at) = as_of {
         // A board as of a settled instant never changes: its pages are
         // answered from the query cache like the live board's.
-        if at > now - crate::query::as_of::SETTLED {
-            let loaded = load_as_of_page(&state, listing, at, now).await?;
+        let settled = state.as_of.settled(state.store.as_ref(), at, now).await?;
+        if !settled {
+            let loaded = load_as_of_page(&state, listing, at, false).await?;
             return Ok((&loaded.answer?).into_response());
         }
         let key = CacheKey::LeaderboardPage {
@@ -347,7 +351,7 @@ async fn page(
             start: format!("as_of:{}:{key}", at.timestamp_micros()),
             limit: limit as u16,
         };
-        let load = load_as_of_page(&state, listing, at, now);
+        let load = load_as_of_page(&state, listing, at, true);
         let body = cached::get_or_load(&state.cache, key, load).await?;
         return Ok((&body).into_response());
     }
@@ -449,17 +453,18 @@ async fn load_page(state: &AppState, listing: Listing) -> Result<Loaded, ApiErro
 }
 
 /// A page of the all-time board as of `at`, folded (or kept) in memory. It
-/// reflects no checkpoint: a settled instant's answer never goes stale.
+/// reflects no checkpoint: a settled instant's answer never goes stale (and
+/// an unsettled one's is not cached).
 async fn load_as_of_page(
     state: &AppState,
     listing: Listing,
     at: DateTime<Utc>,
-    now: DateTime<Utc>,
+    settled: bool,
 ) -> Result<Loaded, ApiError> {
     let test_id = listing.board.test_id;
     let entries = state
         .as_of
-        .board(state.store.as_ref(), test_id, at, now)
+        .board(state.store.as_ref(), test_id, at, settled)
         .await?;
     if entries.is_empty() {
         if let Err(err) = published_definition(state, test_id).await {
@@ -636,10 +641,9 @@ async fn as_of_around(
     radius: u16,
     (at, now): (DateTime<Utc>, DateTime<Utc>),
 ) -> Result<Response, ApiError> {
-    let entries = state
-        .as_of
-        .board(state.store.as_ref(), board.test_id, at, now)
-        .await?;
+    let store = state.store.as_ref();
+    let settled = state.as_of.settled(store, at, now).await?;
+    let entries = state.as_of.board(store, board.test_id, at, settled).await?;
     let Some(index) = entries.iter().position(|e| e.user_id == user.as_str()) else {
         return Err(ApiError::NotFound(format!(
             "{user} had no entry on this leaderboard at {at}"
@@ -851,6 +855,17 @@ impl StreamSource for Entries {
         out.json(change.seq, "entry", &change.data);
     }
 
+    /// A windowed stream says first which period it follows: a client
+    /// that reconnects after the period changed learns so before the new
+    /// period's entries.
+    fn opening(&self, out: &mut Frames) {
+        if self.board.period.is_some() {
+            if let Ok(view) = serde_json::to_value(WindowView::from(&self.board)) {
+                out.json_without_id("period", &view);
+            }
+        }
+    }
+
     fn ends_at(&self) -> Option<DateTime<Utc>> {
         self.board.period.map(|period| period.end)
     }
@@ -877,9 +892,10 @@ impl StreamSource for Entries {
 /// much, or when one batch of the projection changed more than 100 entries of
 /// the board (a backlog being worked off): reload then. Ids are log seqs;
 /// resume with `Last-Event-ID`. With a `window`, the stream follows the
-/// current period's board; when the period ends (within a second) it sends
-/// `period` `{"window", "period_start", "period_end"}` with id 0, then the
-/// new period's entries so far, and goes on with it.
+/// current period's board: it opens with `period` `{"window",
+/// "period_start", "period_end"}` (no id), and when the period ends (within
+/// a second) it sends `period` for the new one with id 0, then the new
+/// period's entries so far, and goes on with it.
 #[utoipa::path(get, path = "/v1/tests/{test_id}/leaderboard/stream", tag = "leaderboards",
     params(("test_id" = Uuid, Path), ("last-event-id" = Option<String>, Header), crate::http::sse::StreamQuery, BoardQuery),
     security(("bearer" = [])),

@@ -65,6 +65,10 @@ pub trait StreamSource: Send + Sync + 'static {
     /// Writes the events a live change becomes.
     fn render(change: &Change, out: &mut Frames);
 
+    /// Events a stream opens with, before what it missed (none by default):
+    /// a windowed leaderboard says which period it follows.
+    fn opening(&self, _out: &mut Frames) {}
+
     /// When what this stream follows closes (a leaderboard period's end);
     /// `None` for what never does.
     fn ends_at(&self) -> Option<DateTime<Utc>> {
@@ -144,6 +148,14 @@ impl Frames {
         for line in data.split('\n') {
             self.line("data: ", line.strip_suffix('\r').unwrap_or(line));
         }
+        self.0.put_u8(b'\n');
+    }
+
+    /// An event without an id (the client's `Last-Event-ID` stays), named
+    /// `name`, carrying JSON data.
+    pub fn json_without_id(&mut self, name: &str, data: &serde_json::Value) {
+        self.line("event: ", name);
+        self.line("data: ", &data.to_string());
         self.0.put_u8(b'\n');
     }
 
@@ -412,6 +424,7 @@ pub async fn open<S: StreamSource>(
     let mut start = Frames::default();
     start.retry(RETRY_HINT);
     start.comment("podium");
+    source.opening(&mut start);
     let last = caught.send_after(last_event_id.unwrap_or(0), &mut start);
     let opened = Opened {
         source: Arc::new(source),

@@ -468,12 +468,15 @@ impl Shard {
                 continue;
             };
             let next = self.group(key.0.clone(), next, source);
-            let announce = Wire::of(announce);
+            // Every member moves first; only then are they written to, since
+            // a write that fails closes its stream (and would empty the new
+            // group under the others).
+            let joined = self.groups.get_mut(&next).expect("just made");
+            let mut moved = Vec::with_capacity(group.members.len());
             for index in group.members {
                 let Some(conn) = self.conns[index as usize].conn.as_mut() else {
                     continue;
                 };
-                let joined = self.groups.get_mut(&next).expect("just made");
                 conn.key = next.clone();
                 conn.pos = joined.members.len();
                 joined.members.push(index);
@@ -481,7 +484,11 @@ impl Shard {
                 // the client starts over on the new one.
                 conn.mode = Mode::Live;
                 conn.last = 0;
-                self.send(index, &announce);
+                moved.push(index);
+            }
+            let announce = Wire::of(announce);
+            for index in moved {
+                self.send_anyway(index, &announce);
                 self.catch_up(index, "period", Vec::new());
             }
         }
@@ -625,6 +632,20 @@ impl Shard {
                 self.close(index);
                 false
             }
+        }
+    }
+
+    /// Writes `wire` to the stream at `index` even past its buffer: what
+    /// must reach a slow client too (that its source changed).
+    fn send_anyway(&mut self, index: u32, wire: &Wire) {
+        let Some(conn) = self.conn(index) else {
+            return;
+        };
+        if conn.out.is_empty() {
+            self.send(index, wire);
+        } else {
+            let bytes = wire.framed(conn.framing);
+            conn.out.push_back(bytes);
         }
     }
 
