@@ -1074,28 +1074,39 @@ async fn as_of_rows(
         "p99 ≤ 250 ms",
         Some(p99 <= 250.0),
     );
-    let cached = closed_loop(
-        server.addr,
-        viewer,
-        CONNECTIONS,
-        sizes.secs,
-        Arc::new(move |_| page(0)),
-    )
-    .await?;
-    let (p50, p99) = (ms(&cached.latency, 0.5), ms(&cached.latency, 0.99));
-    report.row(
-        &format!(
-            "as_of: first page of {submissions} submissions (cached), {CONNECTIONS} connections"
-        ),
-        format!(
-            "{:.0} req/s, p50 {p50:.2} / p99 {p99:.2} ms",
-            cached.per_second
-        ),
-        "—".into(),
-        None,
-        "p99 ≤ 10 ms",
-        Some(p99 <= 10.0),
-    );
+    // Kept: one instant over and over, alone (as the uncached figure) and
+    // under 64 connections.
+    for connections in [1, CONNECTIONS] {
+        let cached = closed_loop(
+            server.addr,
+            viewer.clone(),
+            connections,
+            sizes.secs,
+            Arc::new(move |_| page(0)),
+        )
+        .await?;
+        let (p50, p99) = (ms(&cached.latency, 0.5), ms(&cached.latency, 0.99));
+        let alone = connections == 1;
+        report.row(
+            &format!(
+                "as_of: first page of {submissions} submissions (cached), {connections} connection{}",
+                if alone { "" } else { "s" }
+            ),
+            format!(
+                "{:.0} req/s, p50 {p50:.2} / p99 {p99:.2} ms",
+                cached.per_second
+            ),
+            "—".into(),
+            None,
+            if alone { "p99 ≤ 10 ms" } else { "measured" },
+            alone.then_some(p99 <= 10.0),
+        );
+        if alone {
+            report
+                .latencies
+                .push(("as_of first page, cached".into(), cached.latency));
+        }
+    }
     // Rank history: a fold of the whole board for each request.
     let history = closed_loop(
         server.addr,
@@ -1126,9 +1137,6 @@ async fn as_of_rows(
     report
         .latencies
         .push(("as_of first page, uncached".into(), uncached.latency));
-    report
-        .latencies
-        .push(("as_of first page, cached".into(), cached.latency));
     Ok(())
 }
 
