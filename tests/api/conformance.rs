@@ -672,36 +672,40 @@ pub async fn leaderboard_windows(adapters: Adapters) {
         )
         .await;
     crate::helpers::assert_problem(foreign, StatusCode::BAD_REQUEST).await;
-    // Refused: an unknown window, a malformed period, a period of all time.
-    for query in [
-        "window=year",
-        "window=day&period=yesterday",
-        "window=day&period=2026-02-30",
-        "period=2026-12-01",
-    ] {
-        let response = app
-            .get(&format!("/v1/tests/{test_id}/leaderboard?{query}"), &token)
-            .await;
-        crate::helpers::assert_problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
-    }
-    // Streams follow the current period: a past one is refused.
-    for query in ["window=day&period=2026-12-01", "window=fortnight"] {
-        let stream = app
-            .get(
-                &format!("/v1/tests/{test_id}/leaderboard/stream?{query}"),
-                &token,
-            )
-            .await;
-        crate::helpers::assert_problem(stream, StatusCode::UNPROCESSABLE_ENTITY).await;
-    }
+    // Refused: an unknown window, a malformed period, a period of all time;
+    // on a stream, a past period (streams follow the current one).
+    let board = format!("/v1/tests/{test_id}/leaderboard");
     let unknown = uuid::Uuid::new_v4();
-    let (status, _) = json(
+    refused(
         &app,
-        &format!("/v1/tests/{unknown}/leaderboard?window=day"),
         &token,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        [
+            format!("{board}?window=year"),
+            format!("{board}?window=day&period=yesterday"),
+            format!("{board}?window=day&period=2026-02-30"),
+            format!("{board}?period=2026-12-01"),
+            format!("{board}/stream?window=day&period=2026-12-01"),
+            format!("{board}/stream?window=fortnight"),
+        ],
     )
     .await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    let nowhere = format!("/v1/tests/{unknown}/leaderboard?window=day");
+    refused(&app, &token, StatusCode::NOT_FOUND, [nowhere]).await;
+}
+
+/// Each of `paths`, read by `token`, is refused with `status` and a problem
+/// document.
+async fn refused(
+    app: &TestApp,
+    token: &str,
+    status: StatusCode,
+    paths: impl IntoIterator<Item = String>,
+) {
+    for path in paths {
+        let response = app.get(&path, token).await;
+        crate::helpers::assert_problem(response, status).await;
+    }
 }
 
 /// A windowed stream at a period's end: the clock (a manual one, which the
@@ -912,32 +916,24 @@ pub async fn leaderboard_as_of(adapters: Adapters) {
     );
     let (status, _) = json(&app, &around("cid", "2027-05-10T10:02:59Z"), &token).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    // Refused: malformed, in the future, with a window; unknown test: 404.
-    for query in [
-        "as_of=yesterday",
-        "as_of=2027-05-10T10:05:01Z",
-        "as_of=2027-05-10T10:00:00Z&window=day",
-    ] {
-        let response = app
-            .get(&format!("/v1/tests/{test_id}/leaderboard?{query}"), &token)
-            .await;
-        crate::helpers::assert_problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
-    }
-    let stream = app
-        .get(
-            &format!("/v1/tests/{test_id}/leaderboard/stream?as_of=2027-05-10T10:00:00Z"),
-            &token,
-        )
-        .await;
-    crate::helpers::assert_problem(stream, StatusCode::UNPROCESSABLE_ENTITY).await;
-    let unknown = uuid::Uuid::new_v4();
-    let (status, _) = json(
+    // Refused: malformed, in the future, with a window, on a stream; an
+    // unknown test is 404.
+    let board = format!("/v1/tests/{test_id}/leaderboard");
+    refused(
         &app,
-        &format!("/v1/tests/{unknown}/leaderboard?as_of=2027-05-10T10:00:00Z"),
         &token,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        [
+            format!("{board}?as_of=yesterday"),
+            format!("{board}?as_of=2027-05-10T10:05:01Z"),
+            format!("{board}?as_of=2027-05-10T10:00:00Z&window=day"),
+            format!("{board}/stream?as_of=2027-05-10T10:00:00Z"),
+        ],
     )
     .await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    let unknown = uuid::Uuid::new_v4();
+    let nowhere = format!("/v1/tests/{unknown}/leaderboard?as_of=2027-05-10T10:00:00Z");
+    refused(&app, &token, StatusCode::NOT_FOUND, [nowhere]).await;
 }
 
 /// Rank history: for each of a user's attempts, newest first, their best
@@ -1020,33 +1016,30 @@ pub async fn rank_history_of_a_learner(adapters: Adapters) {
     assert_eq!(items(&yesterday).len(), 3);
     let (_, all) = json(&app, &path, &token).await;
     assert_eq!(items(&all)[0], (0, 10, 3), "all time: the best stays");
-    // Refused: no such test, no attempts, as_of, unknown window.
+    // Refused: no such test, no attempts (on that board), as_of, an
+    // unknown window.
     let unknown = uuid::Uuid::new_v4();
-    for (path, status) in [
-        (
+    refused(
+        &app,
+        &token,
+        StatusCode::NOT_FOUND,
+        [
             format!("/v1/tests/{unknown}/leaderboard/users/amy/history"),
-            StatusCode::NOT_FOUND,
-        ),
-        (
             format!("/v1/tests/{test_id}/leaderboard/users/dan/history"),
-            StatusCode::NOT_FOUND,
-        ),
-        (
             format!("{path}?window=week&period=2027-04-01"),
-            StatusCode::NOT_FOUND,
-        ),
-        (
+        ],
+    )
+    .await;
+    refused(
+        &app,
+        &token,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        [
             format!("{path}?as_of=2027-05-10T10:00:00Z"),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
             format!("{path}?window=year"),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-    ] {
-        let response = app.get(&path, &token).await;
-        crate::helpers::assert_problem(response, status).await;
-    }
+        ],
+    )
+    .await;
 }
 
 /// A manual clock stopped at `at` (RFC 3339, whole seconds).
