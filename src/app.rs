@@ -468,9 +468,29 @@ impl Application {
             spawned.extend(projections);
             // Every instance pulls each channel's events from one durable
             // consumer: an event is recorded by one of them.
-            let channels = Channel::ALL
+            let channels: Vec<Channel> = Channel::ALL
                 .into_iter()
-                .filter(|c| *c != Channel::Email || self.deliveries.emails());
+                .filter(|c| *c != Channel::Email || self.deliveries.emails())
+                .collect();
+            // Before anything is served: on a first start, delivery begins
+            // after what the relay has numbered so far, not at whatever
+            // the stream holds once an intake's consumer is made (events of
+            // the first requests would be missed if it came late).
+            let numbered: Option<i64> =
+                sqlx::query_scalar("SELECT seq FROM relay_checkpoints WHERE name = $1")
+                    .bind(bus.subjects().prefix())
+                    .fetch_optional(worker_pool)
+                    .await
+                    .unwrap_or_else(|err| {
+                        tracing::warn!(%err, "cannot read the relay's position");
+                        None
+                    });
+            for channel in &channels {
+                let seq = numbered.unwrap_or(0).max(0) as u64;
+                if let Err(err) = self.deliveries.store.begin_intake(*channel, seq).await {
+                    tracing::warn!(%err, "cannot record where delivery begins");
+                }
+            }
             for channel in channels {
                 spawned.push(tasks.spawn(crate::delivery::intake::run(
                     self.deliveries.clone(),

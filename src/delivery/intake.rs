@@ -2,10 +2,12 @@
 //! events stream, pulled by every instance. Each event goes to one instance
 //! at a time; it is acknowledged once its deliveries are recorded, and
 //! JetStream hands it to another instance if that one dies first (recording
-//! it again records nothing new). The first consumer starts at the next
-//! event (history is not mailed out when delivery is deployed); one made
-//! again, after its stream or itself was deleted, starts after the last
-//! event its channel took in, which Postgres keeps.
+//! it again records nothing new). Every consumer starts after the last
+//! event its channel took in, which Postgres keeps: on a deployment's first
+//! start, the events the relay had numbered by then (history is not mailed
+//! out when delivery is deployed, and the first requests' events are not
+//! missed however late the consumer is made); after its stream or itself
+//! was deleted, where it stopped.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -291,6 +291,11 @@ impl DeliveryStore for MemoryDeliveries {
         Ok(self.state().marks.get(&channel).copied())
     }
 
+    async fn begin_intake(&self, channel: Channel, seq: u64) -> StoreResult<()> {
+        self.state().marks.entry(channel).or_insert(seq);
+        Ok(())
+    }
+
     async fn note_intake(&self, channel: Channel, seq: u64) -> StoreResult<()> {
         let mut state = self.state();
         let mark = state.marks.entry(channel).or_default();

@@ -376,6 +376,10 @@ pub trait DeliveryStore: Send + Sync {
     async fn intake_mark(&self, channel: Channel) -> StoreResult<Option<u64>>;
     /// Raises that mark to `seq`.
     async fn note_intake(&self, channel: Channel, seq: u64) -> StoreResult<()>;
+    /// Sets that mark to `seq` unless `channel` has one: a deployment's
+    /// first start, which delivers the events after it (not the history),
+    /// however late its intake's consumer is made.
+    async fn begin_intake(&self, channel: Channel, seq: u64) -> StoreResult<()>;
     /// Pending deliveries by channel.
     async fn backlog(&self) -> StoreResult<HashMap<Channel, Backlog>>;
     /// Forgets delivered and failed deliveries recorded before `before`;

@@ -388,6 +388,18 @@ impl DeliveryStore for PgDeliveries {
         Ok(seq.and_then(|s| u64::try_from(s).ok()))
     }
 
+    async fn begin_intake(&self, channel: Channel, seq: u64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO delivery_intake (channel, seq) VALUES ($1, $2)
+             ON CONFLICT (channel) DO NOTHING",
+        )
+        .bind(channel.as_str())
+        .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     async fn note_intake(&self, channel: Channel, seq: u64) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO delivery_intake (channel, seq) VALUES ($1, $2)
