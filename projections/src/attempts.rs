@@ -221,10 +221,12 @@ pub struct AttemptSummary {
 pub struct AttemptQueries;
 
 impl AttemptQueries {
-    /// Every submission of `test_id` made at or before `until`, in no order.
-    pub async fn submitted_until(
+    /// Every submission of `test_id` made at or before `until` (and at or
+    /// after `since`, if given), in no order.
+    pub async fn submitted_between(
         conn: &mut PgConnection,
         test_id: Uuid,
+        since: Option<DateTime<Utc>>,
         until: DateTime<Utc>,
     ) -> Result<Vec<Submission>, sqlx::Error> {
         /// user, attempt, score, max score, correct, submitted at.
@@ -233,10 +235,11 @@ impl AttemptQueries {
             "SELECT user_id, attempt_id, score, max_score, correct, submitted_at
                FROM my_attempts
               WHERE test_id = $1 AND status = 'submitted' AND submitted_at <= $2
-                AND score IS NOT NULL",
+                AND ($3::timestamptz IS NULL OR submitted_at >= $3) AND score IS NOT NULL",
         )
         .bind(test_id)
         .bind(until)
+        .bind(since)
         .fetch_all(conn)
         .await?;
         Ok(rows

@@ -410,8 +410,14 @@ impl MemoryModels {
         (items, more)
     }
 
-    /// Every submission of `test_id` made at or before `until`, in no order.
-    pub fn submitted_until(&self, test_id: Uuid, until: DateTime<Utc>) -> Vec<Submission> {
+    /// Every submission of `test_id` made at or before `until` (and at or
+    /// after `since`, if given), in no order.
+    pub fn submitted_between(
+        &self,
+        test_id: Uuid,
+        since: Option<DateTime<Utc>>,
+        until: DateTime<Utc>,
+    ) -> Vec<Submission> {
         let models = self.read();
         models
             .attempts
@@ -419,7 +425,9 @@ impl MemoryModels {
             .flat_map(|list| list.values())
             .filter(|a| a.test_id == test_id && a.status == "submitted")
             .filter_map(|a| {
-                let submitted_at = a.submitted_at.filter(|at| *at <= until)?;
+                let submitted_at = a
+                    .submitted_at
+                    .filter(|at| *at <= until && since.is_none_or(|since| *at >= since))?;
                 Some(Submission {
                     test_id,
                     user_id: a.user_id.clone(),

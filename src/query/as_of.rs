@@ -1,5 +1,5 @@
 //! Leaderboards as they stood at a past instant: folded on demand from the
-//! test's submissions made up to it ([`ReadStore::submitted_until`], one
+//! test's submissions made up to it ([`ReadStore::submitted_between`], one
 //! index range of the attempts read model) by the leaderboard's own rules
 //! ([`board_of`]), and kept in a cache bounded in bytes.
 //!
@@ -111,7 +111,7 @@ impl AsOfBoards {
         if let Some(board) = self.cache.get(&key).await {
             return Ok(board);
         }
-        let board = Arc::new(board_of(store.submitted_until(test_id, at).await?));
+        let board = Arc::new(board_of(store.submitted_between(test_id, None, at).await?));
         if settled {
             self.cache.insert(key, board.clone()).await;
         }

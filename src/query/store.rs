@@ -116,11 +116,13 @@ pub trait ReadStore: Send + Sync {
     /// when it cannot tell (a feed behind the log).
     async fn all_read(&self, user_id: &str) -> Result<bool, StoreError>;
 
-    /// Every submission of `test_id` made at or before `until`, in no order
-    /// (what a board as of `until` is folded from).
-    async fn submitted_until(
+    /// Every submission of `test_id` made at or before `until`, and at or
+    /// after `since` if given, in no order (what a board as of `until`, or a
+    /// period's history, is folded from).
+    async fn submitted_between(
         &self,
         test_id: Uuid,
+        since: Option<DateTime<Utc>>,
         until: DateTime<Utc>,
     ) -> Result<Vec<Submission>, StoreError>;
 
@@ -377,13 +379,14 @@ impl ReadStore for PgReadStore {
         Ok(crate::log::postgres::count_after(&mut conn, &key).await? == 0)
     }
 
-    async fn submitted_until(
+    async fn submitted_between(
         &self,
         test_id: Uuid,
+        since: Option<DateTime<Utc>>,
         until: DateTime<Utc>,
     ) -> Result<Vec<Submission>, StoreError> {
         let mut conn = self.read_pool.acquire().await?;
-        Ok(AttemptQueries::submitted_until(&mut conn, test_id, until).await?)
+        Ok(AttemptQueries::submitted_between(&mut conn, test_id, since, until).await?)
     }
 
     /// The last committed event's key, on the primary.
@@ -518,12 +521,13 @@ impl ReadStore for MemoryModels {
         Ok(MemoryModels::all_read(self, user_id))
     }
 
-    async fn submitted_until(
+    async fn submitted_between(
         &self,
         test_id: Uuid,
+        since: Option<DateTime<Utc>>,
         until: DateTime<Utc>,
     ) -> Result<Vec<Submission>, StoreError> {
-        Ok(MemoryModels::submitted_until(self, test_id, until))
+        Ok(MemoryModels::submitted_between(self, test_id, since, until))
     }
 
     async fn log_mark(&self) -> Result<LogMark, StoreError> {

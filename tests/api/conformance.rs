@@ -713,12 +713,10 @@ async fn refused(
 /// midnight into a leap day; the stream says `period` (id 0) and goes on
 /// with the new day's board, which holds only what was submitted on it.
 pub async fn a_windowed_stream_rolls_over_at_the_period_end(adapters: Adapters) {
-    let clock = manual_clock("2028-02-28T23:59:00Z");
-    let configured = clock.clone();
-    let Some(app) = serve(
+    let Some((app, clock)) = serve_at(
         adapters,
         "a_windowed_stream_rolls_over_at_the_period_end",
-        move |s| s.clock = configured,
+        "2028-02-28T23:59:00Z",
     )
     .await
     else {
@@ -818,9 +816,7 @@ pub async fn a_windowed_stream_rolls_over_at_the_period_end(adapters: Adapters) 
 /// clock; each instant's board holds exactly what was submitted by then,
 /// ranked as the live board ranks; links and cursors keep their instant.
 pub async fn leaderboard_as_of(adapters: Adapters) {
-    let clock = manual_clock("2027-05-10T10:00:00Z");
-    let configured = clock.clone();
-    let Some(app) = serve(adapters, "leaderboard_as_of", move |s| s.clock = configured).await
+    let Some((app, clock)) = serve_at(adapters, "leaderboard_as_of", "2027-05-10T10:00:00Z").await
     else {
         return;
     };
@@ -939,11 +935,11 @@ pub async fn leaderboard_as_of(adapters: Adapters) {
 /// Rank history: for each of a user's attempts, newest first, their best
 /// and rank right after it; per window's period; paged; refusals.
 pub async fn rank_history_of_a_learner(adapters: Adapters) {
-    let clock = manual_clock("2027-05-10T10:00:00Z");
-    let configured = clock.clone();
-    let Some(app) = serve(adapters, "rank_history_of_a_learner", move |s| {
-        s.clock = configured
-    })
+    let Some((app, clock)) = serve_at(
+        adapters,
+        "rank_history_of_a_learner",
+        "2027-05-10T10:00:00Z",
+    )
     .await
     else {
         return;
@@ -1042,6 +1038,19 @@ pub async fn rank_history_of_a_learner(adapters: Adapters) {
     .await;
 }
 
+/// An app on `adapters` whose clock is a manual one stopped at `at`, with
+/// that clock to move; `None` when the scenario is skipped.
+pub async fn serve_at(
+    adapters: Adapters,
+    test: &str,
+    at: &str,
+) -> Option<(TestApp, podium::clock::Clock)> {
+    let clock = manual_clock(at);
+    let configured = clock.clone();
+    let app = serve(adapters, test, move |s| s.clock = configured).await?;
+    Some((app, clock))
+}
+
 /// A manual clock stopped at `at` (RFC 3339, whole seconds).
 pub fn manual_clock(at: &str) -> podium::clock::Clock {
     let at = chrono::DateTime::parse_from_rfc3339(at).unwrap();
@@ -1069,12 +1078,10 @@ pub async fn notified(app: &TestApp, user: &str, kind: &str, count: usize) -> Ve
 /// clock is moved past the end and the grace — the first three of each
 /// board of the period are told their place, once; the fourth is not.
 pub async fn a_closed_period_notifies_its_first_three(adapters: Adapters) {
-    let clock = manual_clock("2028-02-29T23:58:00Z");
-    let configured = clock.clone();
-    let Some(app) = serve(
+    let Some((app, clock)) = serve_at(
         adapters,
         "a_closed_period_notifies_its_first_three",
-        move |s| s.clock = configured,
+        "2028-02-29T23:58:00Z",
     )
     .await
     else {

@@ -757,10 +757,8 @@ async fn history(
     let until = board.period.map_or(now, |period| {
         (period.end - chrono::Duration::microseconds(1)).min(now)
     });
-    let mut submissions = state.store.submitted_until(test_id, until).await?;
-    if let Some(period) = board.period {
-        submissions.retain(|s| s.submitted_at >= period.start);
-    }
+    let since = board.period.map(|period| period.start);
+    let submissions = state.store.submitted_between(test_id, since, until).await?;
     let mut items = rank_history(submissions, user.as_str());
     if items.is_empty() {
         return Err(ApiError::NotFound(format!(
