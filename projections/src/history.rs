@@ -27,11 +27,7 @@ pub struct HistoryItem {
 /// oldest first: the board is replayed in the order the submissions were
 /// made (time, then attempt id), and only as far as the user's last.
 pub fn rank_history(mut submissions: Vec<Submission>, user_id: &str) -> Vec<HistoryItem> {
-    submissions.sort_by(|a, b| {
-        a.submitted_at
-            .cmp(&b.submitted_at)
-            .then(a.attempt_id.cmp(&b.attempt_id))
-    });
+    Submission::in_log_order(&mut submissions);
     let Some(last) = submissions.iter().rposition(|s| s.user_id == user_id) else {
         return Vec::new();
     };

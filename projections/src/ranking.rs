@@ -84,6 +84,16 @@ impl Submission {
         }
     }
 
+    /// Puts `submissions` in the order the log records them: by time, then
+    /// attempt id (what folds of a board's past replay them in).
+    pub fn in_log_order(submissions: &mut [Submission]) {
+        submissions.sort_unstable_by(|a, b| {
+            a.submitted_at
+                .cmp(&b.submitted_at)
+                .then(a.attempt_id.cmp(&b.attempt_id))
+        });
+    }
+
     /// The submission `event` records, if it is one (other events are told
     /// by their type, without decoding them).
     pub fn of(event: &RecordedEvent) -> Result<Option<Self>, BoxError> {
@@ -214,11 +224,7 @@ impl Board {
 /// them. What a board looked like at an instant is this fold over the
 /// submissions made up to it.
 pub fn board_of(mut submissions: Vec<Submission>) -> Vec<Entry> {
-    submissions.sort_unstable_by(|a, b| {
-        a.submitted_at
-            .cmp(&b.submitted_at)
-            .then(a.attempt_id.cmp(&b.attempt_id))
-    });
+    Submission::in_log_order(&mut submissions);
     let mut entries: std::collections::HashMap<String, Entry> = std::collections::HashMap::new();
     for submission in submissions {
         match entries.get_mut(&submission.user_id) {

@@ -651,17 +651,9 @@ pub async fn leaderboard_windows(adapters: Adapters) {
         (Some(2), Some("week"))
     );
     assert_eq!(users(&around["above"]), ["w1"]);
-    let first = app
-        .get(
-            &format!("/v1/tests/{test_id}/leaderboard?window=month&limit=1"),
-            &token,
-        )
-        .await;
-    let link = first.headers()["link"].to_str().unwrap().to_string();
+    let month = format!("/v1/tests/{test_id}/leaderboard?window=month&limit=1");
+    let (link, first, second) = first_and_next(&app, &month, &token).await;
     assert!(link.contains("window=month&period="), "{link}");
-    let first: Value = first.json().await.unwrap();
-    let next = link.trim_start_matches('<').split('>').next().unwrap();
-    let (_, second) = json(&app, next, &token).await;
     assert_eq!(users(&second["entries"]), ["w3"]);
     assert_eq!(second["entries"][0]["rank"], 2);
     let cursor = first["next_cursor"].as_str().unwrap();
@@ -692,6 +684,17 @@ pub async fn leaderboard_windows(adapters: Adapters) {
     .await;
     let nowhere = format!("/v1/tests/{unknown}/leaderboard?window=day");
     refused(&app, &token, StatusCode::NOT_FOUND, [nowhere]).await;
+}
+
+/// The page at `path` and the one its `Link: rel="next"` leads to, with
+/// that link.
+async fn first_and_next(app: &TestApp, path: &str, token: &str) -> (String, Value, Value) {
+    let first = app.get(path, token).await;
+    let link = first.headers()["link"].to_str().unwrap().to_string();
+    let first: Value = first.json().await.unwrap();
+    let next = link.trim_start_matches('<').split('>').next().unwrap();
+    let (_, second) = json(app, next, token).await;
+    (link, first, second)
 }
 
 /// Each of `paths`, read by `token`, is refused with `status` and a problem
@@ -878,14 +881,9 @@ pub async fn leaderboard_as_of(adapters: Adapters) {
         assert_eq!(body["total"], expected.len());
     }
     // A cursor walk keeps its instant, in the link and in the cursor.
-    let first = app
-        .get(&format!("{}&limit=1", page("2027-05-10T10:02:00Z")), &token)
-        .await;
-    let link = first.headers()["link"].to_str().unwrap().to_string();
+    let walk = format!("{}&limit=1", page("2027-05-10T10:02:00Z"));
+    let (link, first, second) = first_and_next(&app, &walk, &token).await;
     assert!(link.contains("as_of=2027-05-10T10:02:00Z"), "{link}");
-    let first: Value = first.json().await.unwrap();
-    let next = link.trim_start_matches('<').split('>').next().unwrap();
-    let (_, second) = json(&app, next, &token).await;
     assert_eq!(users(&second["entries"]), ["amy"]);
     assert_eq!(second["entries"][0]["rank"], 2);
     let cursor = first["next_cursor"].as_str().unwrap();
@@ -977,12 +975,8 @@ pub async fn rank_history_of_a_learner(adapters: Adapters) {
     assert_eq!(items(&history), [(10, 10, 3), (6, 6, 2), (4, 4, 1)]);
     assert_eq!(history["items"][0]["submitted_at"], "2027-05-10T10:04:00Z");
     // Pages, newest first; a cursor belongs to its user and board.
-    let first = app.get(&format!("{path}?limit=2"), &token).await;
-    let link = first.headers()["link"].to_str().unwrap().to_string();
-    let first: Value = first.json().await.unwrap();
+    let (_, first, second) = first_and_next(&app, &format!("{path}?limit=2"), &token).await;
     assert_eq!(items(&first), [(10, 10, 3), (6, 6, 2)]);
-    let next = link.trim_start_matches('<').split('>').next().unwrap();
-    let (_, second) = json(&app, next, &token).await;
     assert_eq!(items(&second), [(4, 4, 1)]);
     assert_eq!(second["next_cursor"], Value::Null);
     let cursor = first["next_cursor"].as_str().unwrap();

@@ -217,6 +217,12 @@ impl<'a> From<&'a RankedEntry> for EntryView<'a> {
     }
 }
 
+/// The user a path names; 400 when the id is malformed.
+fn path_user(raw: String) -> Result<UserId, ApiError> {
+    UserId::parse(raw)
+        .map_err(|err| ApiError::BadRequest(format!("invalid user id in the path: {err}")))
+}
+
 /// Where the next page starts: after `key`, with moves since `since`.
 #[derive(Serialize, Deserialize)]
 struct Cursor {
@@ -374,6 +380,27 @@ struct Listing {
 }
 
 impl Listing {
+    /// The answer that `page` of this board (as of `as_of`, if given) is,
+    /// its cursor continuing from checkpoint `since`.
+    fn body(
+        &self,
+        page: &Page,
+        since: u64,
+        as_of: Option<DateTime<Utc>>,
+    ) -> Result<JsonBody, ApiError> {
+        let next_cursor = next_cursor(self.board.id, page, since, as_of);
+        let link = self.next_link(next_cursor.as_ref(), as_of);
+        let view = LeaderboardPage {
+            test_id: self.board.test_id,
+            window: WindowView::from(&self.board),
+            as_of,
+            total: page.total,
+            entries: page.entries.iter().map(EntryView::from).collect(),
+            next_cursor,
+        };
+        JsonBody::new(&view, link)
+    }
+
     /// The link to the page after this one, which `next_cursor` starts.
     fn next_link(
         &self,
@@ -436,18 +463,8 @@ async fn load_page(state: &AppState, listing: Listing) -> Result<Loaded, ApiErro
             });
         }
     }
-    let next_cursor = next_cursor(board.id, &page, seq, None);
-    let link = listing.next_link(next_cursor.as_ref(), None);
-    let view = LeaderboardPage {
-        test_id,
-        window: WindowView::from(board),
-        as_of: None,
-        total: page.total,
-        entries: page.entries.iter().map(EntryView::from).collect(),
-        next_cursor,
-    };
     Ok(Loaded {
-        answer: JsonBody::new(&view, link),
+        answer: listing.body(&page, seq, None),
         seq,
     })
 }
@@ -484,18 +501,8 @@ async fn load_as_of_page(
         more: from.saturating_add(ranked.len()) < entries.len(),
         entries: ranked,
     };
-    let next_cursor = next_cursor(test_id, &page, 0, Some(at));
-    let link = listing.next_link(next_cursor.as_ref(), Some(at));
-    let view = LeaderboardPage {
-        test_id,
-        window: WindowView::from(&listing.board),
-        as_of: Some(at),
-        total: page.total,
-        entries: page.entries.iter().map(EntryView::from).collect(),
-        next_cursor,
-    };
     Ok(Loaded {
-        answer: JsonBody::new(&view, link),
+        answer: listing.body(&page, 0, Some(at)),
         seq: u64::MAX,
     })
 }
@@ -578,8 +585,7 @@ async fn around(
     let now = state.clock.now();
     let board = chosen.board(test_id, now)?;
     let as_of = chosen.as_of(&board, now)?;
-    let user = UserId::parse(user_id)
-        .map_err(|err| ApiError::BadRequest(format!("invalid user id in the path: {err}")))?;
+    let user = path_user(user_id)?;
     let radius = query.radius.unwrap_or(DEFAULT_RADIUS);
     if radius > MAX_RADIUS {
         return Err(pagination::invalid(
@@ -740,8 +746,7 @@ async fn history(
             "a history covers every attempt; leave out as_of",
         ));
     }
-    let user = UserId::parse(user_id)
-        .map_err(|err| ApiError::BadRequest(format!("invalid user id in the path: {err}")))?;
+    let user = path_user(user_id)?;
     let limit = pagination::limit(query.limit)? as usize;
     let after = match &query.cursor {
         None => None,
