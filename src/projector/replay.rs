@@ -30,6 +30,10 @@ const ANALYZE_EVERY: u64 = 100_000;
 const INDEX_SORT_MEMORY: &str = "256MB";
 /// Most writes, index builds or vacuums of a replay at once.
 const MAX_SIDE_BY_SIDE: usize = 3;
+/// How long one try of the swap waits for its lock on the live tables.
+const SWAP_LOCK_WAIT: Duration = Duration::from_secs(2);
+/// How long the swap keeps trying before the replay fails.
+const SWAP_PATIENCE: Duration = Duration::from_secs(300);
 
 /// What a replay rebuilds: one read model, or all of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -359,12 +363,86 @@ async fn set_checkpoint(conn: &mut PgConnection, name: &str, seq: u64) -> Result
 
 /// Under a lock on the live tables: applies what was written meanwhile, then
 /// renames the copies in and moves the checkpoints over.
-async fn swap(
+///
+/// The lock is waited for [`SWAP_LOCK_WAIT`] at a time: every query of the
+/// live tables queues behind a waiting exclusive lock, so a long reader
+/// must not stall them all. Between tries the readers go on; after
+/// [`SWAP_PATIENCE`] the replay fails, naming what held the tables.
+async fn swap(pool: &PgPool, projections: &[Rebuilding], cursor: LogCursor) -> anyhow::Result<u64> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match swap_once(pool, projections, cursor.clone()).await {
+            Err(err) if lock_not_available(&err) && started.elapsed() < SWAP_PATIENCE => {
+                let holders = lock_holders(pool, projections).await;
+                tracing::info!(
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    holders,
+                    "a replay waits for its lock on the live tables"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(err) if lock_not_available(&err) => {
+                let holders = lock_holders(pool, projections).await;
+                return Err(err).with_context(|| {
+                    format!(
+                        "the live tables stayed locked for {} s, by: {holders}",
+                        SWAP_PATIENCE.as_secs()
+                    )
+                });
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Whether `err` is a lock wait that ran out (`lock_timeout`).
+fn lock_not_available(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03")
+        )
+    })
+}
+
+/// The sessions holding locks on `projections`' live tables, for the log.
+async fn lock_holders(pool: &PgPool, projections: &[Rebuilding]) -> String {
+    let tables: Vec<&str> = projections
+        .iter()
+        .flat_map(|p| p.tables().iter().copied())
+        .collect();
+    let holders: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(
+        "SELECT DISTINCT format('pid %s (%s, %s): %s', a.pid, a.application_name, a.state,
+                               left(a.query, 120))
+           FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+          WHERE l.granted AND l.relation = ANY(SELECT t::regclass::oid FROM unnest($1::text[]) t)
+            AND a.pid <> pg_backend_pid()",
+    )
+    .bind(&tables)
+    .fetch_all(pool)
+    .await;
+    match holders {
+        Ok(holders) if holders.is_empty() => "nobody now".to_string(),
+        Ok(holders) => holders.join("; "),
+        Err(err) => format!("(cannot tell: {err})"),
+    }
+}
+
+/// One try of [`swap`].
+async fn swap_once(
     pool: &PgPool,
     projections: &[Rebuilding],
     mut cursor: LogCursor,
 ) -> anyhow::Result<u64> {
     let mut tx = pool.begin().await?;
+    sqlx::query(&format!(
+        "SET LOCAL lock_timeout = {}",
+        SWAP_LOCK_WAIT.as_millis()
+    ))
+    .execute(&mut *tx)
+    .await?;
     // The live workers' checkpoint rows first, then their tables: a worker
     // locks its checkpoint before it writes its tables, so taking them in
     // the same order cannot deadlock with one, and none commits in between.

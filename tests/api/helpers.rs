@@ -1,6 +1,7 @@
 //! `spawn_app()` and one helper per endpoint.
 
 use std::net::SocketAddr;
+use std::str::FromStr;
 use std::time::Duration;
 
 use podium::auth::{JwtKeys, Role};
@@ -8,7 +9,7 @@ use podium::Settings;
 use podium_domain::UserId;
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde_json::{json, Value};
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -50,9 +51,14 @@ impl TestDb {
             .execute(&mut admin)
             .await
             .expect("create the test database");
+        // No query of a test waits for a lock for long: one stuck behind a
+        // lock fails, naming it, instead of hanging the run.
+        let options = PgConnectOptions::from_str(&database_url(&name))
+            .expect("a valid database URL")
+            .options([("lock_timeout", "120s")]);
         let pool = PgPoolOptions::new()
             .max_connections(connections)
-            .connect(&database_url(&name))
+            .connect_with(options)
             .await
             .expect("connect to the test database");
         podium::ops::db::migrate(&pool)
@@ -470,6 +476,9 @@ pub fn wait_for_exit(
 /// and returns its value; on timeout, panics naming `what` and the last
 /// `Err` (the state that was still wrong). The one polling loop of the tests:
 /// they wait on conditions with deadlines, never on fixed sleeps.
+/// How long past its wait's deadline one check of [`poll`] may run.
+const CHECK_GRACE: Duration = Duration::from_secs(30);
+
 pub async fn poll<T, E, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
     E: std::fmt::Debug,
@@ -478,9 +487,13 @@ where
 {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let last = match check().await {
-            Ok(value) => return value,
-            Err(last) => last,
+        // A check that itself never returns (a query behind a lock) fails
+        // the wait too, a little after its deadline.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let last = match tokio::time::timeout(left + CHECK_GRACE, check()).await {
+            Ok(Ok(value)) => return value,
+            Ok(Err(last)) => last,
+            Err(_) => panic!("timed out after {timeout:?} waiting for {what}: a check hung"),
         };
         assert!(
             tokio::time::Instant::now() < deadline,

@@ -871,13 +871,12 @@ async fn a_rebuild_asked_through_any_instance_runs_once_on_the_owner_while_submi
         .await;
     let rebuilt = deployment.boards().await;
     let mut quiet = |_, _| {};
-    podium::projector::replay::replay(
-        &deployment.pool,
-        &podium::projector::replay::Scope::Leaderboard.read_models(),
-        &mut quiet,
-    )
-    .await
-    .unwrap();
+    let models = podium::projector::replay::Scope::Leaderboard.read_models();
+    let replay = podium::projector::replay::replay(&deployment.pool, &models, &mut quiet);
+    tokio::time::timeout(Duration::from_secs(300), replay)
+        .await
+        .expect("a replay of 100,001 events ends within 5 minutes")
+        .unwrap();
     assert_eq!(deployment.boards().await, rebuilt);
     // `podium replay` is refused while a rebuild runs: here one holds the
     // lock as a runner would.
@@ -986,13 +985,12 @@ async fn the_board_is_a_fresh_replay(deployment: &Deployment) {
     // week and month of their one submission.
     assert_eq!(rebuilt.len(), 4 * 50_000);
     let mut quiet = |_, _| {};
-    podium::projector::replay::replay(
-        &deployment.pool,
-        &podium::projector::replay::Scope::Leaderboard.read_models(),
-        &mut quiet,
-    )
-    .await
-    .unwrap();
+    let models = podium::projector::replay::Scope::Leaderboard.read_models();
+    let replay = podium::projector::replay::replay(&deployment.pool, &models, &mut quiet);
+    tokio::time::timeout(Duration::from_secs(300), replay)
+        .await
+        .expect("a replay of 100,001 events ends within 5 minutes")
+        .unwrap();
     assert_eq!(deployment.boards().await, rebuilt);
 }
 

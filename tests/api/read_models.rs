@@ -548,3 +548,67 @@ async fn a_rebuild_keeps_attempts_in_progress_and_repeated_submissions() {
         .unwrap();
     assert_same(&snapshot(&app.pool).await, &live);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_waiting_for_a_long_reader_leaves_the_leaderboard_readable() {
+    use sqlx::Connection;
+    let (app, _) = spawn_app_with_workers().await;
+    let tests = published_tests(&app, 1).await;
+    traffic(&app, &tests, 20, 5).await;
+    settle(&app.pool).await;
+    let live = snapshot(&app.pool).await;
+    let entries: i64 = sqlx::query_scalar("SELECT count(*) FROM lb_entries")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    // A long reader of the leaderboard's table (a report, a dump), open
+    // until the test ends it.
+    let mut report = sqlx::PgConnection::connect(&app.db.url()).await.unwrap();
+    let mut reading = report.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM lb_entries")
+        .execute(&mut *reading)
+        .await
+        .unwrap();
+    let pool = app.pool.clone();
+    let rebuild = tokio::spawn(async move {
+        let mut progress = |_: u64, _: u64| {};
+        replay(&pool, &Scope::Leaderboard.read_models(), &mut progress).await
+    });
+    // The replay reaches its swap and asks for the table, again and again.
+    let mut reader = sqlx::PgConnection::connect(&app.db.url()).await.unwrap();
+    for _ in 0..2 {
+        crate::helpers::poll(
+            "the replay to wait for the live table",
+            Duration::from_secs(60),
+            || async {
+                let waiting: bool = sqlx::query_scalar(
+                    "SELECT EXISTS(SELECT 1 FROM pg_locks
+                                    WHERE relation = 'lb_entries'::regclass
+                                      AND mode = 'AccessExclusiveLock' AND NOT granted)",
+                )
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+                if waiting {
+                    Ok(())
+                } else {
+                    Err("not waiting")
+                }
+            },
+        )
+        .await;
+        // Other readers queue behind the waiting lock only as long as one
+        // try lasts, not for as long as the report runs.
+        let read =
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM lb_entries").fetch_one(&mut reader);
+        let read = tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .expect("a reader is answered while the replay waits")
+            .unwrap();
+        assert_eq!(read, entries);
+    }
+    assert!(!rebuild.is_finished(), "the replay waits for the report");
+    reading.commit().await.unwrap();
+    rebuild.await.unwrap().unwrap();
+    assert_same(&snapshot(&app.pool).await, &live);
+}
