@@ -33,7 +33,7 @@ use podium_domain::notification::{
 };
 use podium_domain::{EventMetadata, UserId};
 use podium_projections::catalog::TestSummary;
-use podium_projections::leaderboard::{self, PageStart, RankedEntry};
+use podium_projections::leaderboard::{self, RankedEntry};
 use podium_projections::windows::{self, Period, Window, PERIODIC};
 use podium_projections::BoxError;
 use sqlx::PgPool;
@@ -214,12 +214,7 @@ impl Podiums {
         let mut notified = 0;
         for test in self.store.tests().await? {
             let board = windows::board_id(test.id, window, period.start);
-            let (_, page) = self
-                .store
-                .leaderboard_page(board, &PageStart::Offset(0), PLACES)
-                .await?;
-            // Only a cursor can be too old; an offset page always answers.
-            let Ok(page) = page else { continue };
+            let page = self.store.leaderboard_top(board, PLACES).await?;
             for ranked in &page.entries {
                 self.issue(&test, window, period, board, ranked).await?;
                 notified += 1;

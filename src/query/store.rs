@@ -64,6 +64,16 @@ pub trait ReadStore: Send + Sync {
         limit: i64,
     ) -> Result<(u64, Result<Page, u64>), StoreError>;
 
+    /// The first `limit` entries of a board as the read model holds them,
+    /// for background work (period podiums): never through the rank index,
+    /// which would warm, and keep, boards nobody reads.
+    async fn leaderboard_top(&self, test_id: Uuid, limit: i64) -> Result<Page, StoreError> {
+        first_page(
+            self.leaderboard_page(test_id, &PageStart::Offset(0), limit)
+                .await?,
+        )
+    }
+
     /// `user_id`'s entry and neighbours.
     async fn around(&self, test_id: Uuid, user_id: &str, radius: i64)
         -> Result<Around, StoreError>;
@@ -135,6 +145,12 @@ pub trait ReadStore: Send + Sync {
     async fn reached(&self, projection: &str, mark: &mut LogMark) -> Result<bool, StoreError>;
 }
 
+/// The page of an offset start: only a cursor can be too old, so an offset
+/// page always answers.
+fn first_page((seq, page): (u64, Result<Page, u64>)) -> Result<Page, StoreError> {
+    page.map_err(|_| StoreError::Failed(format!("a first page refused at {seq}").into()))
+}
+
 /// The read models in Postgres.
 #[derive(Clone)]
 pub struct PgReadStore {
@@ -151,6 +167,27 @@ pub struct PgReadStore {
 }
 
 impl PgReadStore {
+    /// [`ReadStore::leaderboard_page`] read from the read model.
+    async fn page_from_sql(
+        &self,
+        test_id: Uuid,
+        start: &PageStart,
+        limit: i64,
+    ) -> Result<(u64, Result<Page, u64>), StoreError> {
+        let mut tx = crate::ops::db::snapshot(&self.read_pool).await?;
+        let seq = checkpoint_of(&mut *tx, leaderboard::NAME).await?;
+        if let PageStart::After { since, .. } = start {
+            let horizon = LeaderboardQueries::moves_horizon(&mut *tx).await?;
+            if *since < horizon {
+                return Ok((seq, Err(horizon)));
+            }
+        }
+        let page = LeaderboardQueries::page(&mut tx, test_id, start, limit).await?;
+        tx.commit().await?;
+        // Too much moved past the cursor to continue it exactly.
+        Ok((seq, page.ok_or(seq)))
+    }
+
     /// `changed` entries of `test_id` (each with the seq of its change)
     /// with their ranks as the snapshot `conn` reads them: from the rank
     /// index when its board is exactly that snapshot's (its last change is
@@ -220,18 +257,14 @@ impl ReadStore for PgReadStore {
                 return Ok(page);
             }
         }
-        let mut tx = crate::ops::db::snapshot(&self.read_pool).await?;
-        let seq = checkpoint_of(&mut *tx, leaderboard::NAME).await?;
-        if let PageStart::After { since, .. } = start {
-            let horizon = LeaderboardQueries::moves_horizon(&mut *tx).await?;
-            if *since < horizon {
-                return Ok((seq, Err(horizon)));
-            }
-        }
-        let page = LeaderboardQueries::page(&mut tx, test_id, start, limit).await?;
-        tx.commit().await?;
-        // Too much moved past the cursor to continue it exactly.
-        Ok((seq, page.ok_or(seq)))
+        self.page_from_sql(test_id, start, limit).await
+    }
+
+    async fn leaderboard_top(&self, test_id: Uuid, limit: i64) -> Result<Page, StoreError> {
+        first_page(
+            self.page_from_sql(test_id, &PageStart::Offset(0), limit)
+                .await?,
+        )
     }
 
     async fn around(

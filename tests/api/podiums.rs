@@ -93,4 +93,7 @@ async fn a_period_closing_under_three_instances_notifies_each_place_once() {
     for user in ["gold", "silver", "bronze"] {
         assert_eq!(notified(&fourth, user, "period_podium", 2).await.len(), 2);
     }
+    // Podiums are read from the read model: no closed period's board is
+    // warmed in the rank index of an instance nobody asked for it.
+    assert_eq!(fourth.metric("podium_rank_index_boards", &[]).await, 0.0);
 }
