@@ -525,6 +525,14 @@ impl Application {
                 stop.clone(),
             )));
         }
+        // Every instance answers boards as of past instants: it knows from
+        // the start how far they are settled.
+        let clock = self.state.clock.clone();
+        spawned.push(tasks.spawn(self.state.as_of.clone().keep_marking(
+            self.state.store.clone(),
+            move || clock.now(),
+            stop.clone(),
+        )));
         // Every instance that runs background work notifies the podiums of
         // periods that close (each exactly once, whoever does it).
         if self.workers || self.local.is_some() {

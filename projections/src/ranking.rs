@@ -225,13 +225,17 @@ impl Board {
 /// submissions made up to it.
 pub fn board_of(mut submissions: Vec<Submission>) -> Vec<Entry> {
     Submission::in_log_order(&mut submissions);
-    let mut entries: std::collections::HashMap<String, Entry> = std::collections::HashMap::new();
+    board_of_ordered(&submissions)
+}
+
+/// [`board_of`] for `submissions` already in log order.
+pub fn board_of_ordered(submissions: &[Submission]) -> Vec<Entry> {
+    let mut entries: std::collections::HashMap<&str, Entry> = std::collections::HashMap::new();
     for submission in submissions {
-        match entries.get_mut(&submission.user_id) {
-            Some(entry) => *entry = Entry::record(Some(entry), &submission),
+        match entries.get_mut(submission.user_id.as_str()) {
+            Some(entry) => *entry = Entry::record(Some(entry), submission),
             None => {
-                let entry = Entry::record(None, &submission);
-                entries.insert(submission.user_id, entry);
+                entries.insert(&submission.user_id, Entry::record(None, submission));
             }
         }
     }

@@ -928,6 +928,30 @@ pub async fn leaderboard_as_of(adapters: Adapters) {
     let unknown = uuid::Uuid::new_v4();
     let nowhere = format!("/v1/tests/{unknown}/leaderboard?as_of=2027-05-10T10:00:00Z");
     refused(&app, &token, StatusCode::NOT_FOUND, [nowhere]).await;
+    // Later submissions count at later instants once recorded, and the
+    // earlier instants' boards stay as they were.
+    clock.advance(minute);
+    take(&app, &test_id, "dan", true, true).await; // 10:06, 10 (after amy)
+    clock.advance(minute * 3);
+    let later = page("2027-05-10T10:06:30Z");
+    let body = eventually("dan's attempt recorded", || async {
+        let (_, body) = json(&app, &later, &token).await;
+        (body["total"] == 4).then_some(body)
+    })
+    .await;
+    let expected = [
+        ("bob", 10, 1),
+        ("amy", 10, 2),
+        ("dan", 10, 1),
+        ("cid", 6, 1),
+    ];
+    let expected: Vec<(String, u64, u64)> = expected
+        .into_iter()
+        .map(|(u, s, a)| (u.to_string(), s, a))
+        .collect();
+    assert_eq!(ranks(&body), expected);
+    let (_, body) = json(&app, &page("2027-05-10T10:02:00Z"), &token).await;
+    assert_eq!(users(&body["entries"]), ["bob", "amy"]);
 }
 
 /// Rank history: for each of a user's attempts, newest first, their best

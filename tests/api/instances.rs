@@ -37,6 +37,16 @@ const LEASE_TTL_MS: &str = "3000";
 /// How long Postgres stays down in the outage test.
 const OUTAGE_SECS: u64 = 60;
 
+/// A leaderboard row: test, user, best, max, attempts, achieved at.
+type BoardRow = (
+    uuid::Uuid,
+    String,
+    i32,
+    i32,
+    i32,
+    chrono::DateTime<chrono::Utc>,
+);
+
 /// Several instances of one deployment, and what the test submitted.
 struct Deployment {
     database_url: String,
@@ -677,17 +687,21 @@ impl Deployment {
             .unwrap_or_else(|| panic!("no projection {name} in {body}"))
     }
 
+    /// Asserts that a fresh replay of the log makes the leaderboard
+    /// `rebuilt` (rows as [`Self::boards`] reads them).
+    async fn replays_to(&self, rebuilt: &[BoardRow]) {
+        let mut quiet = |_, _| {};
+        let models = podium::projector::replay::Scope::Leaderboard.read_models();
+        let replay = podium::projector::replay::replay(&self.pool, &models, &mut quiet);
+        tokio::time::timeout(Duration::from_secs(300), replay)
+            .await
+            .expect("a replay ends within 5 minutes")
+            .unwrap();
+        assert_eq!(self.boards().await, rebuilt);
+    }
+
     /// The leaderboard read model, row by row.
-    async fn boards(
-        &self,
-    ) -> Vec<(
-        uuid::Uuid,
-        String,
-        i32,
-        i32,
-        i32,
-        chrono::DateTime<chrono::Utc>,
-    )> {
+    async fn boards(&self) -> Vec<BoardRow> {
         sqlx::query_as(
             "SELECT test_id, user_id, best_score, max_score, attempts, achieved_at
                FROM lb_entries ORDER BY test_id, user_id",
@@ -870,14 +884,7 @@ async fn a_rebuild_asked_through_any_instance_runs_once_on_the_owner_while_submi
         .wait_converged(&acknowledged, Duration::from_secs(60))
         .await;
     let rebuilt = deployment.boards().await;
-    let mut quiet = |_, _| {};
-    let models = podium::projector::replay::Scope::Leaderboard.read_models();
-    let replay = podium::projector::replay::replay(&deployment.pool, &models, &mut quiet);
-    tokio::time::timeout(Duration::from_secs(300), replay)
-        .await
-        .expect("a replay of 100,001 events ends within 5 minutes")
-        .unwrap();
-    assert_eq!(deployment.boards().await, rebuilt);
+    deployment.replays_to(&rebuilt).await;
     // `podium replay` is refused while a rebuild runs: here one holds the
     // lock as a runner would.
     let mut locks = sqlx::PgConnection::connect(&deployment.database_url)
@@ -888,6 +895,7 @@ async fn a_rebuild_asked_through_any_instance_runs_once_on_the_owner_while_submi
         .fetch_one(&mut locks)
         .await
         .unwrap();
+    let mut quiet = |_, _| {};
     let refused = podium::projector::operations::rebuild(
         &deployment.pool,
         &podium::projector::replay::Scope::Leaderboard.read_models(),
@@ -984,14 +992,7 @@ async fn the_board_is_a_fresh_replay(deployment: &Deployment) {
     // Each learner once on each of the four boards: all time, and the day,
     // week and month of their one submission.
     assert_eq!(rebuilt.len(), 4 * 50_000);
-    let mut quiet = |_, _| {};
-    let models = podium::projector::replay::Scope::Leaderboard.read_models();
-    let replay = podium::projector::replay::replay(&deployment.pool, &models, &mut quiet);
-    tokio::time::timeout(Duration::from_secs(300), replay)
-        .await
-        .expect("a replay of 100,001 events ends within 5 minutes")
-        .unwrap();
-    assert_eq!(deployment.boards().await, rebuilt);
+    deployment.replays_to(&rebuilt).await;
 }
 
 /// The instance holding the leaderboard's lease now.
