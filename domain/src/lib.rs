@@ -7,12 +7,14 @@
 //! command, so every rule can be tested with cqrs-es's given/when/then framework.
 //!
 //! Layout: one folder per aggregate (`test/`, `attempt/`, `notification/`), each
-//! with `aggregate.rs`, `commands.rs` and `events.rs`; shared value types in
+//! with `aggregate.rs`, `commands.rs` and `events.rs` (`collection/`, small, in
+//! one file); shared value types in
 //! [`ids`], [`validation`], [`metadata`] and [`time`]; event upcasting in [`upcasting`];
 //! the log as readers see it (ordered, decodable) in [`log`].
 #![forbid(unsafe_code)]
 
 pub mod attempt;
+pub mod collection;
 pub mod ids;
 pub mod log;
 pub mod metadata;

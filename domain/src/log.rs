@@ -9,6 +9,7 @@ use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::attempt::{Attempt, AttemptEvent};
+use crate::collection::{Collection, CollectionEvent};
 use crate::notification::{Inbox, InboxEvent, Notification, NotificationEvent};
 use crate::test::{Test, TestEvent};
 
@@ -56,6 +57,7 @@ pub enum PodiumEvent {
     Attempt(AttemptEvent),
     Notification(NotificationEvent),
     Inbox(InboxEvent),
+    Collection(CollectionEvent),
 }
 
 /// Why a recorded event cannot be decoded.
@@ -127,6 +129,9 @@ impl RecordedEvent {
                 PodiumEvent::Notification(Deserialize::deserialize(payload).map_err(fail)?)
             }
             Inbox::TYPE => PodiumEvent::Inbox(Deserialize::deserialize(payload).map_err(fail)?),
+            Collection::TYPE => {
+                PodiumEvent::Collection(Deserialize::deserialize(payload).map_err(fail)?)
+            }
             other => return Err(DecodeError::UnknownAggregate(other.to_string())),
         })
     }
@@ -139,6 +144,7 @@ impl PodiumEvent {
             Self::Attempt(e) => e.event_type(),
             Self::Notification(e) => e.event_type(),
             Self::Inbox(e) => e.event_type(),
+            Self::Collection(e) => e.event_type(),
         }
     }
 }

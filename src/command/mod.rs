@@ -13,6 +13,7 @@ pub use repository::{create_all, Repository};
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{Aggregate, AggregateContext, AggregateError, CqrsFramework, EventStore};
 use podium_domain::attempt::Attempt;
+use podium_domain::collection::Collection;
 use podium_domain::notification::{Inbox, Notification};
 use podium_domain::test::Test;
 use podium_domain::EventMetadata;
@@ -91,6 +92,7 @@ pub struct Aggregates {
     pub attempts: Store<Attempt>,
     pub notifications: Store<Notification>,
     pub inboxes: Store<Inbox>,
+    pub collections: Store<Collection>,
 }
 
 impl Aggregates {
@@ -110,6 +112,7 @@ impl Aggregates {
             notifications: Store::new(repository, metrics, None),
             // One "read all" after another, for as long as the user stays.
             inboxes: Store::new(repository, metrics, Some(INBOX_SNAPSHOT_EVERY)),
+            collections: Store::new(repository, metrics, None),
         }
     }
 }

@@ -6,6 +6,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cqrs_es::AggregateError;
 use podium_domain::attempt::AttemptError;
+use podium_domain::collection::CollectionError;
 use podium_domain::notification::NotificationError;
 use podium_domain::test::TestError;
 use podium_domain::{FieldError, ValidationErrors};
@@ -237,6 +238,17 @@ impl Rejection for TestError {
         match self {
             Self::AlreadyExists => ApiError::conflict("already-exists", self.to_string()),
             Self::NotFound => ApiError::NotFound(self.to_string()),
+        }
+    }
+}
+
+impl Rejection for CollectionError {
+    fn into_api_error(self) -> ApiError {
+        match self {
+            Self::AlreadyExists => ApiError::conflict("already-exists", self.to_string()),
+            Self::NotFound => ApiError::NotFound(self.to_string()),
+            Self::Invalid(errors) => ApiError::invalid(errors),
+            Self::Full => ApiError::invalid(ValidationErrors::single("test_id", self.to_string())),
         }
     }
 }

@@ -140,6 +140,7 @@ impl Modify for BearerAuth {
         (name = "attempts", description = "Taking tests"),
         (name = "notifications", description = "Notification commands, feeds and streams"),
         (name = "leaderboards", description = "Rankings, neighbours and live changes"),
+        (name = "collections", description = "Sets of tests ranked together"),
         (name = "delivery", description = "Email settings and signed webhooks"),
         (name = "operations", description = "Probes, metrics and this document"),
     )

@@ -1183,6 +1183,132 @@ async fn views(app: &TestApp, test_id: &str) -> Vec<Value> {
     all
 }
 
+/// Collections: created of published tests, read back by anyone, grown by
+/// adding tests (twice is once); bad input refused with problem+json,
+/// changing nothing.
+pub async fn collections_are_created_read_and_grow(adapters: Adapters) {
+    use crate::helpers::assert_problem;
+    let Some(app) = serve(adapters, "collections_are_created_read_and_grow", |_| {}).await else {
+        return;
+    };
+    let first = app.published_test().await;
+    let second = app.published_test().await;
+    let admin = app.admin();
+    let body = json!({"title": " Term 1 ", "test_ids": [first]});
+    let response = app.post("/v1/collections", &admin, Some(body)).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let location = response.headers()["location"].to_str().unwrap().to_string();
+    let created: Value = response.json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(location, format!("/v1/collections/{id}"));
+    let learner = app.user("learner");
+    let (status, body) = json(&app, &location, &learner).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({"id": id, "title": "Term 1", "test_ids": [first]})
+    );
+    // A test added twice is added once, after the first.
+    let add = format!("{location}/tests/{second}");
+    for _ in 0..2 {
+        let response = app
+            .request(reqwest::Method::PUT, &add, Some(&admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    }
+    let (_, body) = json(&app, &location, &learner).await;
+    assert_eq!(body["test_ids"], json!([first, second]));
+    // Refusals, each with the fields at fault.
+    let unknown = uuid::Uuid::new_v4();
+    let fields = |problem: &Value| -> Vec<String> {
+        problem["errors"]
+            .as_array()
+            .map(|errors| {
+                errors
+                    .iter()
+                    .map(|e| e["field"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for (body, expected) in [
+        (
+            json!({"title": " ", "test_ids": []}),
+            vec!["title", "test_ids"],
+        ),
+        (
+            json!({"title": "T", "test_ids": [first, first]}),
+            vec!["test_ids[1]"],
+        ),
+        (
+            json!({"title": "T", "test_ids": [first, unknown]}),
+            vec!["test_ids[1]"],
+        ),
+    ] {
+        let response = app.post("/v1/collections", &admin, Some(body)).await;
+        let problem = assert_problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert_eq!(fields(&problem), expected, "{problem}");
+    }
+    let again = json!({"id": id, "title": "Again", "test_ids": [second]});
+    let response = app.post("/v1/collections", &admin, Some(again)).await;
+    assert_problem(response, StatusCode::CONFLICT).await;
+    let by_learner = json!({"title": "Mine", "test_ids": [first]});
+    let response = app
+        .post("/v1/collections", &learner, Some(by_learner))
+        .await;
+    assert_problem(response, StatusCode::FORBIDDEN).await;
+    for (path, token, status) in [
+        (
+            format!("{location}/tests/{unknown}"),
+            &admin,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            format!("/v1/collections/{unknown}/tests/{first}"),
+            &admin,
+            StatusCode::NOT_FOUND,
+        ),
+        (add.clone(), &learner, StatusCode::FORBIDDEN),
+        (
+            format!("{location}/tests/nope"),
+            &admin,
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let response = app
+            .request(reqwest::Method::PUT, &path, Some(token))
+            .send()
+            .await
+            .unwrap();
+        assert_problem(response, status).await;
+    }
+    refused(
+        &app,
+        &learner,
+        StatusCode::NOT_FOUND,
+        [format!("/v1/collections/{unknown}")],
+    )
+    .await;
+    refused(
+        &app,
+        &learner,
+        StatusCode::BAD_REQUEST,
+        ["/v1/collections/nope".to_string()],
+    )
+    .await;
+    let (_, body) = json(&app, &location, &learner).await;
+    assert_eq!(
+        body,
+        json!({"id": id, "title": "Term 1", "test_ids": [first, second]})
+    );
+    // The projections read past the collections' events in the log.
+    take(&app, &second, "after", true, true).await;
+    let board = board_when(&app, &second, 1, |_| true).await;
+    assert_eq!(users(&board["entries"]), ["after"]);
+}
+
 /// One test per scenario and adapter set.
 macro_rules! conformance {
     ($($scenario:ident),* $(,)?) => {
@@ -1221,6 +1347,7 @@ conformance!(
     a_closed_period_notifies_its_first_three,
     leaderboard_as_of,
     rank_history_of_a_learner,
+    collections_are_created_read_and_grow,
     feed_counts_notifications_and_reads,
     sse_resume_gets_exactly_what_was_missed,
     a_rebuild_from_the_log_answers_the_same,

@@ -5,6 +5,7 @@
 mod admin;
 mod attempts;
 mod catalog;
+mod collections;
 mod delivery;
 mod demo;
 mod feed;
@@ -22,13 +23,14 @@ use super::AppState;
 type Resource = (fn() -> Router<AppState>, fn() -> utoipa::openapi::OpenApi);
 
 /// Every resource, once: the router and the document both come from here.
-const RESOURCES: [Resource; 10] = [
+const RESOURCES: [Resource; 11] = [
     (health::router, health::Doc::openapi),
     (demo::router, demo::Doc::openapi),
     (catalog::router, catalog::Doc::openapi),
     (attempts::router, attempts::Doc::openapi),
     (notifications::router, notifications::Doc::openapi),
     (leaderboard::router, leaderboard::Doc::openapi),
+    (collections::router, collections::Doc::openapi),
     (feed::router, feed::Doc::openapi),
     (history::router, history::Doc::openapi),
     (admin::router, admin::Doc::openapi),
