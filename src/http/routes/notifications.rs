@@ -98,6 +98,9 @@ impl SendBody {
     }
 }
 
+/// Notifications of one send created at once.
+const SEND_CONCURRENCY: usize = 8;
+
 /// Creates one notification per recipient. With an `Idempotency-Key`, ids are
 /// derived from it, so a retry after a crash half-way creates no duplicates.
 /// Sends a notification to each of 1–1,000 users (admin).
@@ -116,30 +119,35 @@ async fn send(
     scope: Option<Extension<IdempotencyScope>>,
     ApiJson(body): ApiJson<SendBody>,
 ) -> Result<(StatusCode, Json<Sent>), ApiError> {
+    use futures::{StreamExt, TryStreamExt};
     let contents = body.parse().map_err(ApiError::invalid)?;
     let now = state.clock.now();
-    let mut notification_ids = Vec::with_capacity(contents.len());
-    for content in contents {
-        let notification_id = match &scope {
-            Some(Extension(scope)) => scope.derive_id(content.recipient.as_str()),
-            None => Uuid::new_v4(),
-        };
-        let command = NotificationCommand::CreateNotification {
-            notification_id,
-            content,
-            now,
-        };
-        state
-            .aggregates
-            .notifications
-            .execute(
-                &notification_id.to_string(),
-                command,
-                request.metadata(&admin),
-            )
-            .await?;
-        notification_ids.push(notification_id);
-    }
+    // One aggregate per recipient, so the commands never conflict: a few
+    // at a time, the ids answered in the recipients' order.
+    let notification_ids: Vec<Uuid> = futures::stream::iter(contents)
+        .map(|content| {
+            let notification_id = match &scope {
+                Some(Extension(scope)) => scope.derive_id(content.recipient.as_str()),
+                None => Uuid::new_v4(),
+            };
+            let command = NotificationCommand::CreateNotification {
+                notification_id,
+                content,
+                now,
+            };
+            let (state, metadata) = (&state, request.metadata(&admin));
+            async move {
+                state
+                    .aggregates
+                    .notifications
+                    .execute(&notification_id.to_string(), command, metadata)
+                    .await?;
+                Ok::<_, ApiError>(notification_id)
+            }
+        })
+        .buffered(SEND_CONCURRENCY)
+        .try_collect()
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(Sent { notification_ids })))
 }
 
