@@ -218,6 +218,41 @@ impl AsOfBoards {
         Ok(board)
     }
 
+    /// `test_id`'s submissions made in `[since, until]` (from the first
+    /// without `since`), in log order: those up to the settled horizon from
+    /// the kept list (a rank history reads every submission of a board),
+    /// the rest from `store`.
+    pub async fn submitted_between(
+        &self,
+        store: &dyn ReadStore,
+        test_id: Uuid,
+        since: Option<DateTime<Utc>>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<Submission>, StoreError> {
+        let horizon = self.horizon.lock().await.settled;
+        let Some(horizon) = horizon.filter(|h| since.is_none_or(|since| since <= *h)) else {
+            let mut submissions = store.submitted_between(test_id, since, until).await?;
+            Submission::in_log_order(&mut submissions);
+            return Ok(submissions);
+        };
+        let kept = self.submissions(store, test_id, horizon.min(until)).await?;
+        let listed = &kept.submissions;
+        let from = since.map_or(0, |since| {
+            listed.partition_point(|s| s.submitted_at < since)
+        });
+        let to = listed.partition_point(|s| s.submitted_at <= until);
+        let mut submissions = listed[from..to].to_vec();
+        if until > kept.until {
+            let mut later = store
+                .submitted_between(test_id, Some(kept.until), until)
+                .await?;
+            later.retain(|submission| submission.submitted_at > kept.until);
+            Submission::in_log_order(&mut later);
+            submissions.extend(later);
+        }
+        Ok(submissions)
+    }
+
     /// `test_id`'s submissions up to the settled horizon, which is at or
     /// after `at`: kept, extended, or loaded.
     async fn submissions(

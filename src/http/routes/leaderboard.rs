@@ -763,7 +763,10 @@ async fn history(
         (period.end - chrono::Duration::microseconds(1)).min(now)
     });
     let since = board.period.map(|period| period.start);
-    let submissions = state.store.submitted_between(test_id, since, until).await?;
+    let submissions = state
+        .as_of
+        .submitted_between(state.store.as_ref(), test_id, since, until)
+        .await?;
     let mut items = rank_history(submissions, user.as_str());
     if items.is_empty() {
         return Err(ApiError::NotFound(format!(
