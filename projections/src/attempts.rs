@@ -349,7 +349,11 @@ impl crate::fold::Fold for AttemptsFold {
                 ),
             )
             .await?;
-            for (attempt_id, (start, done)) in self.attempts {
+            // In key order: the copy's primary key then grows at its right
+            // edge instead of splitting pages all over.
+            let mut attempts: Vec<_> = self.attempts.into_iter().collect();
+            attempts.sort_unstable_by_key(|(attempt_id, _)| *attempt_id);
+            for (attempt_id, (start, done)) in attempts {
                 rows.field(attempt_id)
                     .field(&start.user_id)
                     .field(start.test_id)

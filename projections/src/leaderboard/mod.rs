@@ -629,7 +629,11 @@ impl crate::fold::Fold for LeaderboardFold {
                 ),
             )
             .await?;
-            for ((test, _), (entry, seq)) in self.entries {
+            // In key order: the copy's primary key then grows at its right
+            // edge instead of splitting pages all over.
+            let mut entries: Vec<_> = self.entries.into_iter().collect();
+            entries.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
+            for ((test, _), (entry, seq)) in entries {
                 *counts.entry((test, entry.best_score)).or_default() += 1;
                 rows.field(test)
                     .field(&entry.user_id)
