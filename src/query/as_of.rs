@@ -243,12 +243,7 @@ impl AsOfBoards {
         let to = listed.partition_point(|s| s.submitted_at <= until);
         let mut submissions = listed[from..to].to_vec();
         if until > kept.until {
-            let mut later = store
-                .submitted_between(test_id, Some(kept.until), until)
-                .await?;
-            later.retain(|submission| submission.submitted_at > kept.until);
-            Submission::in_log_order(&mut later);
-            submissions.extend(later);
+            submissions.extend(made_after(store, test_id, Some(kept.until), until).await?);
         }
         Ok(submissions)
     }
@@ -269,35 +264,35 @@ impl AsOfBoards {
             _ => None,
         };
         let horizon = self.horizon.lock().await.settled.unwrap_or(at).max(at);
-        let settled = match kept {
-            Some(kept) => {
-                // Those made at `kept.until` are kept already.
-                let mut more = store
-                    .submitted_between(test_id, Some(kept.until), horizon)
-                    .await?;
-                more.retain(|submission| submission.submitted_at > kept.until);
-                Submission::in_log_order(&mut more);
-                let mut submissions = Vec::with_capacity(kept.submissions.len() + more.len());
-                submissions.extend_from_slice(&kept.submissions);
-                submissions.extend(more);
-                Settled {
-                    until: horizon,
-                    submissions,
-                }
-            }
-            None => {
-                let mut submissions = store.submitted_between(test_id, None, horizon).await?;
-                Submission::in_log_order(&mut submissions);
-                Settled {
-                    until: horizon,
-                    submissions,
-                }
-            }
+        let more = made_after(store, test_id, kept.as_ref().map(|k| k.until), horizon).await?;
+        let submissions = match kept {
+            Some(kept) => [kept.submissions.as_slice(), &more].concat(),
+            None => more,
         };
-        let settled = Arc::new(settled);
+        let settled = Arc::new(Settled {
+            until: horizon,
+            submissions,
+        });
         self.cache
             .insert(key, Kept::Submissions(settled.clone()))
             .await;
         Ok(settled)
     }
+}
+
+/// `test_id`'s submissions made after `after` (from the first without it)
+/// up to `until`, in log order.
+async fn made_after(
+    store: &dyn ReadStore,
+    test_id: Uuid,
+    after: Option<DateTime<Utc>>,
+    until: DateTime<Utc>,
+) -> Result<Vec<Submission>, StoreError> {
+    let mut made = store.submitted_between(test_id, after, until).await?;
+    // The range includes its start: those made at `after` are had already.
+    if let Some(after) = after {
+        made.retain(|submission| submission.submitted_at > after);
+    }
+    Submission::in_log_order(&mut made);
+    Ok(made)
 }
