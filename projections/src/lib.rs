@@ -15,6 +15,7 @@
 //! - [`memory`]: every read model in memory, for the embedded mode.
 //! - [`tables`]: live tables versus the `__next` copies a replay fills.
 //! - [`windows`]: a test's boards per day, week and month beside all time.
+//! - [`collections`]: boards of the sum of best scores over a set of tests.
 //! - [`history`]: a user's rank after each of their submissions.
 #![forbid(unsafe_code)]
 
@@ -22,6 +23,7 @@ pub mod attempts;
 pub mod board_index;
 pub mod catalog;
 pub mod checkpointed;
+pub mod collections;
 pub mod feed;
 pub mod fence;
 pub mod fold;

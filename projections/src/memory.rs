@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use podium_domain::attempt::AttemptEvent;
+use podium_domain::collection::CollectionEvent;
 use podium_domain::log::{Change, PodiumEvent, RecordedEvent};
 use podium_domain::notification::{InboxEvent, NotificationEvent};
 use podium_domain::test::TestEvent;
@@ -22,6 +23,7 @@ use uuid::Uuid;
 use crate::attempts::AttemptSummary;
 use crate::catalog::TestSummary;
 use crate::checkpointed::BoxError;
+use crate::collections::{self, Collections};
 use crate::feed::{self, FeedChange, FeedItem};
 use crate::leaderboard::{self, Around, Page, PageStart, RankedEntry};
 use crate::ranked_set::RankedSet;
@@ -46,6 +48,8 @@ struct Models {
     /// Which user's list holds an attempt, and under which key.
     attempt_owners: HashMap<Uuid, (String, AttemptKey)>,
     tests: HashMap<Uuid, TestSummary>,
+    /// Which tests each collection holds, for its boards.
+    collections: Collections,
     /// Moves at or below this seq are forgotten (see [`MemoryModels::prune_moves`]).
     moves_horizon: u64,
 }
@@ -522,9 +526,50 @@ impl Models {
                     summary.submitted_at = Some(submitted_at);
                 }
                 let submission = Submission::from_event(&submitted).expect("a submission event");
-                crate::windows::boards_of(&submission)
+                self.collections.note(&submission);
+                let mut changes: Vec<Change> = crate::windows::boards_of(&submission)
                     .map(|on_board| self.record(&on_board, seq))
-                    .collect()
+                    .collect();
+                for board in self.collections.touched_by(&submission) {
+                    changes.extend(self.compose(&board, &submission.user_id, seq));
+                }
+                changes
+            }
+            PodiumEvent::Collection(event) => {
+                let (collection, tests) = match event {
+                    CollectionEvent::CollectionCreated {
+                        collection_id,
+                        test_ids,
+                        ..
+                    } => (collection_id, test_ids),
+                    CollectionEvent::CollectionTestAdded {
+                        collection_id,
+                        test_id,
+                    } => (collection_id, vec![test_id]),
+                };
+                let mut added = false;
+                for test in tests {
+                    added |= self.collections.add(collection, test);
+                }
+                if !added {
+                    return Ok(Vec::new());
+                }
+                // Everyone's history on the new tests counts at once.
+                let mut changes = Vec::new();
+                for board in self.collections.boards_of(collection) {
+                    let mut users: Vec<String> = board
+                        .components
+                        .iter()
+                        .filter_map(|c| self.boards.get(c))
+                        .flat_map(|b| b.entries.keys().cloned())
+                        .collect();
+                    users.sort_unstable();
+                    users.dedup();
+                    for user in users {
+                        changes.extend(self.compose(&board, &user, seq));
+                    }
+                }
+                changes
             }
             PodiumEvent::Notification(NotificationEvent::NotificationCreated {
                 notification_id,
@@ -595,12 +640,41 @@ impl Models {
     }
 
     fn record(&mut self, submission: &Submission, seq: u64) -> Change {
-        let board = self.boards.entry(submission.test_id).or_default();
-        let previous = board
-            .entries
-            .get(&submission.user_id)
-            .map(|(e, _)| e.clone());
-        let entry = Entry::record(previous.as_ref(), submission);
+        let previous = self
+            .boards
+            .get(&submission.test_id)
+            .and_then(|board| board.entries.get(&submission.user_id))
+            .map(|(e, _)| e);
+        let entry = Entry::record(previous, submission);
+        self.put(submission.test_id, entry, seq)
+    }
+
+    /// Composes `user`'s entry on a collection's `board` from its
+    /// components; the change, if it changed.
+    fn compose(
+        &mut self,
+        board: &collections::CollectionBoard,
+        user: &str,
+        seq: u64,
+    ) -> Option<Change> {
+        let entry = collections::compose(
+            board
+                .components
+                .iter()
+                .filter_map(|c| Some(&self.boards.get(c)?.entries.get(user)?.0)),
+        )?;
+        let unchanged = self
+            .boards
+            .get(&board.id)
+            .and_then(|b| b.entries.get(user))
+            .is_some_and(|(previous, _)| *previous == entry);
+        (!unchanged).then(|| self.put(board.id, entry, seq))
+    }
+
+    /// Puts `entry` on board `board_id` (the change at `seq`).
+    fn put(&mut self, board_id: Uuid, entry: Entry, seq: u64) -> Change {
+        let board = self.boards.entry(board_id).or_default();
+        let previous = board.entries.get(&entry.user_id).map(|(e, _)| e.clone());
         let previous_rank = previous.as_ref().map(|p| board.rank(&p.rank_key()));
         if let Some(previous) = &previous {
             board.order.remove(&previous.rank_key());
@@ -615,8 +689,7 @@ impl Models {
         }
         board.order.insert(entry.rank_key());
         let rank = board.rank(&entry.rank_key());
-        let change =
-            leaderboard::entry_change(submission.test_id, seq, &entry, rank, previous_rank);
+        let change = leaderboard::entry_change(board_id, seq, &entry, rank, previous_rank);
         board.entries.insert(entry.user_id.clone(), (entry, seq));
         change
     }

@@ -19,7 +19,19 @@ use crate::ranking::Submission;
 const NAMESPACE: Uuid = Uuid::from_u128(0x7c1f_52a0_9d3b_4e61_8f07_2a5e_c4d9_1b36);
 
 /// A leaderboard window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Window {
     All,

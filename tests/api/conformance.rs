@@ -469,6 +469,14 @@ pub async fn a_rebuild_from_the_log_answers_the_same(adapters: Adapters) {
         return;
     };
     let test_id = app.published_test().await;
+    let other = app.published_test().await;
+    // A collection of the test, which the other test joins later.
+    let admin = app.admin();
+    let body = json!({"title": "Both", "test_ids": [test_id]});
+    let response = app.post("/v1/collections", &admin, Some(body)).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let collection: Value = response.json().await.unwrap();
+    let collection = collection["id"].as_str().unwrap().to_string();
     for (user, q1, q2) in [
         ("p", true, true),
         ("q", false, true),
@@ -477,7 +485,28 @@ pub async fn a_rebuild_from_the_log_answers_the_same(adapters: Adapters) {
     ] {
         take(&app, &test_id, user, q1, q2).await;
     }
+    take(&app, &other, "r", true, true).await;
+    take(&app, &other, "s", false, true).await;
+    let response = app
+        .request(
+            reqwest::Method::PUT,
+            &format!("/v1/collections/{collection}/tests/{other}"),
+            Some(&admin),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
     board_when(&app, &test_id, 3, |b| b["entries"][1]["user_id"] == "q").await;
+    let token = app.user("q");
+    let combined = eventually("the collection with both tests", || async {
+        let path = format!("/v1/collections/{collection}/leaderboard");
+        let (_, body) = json(&app, &path, &token).await;
+        (body["total"] == 4).then_some(body)
+    })
+    .await;
+    // r: 4 + 10 on both tests, reached at the second; p and q: 10 on one.
+    assert_eq!(users(&combined["entries"]), ["r", "p", "q", "s"]);
     // Every notification of q (2 graded, 1 personal best) is in the feed.
     let q = app.user("q");
     eventually("q's notifications", || async {
@@ -485,7 +514,7 @@ pub async fn a_rebuild_from_the_log_answers_the_same(adapters: Adapters) {
         (feed["unread_count"] == 3).then_some(())
     })
     .await;
-    let before = views(&app, &test_id).await;
+    let before = views(&app, &test_id, &collection).await;
     let rebuilt = match adapters {
         Adapters::Embedded => {
             drop(app);
@@ -507,11 +536,12 @@ pub async fn a_rebuild_from_the_log_answers_the_same(adapters: Adapters) {
         }
     };
     let after = eventually("the rebuilt views", || async {
-        let after = views(&rebuilt, &test_id).await;
+        let after = views(&rebuilt, &test_id, &collection).await;
         (after == before).then_some(after)
     })
     .await;
-    assert_eq!(after[0]["total"], 3);
+    assert_eq!(after[2]["total"], 3);
+    assert_eq!(after[0]["total"], 4);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1164,9 +1194,12 @@ pub async fn podium_day(app: &TestApp, test_id: &str) {
     );
 }
 
-/// What users see of `test_id` and of user q: the views a rebuild must keep.
-async fn views(app: &TestApp, test_id: &str) -> Vec<Value> {
+/// What users see of `test_id`, of `collection` and of user q: the views a
+/// rebuild must keep.
+async fn views(app: &TestApp, test_id: &str, collection: &str) -> Vec<Value> {
     let paths = [
+        format!("/v1/collections/{collection}/leaderboard"),
+        format!("/v1/collections/{collection}/leaderboard/users/q?window=week"),
         format!("/v1/tests/{test_id}/leaderboard"),
         format!("/v1/tests/{test_id}/leaderboard/users/r?radius=2"),
         format!("/v1/tests/{test_id}/leaderboard?window=week"),
@@ -1309,6 +1342,210 @@ pub async fn collections_are_created_read_and_grow(adapters: Adapters) {
     assert_eq!(users(&board["entries"]), ["after"]);
 }
 
+/// Collection leaderboards: the sum of each learner's bests over the
+/// collection's tests, with `tests_taken` and `max_score`; ranked by total,
+/// then when it was reached; pages, cursors, neighbours, windows, `as_of`
+/// and the stream as for a test; a test added later counts everyone's
+/// results on it at once.
+pub async fn collection_leaderboards(adapters: Adapters) {
+    let Some((app, clock)) =
+        serve_at(adapters, "collection_leaderboards", "2027-05-10T10:00:00Z").await
+    else {
+        return;
+    };
+    let (a, b, c) = (
+        app.published_test().await,
+        app.published_test().await,
+        app.published_test().await,
+    );
+    let admin = app.admin();
+    let body = json!({"title": "Term", "test_ids": [a, b]});
+    let response = app.post("/v1/collections", &admin, Some(body)).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let created: Value = response.json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    let board = format!("/v1/collections/{id}/leaderboard");
+    let token = app.user("observer");
+    // An empty board of a collection that exists; 404 for one that does not.
+    let (status, empty) = json(&app, &board, &token).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (&empty["total"], &empty["collection_id"]),
+        (&json!(0), &json!(id))
+    );
+    assert!(empty.get("test_id").is_none(), "{empty}");
+    let mut stream = SseClient::open(&app, &format!("{board}/stream"), &token, None).await;
+    let minute = Duration::from_secs(60);
+    take(&app, &a, "amy", true, true).await; // 10:00, a: 10
+    let first = stream
+        .next_named("entry", CONVERGE)
+        .await
+        .expect("amy's collection entry arrives live");
+    assert_eq!(
+        (
+            &first.data["user_id"],
+            &first.data["score"],
+            &first.data["rank"]
+        ),
+        (&json!("amy"), &json!(10), &json!(1))
+    );
+    drop(stream);
+    clock.advance(minute);
+    take(&app, &a, "bob", true, false).await; // 10:01, a: 4
+    clock.advance(minute);
+    take(&app, &b, "bob", true, true).await; // 10:02, b: 10 → 14
+    clock.advance(minute);
+    take(&app, &c, "cid", false, true).await; // 10:03, c: 6 (not in it yet)
+    clock.advance(minute);
+    take(&app, &c, "amy", true, false).await; // 10:04, c: 4
+    clock.advance(minute);
+    take(&app, &b, "bob", false, false).await; // 10:05, b: 0 (no better)
+    let view = |body: &Value| -> Vec<(String, u64, u64, u64, String)> {
+        body["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                assert!(e.get("attempts").is_none(), "{e}");
+                (
+                    e["user_id"].as_str().unwrap().to_string(),
+                    e["score"].as_u64().unwrap(),
+                    e["max_score"].as_u64().unwrap(),
+                    e["tests_taken"].as_u64().unwrap(),
+                    e["achieved_at"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let row = |u: &str, s: u64, m: u64, t: u64, at: &str| {
+        (u.to_string(), s, m, t, format!("2027-05-10T{at}:00Z"))
+    };
+    let settled = eventually("bob's second attempt on the collection", || async {
+        let (_, body) = json(&app, &board, &token).await;
+        let (_, bob) = json(&app, &format!("{board}/users/bob"), &token).await;
+        (body["total"] == 2 && bob["entry"]["score"] == 14).then_some(body)
+    })
+    .await;
+    assert_eq!(
+        view(&settled),
+        [
+            row("bob", 14, 20, 2, "10:02"),
+            row("amy", 10, 10, 1, "10:00")
+        ]
+    );
+    // The day's board is the same; the day before is empty.
+    let (_, day) = json(&app, &format!("{board}?window=day"), &token).await;
+    assert_eq!(view(&day), view(&settled));
+    assert_eq!(day["period_start"], "2027-05-10T00:00:00Z");
+    let (_, before) = json(
+        &app,
+        &format!("{board}?window=day&period=2027-05-09"),
+        &token,
+    )
+    .await;
+    assert_eq!(before["total"], 0);
+    // As it stood at 10:01:30: bob had only his 4 on a.
+    let (status, then) = json(&app, &format!("{board}?as_of=2027-05-10T10:01:30Z"), &token).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        view(&then),
+        [
+            row("amy", 10, 10, 1, "10:00"),
+            row("bob", 4, 10, 1, "10:01")
+        ]
+    );
+    // c joins: amy's 4 and cid's 6 count at once, on every window.
+    let response = app
+        .request(
+            reqwest::Method::PUT,
+            &format!("/v1/collections/{id}/tests/{c}"),
+            Some(&admin),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let expected = [
+        row("bob", 14, 20, 2, "10:02"),
+        row("amy", 14, 20, 2, "10:04"),
+        row("cid", 6, 10, 1, "10:03"),
+    ];
+    for path in [board.clone(), format!("{board}?window=week")] {
+        let grown = eventually("the collection with c", || async {
+            let (_, body) = json(&app, &path, &token).await;
+            (body["total"] == 3).then_some(body)
+        })
+        .await;
+        assert_eq!(view(&grown), expected, "{path}");
+    }
+    let (_, now) = json(&app, &format!("{board}?as_of=2027-05-10T10:05:00Z"), &token).await;
+    assert_eq!(view(&now), expected, "as of now is the live board");
+    // A cursor walk, one entry a page, with links on the collection's path.
+    let mut walked = Vec::new();
+    let mut next = Some(format!("{board}?limit=1"));
+    while let Some(path) = next {
+        let response = app.get(&path, &token).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        next = response.headers().get("link").map(|link| {
+            let link = link.to_str().unwrap();
+            assert!(
+                link.contains(&format!("</v1/collections/{id}/leaderboard?")),
+                "{link}"
+            );
+            link[1..link.find('>').unwrap()].to_string()
+        });
+        let body: Value = response.json().await.unwrap();
+        walked.extend(view(&body));
+    }
+    assert_eq!(walked, expected);
+    let (status, around) = json(&app, &format!("{board}/users/amy?radius=1"), &token).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (
+            &around["entry"]["rank"],
+            &around["collection_id"],
+            &around["total"]
+        ),
+        (&json!(2), &json!(id), &json!(3))
+    );
+    assert_eq!(
+        users(&json!([around["above"][0], around["below"][0]])),
+        ["bob", "cid"]
+    );
+    // Refusals.
+    let unknown = uuid::Uuid::new_v4();
+    refused(
+        &app,
+        &token,
+        StatusCode::NOT_FOUND,
+        [
+            format!("/v1/collections/{unknown}/leaderboard"),
+            format!("/v1/collections/{unknown}/leaderboard/stream"),
+            format!("{board}/users/nobody"),
+        ],
+    )
+    .await;
+    refused(
+        &app,
+        &token,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        [
+            format!("{board}?window=year"),
+            format!("{board}?as_of=2099-01-01T00:00:00Z"),
+            format!("{board}?window=day&as_of=2027-05-10T10:00:00Z"),
+            format!("{board}/stream?period=2027-05-10"),
+        ],
+    )
+    .await;
+    refused(
+        &app,
+        &token,
+        StatusCode::BAD_REQUEST,
+        ["/v1/collections/nope/leaderboard".to_string()],
+    )
+    .await;
+}
+
 /// One test per scenario and adapter set.
 macro_rules! conformance {
     ($($scenario:ident),* $(,)?) => {
@@ -1348,6 +1585,7 @@ conformance!(
     leaderboard_as_of,
     rank_history_of_a_learner,
     collections_are_created_read_and_grow,
+    collection_leaderboards,
     feed_counts_notifications_and_reads,
     sse_resume_gets_exactly_what_was_missed,
     a_rebuild_from_the_log_answers_the_same,

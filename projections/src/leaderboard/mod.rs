@@ -1,6 +1,9 @@
 //! The leaderboard projection and its Postgres store.
 
-use podium_domain::log::{Change, RecordedEvent};
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use podium_domain::collection::CollectionEvent;
+use podium_domain::log::{Change, PodiumEvent, RecordedEvent};
 use serde_json::json;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
@@ -10,15 +13,22 @@ use std::sync::Arc;
 
 use crate::board_index::BoardIndex;
 use crate::checkpointed::{BoxError, ProjectionLogic};
+use crate::collections::{self, CollectionBoard, Collections};
 use crate::ranking::{Entry, RankKey, Submission};
 use crate::tables::Generation;
-use crate::windows;
+use crate::windows::{self, Window, PERIODIC};
 
 mod queries;
+use queries::ENTRY_COLUMNS;
 pub use queries::{Around, LeaderboardQueries, Page, PageStart, RankedEntry, MAX_JUMPED};
 
 pub const NAME: &str = "leaderboard";
-pub const TABLES: [&str; 2] = ["lb_entries", "lb_score_counts"];
+pub const TABLES: [&str; 4] = [
+    "lb_entries",
+    "lb_score_counts",
+    "lb_collection_tests",
+    "lb_boards",
+];
 /// The topic of leaderboard change notifications (key: the test id).
 pub const TOPIC: &str = "leaderboard";
 
@@ -120,85 +130,142 @@ pub fn entry_change(
     }
 }
 
+/// Entries by (board, user), each with the seq of its last change.
+type Entries = HashMap<(Uuid, String), (Entry, u64)>;
+/// One of [`Entries`].
+type Keyed = ((Uuid, String), (Entry, u64));
+
 impl LeaderboardProjection {
-    /// Records a batch of submissions: the entries of everyone in it are
-    /// read once, the rules run in memory, and entries, score counts and
-    /// moves are written back in a few set-wise statements. A live batch
-    /// announces, for each entry it changed, the entry's rank after the
-    /// batch and before it (two set-wise rank queries in all).
+    /// Records a batch of submissions (on their tests): the entries of
+    /// everyone in it on the boards it counts on (its test's four, and those
+    /// of the collections that hold the test, with their other components)
+    /// are read once, the rules run in memory, and the changes are written
+    /// back set-wise ([`Self::write`]). `checkpoint`: the seq before the
+    /// batch, when the transaction has written nothing yet (the rank index
+    /// may rank it then).
     async fn record_batch(
         &self,
         conn: &mut PgConnection,
         submissions: &[(u64, Submission)],
-        checkpoint: u64,
+        checkpoint: Option<u64>,
     ) -> Result<Vec<Change>, sqlx::Error> {
-        let live = self.generation == Generation::Live;
-        let mut keys: Vec<(Uuid, String)> = submissions
+        let mut tests: Vec<Uuid> = submissions.iter().map(|(_, s)| s.test_id).collect();
+        tests.sort();
+        tests.dedup();
+        let memberships = self.memberships(conn, &tests).await?;
+        self.note_boards(conn, submissions).await?;
+        let on_boards: Vec<(u64, Submission)> = submissions
+            .iter()
+            .flat_map(|(seq, s)| windows::boards_of(s).map(|b| (*seq, b)))
+            .collect();
+        // Each collection entry the batch touches: the seq of the last
+        // submission that did, and its components.
+        let mut composed: HashMap<(Uuid, String), (u64, Vec<Uuid>)> = HashMap::new();
+        for (seq, submission) in submissions {
+            for board in memberships.touched_by(submission) {
+                let key = (board.id, submission.user_id.clone());
+                composed.insert(key, (*seq, board.components));
+            }
+        }
+        let mut keys: Vec<(Uuid, String)> = on_boards
             .iter()
             .map(|(_, s)| (s.test_id, s.user_id.clone()))
+            .chain(composed.iter().flat_map(|((board, user), (_, parts))| {
+                std::iter::once(*board)
+                    .chain(parts.iter().copied())
+                    .map(move |b| (b, user.clone()))
+            }))
             .collect();
         keys.sort();
         keys.dedup();
-        let (tests, users): (Vec<Uuid>, Vec<String>) = keys.into_iter().unzip();
-        let rows = sqlx::query(&format!(
-            "SELECT e.test_id, e.user_id, e.best_score, e.max_score, e.attempt_id, e.achieved_at,
-                    e.attempts, e.changed_seq
-               FROM {} e JOIN UNNEST($1::uuid[], $2::text[]) k(test_id, user_id)
-                 ON e.test_id = k.test_id AND e.user_id = k.user_id",
-            self.entries
-        ))
-        .bind(&tests)
-        .bind(&users)
-        .fetch_all(&mut *conn)
-        .await?;
-        // Each entry with the seq of its last change.
-        let mut entries: HashMap<(Uuid, String), (Entry, u64)> = HashMap::new();
-        for row in &rows {
-            let test: Uuid = row.try_get("test_id")?;
-            let entry = entry_from_row(row)?;
-            let changed: i64 = row.try_get("changed_seq")?;
-            entries.insert((test, entry.user_id.clone()), (entry, changed as u64));
-        }
-        let before: HashMap<(Uuid, String), RankKey> = if live {
-            entries
-                .iter()
-                .map(|(key, (entry, _))| (key.clone(), entry.rank_key()))
-                .collect()
-        } else {
-            HashMap::new()
-        };
-        let mut deltas: HashMap<(Uuid, u32), i32> = HashMap::new();
+        let before = self.load(conn, &keys).await?;
+        let mut current: HashMap<(Uuid, String), Entry> = before
+            .iter()
+            .map(|(key, (entry, _))| (key.clone(), entry.clone()))
+            .collect();
+        let mut after = Entries::new();
         let mut moves: Vec<(u64, Uuid, Entry)> = Vec::new();
-        for (seq, submission) in submissions {
+        for (seq, submission) in &on_boards {
             let key = (submission.test_id, submission.user_id.clone());
-            let previous = entries.get(&key).map(|(entry, _)| entry);
+            let previous = current.get(&key);
             let entry = Entry::record(previous, submission);
-            count_move(&mut deltas, previous, &entry, submission);
-            if let Some(previous) = previous.filter(|p| live && p.rank_key() != entry.rank_key()) {
+            if let Some(previous) = previous.filter(|p| p.rank_key() != entry.rank_key()) {
                 moves.push((*seq, submission.test_id, previous.clone()));
             }
-            entries.insert(key, (entry, *seq));
+            current.insert(key.clone(), entry.clone());
+            after.insert(key, (entry, *seq));
         }
-        // Tests with more changed entries than are announced one by one.
-        let mut per_test: HashMap<Uuid, (usize, u64)> = HashMap::new();
-        for ((test, _), (_, seq)) in &entries {
-            let (count, last) = per_test.entry(*test).or_default();
+        for ((board, user), (seq, parts)) in composed {
+            let Some(entry) = collections::compose(
+                parts
+                    .iter()
+                    .filter_map(|part| current.get(&(*part, user.clone()))),
+            ) else {
+                continue;
+            };
+            let key = (board, user);
+            let previous = current.get(&key);
+            if previous == Some(&entry) {
+                continue;
+            }
+            if let Some(previous) = previous.filter(|p| p.rank_key() != entry.rank_key()) {
+                moves.push((seq, board, previous.clone()));
+            }
+            after.insert(key, (entry, seq));
+        }
+        self.write(conn, &before, after, &moves, checkpoint).await
+    }
+
+    /// Writes the entries a batch changed (`after`, each with the seq of its
+    /// change; `before`: every entry the batch read, as it was): entries,
+    /// score counts and moves in a few set-wise statements. A live batch
+    /// announces, for each entry it changed, the entry's rank after the
+    /// batch and before it (two set-wise rank queries in all), or one
+    /// `resync` for a board with more than [`ANNOUNCE_LIMIT`] changes.
+    async fn write(
+        &self,
+        conn: &mut PgConnection,
+        before: &Entries,
+        entries: Entries,
+        moves: &[(u64, Uuid, Entry)],
+        checkpoint: Option<u64>,
+    ) -> Result<Vec<Change>, sqlx::Error> {
+        let live = self.generation == Generation::Live;
+        // Where each changed entry stood, and how the score counts move.
+        let mut deltas: HashMap<(Uuid, u32), i32> = HashMap::new();
+        let mut old_keys: HashMap<(Uuid, String), RankKey> = HashMap::new();
+        for (key, (entry, _)) in &entries {
+            let previous = before.get(key).map(|(entry, _)| entry);
+            if previous.map(|p| p.best_score) != Some(entry.best_score) {
+                if let Some(previous) = previous {
+                    *deltas.entry((key.0, previous.best_score)).or_default() -= 1;
+                }
+                *deltas.entry((key.0, entry.best_score)).or_default() += 1;
+            }
+            if let Some(previous) = previous.filter(|_| live) {
+                old_keys.insert(key.clone(), previous.rank_key());
+            }
+        }
+        // Boards with more changed entries than are announced one by one.
+        let mut per_board: HashMap<Uuid, (usize, u64)> = HashMap::new();
+        for ((board, _), (_, seq)) in &entries {
+            let (count, last) = per_board.entry(*board).or_default();
             *count += 1;
             *last = (*last).max(*seq);
         }
-        let crowded: HashMap<Uuid, u64> = per_test
+        let crowded: HashMap<Uuid, u64> = per_board
             .into_iter()
             .filter(|(_, (count, _))| *count > ANNOUNCE_LIMIT)
-            .map(|(test, (_, last))| (test, last))
+            .map(|(board, (_, last))| (board, last))
             .collect();
-        // Tests ranked in memory, then the rest in SQL.
-        let in_memory = match (&self.boards, live) {
-            (Some(boards), true) => {
+        // Boards ranked in memory, then the rest in SQL.
+        let in_memory = match (&self.boards, live, checkpoint) {
+            (Some(boards), true, Some(checkpoint)) => {
                 rank_in_memory(
                     conn,
                     boards.as_ref(),
                     &entries,
-                    &before,
+                    &old_keys,
                     &crowded,
                     checkpoint,
                 )
@@ -207,99 +274,48 @@ impl LeaderboardProjection {
             _ => BatchRanks::new(),
         };
         let ranked_in_memory =
-            |test: &Uuid, user: &String| in_memory.contains_key(&(*test, user.clone()));
+            |board: &Uuid, user: &String| in_memory.contains_key(&(*board, user.clone()));
         let previous_ranks = if live {
-            let keys: Vec<(Uuid, RankKey)> = before
+            let keys: Vec<(Uuid, RankKey)> = old_keys
                 .iter()
-                .filter(|((test, user), _)| {
-                    !crowded.contains_key(test) && !ranked_in_memory(test, user)
+                .filter(|((board, user), _)| {
+                    !crowded.contains_key(board) && !ranked_in_memory(board, user)
                 })
-                .map(|((test, _), key)| (*test, key.clone()))
+                .map(|((board, _), key)| (*board, key.clone()))
                 .collect();
             let ranks = ranks_of(&mut *conn, &self.entries, &self.counts, &keys).await?;
             keys.into_iter()
-                .map(|(test, key)| (test, key.user_id))
+                .map(|(board, key)| (board, key.user_id))
                 .zip(ranks)
                 .collect()
         } else {
             HashMap::new()
         };
-        let touched: Vec<(&(Uuid, String), &Entry)> = entries
-            .iter()
-            .map(|(key, (entry, _))| (key, entry))
-            .collect();
-        let changed: Vec<i64> = entries.values().map(|(_, seq)| *seq as i64).collect();
-        sqlx::query(&format!(
-            "INSERT INTO {} (test_id, user_id, best_score, max_score, attempt_id, achieved_at,
-                             attempts, changed_seq)
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::int[], $5::uuid[],
-                                  $6::timestamptz[], $7::int[], $8::bigint[])
-             ON CONFLICT (test_id, user_id) DO UPDATE
-                SET best_score = EXCLUDED.best_score, max_score = EXCLUDED.max_score,
-                    attempt_id = EXCLUDED.attempt_id, achieved_at = EXCLUDED.achieved_at,
-                    attempts = EXCLUDED.attempts, changed_seq = EXCLUDED.changed_seq",
-            self.entries
-        ))
-        .bind(touched.iter().map(|(k, _)| k.0).collect::<Vec<_>>())
-        .bind(touched.iter().map(|(k, _)| k.1.clone()).collect::<Vec<_>>())
-        .bind(
-            touched
-                .iter()
-                .map(|(_, e)| e.best_score as i32)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            touched
-                .iter()
-                .map(|(_, e)| e.max_score as i32)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            touched
-                .iter()
-                .map(|(_, e)| e.attempt_id)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            touched
-                .iter()
-                .map(|(_, e)| e.achieved_at)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            touched
-                .iter()
-                .map(|(_, e)| e.attempts as i32)
-                .collect::<Vec<_>>(),
-        )
-        .bind(&changed)
-        .execute(&mut *conn)
-        .await?;
+        self.upsert(conn, &entries).await?;
         self.apply_count_deltas(conn, deltas).await?;
         if !live {
             return Ok(Vec::new());
         }
-        record_moves(&mut *conn, &moves).await?;
-        // Every entry read was touched by the batch: in the order of its
-        // last change.
-        let mut after: Vec<(u64, Uuid, &Entry)> = entries
+        record_moves(&mut *conn, moves).await?;
+        // In the order of their last change.
+        let mut changed: Vec<(u64, Uuid, &Entry)> = entries
             .iter()
-            .filter(|((test, _), _)| !crowded.contains_key(test))
-            .map(|((test, _), (entry, seq))| (*seq, *test, entry))
+            .filter(|((board, _), _)| !crowded.contains_key(board))
+            .map(|((board, _), (entry, seq))| (*seq, *board, entry))
             .collect();
-        after.sort_by_key(|(seq, _, _)| *seq);
-        let keys: Vec<(Uuid, RankKey)> = after
+        changed.sort_by_key(|(seq, _, _)| *seq);
+        let keys: Vec<(Uuid, RankKey)> = changed
             .iter()
-            .filter(|(_, test, entry)| !ranked_in_memory(test, &entry.user_id))
-            .map(|(_, test, entry)| (*test, entry.rank_key()))
+            .filter(|(_, board, entry)| !ranked_in_memory(board, &entry.user_id))
+            .map(|(_, board, entry)| (*board, entry.rank_key()))
             .collect();
         let mut ranks = ranks_of(&mut *conn, &self.entries, &self.counts, &keys)
             .await?
             .into_iter();
-        let mut changes: Vec<Change> = after
+        let mut changes: Vec<Change> = changed
             .into_iter()
-            .map(|(seq, test, entry)| {
-                let key = (test, entry.user_id.clone());
+            .map(|(seq, board, entry)| {
+                let key = (board, entry.user_id.clone());
                 let (previous, rank) = match in_memory.get(&key) {
                     Some(ranked) => *ranked,
                     None => (
@@ -307,12 +323,12 @@ impl LeaderboardProjection {
                         ranks.next().expect("a rank for each entry ranked in SQL"),
                     ),
                 };
-                entry_change(test, seq, entry, rank, previous)
+                entry_change(board, seq, entry, rank, previous)
             })
             .chain(
                 crowded
                     .into_iter()
-                    .map(|(test, seq)| resync_change(test, seq)),
+                    .map(|(board, seq)| resync_change(board, seq)),
             )
             .collect();
         changes.sort_by_key(|change| change.seq);
@@ -363,25 +379,264 @@ impl LeaderboardProjection {
         }
         Ok(())
     }
+
+    /// The entries under `keys` (board, user) that exist.
+    async fn load(
+        &self,
+        conn: &mut PgConnection,
+        keys: &[(Uuid, String)],
+    ) -> Result<Entries, sqlx::Error> {
+        let (boards, users): (Vec<Uuid>, Vec<String>) = keys.iter().cloned().unzip();
+        let rows = sqlx::query(&format!(
+            "SELECT e.test_id, e.user_id, e.best_score, e.max_score, e.attempt_id, e.achieved_at,
+                    e.attempts, e.changed_seq
+               FROM {} e JOIN UNNEST($1::uuid[], $2::text[]) k(test_id, user_id)
+                 ON e.test_id = k.test_id AND e.user_id = k.user_id",
+            self.entries
+        ))
+        .bind(&boards)
+        .bind(&users)
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.iter().map(keyed_entry).collect()
+    }
+
+    /// Writes `entries` (inserted or replaced).
+    async fn upsert(&self, conn: &mut PgConnection, entries: &Entries) -> Result<(), sqlx::Error> {
+        let rows: Vec<_> = entries.iter().collect();
+        let column = |f: fn(&Entry) -> i32| rows.iter().map(|(_, (e, _))| f(e)).collect::<Vec<_>>();
+        sqlx::query(&format!(
+            "INSERT INTO {} (test_id, user_id, best_score, max_score, attempt_id, achieved_at,
+                             attempts, changed_seq)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::int[], $5::uuid[],
+                                  $6::timestamptz[], $7::int[], $8::bigint[])
+             ON CONFLICT (test_id, user_id) DO UPDATE
+                SET best_score = EXCLUDED.best_score, max_score = EXCLUDED.max_score,
+                    attempt_id = EXCLUDED.attempt_id, achieved_at = EXCLUDED.achieved_at,
+                    attempts = EXCLUDED.attempts, changed_seq = EXCLUDED.changed_seq",
+            self.entries
+        ))
+        .bind(rows.iter().map(|(k, _)| k.0).collect::<Vec<_>>())
+        .bind(rows.iter().map(|(k, _)| k.1.clone()).collect::<Vec<_>>())
+        .bind(column(|e| e.best_score as i32))
+        .bind(column(|e| e.max_score as i32))
+        .bind(
+            rows.iter()
+                .map(|(_, (e, _))| e.attempt_id)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|(_, (e, _))| e.achieved_at)
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(|e| e.attempts as i32))
+        .bind(
+            rows.iter()
+                .map(|(_, (_, seq))| *seq as i64)
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Notes the periodic boards `submissions` count on (what a test joining
+    /// a collection later is composed over).
+    async fn note_boards(
+        &self,
+        conn: &mut PgConnection,
+        submissions: &[(u64, Submission)],
+    ) -> Result<(), sqlx::Error> {
+        let mut boards: Vec<(Uuid, Uuid, Window, DateTime<Utc>)> = submissions
+            .iter()
+            .flat_map(|(_, s)| {
+                PERIODIC.into_iter().filter_map(|window| {
+                    let start = window.period(s.submitted_at)?.start;
+                    Some((
+                        windows::board_id(s.test_id, window, start),
+                        s.test_id,
+                        window,
+                        start,
+                    ))
+                })
+            })
+            .collect();
+        boards.sort_by_key(|(board, ..)| *board);
+        boards.dedup_by_key(|(board, ..)| *board);
+        sqlx::query(&format!(
+            "INSERT INTO {} (board_id, test_id, \"window\", period_start)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[])
+             ON CONFLICT (board_id) DO NOTHING",
+            self.generation.table("lb_boards")
+        ))
+        .bind(boards.iter().map(|b| b.0).collect::<Vec<_>>())
+        .bind(boards.iter().map(|b| b.1).collect::<Vec<_>>())
+        .bind(boards.iter().map(|b| b.2.as_str()).collect::<Vec<_>>())
+        .bind(boards.iter().map(|b| b.3).collect::<Vec<_>>())
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// The tests of the collections that hold any of `tests`.
+    async fn memberships(
+        &self,
+        conn: &mut PgConnection,
+        tests: &[Uuid],
+    ) -> Result<Collections, sqlx::Error> {
+        let table = self.generation.table("lb_collection_tests");
+        let rows: Vec<(Uuid, Uuid)> = sqlx::query_as(&format!(
+            "SELECT collection_id, test_id FROM {table}
+              WHERE collection_id IN (SELECT collection_id FROM {table} WHERE test_id = ANY($1))
+              ORDER BY added_seq, test_id"
+        ))
+        .bind(tests)
+        .fetch_all(conn)
+        .await?;
+        let mut collections = Collections::default();
+        for (collection, test) in rows {
+            collections.add(collection, test);
+        }
+        Ok(collections)
+    }
+
+    /// Adds `tests` to `collection` (by the event at `seq`). When any is
+    /// new, every board of the collection is composed afresh from its
+    /// tests' boards: their whole history counts at once.
+    async fn add_to_collection(
+        &self,
+        conn: &mut PgConnection,
+        collection: Uuid,
+        tests: &[Uuid],
+        seq: u64,
+    ) -> Result<Vec<Change>, sqlx::Error> {
+        let table = self.generation.table("lb_collection_tests");
+        let added: Vec<Uuid> = sqlx::query_scalar(&format!(
+            "INSERT INTO {table} (collection_id, test_id, added_seq)
+             SELECT $1, t, $3 FROM UNNEST($2::uuid[]) t
+             ON CONFLICT (collection_id, test_id) DO NOTHING RETURNING test_id"
+        ))
+        .bind(collection)
+        .bind(tests)
+        .bind(seq as i64)
+        .fetch_all(&mut *conn)
+        .await?;
+        if added.is_empty() {
+            return Ok(Vec::new());
+        }
+        let members: Vec<Uuid> = sqlx::query_scalar(&format!(
+            "SELECT test_id FROM {table} WHERE collection_id = $1 ORDER BY added_seq, test_id"
+        ))
+        .bind(collection)
+        .fetch_all(&mut *conn)
+        .await?;
+        let periods: Vec<(Uuid, String, DateTime<Utc>)> = sqlx::query_as(&format!(
+            "SELECT test_id, \"window\", period_start FROM {} WHERE test_id = ANY($1)",
+            self.generation.table("lb_boards")
+        ))
+        .bind(&members)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut memberships = Collections::default();
+        for test in members {
+            memberships.add(collection, test);
+        }
+        for (test, window, start) in periods {
+            if let Some(window) = Window::parse(&window) {
+                memberships.note_period(test, window, start);
+            }
+        }
+        let mut changes = Vec::new();
+        for board in memberships.boards_of(collection) {
+            changes.extend(self.compose_board(conn, &board, seq).await?);
+        }
+        Ok(changes)
+    }
+
+    /// Composes every entry of a collection's `board` afresh from its
+    /// components (the change at `seq`), and writes those that differ.
+    async fn compose_board(
+        &self,
+        conn: &mut PgConnection,
+        board: &CollectionBoard,
+        seq: u64,
+    ) -> Result<Vec<Change>, sqlx::Error> {
+        let mut composed: Vec<Entry> = Vec::new();
+        {
+            let statement = format!(
+                "SELECT {ENTRY_COLUMNS} FROM {} WHERE test_id = ANY($1) ORDER BY user_id",
+                self.entries
+            );
+            let mut rows = sqlx::query(&statement)
+                .bind(&board.components)
+                .fetch(&mut *conn);
+            let mut parts: Vec<Entry> = Vec::new();
+            while let Some(row) = rows.try_next().await? {
+                let entry = entry_from_row(&row)?;
+                if parts.last().is_some_and(|p| p.user_id != entry.user_id) {
+                    composed.extend(collections::compose(&parts));
+                    parts.clear();
+                }
+                parts.push(entry);
+            }
+            composed.extend(collections::compose(&parts));
+        }
+        let rows = sqlx::query(&format!(
+            "SELECT {ENTRY_COLUMNS}, test_id, changed_seq FROM {} WHERE test_id = $1",
+            self.entries
+        ))
+        .bind(board.id)
+        .fetch_all(&mut *conn)
+        .await?;
+        let existing: Entries = rows.iter().map(keyed_entry).collect::<Result<_, _>>()?;
+        let mut moves = Vec::new();
+        let mut after = Entries::new();
+        for entry in composed {
+            let key = (board.id, entry.user_id.clone());
+            let previous = existing.get(&key).map(|(entry, _)| entry);
+            if previous == Some(&entry) {
+                continue;
+            }
+            if let Some(previous) = previous.filter(|p| p.rank_key() != entry.rank_key()) {
+                moves.push((seq, board.id, previous.clone()));
+            }
+            after.insert(key, (entry, seq));
+        }
+        self.write(conn, &existing, after, &moves, None).await
+    }
 }
 
-/// Records in `deltas` how `submission` moved its user between scores.
-fn count_move(
-    deltas: &mut HashMap<(Uuid, u32), i32>,
-    previous: Option<&Entry>,
-    entry: &Entry,
-    submission: &Submission,
-) {
-    if Entry::improved_by(previous, submission) {
-        if let Some(previous) = previous {
-            *deltas
-                .entry((submission.test_id, previous.best_score))
-                .or_default() -= 1;
-        }
-        *deltas
-            .entry((submission.test_id, entry.best_score))
-            .or_default() += 1;
+/// A row of entry columns with `test_id` and `changed_seq`, keyed by (board, user).
+fn keyed_entry(row: &sqlx::postgres::PgRow) -> Result<Keyed, sqlx::Error> {
+    let entry = entry_from_row(row)?;
+    let changed: i64 = row.try_get("changed_seq")?;
+    Ok((
+        (row.try_get("test_id")?, entry.user_id.clone()),
+        (entry, changed as u64),
+    ))
+}
+
+/// The collection and tests a membership event names.
+fn collection_members(event: &RecordedEvent) -> Result<Option<(Uuid, Vec<Uuid>)>, BoxError> {
+    if !matches!(
+        event.event_type.as_str(),
+        "CollectionCreated" | "CollectionTestAdded"
+    ) {
+        return Ok(None);
     }
+    Ok(match event.decode()? {
+        PodiumEvent::Collection(CollectionEvent::CollectionCreated {
+            collection_id,
+            test_ids,
+            ..
+        }) => Some((collection_id, test_ids)),
+        PodiumEvent::Collection(CollectionEvent::CollectionTestAdded {
+            collection_id,
+            test_id,
+        }) => Some((collection_id, vec![test_id])),
+        _ => None,
+    })
 }
 
 impl ProjectionLogic for LeaderboardProjection {
@@ -392,22 +647,36 @@ impl ProjectionLogic for LeaderboardProjection {
         }
     }
 
+    /// Submissions in runs between collection events, each run one
+    /// [`Self::record_batch`].
     async fn apply_batch(
         &self,
         conn: &mut PgConnection,
         events: &[RecordedEvent],
     ) -> Result<Vec<Change>, BoxError> {
-        let mut submissions: Vec<(u64, Submission)> = Vec::new();
+        let mut changes = Vec::new();
+        let mut run: Vec<(u64, Submission)> = Vec::new();
+        // The seq before the batch, while the transaction has written nothing.
+        let mut untouched = events.first().map(|e| e.seq - 1);
         for event in events {
             if let Some(submission) = Submission::of(event)? {
-                submissions.extend(windows::boards_of(&submission).map(|s| (event.seq, s)));
+                run.push((event.seq, submission));
+            } else if let Some((collection, tests)) = collection_members(event)? {
+                if !run.is_empty() {
+                    let run = std::mem::take(&mut run);
+                    changes.extend(self.record_batch(conn, &run, untouched.take()).await?);
+                }
+                untouched = None;
+                changes.extend(
+                    self.add_to_collection(conn, collection, &tests, event.seq)
+                        .await?,
+                );
             }
         }
-        if submissions.is_empty() {
-            return Ok(Vec::new());
+        if !run.is_empty() {
+            changes.extend(self.record_batch(conn, &run, untouched).await?);
         }
-        let checkpoint = events[0].seq - 1;
-        Ok(self.record_batch(conn, &submissions, checkpoint).await?)
+        Ok(changes)
     }
 }
 
@@ -497,7 +766,7 @@ async fn record_moves(
     sqlx::query(
         "INSERT INTO lb_moves (seq, test_id, user_id, old_score, old_achieved_at)
          SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::timestamptz[])
-         ON CONFLICT (test_id, seq) DO NOTHING",
+         ON CONFLICT (test_id, seq, user_id) DO NOTHING",
     )
     .bind(
         moves
@@ -587,21 +856,87 @@ pub(crate) async fn ranks_of(
     Ok(ahead.into_iter().map(|a| a as u64 + 1).collect())
 }
 
-/// The leaderboard folded in memory for a rebuild: each (test, user)'s entry
-/// by the same rules as [`LeaderboardProjection`], with the seq of the last
-/// submission that touched it; written with COPY, score counts included.
-/// A rebuild records no moves (as the set-wise path records none).
+/// The leaderboard folded in memory for a rebuild: each (board, user)'s
+/// entry by the same rules as [`LeaderboardProjection`], with the seq of the
+/// last event that touched it, collections' boards composed from their tests'
+/// at the end; written with COPY, score counts, memberships and periods
+/// included. A rebuild records no moves (as the set-wise path records none).
 #[derive(Default)]
 pub struct LeaderboardFold {
     entries: HashMap<(Uuid, String), (Entry, u64)>,
+    collections: Collections,
+    /// (collection, test, the seq that added it).
+    added: Vec<(Uuid, Uuid, u64)>,
+}
+
+impl LeaderboardFold {
+    /// Composes every collection's boards from its tests' final boards: an
+    /// entry is a function of its components, whenever its tests joined.
+    fn compose_collections(&mut self) {
+        let mut last_added: HashMap<Uuid, u64> = HashMap::new();
+        for (collection, _, seq) in &self.added {
+            last_added.insert(*collection, *seq);
+        }
+        let boards: Vec<(u64, CollectionBoard)> = self
+            .collections
+            .all()
+            .flat_map(|(collection, _)| {
+                let added = last_added.get(collection).copied().unwrap_or(0);
+                self.collections
+                    .boards_of(*collection)
+                    .into_iter()
+                    .map(move |board| (added, board))
+            })
+            .collect();
+        let mut users_of: HashMap<Uuid, Vec<&String>> = boards
+            .iter()
+            .flat_map(|(_, board)| board.components.iter().map(|c| (*c, Vec::new())))
+            .collect();
+        for (board, user) in self.entries.keys() {
+            if let Some(users) = users_of.get_mut(board) {
+                users.push(user);
+            }
+        }
+        let mut composed = Vec::new();
+        for (added, board) in &boards {
+            let mut users: Vec<&String> = board
+                .components
+                .iter()
+                .flat_map(|c| users_of[c].iter().copied())
+                .collect();
+            users.sort_unstable();
+            users.dedup();
+            for user in users {
+                let parts: Vec<&(Entry, u64)> = board
+                    .components
+                    .iter()
+                    .filter_map(|c| self.entries.get(&(*c, user.clone())))
+                    .collect();
+                let seq = parts.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
+                if let Some(entry) = collections::compose(parts.iter().map(|(e, _)| e)) {
+                    composed.push(((board.id, user.clone()), (entry, seq.max(*added))));
+                }
+            }
+        }
+        self.entries.extend(composed);
+    }
 }
 
 impl crate::fold::Fold for LeaderboardFold {
     fn add(&mut self, events: &[RecordedEvent]) -> Result<(), BoxError> {
         for event in events {
+            if let Some((collection, tests)) = collection_members(event)? {
+                for test in tests {
+                    if self.collections.add(collection, test) {
+                        self.added.push((collection, test, event.seq));
+                    }
+                }
+                continue;
+            }
             let Some(submission) = Submission::of(event)? else {
                 continue;
             };
+            self.collections.note(&submission);
             for submission in windows::boards_of(&submission) {
                 let key = (submission.test_id, submission.user_id.clone());
                 let previous = self.entries.get(&key).map(|(entry, _)| entry);
@@ -616,9 +951,40 @@ impl crate::fold::Fold for LeaderboardFold {
         self: Box<Self>,
         conn: &'c mut PgConnection,
     ) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>> {
+        let mut this = self;
+        this.compose_collections();
         Box::pin(async move {
             use crate::fold::{copy_time, CopyWriter};
             let next = Generation::Next;
+            let mut rows = CopyWriter::start(
+                conn,
+                &format!(
+                    "COPY {} (collection_id, test_id, added_seq) FROM STDIN",
+                    next.table("lb_collection_tests")
+                ),
+            )
+            .await?;
+            for (collection, test, seq) in &this.added {
+                rows.field(collection).field(test).field(seq);
+                rows.end_row().await?;
+            }
+            rows.finish().await?;
+            let mut rows = CopyWriter::start(
+                conn,
+                &format!(
+                    "COPY {} (board_id, test_id, \"window\", period_start) FROM STDIN",
+                    next.table("lb_boards")
+                ),
+            )
+            .await?;
+            for (test, window, start) in this.collections.periods() {
+                rows.field(windows::board_id(test, window, start))
+                    .field(test)
+                    .field(window.as_str())
+                    .field(copy_time(start));
+                rows.end_row().await?;
+            }
+            rows.finish().await?;
             let mut counts: HashMap<(Uuid, u32), i64> = HashMap::new();
             let mut rows = CopyWriter::start(
                 conn,
@@ -631,7 +997,7 @@ impl crate::fold::Fold for LeaderboardFold {
             .await?;
             // In key order: the copy's primary key then grows at its right
             // edge instead of splitting pages all over.
-            let mut entries: Vec<_> = self.entries.into_iter().collect();
+            let mut entries: Vec<_> = this.entries.into_iter().collect();
             entries.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
             for ((test, _), (entry, seq)) in entries {
                 *counts.entry((test, entry.best_score)).or_default() += 1;

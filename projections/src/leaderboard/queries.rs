@@ -77,7 +77,8 @@ pub struct RankedEntry {
 /// Reads the live leaderboard tables.
 pub struct LeaderboardQueries;
 
-const ENTRY_COLUMNS: &str = "user_id, best_score, max_score, attempt_id, achieved_at, attempts";
+pub(crate) const ENTRY_COLUMNS: &str =
+    "user_id, best_score, max_score, attempt_id, achieved_at, attempts";
 const ENTRY_COLUMNS_E: &str =
     "e.user_id, e.best_score, e.max_score, e.attempt_id, e.achieved_at, e.attempts";
 

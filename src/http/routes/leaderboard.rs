@@ -9,12 +9,15 @@ use axum::Router;
 use chrono::{DateTime, Datelike, SecondsFormat, SubsecRound, Utc};
 use podium_domain::log::Change;
 use podium_domain::UserId;
+use podium_projections::collections;
 use podium_projections::history::rank_history;
 use podium_projections::leaderboard::{self, Page, PageStart, RankedEntry};
 use podium_projections::ranking::{Entry, RankKey};
 use podium_projections::windows::{self, Period, Window};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::collections::HashMap;
+use std::sync::Arc;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
@@ -49,11 +52,110 @@ pub(super) struct BoardQuery {
     as_of: Option<String>,
 }
 
-/// The board a query chose: a test's, in a window's period.
+/// Whose boards a query reads: a test's, or a collection's (the sum of each
+/// user's bests over its tests).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Subject {
+    Test(Uuid),
+    Collection(Uuid),
+}
+
+impl Subject {
+    /// The board of this subject in `window`'s period that holds `at`.
+    fn board_at(self, window: Window, at: DateTime<Utc>) -> Uuid {
+        match self {
+            Self::Test(test) => windows::board_at(test, window, at),
+            Self::Collection(collection) => collections::board_at(collection, window, at),
+        }
+    }
+
+    /// The path of this subject's leaderboard.
+    fn path(self) -> String {
+        match self {
+            Self::Test(test) => format!("/v1/tests/{test}/leaderboard"),
+            Self::Collection(collection) => format!("/v1/collections/{collection}/leaderboard"),
+        }
+    }
+
+    /// 404 unless the test is published or the collection exists.
+    async fn exists(self, state: &AppState) -> Result<(), ApiError> {
+        self.tests(state).await.map(|_| ())
+    }
+
+    /// The tests this subject's boards are made of (404 for a test that is
+    /// not published, or a collection that does not exist).
+    async fn tests(self, state: &AppState) -> Result<Vec<Uuid>, ApiError> {
+        match self {
+            Self::Test(test) => {
+                published_definition(state, test).await?;
+                Ok(vec![test])
+            }
+            Self::Collection(collection) => Ok(state
+                .aggregates
+                .collections
+                .load(&collection.to_string())
+                .await?
+                .created
+                .ok_or_else(|| ApiError::NotFound("no such collection".into()))?
+                .test_ids),
+        }
+    }
+
+    /// The board of this subject as of `at`, in rank order: a test's
+    /// folded (or kept) from its submissions; a collection's composed from
+    /// its tests' boards as of `at`.
+    async fn board_as_of(
+        self,
+        state: &AppState,
+        at: DateTime<Utc>,
+        settled: bool,
+    ) -> Result<Arc<Vec<Entry>>, ApiError> {
+        let store = state.store.as_ref();
+        let tests = match self {
+            Self::Test(test) => return Ok(state.as_of.board(store, test, at, settled).await?),
+            Self::Collection(_) => self.tests(state).await?,
+        };
+        let mut parts: HashMap<String, Vec<Entry>> = HashMap::new();
+        for test in tests {
+            for entry in state.as_of.board(store, test, at, settled).await?.iter() {
+                parts
+                    .entry(entry.user_id.clone())
+                    .or_default()
+                    .push(entry.clone());
+            }
+        }
+        let mut board: Vec<Entry> = parts
+            .values()
+            .filter_map(collections::compose)
+            .collect();
+        board.sort_by(Entry::rank_cmp);
+        Ok(Arc::new(board))
+    }
+}
+
+/// Which subject an answer is about: `"test_id"` or `"collection_id"`.
+#[derive(Serialize, ToSchema)]
+enum SubjectView {
+    #[serde(rename = "test_id")]
+    Test(Uuid),
+    #[serde(rename = "collection_id")]
+    Collection(Uuid),
+}
+
+impl From<Subject> for SubjectView {
+    fn from(subject: Subject) -> Self {
+        match subject {
+            Subject::Test(test) => Self::Test(test),
+            Subject::Collection(collection) => Self::Collection(collection),
+        }
+    }
+}
+
+/// The board a query chose: a test's or a collection's, in a window's period.
 #[derive(Clone, Copy)]
 pub(super) struct Board {
-    pub test_id: Uuid,
-    /// The board's own id: the test's for `all`.
+    pub subject: Subject,
+    /// The board's own id: the test's for a test's `all`.
     pub id: Uuid,
     pub window: Window,
     pub period: Option<Period>,
@@ -63,7 +165,7 @@ impl BoardQuery {
     /// The board this query names, with the current period as of `now`
     /// unless it names another; 422 for an unknown window or a malformed
     /// period.
-    pub(super) fn board(&self, test_id: Uuid, now: DateTime<Utc>) -> Result<Board, ApiError> {
+    pub(super) fn board(&self, subject: Subject, now: DateTime<Utc>) -> Result<Board, ApiError> {
         let window = match self.window.as_deref() {
             None => Window::All,
             Some(name) => Window::parse(name).ok_or_else(|| {
@@ -85,7 +187,7 @@ impl BoardQuery {
                 )
             })?,
         };
-        Ok(Board::at(test_id, window, at))
+        Ok(Board::at(subject, window, at))
     }
 }
 
@@ -121,11 +223,11 @@ impl BoardQuery {
 }
 
 impl Board {
-    /// `test_id`'s board in `window` for the period that holds `at`.
-    fn at(test_id: Uuid, window: Window, at: DateTime<Utc>) -> Board {
+    /// `subject`'s board in `window` for the period that holds `at`.
+    fn at(subject: Subject, window: Window, at: DateTime<Utc>) -> Board {
         Board {
-            test_id,
-            id: windows::board_at(test_id, window, at),
+            subject,
+            id: subject.board_at(window, at),
             window,
             period: window.period(at),
         }
@@ -133,7 +235,7 @@ impl Board {
 
     /// The board of the same test and window whose period begins at `at`.
     fn following(&self, at: DateTime<Utc>) -> Board {
-        Board::at(self.test_id, self.window, at)
+        Board::at(self.subject, self.window, at)
     }
 
     /// The query parameters that name this board in a link (none for `all`).
@@ -184,35 +286,67 @@ pub fn router() -> Router<AppState> {
             "/v1/tests/{test_id}/leaderboard/users/{user_id}/history",
             get(history),
         )
+        .route(
+            "/v1/collections/{collection_id}/leaderboard",
+            get(collection_page),
+        )
+        .route(
+            "/v1/collections/{collection_id}/leaderboard/users/{user_id}",
+            get(collection_around),
+        )
+        .route(
+            "/v1/collections/{collection_id}/leaderboard/stream",
+            get(collection_stream),
+        )
 }
 
 /// This resource's operations in the OpenAPI document.
 #[derive(utoipa::OpenApi)]
-#[openapi(paths(page, around, stream, history))]
+#[openapi(paths(
+    page,
+    around,
+    stream,
+    history,
+    collection_page,
+    collection_around,
+    collection_stream
+))]
 pub(super) struct Doc;
 
-/// An entry as the API shows it.
+/// An entry as the API shows it. On a test's board: the user's best score
+/// and `attempts`; on a collection's: the sum of their bests over its tests,
+/// of those tests' maximum scores, and `tests_taken`.
 #[derive(Serialize, ToSchema)]
 struct EntryView<'a> {
     rank: u64,
     user_id: &'a str,
     score: u32,
     max_score: u32,
+    /// When the score was first reached.
     #[serde(serialize_with = "podium_domain::time::serialize")]
     achieved_at: DateTime<Utc>,
-    attempts: u32,
+    /// Submitted attempts (a test's board only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts: Option<u32>,
+    /// Tests of the collection the user has submitted (a collection's board only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tests_taken: Option<u32>,
 }
 
-impl<'a> From<&'a RankedEntry> for EntryView<'a> {
-    fn from(ranked: &'a RankedEntry) -> Self {
-        let e = &ranked.entry;
-        Self {
-            rank: ranked.rank,
-            user_id: &e.user_id,
-            score: e.best_score,
-            max_score: e.max_score,
-            achieved_at: e.achieved_at,
-            attempts: e.attempts,
+impl<'a> EntryView<'a> {
+    fn of(subject: Subject) -> impl Fn(&'a RankedEntry) -> Self {
+        move |ranked| {
+            let e = &ranked.entry;
+            let collection = matches!(subject, Subject::Collection(_));
+            Self {
+                rank: ranked.rank,
+                user_id: &e.user_id,
+                score: e.best_score,
+                max_score: e.max_score,
+                achieved_at: e.achieved_at,
+                attempts: (!collection).then_some(e.attempts),
+                tests_taken: collection.then_some(e.attempts),
+            }
         }
     }
 }
@@ -267,7 +401,8 @@ struct PageQuery {
 
 #[derive(Serialize, ToSchema)]
 struct LeaderboardPage<'a> {
-    test_id: Uuid,
+    #[serde(flatten)]
+    subject: SubjectView,
     #[serde(flatten)]
     window: WindowView,
     /// The instant of an `as_of` board (absent otherwise).
@@ -300,8 +435,38 @@ async fn page(
     ApiQuery(query): ApiQuery<PageQuery>,
     ApiQuery(chosen): ApiQuery<BoardQuery>,
 ) -> Result<Response, ApiError> {
+    page_of(state, Subject::Test(test_id), query, chosen).await
+}
+
+/// A page of a collection's leaderboard (each user's sum of best scores
+/// over its tests), by cursor or by offset, as for a test.
+#[utoipa::path(get, path = "/v1/collections/{collection_id}/leaderboard", tag = "collections",
+    params(("collection_id" = Uuid, Path), PageQuery, BoardQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = LeaderboardPage, headers(("link" = String, description = "`<…>; rel=\"next\"` while more pages follow"))),
+        (status = 400, description = "Malformed or foreign cursor (`invalid-cursor`), or one too old (`cursor-expired`)"),
+        (status = 422, description = "`limit` outside 1–200, cursor and offset together, an unknown `window`, a malformed `period`, or an `as_of` that is malformed, in the future or with a window"),
+        (status = 404, description = "No such collection"),
+    ))]
+async fn collection_page(
+    State(state): State<AppState>,
+    _: Principal,
+    ApiPath(collection_id): ApiPath<Uuid>,
+    ApiQuery(query): ApiQuery<PageQuery>,
+    ApiQuery(chosen): ApiQuery<BoardQuery>,
+) -> Result<Response, ApiError> {
+    page_of(state, Subject::Collection(collection_id), query, chosen).await
+}
+
+async fn page_of(
+    state: AppState,
+    subject: Subject,
+    query: PageQuery,
+    chosen: BoardQuery,
+) -> Result<Response, ApiError> {
     let now = state.clock.now();
-    let board = chosen.board(test_id, now)?;
+    let board = chosen.board(subject, now)?;
     let as_of = chosen.as_of(&board, now)?;
     let limit = pagination::limit(query.limit)?;
     let (start, key) = match (&query.cursor, query.offset) {
@@ -390,12 +555,13 @@ impl Listing {
     ) -> Result<JsonBody, ApiError> {
         let next_cursor = next_cursor(self.board.id, page, since, as_of);
         let link = self.next_link(next_cursor.as_ref(), as_of);
+        let subject = self.board.subject;
         let view = LeaderboardPage {
-            test_id: self.board.test_id,
+            subject: subject.into(),
             window: WindowView::from(&self.board),
             as_of,
             total: page.total,
-            entries: page.entries.iter().map(EntryView::from).collect(),
+            entries: page.entries.iter().map(EntryView::of(subject)).collect(),
             next_cursor,
         };
         JsonBody::new(&view, link)
@@ -408,7 +574,6 @@ impl Listing {
         as_of: Option<DateTime<Utc>>,
     ) -> Option<HeaderValue> {
         let cursor = next_cursor?;
-        let test_id = self.board.test_id;
         let mut params = vec![("limit", self.limit.to_string())];
         match self.start {
             PageStart::Offset(offset) if self.by_offset => {
@@ -420,7 +585,7 @@ impl Listing {
         if let Some(at) = as_of {
             params.push(("as_of", at.to_rfc3339_opts(SecondsFormat::AutoSi, true)));
         }
-        next_link(&format!("/v1/tests/{test_id}/leaderboard"), &params)
+        next_link(&self.board.subject.path(), &params)
     }
 }
 
@@ -431,7 +596,6 @@ async fn load_page(state: &AppState, listing: Listing) -> Result<Loaded, ApiErro
         limit,
         ..
     } = &listing;
-    let test_id = board.test_id;
     let (seq, page) = state
         .store
         .leaderboard_page(board.id, start, *limit)
@@ -456,7 +620,7 @@ async fn load_page(state: &AppState, listing: Listing) -> Result<Loaded, ApiErro
         }
     };
     if page.total == 0 {
-        if let Err(err) = published_definition(state, test_id).await {
+        if let Err(err) = board.subject.exists(state).await {
             return Ok(Loaded {
                 answer: Err(err),
                 seq,
@@ -478,13 +642,10 @@ async fn load_as_of_page(
     at: DateTime<Utc>,
     settled: bool,
 ) -> Result<Loaded, ApiError> {
-    let test_id = listing.board.test_id;
-    let entries = state
-        .as_of
-        .board(state.store.as_ref(), test_id, at, settled)
-        .await?;
+    let subject = listing.board.subject;
+    let entries = subject.board_as_of(state, at, settled).await?;
     if entries.is_empty() {
-        if let Err(err) = published_definition(state, test_id).await {
+        if let Err(err) = subject.exists(state).await {
             return Ok(Loaded {
                 answer: Err(err),
                 seq: u64::MAX,
@@ -549,7 +710,8 @@ struct AroundQuery {
 
 #[derive(Serialize, ToSchema)]
 struct AroundView<'a> {
-    test_id: Uuid,
+    #[serde(flatten)]
+    subject: SubjectView,
     #[serde(flatten)]
     window: WindowView,
     /// The instant of an `as_of` board (absent otherwise).
@@ -582,8 +744,46 @@ async fn around(
     ApiQuery(query): ApiQuery<AroundQuery>,
     ApiQuery(chosen): ApiQuery<BoardQuery>,
 ) -> Result<Response, ApiError> {
+    around_of(state, Subject::Test(test_id), user_id, query, chosen).await
+}
+
+/// A user's entry on a collection's leaderboard with the entries ranked
+/// just above and below.
+#[utoipa::path(get, path = "/v1/collections/{collection_id}/leaderboard/users/{user_id}", tag = "collections",
+    params(("collection_id" = Uuid, Path), ("user_id" = String, Path), AroundQuery, BoardQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = AroundView),
+        (status = 400, description = "Malformed id"),
+        (status = 404, description = "The user has no entry"),
+        (status = 422, description = "`radius` above 50, an unknown `window`, a malformed `period`, or an `as_of` that is malformed, in the future or with a window"),
+    ))]
+async fn collection_around(
+    State(state): State<AppState>,
+    _: Principal,
+    ApiPath((collection_id, user_id)): ApiPath<(Uuid, String)>,
+    ApiQuery(query): ApiQuery<AroundQuery>,
+    ApiQuery(chosen): ApiQuery<BoardQuery>,
+) -> Result<Response, ApiError> {
+    around_of(
+        state,
+        Subject::Collection(collection_id),
+        user_id,
+        query,
+        chosen,
+    )
+    .await
+}
+
+async fn around_of(
+    state: AppState,
+    subject: Subject,
+    user_id: String,
+    query: AroundQuery,
+    chosen: BoardQuery,
+) -> Result<Response, ApiError> {
     let now = state.clock.now();
-    let board = chosen.board(test_id, now)?;
+    let board = chosen.board(subject, now)?;
     let as_of = chosen.as_of(&board, now)?;
     let user = path_user(user_id)?;
     let radius = query.radius.unwrap_or(DEFAULT_RADIUS);
@@ -624,14 +824,15 @@ async fn load_around(
             seq,
         });
     };
+    let view_of = EntryView::of(board.subject);
     let view = AroundView {
-        test_id: board.test_id,
+        subject: board.subject.into(),
         window: WindowView::from(&board),
         as_of: None,
         total: around.total,
-        entry: EntryView::from(entry),
-        above: around.above.iter().map(EntryView::from).collect(),
-        below: around.below.iter().map(EntryView::from).collect(),
+        entry: view_of(entry),
+        above: around.above.iter().map(&view_of).collect(),
+        below: around.below.iter().map(&view_of).collect(),
     };
     Ok(Loaded {
         answer: JsonBody::new(&view, None),
@@ -647,9 +848,8 @@ async fn as_of_around(
     radius: u16,
     (at, now): (DateTime<Utc>, DateTime<Utc>),
 ) -> Result<Response, ApiError> {
-    let store = state.store.as_ref();
-    let settled = state.as_of.settled(store, at, now).await?;
-    let entries = state.as_of.board(store, board.test_id, at, settled).await?;
+    let settled = state.as_of.settled(state.store.as_ref(), at, now).await?;
+    let entries = board.subject.board_as_of(state, at, settled).await?;
     let Some(index) = entries.iter().position(|e| e.user_id == user.as_str()) else {
         return Err(ApiError::NotFound(format!(
             "{user} had no entry on this leaderboard at {at}"
@@ -662,14 +862,15 @@ async fn as_of_around(
         ranked(&entries, index, 1),
         ranked(&entries, index + 1, radius),
     );
+    let view_of = EntryView::of(board.subject);
     let view = AroundView {
-        test_id: board.test_id,
+        subject: board.subject.into(),
         window: WindowView::from(&board),
         as_of: Some(at),
         total: entries.len() as u64,
-        entry: EntryView::from(&mine[0]),
-        above: above.iter().map(EntryView::from).collect(),
-        below: below.iter().map(EntryView::from).collect(),
+        entry: view_of(&mine[0]),
+        above: above.iter().map(&view_of).collect(),
+        below: below.iter().map(&view_of).collect(),
     };
     Ok((&JsonBody::new(&view, None)?).into_response())
 }
@@ -739,7 +940,7 @@ async fn history(
     ApiQuery(chosen): ApiQuery<BoardQuery>,
 ) -> Result<Response, ApiError> {
     let now = state.clock.now();
-    let board = chosen.board(test_id, now)?;
+    let board = chosen.board(Subject::Test(test_id), now)?;
     if chosen.as_of.is_some() {
         return Err(pagination::invalid(
             "as_of",
@@ -919,6 +1120,47 @@ async fn stream(
     ApiQuery(query): ApiQuery<StreamQuery>,
     ApiQuery(board): ApiQuery<BoardQuery>,
 ) -> Result<Response, ApiError> {
+    stream_of(state, headers, Subject::Test(test_id), query, board).await
+}
+
+/// Server-Sent Events of a collection's leaderboard, as for a test's: `entry`
+/// `{"user_id", "score", "rank", "previous_rank", "attempts"}` (`score`: the
+/// sum of the user's bests; `attempts`: the tests they have taken), `resync`,
+/// and with a `window`, `period`.
+#[utoipa::path(get, path = "/v1/collections/{collection_id}/leaderboard/stream", tag = "collections",
+    params(("collection_id" = Uuid, Path), ("last-event-id" = Option<String>, Header), crate::http::sse::StreamQuery, BoardQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "An event stream", content_type = "text/event-stream", headers(("cache-control" = String, description = "no-cache"), ("x-accel-buffering" = String, description = "no"))),
+        (status = 400, description = "Malformed id or Last-Event-ID"),
+        (status = 404, description = "No such collection"),
+        (status = 422, description = "An unknown `window`, or a `period` or `as_of` (streams follow the current board)"),
+        (status = 429, description = "Too many open streams"),
+    ))]
+async fn collection_stream(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(collection_id): ApiPath<Uuid>,
+    ApiQuery(query): ApiQuery<StreamQuery>,
+    ApiQuery(board): ApiQuery<BoardQuery>,
+) -> Result<Response, ApiError> {
+    stream_of(
+        state,
+        headers,
+        Subject::Collection(collection_id),
+        query,
+        board,
+    )
+    .await
+}
+
+async fn stream_of(
+    state: AppState,
+    headers: HeaderMap,
+    subject: Subject,
+    query: StreamQuery,
+    board: BoardQuery,
+) -> Result<Response, ApiError> {
     let principal = query.caller(&state, &headers).await?;
     if board.period.is_some() {
         return Err(pagination::invalid(
@@ -932,9 +1174,9 @@ async fn stream(
             "streams follow the board as it is; read a past board's pages instead",
         ));
     }
-    let board = board.board(test_id, state.clock.now())?;
+    let board = board.board(subject, state.clock.now())?;
     let last_event_id = query.last_event_id(&headers)?;
-    published_definition(&state, test_id).await?;
+    subject.exists(&state).await?;
     let key = board.id.to_string();
     let source = Entries {
         state: state.clone(),
