@@ -3,6 +3,7 @@
 //! a definition can weigh half a megabyte).
 
 use chrono::{DateTime, Utc};
+use podium_domain::collection::CollectionEvent;
 use podium_domain::log::{Change, PodiumEvent, RecordedEvent};
 use podium_domain::test::{TestDefinition, TestEvent};
 use serde::Serialize;
@@ -48,12 +49,34 @@ pub fn newest_first(tests: &mut [TestSummary]) {
 }
 
 pub const NAME: &str = "catalog";
-pub const TABLES: [&str; 1] = ["catalog_tests"];
+pub const TABLES: [&str; 2] = ["catalog_tests", "catalog_collections"];
+
+/// A collection as the catalog lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct CollectionSummary {
+    pub id: Uuid,
+    pub title: String,
+    /// In the order they were added.
+    pub test_ids: Vec<Uuid>,
+    #[serde(serialize_with = "podium_domain::time::serialize")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: DateTime<Utc>,
+}
+
+/// Sorts collections newest first (then by id, so the order is total).
+pub fn newest_collections_first(collections: &mut [CollectionSummary]) {
+    collections.sort_by(|a, b| {
+        b.created_at
+            .cmp(&a.created_at)
+            .then_with(|| a.id.cmp(&b.id))
+    });
+}
 
 /// The catalog read model: one row per published test.
 pub struct CatalogProjection {
     generation: Generation,
     table: String,
+    collections: String,
 }
 
 impl CatalogProjection {
@@ -61,6 +84,7 @@ impl CatalogProjection {
         Self {
             generation,
             table: generation.table("catalog_tests"),
+            collections: generation.table("catalog_collections"),
         }
     }
 }
@@ -73,15 +97,49 @@ impl ProjectionLogic for CatalogProjection {
         }
     }
 
-    /// A publish inserts its test once, an archive sets a flag: applying an
-    /// event again changes nothing.
+    /// A publish inserts its test once, an archive sets a flag, a collection
+    /// is inserted once and a test appended to it once: applying an event
+    /// again changes nothing.
     async fn apply_batch(
         &self,
         conn: &mut PgConnection,
         events: &[RecordedEvent],
     ) -> Result<Vec<Change>, BoxError> {
-        for event in events.iter().filter(|e| e.aggregate_type == "Test") {
+        let listed =
+            |e: &&RecordedEvent| matches!(e.aggregate_type.as_str(), "Test" | "Collection");
+        for event in events.iter().filter(listed) {
             match event.decode()? {
+                PodiumEvent::Collection(CollectionEvent::CollectionCreated {
+                    collection_id,
+                    title,
+                    test_ids,
+                }) => {
+                    sqlx::query(&format!(
+                        "INSERT INTO {} (collection_id, title, test_ids, created_at)
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (collection_id) DO NOTHING",
+                        self.collections
+                    ))
+                    .bind(collection_id)
+                    .bind(title)
+                    .bind(test_ids)
+                    .bind(event.recorded_at)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+                PodiumEvent::Collection(CollectionEvent::CollectionTestAdded {
+                    collection_id,
+                    test_id,
+                }) => {
+                    sqlx::query(&format!(
+                        "UPDATE {} SET test_ids = array_append(test_ids, $2)
+                          WHERE collection_id = $1 AND NOT $2 = ANY(test_ids)",
+                        self.collections
+                    ))
+                    .bind(collection_id)
+                    .bind(test_id)
+                    .execute(&mut *conn)
+                    .await?;
+                }
                 PodiumEvent::Test(TestEvent::TestPublished {
                     test_id,
                     definition,
@@ -116,6 +174,27 @@ impl ProjectionLogic for CatalogProjection {
         }
         Ok(Vec::new())
     }
+}
+
+/// Every collection in Postgres, newest first.
+pub async fn collections<'e>(
+    db: impl PgExecutor<'e>,
+) -> Result<Vec<CollectionSummary>, sqlx::Error> {
+    let rows: Vec<(Uuid, String, Vec<Uuid>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT collection_id, title, test_ids, created_at
+           FROM catalog_collections ORDER BY created_at DESC, collection_id",
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, title, test_ids, created_at)| CollectionSummary {
+            id,
+            title,
+            test_ids,
+            created_at,
+        })
+        .collect())
 }
 
 /// Every published test in Postgres, newest first.

@@ -21,7 +21,7 @@ use podium_domain::test::TestEvent;
 use uuid::Uuid;
 
 use crate::attempts::AttemptSummary;
-use crate::catalog::TestSummary;
+use crate::catalog::{CollectionSummary, TestSummary};
 use crate::checkpointed::BoxError;
 use crate::collections::{self, Collections};
 use crate::feed::{self, FeedChange, FeedItem};
@@ -50,6 +50,8 @@ struct Models {
     tests: HashMap<Uuid, TestSummary>,
     /// Which tests each collection holds, for its boards.
     collections: Collections,
+    /// The collections as the catalog lists them.
+    collection_list: HashMap<Uuid, CollectionSummary>,
     /// Moves at or below this seq are forgotten (see [`MemoryModels::prune_moves`]).
     moves_horizon: u64,
 }
@@ -445,6 +447,14 @@ impl MemoryModels {
             .collect()
     }
 
+    /// Every collection, newest first.
+    pub fn collections(&self) -> Vec<CollectionSummary> {
+        let mut collections: Vec<CollectionSummary> =
+            self.read().collection_list.values().cloned().collect();
+        crate::catalog::newest_collections_first(&mut collections);
+        collections
+    }
+
     /// Every published test, newest first.
     pub fn tests(&self) -> Vec<TestSummary> {
         let models = self.read();
@@ -535,17 +545,34 @@ impl Models {
                 }
                 changes
             }
-            PodiumEvent::Collection(event) => {
-                let (collection, tests) = match event {
+            PodiumEvent::Collection(collection_event) => {
+                let (collection, tests) = match collection_event {
                     CollectionEvent::CollectionCreated {
                         collection_id,
+                        title,
                         test_ids,
-                        ..
-                    } => (collection_id, test_ids),
+                    } => {
+                        self.collection_list
+                            .entry(collection_id)
+                            .or_insert_with(|| CollectionSummary {
+                                id: collection_id,
+                                title,
+                                test_ids: test_ids.clone(),
+                                created_at: event.recorded_at,
+                            });
+                        (collection_id, test_ids)
+                    }
                     CollectionEvent::CollectionTestAdded {
                         collection_id,
                         test_id,
-                    } => (collection_id, vec![test_id]),
+                    } => {
+                        if let Some(listed) = self.collection_list.get_mut(&collection_id) {
+                            if !listed.test_ids.contains(&test_id) {
+                                listed.test_ids.push(test_id);
+                            }
+                        }
+                        (collection_id, vec![test_id])
+                    }
                 };
                 let mut added = false;
                 for test in tests {

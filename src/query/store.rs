@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use podium_projections::attempts::{AttemptQueries, AttemptSummary};
-use podium_projections::catalog::TestSummary;
+use podium_projections::catalog::{CollectionSummary, TestSummary};
 use podium_projections::checkpoint_of;
 use podium_projections::feed::{self, FeedChange, FeedItem, FeedQueries};
 use podium_projections::leaderboard::{
@@ -116,6 +116,9 @@ pub trait ReadStore: Send + Sync {
 
     /// Every published test, newest first.
     async fn tests(&self) -> Result<Vec<TestSummary>, StoreError>;
+
+    /// Every collection, newest first.
+    async fn collections(&self) -> Result<Vec<CollectionSummary>, StoreError>;
 
     /// Forgets leaderboard moves older than `retention` (what cursors'
     /// "moved" lists read); returns how many.
@@ -377,6 +380,10 @@ impl ReadStore for PgReadStore {
         Ok(podium_projections::catalog::tests(&self.read_pool).await?)
     }
 
+    async fn collections(&self) -> Result<Vec<CollectionSummary>, StoreError> {
+        Ok(podium_projections::catalog::collections(&self.read_pool).await?)
+    }
+
     async fn prune_moves(&self, retention: Duration) -> Result<u64, StoreError> {
         Ok(LeaderboardQueries::prune_moves(&self.pool, retention).await?)
     }
@@ -544,6 +551,10 @@ impl ReadStore for MemoryModels {
 
     async fn tests(&self) -> Result<Vec<TestSummary>, StoreError> {
         Ok(MemoryModels::tests(self))
+    }
+
+    async fn collections(&self) -> Result<Vec<CollectionSummary>, StoreError> {
+        Ok(MemoryModels::collections(self))
     }
 
     async fn prune_moves(&self, retention: Duration) -> Result<u64, StoreError> {

@@ -7,6 +7,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use podium_domain::collection::{self, CollectionCommand, CreatedCollection};
 use podium_domain::ValidationErrors;
+use podium_projections::catalog::CollectionSummary;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -19,7 +20,7 @@ use crate::http::AppState;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/v1/collections", post(create))
+        .route("/v1/collections", post(create).get(list))
         .route("/v1/collections/{collection_id}", get(show))
         .route(
             "/v1/collections/{collection_id}/tests/{test_id}",
@@ -29,7 +30,7 @@ pub fn router() -> Router<AppState> {
 
 /// This resource's operations in the OpenAPI document.
 #[derive(utoipa::OpenApi)]
-#[openapi(paths(create, show, add_test))]
+#[openapi(paths(create, list, show, add_test))]
 pub(super) struct Doc;
 
 #[derive(Deserialize, ToSchema)]
@@ -136,6 +137,28 @@ async fn add_test(
         )
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize, ToSchema)]
+struct CollectionList {
+    /// Newest first.
+    items: Vec<CollectionSummary>,
+}
+
+/// Every collection, newest first (as the catalog lists them: a collection
+/// just created may take a moment to appear).
+#[utoipa::path(get, path = "/v1/collections", tag = "collections",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = CollectionList),
+    ))]
+async fn list(
+    State(state): State<AppState>,
+    _: Principal,
+) -> Result<Json<CollectionList>, ApiError> {
+    Ok(Json(CollectionList {
+        items: state.store.collections().await?,
+    }))
 }
 
 /// A collection's title and tests.

@@ -124,10 +124,7 @@ impl Subject {
                     .push(entry.clone());
             }
         }
-        let mut board: Vec<Entry> = parts
-            .values()
-            .filter_map(collections::compose)
-            .collect();
+        let mut board: Vec<Entry> = parts.values().filter_map(collections::compose).collect();
         board.sort_by(Entry::rank_cmp);
         Ok(Arc::new(board))
     }
