@@ -197,7 +197,24 @@ async fn the_demo_page_follows_the_leaderboard_live(adapters: Adapters, name: &s
     };
     let test_id = app.published_test().await;
     ace(&app, &test_id, "early-bird").await;
+    // A collection of the test, which the board picker offers too.
+    let created = app
+        .post(
+            "/v1/collections",
+            &app.admin(),
+            Some(json!({"title": "Term", "test_ids": [test_id]})),
+        )
+        .await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let collection: Value = created.json().await.unwrap();
+    let collection = collection["id"].as_str().unwrap().to_string();
     let viewer = app.user("viewer");
+    // The catalog lists it before the page loads.
+    eventually("the collection listed", || async {
+        let list: Value = app.get("/v1/collections", &viewer).await.json().await.ok()?;
+        (list["items"][0]["id"] == collection.as_str()).then_some(())
+    })
+    .await;
     let browser = Browser::start(&driver, &chromium).await;
     browser
         .open(&format!("{}/?token={viewer}#test={test_id}", app.address))
@@ -292,6 +309,31 @@ async fn the_demo_page_follows_the_leaderboard_live(adapters: Adapters, name: &s
         )
         .await;
     assert_eq!(ranks, "2", "one attempt, second right after it");
+    // The collection's board: the same learners, counted in tests taken,
+    // and live too.
+    browser
+        .eval(&format!(
+            "const s = document.getElementById('test-select'); s.value = 'collection:{collection}';
+             s.dispatchEvent(new Event('change')); return s.value;"
+        ))
+        .await;
+    browser
+        .until(
+            "the collection's board, live",
+            "return document.querySelectorAll('#leaderboard tr[data-user]').length === 3
+                && document.querySelector('#leaderboard th.count-col').textContent === 'tests taken'
+                && document.getElementById('live-status').dataset.state === 'live';",
+        )
+        .await;
+    ace(&app, &test_id, "collector").await;
+    let taken = browser
+        .until(
+            "a live entry on the collection's board",
+            "const row = document.querySelector('#leaderboard tr[data-user=\"collector\"]');
+             return row && row.cells[3].textContent.trim();",
+        )
+        .await;
+    assert_eq!(taken, "1", "one test of the collection taken");
 
     // A notification arrives live and is marked read from the page.
     let sent = app
