@@ -56,6 +56,9 @@ enum Command {
     /// Only the backlog a live instance works off, printed to stderr (its
     /// ratios are against placeholders: `all` measures their ceilings).
     Backlog(AllArgs),
+    /// Only a collection's board against its test's (freshness), printed
+    /// to stderr.
+    Collections(AllArgs),
 }
 
 #[derive(clap::Args)]
@@ -138,6 +141,12 @@ fn main() -> anyhow::Result<()> {
             eprintln!("{}", report.markdown("", "podium-bench delivery"));
             anyhow::Ok(())
         }),
+        Command::Collections(args) => runtime.block_on(async {
+            let mut report = Report::default();
+            collection_scenario(&Sizes::new(args.smoke), &mut report).await?;
+            eprintln!("{}", report.markdown("", "podium-bench collections"));
+            anyhow::Ok(())
+        }),
         Command::Backlog(args) => runtime.block_on(async {
             let mut report = Report::default();
             backlog_scenario(&Sizes::new(args.smoke), (1.0, 1.0), &mut report).await?;
@@ -179,6 +188,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     scale.drop().await?;
     let replay_rate = result?;
     backlog_scenario(&sizes, (replay_rate, ingest_rate), &mut report).await?;
+    collection_scenario(&sizes, &mut report).await?;
     instances_scenario(&sizes, &mut report).await?;
     delivery_scenario(&sizes, &mut report).await?;
     let command = if args.smoke {
@@ -1030,6 +1040,109 @@ async fn backlog_scenario(
             Some(rate / replay_rate),
             "≥ 50% of the replay rate",
             Some(rate >= 0.5 * replay_rate),
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    cleanup_nats(&prefix).await;
+    db.drop().await?;
+    result
+}
+
+/// Tests in the collection of [`collection_scenario`].
+const COLLECTION_TESTS: u64 = 10;
+
+/// A collection of 10 tests with 100,000 learners (10,000 on each, seeded
+/// in bulk and worked off by the live instance): the freshness of its board
+/// against the freshness of one of its tests' boards, at the same rate of
+/// submissions to that test.
+async fn collection_scenario(sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
+    let db = ScratchDb::create(2).await?;
+    let prefix = format!("benchco{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let result = async {
+        let learners = (sizes.attempts / 10).max(1_000);
+        let each = learners / COLLECTION_TESTS;
+        eprintln!("a collection of {COLLECTION_TESTS} tests, {learners} learners…");
+        let mut tests = Vec::new();
+        let mut events = 0;
+        let mut quiet = |_, _| {};
+        for k in 0..COLLECTION_TESTS {
+            let (test, written) =
+                podium::cli::bulk_seed::bulk_from(&db.pool, k * each + 1, each, &mut quiet)
+                    .await?;
+            tests.push(test);
+            events += written;
+        }
+        let server = server_with_workers(&db.url, &prefix).await?;
+        let api = Api::new(&server.address)?;
+        let viewer = api.token("viewer", Role::User);
+        let caught_up = Instant::now();
+        loop {
+            let seq: Option<i64> = sqlx::query_scalar(
+                "SELECT seq FROM projection_checkpoints WHERE name = 'leaderboard'",
+            )
+            .fetch_optional(&db.pool)
+            .await?;
+            if seq.is_some_and(|s| s as u64 >= events) {
+                break;
+            }
+            anyhow::ensure!(
+                caught_up.elapsed() < Duration::from_secs(1800),
+                "the seeded submissions were not on the boards within 30 minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let created: serde_json::Value = api
+            .client
+            .post(format!("{}/v1/collections", api.base))
+            .bearer_auth(api.token("bench-admin", Role::Admin))
+            .json(&serde_json::json!({"title": "Bench term", "test_ids": tests}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let collection = created["id"].as_str().unwrap_or_default().to_string();
+        let board = format!("/v1/collections/{collection}/leaderboard");
+        let composed = Instant::now();
+        loop {
+            let page = api.get_json(&format!("{board}?limit=1"), &viewer).await?;
+            if page["total"].as_u64() == Some(each * COLLECTION_TESTS) {
+                break;
+            }
+            anyhow::ensure!(
+                composed.elapsed() < Duration::from_secs(600),
+                "the collection's board was not composed within 10 minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let composed = composed.elapsed();
+        let rate = 100.0;
+        let test = tests[0];
+        eprintln!("freshness of a test's board at {rate:.0}/s…");
+        let test_board = format!("/v1/tests/{test}/leaderboard");
+        let alone =
+            scenarios::freshness_on(&api, server.addr, (test, &test_board), rate, sizes.secs)
+                .await?;
+        eprintln!("freshness of the collection's board at {rate:.0}/s…");
+        let summed =
+            scenarios::freshness_on(&api, server.addr, (test, &board), rate, sizes.secs).await?;
+        server.stop().await;
+        let (q, s) = (ms(&summed.to_query, 0.99), ms(&summed.to_sse, 0.99));
+        let (tq, ts) = (ms(&alone.to_query, 0.99), ms(&alone.to_sse, 0.99));
+        let ratio = (q / tq).max(s / ts);
+        report.row(
+            &format!(
+                "collection of {COLLECTION_TESTS} tests, {learners} learners: freshness at {rate:.0} submissions/s"
+            ),
+            format!(
+                "to query p99 {q:.1} ms, to SSE p99 {s:.1} ms (board of {learners} composed in {:.1} s)",
+                composed.as_secs_f64()
+            ),
+            format!("one of its tests' boards: to query p99 {tq:.1} ms, to SSE p99 {ts:.1} ms"),
+            Some(ratio),
+            "p99 ≤ 2 × the test board's",
+            Some(ratio <= 2.0),
         );
         anyhow::Ok(())
     }

@@ -229,13 +229,21 @@ pub async fn freshness(
     rate: f64,
     duration: Duration,
 ) -> anyhow::Result<Freshness> {
+    let board = format!("/v1/tests/{test}/leaderboard");
+    freshness_on(api, addr, (test, &board), rate, duration).await
+}
+
+/// [`freshness`] of `board` (a leaderboard's path: a test's, or a
+/// collection's that holds the test) while submissions go to `test`.
+pub async fn freshness_on(
+    api: &Api,
+    addr: SocketAddr,
+    (test, board): (Uuid, &str),
+    rate: f64,
+    duration: Duration,
+) -> anyhow::Result<Freshness> {
     let viewer = api.token("fresh-viewer", Role::User);
-    let mut body = open_stream(
-        addr,
-        &format!("/v1/tests/{test}/leaderboard/stream"),
-        &viewer,
-    )
-    .await?;
+    let mut body = open_stream(addr, &format!("{board}/stream"), &viewer).await?;
     // When each user's entry event arrived.
     let arrivals: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let reader = {
@@ -269,7 +277,7 @@ pub async fn freshness(
     let mut tasks = Vec::new();
     for n in 0..total {
         let at = started + Duration::from_secs_f64(n as f64 / rate);
-        let (api, viewer) = (api.clone(), viewer.clone());
+        let (api, viewer, board) = (api.clone(), viewer.clone(), board.to_string());
         let user = format!("fresh-{}-{n}", &run[..8]);
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(at.into()).await;
@@ -281,7 +289,7 @@ pub async fn freshness(
             if n % sample != 0 {
                 return anyhow::Ok((user, accepted, None));
             }
-            let path = format!("{}/v1/tests/{test}/leaderboard/users/{user}", api.base);
+            let path = format!("{}{board}/users/{user}", api.base);
             // Past saturation the backlog grows: what is not visible after
             // a minute counts as a minute.
             while accepted.elapsed() < Duration::from_secs(60) {

@@ -102,6 +102,16 @@ pub async fn bulk(
     attempts: u64,
     progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> anyhow::Result<(Uuid, u64)> {
+    bulk_from(pool, 1, attempts, progress).await
+}
+
+/// [`bulk`] by users `user-{first}` … `user-{first + attempts - 1}`.
+pub async fn bulk_from(
+    pool: &PgPool,
+    first: u64,
+    attempts: u64,
+    progress: &mut (dyn FnMut(u64, u64) + Send),
+) -> anyhow::Result<(Uuid, u64)> {
     let test_id = Uuid::new_v4();
     let definition = definition()?;
     let max_score = definition.max_score();
@@ -126,7 +136,7 @@ pub async fn bulk(
     while done < attempts {
         let mut rows = Rows::default();
         for n in done + 1..=(done + BATCH).min(attempts) {
-            let user = UserId::parse(format!("user-{n}"))?;
+            let user = UserId::parse(format!("user-{}", first + n - 1))?;
             let attempt_id = Uuid::new_v4();
             let started_at = epoch + Duration::seconds(n as i64);
             // Each answer right with a probability that varies by user: a

@@ -211,7 +211,12 @@ async fn the_demo_page_follows_the_leaderboard_live(adapters: Adapters, name: &s
     let viewer = app.user("viewer");
     // The catalog lists it before the page loads.
     eventually("the collection listed", || async {
-        let list: Value = app.get("/v1/collections", &viewer).await.json().await.ok()?;
+        let list: Value = app
+            .get("/v1/collections", &viewer)
+            .await
+            .json()
+            .await
+            .ok()?;
         (list["items"][0]["id"] == collection.as_str()).then_some(())
     })
     .await;
