@@ -510,8 +510,11 @@ async fn page_of(
         // A board as of a settled instant never changes: its pages are
         // answered from the query cache like the live board's.
         let settled = state.as_of.settled(state.store.as_ref(), at, now).await?;
-        if !settled {
-            let loaded = load_as_of_page(&state, listing, at, false).await?;
+        // A collection's past board follows its tests as they are now (a
+        // test added later changes it): composed afresh each time, from its
+        // tests' boards, which are kept once settled.
+        if !settled || matches!(subject, Subject::Collection(_)) {
+            let loaded = load_as_of_page(&state, listing, at, settled).await?;
             return Ok((&loaded.answer?).into_response());
         }
         let key = CacheKey::LeaderboardPage {
