@@ -405,7 +405,7 @@ impl LeaderboardProjection {
     async fn upsert(&self, conn: &mut PgConnection, entries: &Entries) -> Result<(), sqlx::Error> {
         // In key order: the indexes then grow in runs instead of at random.
         let mut rows: Vec<_> = entries.iter().collect();
-        rows.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
+        rows.sort_unstable_by_key(|(key, _)| *key);
         let column = |f: fn(&Entry) -> i32| rows.iter().map(|(_, (e, _))| f(e)).collect::<Vec<_>>();
         sqlx::query(&format!(
             "INSERT INTO {} (test_id, user_id, best_score, max_score, attempt_id, achieved_at,
