@@ -1489,8 +1489,14 @@ pub async fn collection_leaderboards(adapters: Adapters) {
         .await;
         assert_eq!(view(&grown), expected, "{path}");
     }
-    let (_, now) = json(&app, &format!("{board}?as_of=2027-05-10T10:05:00Z"), &token).await;
-    assert_eq!(view(&now), expected, "as of now is the live board");
+    // As of now it is the live board (once the attempts read model, which
+    // past boards are folded from, holds every submission too).
+    let now = format!("{board}?as_of=2027-05-10T10:05:00Z");
+    eventually("the board as of now, with c", || async {
+        let (_, body) = json(&app, &now, &token).await;
+        (view(&body) == expected).then_some(())
+    })
+    .await;
     // A cursor walk, one entry a page, with links on the collection's path.
     let mut walked = Vec::new();
     let mut next = Some(format!("{board}?limit=1"));

@@ -3,6 +3,8 @@
 //! batches (as the workers do) gives the same read models as a full replay
 //! into fresh tables, and both match the rules applied directly.
 
+use podium_domain::collection::CollectionEvent;
+use podium_projections::collections;
 use podium_projections::windows::{self, Window};
 use std::collections::{BTreeMap, HashMap};
 
@@ -25,15 +27,31 @@ use crate::helpers::TestDb;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Submit { user: u8, test: u8, score: u32 },
-    Notify { user: u8 },
-    Read { user: u8, nth: usize },
-    ReadAll { user: u8 },
+    Submit {
+        user: u8,
+        test: u8,
+        score: u32,
+    },
+    Notify {
+        user: u8,
+    },
+    Read {
+        user: u8,
+        nth: usize,
+    },
+    ReadAll {
+        user: u8,
+    },
+    /// The test joins the collection (created with it if it is the first).
+    Join {
+        test: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (0u8..5, 0u8..2, 0u32..6).prop_map(|(user, test, score)| Op::Submit { user, test, score }),
+        4 => (0u8..5, 0u8..3, 0u32..6).prop_map(|(user, test, score)| Op::Submit { user, test, score }),
+        1 => (0u8..3).prop_map(|test| Op::Join { test }),
         2 => (0u8..5).prop_map(|user| Op::Notify { user }),
         1 => (0u8..5, 0usize..4).prop_map(|(user, nth)| Op::Read { user, nth }),
         1 => (0u8..5).prop_map(|user| Op::ReadAll { user }),
@@ -69,7 +87,9 @@ struct Expected {
 }
 
 fn log_of(ops: &[Op]) -> Expected {
-    let tests = [Uuid::from_u128(1), Uuid::from_u128(2)];
+    let tests = [Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3)];
+    let collection = Uuid::from_u128(77);
+    let mut members: Vec<Uuid> = Vec::new();
     let mut expected = Expected {
         events: Vec::new(),
         best: BTreeMap::new(),
@@ -144,6 +164,27 @@ fn log_of(ops: &[Op]) -> Expected {
                 };
                 recorded(seq, "Notification", "NotificationRead", &event)
             }
+            Op::Join { test } => {
+                let test_id = tests[*test as usize];
+                if members.contains(&test_id) {
+                    continue;
+                }
+                members.push(test_id);
+                if members.len() == 1 {
+                    let event = CollectionEvent::CollectionCreated {
+                        collection_id: collection,
+                        title: "c".into(),
+                        test_ids: vec![test_id],
+                    };
+                    recorded(seq, "Collection", "CollectionCreated", &event)
+                } else {
+                    let event = CollectionEvent::CollectionTestAdded {
+                        collection_id: collection,
+                        test_id,
+                    };
+                    recorded(seq, "Collection", "CollectionTestAdded", &event)
+                }
+            }
             Op::ReadAll { user } => {
                 let user = format!("u{user}");
                 for id in received.get(&user).into_iter().flatten() {
@@ -157,6 +198,43 @@ fn log_of(ops: &[Op]) -> Expected {
             }
         };
         expected.events.push(event);
+    }
+    // The collection's boards: for each period and user, the running sum
+    // over its (final) tests of the user's best, dated by the submission that
+    // last raised it (the first one while it is 0), with the tests taken.
+    type Running = (HashMap<Uuid, u32>, i32, DateTime<Utc>);
+    let mut sums: BTreeMap<(Uuid, String), Running> = BTreeMap::new();
+    for event in &expected.events {
+        let Ok(AttemptEvent::AttemptSubmitted {
+            test_id,
+            user_id,
+            score,
+            submitted_at,
+            ..
+        }) = serde_json::from_value(event.payload.clone())
+        else {
+            continue;
+        };
+        if !members.contains(&test_id) {
+            continue;
+        }
+        for window in [Window::All, Window::Day, Window::Week, Window::Month] {
+            let board = collections::board_at(collection, window, submitted_at);
+            let (bests, total, when) = sums.entry((board, user_id.to_string())).or_insert((
+                HashMap::new(),
+                0,
+                submitted_at,
+            ));
+            let best = bests.entry(test_id).or_insert(0);
+            if score > *best {
+                *total += (score - *best) as i32;
+                *best = score;
+                *when = submitted_at;
+            }
+        }
+    }
+    for (key, (bests, total, when)) in sums {
+        expected.best.insert(key, (total, when, bests.len() as i32));
     }
     expected
 }
@@ -194,12 +272,10 @@ async fn rows(pool: &PgPool, generation: Generation) -> Rows {
 
 async fn check(ops: Vec<Op>, cuts: Vec<usize>) {
     let db = TestDb::new().await;
-    for table in [
-        "lb_entries",
-        "lb_score_counts",
-        "feed_items",
-        "feed_counters",
-    ] {
+    for table in podium_projections::leaderboard::TABLES
+        .into_iter()
+        .chain(podium_projections::feed::TABLES)
+    {
         sqlx::query(&format!(
             "CREATE TABLE {table}__next (LIKE {table} INCLUDING ALL)"
         ))
