@@ -126,18 +126,30 @@ impl Entry {
     /// score was reached is what ranks).
     pub fn record(previous: Option<&Entry>, submission: &Submission) -> Entry {
         match previous {
-            Some(entry) if submission.score <= entry.best_score => Entry {
-                attempts: entry.attempts + 1,
-                ..entry.clone()
-            },
-            _ => Entry {
+            Some(entry) => {
+                let mut entry = entry.clone();
+                entry.absorb(submission);
+                entry
+            }
+            None => Entry {
                 user_id: submission.user_id.clone(),
                 best_score: submission.score,
                 max_score: submission.max_score,
                 attempt_id: submission.attempt_id,
                 achieved_at: submission.submitted_at,
-                attempts: previous.map_or(1, |e| e.attempts + 1),
+                attempts: 1,
             },
+        }
+    }
+
+    /// [`Entry::record`] in place: this entry after `submission` (its user's).
+    pub fn absorb(&mut self, submission: &Submission) {
+        self.attempts += 1;
+        if submission.score > self.best_score {
+            self.best_score = submission.score;
+            self.max_score = submission.max_score;
+            self.attempt_id = submission.attempt_id;
+            self.achieved_at = submission.submitted_at;
         }
     }
 
@@ -230,10 +242,11 @@ pub fn board_of(mut submissions: Vec<Submission>) -> Vec<Entry> {
 
 /// [`board_of`] for `submissions` already in log order.
 pub fn board_of_ordered(submissions: &[Submission]) -> Vec<Entry> {
-    let mut entries: std::collections::HashMap<&str, Entry> = std::collections::HashMap::new();
+    let mut entries: std::collections::HashMap<&str, Entry> =
+        std::collections::HashMap::with_capacity(submissions.len());
     for submission in submissions {
         match entries.get_mut(submission.user_id.as_str()) {
-            Some(entry) => *entry = Entry::record(Some(entry), submission),
+            Some(entry) => entry.absorb(submission),
             None => {
                 entries.insert(&submission.user_id, Entry::record(None, submission));
             }
