@@ -1,5 +1,5 @@
 //! Demo data through the public API (`podium seed`): a few tests with
-//! questions, a few hundred learners, thousands of attempts with a plausible
+//! questions, a collection of them, a few hundred learners, thousands of attempts with a plausible
 //! spread of scores, and announcements — every one a real request to a
 //! running server, so it works against any deployment and sets off the
 //! notification policy, leaderboards and streams like real traffic.
@@ -24,6 +24,8 @@ pub struct DemoSize {
 /// What was created, and tokens to look at it.
 pub struct Seeded {
     pub tests: Vec<String>,
+    /// A collection of all the tests: its board sums each learner's bests.
+    pub collection: String,
     pub admin_token: String,
     pub learner: String,
     pub learner_token: String,
@@ -163,6 +165,15 @@ pub async fn seed(base_url: &str, keys: &JwtKeys, size: DemoSize) -> anyhow::Res
         tests.push(published["id"].as_str().unwrap_or_default().to_string());
         keys_of.push(questions.map(|(_, choices, answer)| (choices.len(), answer)));
     }
+    let created = client
+        .send(
+            reqwest::Method::POST,
+            "/v1/collections",
+            &admin,
+            Some(json!({"title": "All three tests", "test_ids": tests})),
+        )
+        .await?;
+    let collection = created["id"].as_str().unwrap_or_default().to_string();
     let learners: Vec<(String, String)> = (1..=size.learners.max(1))
         .map(|n| {
             let user = format!("learner-{n:03}");
@@ -251,6 +262,7 @@ pub async fn seed(base_url: &str, keys: &JwtKeys, size: DemoSize) -> anyhow::Res
     let (learner, learner_token) = learners[0].clone();
     Ok(Seeded {
         tests,
+        collection,
         admin_token: admin,
         learner,
         learner_token,

@@ -141,6 +141,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 let seeded = crate::cli::demo_seed::seed(&args.url, &keys, size).await?;
                 println!("tests: {}", seeded.tests.join(" "));
+                println!("collection of them: {}", seeded.collection);
                 println!("demo admin token:   {}", seeded.admin_token);
                 println!(
                     "demo learner ({}) token: {}",

@@ -588,6 +588,44 @@ pub async fn the_demo_seed_fills_tests_leaderboards_and_feeds(adapters: Adapters
     })
     .await;
     assert!(scores.len() >= 3, "scores are not spread: {scores:?}");
+    // The collection of the three sums each learner's bests over them: its
+    // board holds everyone who took any, and counts their tests.
+    let collection = format!(
+        "/v1/collections/{}/leaderboard?limit=200",
+        seeded.collection
+    );
+    let (_, tests) = json(
+        &app,
+        &format!("/v1/collections/{}", seeded.collection),
+        token,
+    )
+    .await;
+    assert_eq!(tests["test_ids"], json!(seeded.tests));
+    eventually("the collection's board", || async {
+        let mut learners = std::collections::BTreeMap::new();
+        for test in &seeded.tests {
+            let path = format!("/v1/tests/{test}/leaderboard?limit=200");
+            let (_, page) = json(&app, &path, token).await;
+            for entry in page["entries"].as_array()? {
+                *learners
+                    .entry(entry["user_id"].as_str()?.to_string())
+                    .or_insert(0) += 1;
+            }
+        }
+        let (_, board) = json(&app, &collection, token).await;
+        let taken: std::collections::BTreeMap<String, u64> = board["entries"]
+            .as_array()?
+            .iter()
+            .map(|e| {
+                Some((
+                    e["user_id"].as_str()?.to_string(),
+                    e["tests_taken"].as_u64()?,
+                ))
+            })
+            .collect::<Option<_>>()?;
+        (taken == learners).then_some(())
+    })
+    .await;
     // The demo learner has the two announcements (and graded attempts).
     eventually("the announcements arrive", || async {
         let (_, feed) = json(&app, "/v1/me/notifications?limit=200", token).await;
