@@ -467,8 +467,10 @@ async fn swap_once(
     ))
     .execute(&mut *tx)
     .await?;
-    // The last submission applied here that the live leaderboard had not
-    // seen: its move is not recorded (rebuilds record none).
+    // The last event applied here that the live leaderboard had not seen
+    // and that can move entries (a submission; a collection's test, which
+    // moves many on the collection's boards): its moves are not recorded
+    // (rebuilds record none).
     let mut unrecorded_move = None;
     loop {
         let (events, after) = cursor.peek(&mut tx, BATCH).await?;
@@ -480,7 +482,12 @@ async fn swap_once(
         }
         unrecorded_move = events
             .iter()
-            .filter(|e| e.event_type == "AttemptSubmitted" && e.seq > live_leaderboard)
+            .filter(|e| {
+                matches!(
+                    e.event_type.as_str(),
+                    "AttemptSubmitted" | "CollectionCreated" | "CollectionTestAdded"
+                ) && e.seq > live_leaderboard
+            })
             .map(|e| e.seq)
             .next_back()
             .or(unrecorded_move);

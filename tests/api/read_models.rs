@@ -328,12 +328,56 @@ async fn published_tests(app: &TestApp, count: usize) -> Vec<String> {
 async fn live_read_models_equal_a_replay_and_the_rules_applied_to_the_log() {
     let (app, _) = spawn_app_with_workers().await;
     let tests = published_tests(&app, 3).await;
-    traffic(&app, &tests, 150, 7).await;
+    // A collection of two of the tests, which the third joins halfway: its
+    // boards are rebuilt by the fold, entry for entry (seqs included).
+    let admin = app.admin();
+    let body = serde_json::json!({"title": "Two", "test_ids": [tests[0], tests[1]]});
+    let response = app.post("/v1/collections", &admin, Some(body)).await;
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    let created: serde_json::Value = response.json().await.unwrap();
+    let collection = created["id"].as_str().unwrap().to_string();
+    traffic(&app, &tests, 75, 7).await;
+    let joined = app
+        .request(
+            reqwest::Method::PUT,
+            &format!("/v1/collections/{collection}/tests/{}", tests[2]),
+            Some(&admin),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(joined.status(), reqwest::StatusCode::NO_CONTENT);
+    traffic(&app, &tests, 75, 8).await;
     settle(&app.pool).await;
+    let collection_entries: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM lb_entries WHERE test_id NOT IN (SELECT board_id FROM lb_boards)
+            AND test_id::text <> ALL($1)",
+    )
+    .bind(&tests)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(collection_entries > 0, "the collection has a board");
 
     let live = snapshot(&app.pool).await;
     let (boards, unread) = naive(&app.pool).await;
-    assert_eq!(ranked_boards(&app.pool).await, boards);
+    // The tests' boards follow the rules; the others are the collection's
+    // (which the fold must rebuild, below).
+    let (tests_boards, others): (Boards, Boards) = ranked_boards(&app.pool)
+        .await
+        .into_iter()
+        .partition(|(board, _)| boards.contains_key(board));
+    assert_eq!(tests_boards, boards);
+    let all_time = podium_projections::collections::board_at(
+        collection.parse().unwrap(),
+        podium_projections::windows::Window::All,
+        chrono::Utc::now(),
+    )
+    .to_string();
+    assert!(
+        others.contains_key(&all_time),
+        "the collection's all-time board"
+    );
     let counted: BTreeMap<String, i64> = unread_counts(&app.pool).await;
     let expected: BTreeMap<String, i64> = unread
         .into_iter()

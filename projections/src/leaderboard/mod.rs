@@ -154,27 +154,23 @@ impl LeaderboardProjection {
         tests.dedup();
         let memberships = self.memberships(conn, &tests).await?;
         self.note_boards(conn, submissions).await?;
-        let on_boards: Vec<(u64, Submission)> = submissions
+        // Each submission's collection boards, with their components.
+        let touched: Vec<Vec<CollectionBoard>> = submissions
             .iter()
-            .flat_map(|(seq, s)| windows::boards_of(s).map(|b| (*seq, b)))
+            .map(|(_, s)| memberships.touched_by(s))
             .collect();
-        // Each collection entry the batch touches: the seq of the last
-        // submission that did, and its components.
-        let mut composed: HashMap<(Uuid, String), (u64, Vec<Uuid>)> = HashMap::new();
-        for (seq, submission) in submissions {
-            for board in memberships.touched_by(submission) {
-                let key = (board.id, submission.user_id.clone());
-                composed.insert(key, (*seq, board.components));
-            }
-        }
-        let mut keys: Vec<(Uuid, String)> = on_boards
+        let mut keys: Vec<(Uuid, String)> = submissions
             .iter()
-            .map(|(_, s)| (s.test_id, s.user_id.clone()))
-            .chain(composed.iter().flat_map(|((board, user), (_, parts))| {
-                std::iter::once(*board)
-                    .chain(parts.iter().copied())
+            .zip(&touched)
+            .flat_map(|((_, s), boards)| {
+                let user = &s.user_id;
+                windows::boards_of(s)
+                    .map(|b| b.test_id)
+                    .chain(boards.iter().flat_map(|board| {
+                        std::iter::once(board.id).chain(board.components.iter().copied())
+                    }))
                     .map(move |b| (b, user.clone()))
-            }))
+            })
             .collect();
         keys.sort();
         keys.dedup();
@@ -185,33 +181,40 @@ impl LeaderboardProjection {
             .collect();
         let mut after = Entries::new();
         let mut moves: Vec<(u64, Uuid, Entry)> = Vec::new();
-        for (seq, submission) in &on_boards {
-            let key = (submission.test_id, submission.user_id.clone());
-            let previous = current.get(&key);
-            let entry = Entry::record(previous, submission);
-            if let Some(previous) = previous.filter(|p| p.rank_key() != entry.rank_key()) {
-                moves.push((*seq, submission.test_id, previous.clone()));
+        // Submission by submission, as a replay's fold: its four boards,
+        // then the collection entries it changes (a collection entry's
+        // change is the last submission that changed it).
+        for ((seq, submission), boards) in submissions.iter().zip(touched) {
+            let mut put =
+                |current: &mut HashMap<(Uuid, String), Entry>, board: Uuid, entry: Entry| {
+                    let key = (board, submission.user_id.clone());
+                    if let Some(previous) = current
+                        .get(&key)
+                        .filter(|p| p.rank_key() != entry.rank_key())
+                    {
+                        moves.push((*seq, board, previous.clone()));
+                    }
+                    current.insert(key.clone(), entry.clone());
+                    after.insert(key, (entry, *seq));
+                };
+            for on_board in windows::boards_of(submission) {
+                let key = (on_board.test_id, on_board.user_id.clone());
+                let entry = Entry::record(current.get(&key), &on_board);
+                put(&mut current, on_board.test_id, entry);
             }
-            current.insert(key.clone(), entry.clone());
-            after.insert(key, (entry, *seq));
-        }
-        for ((board, user), (seq, parts)) in composed {
-            let Some(entry) = collections::compose(
-                parts
-                    .iter()
-                    .filter_map(|part| current.get(&(*part, user.clone()))),
-            ) else {
-                continue;
-            };
-            let key = (board, user);
-            let previous = current.get(&key);
-            if previous == Some(&entry) {
-                continue;
+            for board in boards {
+                let user = &submission.user_id;
+                let key = (board.id, user.clone());
+                let composed = collections::compose(
+                    board
+                        .components
+                        .iter()
+                        .filter_map(|part| current.get(&(*part, user.clone()))),
+                );
+                if let Some(entry) = composed.filter(|e| current.get(&key) != Some(e)) {
+                    put(&mut current, board.id, entry);
+                }
             }
-            if let Some(previous) = previous.filter(|p| p.rank_key() != entry.rank_key()) {
-                moves.push((seq, board, previous.clone()));
-            }
-            after.insert(key, (entry, seq));
         }
         self.write(conn, &before, after, &moves, checkpoint).await
     }
@@ -860,8 +863,8 @@ pub(crate) async fn ranks_of(
 
 /// The leaderboard folded in memory for a rebuild: each (board, user)'s
 /// entry by the same rules as [`LeaderboardProjection`], with the seq of the
-/// last event that touched it, collections' boards composed from their tests'
-/// at the end; written with COPY, score counts, memberships and periods
+/// last event that changed it (collections' entries composed as each
+/// submission or joining test arrives, as the live path does); written with COPY, score counts, memberships and periods
 /// included. A rebuild records no moves (as the set-wise path records none).
 #[derive(Default)]
 pub struct LeaderboardFold {
@@ -872,55 +875,47 @@ pub struct LeaderboardFold {
 }
 
 impl LeaderboardFold {
-    /// Composes every collection's boards from its tests' final boards: an
-    /// entry is a function of its components, whenever its tests joined.
-    fn compose_collections(&mut self) {
-        let mut last_added: HashMap<Uuid, u64> = HashMap::new();
-        for (collection, _, seq) in &self.added {
-            last_added.insert(*collection, *seq);
-        }
-        let boards: Vec<(u64, CollectionBoard)> = self
-            .collections
-            .all()
-            .flat_map(|(collection, _)| {
-                let added = last_added.get(collection).copied().unwrap_or(0);
-                self.collections
-                    .boards_of(*collection)
-                    .into_iter()
-                    .map(move |board| (added, board))
-            })
-            .collect();
-        let mut users_of: HashMap<Uuid, Vec<&String>> = boards
+    /// Composes `user`'s entry on a collection's `board` from its
+    /// components; recorded at `seq` if it changed (as the live path does).
+    fn compose(&mut self, board: &CollectionBoard, user: &str, seq: u64) {
+        let parts = board
+            .components
             .iter()
-            .flat_map(|(_, board)| board.components.iter().map(|c| (*c, Vec::new())))
+            .filter_map(|c| self.entries.get(&(*c, user.to_string())).map(|(e, _)| e));
+        let Some(entry) = collections::compose(parts) else {
+            return;
+        };
+        let key = (board.id, user.to_string());
+        if self.entries.get(&key).map(|(e, _)| e) != Some(&entry) {
+            self.entries.insert(key, (entry, seq));
+        }
+    }
+
+    /// Composes every board of `collection` afresh (a test joined it at
+    /// `seq`): everyone's history on its tests counts at once.
+    fn compose_collection(&mut self, collection: Uuid, seq: u64) {
+        let boards = self.collections.boards_of(collection);
+        let mut users_of: HashMap<Uuid, Vec<String>> = boards
+            .iter()
+            .flat_map(|board| board.components.iter().map(|c| (*c, Vec::new())))
             .collect();
         for (board, user) in self.entries.keys() {
             if let Some(users) = users_of.get_mut(board) {
-                users.push(user);
+                users.push(user.clone());
             }
         }
-        let mut composed = Vec::new();
-        for (added, board) in &boards {
+        for board in &boards {
             let mut users: Vec<&String> = board
                 .components
                 .iter()
-                .flat_map(|c| users_of[c].iter().copied())
+                .flat_map(|c| users_of[c].iter())
                 .collect();
             users.sort_unstable();
             users.dedup();
             for user in users {
-                let parts: Vec<&(Entry, u64)> = board
-                    .components
-                    .iter()
-                    .filter_map(|c| self.entries.get(&(*c, user.clone())))
-                    .collect();
-                let seq = parts.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
-                if let Some(entry) = collections::compose(parts.iter().map(|(e, _)| e)) {
-                    composed.push(((board.id, user.clone()), (entry, seq.max(*added))));
-                }
+                self.compose(board, user, seq);
             }
         }
-        self.entries.extend(composed);
     }
 }
 
@@ -928,10 +923,15 @@ impl crate::fold::Fold for LeaderboardFold {
     fn add(&mut self, events: &[RecordedEvent]) -> Result<(), BoxError> {
         for event in events {
             if let Some((collection, tests)) = collection_members(event)? {
+                let mut added = false;
                 for test in tests {
                     if self.collections.add(collection, test) {
                         self.added.push((collection, test, event.seq));
+                        added = true;
                     }
+                }
+                if added {
+                    self.compose_collection(collection, event.seq);
                 }
                 continue;
             }
@@ -939,11 +939,14 @@ impl crate::fold::Fold for LeaderboardFold {
                 continue;
             };
             self.collections.note(&submission);
-            for submission in windows::boards_of(&submission) {
-                let key = (submission.test_id, submission.user_id.clone());
+            for on_board in windows::boards_of(&submission) {
+                let key = (on_board.test_id, on_board.user_id.clone());
                 let previous = self.entries.get(&key).map(|(entry, _)| entry);
-                let entry = Entry::record(previous, &submission);
+                let entry = Entry::record(previous, &on_board);
                 self.entries.insert(key, (entry, event.seq));
+            }
+            for board in self.collections.touched_by(&submission) {
+                self.compose(&board, &submission.user_id, event.seq);
             }
         }
         Ok(())
@@ -953,8 +956,7 @@ impl crate::fold::Fold for LeaderboardFold {
         self: Box<Self>,
         conn: &'c mut PgConnection,
     ) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>> {
-        let mut this = self;
-        this.compose_collections();
+        let this = self;
         Box::pin(async move {
             use crate::fold::{copy_time, CopyWriter};
             let next = Generation::Next;
