@@ -252,9 +252,14 @@ impl Deployment {
         .await
         .map_err(|e| e.to_string())?;
         // Every board: all time, day, week and month, each once.
-        let on_every_board = query("SELECT COALESCE(sum(attempts), 0)::bigint FROM lb_entries")
-            .await
-            .map_err(|e| e.to_string())?;
+        let on_every_board = query(
+            // The tests' boards (a collection's count tests taken).
+            "SELECT COALESCE(sum(attempts), 0)::bigint FROM lb_entries
+              WHERE test_id IN (SELECT board_id FROM lb_boards)
+                 OR test_id IN (SELECT test_id FROM catalog_tests)",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         let graded = query("SELECT count(*) FROM feed_items WHERE kind = 'attempt_graded'")
             .await
             .map_err(|e| e.to_string())?;
@@ -512,15 +517,29 @@ async fn a_paused_owner_is_replaced_within_seconds_and_applies_nothing_after_it_
 async fn killing_the_owner_mid_load_loses_and_doubles_nothing() {
     let (_db, mut deployment) = shared_deployment(3).await;
     let test = deployment.published_test(1).await;
+    // A collection of it and another test, whose board must sum both.
+    let other = deployment.published_test(1).await;
+    let admin = deployment.token("admin-1", Role::Admin);
+    let created = deployment
+        .post(
+            1,
+            "/v1/collections",
+            &admin,
+            json!({"title": "Both", "test_ids": [test, other]}),
+        )
+        .await
+        .expect("the collection is created");
+    let collection: uuid::Uuid = created["id"].as_str().unwrap().parse().unwrap();
     let mut acknowledged: HashSet<String> = HashSet::new();
     for i in 0..60 {
         if i == 20 {
             deployment.kill(0);
         }
         let instance = if i < 20 { i % 3 } else { 1 + i % 2 };
+        let on = if i % 4 == 3 { &other } else { &test };
         acknowledged.extend(
             deployment
-                .take(instance, &test, &format!("learner-{}", i % 25), i as u64)
+                .take(instance, on, &format!("learner-{}", i % 25), i as u64)
                 .await,
         );
     }
@@ -535,6 +554,35 @@ async fn killing_the_owner_mid_load_loses_and_doubles_nothing() {
     deployment
         .wait_ranks_agree(&[1, 2], &test, Duration::from_secs(30))
         .await;
+    // Each learner's collection entry sums their bests on both tests, once.
+    let board = podium_projections::collections::board_at(
+        collection,
+        podium_projections::windows::Window::All,
+        chrono::Utc::now(),
+    );
+    let tests: Vec<uuid::Uuid> = [&test, &other].map(|t| t.parse().unwrap()).to_vec();
+    let summed: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT user_id, sum(best_score)::bigint, count(*) FROM lb_entries
+          WHERE test_id = ANY($1) GROUP BY user_id ORDER BY user_id",
+    )
+    .bind(&tests)
+    .fetch_all(&deployment.pool)
+    .await
+    .unwrap();
+    let composed: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT user_id, best_score::bigint, attempts::bigint FROM lb_entries
+          WHERE test_id = $1 ORDER BY user_id",
+    )
+    .bind(board)
+    .fetch_all(&deployment.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        composed.len(),
+        25,
+        "every learner on the collection's board"
+    );
+    assert_eq!(composed, summed);
     let mut dead_letters = 0.0;
     for instance in 1..3 {
         dead_letters += deployment
