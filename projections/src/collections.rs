@@ -372,13 +372,14 @@ mod tests {
                     }
                 }
             }
-            let got: HashMap<(Uuid, String), (u32, u32, DateTime<Utc>, Uuid)> = kept
+            type Row = (u32, u32, DateTime<Utc>, Uuid);
+            let got: HashMap<(Uuid, String), Row> = kept
                 .iter()
                 .flat_map(|(board, entries)| entries.iter().map(move |(user, e)| {
                     ((*board, user.clone()), (e.best_score, e.attempts, e.achieved_at, e.attempt_id))
                 }))
                 .collect();
-            let expected: HashMap<(Uuid, String), (u32, u32, DateTime<Utc>, Uuid)> = naive
+            let expected: HashMap<(Uuid, String), Row> = naive
                 .into_iter()
                 .map(|(key, (_, total, taken, when, attempt))| (key, (total, taken, when, attempt)))
                 .collect();
