@@ -340,13 +340,10 @@ impl crate::fold::Fold for AttemptsFold {
     ) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>> {
         Box::pin(async move {
             use crate::fold::{copy_time, CopyWriter};
-            let mut rows = CopyWriter::start(
+            let mut rows = CopyWriter::fresh(
                 conn,
-                &format!(
-                    "COPY {} (attempt_id, user_id, test_id, status, score, max_score, correct,
-                              duration_ms, started_at, submitted_at) FROM STDIN",
-                    Generation::Next.table("my_attempts")
-                ),
+                &Generation::Next.table("my_attempts"),
+                "attempt_id, user_id, test_id, status, score, max_score, correct, duration_ms, started_at, submitted_at",
             )
             .await?;
             // In key order: the copy's primary key then grows at its right

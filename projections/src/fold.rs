@@ -50,6 +50,27 @@ impl<'c> CopyWriter<'c> {
         })
     }
 
+    /// Fills `table`, emptied first in the caller's transaction, with rows
+    /// of `columns` (a `__next` copy a fold writes): emptied in the same
+    /// transaction, the rows can go in frozen (`COPY … FREEZE`), visible to
+    /// every later snapshot with their hint bits and visibility map already
+    /// set, so neither the index builds nor the vacuum after the swap write
+    /// every page once more.
+    pub async fn fresh(
+        conn: &'c mut PgConnection,
+        table: &str,
+        columns: &str,
+    ) -> Result<Self, sqlx::Error> {
+        sqlx::query(&format!("TRUNCATE {table}"))
+            .execute(&mut *conn)
+            .await?;
+        Self::start(
+            conn,
+            &format!("COPY {table} ({columns}) FROM STDIN WITH (FREEZE)"),
+        )
+        .await
+    }
+
     /// The next field of the row, escaped as COPY's text format wants.
     pub fn field(&mut self, value: impl Display) -> &mut Self {
         use std::io::Write as _;

@@ -154,6 +154,13 @@ pub async fn replay(
         .iter()
         .map(|&model| Rebuilding::new(pool, model))
         .collect();
+    // How long each phase took, logged at the end.
+    let mut phases: Vec<(&str, Duration)> = Vec::new();
+    let mut phase_started = Instant::now();
+    let mut lap = |phase: &'static str, phases: &mut Vec<(&str, Duration)>| {
+        phases.push((phase, phase_started.elapsed()));
+        phase_started = Instant::now();
+    };
     let mut deferred = Vec::new();
     for projection in &projections {
         deferred.extend(prepare_next(pool, projection.next_name(), projection.tables()).await?);
@@ -223,6 +230,7 @@ pub async fn replay(
         }
     }
     drop(reader);
+    lap("read and apply or fold the log", &mut phases);
     // The folds written out, each with the checkpoint of the last event it
     // folded, from which the swap applies what was written meanwhile: a few
     // at once on connections of their own, so that formatting rows here and
@@ -248,6 +256,7 @@ pub async fn replay(
         }));
     }
     side_by_side(pool, writes).await?;
+    lap("write the folds", &mut phases);
     // The secondary indexes, built once over the whole result rather than
     // kept up row by row, side by side (building indexes only share-locks
     // a table), each with room to sort in memory.
@@ -266,7 +275,9 @@ pub async fn replay(
         }));
     }
     side_by_side(pool, builds).await?;
+    lap("build the secondary indexes", &mut phases);
     let checkpoint = swap(pool, &projections, cursor).await?;
+    lap("swap", &mut phases);
     // Fresh statistics and visibility map for the swapped-in tables, so that
     // rank counts are index-only scans from the start; side by side too.
     let mut vacuums: Vec<Step<'_>> = Vec::new();
@@ -282,6 +293,12 @@ pub async fn replay(
         }));
     }
     side_by_side(pool, vacuums).await?;
+    lap("vacuum", &mut phases);
+    let phases: Vec<String> = phases
+        .iter()
+        .map(|(phase, took)| format!("{phase} {:.1} s", took.as_secs_f64()))
+        .collect();
+    tracing::info!(events = checkpoint, phases = %phases.join(", "), "replayed");
     Ok(projections
         .iter()
         .map(|p| Rebuilt {

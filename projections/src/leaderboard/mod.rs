@@ -960,12 +960,10 @@ impl crate::fold::Fold for LeaderboardFold {
         Box::pin(async move {
             use crate::fold::{copy_time, CopyWriter};
             let next = Generation::Next;
-            let mut rows = CopyWriter::start(
+            let mut rows = CopyWriter::fresh(
                 conn,
-                &format!(
-                    "COPY {} (collection_id, test_id, added_seq) FROM STDIN",
-                    next.table("lb_collection_tests")
-                ),
+                &next.table("lb_collection_tests"),
+                "collection_id, test_id, added_seq",
             )
             .await?;
             for (collection, test, seq) in &this.added {
@@ -973,12 +971,10 @@ impl crate::fold::Fold for LeaderboardFold {
                 rows.end_row().await?;
             }
             rows.finish().await?;
-            let mut rows = CopyWriter::start(
+            let mut rows = CopyWriter::fresh(
                 conn,
-                &format!(
-                    "COPY {} (board_id, test_id, \"window\", period_start) FROM STDIN",
-                    next.table("lb_boards")
-                ),
+                &next.table("lb_boards"),
+                "board_id, test_id, \"window\", period_start",
             )
             .await?;
             for (test, window, start) in this.collections.periods() {
@@ -990,13 +986,10 @@ impl crate::fold::Fold for LeaderboardFold {
             }
             rows.finish().await?;
             let mut counts: HashMap<(Uuid, u32), i64> = HashMap::new();
-            let mut rows = CopyWriter::start(
+            let mut rows = CopyWriter::fresh(
                 conn,
-                &format!(
-                    "COPY {} (test_id, user_id, best_score, max_score, attempt_id, achieved_at,
-                              attempts, changed_seq) FROM STDIN",
-                    next.table("lb_entries")
-                ),
+                &next.table("lb_entries"),
+                "test_id, user_id, best_score, max_score, attempt_id, achieved_at, attempts, changed_seq",
             )
             .await?;
             // In key order: the copy's primary key then grows at its right
@@ -1016,12 +1009,10 @@ impl crate::fold::Fold for LeaderboardFold {
                 rows.end_row().await?;
             }
             rows.finish().await?;
-            let mut rows = CopyWriter::start(
+            let mut rows = CopyWriter::fresh(
                 conn,
-                &format!(
-                    "COPY {} (test_id, score, entries) FROM STDIN",
-                    next.table("lb_score_counts")
-                ),
+                &next.table("lb_score_counts"),
+                "test_id, score, entries",
             )
             .await?;
             for ((test, score), entries) in counts {
