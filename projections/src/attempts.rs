@@ -339,7 +339,7 @@ impl crate::fold::Fold for AttemptsFold {
         conn: &'c mut PgConnection,
     ) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>> {
         Box::pin(async move {
-            use crate::fold::{copy_time, CopyWriter};
+            use crate::fold::CopyWriter;
             let mut rows = CopyWriter::fresh(
                 conn,
                 &Generation::Next.table("my_attempts"),
@@ -359,12 +359,12 @@ impl crate::fold::Fold for AttemptsFold {
                     } else {
                         "in_progress"
                     })
-                    .optional(done.map(|d| d.score))
+                    .field(done.map(|d| d.score))
                     .field(done.map_or(start.max_score, |d| d.max_score))
-                    .optional(done.map(|d| d.correct))
-                    .optional(done.map(|d| d.duration_ms))
-                    .field(copy_time(start.started_at))
-                    .optional(done.map(|d| copy_time(d.submitted_at)));
+                    .field(done.map(|d| d.correct))
+                    .field(done.map(|d| d.duration_ms))
+                    .field(start.started_at)
+                    .field(done.map(|d| d.submitted_at));
                 rows.end_row().await?;
             }
             rows.finish().await?;

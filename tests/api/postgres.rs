@@ -158,33 +158,93 @@ pub fn free_port() -> u16 {
 /// Text with COPY's special characters goes through the fold's COPY writer
 /// unchanged, and NULLs stay NULL.
 #[tokio::test]
-async fn the_copy_writer_escapes_what_copy_would_misread() {
+async fn the_copy_writer_stores_every_value_as_a_bound_parameter_would() {
     let db = crate::helpers::TestDb::new().await;
     let mut conn = db.pool.acquire().await.unwrap();
-    sqlx::query("CREATE TABLE copied (n int, t text)")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    sqlx::query(
+        "CREATE TABLE copied (n int, t text, big bigint, id uuid, at timestamptz, score int)",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    // What text COPY would misread, NULLs, extremes, and times before 2000
+    // and with nanoseconds (truncated to microseconds, as sqlx binds them).
     let texts = [
         Some("tab\there"),
         Some("line\nbreak\r\n"),
         Some("back\\slash \\N"),
         None,
         Some(""),
+        Some("ünïcødé ✓"),
     ];
-    let mut rows =
-        podium_projections::fold::CopyWriter::start(&mut conn, "COPY copied (n, t) FROM STDIN")
-            .await
-            .unwrap();
-    for (n, text) in texts.iter().enumerate() {
-        rows.field(n).optional(*text);
+    let at = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().to_utc();
+    let times = [
+        Some(at("2026-12-03T04:05:06.123456789Z")),
+        Some(at("1999-12-31T23:59:59.999999Z")),
+        None,
+        Some(at("2000-01-01T00:00:00Z")),
+        Some(at("1970-01-01T00:00:00.000001Z")),
+        Some(at("2400-02-29T12:00:00Z")),
+    ];
+    let bigs = [
+        Some(0i64),
+        Some(i64::MAX),
+        Some(-1),
+        None,
+        Some(i64::MIN),
+        Some(1),
+    ];
+    let scores = [0u32, 1, 100, 2_000_000_000, 7, 42];
+    let ids: Vec<Option<uuid::Uuid>> = (0..texts.len())
+        .map(|n| (n != 2).then(uuid::Uuid::new_v4))
+        .collect();
+    let mut rows = podium_projections::fold::CopyWriter::start(
+        &mut conn,
+        "COPY copied (n, t, big, id, at, score) FROM STDIN WITH (FORMAT binary)",
+    )
+    .await
+    .unwrap();
+    for n in 0..texts.len() {
+        rows.field(n as i32)
+            .field(texts[n])
+            .field(bigs[n])
+            .field(ids[n])
+            .field(times[n])
+            .field(scores[n]);
         rows.end_row().await.unwrap();
     }
     assert_eq!(rows.finish().await.unwrap(), texts.len() as u64);
-    let back: Vec<Option<String>> = sqlx::query_scalar("SELECT t FROM copied ORDER BY n")
+    type Row = (
+        Option<String>,
+        Option<i64>,
+        Option<uuid::Uuid>,
+        Option<chrono::DateTime<chrono::Utc>>,
+        i32,
+    );
+    let back: Vec<Row> = sqlx::query_as("SELECT t, big, id, at, score FROM copied ORDER BY n")
         .fetch_all(&mut *conn)
         .await
         .unwrap();
-    let expected: Vec<Option<String>> = texts.iter().map(|t| t.map(String::from)).collect();
-    assert_eq!(back, expected);
+    // The same values bound as parameters, read back the same way.
+    let mut bound: Vec<Row> = Vec::new();
+    for n in 0..texts.len() {
+        bound.push(
+            sqlx::query_as("SELECT $1::text, $2::bigint, $3::uuid, $4::timestamptz, $5::int")
+                .bind(texts[n])
+                .bind(bigs[n])
+                .bind(ids[n])
+                .bind(times[n])
+                .bind(scores[n] as i32)
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(back, bound);
+    assert_eq!(back[0].0.as_deref(), Some("tab\there"));
+    assert_eq!(
+        back[0].3.unwrap().to_rfc3339(),
+        "2026-12-03T04:05:06.123456+00:00"
+    );
+    assert_eq!(back[3].4, 2_000_000_000);
 }

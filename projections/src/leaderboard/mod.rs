@@ -958,7 +958,7 @@ impl crate::fold::Fold for LeaderboardFold {
     ) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>> {
         let this = self;
         Box::pin(async move {
-            use crate::fold::{copy_time, CopyWriter};
+            use crate::fold::CopyWriter;
             let next = Generation::Next;
             let mut rows = CopyWriter::fresh(
                 conn,
@@ -981,11 +981,11 @@ impl crate::fold::Fold for LeaderboardFold {
                 rows.field(windows::board_id(test, window, start))
                     .field(test)
                     .field(window.as_str())
-                    .field(copy_time(start));
+                    .field(start);
                 rows.end_row().await?;
             }
             rows.finish().await?;
-            let mut counts: HashMap<(Uuid, u32), i64> = HashMap::new();
+            let mut counts: HashMap<(Uuid, u32), i32> = HashMap::new();
             let mut rows = CopyWriter::fresh(
                 conn,
                 &next.table("lb_entries"),
@@ -1003,7 +1003,7 @@ impl crate::fold::Fold for LeaderboardFold {
                     .field(entry.best_score)
                     .field(entry.max_score)
                     .field(entry.attempt_id)
-                    .field(copy_time(entry.achieved_at))
+                    .field(entry.achieved_at)
                     .field(entry.attempts)
                     .field(seq);
                 rows.end_row().await?;
