@@ -34,6 +34,11 @@ const MAX_SIDE_BY_SIDE: usize = 3;
 const SWAP_LOCK_WAIT: Duration = Duration::from_secs(2);
 /// How long the swap keeps trying before the replay fails.
 const SWAP_PATIENCE: Duration = Duration::from_secs(300);
+/// How long Postgres lets the swap's transaction sit idle before it ends the
+/// session: a runner paused (or cut off) while it holds the live tables
+/// stalls every instance's queries of them only this long; awake again, it
+/// finds its session gone and swaps once more.
+const SWAP_IDLE_LIMIT: Duration = Duration::from_secs(5);
 
 /// What a replay rebuilds: one read model, or all of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -400,6 +405,11 @@ async fn swap(pool: &PgPool, projections: &[Rebuilding], cursor: LogCursor) -> a
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
+            Err(err) if session_lost(&err) && started.elapsed() < SWAP_PATIENCE => {
+                tracing::warn!(%err, "a replay lost its session while swapping; swapping again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
             Err(err) if lock_not_available(&err) => {
                 let holders = lock_holders(pool, projections).await;
                 return Err(err).with_context(|| {
@@ -421,6 +431,19 @@ fn lock_not_available(err: &anyhow::Error) -> bool {
             cause.downcast_ref::<sqlx::Error>(),
             Some(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03")
         )
+    })
+}
+
+/// Whether `err` is the swap's session ended under it (by
+/// [`SWAP_IDLE_LIMIT`], or a connection lost), its transaction rolled back.
+fn session_lost(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        crate::ops::db::is_unavailable(cause)
+            || matches!(
+                cause.downcast_ref::<sqlx::Error>(),
+                // idle_in_transaction_session_timeout
+                Some(sqlx::Error::Database(db)) if db.code().as_deref() == Some("25P03")
+            )
     })
 }
 
@@ -455,8 +478,10 @@ async fn swap_once(
 ) -> anyhow::Result<u64> {
     let mut tx = pool.begin().await?;
     sqlx::query(&format!(
-        "SET LOCAL lock_timeout = {}",
-        SWAP_LOCK_WAIT.as_millis()
+        "SELECT set_config('lock_timeout', '{}', true),
+                set_config('idle_in_transaction_session_timeout', '{}', true)",
+        SWAP_LOCK_WAIT.as_millis(),
+        SWAP_IDLE_LIMIT.as_millis()
     ))
     .execute(&mut *tx)
     .await?;

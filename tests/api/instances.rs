@@ -1007,12 +1007,15 @@ async fn rebuild_done(deployment: &Deployment) -> Value {
         "the rebuild to finish",
         Duration::from_secs(180),
         || async {
-            let (_, progress) = deployment
+            let (status, progress) = deployment
                 .leaderboard_rebuild(2, reqwest::Method::GET)
                 .await;
             match progress["state"].as_str() {
                 Some("done") => Ok(progress),
                 Some("rebuilding") => Err(progress),
+                // A busy instance's pool may time out (its 503 says to
+                // retry), as a swap holds the live tables for a moment.
+                _ if status == StatusCode::SERVICE_UNAVAILABLE => Err(progress),
                 _ => panic!("the rebuild: {progress}"),
             }
         },
