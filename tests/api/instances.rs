@@ -717,15 +717,22 @@ impl Deployment {
     /// The operator API's projection `name`, read through `instance`.
     async fn projection(&self, instance: usize, name: &str) -> Value {
         let admin = self.token("operator", Role::Admin);
-        let (status, body) = self
-            .call(
-                instance,
-                reqwest::Method::GET,
-                "/v1/admin/projections",
-                &admin,
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK, "{body}");
+        let admin = &admin;
+        // A 503 (a busy instance's pool timed out) says to retry.
+        let body = poll(
+            "the projections to be listed",
+            Duration::from_secs(30),
+            || async move {
+                let path = "/v1/admin/projections";
+                let (status, body) = self.call(instance, reqwest::Method::GET, path, admin).await;
+                match status {
+                    StatusCode::OK => Ok(body),
+                    StatusCode::SERVICE_UNAVAILABLE => Err(body),
+                    _ => panic!("{path}: {status} {body}"),
+                }
+            },
+        )
+        .await;
         body["items"]
             .as_array()
             .unwrap()
