@@ -32,6 +32,26 @@ pub struct RecordedEvent {
     pub recorded_at: DateTime<Utc>,
 }
 
+impl RecordedEvent {
+    /// Event `seq` as a reader that does not want it sees it: its place in
+    /// the log and its type, nothing of its payload or metadata (a projection
+    /// moves its checkpoint past it; decoding it would be wasted).
+    pub fn passed_over(seq: u64, aggregate_type: &str, event_type: &str) -> Self {
+        Self {
+            seq,
+            position: 0,
+            aggregate_type: aggregate_type.to_string(),
+            aggregate_id: String::new(),
+            sequence: 0,
+            event_type: event_type.to_string(),
+            event_version: String::new(),
+            payload: serde_json::Value::Null,
+            metadata: HashMap::new(),
+            recorded_at: DateTime::UNIX_EPOCH,
+        }
+    }
+}
+
 /// What a projection changed in its read model, announced after it commits
 /// so caches and live streams can refresh. `topic` names the read model
 /// (`leaderboard`, `feed`…), `key` the part that changed (a test id, a user

@@ -51,6 +51,17 @@ impl Subjects {
         format!("{}.events.>", self.prefix)
     }
 
+    /// The aggregate and event types an event subject names (as tokens:
+    /// Podium's own types are unchanged by [`token`]); `None` for any other
+    /// subject.
+    pub fn event_kind<'s>(&self, subject: &'s str) -> Option<(&'s str, &'s str)> {
+        let kind = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".events.")?;
+        kind.split_once('.')
+            .filter(|(aggregate, event)| !aggregate.is_empty() && !event.contains('.'))
+    }
+
     pub fn event(&self, aggregate_type: &str, event_type: &str) -> String {
         format!(
             "{}.events.{}.{}",
@@ -115,6 +126,26 @@ mod tests {
             "t-1.changed.feed.alice@x_org"
         );
         assert_eq!(s.dead_letter("leaderboard"), "t-1.dlq.leaderboard");
+    }
+
+    #[test]
+    fn an_event_subject_names_its_kind() {
+        let s = Subjects::new("t-1").unwrap();
+        let subject = s.event("Attempt", "AttemptSubmitted");
+        assert_eq!(
+            s.event_kind(&subject),
+            Some(("Attempt", "AttemptSubmitted"))
+        );
+        for other in [
+            "t-1.events.Attempt",
+            "t-1.events..AttemptSubmitted",
+            "t-1.events.Attempt.AttemptSubmitted.more",
+            "t-2.events.Attempt.AttemptSubmitted",
+            "t-1.changed.leaderboard.x",
+            "t-10.events.Attempt.AttemptSubmitted",
+        ] {
+            assert_eq!(s.event_kind(other), None, "{other}");
+        }
     }
 
     #[test]

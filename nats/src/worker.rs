@@ -79,6 +79,14 @@ pub trait Projection: Send + Sync + 'static {
         events: &[RecordedEvent],
     ) -> impl Future<Output = Result<Applied, ProjectionError>> + Send;
 
+    /// Whether events of this type can change the read model. The worker
+    /// hands those it does not want to [`Self::apply`] undecoded, as
+    /// [`RecordedEvent::passed_over`]: their seq and type, no payload.
+    fn wants(&self, aggregate_type: &str, event_type: &str) -> bool {
+        let _ = (aggregate_type, event_type);
+        true
+    }
+
     /// Moves the checkpoint past `seq` without applying it (the skip policy).
     fn skip(&self, seq: u64) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 
@@ -398,7 +406,7 @@ impl<P: Projection> Worker<P> {
             let mut broken = false;
             for message in chunk {
                 match message {
-                    Ok(message) => deliveries.push(delivery(&message)),
+                    Ok(message) => deliveries.push(self.delivery(&message)),
                     Err(err) => {
                         tracing::warn!(projection = self.projection.name(), %err, "reading the stream was interrupted");
                         broken = true;
@@ -419,6 +427,29 @@ impl<P: Projection> Worker<P> {
             if broken {
                 return Ok(Interrupted::Reposition { pause: true });
             }
+        }
+    }
+
+    /// What `message` delivers: an event the projection does not want (its
+    /// subject says the type, its header the seq) passed over undecoded,
+    /// any other decoded.
+    fn delivery(&self, message: &Message) -> Delivery {
+        let header_seq = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(SEQ_HEADER))
+            .and_then(|v| v.as_str().parse::<u64>().ok());
+        let kind = self.bus.subjects().event_kind(&message.subject);
+        match (header_seq, kind) {
+            (Some(seq), Some((aggregate_type, event_type)))
+                if !self.projection.wants(aggregate_type, event_type) =>
+            {
+                Delivery {
+                    seq,
+                    event: Ok(RecordedEvent::passed_over(seq, aggregate_type, event_type)),
+                }
+            }
+            _ => decoded(message, header_seq),
         }
     }
 
@@ -735,14 +766,10 @@ fn pending<E>(chunk: &[Result<Message, E>]) -> u64 {
 /// The seq given to a message that carries none (not published by a relay).
 const FOREIGN: u64 = u64::MAX;
 
-fn delivery(message: &Message) -> Delivery {
+/// `message`'s event, decoded.
+fn decoded(message: &Message, header_seq: Option<u64>) -> Delivery {
     let event = serde_json::from_slice::<RecordedEvent>(&message.payload)
         .map_err(|err| format!("undecodable message: {err}"));
-    let header_seq = message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(SEQ_HEADER))
-        .and_then(|v| v.as_str().parse::<u64>().ok());
     let seq = match (&event, header_seq) {
         (Ok(event), _) => event.seq,
         (Err(_), Some(seq)) => seq,

@@ -36,6 +36,10 @@ impl ProjectionLogic for AttemptsProjection {
         }
     }
 
+    fn wants(&self, aggregate_type: &str, event_type: &str) -> bool {
+        AttemptStep::is(aggregate_type, event_type)
+    }
+
     /// Starts are inserted, then submissions update them, each set-wise: a
     /// submission always follows its start in the log.
     async fn apply_batch(
@@ -134,10 +138,15 @@ enum AttemptStep {
 }
 
 impl AttemptStep {
+    /// Whether events of this type are steps (an answer is not).
+    fn is(aggregate_type: &str, event_type: &str) -> bool {
+        aggregate_type == "Attempt" && event_type != "AnswerRecorded"
+    }
+
     /// `event`'s step, if it is one (other events are told by their type,
     /// without decoding them).
     fn of(event: &RecordedEvent) -> Result<Option<Self>, BoxError> {
-        if event.aggregate_type != "Attempt" || event.event_type == "AnswerRecorded" {
+        if !Self::is(&event.aggregate_type, &event.event_type) {
             return Ok(None);
         }
         Ok(match event.decode()? {

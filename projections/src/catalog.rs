@@ -89,12 +89,21 @@ impl CatalogProjection {
     }
 }
 
+/// Whether events of `aggregate_type` change the catalog.
+fn is_listed(aggregate_type: &str) -> bool {
+    matches!(aggregate_type, "Test" | "Collection")
+}
+
 impl ProjectionLogic for CatalogProjection {
     fn name(&self) -> &str {
         match self.generation {
             Generation::Live => NAME,
             Generation::Next => "catalog__next",
         }
+    }
+
+    fn wants(&self, aggregate_type: &str, _event_type: &str) -> bool {
+        is_listed(aggregate_type)
     }
 
     /// A publish inserts its test once, an archive sets a flag, a collection
@@ -105,8 +114,7 @@ impl ProjectionLogic for CatalogProjection {
         conn: &mut PgConnection,
         events: &[RecordedEvent],
     ) -> Result<Vec<Change>, BoxError> {
-        let listed =
-            |e: &&RecordedEvent| matches!(e.aggregate_type.as_str(), "Test" | "Collection");
+        let listed = |e: &&RecordedEvent| is_listed(&e.aggregate_type);
         for event in events.iter().filter(listed) {
             match event.decode()? {
                 PodiumEvent::Collection(CollectionEvent::CollectionCreated {

@@ -26,6 +26,16 @@ pub trait ProjectionLogic: Send + Sync + 'static {
         events: &[RecordedEvent],
     ) -> impl Future<Output = Result<Vec<Change>, BoxError>> + Send;
 
+    /// Whether events of this type can change the read model. Those it
+    /// does not want may reach [`Self::apply_batch`] as
+    /// [`RecordedEvent::passed_over`] (their seq and type, no payload), so
+    /// that a live worker need not decode them; `apply_batch` must tell them
+    /// apart by the same test and change nothing for them.
+    fn wants(&self, aggregate_type: &str, event_type: &str) -> bool {
+        let _ = (aggregate_type, event_type);
+        true
+    }
+
     /// [`Self::apply_batch`] for one event.
     fn apply(
         &self,

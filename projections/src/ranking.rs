@@ -94,10 +94,15 @@ impl Submission {
         });
     }
 
+    /// Whether events of `event_type` record submissions.
+    pub fn is(event_type: &str) -> bool {
+        event_type == "AttemptSubmitted"
+    }
+
     /// The submission `event` records, if it is one (other events are told
     /// by their type, without decoding them).
     pub fn of(event: &RecordedEvent) -> Result<Option<Self>, BoxError> {
-        if event.event_type != "AttemptSubmitted" {
+        if !Self::is(&event.event_type) {
             return Ok(None);
         }
         Ok(match event.decode()? {

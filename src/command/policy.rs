@@ -120,6 +120,10 @@ impl ProjectionLogic for NotificationPolicy {
         NAME
     }
 
+    fn wants(&self, _aggregate_type: &str, event_type: &str) -> bool {
+        Submission::is(event_type)
+    }
+
     /// Decides a whole batch in memory, from the bests it can touch (read in
     /// two statements), then writes the new bests and creates every
     /// notification it decided on in the same transaction as its checkpoint:

@@ -373,6 +373,10 @@ impl<L: ProjectionLogic> Projection for PgProjection<L> {
         })
     }
 
+    fn wants(&self, aggregate_type: &str, event_type: &str) -> bool {
+        self.inner.logic().wants(aggregate_type, event_type)
+    }
+
     async fn skip(&self, seq: u64) -> Result<(), ProjectionError> {
         self.inner.skip(seq).await.map_err(worker_error)
     }

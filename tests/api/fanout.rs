@@ -602,3 +602,83 @@ async fn a_test_too_large_for_one_message_is_refused_and_the_relay_goes_on() {
     crate::queries::take(&app, &test_id, "ann", 10).await;
     crate::queries::settle_board(&app, &test_id, 1).await;
 }
+
+/// A projection that wants no event: it notes what it is handed.
+struct Uninterested;
+
+impl ProjectionLogic for Uninterested {
+    fn name(&self) -> &str {
+        "uninterested"
+    }
+
+    fn wants(&self, _aggregate_type: &str, _event_type: &str) -> bool {
+        false
+    }
+
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<Vec<Change>, BoxError> {
+        for event in events {
+            sqlx::query("INSERT INTO handed (seq, kind, payload) VALUES ($1, $2, $3)")
+                .bind(event.seq as i64)
+                .bind(format!("{}.{}", event.aggregate_type, event.event_type))
+                .bind(&event.payload)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_a_projection_does_not_want_are_passed_over_undecoded_in_order() {
+    let db = TestDb::new().await;
+    let bus = TestBus::new().await;
+    sqlx::query("CREATE TABLE handed (seq bigint PRIMARY KEY, kind text NOT NULL, payload jsonb)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let aggregates = Aggregates::new(&db.pool);
+    append(&aggregates, 0, 40, 5).await;
+    let (_relay, _relay_task, _stop) = spawn_relay(&db, &bus, RelayConfig::default());
+    let projection = Arc::new(PgProjection::new(Checkpointed::new(
+        db.pool.clone(),
+        Uninterested,
+    )));
+    let worker = Worker::new(bus.bus.clone(), projection, WorkerConfig::default());
+    let stats = worker.stats();
+    let stop = CancellationToken::new();
+    let _stop_worker = stop.clone().drop_guard();
+    tokio::spawn(worker.run(stop));
+    poll(
+        "the checkpoint to pass every event",
+        Duration::from_secs(30),
+        || async {
+            match stats.checkpoint.load(Ordering::Relaxed) {
+                40 => Ok(()),
+                other => Err(other),
+            }
+        },
+    )
+    .await;
+    // Each event once, in the log's order, with its type and no payload.
+    let handed: Vec<(i64, String, serde_json::Value)> =
+        sqlx::query_as("SELECT seq, kind, payload FROM handed ORDER BY seq")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let (log, _) = LogCursor::start().peek(&mut conn, 100).await.unwrap();
+    assert_eq!(log.len(), 40);
+    let expected: Vec<(i64, String, serde_json::Value)> = log
+        .iter()
+        .map(|e| {
+            let kind = format!("{}.{}", e.aggregate_type, e.event_type);
+            (e.seq as i64, kind, serde_json::Value::Null)
+        })
+        .collect();
+    assert_eq!(handed, expected);
+    assert!(log.iter().all(|e| !e.payload.is_null()));
+}

@@ -58,6 +58,12 @@ struct Created {
     item: FeedItem,
 }
 
+/// Whether events of `aggregate_type` can change a feed (notifications are
+/// created and read; inboxes are read all at once).
+fn is_feeds(aggregate_type: &str) -> bool {
+    matches!(aggregate_type, "Notification" | "Inbox")
+}
+
 /// The notification `event` creates, if it creates one.
 fn created_of(event: &RecordedEvent) -> Result<Option<Created>, BoxError> {
     if event.event_type != "NotificationCreated" {
@@ -183,6 +189,10 @@ impl ProjectionLogic for FeedProjection {
         }
     }
 
+    fn wants(&self, aggregate_type: &str, _event_type: &str) -> bool {
+        is_feeds(aggregate_type)
+    }
+
     /// Runs of created notifications go in set-wise; reads, which depend
     /// on what came before them, one by one in between.
     async fn apply_batch(
@@ -197,7 +207,7 @@ impl ProjectionLogic for FeedProjection {
                 run.push(created);
                 continue;
             }
-            if !matches!(event.aggregate_type.as_str(), "Notification" | "Inbox") {
+            if !is_feeds(&event.aggregate_type) {
                 continue;
             }
             changes.extend(self.create_all(conn, std::mem::take(&mut run)).await?);

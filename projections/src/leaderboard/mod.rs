@@ -622,12 +622,14 @@ fn keyed_entry(row: &sqlx::postgres::PgRow) -> Result<Keyed, sqlx::Error> {
     ))
 }
 
+/// Whether events of `event_type` give a collection its tests.
+fn is_membership(event_type: &str) -> bool {
+    matches!(event_type, "CollectionCreated" | "CollectionTestAdded")
+}
+
 /// The collection and tests a membership event names.
 fn collection_members(event: &RecordedEvent) -> Result<Option<(Uuid, Vec<Uuid>)>, BoxError> {
-    if !matches!(
-        event.event_type.as_str(),
-        "CollectionCreated" | "CollectionTestAdded"
-    ) {
+    if !is_membership(&event.event_type) {
         return Ok(None);
     }
     Ok(match event.decode()? {
@@ -650,6 +652,10 @@ impl ProjectionLogic for LeaderboardProjection {
             Generation::Live => NAME,
             Generation::Next => "leaderboard__next",
         }
+    }
+
+    fn wants(&self, _aggregate_type: &str, event_type: &str) -> bool {
+        Submission::is(event_type) || is_membership(event_type)
     }
 
     /// Submissions in runs between collection events, each run one
