@@ -169,31 +169,26 @@ impl CopyValue for String {
     }
 }
 
-impl CopyValue for i32 {
-    fn put(&self, buf: &mut Vec<u8>) -> bool {
-        buf.extend_from_slice(&self.to_be_bytes());
-        true
-    }
+/// `int4` and `int8`: big-endian; the unsigned kinds Podium counts in go
+/// into the signed columns that hold them.
+macro_rules! copy_integer {
+    ($($signed:ty, $unsigned:ty);*) => {$(
+        impl CopyValue for $signed {
+            fn put(&self, buf: &mut Vec<u8>) -> bool {
+                buf.extend_from_slice(&self.to_be_bytes());
+                true
+            }
+        }
+
+        impl CopyValue for $unsigned {
+            fn put(&self, buf: &mut Vec<u8>) -> bool {
+                (*self as $signed).put(buf)
+            }
+        }
+    )*};
 }
 
-impl CopyValue for u32 {
-    fn put(&self, buf: &mut Vec<u8>) -> bool {
-        (*self as i32).put(buf)
-    }
-}
-
-impl CopyValue for i64 {
-    fn put(&self, buf: &mut Vec<u8>) -> bool {
-        buf.extend_from_slice(&self.to_be_bytes());
-        true
-    }
-}
-
-impl CopyValue for u64 {
-    fn put(&self, buf: &mut Vec<u8>) -> bool {
-        (*self as i64).put(buf)
-    }
-}
+copy_integer!(i32, u32; i64, u64);
 
 impl CopyValue for chrono::DateTime<chrono::Utc> {
     fn put(&self, buf: &mut Vec<u8>) -> bool {
