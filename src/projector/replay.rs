@@ -395,18 +395,20 @@ async fn swap(pool: &PgPool, projections: &[Rebuilding], cursor: LogCursor) -> a
     let mut pause = Duration::from_millis(100);
     loop {
         match swap_once(pool, projections, cursor.clone()).await {
-            Err(err) if lock_not_available(&err) && started.elapsed() < SWAP_PATIENCE => {
-                let holders = lock_holders(pool, projections).await;
-                tracing::info!(
-                    waited_ms = started.elapsed().as_millis() as u64,
-                    holders,
-                    "a replay waits for its lock on the live tables"
-                );
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
-            }
-            Err(err) if session_lost(&err) && started.elapsed() < SWAP_PATIENCE => {
-                tracing::warn!(%err, "a replay lost its session while swapping; swapping again");
+            Err(err)
+                if (lock_not_available(&err) || session_lost(&err))
+                    && started.elapsed() < SWAP_PATIENCE =>
+            {
+                if lock_not_available(&err) {
+                    let holders = lock_holders(pool, projections).await;
+                    tracing::info!(
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        holders,
+                        "a replay waits for its lock on the live tables"
+                    );
+                } else {
+                    tracing::warn!(%err, "a replay lost its session while swapping; swapping again");
+                }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
@@ -426,24 +428,23 @@ async fn swap(pool: &PgPool, projections: &[Rebuilding], cursor: LogCursor) -> a
 
 /// Whether `err` is a lock wait that ran out (`lock_timeout`).
 fn lock_not_available(err: &anyhow::Error) -> bool {
-    err.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<sqlx::Error>(),
-            Some(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03")
-        )
-    })
+    has_code(err, "55P03")
 }
 
 /// Whether `err` is the swap's session ended under it (by
-/// [`SWAP_IDLE_LIMIT`], or a connection lost), its transaction rolled back.
+/// [`SWAP_IDLE_LIMIT`]: `idle_in_transaction_session_timeout`, or a
+/// connection lost), its transaction rolled back.
 fn session_lost(err: &anyhow::Error) -> bool {
+    has_code(err, "25P03") || err.chain().any(crate::ops::db::is_unavailable)
+}
+
+/// Whether Postgres answered `err` (or what caused it) with SQLSTATE `code`.
+fn has_code(err: &anyhow::Error, code: &str) -> bool {
     err.chain().any(|cause| {
-        crate::ops::db::is_unavailable(cause)
-            || matches!(
-                cause.downcast_ref::<sqlx::Error>(),
-                // idle_in_transaction_session_timeout
-                Some(sqlx::Error::Database(db)) if db.code().as_deref() == Some("25P03")
-            )
+        matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::Database(db)) if db.code().as_deref() == Some(code)
+        )
     })
 }
 
