@@ -69,6 +69,8 @@ pub struct Application {
     shutdown_timeout: Duration,
     /// How long a background role stays with an instance that stopped renewing it.
     lease_ttl: Duration,
+    /// Events behind from which a read model catches up by a rebuild.
+    catch_up_rebuild_from: u64,
     /// This instance's name in lease rows and metrics.
     instance: String,
     /// The rank index the query API reads and the leaderboard worker ranks with.
@@ -376,6 +378,7 @@ impl Application {
             local: wired.local,
             shutdown_timeout: Duration::from_secs(settings.shutdown_timeout_secs),
             lease_ttl: Duration::from_millis(settings.lease_ttl_ms),
+            catch_up_rebuild_from: settings.catch_up_rebuild_from,
             instance: crate::ops::lease::new_instance_id(),
             ranks: wired.ranks,
             operations: wired.operations,
@@ -463,6 +466,7 @@ impl Application {
                 crate::projector::Leases {
                     ttl: self.lease_ttl,
                     owner: &self.instance,
+                    rebuild_from: self.catch_up_rebuild_from,
                 },
             );
             spawned.extend(projections);

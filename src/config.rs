@@ -15,6 +15,9 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_NATS_PREFIX: &str = "podium";
 pub const DEFAULT_DB_SLOW_STATEMENT_MS: u64 = 250;
 pub const DEFAULT_LEASE_TTL_MS: u64 = 5_000;
+/// Events behind the head of the log from which a read model catches up by
+/// a rebuild rather than through NATS.
+pub const DEFAULT_CATCH_UP_REBUILD_FROM: u64 = 100_000;
 
 /// A secret string whose `Debug` output is redacted.
 #[derive(Clone)]
@@ -258,6 +261,13 @@ pub struct Settings {
     /// before another instance takes it over.
     #[arg(long, env = "PODIUM_LEASE_TTL_MS", default_value_t = DEFAULT_LEASE_TTL_MS)]
     pub lease_ttl_ms: u64,
+    /// Events behind the head of the log from which a read model whose
+    /// lease an instance takes (at start, or after a failover) catches up
+    /// by a rebuild from the log, with the other read models as far behind,
+    /// instead of through NATS; only when it is also behind by at least
+    /// half the log. 0: never.
+    #[arg(long, env = "PODIUM_CATCH_UP_REBUILD_FROM", default_value_t = DEFAULT_CATCH_UP_REBUILD_FROM)]
+    pub catch_up_rebuild_from: u64,
     /// Where the API, leaderboard windows and the rate limiter read the
     /// time: the system's; tests set a manual one.
     #[arg(skip)]
@@ -300,6 +310,7 @@ impl Settings {
             body_limit: DEFAULT_BODY_LIMIT,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
             lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
+            catch_up_rebuild_from: DEFAULT_CATCH_UP_REBUILD_FROM,
             clock: crate::clock::Clock::system(),
         }
     }

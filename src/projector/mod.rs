@@ -246,6 +246,9 @@ pub struct Leases<'a> {
     pub ttl: Duration,
     /// This instance's name in the lease rows.
     pub owner: &'a str,
+    /// Events behind the head from which a read model whose lease this
+    /// instance takes catches up by a rebuild ([`operations::CatchUp`]).
+    pub rebuild_from: u64,
 }
 
 /// What every worker is started with.
@@ -292,14 +295,24 @@ impl Register for Spawner<'_> {
             )));
         let pool = self.pool.clone();
         let skipped = self.metrics.projection_skipped.clone();
+        let catch_up = operations::CatchUp {
+            relay: self.bus.subjects().prefix().to_string(),
+            rebuild_from: self.leases.rebuild_from,
+        };
+        let owner = self.leases.owner.to_string();
         self.spawned.push(
             self.tasks
                 .spawn(supervise(lease, status, stop, move |role_stop| {
                     let worker =
                         Worker::new(bus.clone(), projection.clone(), WorkerConfig::default())
                             .sharing_stats(stats.clone());
-                    let (pool, projection, skipped) =
-                        (pool.clone(), projection.clone(), skipped.clone());
+                    let (pool, projection, skipped, catch_up, owner) = (
+                        pool.clone(),
+                        projection.clone(),
+                        skipped.clone(),
+                        catch_up.clone(),
+                        owner.clone(),
+                    );
                     async move {
                         // What operators asked of its dead letters comes first.
                         if let Err(err) =
@@ -307,6 +320,10 @@ impl Register for Spawner<'_> {
                         {
                             return RoleExit::Failed(err.to_string());
                         }
+                        // Far behind, it catches up from the log first.
+                        catch_up
+                            .run(&pool, projection.name(), &owner, &role_stop)
+                            .await;
                         role_exit(worker.run(role_stop).await)
                     }
                 })),

@@ -49,6 +49,10 @@ const REBUILD_CONNECTIONS: u32 = 5;
 /// How often the owner looks for requested rebuilds and operator requests.
 const LOOK_EVERY: Duration = Duration::from_secs(1);
 
+/// How often a projection waiting for the rebuild that catches it up looks
+/// at it.
+const CATCH_UP_LOOK: Duration = Duration::from_millis(250);
+
 /// Events behind the head from which a running projection is said to be
 /// catching up (more than one batch).
 const CATCHING_UP_FROM: i64 = 1_000;
@@ -542,13 +546,7 @@ pub async fn run_requested(
             }
             let models = [model];
             let mut quiet = |_, _| {};
-            // Connections of its own: a rebuild holds several for minutes,
-            // which neither the requests' pool nor the workers' can spare.
-            let own = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(REBUILD_CONNECTIONS)
-                .connect_with((*pool.connect_options()).clone())
-                .await;
-            let own = match own {
+            let own = match own_pool(&pool).await {
                 Ok(own) => own,
                 Err(err) => {
                     tracing::warn!(%err, "cannot connect for a rebuild");
@@ -565,6 +563,145 @@ pub async fn run_requested(
                 () = stop.cancelled() => return,
             }
             own.close().await;
+        }
+    }
+}
+
+/// Connections of a rebuild's own: it holds several for minutes, which
+/// neither the requests' pool nor the workers' can spare.
+async fn own_pool(pool: &PgPool) -> Result<PgPool, sqlx::Error> {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(REBUILD_CONNECTIONS)
+        .connect_with((*pool.connect_options()).clone())
+        .await
+}
+
+/// When a projection is so far behind that a rebuild brings it current
+/// sooner than its worker would.
+#[derive(Debug, Clone)]
+pub struct CatchUp {
+    /// The relay whose numbering says where the head of the log is.
+    pub relay: String,
+    /// Events behind from which a read model catches up by a rebuild; 0
+    /// never. It must also be behind by at least half the log, so that the
+    /// rebuild reads at most twice what it has to catch up.
+    pub rebuild_from: u64,
+}
+
+impl CatchUp {
+    /// The read models that a rebuild would bring current sooner than their
+    /// workers.
+    async fn far_behind(&self, pool: &PgPool) -> Result<Vec<ReadModel>, sqlx::Error> {
+        let head = crate::relay::head(pool, &self.relay).await?;
+        let checkpoints = super::Checkpoints::load(pool).await?;
+        Ok(ReadModel::ALL
+            .into_iter()
+            .filter(|model| {
+                let (lag, _) = checkpoints.lag(model.name(), head);
+                self.rebuild_from > 0 && lag as u64 >= self.rebuild_from && 2 * lag >= head
+            })
+            .collect())
+    }
+
+    /// Before the owner of `projection` starts its worker: if the read model
+    /// is far behind the log (a first start on a long log, a deployment
+    /// whose workers were off for long), catches it up as a rebuild does,
+    /// folding the log in memory and writing the result with COPY, together
+    /// with every other read model as far behind (one read of the log for
+    /// all). Through NATS, a backlog goes at the pace of the relay and of
+    /// one batch after another.
+    ///
+    /// A rebuild of it that is running already, started here or on another
+    /// instance, is waited for. One whose runner writes no progress (paused,
+    /// or dead with its lock not yet released) is not: the worker starts,
+    /// and the rebuild, if it ever finishes, swaps in as any rebuild does.
+    /// Stopping (shutdown, or the lease lost) abandons the rebuild. Errors
+    /// are logged: the worker takes over from wherever the checkpoint is.
+    pub async fn run(
+        &self,
+        pool: &PgPool,
+        projection: &str,
+        instance: &str,
+        stop: &CancellationToken,
+    ) {
+        if let Err(err) = self.catch_up(pool, projection, instance, stop).await {
+            tracing::warn!(projection, %err, "cannot catch up by a rebuild; the worker catches up");
+        }
+    }
+
+    async fn catch_up(
+        &self,
+        pool: &PgPool,
+        projection: &str,
+        instance: &str,
+        stop: &CancellationToken,
+    ) -> Result<(), RebuildError> {
+        let Ok(model) = read_model(projection) else {
+            return Ok(());
+        };
+        let mut refused = false;
+        loop {
+            let behind = self.far_behind(pool).await?;
+            if !behind.contains(&model) {
+                return Ok(());
+            }
+            let running: Vec<String> = sqlx::query_scalar(
+                "SELECT name FROM projection_rebuilds
+                  WHERE state = 'rebuilding'
+                    AND heartbeat_at >= now() - make_interval(secs => $1)",
+            )
+            .bind(STALE_AFTER_SECS)
+            .fetch_all(pool)
+            .await?;
+            if running.iter().any(|name| name == model.name()) {
+                refused = false;
+                if podium_nats::stopped_during(CATCH_UP_LOOK, stop).await {
+                    return Ok(());
+                }
+                continue;
+            }
+            if refused {
+                // Its lock is held by a runner that writes no progress.
+                return Ok(());
+            }
+            let models: Vec<ReadModel> = behind
+                .into_iter()
+                .filter(|m| !running.iter().any(|name| name == m.name()))
+                .collect();
+            let names: Vec<&str> = models.iter().map(|m| m.name()).collect();
+            tracing::info!(projection, projections = ?names, "far behind the log: catching up by a rebuild");
+            let own = own_pool(pool).await?;
+            let mut quiet = |_, _| {};
+            let outcome = tokio::select! {
+                outcome = rebuild(&own, &models, instance, &mut quiet) => Some(outcome),
+                () = stop.cancelled() => None,
+            };
+            own.close().await;
+            match outcome {
+                Some(Ok(_)) => return Ok(()),
+                Some(Err(RebuildError::Refused(_))) => {
+                    // Another runner took a lock first; it may not have
+                    // written its progress yet.
+                    refused = true;
+                    if podium_nats::stopped_during(CATCH_UP_LOOK, stop).await {
+                        return Ok(());
+                    }
+                }
+                Some(Err(err)) => return Err(err),
+                None => {
+                    sqlx::query(
+                        "UPDATE projection_rebuilds
+                            SET state = 'failed', finished_at = now(),
+                                error = 'stopped before it finished: the instance stopped or lost the projection'
+                          WHERE name = ANY($1) AND runner = $2 AND state = 'rebuilding'",
+                    )
+                    .bind(&names)
+                    .bind(instance)
+                    .execute(pool)
+                    .await?;
+                    return Ok(());
+                }
+            }
         }
     }
 }

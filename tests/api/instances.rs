@@ -1127,6 +1127,110 @@ async fn a_paused_runner_keeps_its_rebuild_and_finishes_it_when_it_wakes() {
     the_board_is_a_fresh_replay(&deployment).await;
 }
 
+/// The rebuilds on record: name, state, runner and start, by name.
+type RebuildRow = (
+    String,
+    String,
+    Option<String>,
+    chrono::DateTime<chrono::Utc>,
+);
+
+async fn rebuilds(pool: &PgPool) -> Vec<RebuildRow> {
+    sqlx::query_as(
+        "SELECT name, state, runner, started_at FROM projection_rebuilds
+          WHERE started_at IS NOT NULL ORDER BY name",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_models_far_behind_catch_up_in_one_rebuild_then_live_and_a_takeover_rebuilds_nothing()
+{
+    let db = TestDb::new().await;
+    let mut quiet = |_, _| {};
+    let (_, seeded) = podium::cli::bulk_seed::bulk(&db.pool, 3_000, &mut quiet)
+        .await
+        .unwrap();
+    // 6,001 events behind, over half the log: far behind for 1,000.
+    let env = vec![(
+        "PODIUM_CATCH_UP_REBUILD_FROM".to_string(),
+        "1000".to_string(),
+    )];
+    let mut deployment = Deployment::start_on(db.url(), db.pool.clone(), 2, nats_url(), env).await;
+    let first = poll(
+        "the read models to be rebuilt",
+        Duration::from_secs(120),
+        || async {
+            let rows = rebuilds(&deployment.pool).await;
+            let done = rows.len() == 4 && rows.iter().all(|(_, state, ..)| state == "done");
+            if done {
+                Ok(rows)
+            } else {
+                Err(rows)
+            }
+        },
+    )
+    .await;
+    let names: Vec<&str> = first.iter().map(|(name, ..)| name.as_str()).collect();
+    assert_eq!(names, ["attempts", "catalog", "feed", "leaderboard"]);
+    for (name, _, runner, started_at) in &first {
+        assert!(
+            deployment.is_instance(runner.as_deref().unwrap_or_default(), 0),
+            "{name}: the instance holding the leases ran it: {first:?}"
+        );
+        assert_eq!(
+            started_at, &first[0].3,
+            "one rebuild of all four: {first:?}"
+        );
+    }
+    let checkpoint: i64 =
+        sqlx::query_scalar("SELECT seq FROM projection_checkpoints WHERE name = 'leaderboard'")
+            .fetch_one(&deployment.pool)
+            .await
+            .unwrap();
+    assert!(
+        checkpoint as u64 >= seeded,
+        "the rebuild swapped in the seeded log"
+    );
+
+    // Then live: what is submitted now reaches every read model, and the
+    // policy (no read model of its own) worked the seeded log off through
+    // NATS (a graded notification for each seeded submission).
+    let test = deployment.published_test(1).await;
+    let mut acknowledged = HashSet::new();
+    for i in 0..10 {
+        let user = format!("late-{i}");
+        acknowledged.extend(deployment.take(i % 2, &test, &user, i as u64).await);
+    }
+    assert_eq!(acknowledged.len(), 10);
+    deployment
+        .wait_converged(&acknowledged, Duration::from_secs(120))
+        .await;
+
+    // A takeover close to the head goes live without rebuilding.
+    deployment.kill(0);
+    let second = deployment.pid(1);
+    wait_until(
+        Duration::from_secs(30),
+        "the second instance to hold every lease",
+        || async { deployment.owned_by(second).await == ROLES },
+    )
+    .await;
+    for i in 10..20 {
+        let user = format!("late-{i}");
+        acknowledged.extend(deployment.take(1, &test, &user, i as u64).await);
+    }
+    assert_eq!(acknowledged.len(), 20);
+    deployment
+        .wait_converged(&acknowledged, Duration::from_secs(60))
+        .await;
+    assert_eq!(rebuilds(&deployment.pool).await, first, "no second rebuild");
+    let board = deployment.boards().await;
+    deployment.replays_to(&board).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_listed_everywhere_and_retried_or_skipped_by_the_owner() {
     use reqwest::Method;
