@@ -13,8 +13,24 @@ use crate::collection::{Collection, CollectionEvent};
 use crate::notification::{Inbox, InboxEvent, Notification, NotificationEvent};
 use crate::test::{Test, TestEvent};
 
+/// An event's payload as the log stores it: its JSON text, checked but not
+/// parsed into a tree. It is parsed once, straight into the domain's type,
+/// by whoever wants the event ([`RecordedEvent::decode`]); the relay and the
+/// workers that pass an event over never parse it.
+pub type Payload = Box<serde_json::value::RawValue>;
+
+/// `value` as a [`Payload`].
+pub fn payload_of(value: &impl Serialize) -> Payload {
+    serde_json::value::to_raw_value(value).expect("a payload serializes into JSON")
+}
+
+/// The payload of an event whose payload was not read.
+fn no_payload() -> Payload {
+    serde_json::value::RawValue::from_string("null".to_string()).expect("null is JSON")
+}
+
 /// One event of the log, with its global order.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RecordedEvent {
     /// 1-based place in the log's total (commit-safe) order: contiguous, so a
     /// reader that has applied `n` knows the next one is `n + 1`.
@@ -27,7 +43,7 @@ pub struct RecordedEvent {
     pub sequence: u64,
     pub event_type: String,
     pub event_version: String,
-    pub payload: serde_json::Value,
+    pub payload: Payload,
     pub metadata: HashMap<String, String>,
     pub recorded_at: DateTime<Utc>,
 }
@@ -45,7 +61,7 @@ impl RecordedEvent {
             sequence: 0,
             event_type: event_type.to_string(),
             event_version: String::new(),
-            payload: serde_json::Value::Null,
+            payload: no_payload(),
             metadata: HashMap::new(),
             recorded_at: DateTime::UNIX_EPOCH,
         }
@@ -93,7 +109,30 @@ pub enum DecodeError {
     },
 }
 
+/// Equal events hold the same JSON text (two texts of the same value that
+/// differ in spacing or key order are not equal).
+impl PartialEq for RecordedEvent {
+    fn eq(&self, other: &Self) -> bool {
+        self.seq == other.seq
+            && self.position == other.position
+            && self.aggregate_type == other.aggregate_type
+            && self.aggregate_id == other.aggregate_id
+            && self.sequence == other.sequence
+            && self.event_type == other.event_type
+            && self.event_version == other.event_version
+            && self.payload.get() == other.payload.get()
+            && self.metadata == other.metadata
+            && self.recorded_at == other.recorded_at
+    }
+}
+
 impl RecordedEvent {
+    /// The payload parsed into a JSON tree (for upcasters and tests; the
+    /// domain's types are decoded straight from the text).
+    pub fn payload_value(&self) -> serde_json::Value {
+        serde_json::from_str(self.payload.get()).unwrap_or_default()
+    }
+
     /// A stable identity for de-duplication: aggregate type, id and sequence.
     pub fn identity(&self) -> String {
         format!(
@@ -110,7 +149,7 @@ impl RecordedEvent {
             self.aggregate_type.clone(),
             self.event_type.clone(),
             self.event_version.clone(),
-            self.payload.clone(),
+            self.payload_value(),
             serde_json::to_value(&self.metadata).unwrap_or_default(),
         )
     }
@@ -124,7 +163,7 @@ impl RecordedEvent {
             .iter()
             .any(|u| u.can_upcast(&self.event_type, &self.event_version))
         {
-            return self.decode_payload(&self.payload);
+            return self.decode_payload(self.payload.get());
         }
         let mut serialized = self.serialized();
         for upcaster in upcasters {
@@ -132,26 +171,22 @@ impl RecordedEvent {
                 serialized = upcaster.upcast(serialized);
             }
         }
-        self.decode_payload(&serialized.payload)
+        self.decode_payload(&serialized.payload.to_string())
     }
 
-    fn decode_payload(&self, payload: &serde_json::Value) -> Result<PodiumEvent, DecodeError> {
-        use serde::Deserialize;
+    fn decode_payload(&self, payload: &str) -> Result<PodiumEvent, DecodeError> {
+        use serde_json::from_str as parse;
         let fail = |source| DecodeError::Payload {
             event_type: self.event_type.clone(),
             version: self.event_version.clone(),
             source,
         };
         Ok(match self.aggregate_type.as_str() {
-            Test::TYPE => PodiumEvent::Test(Deserialize::deserialize(payload).map_err(fail)?),
-            Attempt::TYPE => PodiumEvent::Attempt(Deserialize::deserialize(payload).map_err(fail)?),
-            Notification::TYPE => {
-                PodiumEvent::Notification(Deserialize::deserialize(payload).map_err(fail)?)
-            }
-            Inbox::TYPE => PodiumEvent::Inbox(Deserialize::deserialize(payload).map_err(fail)?),
-            Collection::TYPE => {
-                PodiumEvent::Collection(Deserialize::deserialize(payload).map_err(fail)?)
-            }
+            Test::TYPE => PodiumEvent::Test(parse(payload).map_err(fail)?),
+            Attempt::TYPE => PodiumEvent::Attempt(parse(payload).map_err(fail)?),
+            Notification::TYPE => PodiumEvent::Notification(parse(payload).map_err(fail)?),
+            Inbox::TYPE => PodiumEvent::Inbox(parse(payload).map_err(fail)?),
+            Collection::TYPE => PodiumEvent::Collection(parse(payload).map_err(fail)?),
             other => return Err(DecodeError::UnknownAggregate(other.to_string())),
         })
     }
@@ -184,7 +219,7 @@ mod tests {
             sequence: 1,
             event_type: "TestArchived".into(),
             event_version: "1.0".into(),
-            payload,
+            payload: payload_of(&payload),
             metadata: HashMap::new(),
             recorded_at: Utc::now(),
         }

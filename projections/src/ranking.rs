@@ -78,7 +78,7 @@ impl Submission {
             sequence: 1,
             event_type: "AttemptSubmitted".into(),
             event_version: podium_domain::EVENT_VERSION.into(),
-            payload: serde_json::to_value(event).expect("events serialize"),
+            payload: podium_domain::log::payload_of(&event),
             metadata: Default::default(),
             recorded_at: self.submitted_at,
         }

@@ -111,7 +111,8 @@ impl Stored {
             event_type: self.event_type.to_string(),
             event_version: self.event_version.to_string(),
             // Written from valid JSON values by `State::push`.
-            payload: serde_json::from_str(&self.payload).unwrap_or_default(),
+            payload: serde_json::value::RawValue::from_string(self.payload.to_string())
+                .expect("stored from a valid payload"),
             metadata: serde_json::from_str(&self.metadata).unwrap_or_default(),
             recorded_at: self.recorded_at,
         }
@@ -143,7 +144,7 @@ impl State {
             sequence: event.sequence,
             event_type: self.name(&event.event_type),
             event_version: self.name(&event.event_version),
-            payload: event.payload.to_string().into(),
+            payload: event.payload.get().into(),
             metadata: serde_json::to_string(&event.metadata)
                 .unwrap_or_default()
                 .into(),
@@ -360,7 +361,7 @@ fn commit(
             sequence: e.sequence as u64,
             event_type: e.event_type.clone(),
             event_version: e.event_version.clone(),
-            payload: e.payload.clone(),
+            payload: podium_domain::log::payload_of(&e.payload),
             metadata: serde_json::from_value(e.metadata.clone()).unwrap_or_default(),
             recorded_at: now,
         })

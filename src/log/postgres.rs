@@ -83,7 +83,7 @@ impl LogCursor {
 }
 
 const COLUMNS: &str = "epoch, txid::text AS txid, position, aggregate_type, aggregate_id, sequence,
-    event_type, event_version, payload, metadata, recorded_at";
+    event_type, event_version, payload::text AS payload, metadata::text AS metadata, recorded_at";
 
 /// Up to `limit` rows after `after`, in order, that no running transaction
 /// can still precede.
@@ -114,9 +114,14 @@ pub async fn read_after(
 }
 
 fn decode_row(row: &sqlx::postgres::PgRow) -> Result<LogRow, sqlx::Error> {
-    let metadata: serde_json::Value = row.try_get("metadata")?;
-    let metadata: HashMap<String, String> =
-        serde_json::from_value(metadata).map_err(|err| sqlx::Error::Decode(Box::new(err)))?;
+    // Both as JSON text: the payload stays text until a reader decodes it
+    // into its type ([`RecordedEvent::decode`]); the metadata is parsed
+    // straight into its map, no tree between.
+    let decode = |err: serde_json::Error| sqlx::Error::Decode(Box::new(err));
+    let metadata: &str = row.try_get("metadata")?;
+    let metadata: HashMap<String, String> = serde_json::from_str(metadata).map_err(decode)?;
+    let payload: String = row.try_get("payload")?;
+    let payload = serde_json::value::RawValue::from_string(payload).map_err(decode)?;
     let sequence: i64 = row.try_get("sequence")?;
     let recorded_at: DateTime<Utc> = row.try_get("recorded_at")?;
     Ok(LogRow {
@@ -133,7 +138,7 @@ fn decode_row(row: &sqlx::postgres::PgRow) -> Result<LogRow, sqlx::Error> {
             sequence: sequence as u64,
             event_type: row.try_get("event_type")?,
             event_version: row.try_get("event_version")?,
-            payload: row.try_get("payload")?,
+            payload,
             metadata,
             recorded_at,
         },

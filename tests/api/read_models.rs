@@ -198,7 +198,8 @@ async fn naive(pool: &PgPool) -> (Boards, BTreeMap<String, i64>) {
             break;
         }
         for e in &events {
-            let body = &e.payload[&e.event_type];
+            let payload = e.payload_value();
+            let body = &payload[&e.event_type];
             match e.event_type.as_str() {
                 "AttemptSubmitted" => {
                     use podium_projections::windows::{board_at, Window};
