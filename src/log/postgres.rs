@@ -148,8 +148,10 @@ fn decode_row(row: &sqlx::postgres::PgRow) -> Result<LogRow, sqlx::Error> {
 /// The key of the last committed event, if any.
 pub async fn last_key(conn: &mut PgConnection) -> Result<Option<LogKey>, sqlx::Error> {
     let row: Option<(i32, String, i64)> = sqlx::query_as(
+        // Qualified: a bare `txid` would name the text output column, and
+        // sort every row as text instead of walking the index backwards.
         "SELECT epoch, txid::text, position FROM events
-          ORDER BY epoch DESC, txid DESC, position DESC LIMIT 1",
+          ORDER BY events.epoch DESC, events.txid DESC, events.position DESC LIMIT 1",
     )
     .fetch_optional(conn)
     .await?;

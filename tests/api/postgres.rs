@@ -248,3 +248,28 @@ async fn the_copy_writer_stores_every_value_as_a_bound_parameter_would() {
     );
     assert_eq!(back[3].4, 2_000_000_000);
 }
+
+/// The last key of the log is the last in commit order: transaction ids
+/// compare as numbers (999 before 1000), not as text ("1000" before "999").
+#[tokio::test]
+async fn the_last_key_of_the_log_orders_transaction_ids_as_numbers() {
+    let db = crate::helpers::TestDb::new().await;
+    for (id, txid) in [("a", "999"), ("b", "1000"), ("c", "998")] {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                 event_version, payload, metadata, txid)
+             VALUES ('Test', $1, 1, 'TestArchived', '1', '{}', '{}', $2::text::xid8)",
+        )
+        .bind(id)
+        .bind(txid)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let mut conn = db.pool.acquire().await.unwrap();
+    let last = podium::log::postgres::last_key(&mut conn)
+        .await
+        .unwrap()
+        .expect("the log has events");
+    assert_eq!(last.txid, "1000");
+}
