@@ -641,10 +641,8 @@ impl CatchUp {
         };
         let mut refused = false;
         loop {
-            let behind = self.far_behind(pool).await?;
-            if !behind.contains(&model) {
-                return Ok(());
-            }
+            // Whether a rebuild is running first: far_behind counts what
+            // the relay has yet to reach, a scan of the backlog.
             let running: Vec<String> = sqlx::query_scalar(
                 "SELECT name FROM projection_rebuilds
                   WHERE state = 'rebuilding'
@@ -659,6 +657,10 @@ impl CatchUp {
                     return Ok(());
                 }
                 continue;
+            }
+            let behind = self.far_behind(pool).await?;
+            if !behind.contains(&model) {
+                return Ok(());
             }
             if refused {
                 // Its lock is held by a runner that writes no progress.
