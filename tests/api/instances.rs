@@ -983,14 +983,19 @@ async fn a_rebuild_asked_through_any_instance_runs_once_on_the_owner_while_submi
     );
 }
 
-/// Three instances over a log of 100,001 events (long enough for a rebuild
-/// to be caught running), the leaderboard's rebuild asked through instance 1
-/// and running on its owner, instance 0.
+/// Learners seeded for the rebuild tests: one start and one submission
+/// each, a log of 40,001 events. Long enough for a rebuild to be caught
+/// running (about ten seconds alone), short of the 100,000 events behind
+/// from which a new owner would catch up by a rebuild of its own.
+const REBUILT_LEARNERS: u64 = 20_000;
+
+/// Three instances over a log of 40,001 events, the leaderboard's rebuild
+/// asked through instance 1 and running on its owner, instance 0.
 async fn a_rebuild_running_on_instance_0() -> (TestDb, Deployment) {
     use reqwest::Method;
     let (db, deployment) = shared_deployment(3).await;
     let mut quiet = |_, _| {};
-    podium::cli::bulk_seed::bulk(&deployment.pool, 50_000, &mut quiet)
+    podium::cli::bulk_seed::bulk(&deployment.pool, REBUILT_LEARNERS, &mut quiet)
         .await
         .unwrap();
     let (status, body) = deployment.leaderboard_rebuild(1, Method::POST).await;
@@ -1049,7 +1054,7 @@ async fn the_board_is_a_fresh_replay(deployment: &Deployment) {
     let rebuilt = deployment.boards().await;
     // Each learner once on each of the four boards: all time, and the day,
     // week and month of their one submission.
-    assert_eq!(rebuilt.len(), 4 * 50_000);
+    assert_eq!(rebuilt.len(), 4 * REBUILT_LEARNERS as usize);
     deployment.replays_to(&rebuilt).await;
 }
 
