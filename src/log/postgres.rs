@@ -162,10 +162,42 @@ pub async fn last_key(conn: &mut PgConnection) -> Result<Option<LogKey>, sqlx::E
     }))
 }
 
-/// How many committed events lie after `after` (readable or not yet).
+/// Events after a key that [`count_after`] counts one by one; beyond them
+/// it estimates.
+pub const COUNTED_EXACTLY: i64 = 10_000;
+
+/// How many committed events lie after `after` (readable or not yet):
+/// exact up to [`COUNTED_EXACTLY`], so that an index walk of a long backlog
+/// (O(backlog), and asked every few seconds while it lasts) never runs.
+/// Beyond that, the events counted plus the distance in `position` from
+/// the last of them to the last event of the log: positions are numbered
+/// as rows are inserted, so this overcounts only by the numbers that
+/// rolled-back or conflicting inserts took.
 pub async fn count_after(conn: &mut PgConnection, after: &LogKey) -> Result<i64, sqlx::Error> {
+    let (counted, furthest): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT count(*), max(position) FROM (
+             SELECT position FROM events
+              WHERE (epoch, txid, position) > ($1, $2::text::xid8, $3)
+              ORDER BY epoch, txid, position LIMIT $4) AS counted",
+    )
+    .bind(after.epoch)
+    .bind(&after.txid)
+    .bind(after.position)
+    .bind(COUNTED_EXACTLY)
+    .fetch_one(&mut *conn)
+    .await?;
+    if counted < COUNTED_EXACTLY {
+        return Ok(counted);
+    }
+    let last = last_key(conn).await?.map_or(0, |key| key.position);
+    Ok(counted + (last - furthest.unwrap_or(last)).max(0))
+}
+
+/// Whether any committed event lies after `after` (readable or not yet).
+pub async fn any_after(conn: &mut PgConnection, after: &LogKey) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT count(*) FROM events WHERE (epoch, txid, position) > ($1, $2::text::xid8, $3)",
+        "SELECT EXISTS (SELECT 1 FROM events
+                         WHERE (epoch, txid, position) > ($1, $2::text::xid8, $3))",
     )
     .bind(after.epoch)
     .bind(&after.txid)

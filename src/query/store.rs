@@ -416,7 +416,7 @@ impl ReadStore for PgReadStore {
             txid,
             position,
         };
-        Ok(crate::log::postgres::count_after(&mut conn, &key).await? == 0)
+        Ok(!crate::log::postgres::any_after(&mut conn, &key).await?)
     }
 
     async fn submitted_between(

@@ -220,7 +220,7 @@ impl Relay {
                 // Committed events that we may not read yet wait behind an
                 // older transaction that is still running — perhaps one that
                 // writes no event and so will not notify: look again soon.
-                let wait = if crate::log::postgres::count_after(&mut conn, &cursor.key).await? > 0 {
+                let wait = if crate::log::postgres::any_after(&mut conn, &cursor.key).await? {
                     self.config.blocked_poll
                 } else {
                     self.config.poll_interval

@@ -273,3 +273,64 @@ async fn the_last_key_of_the_log_orders_transaction_ids_as_numbers() {
         .expect("the log has events");
     assert_eq!(last.txid, "1000");
 }
+
+/// What lies after a key of the log is counted exactly up to
+/// `COUNTED_EXACTLY` events, and estimated from the events' positions
+/// beyond: exact again when no insert left a hole in them. A conflicting
+/// insert leaves one, and the estimate overcounts by it alone.
+#[tokio::test]
+async fn what_lies_after_a_key_is_counted_without_walking_a_long_backlog() {
+    use podium::log::postgres::{any_after, count_after, last_key, LogKey, COUNTED_EXACTLY};
+    let db = crate::helpers::TestDb::new().await;
+    let mut quiet = |_, _| {};
+    let (_, events) = podium::cli::bulk_seed::bulk(&db.pool, 6_000, &mut quiet)
+        .await
+        .unwrap();
+    let events = events as i64;
+    assert!(
+        events > COUNTED_EXACTLY,
+        "a log longer than what is counted"
+    );
+    let mut conn = db.pool.acquire().await.unwrap();
+    let start = LogKey::start();
+    assert_eq!(count_after(&mut conn, &start).await.unwrap(), events);
+    assert!(any_after(&mut conn, &start).await.unwrap());
+    let last = last_key(&mut conn).await.unwrap().unwrap();
+    assert_eq!(count_after(&mut conn, &last).await.unwrap(), 0);
+    assert!(!any_after(&mut conn, &last).await.unwrap());
+    // The key 100 events before the end: counted one by one.
+    let near: (i32, String, i64) = sqlx::query_as(
+        "SELECT epoch, txid::text, position FROM events
+          ORDER BY epoch DESC, txid DESC, position DESC OFFSET 100 LIMIT 1",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    let near = LogKey {
+        epoch: near.0,
+        txid: near.1,
+        position: near.2,
+    };
+    assert_eq!(count_after(&mut conn, &near).await.unwrap(), 100);
+    // An insert that conflicts takes a position and writes nothing.
+    let (aggregate_type, aggregate_id): (String, String) =
+        sqlx::query_as("SELECT aggregate_type, aggregate_id FROM events LIMIT 1")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    for id in [aggregate_id.as_str(), "one-more"] {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                 event_version, payload, metadata)
+             VALUES ($1, $2, 1, 'TestArchived', '1', '{}', '{}')
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&aggregate_type)
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    }
+    assert_eq!(count_after(&mut conn, &near).await.unwrap(), 101);
+    assert_eq!(count_after(&mut conn, &start).await.unwrap(), events + 2);
+}
