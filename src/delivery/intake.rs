@@ -3,14 +3,15 @@
 //! at a time; it is acknowledged once its deliveries are recorded, and
 //! JetStream hands it to another instance if that one dies first (recording
 //! it again records nothing new). Every consumer starts after the last
-//! event its channel took in, which Postgres keeps: on a deployment's first
+//! event its channel took in, which Postgres keeps (at once for events
+//! that recorded deliveries, within a second for the others): on a deployment's first
 //! start, the events the relay had numbered by then (history is not mailed
 //! out when delivery is deployed, and the first requests' events are not
 //! missed however late the consumer is made); after its stream or itself
 //! was deleted, where it stopped.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::AckKind;
@@ -27,6 +28,13 @@ const BATCH: usize = 500;
 const ACK_WAIT: Duration = Duration::from_secs(30);
 /// The wait before an event whose deliveries could not be recorded comes back.
 const RETRY: Duration = Duration::from_secs(1);
+/// How often the last event taken in is written down when the events
+/// taken in recorded no delivery (a statement and a commit per batch, one
+/// batch per few events while the log is written). A batch that recorded
+/// deliveries writes it at once: once those are sent and purged, the mark
+/// alone keeps a consumer made again from sending them twice. Events that
+/// recorded nothing, taken in twice, record nothing again.
+const MARK_EVERY: Duration = Duration::from_secs(1);
 
 /// The consumer's name on the events stream.
 pub fn consumer_name(channel: Channel) -> String {
@@ -91,6 +99,13 @@ async fn start(
     Ok((policy, mark))
 }
 
+/// Ready once [`MARK_EVERY`] has passed since `marked`.
+async fn mark_due(marked: Option<Instant>) {
+    if let Some(at) = marked {
+        tokio::time::sleep_until((at + MARK_EVERY).into()).await;
+    }
+}
+
 /// `Ok` when stopped; `Err` when the consumer or its messages broke off.
 async fn pull_until_broken(
     deliveries: &Deliveries,
@@ -128,6 +143,8 @@ async fn pull_until_broken(
                 .map_err(|e| format!("cannot create consumer {name}: {e}"))?
         }
     };
+    // When the mark was last written, and what was taken in since.
+    let (mut marked, mut unmarked): (Option<Instant>, Option<u64>) = (None, None);
     let mut messages = consumer
         .messages()
         .await
@@ -136,6 +153,17 @@ async fn pull_until_broken(
         let first = tokio::select! {
             next = messages.next() => next,
             () = stop.cancelled() => return Ok(()),
+            // Quiet now: the mark catches up with what was taken in.
+            () = mark_due(marked), if unmarked.is_some() => {
+                if let Some(last) = unmarked.take() {
+                    if let Err(err) = deliveries.store.note_intake(channel, last).await {
+                        tracing::warn!(channel = channel.as_str(), %err, "cannot write the intake mark");
+                        unmarked = Some(last);
+                    }
+                    marked = Some(Instant::now());
+                }
+                continue;
+            }
         };
         let mut batch = match first {
             Some(Ok(message)) => vec![message],
@@ -169,10 +197,19 @@ async fn pull_until_broken(
             }
         }
         let recorded = async {
-            deliveries.intake(&[channel], &events).await?;
+            let recorded = deliveries.intake(&[channel], &events).await?;
+            let due = recorded > 0 || marked.is_none_or(|at| at.elapsed() >= MARK_EVERY);
             match events.iter().map(|e| e.seq).max() {
-                Some(last) => deliveries.store.note_intake(channel, last).await,
-                None => Ok(()),
+                Some(last) if due => {
+                    deliveries.store.note_intake(channel, last).await?;
+                    (marked, unmarked) = (Some(Instant::now()), None);
+                    Ok(())
+                }
+                Some(last) => {
+                    unmarked = Some(unmarked.map_or(last, |u: u64| u.max(last)));
+                    Ok(())
+                }
+                None => super::StoreResult::Ok(()),
             }
         };
         match recorded.await {
