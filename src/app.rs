@@ -447,7 +447,8 @@ impl Application {
         }
         let relay_on = self.state.bus.as_ref().filter(|_| self.workers);
         if let (Some(bus), Some(_), Some(worker_pool)) = (relay_on, &self.pool, &self.worker_pool) {
-            let relay = Relay::new(worker_pool.clone(), bus.clone(), relay_config.clone());
+            let relay = Relay::new(worker_pool.clone(), bus.clone(), relay_config.clone())
+                .timed_by(self.state.metrics.relay_delay.clone());
             self.state.metrics.watch(relay.probe());
             spawned.push(tasks.spawn(relay.run(stop.clone())));
             // The policy's commands go through the workers' pool, off the
@@ -515,7 +516,8 @@ impl Application {
                 projections,
                 hub: self.state.hub.clone(),
             };
-            let relay = Relay::to(pool.clone(), target, relay_config.clone());
+            let relay = Relay::to(pool.clone(), target, relay_config.clone())
+                .timed_by(self.state.metrics.relay_delay.clone());
             self.state.metrics.watch(relay.probe());
             spawned.push(tasks.spawn(relay.run(stop.clone())));
         }

@@ -122,6 +122,15 @@ impl Sizes {
 
 const CONNECTIONS: usize = 64;
 
+/// Where a freshness run's events waited, for its row: the mean from the
+/// start of their transaction to the relay's publication and to the
+/// leaderboard's commit.
+fn waited(fresh: &scenarios::Freshness) -> String {
+    fresh.waited_ms.map_or(String::new(), |(relay, board)| {
+        format!(" (events' mean wait from their transaction: to the relay {relay:.1} ms, to the leaderboard's commit {board:.1} ms)")
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Serve) {
@@ -400,9 +409,10 @@ async fn live_scenarios(
         report.row(
             &format!("freshness at {rate:.0} submissions/s ({label})"),
             format!(
-                "to query p50 {:.1} / p99 {q99:.1} ms; to SSE p50 {:.1} / p99 {s99:.1} ms",
+                "to query p50 {:.1} / p99 {q99:.1} ms; to SSE p50 {:.1} / p99 {s99:.1} ms{}",
                 ms(&fresh.to_query, 0.5),
-                ms(&fresh.to_sse, 0.5)
+                ms(&fresh.to_sse, 0.5),
+                waited(&fresh),
             ),
             "—".into(),
             None,

@@ -218,6 +218,35 @@ pub struct Freshness {
     pub to_query: Histogram<u64>,
     /// From a submission's 200 to its SSE `entry` event.
     pub to_sse: Histogram<u64>,
+    /// The mean wait of the events written meanwhile, in ms, from the start
+    /// of their transaction: to the relay's publication, and to the commit
+    /// of the leaderboard's batch that applied them (the server's own
+    /// histograms, so only with NATS and workers).
+    pub waited_ms: Option<(f64, f64)>,
+}
+
+/// The `_sum` and `_count` of histogram `name`'s `series` (its labels, or
+/// empty) in Prometheus text.
+pub fn sum_and_count(text: &str, name: &str, series: &str) -> (f64, f64) {
+    let value = |suffix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}_{suffix}{series} ")))
+            .and_then(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (value("sum"), value("count"))
+}
+
+/// The relay's and the leaderboard's event delays in `text`, as
+/// (relay sum, relay count, leaderboard sum, leaderboard count).
+fn delays(text: &str) -> [f64; 4] {
+    let (relay_sum, relay_count) = sum_and_count(text, "podium_relay_delay_seconds", "");
+    let (board_sum, board_count) = sum_and_count(
+        text,
+        "podium_projection_delay_seconds",
+        r#"{projection="leaderboard"}"#,
+    );
+    [relay_sum, relay_count, board_sum, board_count]
 }
 
 /// Submissions at `rate` per second (open loop) for `duration`, each timed
@@ -243,6 +272,7 @@ pub async fn freshness_on(
     duration: Duration,
 ) -> anyhow::Result<Freshness> {
     let viewer = api.token("fresh-viewer", Role::User);
+    let before = delays(&api.metrics().await.unwrap_or_default());
     let mut body = open_stream(addr, &format!("{board}/stream"), &viewer).await?;
     // When each user's entry event arrived.
     let arrivals: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
@@ -327,7 +357,17 @@ pub async fn freshness_on(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     reader.abort();
-    Ok(Freshness { to_query, to_sse })
+    let after = delays(&api.metrics().await.unwrap_or_default());
+    let mean = |sum: usize, count: usize| {
+        let events = after[count] - before[count];
+        (events > 0.0).then(|| (after[sum] - before[sum]) / events * 1000.0)
+    };
+    let waited_ms = mean(0, 1).zip(mean(2, 3));
+    Ok(Freshness {
+        to_query,
+        to_sse,
+        waited_ms,
+    })
 }
 
 /// What the SSE fan-out measured.
@@ -393,16 +433,10 @@ pub async fn fan_out(
     let idle_cpu_percent = (server.cpu_secs() - cpu_before) / idle.as_secs_f64() * 100.0;
     // The writers' time for this one change, from their histogram's sums.
     let fan_out_sums = |text: String| {
-        let series = r#"{stream="leaderboard"}"#;
-        let value = |name: &str| {
-            text.lines()
-                .find(|l| l.starts_with(&format!("{name}{series} ")))
-                .and_then(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        (
-            value("podium_sse_fan_out_seconds_sum"),
-            value("podium_sse_fan_out_seconds_count"),
+        sum_and_count(
+            &text,
+            "podium_sse_fan_out_seconds",
+            r#"{stream="leaderboard"}"#,
         )
     };
     let (sum_before, count_before) = fan_out_sums(api.metrics().await?);

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub relay_leader: IntGauge,
     pub relay_published: IntCounter,
     pub relay_failures: IntCounter,
+    /// From an event's transaction to its publication by the relay.
+    pub relay_delay: Histogram,
     pub log_stall: prometheus::Gauge,
     /// How far the read replica's replay is behind (0 without a replica).
     pub replica_lag: prometheus::Gauge,
@@ -58,6 +60,8 @@ pub struct Metrics {
     pub projection_lag_seconds: prometheus::GaugeVec,
     /// Time to apply a batch and commit its checkpoint, by projection.
     pub projection_apply: HistogramVec,
+    /// From an event's transaction to the commit that applied it.
+    pub projection_delay: HistogramVec,
     pub projection_redeliveries: IntCounterVec,
     pub projection_retries: IntCounterVec,
     pub projection_dead_letters: IntCounterVec,
@@ -235,6 +239,17 @@ impl Metrics {
                 r,
                 IntGauge::new("relay_lag_events", "Events in the log not yet relayed").unwrap(),
             ),
+            relay_delay: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "relay_delay_seconds",
+                        "From the start of an event's transaction to its publication by the relay",
+                    )
+                    .buckets(BUCKETS.to_vec()),
+                )
+                .unwrap(),
+            ),
             relay_leader: register(
                 r,
                 IntGauge::new("relay_leader", "1 when this process runs the active relay").unwrap(),
@@ -290,6 +305,12 @@ impl Metrics {
                 r,
                 "projection_apply_seconds",
                 "Time to apply a batch and commit its checkpoint",
+                &["projection"],
+            ),
+            projection_delay: histogram_vec(
+                r,
+                "projection_delay_seconds",
+                "From the start of an event's transaction to the commit of the batch that applied it",
                 &["projection"],
             ),
             projection_redeliveries: counter_vec(

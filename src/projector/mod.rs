@@ -275,6 +275,7 @@ impl Register for Spawner<'_> {
         );
         let projection = Arc::new(PgProjection {
             apply_seconds: Some(self.metrics.projection_apply.with_label_values(&[&name])),
+            delay_seconds: Some(self.metrics.projection_delay.with_label_values(&[&name])),
             inner: Checkpointed::new(self.pool.clone(), logic).fenced_by(lease.fence().clone()),
         });
         let stats = Arc::new(WorkerStats::default());
@@ -331,6 +332,16 @@ impl Register for Spawner<'_> {
     }
 }
 
+/// Observes in `delays` how long ago each of `events` was written (from
+/// the start of its transaction, by the database's clock).
+pub fn observe_delays(delays: &Histogram, events: &[RecordedEvent]) {
+    let now = chrono::Utc::now();
+    for event in events {
+        let delay = (now - event.recorded_at).to_std().unwrap_or_default();
+        delays.observe(delay.as_secs_f64());
+    }
+}
+
 /// How a worker's end looks to its supervisor.
 fn role_exit(result: Result<(), WorkerError>) -> RoleExit {
     match result {
@@ -348,6 +359,8 @@ pub struct PgProjection<L> {
     pub inner: Checkpointed<L>,
     /// Where apply times go, if anywhere.
     pub apply_seconds: Option<Histogram>,
+    /// Where the delays of the events it applies go, if anywhere.
+    pub delay_seconds: Option<Histogram>,
 }
 
 impl<L> PgProjection<L> {
@@ -355,6 +368,7 @@ impl<L> PgProjection<L> {
         Self {
             inner,
             apply_seconds: None,
+            delay_seconds: None,
         }
     }
 }
@@ -384,6 +398,9 @@ impl<L: ProjectionLogic> Projection for PgProjection<L> {
         let timer = self.apply_seconds.as_ref().map(Histogram::start_timer);
         let (checkpoint, changes) = self.inner.apply(events).await.map_err(worker_error)?;
         drop(timer);
+        if let Some(delays) = &self.delay_seconds {
+            observe_delays(delays, events);
+        }
         Ok(Applied {
             checkpoint,
             changes,

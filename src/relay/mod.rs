@@ -121,6 +121,8 @@ pub struct Relay {
     config: RelayConfig,
     stats: Arc<RelayStats>,
     status: Arc<RoleStatus>,
+    /// Where the delays of the events it publishes go, if anywhere.
+    delays: Option<prometheus::Histogram>,
 }
 
 impl Relay {
@@ -135,7 +137,14 @@ impl Relay {
             config,
             stats: Arc::default(),
             status: Arc::default(),
+            delays: None,
         }
+    }
+
+    /// Observes in `delays` how long each event waited to be published.
+    pub fn timed_by(mut self, delays: prometheus::Histogram) -> Self {
+        self.delays = Some(delays);
+        self
     }
 
     /// Whether this process leads, stands by or has halted.
@@ -291,6 +300,9 @@ impl Relay {
                     self.stats
                         .published
                         .fetch_add(events.len() as u64, Ordering::Relaxed);
+                    if let Some(delays) = &self.delays {
+                        crate::projector::observe_delays(delays, events);
+                    }
                     return Ok(());
                 }
                 Err(err) => {

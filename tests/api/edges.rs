@@ -404,6 +404,13 @@ async fn metrics_report_requests_database_cache_relay_projections_and_streams() 
         &["projection=\"leaderboard\""],
         1.0,
     );
+    // Every event published and applied had its wait timed.
+    at_least("podium_relay_delay_seconds_count", &[], 6.0);
+    at_least(
+        "podium_projection_delay_seconds_count",
+        &["projection=\"leaderboard\""],
+        1.0,
+    );
     at_least(
         "podium_projection_redeliveries_total",
         &["projection=\"feed\""],
