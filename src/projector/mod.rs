@@ -334,7 +334,7 @@ impl Register for Spawner<'_> {
 
 /// Observes in `delays` how long ago each of `events` was written (from
 /// the start of its transaction, by the database's clock).
-pub fn observe_delays(delays: &Histogram, events: &[RecordedEvent]) {
+pub fn observe_delays<'a>(delays: &Histogram, events: impl IntoIterator<Item = &'a RecordedEvent>) {
     let now = chrono::Utc::now();
     for event in events {
         let delay = (now - event.recorded_at).to_std().unwrap_or_default();
@@ -399,7 +399,12 @@ impl<L: ProjectionLogic> Projection for PgProjection<L> {
         let (checkpoint, changes) = self.inner.apply(events).await.map_err(worker_error)?;
         drop(timer);
         if let Some(delays) = &self.delay_seconds {
-            observe_delays(delays, events);
+            // Those it wanted: the others were passed over unread, with no
+            // time of their own.
+            let wanted = events
+                .iter()
+                .filter(|e| self.wants(&e.aggregate_type, &e.event_type));
+            observe_delays(delays, wanted);
         }
         Ok(Applied {
             checkpoint,
