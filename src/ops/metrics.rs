@@ -139,6 +139,19 @@ fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> In
     metric
 }
 
+/// Observes in `delays` how long ago each of `events` was written (from
+/// the start of its transaction, by the database's clock).
+pub fn observe_delays<'a>(
+    delays: &Histogram,
+    events: impl IntoIterator<Item = &'a podium_domain::log::RecordedEvent>,
+) {
+    let now = chrono::Utc::now();
+    for event in events {
+        let delay = (now - event.recorded_at).to_std().unwrap_or_default();
+        delays.observe(delay.as_secs_f64());
+    }
+}
+
 fn histogram_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
     let opts = HistogramOpts::new(name, help).buckets(BUCKETS.to_vec());
     let metric = HistogramVec::new(opts, labels).expect("valid metric");

@@ -332,16 +332,6 @@ impl Register for Spawner<'_> {
     }
 }
 
-/// Observes in `delays` how long ago each of `events` was written (from
-/// the start of its transaction, by the database's clock).
-pub fn observe_delays<'a>(delays: &Histogram, events: impl IntoIterator<Item = &'a RecordedEvent>) {
-    let now = chrono::Utc::now();
-    for event in events {
-        let delay = (now - event.recorded_at).to_std().unwrap_or_default();
-        delays.observe(delay.as_secs_f64());
-    }
-}
-
 /// How a worker's end looks to its supervisor.
 fn role_exit(result: Result<(), WorkerError>) -> RoleExit {
     match result {
@@ -404,7 +394,7 @@ impl<L: ProjectionLogic> Projection for PgProjection<L> {
             let wanted = events
                 .iter()
                 .filter(|e| self.wants(&e.aggregate_type, &e.event_type));
-            observe_delays(delays, wanted);
+            crate::ops::metrics::observe_delays(delays, wanted);
         }
         Ok(Applied {
             checkpoint,

@@ -301,7 +301,7 @@ impl Relay {
                         .published
                         .fetch_add(events.len() as u64, Ordering::Relaxed);
                     if let Some(delays) = &self.delays {
-                        crate::projector::observe_delays(delays, events);
+                        crate::ops::metrics::observe_delays(delays, events);
                     }
                     return Ok(());
                 }
