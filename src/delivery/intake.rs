@@ -20,7 +20,7 @@ use podium_domain::log::RecordedEvent;
 use podium_nats::{EventBus, StreamPosition};
 use tokio_util::sync::CancellationToken;
 
-use super::{Channel, Deliveries};
+use super::{Channel, Deliveries, StoreResult};
 
 /// Most events recorded in one statement.
 const BATCH: usize = 500;
@@ -99,10 +99,41 @@ async fn start(
     Ok((policy, mark))
 }
 
-/// Ready once [`MARK_EVERY`] has passed since `marked`.
-async fn mark_due(marked: Option<Instant>) {
-    if let Some(at) = marked {
-        tokio::time::sleep_until((at + MARK_EVERY).into()).await;
+/// The intake's mark as this consumer keeps it: what it took in and has
+/// not written down yet, and when it last tried.
+#[derive(Default)]
+struct Mark {
+    tried: Option<Instant>,
+    pending: Option<u64>,
+}
+
+impl Mark {
+    /// Events up to `last` were taken in.
+    fn took_in(&mut self, last: u64) {
+        self.pending = Some(self.pending.map_or(last, |p| p.max(last)));
+    }
+
+    /// Whether [`MARK_EVERY`] has passed since the last try.
+    fn due(&self) -> bool {
+        self.tried.is_none_or(|at| at.elapsed() >= MARK_EVERY)
+    }
+
+    /// Ready once the mark is due (selected only while one is pending).
+    async fn until_due(&self) {
+        if let Some(at) = self.tried {
+            tokio::time::sleep_until((at + MARK_EVERY).into()).await;
+        }
+    }
+
+    /// Writes down what is pending; tried again when due if it fails.
+    async fn write(&mut self, deliveries: &Deliveries, channel: Channel) -> StoreResult<()> {
+        let Some(last) = self.pending else {
+            return Ok(());
+        };
+        self.tried = Some(Instant::now());
+        deliveries.store.note_intake(channel, last).await?;
+        self.pending = None;
+        Ok(())
     }
 }
 
@@ -143,8 +174,7 @@ async fn pull_until_broken(
                 .map_err(|e| format!("cannot create consumer {name}: {e}"))?
         }
     };
-    // When the mark was last written, and what was taken in since.
-    let (mut marked, mut unmarked): (Option<Instant>, Option<u64>) = (None, None);
+    let mut mark = Mark::default();
     let mut messages = consumer
         .messages()
         .await
@@ -154,13 +184,9 @@ async fn pull_until_broken(
             next = messages.next() => next,
             () = stop.cancelled() => return Ok(()),
             // Quiet now: the mark catches up with what was taken in.
-            () = mark_due(marked), if unmarked.is_some() => {
-                if let Some(last) = unmarked.take() {
-                    if let Err(err) = deliveries.store.note_intake(channel, last).await {
-                        tracing::warn!(channel = channel.as_str(), %err, "cannot write the intake mark");
-                        unmarked = Some(last);
-                    }
-                    marked = Some(Instant::now());
+            () = mark.until_due(), if mark.pending.is_some() => {
+                if let Err(err) = mark.write(deliveries, channel).await {
+                    tracing::warn!(channel = channel.as_str(), %err, "cannot write the intake mark");
                 }
                 continue;
             }
@@ -198,19 +224,13 @@ async fn pull_until_broken(
         }
         let recorded = async {
             let recorded = deliveries.intake(&[channel], &events).await?;
-            let due = recorded > 0 || marked.is_none_or(|at| at.elapsed() >= MARK_EVERY);
-            match events.iter().map(|e| e.seq).max() {
-                Some(last) if due => {
-                    deliveries.store.note_intake(channel, last).await?;
-                    (marked, unmarked) = (Some(Instant::now()), None);
-                    Ok(())
-                }
-                Some(last) => {
-                    unmarked = Some(unmarked.map_or(last, |u: u64| u.max(last)));
-                    Ok(())
-                }
-                None => super::StoreResult::Ok(()),
+            if let Some(last) = events.iter().map(|e| e.seq).max() {
+                mark.took_in(last);
             }
+            if recorded > 0 || mark.due() {
+                mark.write(deliveries, channel).await?;
+            }
+            StoreResult::Ok(())
         };
         match recorded.await {
             Ok(()) => {
