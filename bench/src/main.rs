@@ -43,6 +43,9 @@ enum Command {
     All(AllArgs),
     /// (internal) A Podium server for the harness to drive.
     Serve,
+    /// Only the live scenarios of one server (ingest, freshness, queries,
+    /// SSE), printed to stderr.
+    Live(AllArgs),
     /// Only "three instances vs one", printed to stderr (for looking into it).
     Instances(AllArgs),
     /// Only replay and rank at scale (seed, replay, the rank index, Redis),
@@ -152,6 +155,12 @@ fn main() -> anyhow::Result<()> {
             eprintln!("{}", report.markdown("", "podium-bench instances"));
             anyhow::Ok(())
         }),
+        Command::Live(args) => runtime.block_on(async {
+            let mut report = Report::default();
+            live_only(&Sizes::new(args.smoke), &mut report).await?;
+            eprintln!("{}", report.markdown("", "podium-bench live"));
+            anyhow::Ok(())
+        }),
         Command::Streams(args) => runtime.block_on(streams_only(&Sizes::new(args.smoke))),
         Command::Delivery(args) => runtime.block_on(async {
             let mut report = Report::default();
@@ -194,12 +203,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         machine: machine().await,
         ..Report::default()
     };
-    let prefix = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let live = ScratchDb::create(2).await?;
-    let result = live_scenarios(&live, &prefix, &sizes, &mut report).await;
-    cleanup_nats(&prefix).await;
-    live.drop().await?;
-    let ingest_rate = result?;
+    let ingest_rate = live_only(&sizes, &mut report).await?;
     embedded_scenarios(&sizes, &mut report).await?;
     let scale = ScratchDb::create(4).await?;
     let result = scale_scenarios(&scale, &sizes, &mut report).await;
@@ -227,6 +231,17 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         args.charts.display()
     );
     Ok(())
+}
+
+/// [`live_scenarios`] on a database and NATS prefix of their own, removed
+/// after; the ingest maximum in commands/s.
+async fn live_only(sizes: &Sizes, report: &mut Report) -> anyhow::Result<f64> {
+    let prefix = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let live = ScratchDb::create(2).await?;
+    let result = live_scenarios(&live, &prefix, sizes, report).await;
+    cleanup_nats(&prefix).await;
+    live.drop().await?;
+    result
 }
 
 /// Email and webhook delivery on a server and database of their own.

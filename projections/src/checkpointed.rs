@@ -10,6 +10,20 @@ use crate::fence::{is_transient, Fence};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Opens a transaction that writes no events to the log: said first, before
+/// the transaction has an id, so that readers of the log need not wait for
+/// it to end however long it runs (`podium_writes_no_events` in the
+/// migrations). Postgres refuses any event it then tries to insert.
+pub const BEGIN_WRITING_NO_EVENTS: &str = "BEGIN; SELECT podium_writes_no_events()";
+
+/// A transaction on `pool` opened with [`BEGIN_WRITING_NO_EVENTS`]: one round
+/// trip, as a plain `BEGIN`.
+pub async fn begin_writing_no_events(
+    pool: &PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    pool.begin_with(BEGIN_WRITING_NO_EVENTS).await
+}
+
 /// What a projection does with the events, inside its transaction.
 pub trait ProjectionLogic: Send + Sync + 'static {
     /// The checkpoint's name.
@@ -34,6 +48,13 @@ pub trait ProjectionLogic: Send + Sync + 'static {
     fn wants(&self, aggregate_type: &str, event_type: &str) -> bool {
         let _ = (aggregate_type, event_type);
         true
+    }
+
+    /// Whether [`Self::apply_batch`] adds events to the log (a policy that
+    /// issues commands). Those that do not run in transactions that hold no
+    /// reader of the log back ([`begin_writing_no_events`]).
+    fn writes_events(&self) -> bool {
+        false
     }
 
     /// [`Self::apply_batch`] for one event.
@@ -122,6 +143,16 @@ impl<L: ProjectionLogic> Checkpointed<L> {
         &self.logic
     }
 
+    /// A transaction for a batch: one that holds no reader of the log back
+    /// unless the logic writes events.
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        if self.logic.writes_events() {
+            self.pool.begin().await
+        } else {
+            begin_writing_no_events(&self.pool).await
+        }
+    }
+
     /// The seq of the last event applied, 0 before any.
     pub async fn checkpoint(&self) -> Result<u64, sqlx::Error> {
         checkpoint_of(&self.pool, self.name()).await
@@ -159,7 +190,7 @@ impl<L: ProjectionLogic> Checkpointed<L> {
     /// one transaction; events at or below the checkpoint are skipped.
     /// Returns the new checkpoint and the changes to announce.
     pub async fn apply(&self, events: &[RecordedEvent]) -> Result<(u64, Vec<Change>), ApplyError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let applied = self.apply_in(&mut tx, events).await?;
         tx.commit().await?;
         Ok(applied)
@@ -200,7 +231,7 @@ impl<L: ProjectionLogic> Checkpointed<L> {
 
     /// Moves the checkpoint past `seq` without applying it.
     pub async fn skip(&self, seq: u64) -> Result<(), ApplyError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         self.check_fence(&mut tx).await?;
         let checkpoint = self.lock_checkpoint(&mut tx).await?;
         if seq == checkpoint + 1 {

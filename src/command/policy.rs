@@ -124,6 +124,11 @@ impl ProjectionLogic for NotificationPolicy {
         Submission::is(event_type)
     }
 
+    /// Its notifications are events, written in the batch's transaction.
+    fn writes_events(&self) -> bool {
+        true
+    }
+
     /// Decides a whole batch in memory, from the bests it can touch (read in
     /// two statements), then writes the new bests and creates every
     /// notification it decided on in the same transaction as its checkpoint:

@@ -2,11 +2,15 @@
 //! out of order.
 //!
 //! The order key is `(epoch, txid, position)`. Within the current epoch a
-//! reader only takes rows whose writing transaction id is below
-//! `pg_snapshot_xmin(pg_current_snapshot())`: every transaction that could
-//! still insert a row there has finished, so nothing can later appear behind
-//! a reader. Rows of earlier epochs (written before a restore into another
-//! cluster) are all committed and come first.
+//! reader only takes rows whose writing transaction id is below the log's
+//! horizon (`podium_log_horizon`, in the migrations): the oldest transaction
+//! still running that may add events. Every transaction that could still
+//! insert a row under it has finished, so nothing can later appear behind a
+//! reader. Transactions that write no events say so first
+//! ([`podium_projections::begin_writing_no_events`]) and then hold no reader back, however long
+//! they run; nor do those of other databases. Rows of earlier epochs
+//! (written before a restore into another cluster) are all committed and come
+//! first.
 
 use std::collections::HashMap;
 
@@ -95,13 +99,24 @@ pub async fn read_after(
     // The limit is written into the statement: as a parameter, a generic
     // plan assumes it is large and sorts every row after `after` instead of
     // walking the index.
+    //
+    // The horizon is looked for (in the lock table) only when a committed
+    // event at or above the snapshot's xmin waits: otherwise every row the
+    // statement sees lies below the xmin anyway.
     let rows = sqlx::query(&format!(
-        "WITH bounds AS MATERIALIZED (
-             SELECT (SELECT epoch FROM log_epoch) AS epoch,
-                    pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
+        "WITH snapshot AS MATERIALIZED (
+             SELECT (SELECT epoch FROM log_epoch) AS epoch, pg_current_snapshot() AS snapshot),
+         bounds AS MATERIALIZED (
+             SELECT epoch, CASE WHEN EXISTS (
+                                  SELECT 1 FROM events
+                                   WHERE events.epoch = snapshot.epoch
+                                     AND events.txid >= pg_snapshot_xmin(snapshot.snapshot))
+                                THEN podium_log_horizon(snapshot.snapshot)
+                                ELSE pg_snapshot_xmin(snapshot.snapshot) END AS horizon
+               FROM snapshot)
          SELECT {COLUMNS} FROM events
           WHERE (epoch, txid, position) > ($1, $2::text::xid8, $3)
-            AND (epoch < (SELECT epoch FROM bounds) OR txid < (SELECT xmin FROM bounds))
+            AND (epoch < (SELECT epoch FROM bounds) OR txid < (SELECT horizon FROM bounds))
           ORDER BY events.epoch, events.txid, events.position
           LIMIT {limit}"
     ))
@@ -206,13 +221,14 @@ pub async fn any_after(conn: &mut PgConnection, after: &LogKey) -> Result<bool, 
     .await
 }
 
-/// Seconds the oldest open write transaction has been running: while one
-/// runs, every tailer waits behind it. 0 when none.
+/// Seconds the transaction that holds the log's horizon back has been
+/// running: while it runs, every tailer waits behind it. 0 when none does.
 pub async fn oldest_writer_age_secs(pool: &PgPool) -> Result<f64, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT COALESCE(EXTRACT(EPOCH FROM max(now() - xact_start)), 0)::float8
+        "SELECT COALESCE(max(EXTRACT(EPOCH FROM now() - xact_start)), 0)::float8
            FROM pg_stat_activity
-          WHERE backend_xid IS NOT NULL AND datname = current_database()",
+          WHERE backend_xid::text::bigint
+                = podium_log_horizon(pg_current_snapshot())::text::bigint % 4294967296",
     )
     .fetch_one(pool)
     .await

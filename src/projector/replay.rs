@@ -13,7 +13,9 @@ use anyhow::Context;
 use futures::{StreamExt, TryStreamExt};
 use podium_domain::log::RecordedEvent;
 use podium_projections::leaderboard::LeaderboardQueries;
-use podium_projections::{ApplyError, Checkpointed, Generation, ProjectionLogic};
+use podium_projections::{
+    begin_writing_no_events, ApplyError, Checkpointed, Generation, ProjectionLogic,
+};
 use sqlx::{PgConnection, PgPool};
 
 use podium_projections::fold::Fold;
@@ -192,7 +194,7 @@ pub async fn replay(
         let apply = futures::future::try_join_all(applying.into_iter().map(|projection| {
             let events = &events;
             async move {
-                let mut tx = pool.begin().await?;
+                let mut tx = begin_writing_no_events(pool).await?;
                 sqlx::query("SET LOCAL synchronous_commit = off")
                     .execute(&mut *tx)
                     .await?;
@@ -251,7 +253,7 @@ pub async fn replay(
     let mut writes: Vec<Step<'_>> = Vec::new();
     for (fold, name, next_name) in folds {
         writes.push(Box::pin(async move {
-            let mut tx = pool.begin().await?;
+            let mut tx = begin_writing_no_events(pool).await?;
             fold.write(&mut tx)
                 .await
                 .with_context(|| format!("writing {name}"))?;
@@ -268,7 +270,7 @@ pub async fn replay(
     let mut builds: Vec<Step<'_>> = Vec::new();
     for definition in &deferred {
         builds.push(Box::pin(async move {
-            let mut tx = pool.begin().await?;
+            let mut tx = begin_writing_no_events(pool).await?;
             sqlx::query(&format!(
                 "SET LOCAL maintenance_work_mem = '{INDEX_SORT_MEMORY}'"
             ))
@@ -322,7 +324,7 @@ async fn prepare_next(
     checkpoint: &str,
     tables: &[&str],
 ) -> Result<Vec<String>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = begin_writing_no_events(pool).await?;
     let mut deferred = Vec::new();
     for table in tables {
         let next = Generation::Next.table(table);
@@ -477,7 +479,7 @@ async fn swap_once(
     projections: &[Rebuilding],
     mut cursor: LogCursor,
 ) -> anyhow::Result<u64> {
-    let mut tx = pool.begin().await?;
+    let mut tx = begin_writing_no_events(pool).await?;
     sqlx::query(&format!(
         "SELECT set_config('lock_timeout', '{}', true),
                 set_config('idle_in_transaction_session_timeout', '{}', true)",

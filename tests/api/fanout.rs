@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::Utc;
 use futures::StreamExt;
 use podium::command::Aggregates;
-use podium::log::postgres::LogCursor;
+use podium::log::postgres::{any_after, LogCursor};
 use podium::projector::PgProjection;
 use podium::relay::{Relay, RelayConfig};
 use podium_domain::log::{Change, RecordedEvent};
@@ -681,4 +681,314 @@ async fn events_a_projection_does_not_want_are_passed_over_undecoded_in_order() 
         .collect();
     assert_eq!(handed, expected);
     assert!(log.iter().all(|e| e.payload.get() != "null"));
+}
+
+/// Inserts one event of its own (`id`) through `conn`.
+async fn insert_event(conn: &mut PgConnection, id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata)
+         VALUES ('Inbox', $1, 1, 'AllNotificationsRead', '1.0', '{}', '{}')",
+    )
+    .bind(id)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// The ids of the events a reader can take now, from the start of the log.
+async fn readable(pool: &PgPool) -> Vec<String> {
+    read_log(pool)
+        .await
+        .into_iter()
+        .map(|(_, identity)| identity)
+        .collect()
+}
+
+/// A transaction that said first that it writes no events (a read model's
+/// batch, a rebuild) holds no reader of the log back, however long it
+/// runs; one that did not say so still does, until it ends.
+#[tokio::test]
+async fn a_transaction_that_writes_no_events_holds_no_reader_back() {
+    let db = TestDb::new().await;
+    let mut apart = podium_projections::begin_writing_no_events(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO projection_checkpoints (name, seq) VALUES ('apart', 1)")
+        .execute(&mut *apart)
+        .await
+        .unwrap();
+    insert_event(&mut *db.pool.acquire().await.unwrap(), "first")
+        .await
+        .unwrap();
+    // Other databases' transactions may hold the log back for a moment
+    // (those whose locks do not show which database they are in); the one
+    // open here, never.
+    poll(
+        "the event committed after the open transaction is readable",
+        Duration::from_secs(30),
+        || async {
+            let read = readable(&db.pool).await;
+            if read == ["Inbox:first:1"] {
+                Ok(())
+            } else {
+                Err(read)
+            }
+        },
+    )
+    .await;
+    // A transaction that writes without saying so holds the horizon.
+    let mut holding = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO projection_checkpoints (name, seq) VALUES ('holding', 1)")
+        .execute(&mut *holding)
+        .await
+        .unwrap();
+    insert_event(&mut *db.pool.acquire().await.unwrap(), "second")
+        .await
+        .unwrap();
+    assert_eq!(readable(&db.pool).await, ["Inbox:first:1"]);
+    holding.commit().await.unwrap();
+    poll(
+        "the second event is readable once the transaction before it ended",
+        Duration::from_secs(30),
+        || async {
+            let read = readable(&db.pool).await;
+            if read == ["Inbox:first:1", "Inbox:second:1"] {
+                Ok(())
+            } else {
+                Err(read)
+            }
+        },
+    )
+    .await;
+    apart.rollback().await.unwrap();
+}
+
+/// A transaction in the middle of an `INSERT ... ON CONFLICT` (a speculative
+/// insertion: the notification policy's upserts) still holds readers back.
+/// The lock that insertion takes shows its transaction id in `pg_locks`'
+/// database column, and was once read as "in another database, so it
+/// cannot write this log's events": the relay then passed over the
+/// policy's notifications.
+#[tokio::test]
+async fn a_transaction_in_a_speculative_insertion_still_holds_readers_back() {
+    let db = TestDb::new().await;
+    // An index that takes seconds per row: an insert stays inside its
+    // speculative insertion (between taking its token and releasing it)
+    // that long.
+    sqlx::raw_sql(
+        "CREATE FUNCTION slowly(bigint) RETURNS bigint LANGUAGE plpgsql IMMUTABLE AS
+             $$ BEGIN PERFORM pg_sleep(5); RETURN $1; END $$;
+         CREATE TABLE slow (id bigint PRIMARY KEY);
+         CREATE INDEX ON slow (slowly(id));",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut writer = db.pool.begin().await.unwrap();
+    insert_event(&mut writer, "held").await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *writer)
+        .await
+        .unwrap();
+    let inserting = tokio::spawn(async move {
+        sqlx::query("INSERT INTO slow VALUES (1) ON CONFLICT DO NOTHING")
+            .execute(&mut *writer)
+            .await
+            .unwrap();
+        writer.rollback().await.unwrap();
+    });
+    let speculating = || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'spectoken' AND pid = $1)",
+        )
+        .bind(pid)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    poll(
+        "the speculative insertion under way",
+        Duration::from_secs(30),
+        || async { speculating().await.then_some(()).ok_or("not yet") },
+    )
+    .await;
+    insert_event(&mut *db.pool.acquire().await.unwrap(), "after")
+        .await
+        .unwrap();
+    let read = readable(&db.pool).await;
+    assert!(speculating().await, "the insertion outlasted the read");
+    assert_eq!(read, Vec::<String>::new(), "read past a running writer");
+    inserting.await.unwrap();
+    poll(
+        "the later event readable once the writer rolled back",
+        Duration::from_secs(30),
+        || async {
+            let read = readable(&db.pool).await;
+            if read == ["Inbox:after:1"] {
+                Ok(())
+            } else {
+                Err(read)
+            }
+        },
+    )
+    .await;
+}
+
+/// Saying it late, or writing an event after saying it, is refused: either
+/// would let a reader pass an event that commits later.
+#[tokio::test]
+async fn a_transaction_that_said_it_writes_no_events_cannot_write_one() {
+    let db = TestDb::new().await;
+    let mut apart = podium_projections::begin_writing_no_events(&db.pool)
+        .await
+        .unwrap();
+    let refused = insert_event(&mut apart, "apart").await.unwrap_err();
+    assert!(
+        refused.to_string().contains("writes no events"),
+        "{refused}"
+    );
+    drop(apart);
+    let mut late = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO projection_checkpoints (name, seq) VALUES ('late', 1)")
+        .execute(&mut *late)
+        .await
+        .unwrap();
+    let refused = sqlx::query("SELECT podium_writes_no_events()")
+        .execute(&mut *late)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("must come before"),
+        "{refused}"
+    );
+    drop(late);
+    assert_eq!(db.event_count().await, 0);
+    // Outside such a transaction, events are written as ever.
+    insert_event(&mut *db.pool.acquire().await.unwrap(), "plain")
+        .await
+        .unwrap();
+    assert_eq!(db.event_count().await, 1);
+}
+
+/// A reader tailing the log while event writers commit late (each holds its
+/// transaction open a while after inserting) and transactions that write no
+/// events come and go reads every event once, in the order a reader from the
+/// start reads them afterwards: passing over the transactions that write no
+/// events never passes over a late event. Half the writers insert as the
+/// notification policy does, many rows at once with `ON CONFLICT DO
+/// NOTHING`: the speculative-insertion locks that takes name no database in
+/// `pg_locks`, and once made the horizon pass over such a writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tailing_reader_misses_no_late_event_among_transactions_that_write_none() {
+    const WRITERS: usize = 4;
+    const TRANSACTIONS_EACH: usize = 150;
+    /// Events in each transaction of a writer that inserts many at once.
+    const MANY: usize = 20;
+    const APART: usize = 3;
+    let events = WRITERS / 2 * TRANSACTIONS_EACH * (1 + MANY);
+    let db = TestDb::with_pool_size(WRITERS as u32 + APART as u32 + 3).await;
+    let done = CancellationToken::new();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|writer| {
+            let pool = db.pool.clone();
+            tokio::spawn(async move {
+                for i in 0..TRANSACTIONS_EACH {
+                    let mut tx = pool.begin().await.unwrap();
+                    if writer % 2 == 0 {
+                        insert_event(&mut tx, &format!("w{writer}-{i}"))
+                            .await
+                            .unwrap();
+                    } else {
+                        sqlx::query(
+                            "INSERT INTO events (aggregate_type, aggregate_id, sequence,
+                                                 event_type, event_version, payload, metadata)
+                             SELECT 'Inbox', $1 || n, 1, 'AllNotificationsRead', '1.0', '{}', '{}'
+                               FROM generate_series(1, $2) AS n
+                             ON CONFLICT DO NOTHING",
+                        )
+                        .bind(format!("w{writer}-{i}-"))
+                        .bind(MANY as i32)
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    }
+                    // Committed late: readers must wait for it.
+                    let hold = (writer * 7 + i * 3) % 5;
+                    tokio::time::sleep(Duration::from_millis(hold as u64)).await;
+                    tx.commit().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let apart: Vec<_> = (0..APART)
+        .map(|n| {
+            let pool = db.pool.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                let mut i = 0u64;
+                while !done.is_cancelled() {
+                    let mut tx = podium_projections::begin_writing_no_events(&pool)
+                        .await
+                        .unwrap();
+                    sqlx::query(
+                        "INSERT INTO projection_checkpoints (name, seq) VALUES ($1, 0)
+                         ON CONFLICT (name) DO UPDATE SET seq = projection_checkpoints.seq + 1",
+                    )
+                    .bind(format!("apart-{n}"))
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                    // Long next to the writers' transactions.
+                    tokio::time::sleep(Duration::from_millis(10 + (i % 4) * 10)).await;
+                    tx.commit().await.unwrap();
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let written = CancellationToken::new();
+    let tailer = {
+        let pool = db.pool.clone();
+        let written = written.clone();
+        tokio::spawn(async move {
+            let mut conn = pool.acquire().await.unwrap();
+            let mut cursor = LogCursor::start();
+            let mut tailed = Vec::new();
+            loop {
+                // Whether every writer had committed before this read.
+                let finished = written.is_cancelled();
+                let (events, next) = cursor.peek(&mut conn, 50).await.unwrap();
+                tailed.extend(events.iter().map(|e| (e.seq, e.identity())));
+                cursor = next;
+                if events.is_empty() {
+                    // At the end of the log for good: what was passed over
+                    // is missing from `tailed`.
+                    if finished && !any_after(&mut conn, &cursor.key).await.unwrap() {
+                        return tailed;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        })
+    };
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    written.cancel();
+    let tailed = tokio::time::timeout(Duration::from_secs(120), tailer)
+        .await
+        .expect("the tailer reached the end of the log")
+        .unwrap();
+    done.cancel();
+    for task in apart {
+        task.await.unwrap();
+    }
+    let replay = replay_order(&db.pool, events).await;
+    assert_eq!(
+        tailed.len(),
+        replay.len(),
+        "events passed over by the tailer"
+    );
+    assert_eq!(tailed, replay);
 }
