@@ -718,7 +718,7 @@ async fn a_transaction_that_writes_no_events_holds_no_reader_back() {
         .execute(&mut *apart)
         .await
         .unwrap();
-    insert_event(&mut *db.pool.acquire().await.unwrap(), "first")
+    insert_event(&mut db.pool.acquire().await.unwrap(), "first")
         .await
         .unwrap();
     // Other databases' transactions may hold the log back for a moment
@@ -743,7 +743,7 @@ async fn a_transaction_that_writes_no_events_holds_no_reader_back() {
         .execute(&mut *holding)
         .await
         .unwrap();
-    insert_event(&mut *db.pool.acquire().await.unwrap(), "second")
+    insert_event(&mut db.pool.acquire().await.unwrap(), "second")
         .await
         .unwrap();
     assert_eq!(readable(&db.pool).await, ["Inbox:first:1"]);
@@ -813,7 +813,7 @@ async fn a_transaction_in_a_speculative_insertion_still_holds_readers_back() {
         || async { speculating().await.then_some(()).ok_or("not yet") },
     )
     .await;
-    insert_event(&mut *db.pool.acquire().await.unwrap(), "after")
+    insert_event(&mut db.pool.acquire().await.unwrap(), "after")
         .await
         .unwrap();
     let read = readable(&db.pool).await;
@@ -865,7 +865,7 @@ async fn a_transaction_that_said_it_writes_no_events_cannot_write_one() {
     drop(late);
     assert_eq!(db.event_count().await, 0);
     // Outside such a transaction, events are written as ever.
-    insert_event(&mut *db.pool.acquire().await.unwrap(), "plain")
+    insert_event(&mut db.pool.acquire().await.unwrap(), "plain")
         .await
         .unwrap();
     assert_eq!(db.event_count().await, 1);
