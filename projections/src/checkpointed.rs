@@ -52,7 +52,9 @@ pub trait ProjectionLogic: Send + Sync + 'static {
 
     /// Whether [`Self::apply_batch`] adds events to the log (a policy that
     /// issues commands). Those that do not run in transactions that hold no
-    /// reader of the log back ([`begin_writing_no_events`]).
+    /// reader of the log back ([`begin_writing_no_events`]). A wrapper
+    /// that delegates `apply_batch` must delegate this too: otherwise
+    /// Postgres refuses the events it writes (never loses them).
     fn writes_events(&self) -> bool {
         false
     }

@@ -563,6 +563,10 @@ impl podium_projections::ProjectionLogic for Renamed {
     ) -> Result<Vec<podium_domain::log::Change>, podium_projections::BoxError> {
         self.0.apply_batch(conn, events).await
     }
+
+    fn writes_events(&self) -> bool {
+        self.0.writes_events()
+    }
 }
 
 /// A rebuild folds attempts left in progress as well as submitted ones, and
