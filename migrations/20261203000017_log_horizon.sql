@@ -14,6 +14,15 @@
 -- insert into the log: a transaction that said so cannot add an event.
 -- A transaction that runs in another database cannot either. Every other
 -- transaction may.
+--
+-- Two rules keep this exact, and nothing in Podium breaks them: the advisory
+-- key (class 0x7064_6c67, key 1) is taken at transaction level and only
+-- here (a session lock on it would pass over every transaction of its
+-- session), and a transaction that said it writes no events leaves
+-- podium.writes_no_events alone (RESET ALL or SET LOCAL ... off would let it
+-- insert while the lock still says it does not). Readers of the log run on
+-- the primary: a snapshot taken in recovery lists no running transaction in
+-- the part pg_current_snapshot() returns.
 
 CREATE FUNCTION podium_writes_no_events() RETURNS void
     LANGUAGE plpgsql AS
@@ -50,7 +59,8 @@ CREATE TRIGGER events_writers_only
 -- A running transaction is passed over only on evidence, read from pg_locks
 -- (one consistent view of the lock table) after the snapshot was taken: the
 -- transaction holding the id's lock, named by its virtual transaction id
--- (never reused), also holds the advisory lock above in this database, or a
+-- (a backend slot's local ids are not reused), also holds the advisory lock
+-- above in this database, or a
 -- lock on a relation of another database. Only relation locks: the
 -- `database` column of other lock types is not always a database (a
 -- speculative insertion's, taken by INSERT ... ON CONFLICT, shows its
