@@ -705,6 +705,19 @@ async fn readable(pool: &PgPool) -> Vec<String> {
         .collect()
 }
 
+/// Waits until a reader from the start of the log takes exactly `expected`.
+async fn until_readable(pool: &PgPool, what: &str, expected: &[&str]) {
+    poll(what, Duration::from_secs(30), || async {
+        let read = readable(pool).await;
+        if read == expected {
+            Ok(())
+        } else {
+            Err(read)
+        }
+    })
+    .await;
+}
+
 /// A transaction that said first that it writes no events (a read model's
 /// batch, a rebuild) holds no reader of the log back, however long it
 /// runs; one that did not say so still does, until it ends.
@@ -724,17 +737,10 @@ async fn a_transaction_that_writes_no_events_holds_no_reader_back() {
     // Other databases' transactions may hold the log back for a moment
     // (those whose locks do not show which database they are in); the one
     // open here, never.
-    poll(
+    until_readable(
+        &db.pool,
         "the event committed after the open transaction is readable",
-        Duration::from_secs(30),
-        || async {
-            let read = readable(&db.pool).await;
-            if read == ["Inbox:first:1"] {
-                Ok(())
-            } else {
-                Err(read)
-            }
-        },
+        &["Inbox:first:1"],
     )
     .await;
     // A transaction that writes without saying so holds the horizon.
@@ -748,17 +754,10 @@ async fn a_transaction_that_writes_no_events_holds_no_reader_back() {
         .unwrap();
     assert_eq!(readable(&db.pool).await, ["Inbox:first:1"]);
     holding.commit().await.unwrap();
-    poll(
+    until_readable(
+        &db.pool,
         "the second event is readable once the transaction before it ended",
-        Duration::from_secs(30),
-        || async {
-            let read = readable(&db.pool).await;
-            if read == ["Inbox:first:1", "Inbox:second:1"] {
-                Ok(())
-            } else {
-                Err(read)
-            }
-        },
+        &["Inbox:first:1", "Inbox:second:1"],
     )
     .await;
     apart.rollback().await.unwrap();
@@ -820,17 +819,10 @@ async fn a_transaction_in_a_speculative_insertion_still_holds_readers_back() {
     assert!(speculating().await, "the insertion outlasted the read");
     assert_eq!(read, Vec::<String>::new(), "read past a running writer");
     inserting.await.unwrap();
-    poll(
+    until_readable(
+        &db.pool,
         "the later event readable once the writer rolled back",
-        Duration::from_secs(30),
-        || async {
-            let read = readable(&db.pool).await;
-            if read == ["Inbox:after:1"] {
-                Ok(())
-            } else {
-                Err(read)
-            }
-        },
+        &["Inbox:after:1"],
     )
     .await;
 }
