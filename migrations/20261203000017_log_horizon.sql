@@ -60,8 +60,8 @@ CREATE TRIGGER events_writers_only
 -- (one consistent view of the lock table) after the snapshot was taken: the
 -- transaction holding the id's lock, named by its virtual transaction id
 -- (a backend slot's local ids are not reused), also holds the advisory lock
--- above in this database, or a
--- lock on a relation of another database. Only relation locks: the
+-- above in this database, or a lock on a relation of another database.
+-- Only relation locks: the
 -- `database` column of other lock types is not always a database (a
 -- speculative insertion's, taken by INSERT ... ON CONFLICT, shows its
 -- transaction id there). A transaction that ended since the snapshot, or

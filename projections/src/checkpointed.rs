@@ -14,7 +14,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// the transaction has an id, so that readers of the log need not wait for
 /// it to end however long it runs (`podium_writes_no_events` in the
 /// migrations). Postgres refuses any event it then tries to insert.
-pub const BEGIN_WRITING_NO_EVENTS: &str = "BEGIN; SELECT podium_writes_no_events()";
+const BEGIN_WRITING_NO_EVENTS: &str = "BEGIN; SELECT podium_writes_no_events()";
 
 /// A transaction on `pool` opened with [`BEGIN_WRITING_NO_EVENTS`]: one round
 /// trip, as a plain `BEGIN`.

@@ -37,7 +37,6 @@ pub mod windows;
 
 pub use checkpointed::{
     begin_writing_no_events, checkpoint_of, ApplyError, BoxError, Checkpointed, ProjectionLogic,
-    BEGIN_WRITING_NO_EVENTS,
 };
 pub use fence::{is_transient, Fence};
 pub use tables::Generation;

@@ -7,10 +7,10 @@
 //! still running that may add events. Every transaction that could still
 //! insert a row under it has finished, so nothing can later appear behind a
 //! reader. Transactions that write no events say so first
-//! ([`podium_projections::begin_writing_no_events`]) and then hold no reader back, however long
-//! they run; nor do those of other databases. Rows of earlier epochs
-//! (written before a restore into another cluster) are all committed and come
-//! first.
+//! ([`podium_projections::begin_writing_no_events`]) and then hold no reader
+//! back, however long they run; nor do those of other databases. Rows of
+//! earlier epochs (written before a restore into another cluster) are all
+//! committed and come first.
 
 use std::collections::HashMap;
 
