@@ -6,7 +6,10 @@
 //! ([`EventBus::position_of`]) and reads on from there with an ordered
 //! consumer (no acknowledgements, recreated by the client on any gap).
 //! Whatever has arrived is applied as one batch, up to `batch_size`, in one
-//! transaction with the checkpoint.
+//! transaction with the checkpoint. Events the projection does not want are
+//! held back until a batch that it does want, or a quiet moment, takes them
+//! along: they change nothing, and committing each by itself would cost the
+//! database a transaction apiece.
 //!
 //! Order is sacred. Log seqs are contiguous, so the worker knows exactly which
 //! event comes next (`checkpoint + 1`): events at or below the checkpoint are
@@ -135,6 +138,11 @@ pub struct WorkerConfig {
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     pub policy: DeadLetterPolicy,
+    /// How long the stream must be quiet before held-back events the
+    /// projection does not want move the checkpoint by themselves, and how
+    /// long they wait at most.
+    pub hold_quiet: Duration,
+    pub hold_max: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -145,6 +153,8 @@ impl Default for WorkerConfig {
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             policy: DeadLetterPolicy::Stop,
+            hold_quiet: Duration::from_millis(10),
+            hold_max: Duration::from_millis(250),
         }
     }
 }
@@ -169,6 +179,9 @@ pub struct WorkerStats {
     /// Whether the last batch took everything the stream had (false while a
     /// backlog is being worked off).
     pub caught_up: AtomicBool,
+    /// Events after the checkpoint that the projection does not want, held
+    /// back to go in with a later batch.
+    pub held: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +216,8 @@ pub enum WorkerError {
 struct Delivery {
     seq: u64,
     event: Result<RecordedEvent, String>,
+    /// Whether the projection wants it (false: passed over undecoded).
+    wanted: bool,
 }
 
 /// Why reading stopped.
@@ -223,6 +238,31 @@ pub struct Worker<P> {
     failures: HashMap<u64, u32>,
     /// The last change announced per topic and key.
     announced: Announced,
+    /// Events right after the checkpoint that the projection does not want,
+    /// held back rather than committed in a transaction of their own: they
+    /// go in with the next batch that changes something, or by themselves
+    /// once the stream falls quiet or they have waited long enough
+    /// ([`WorkerConfig::hold_quiet`], [`WorkerConfig::hold_max`]).
+    deferred: Deferred,
+}
+
+/// Unwanted events waiting to move the checkpoint.
+#[derive(Default)]
+struct Deferred {
+    events: Vec<Delivery>,
+    /// When the first of them was held back.
+    since: Option<tokio::time::Instant>,
+    /// When the last message arrived.
+    last_arrival: Option<tokio::time::Instant>,
+}
+
+impl Deferred {
+    /// When they are to be written by themselves, if any wait.
+    fn due(&self, config: &WorkerConfig) -> Option<tokio::time::Instant> {
+        let since = self.since?;
+        let quiet = self.last_arrival.unwrap_or(since) + config.hold_quiet;
+        Some(quiet.min(since + config.hold_max))
+    }
 }
 
 /// The seq of the last change this worker announced per topic and key, so
@@ -274,6 +314,7 @@ impl<P: Projection> Worker<P> {
             checkpoint: 0,
             failures: HashMap::new(),
             announced: Announced::default(),
+            deferred: Deferred::default(),
         }
     }
 
@@ -345,6 +386,10 @@ impl<P: Projection> Worker<P> {
     /// interrupted.
     async fn read(&mut self, stop: &CancellationToken) -> Result<Interrupted, WorkerError> {
         let bus = |e: async_nats::Error| WorkerError::Bus(e.to_string());
+        // Reading starts again right after the checkpoint: what was held
+        // back comes again.
+        self.deferred = Deferred::default();
+        self.stats.held.store(0, Ordering::Relaxed);
         let start = match self
             .bus
             .position_of(self.checkpoint + 1)
@@ -378,9 +423,17 @@ impl<P: Projection> Worker<P> {
         let messages = consumer.messages().await.map_err(|e| bus(e.into()))?;
         let mut chunks = messages.ready_chunks(self.config.batch_size);
         loop {
+            let due = self.deferred.due(&self.config);
             let chunk = tokio::select! {
                 chunk = chunks.next() => chunk,
                 () = stop.cancelled() => return Ok(Interrupted::Stop),
+                () = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                    let held = self.take_held();
+                    if let Some(interrupted) = self.apply_run(held, stop).await? {
+                        return Ok(interrupted);
+                    }
+                    continue;
+                }
                 // A consumer left unread too long is dropped by the server,
                 // and the client does not always notice: after a quiet
                 // spell, find the place again with a fresh one.
@@ -391,6 +444,7 @@ impl<P: Projection> Worker<P> {
             let Some(mut chunk) = chunk else {
                 return Ok(Interrupted::Reposition { pause: true });
             };
+            self.deferred.last_arrival = Some(tokio::time::Instant::now());
             // Behind (the server holds more for this consumer): gather what
             // follows up to a full batch, so that a backlog is worked off in
             // large transactions while live events still go one by one.
@@ -447,6 +501,7 @@ impl<P: Projection> Worker<P> {
                 Delivery {
                     seq,
                     event: Ok(RecordedEvent::passed_over(seq, aggregate_type, event_type)),
+                    wanted: false,
                 }
             }
             _ => decoded(message, header_seq),
@@ -462,8 +517,9 @@ impl<P: Projection> Worker<P> {
     ) -> Result<Option<Interrupted>, WorkerError> {
         let mut run = Vec::with_capacity(deliveries.len());
         let mut ahead = false;
+        let held = self.deferred.events.len() as u64;
         for delivery in deliveries {
-            let next = self.checkpoint + run.len() as u64 + 1;
+            let next = self.checkpoint + held + run.len() as u64 + 1;
             if delivery.seq == FOREIGN {
                 tracing::error!(
                     projection = self.projection.name(),
@@ -479,10 +535,34 @@ impl<P: Projection> Worker<P> {
                 break;
             }
         }
-        if let Some(interrupted) = self.apply_run(run, stop).await? {
-            return Ok(Some(interrupted));
+        // Nothing the projection wants: hold it back (a transaction that
+        // only moves the checkpoint costs the database as much as one that
+        // applies an event), up to a batch.
+        let idle = run.iter().all(|d| !d.wanted);
+        if idle && self.deferred.events.len() + run.len() < self.config.batch_size {
+            if !run.is_empty() {
+                self.deferred
+                    .since
+                    .get_or_insert_with(tokio::time::Instant::now);
+                self.deferred.events.extend(run);
+                let held = self.deferred.events.len() as u64;
+                self.stats.held.store(held, Ordering::Relaxed);
+            }
+        } else {
+            let mut held = self.take_held();
+            held.extend(run);
+            if let Some(interrupted) = self.apply_run(held, stop).await? {
+                return Ok(Some(interrupted));
+            }
         }
         Ok(ahead.then_some(Interrupted::Reposition { pause: false }))
+    }
+
+    /// The events held back, to be applied now.
+    fn take_held(&mut self) -> Vec<Delivery> {
+        self.deferred.since = None;
+        self.stats.held.store(0, Ordering::Relaxed);
+        std::mem::take(&mut self.deferred.events)
     }
 
     /// Applies a run of consecutive events: as one batch, or one by one
@@ -776,7 +856,11 @@ fn decoded(message: &Message, header_seq: Option<u64>) -> Delivery {
         // Neither body nor header says where it belongs: not ours.
         (Err(_), None) => FOREIGN,
     };
-    Delivery { seq, event }
+    Delivery {
+        seq,
+        event,
+        wanted: true,
+    }
 }
 
 #[cfg(test)]

@@ -128,15 +128,6 @@ impl<L: ProjectionLogic> Checkpointed<L> {
         self
     }
 
-    async fn check_fence(&self, conn: &mut PgConnection) -> Result<(), ApplyError> {
-        match &self.fence {
-            Some(fence) if !fence.holds(conn).await? => Err(ApplyError::Fenced {
-                lease: fence.name().to_string(),
-            }),
-            _ => Ok(()),
-        }
-    }
-
     pub fn name(&self) -> &str {
         self.logic.name()
     }
@@ -160,21 +151,48 @@ impl<L: ProjectionLogic> Checkpointed<L> {
         checkpoint_of(&self.pool, self.name()).await
     }
 
-    /// Locks the checkpoint row for this transaction and reads it.
-    async fn lock_checkpoint(&self, conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO projection_checkpoints (name, seq) VALUES ($1, 0)
-             ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(self.name())
-        .execute(&mut *conn)
-        .await?;
-        let seq: i64 =
-            sqlx::query_scalar("SELECT seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE")
-                .bind(self.name())
-                .fetch_one(&mut *conn)
-                .await?;
-        Ok(seq as u64)
+    /// Locks the checkpoint row for this transaction and reads it, and checks
+    /// the fence (see [`Fence::holds`]) in the same statement: a batch's
+    /// opening is one round trip. The row is made on the first batch.
+    async fn lock_checkpoint(&self, conn: &mut PgConnection) -> Result<u64, ApplyError> {
+        let lease = match &self.fence {
+            Some(fence) if fence.token() == 0 => return Err(self.fenced()),
+            Some(fence) => Some(fence.name()),
+            None => None,
+        };
+        for first in [true, false] {
+            let row: Option<(i64, Option<i64>)> = sqlx::query_as(
+                "SELECT c.seq, (SELECT token FROM leases WHERE name = $2 FOR KEY SHARE)
+                   FROM projection_checkpoints c WHERE c.name = $1 FOR UPDATE OF c",
+            )
+            .bind(self.name())
+            .bind(lease)
+            .fetch_optional(&mut *conn)
+            .await?;
+            match (row, &self.fence) {
+                (Some((_, token)), Some(fence)) if token != Some(fence.token()) => {
+                    return Err(self.fenced())
+                }
+                (Some((seq, _)), _) => return Ok(seq as u64),
+                (None, _) if first => {
+                    sqlx::query(
+                        "INSERT INTO projection_checkpoints (name, seq) VALUES ($1, 0)
+                         ON CONFLICT (name) DO NOTHING",
+                    )
+                    .bind(self.name())
+                    .execute(&mut *conn)
+                    .await?;
+                }
+                (None, _) => break,
+            }
+        }
+        Err(ApplyError::Database(sqlx::Error::RowNotFound))
+    }
+
+    fn fenced(&self) -> ApplyError {
+        ApplyError::Fenced {
+            lease: self.fence.as_ref().map_or("", |f| f.name()).to_string(),
+        }
     }
 
     async fn store_checkpoint(&self, conn: &mut PgConnection, seq: u64) -> Result<(), sqlx::Error> {
@@ -204,7 +222,6 @@ impl<L: ProjectionLogic> Checkpointed<L> {
         conn: &mut PgConnection,
         events: &[RecordedEvent],
     ) -> Result<(u64, Vec<Change>), ApplyError> {
-        self.check_fence(conn).await?;
         let checkpoint = self.lock_checkpoint(conn).await?;
         let Some(start) = events.iter().position(|e| e.seq > checkpoint) else {
             return Ok((checkpoint, Vec::new()));
@@ -234,7 +251,6 @@ impl<L: ProjectionLogic> Checkpointed<L> {
     /// Moves the checkpoint past `seq` without applying it.
     pub async fn skip(&self, seq: u64) -> Result<(), ApplyError> {
         let mut tx = self.begin().await?;
-        self.check_fence(&mut tx).await?;
         let checkpoint = self.lock_checkpoint(&mut tx).await?;
         if seq == checkpoint + 1 {
             self.store_checkpoint(&mut tx, seq).await?;

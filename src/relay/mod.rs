@@ -356,33 +356,40 @@ impl Relay {
         })
     }
 
-    /// Saves the relay's position, only while it still holds `fence`'s lease.
+    /// Saves the relay's position, only while it still holds `fence`'s lease
+    /// (see [`Fence::holds`]): one statement, one round trip.
     async fn save_checkpoint(
         &self,
         conn: &mut PgConnection,
         cursor: &LogCursor,
         fence: &Fence,
     ) -> Result<(), RelayError> {
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        if !fence.holds(&mut tx).await? {
+        let token = fence.token();
+        if token == 0 {
             return Err(RelayError::Fenced);
         }
-        sqlx::query(
+        let saved: Option<i32> = sqlx::query_scalar(
             "INSERT INTO relay_checkpoints (name, seq, epoch, txid, position)
-             VALUES ($1, $2, $3, $4::text::xid8, $5)
+             SELECT $1, $2, $3, $4::text::xid8, $5
+              WHERE EXISTS (SELECT 1 FROM leases WHERE name = $6 AND token = $7 FOR KEY SHARE)
              ON CONFLICT (name) DO UPDATE
                 SET seq = EXCLUDED.seq, epoch = EXCLUDED.epoch, txid = EXCLUDED.txid,
-                    position = EXCLUDED.position, updated_at = now()",
+                    position = EXCLUDED.position, updated_at = now()
+             RETURNING 1",
         )
         .bind(self.name())
         .bind(cursor.seq as i64)
         .bind(cursor.key.epoch)
         .bind(&cursor.key.txid)
         .bind(cursor.key.position)
-        .execute(&mut *tx)
+        .bind(fence.name())
+        .bind(token)
+        .fetch_optional(&mut *conn)
         .await?;
-        tx.commit().await?;
-        Ok(())
+        match saved {
+            Some(_) => Ok(()),
+            None => Err(RelayError::Fenced),
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use podium_domain::log::{Change, RecordedEvent};
 use podium_domain::notification::InboxCommand;
 use podium_domain::{EventMetadata, UserId};
 use podium_nats::{DeadLetterPolicy, Worker, WorkerConfig};
-use podium_projections::{BoxError, Checkpointed, ProjectionLogic};
+use podium_projections::{ApplyError, BoxError, Checkpointed, Fence, ProjectionLogic};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -185,6 +185,61 @@ fn spawn_relay(
         tokio::spawn(relay.run(stop.clone())),
         stop.drop_guard(),
     )
+}
+
+/// The relay's saved position (its seq), if any.
+async fn relay_seq(pool: &PgPool) -> Option<i64> {
+    sqlx::query_scalar("SELECT seq FROM relay_checkpoints")
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_lease_was_taken_over_saves_no_position() {
+    let db = TestDb::new().await;
+    let bus = TestBus::new().await;
+    let aggregates = Aggregates::new(&db.pool);
+    let (stats, _relay_task, _stop_relay) = spawn_relay(&db, &bus, RelayConfig::default());
+    append(&aggregates, 0, 5, 5).await;
+    poll(
+        "the relay to save seq 5",
+        Duration::from_secs(30),
+        || async {
+            match relay_seq(&db.pool).await {
+                Some(5) => Ok(()),
+                other => Err(other),
+            }
+        },
+    )
+    .await;
+    // Another instance takes the lead while this one still thinks it has it.
+    let taken = sqlx::query(
+        "UPDATE leases SET owner = 'another', token = token + 1,
+                           expires_at = now() + interval '1 hour'
+          WHERE name LIKE 'relay:%'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(taken.rows_affected(), 1);
+    append(&aggregates, 0, 5, 5).await;
+    poll(
+        "the relay to step down",
+        Duration::from_secs(30),
+        || async {
+            match stats.leader.load(Ordering::Relaxed) {
+                false => Ok(()),
+                true => Err("still leading"),
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        relay_seq(&db.pool).await,
+        Some(5),
+        "the position is the new leader's to save"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -603,16 +658,29 @@ async fn a_test_too_large_for_one_message_is_refused_and_the_relay_goes_on() {
     crate::queries::settle_board(&app, &test_id, 1).await;
 }
 
-/// A projection that wants no event: it notes what it is handed.
-struct Uninterested;
+/// A projection that wants only the events of one aggregate type (none:
+/// no event at all); it notes what it is handed in `handed`, with the
+/// transaction it was handed in.
+struct WantsOnly(Option<&'static str>);
 
-impl ProjectionLogic for Uninterested {
+/// The table [`WantsOnly`] writes to.
+async fn create_handed(pool: &PgPool) {
+    sqlx::query(
+        "CREATE TABLE handed (seq bigint PRIMARY KEY, kind text NOT NULL, payload jsonb,
+                              txid bigint NOT NULL DEFAULT txid_current())",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+impl ProjectionLogic for WantsOnly {
     fn name(&self) -> &str {
-        "uninterested"
+        "wants-only"
     }
 
-    fn wants(&self, _aggregate_type: &str, _event_type: &str) -> bool {
-        false
+    fn wants(&self, aggregate_type: &str, _event_type: &str) -> bool {
+        self.0 == Some(aggregate_type)
     }
 
     async fn apply_batch(
@@ -636,16 +704,13 @@ impl ProjectionLogic for Uninterested {
 async fn events_a_projection_does_not_want_are_passed_over_undecoded_in_order() {
     let db = TestDb::new().await;
     let bus = TestBus::new().await;
-    sqlx::query("CREATE TABLE handed (seq bigint PRIMARY KEY, kind text NOT NULL, payload jsonb)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    create_handed(&db.pool).await;
     let aggregates = Aggregates::new(&db.pool);
     append(&aggregates, 0, 40, 5).await;
     let (_relay, _relay_task, _stop) = spawn_relay(&db, &bus, RelayConfig::default());
     let projection = Arc::new(PgProjection::new(Checkpointed::new(
         db.pool.clone(),
-        Uninterested,
+        WantsOnly(None),
     )));
     let worker = Worker::new(bus.bus.clone(), projection, WorkerConfig::default());
     let stats = worker.stats();
@@ -681,6 +746,123 @@ async fn events_a_projection_does_not_want_are_passed_over_undecoded_in_order() 
         .collect();
     assert_eq!(handed, expected);
     assert!(log.iter().all(|e| e.payload.get() != "null"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwanted_events_are_held_back_and_go_in_with_the_next_wanted_one() {
+    let db = TestDb::new().await;
+    let bus = TestBus::new().await;
+    create_handed(&db.pool).await;
+    let aggregates = Aggregates::new(&db.pool);
+    let (_relay, _relay_task, _stop) = spawn_relay(&db, &bus, RelayConfig::default());
+    let projection = Arc::new(PgProjection::new(Checkpointed::new(
+        db.pool.clone(),
+        WantsOnly(Some("Probe")),
+    )));
+    // Held back for as long as it takes, so that only a wanted event can
+    // move the checkpoint.
+    let hour = Duration::from_secs(3600);
+    let config = WorkerConfig {
+        hold_quiet: hour,
+        hold_max: hour,
+        ..WorkerConfig::default()
+    };
+    let worker = Worker::new(bus.bus.clone(), projection, config);
+    let stats = worker.stats();
+    let stop = CancellationToken::new();
+    let _stop_worker = stop.clone().drop_guard();
+    tokio::spawn(worker.run(stop));
+    // Twelve events it does not want, each from a command of its own.
+    append(&aggregates, 0, 12, 5).await;
+    poll(
+        "the worker to hold back all 12",
+        Duration::from_secs(30),
+        || async {
+            match stats.held.load(Ordering::Relaxed) {
+                12 => Ok(()),
+                other => Err(other),
+            }
+        },
+    )
+    .await;
+    assert_eq!(stats.checkpoint.load(Ordering::Relaxed), 0);
+    let handed: i64 = sqlx::query_scalar("SELECT count(*) FROM handed")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(handed, 0, "nothing was applied yet");
+
+    // One it wants: the twelve go in with it, in one transaction, in order.
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata)
+         VALUES ('Probe', 'p', 1, 'Pinged', '1.0', '{\"n\": 1}', '{}')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    poll(
+        "the checkpoint to pass all 13",
+        Duration::from_secs(30),
+        || async {
+            match stats.checkpoint.load(Ordering::Relaxed) {
+                13 => Ok(()),
+                other => Err(other),
+            }
+        },
+    )
+    .await;
+    let rows: Vec<(i64, String, Option<serde_json::Value>, i64)> =
+        sqlx::query_as("SELECT seq, kind, payload, txid FROM handed ORDER BY seq")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let seqs: Vec<i64> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(seqs, (1..=13).collect::<Vec<_>>());
+    let transactions: HashSet<i64> = rows.iter().map(|r| r.3).collect();
+    assert_eq!(transactions.len(), 1, "one transaction for all: {rows:?}");
+    assert!(rows[..12]
+        .iter()
+        .all(|r| r.1 == "Inbox.AllNotificationsRead" && r.2 == Some(serde_json::Value::Null)));
+    assert_eq!(rows[12].1, "Probe.Pinged");
+    assert_eq!(rows[12].2, Some(serde_json::json!({"n": 1})));
+    assert_eq!(stats.held.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_batch_commits_only_while_its_projection_lease_is_held() {
+    let db = TestDb::new().await;
+    create_handed(&db.pool).await;
+    sqlx::query(
+        "INSERT INTO leases (name, owner, token, expires_at)
+         VALUES ('wants-only', 'this', 7, now() + interval '1 hour')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let fence = Fence::new("wants-only");
+    let projection = Checkpointed::new(db.pool.clone(), WantsOnly(None)).fenced_by(fence.clone());
+    let event = |seq| RecordedEvent::passed_over(seq, "Inbox", "AllNotificationsRead");
+    let fenced = |result: Result<(u64, Vec<Change>), ApplyError>| matches!(result, Err(ApplyError::Fenced { lease }) if lease == "wants-only");
+    assert!(
+        fenced(projection.apply(&[event(1)]).await),
+        "not acquired yet"
+    );
+    fence.set_token(7);
+    assert_eq!(projection.apply(&[event(1)]).await.unwrap().0, 1);
+    // Another instance takes the lease over: this one's next batch commits
+    // nothing.
+    sqlx::query("UPDATE leases SET owner = 'other', token = 8")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert!(fenced(projection.apply(&[event(2)]).await));
+    assert_eq!(projection.checkpoint().await.unwrap(), 1);
+    let handed: Vec<i64> = sqlx::query_scalar("SELECT seq FROM handed ORDER BY seq")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(handed, [1]);
 }
 
 /// Inserts one event of its own (`id`) through `conn`.

@@ -152,8 +152,7 @@ impl LeaderboardProjection {
         let mut tests: Vec<Uuid> = submissions.iter().map(|(_, s)| s.test_id).collect();
         tests.sort();
         tests.dedup();
-        let memberships = self.memberships(conn, &tests).await?;
-        self.note_boards(conn, submissions).await?;
+        let memberships = self.memberships(conn, &tests, submissions).await?;
         // Each submission's collection boards, with their components.
         let touched: Vec<Vec<CollectionBoard>> = submissions
             .iter()
@@ -294,12 +293,11 @@ impl LeaderboardProjection {
         } else {
             HashMap::new()
         };
-        self.upsert(conn, &entries).await?;
-        self.apply_count_deltas(conn, deltas).await?;
+        self.store(conn, &entries, deltas, if live { moves } else { &[] })
+            .await?;
         if !live {
             return Ok(Vec::new());
         }
-        record_moves(&mut *conn, moves).await?;
         // In the order of their last change.
         let mut changed: Vec<(u64, Uuid, &Entry)> = entries
             .iter()
@@ -338,48 +336,87 @@ impl LeaderboardProjection {
         Ok(changes)
     }
 
-    /// Adds `deltas` ((test, score) → change in entries) to the score table:
-    /// gains by upsert, losses by update (an upsert would check the
-    /// constraint `entries >= 0` on the negative delta itself).
-    async fn apply_count_deltas(
+    /// Writes a batch in one statement: `entries` (inserted or replaced), the
+    /// score counts' `deltas` ((test, score) → change in entries: gains by
+    /// upsert, losses by update, since an upsert would check the constraint
+    /// `entries >= 0` on the negative delta itself) and `moves` (each
+    /// entry's key before a change, for continued cursors and rank
+    /// histories). No row is written twice by it: a (test, score) is a gain
+    /// or a loss.
+    async fn store(
         &self,
         conn: &mut PgConnection,
+        entries: &Entries,
         deltas: HashMap<(Uuid, u32), i32>,
+        moves: &[(u64, Uuid, Entry)],
     ) -> Result<(), sqlx::Error> {
+        // In key order: the indexes then grow in runs instead of at random.
+        let mut rows: Vec<_> = entries.iter().collect();
+        rows.sort_unstable_by_key(|(key, _)| *key);
+        let column = |f: fn(&Entry) -> i32| rows.iter().map(|(_, (e, _))| f(e)).collect::<Vec<_>>();
         let (gains, losses): (Vec<_>, Vec<_>) = deltas
             .into_iter()
             .filter(|(_, d)| *d != 0)
             .partition(|(_, d)| *d > 0);
-        for (changes, statement) in [
-            (
-                gains,
-                format!(
-                    "INSERT INTO {c} (test_id, score, entries)
-                     SELECT * FROM UNNEST($1::uuid[], $2::int[], $3::int[])
-                     ON CONFLICT (test_id, score) DO UPDATE SET entries = {c}.entries + EXCLUDED.entries",
-                    c = self.counts
-                ),
-            ),
-            (
-                losses,
-                format!(
-                    "UPDATE {c} SET entries = {c}.entries + d.delta
-                       FROM UNNEST($1::uuid[], $2::int[], $3::int[]) d(test_id, score, delta)
-                      WHERE {c}.test_id = d.test_id AND {c}.score = d.score",
-                    c = self.counts
-                ),
-            ),
-        ] {
-            if changes.is_empty() {
-                continue;
-            }
-            sqlx::query(&statement)
-                .bind(changes.iter().map(|((t, _), _)| *t).collect::<Vec<_>>())
-                .bind(changes.iter().map(|((_, s), _)| *s as i32).collect::<Vec<_>>())
-                .bind(changes.iter().map(|(_, d)| *d).collect::<Vec<_>>())
-                .execute(&mut *conn)
-                .await?;
-        }
+        let tests = |changes: &[((Uuid, u32), i32)]| {
+            changes.iter().map(|((t, _), _)| *t).collect::<Vec<_>>()
+        };
+        let scores = |changes: &[((Uuid, u32), i32)]| {
+            changes
+                .iter()
+                .map(|((_, s), _)| *s as i32)
+                .collect::<Vec<_>>()
+        };
+        let amounts =
+            |changes: &[((Uuid, u32), i32)]| changes.iter().map(|(_, d)| *d).collect::<Vec<_>>();
+        sqlx::query(&format!(
+            "WITH entries AS (
+                INSERT INTO {e} (test_id, user_id, best_score, max_score, attempt_id, achieved_at,
+                                 attempts, changed_seq)
+                SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::int[], $5::uuid[],
+                                     $6::timestamptz[], $7::int[], $8::bigint[])
+                ON CONFLICT (test_id, user_id) DO UPDATE
+                   SET best_score = EXCLUDED.best_score, max_score = EXCLUDED.max_score,
+                       attempt_id = EXCLUDED.attempt_id, achieved_at = EXCLUDED.achieved_at,
+                       attempts = EXCLUDED.attempts, changed_seq = EXCLUDED.changed_seq),
+             gains AS (
+                INSERT INTO {c} (test_id, score, entries)
+                SELECT * FROM UNNEST($9::uuid[], $10::int[], $11::int[])
+                ON CONFLICT (test_id, score) DO UPDATE SET entries = {c}.entries + EXCLUDED.entries),
+             losses AS (
+                UPDATE {c} SET entries = {c}.entries + d.delta
+                  FROM UNNEST($12::uuid[], $13::int[], $14::int[]) d(test_id, score, delta)
+                 WHERE {c}.test_id = d.test_id AND {c}.score = d.score),
+             moves AS (
+                INSERT INTO lb_moves (seq, test_id, user_id, old_score, old_achieved_at)
+                SELECT * FROM UNNEST($15::bigint[], $16::uuid[], $17::text[], $18::int[],
+                                     $19::timestamptz[])
+                ON CONFLICT (test_id, seq, user_id) DO NOTHING)
+             SELECT 1",
+            e = self.entries,
+            c = self.counts
+        ))
+        .bind(rows.iter().map(|(k, _)| k.0).collect::<Vec<_>>())
+        .bind(rows.iter().map(|(k, _)| k.1.clone()).collect::<Vec<_>>())
+        .bind(column(|e| e.best_score as i32))
+        .bind(column(|e| e.max_score as i32))
+        .bind(rows.iter().map(|(_, (e, _))| e.attempt_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|(_, (e, _))| e.achieved_at).collect::<Vec<_>>())
+        .bind(column(|e| e.attempts as i32))
+        .bind(rows.iter().map(|(_, (_, seq))| *seq as i64).collect::<Vec<_>>())
+        .bind(tests(&gains))
+        .bind(scores(&gains))
+        .bind(amounts(&gains))
+        .bind(tests(&losses))
+        .bind(scores(&losses))
+        .bind(amounts(&losses))
+        .bind(moves.iter().map(|(seq, _, _)| *seq as i64).collect::<Vec<_>>())
+        .bind(moves.iter().map(|(_, test, _)| *test).collect::<Vec<_>>())
+        .bind(moves.iter().map(|(_, _, e)| e.user_id.clone()).collect::<Vec<_>>())
+        .bind(moves.iter().map(|(_, _, e)| e.best_score as i32).collect::<Vec<_>>())
+        .bind(moves.iter().map(|(_, _, e)| e.achieved_at).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
         Ok(())
     }
 
@@ -404,55 +441,15 @@ impl LeaderboardProjection {
         rows.iter().map(keyed_entry).collect()
     }
 
-    /// Writes `entries` (inserted or replaced).
-    async fn upsert(&self, conn: &mut PgConnection, entries: &Entries) -> Result<(), sqlx::Error> {
-        // In key order: the indexes then grow in runs instead of at random.
-        let mut rows: Vec<_> = entries.iter().collect();
-        rows.sort_unstable_by_key(|(key, _)| *key);
-        let column = |f: fn(&Entry) -> i32| rows.iter().map(|(_, (e, _))| f(e)).collect::<Vec<_>>();
-        sqlx::query(&format!(
-            "INSERT INTO {} (test_id, user_id, best_score, max_score, attempt_id, achieved_at,
-                             attempts, changed_seq)
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::int[], $5::uuid[],
-                                  $6::timestamptz[], $7::int[], $8::bigint[])
-             ON CONFLICT (test_id, user_id) DO UPDATE
-                SET best_score = EXCLUDED.best_score, max_score = EXCLUDED.max_score,
-                    attempt_id = EXCLUDED.attempt_id, achieved_at = EXCLUDED.achieved_at,
-                    attempts = EXCLUDED.attempts, changed_seq = EXCLUDED.changed_seq",
-            self.entries
-        ))
-        .bind(rows.iter().map(|(k, _)| k.0).collect::<Vec<_>>())
-        .bind(rows.iter().map(|(k, _)| k.1.clone()).collect::<Vec<_>>())
-        .bind(column(|e| e.best_score as i32))
-        .bind(column(|e| e.max_score as i32))
-        .bind(
-            rows.iter()
-                .map(|(_, (e, _))| e.attempt_id)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|(_, (e, _))| e.achieved_at)
-                .collect::<Vec<_>>(),
-        )
-        .bind(column(|e| e.attempts as i32))
-        .bind(
-            rows.iter()
-                .map(|(_, (_, seq))| *seq as i64)
-                .collect::<Vec<_>>(),
-        )
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
-    }
-
-    /// Notes the periodic boards `submissions` count on (what a test joining
-    /// a collection later is composed over).
-    async fn note_boards(
+    /// The tests of the collections that hold any of `tests`; in the same
+    /// statement, notes the periodic boards `submissions` count on (what a
+    /// test joining a collection later is composed over).
+    async fn memberships(
         &self,
         conn: &mut PgConnection,
+        tests: &[Uuid],
         submissions: &[(u64, Submission)],
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<Collections, sqlx::Error> {
         let mut boards: Vec<(Uuid, Uuid, Window, DateTime<Utc>)> = submissions
             .iter()
             .flat_map(|(_, s)| {
@@ -469,34 +466,22 @@ impl LeaderboardProjection {
             .collect();
         boards.sort_by_key(|(board, ..)| *board);
         boards.dedup_by_key(|(board, ..)| *board);
-        sqlx::query(&format!(
-            "INSERT INTO {} (board_id, test_id, \"window\", period_start)
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[])
-             ON CONFLICT (board_id) DO NOTHING",
-            self.generation.table("lb_boards")
+        let table = self.generation.table("lb_collection_tests");
+        let rows: Vec<(Uuid, Uuid)> = sqlx::query_as(&format!(
+            "WITH noted AS (
+                INSERT INTO {boards} (board_id, test_id, \"window\", period_start)
+                SELECT * FROM UNNEST($2::uuid[], $3::uuid[], $4::text[], $5::timestamptz[])
+                ON CONFLICT (board_id) DO NOTHING)
+             SELECT collection_id, test_id FROM {table}
+              WHERE collection_id IN (SELECT collection_id FROM {table} WHERE test_id = ANY($1))
+              ORDER BY added_seq, test_id",
+            boards = self.generation.table("lb_boards")
         ))
+        .bind(tests)
         .bind(boards.iter().map(|b| b.0).collect::<Vec<_>>())
         .bind(boards.iter().map(|b| b.1).collect::<Vec<_>>())
         .bind(boards.iter().map(|b| b.2.as_str()).collect::<Vec<_>>())
         .bind(boards.iter().map(|b| b.3).collect::<Vec<_>>())
-        .execute(conn)
-        .await?;
-        Ok(())
-    }
-
-    /// The tests of the collections that hold any of `tests`.
-    async fn memberships(
-        &self,
-        conn: &mut PgConnection,
-        tests: &[Uuid],
-    ) -> Result<Collections, sqlx::Error> {
-        let table = self.generation.table("lb_collection_tests");
-        let rows: Vec<(Uuid, Uuid)> = sqlx::query_as(&format!(
-            "SELECT collection_id, test_id FROM {table}
-              WHERE collection_id IN (SELECT collection_id FROM {table} WHERE test_id = ANY($1))
-              ORDER BY added_seq, test_id"
-        ))
-        .bind(tests)
         .fetch_all(conn)
         .await?;
         let mut collections = Collections::default();
@@ -763,50 +748,6 @@ async fn rank_in_memory(
         }
     }
     Ok(ranked)
-}
-
-/// Notes where each moved entry stood before the submission (its seq) that
-/// moved it.
-async fn record_moves(
-    conn: &mut PgConnection,
-    moves: &[(u64, Uuid, Entry)],
-) -> Result<(), sqlx::Error> {
-    if moves.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO lb_moves (seq, test_id, user_id, old_score, old_achieved_at)
-         SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::timestamptz[])
-         ON CONFLICT (test_id, seq, user_id) DO NOTHING",
-    )
-    .bind(
-        moves
-            .iter()
-            .map(|(seq, _, _)| *seq as i64)
-            .collect::<Vec<_>>(),
-    )
-    .bind(moves.iter().map(|(_, test, _)| *test).collect::<Vec<_>>())
-    .bind(
-        moves
-            .iter()
-            .map(|(_, _, e)| e.user_id.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        moves
-            .iter()
-            .map(|(_, _, e)| e.best_score as i32)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        moves
-            .iter()
-            .map(|(_, _, e)| e.achieved_at)
-            .collect::<Vec<_>>(),
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 pub(crate) fn entry_from_row(row: &sqlx::postgres::PgRow) -> Result<Entry, sqlx::Error> {
