@@ -184,7 +184,7 @@ impl Entry {
 
 /// Where an entry ranks: score descending, then earliest, then user id.
 /// `RankKey`s sort in rank order (the best first).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RankKey {
     pub score: u32,
     pub achieved_at: DateTime<Utc>,

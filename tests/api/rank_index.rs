@@ -447,6 +447,17 @@ async fn announced_ranks_come_from_memory_and_are_the_read_models() {
 /// batch and after it, as the read model counts them.
 #[tokio::test]
 async fn batches_ranked_in_memory_announce_the_read_models_ranks() {
+    batches_announce_the_read_models_ranks(true).await;
+}
+
+/// The same without a rank index: the ranks before and after each batch
+/// follow from one rank query on the boards as they were.
+#[tokio::test]
+async fn batches_ranked_in_sql_announce_the_read_models_ranks() {
+    batches_announce_the_read_models_ranks(false).await;
+}
+
+async fn batches_announce_the_read_models_ranks(in_memory: bool) {
     use podium_projections::leaderboard::{LeaderboardProjection, LiveBoards};
     use podium_projections::ranking::Submission;
     use podium_projections::{Checkpointed, Generation};
@@ -464,9 +475,8 @@ async fn batches_ranked_in_memory_announce_the_read_models_ranks() {
     let boards: Arc<dyn LiveBoards> = index.clone();
     let projection = Checkpointed::new(
         db.pool.clone(),
-        LeaderboardProjection::new(Generation::Live).ranking_with(Some(boards)),
+        LeaderboardProjection::new(Generation::Live).ranking_with(in_memory.then_some(boards)),
     );
-    let test = test_id.to_string();
     let mut seq = 0;
     let mut rng = 11u64;
     let mut next = |below: u64| {
@@ -512,9 +522,21 @@ async fn batches_ranked_in_memory_announce_the_read_models_ranks() {
         let mut users: Vec<String> = batch.iter().map(|s| s.user_id.clone()).collect();
         users.sort();
         users.dedup();
+        // Every board the batch changes: the test's, the day's, the week's
+        // and the month's.
+        let boards: Vec<String> = std::iter::once(test_id)
+            .chain(
+                [Window::Day, Window::Week, Window::Month]
+                    .map(|window| windows::board_at(test_id, window, at)),
+            )
+            .map(|board| board.to_string())
+            .collect();
         let mut before = std::collections::HashMap::new();
-        for user in &users {
-            before.insert(user.clone(), counted_rank(&db.pool, &test, user).await);
+        for board in &boards {
+            for user in &users {
+                let rank = counted_rank(&db.pool, board, user).await;
+                before.insert((board.clone(), user.clone()), rank);
+            }
         }
         let events: Vec<_> = batch
             .iter()
@@ -524,27 +546,24 @@ async fn batches_ranked_in_memory_announce_the_read_models_ranks() {
             })
             .collect();
         let (_, changes) = projection.apply(&events).await.unwrap();
-        // The test's own board (the day's, week's and month's change too).
-        let changes: Vec<_> = changes
-            .into_iter()
-            .filter(|change| change.key == test)
-            .collect();
-        assert_eq!(changes.len(), users.len(), "{changes:?}");
+        assert_eq!(changes.len(), 4 * users.len(), "{changes:?}");
         for change in &changes {
-            let user = change.data["user_id"].as_str().unwrap();
-            let after = counted_rank(&db.pool, &test, user).await;
+            let (board, user) = (&change.key, change.data["user_id"].as_str().unwrap());
+            assert!(boards.contains(board), "{change:?}");
+            let after = counted_rank(&db.pool, board, user).await;
             assert_eq!(change.data["rank"].as_u64(), after, "{user}: {change:?}");
             assert_eq!(
                 change.data["previous_rank"].as_u64(),
-                before[user],
+                before[&(board.clone(), user.to_string())],
                 "{user}: {change:?}"
             );
         }
     }
+    let expected = if in_memory { 4 * 12 } else { 0 };
     assert_eq!(
         index.batches_ranked(),
-        4 * 12,
-        "every batch was ranked in memory, on each of its four boards"
+        expected,
+        "every batch was ranked in memory (on each of its four boards), or none"
     );
     stop.cancel();
 }

@@ -8,7 +8,7 @@ use serde_json::json;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::board_index::BoardIndex;
@@ -220,10 +220,11 @@ impl LeaderboardProjection {
 
     /// Writes the entries a batch changed (`after`, each with the seq of its
     /// change; `before`: every entry the batch read, as it was): entries,
-    /// score counts and moves in a few set-wise statements. A live batch
-    /// announces, for each entry it changed, the entry's rank after the
-    /// batch and before it (two set-wise rank queries in all), or one
-    /// `resync` for a board with more than [`ANNOUNCE_LIMIT`] changes.
+    /// score counts and moves in one statement ([`Self::store`]). A live
+    /// batch announces, for each entry it changed, the entry's rank after
+    /// the batch and before it (from the rank index, or else one set-wise
+    /// rank query before the write), or one `resync` for a board with more
+    /// than [`ANNOUNCE_LIMIT`] changes.
     async fn write(
         &self,
         conn: &mut PgConnection,
@@ -275,23 +276,14 @@ impl LeaderboardProjection {
             }
             _ => BatchRanks::new(),
         };
-        let ranked_in_memory =
-            |board: &Uuid, user: &String| in_memory.contains_key(&(*board, user.clone()));
-        let previous_ranks = if live {
-            let keys: Vec<(Uuid, RankKey)> = old_keys
-                .iter()
-                .filter(|((board, user), _)| {
-                    !crowded.contains_key(board) && !ranked_in_memory(board, user)
-                })
-                .map(|((board, _), key)| (*board, key.clone()))
-                .collect();
-            let ranks = ranks_of(&mut *conn, &self.entries, &self.counts, &keys).await?;
-            keys.into_iter()
-                .map(|(board, key)| (board, key.user_id))
-                .zip(ranks)
-                .collect()
+        let in_sql = if live {
+            // A board is ranked in memory whole, or not at all.
+            let ranked: HashSet<Uuid> = in_memory.keys().map(|(board, _)| *board).collect();
+            let wanted = |board: &Uuid| !crowded.contains_key(board) && !ranked.contains(board);
+            let tables = (self.entries.as_str(), self.counts.as_str());
+            rank_in_sql(&mut *conn, tables, &entries, &old_keys, wanted).await?
         } else {
-            HashMap::new()
+            BatchRanks::new()
         };
         self.store(conn, &entries, deltas, if live { moves } else { &[] })
             .await?;
@@ -305,25 +297,15 @@ impl LeaderboardProjection {
             .map(|((board, _), (entry, seq))| (*seq, *board, entry))
             .collect();
         changed.sort_by_key(|(seq, _, _)| *seq);
-        let keys: Vec<(Uuid, RankKey)> = changed
-            .iter()
-            .filter(|(_, board, entry)| !ranked_in_memory(board, &entry.user_id))
-            .map(|(_, board, entry)| (*board, entry.rank_key()))
-            .collect();
-        let mut ranks = ranks_of(&mut *conn, &self.entries, &self.counts, &keys)
-            .await?
-            .into_iter();
         let mut changes: Vec<Change> = changed
             .into_iter()
             .map(|(seq, board, entry)| {
                 let key = (board, entry.user_id.clone());
-                let (previous, rank) = match in_memory.get(&key) {
-                    Some(ranked) => *ranked,
-                    None => (
-                        previous_ranks.get(&key).copied(),
-                        ranks.next().expect("a rank for each entry ranked in SQL"),
-                    ),
-                };
+                let (previous, rank) = in_memory
+                    .get(&key)
+                    .or_else(|| in_sql.get(&key))
+                    .copied()
+                    .expect("every uncrowded board ranked in memory or in SQL");
                 entry_change(board, seq, entry, rank, previous)
             })
             .chain(
@@ -676,6 +658,106 @@ impl ProjectionLogic for LeaderboardProjection {
     }
 }
 
+/// What a batch changes on one board: each changed user's key after it, and
+/// the keys the changed users had before it, so that ranks after the batch
+/// follow from ranks on the board as it was.
+struct BoardBatch<'a> {
+    board: Uuid,
+    /// Each changed user, with its key after the batch and before it.
+    changed: Vec<(&'a String, RankKey, Option<&'a RankKey>)>,
+    /// The keys before the batch, and after it, in rank order.
+    old: Vec<&'a RankKey>,
+    new: Vec<RankKey>,
+}
+
+impl<'a> BoardBatch<'a> {
+    /// A batch's `entries` (after it) with `before` (the keys of those that
+    /// had an entry), board by board, for the boards `wanted`.
+    fn by_board(
+        entries: &'a Entries,
+        before: &'a HashMap<(Uuid, String), RankKey>,
+        wanted: impl Fn(&Uuid) -> bool,
+    ) -> HashMap<Uuid, Self> {
+        let mut boards: HashMap<Uuid, Self> = HashMap::new();
+        for (key, (entry, _)) in entries.iter().filter(|((board, _), _)| wanted(board)) {
+            let batch = boards.entry(key.0).or_insert_with(|| Self {
+                board: key.0,
+                changed: Vec::new(),
+                old: Vec::new(),
+                new: Vec::new(),
+            });
+            let old = before.get(key);
+            batch.changed.push((&key.1, entry.rank_key(), old));
+            batch.old.extend(old);
+            batch.new.push(entry.rank_key());
+        }
+        for batch in boards.values_mut() {
+            batch.old.sort();
+            batch.new.sort();
+        }
+        boards
+    }
+
+    /// The keys whose ranks on the board before the batch [`Self::ranks`]
+    /// asks for, each once.
+    fn keys(&self) -> impl Iterator<Item = &RankKey> {
+        self.changed
+            .iter()
+            .flat_map(|(_, new, old)| std::iter::once(new).chain(*old))
+    }
+
+    /// Each changed user's rank before the batch (if it had an entry) and
+    /// after it, from `rank_before`: the 1-based rank a key has or would have
+    /// on the board before the batch. After it, a key's rank is that, minus
+    /// the batch's old keys ahead of it, plus its new keys ahead of it.
+    fn ranks(
+        &self,
+        mut rank_before: impl FnMut(&RankKey) -> u64,
+    ) -> Vec<((Uuid, String), (Option<u64>, u64))> {
+        self.changed
+            .iter()
+            .map(|(user, key, old)| {
+                let previous = old.map(&mut rank_before);
+                let old_ahead = self.old.partition_point(|k| *k < key) as u64;
+                let new_ahead = self.new.partition_point(|k| k < key) as u64;
+                // The board holds every old key, so at least `old_ahead` rank ahead.
+                let rank = (rank_before(key) + new_ahead).saturating_sub(old_ahead);
+                ((self.board, (*user).clone()), (previous, rank))
+            })
+            .collect()
+    }
+}
+
+/// Ranks the changed `entries` of every board `wanted` (not crowded, not
+/// ranked in memory) in SQL, in one statement before the batch writes: each
+/// key's rank on its board as it was, which [`BoardBatch::ranks`] turns into
+/// the ranks before and after the batch.
+async fn rank_in_sql(
+    conn: &mut PgConnection,
+    (entries_table, counts_table): (&str, &str),
+    entries: &Entries,
+    before: &HashMap<(Uuid, String), RankKey>,
+    wanted: impl Fn(&Uuid) -> bool,
+) -> Result<BatchRanks, sqlx::Error> {
+    let batches = BoardBatch::by_board(entries, before, wanted);
+    if batches.is_empty() {
+        return Ok(BatchRanks::new());
+    }
+    let keys: Vec<(Uuid, RankKey)> = batches
+        .values()
+        .flat_map(|batch| batch.keys().map(|key| (batch.board, key.clone())))
+        .collect();
+    let ranks = ranks_of(conn, entries_table, counts_table, &keys).await?;
+    let mut by_key: HashMap<(Uuid, &RankKey), u64> = HashMap::with_capacity(keys.len());
+    for ((board, key), rank) in keys.iter().zip(ranks) {
+        by_key.insert((*board, key), rank);
+    }
+    Ok(batches
+        .values()
+        .flat_map(|batch| batch.ranks(|key| by_key[&(batch.board, key)]))
+        .collect())
+}
+
 /// Ranks the changed `entries` (each user's entry after the batch, by test
 /// and user; `before`: the keys of those who had one) of every uncrowded
 /// test whose board `boards` holds exactly as the transaction sees it,
@@ -708,6 +790,7 @@ async fn rank_in_memory(
     }
     let tests: Vec<Uuid> = held.iter().map(|(test, _)| *test).collect();
     let current = LeaderboardQueries::last_changes(&mut *conn, &tests).await?;
+    let batches = BoardBatch::by_board(entries, before, |board| tests.binary_search(board).is_ok());
     for (test, held) in held {
         let now = current.get(&test).copied().unwrap_or(0);
         if held < now {
@@ -716,32 +799,12 @@ async fn rank_in_memory(
                 None => continue,
             }
         }
-        let mut old: Vec<&RankKey> = before
-            .iter()
-            .filter(|((t, _), _)| *t == test)
-            .map(|(_, key)| key)
-            .collect();
-        old.sort();
-        let changed: Vec<(&String, RankKey)> = entries
-            .iter()
-            .filter(|((t, _), _)| *t == test)
-            .map(|((_, user), (entry, _))| (user, entry.rank_key()))
-            .collect();
-        let mut new: Vec<&RankKey> = changed.iter().map(|(_, key)| key).collect();
-        new.sort();
-        let mut test_ranks = Vec::with_capacity(changed.len());
+        let Some(batch) = batches.get(&test) else {
+            continue;
+        };
+        let mut test_ranks = Vec::new();
         let ranked_all = boards.rank_with(test, now, &mut |board| {
-            test_ranks.clear();
-            for (user, key) in &changed {
-                let previous = before
-                    .get(&(test, (*user).clone()))
-                    .map(|old_key| board.rank_of_key(old_key));
-                let old_ahead = old.partition_point(|k| *k < key) as u64;
-                let new_ahead = new.partition_point(|k| *k < key) as u64;
-                // The board holds every old key, so at least `old_ahead` rank ahead.
-                let rank = (board.rank_of_key(key) + new_ahead).saturating_sub(old_ahead);
-                test_ranks.push(((test, (*user).clone()), (previous, rank)));
-            }
+            test_ranks = batch.ranks(|key| board.rank_of_key(key));
         });
         if ranked_all {
             ranked.extend(test_ranks);
