@@ -710,10 +710,7 @@ impl<'a> BoardBatch<'a> {
     /// after it, from `rank_before`: the 1-based rank a key has or would have
     /// on the board before the batch. After it, a key's rank is that, minus
     /// the batch's old keys ahead of it, plus its new keys ahead of it.
-    fn ranks(
-        &self,
-        mut rank_before: impl FnMut(&RankKey) -> u64,
-    ) -> Vec<((Uuid, String), (Option<u64>, u64))> {
+    fn ranks(&self, mut rank_before: impl FnMut(&RankKey) -> u64) -> BatchRanks {
         self.changed
             .iter()
             .map(|(user, key, old)| {
@@ -802,7 +799,7 @@ async fn rank_in_memory(
         let Some(batch) = batches.get(&test) else {
             continue;
         };
-        let mut test_ranks = Vec::new();
+        let mut test_ranks = BatchRanks::new();
         let ranked_all = boards.rank_with(test, now, &mut |board| {
             test_ranks = batch.ranks(|key| board.rank_of_key(key));
         });
