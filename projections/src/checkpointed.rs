@@ -211,7 +211,11 @@ impl<L: ProjectionLogic> Checkpointed<L> {
     /// Returns the new checkpoint and the changes to announce.
     pub async fn apply(&self, events: &[RecordedEvent]) -> Result<(u64, Vec<Change>), ApplyError> {
         let mut tx = self.begin().await?;
-        let applied = self.apply_in(&mut tx, events).await?;
+        let applied = if self.logic.writes_events() {
+            self.apply_writing_events(&mut tx, events).await?
+        } else {
+            self.apply_in(&mut tx, events).await?
+        };
         tx.commit().await?;
         Ok(applied)
     }
@@ -223,29 +227,79 @@ impl<L: ProjectionLogic> Checkpointed<L> {
         events: &[RecordedEvent],
     ) -> Result<(u64, Vec<Change>), ApplyError> {
         let checkpoint = self.lock_checkpoint(conn).await?;
-        let Some(start) = events.iter().position(|e| e.seq > checkpoint) else {
+        let Some(fresh) = fresh_after(events, checkpoint)? else {
             return Ok((checkpoint, Vec::new()));
         };
-        let fresh = &events[start..];
-        let contiguous = fresh
-            .iter()
-            .enumerate()
-            .all(|(i, e)| e.seq == checkpoint + 1 + i as u64);
-        if !contiguous {
-            return Err(ApplyError::Gap { checkpoint });
-        }
-        let changes =
-            self.logic
-                .apply_batch(conn, fresh)
-                .await
-                .map_err(|error| ApplyError::Failed {
-                    seq: fresh[0].seq,
-                    transient: is_transient(&*error),
-                    error: error.to_string(),
-                })?;
+        let changes = self.run_logic(conn, fresh).await?;
         let checkpoint = fresh.last().map_or(checkpoint, |e| e.seq);
         self.store_checkpoint(conn, checkpoint).await?;
         Ok((checkpoint, changes))
+    }
+
+    /// [`Self::apply_in`] for a logic that writes events. Its transaction
+    /// holds back every reader of the log from its first write to its end,
+    /// so it writes as late as it can: the checkpoint is read without a
+    /// lock (a lock would give the transaction its id at once), the logic
+    /// reads and decides, and its writes are followed by one statement that
+    /// moves the checkpoint only if it is still where it was read and the
+    /// lease still this owner's. If it moved, nothing of the batch commits
+    /// and the caller hears where it is now ([`ApplyError::Gap`]).
+    async fn apply_writing_events(
+        &self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<(u64, Vec<Change>), ApplyError> {
+        let (lease, token) = match &self.fence {
+            Some(fence) if fence.token() == 0 => return Err(self.fenced()),
+            Some(fence) => (Some(fence.name()), fence.token()),
+            None => (None, 0),
+        };
+        let checkpoint = checkpoint_of(&mut *conn, self.name()).await?;
+        let Some(fresh) = fresh_after(events, checkpoint)? else {
+            return Ok((checkpoint, Vec::new()));
+        };
+        let changes = self.run_logic(conn, fresh).await?;
+        let last = fresh.last().map_or(checkpoint, |e| e.seq);
+        let moved = sqlx::query(
+            "UPDATE projection_checkpoints SET seq = $3, updated_at = now()
+              WHERE name = $1 AND seq = $2
+                AND ($4::text IS NULL
+                     OR EXISTS (SELECT 1 FROM leases WHERE name = $4 AND token = $5 FOR KEY SHARE))",
+        )
+        .bind(self.name())
+        .bind(checkpoint as i64)
+        .bind(last as i64)
+        .bind(lease)
+        .bind(token)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if moved == 0 {
+            // The row is not there yet (the first batch), another applier
+            // moved it, or the lease is gone: find out under the lock.
+            let now = self.lock_checkpoint(conn).await?;
+            if now != checkpoint {
+                return Err(ApplyError::Gap { checkpoint: now });
+            }
+            self.store_checkpoint(conn, last).await?;
+        }
+        Ok((last, changes))
+    }
+
+    /// The logic's changes for `fresh`, its failure the batch's.
+    async fn run_logic(
+        &self,
+        conn: &mut PgConnection,
+        fresh: &[RecordedEvent],
+    ) -> Result<Vec<Change>, ApplyError> {
+        self.logic
+            .apply_batch(conn, fresh)
+            .await
+            .map_err(|error| ApplyError::Failed {
+                seq: fresh[0].seq,
+                transient: is_transient(&*error),
+                error: error.to_string(),
+            })
     }
 
     /// Moves the checkpoint past `seq` without applying it.
@@ -258,6 +312,26 @@ impl<L: ProjectionLogic> Checkpointed<L> {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// The events after `checkpoint` (`None`: none are), which must follow it
+/// without a gap.
+fn fresh_after(
+    events: &[RecordedEvent],
+    checkpoint: u64,
+) -> Result<Option<&[RecordedEvent]>, ApplyError> {
+    let Some(start) = events.iter().position(|e| e.seq > checkpoint) else {
+        return Ok(None);
+    };
+    let fresh = &events[start..];
+    let contiguous = fresh
+        .iter()
+        .enumerate()
+        .all(|(i, e)| e.seq == checkpoint + 1 + i as u64);
+    if !contiguous {
+        return Err(ApplyError::Gap { checkpoint });
+    }
+    Ok(Some(fresh))
 }
 
 /// The checkpoint of projection `name` as `db` sees it (0 before any event):

@@ -8,7 +8,7 @@ pub mod idempotency;
 pub mod policy;
 pub mod repository;
 
-pub use repository::{create_all, Repository};
+pub use repository::{bind_events, created, insert_events_sql, Repository};
 
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{Aggregate, AggregateContext, AggregateError, CqrsFramework, EventStore};

@@ -11,7 +11,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use cqrs_es::AggregateError;
+use cqrs_es::persist::SerializedEvent;
+use cqrs_es::{Aggregate, AggregateError};
 use podium_domain::log::{Change, RecordedEvent};
 use podium_domain::metadata::SYSTEM_ACTOR;
 use podium_domain::notification::{
@@ -130,8 +131,9 @@ impl ProjectionLogic for NotificationPolicy {
     }
 
     /// Decides a whole batch in memory, from the bests it can touch (read in
-    /// two statements), then writes the new bests and creates every
-    /// notification it decided on in the same transaction as its checkpoint:
+    /// one statement), then writes the new bests and creates every
+    /// notification it decided on (one statement) in the same transaction as
+    /// its checkpoint:
     /// a batch notifies all of its notifications or none, in the order
     /// decided, and a redelivered event finds its notifications there.
     async fn apply_batch(
@@ -153,12 +155,12 @@ impl ProjectionLogic for NotificationPolicy {
         for (event, submission) in submissions {
             commands.extend(issues(event, decide(&mut memory, &submission).await?)?);
         }
-        memory.store(conn).await?;
         let commands = commands
             .into_iter()
             .map(|issue| (issue.id.to_string(), issue.command, issue.metadata))
             .collect();
-        crate::command::create_all::<Notification>(conn, commands).await?;
+        let notifications = crate::command::created::<Notification>(commands).await?;
+        memory.store(conn, &notifications).await?;
         Ok(Vec::new())
     }
 }
@@ -325,9 +327,15 @@ impl Preloaded {
         Ok(loaded)
     }
 
-    /// Writes the changed bests back.
-    async fn store(&self, conn: &mut PgConnection) -> Result<(), BoxError> {
-        if self.changed.is_empty() {
+    /// Writes the changed bests back and creates `notifications`, in one
+    /// statement: the batch's transaction takes its id (and holds readers of
+    /// the log back) for as short a time as it can.
+    async fn store(
+        &self,
+        conn: &mut PgConnection,
+        notifications: &[SerializedEvent],
+    ) -> Result<(), BoxError> {
+        if self.changed.is_empty() && notifications.is_empty() {
             return Ok(());
         }
         let changed: Vec<(Uuid, &RankKey)> = self
@@ -335,33 +343,35 @@ impl Preloaded {
             .iter()
             .filter_map(|(test, user)| Some((*test, self.bests.key(*test, user)?)))
             .collect();
-        sqlx::query(
-            "INSERT INTO policy_bests (test_id, user_id, best_score, achieved_at)
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::timestamptz[])
-             ON CONFLICT (test_id, user_id) DO UPDATE
-                SET best_score = EXCLUDED.best_score, achieved_at = EXCLUDED.achieved_at",
-        )
-        .bind(changed.iter().map(|(t, _)| *t).collect::<Vec<_>>())
-        .bind(
-            changed
-                .iter()
-                .map(|(_, k)| k.user_id.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            changed
-                .iter()
-                .map(|(_, k)| k.score as i32)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            changed
-                .iter()
-                .map(|(_, k)| k.achieved_at)
-                .collect::<Vec<_>>(),
-        )
-        .execute(conn)
-        .await?;
+        let sql = crate::command::insert_events_sql(
+            "WITH bests AS (
+                INSERT INTO policy_bests (test_id, user_id, best_score, achieved_at)
+                SELECT * FROM UNNEST($8::uuid[], $9::text[], $10::int[], $11::timestamptz[])
+                ON CONFLICT (test_id, user_id) DO UPDATE
+                   SET best_score = EXCLUDED.best_score, achieved_at = EXCLUDED.achieved_at)",
+        );
+        crate::command::bind_events(sqlx::query(&sql), Notification::TYPE, notifications)
+            .bind(changed.iter().map(|(t, _)| *t).collect::<Vec<_>>())
+            .bind(
+                changed
+                    .iter()
+                    .map(|(_, k)| k.user_id.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                changed
+                    .iter()
+                    .map(|(_, k)| k.score as i32)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                changed
+                    .iter()
+                    .map(|(_, k)| k.achieved_at)
+                    .collect::<Vec<_>>(),
+            )
+            .execute(conn)
+            .await?;
         Ok(())
     }
 }

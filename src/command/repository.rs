@@ -3,8 +3,8 @@
 //! postgres-es's [`PostgresEventRepository`] (production) and the embedded
 //! mode's [`MemLog`]. That trait has generic methods, so it cannot be a trait
 //! object: [`Repository`] is the closed set of its two adapters, and
-//! delegates every call. Also here: [`create_all`], the bulk insert the
-//! notification policy issues its commands with.
+//! delegates every call. Also here: [`created`] and [`insert_events_sql`],
+//! the bulk insert the notification policy issues its commands with.
 
 use std::sync::Arc;
 
@@ -85,14 +85,14 @@ impl PersistedEventRepository for Repository {
 }
 
 /// Runs each command against a fresh aggregate (the domain decides, as in
-/// [`Store::execute`](super::Store::execute)) and inserts the events of all of them with one
-/// statement, in the caller's transaction on `conn`. An aggregate that exists
-/// already is left as it is: this is for commands whose ids derive from what
-/// caused them (the notification policy's), where an existing one is the same.
-pub async fn create_all<A>(
-    conn: &mut sqlx::PgConnection,
+/// [`Store::execute`](super::Store::execute)) and returns the events of all
+/// of them, to be inserted with one statement ([`insert_events_sql`]). For
+/// commands whose ids derive from what caused them (the notification
+/// policy's): an aggregate that exists already is the same, and its events
+/// are passed over by the insert.
+pub async fn created<A>(
     commands: Vec<(String, A::Command, EventMetadata)>,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+) -> Result<Vec<SerializedEvent>, Box<dyn std::error::Error + Send + Sync>>
 where
     A: Aggregate<Services = ()>,
     A::Error: Send + Sync + 'static,
@@ -113,38 +113,41 @@ where
             rows.push(SerializedEvent::try_from(&envelope)?);
         }
     }
-    if rows.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        // The epoch read once for the statement: the column's default
-        // reads it once a row (a third of the insert's time).
-        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+    Ok(rows)
+}
+
+/// The statement that inserts events of one aggregate type, `$1`, with
+/// their columns in `$2`–`$7` ([`bind_events`]), those that exist already
+/// passed over; after `with`, a caller's data-modifying `WITH …` clause
+/// whose parameters start at `$8` (or nothing), so that its writes and the
+/// events go in one round trip.
+pub fn insert_events_sql(with: &str) -> String {
+    // The epoch read once for the statement: the column's default reads it
+    // once a row (a third of the insert's time).
+    format!(
+        "{with}
+         INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
                              payload, metadata, epoch)
          SELECT $1, *, (SELECT epoch FROM log_epoch)
            FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])
-         ON CONFLICT (aggregate_type, aggregate_id, sequence) DO NOTHING",
+         ON CONFLICT (aggregate_type, aggregate_id, sequence) DO NOTHING"
     )
-    .bind(A::TYPE)
-    .bind(
-        rows.iter()
-            .map(|r| r.aggregate_id.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind(rows.iter().map(|r| r.sequence as i64).collect::<Vec<_>>())
-    .bind(
-        rows.iter()
-            .map(|r| r.event_type.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        rows.iter()
-            .map(|r| r.event_version.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind(rows.iter().map(|r| r.payload.clone()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.metadata.clone()).collect::<Vec<_>>())
-    .execute(conn)
-    .await?;
-    Ok(())
+}
+
+/// Binds `$1`–`$7` of [`insert_events_sql`]: events `rows` of
+/// `aggregate_type`.
+pub fn bind_events<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    aggregate_type: &'q str,
+    rows: &[SerializedEvent],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let column = |f: fn(&SerializedEvent) -> String| rows.iter().map(f).collect::<Vec<_>>();
+    query
+        .bind(aggregate_type)
+        .bind(column(|r| r.aggregate_id.clone()))
+        .bind(rows.iter().map(|r| r.sequence as i64).collect::<Vec<_>>())
+        .bind(column(|r| r.event_type.clone()))
+        .bind(column(|r| r.event_version.clone()))
+        .bind(rows.iter().map(|r| r.payload.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.metadata.clone()).collect::<Vec<_>>())
 }

@@ -1166,3 +1166,168 @@ async fn a_tailing_reader_misses_no_late_event_among_transactions_that_write_non
     );
     assert_eq!(tailed, replay);
 }
+
+/// A logic that writes events, as the notification policy does: it reads,
+/// then waits at a gate the test opens, then writes one event of its own.
+struct Gated {
+    reached: Arc<tokio::sync::Notify>,
+    open: Arc<tokio::sync::Notify>,
+}
+
+impl ProjectionLogic for Gated {
+    fn name(&self) -> &str {
+        "gated"
+    }
+
+    fn writes_events(&self) -> bool {
+        true
+    }
+
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<Vec<Change>, BoxError> {
+        sqlx::query("SELECT count(*) FROM events")
+            .execute(&mut *conn)
+            .await?;
+        self.reached.notify_one();
+        self.open.notified().await;
+        let last = events.last().map_or(0, |e| e.seq);
+        insert_event(conn, &format!("gated-{last}")).await?;
+        Ok(Vec::new())
+    }
+}
+
+/// A [`Gated`] batch of events 1 and 2 running in a task of its own, held
+/// at its gate: the test does what it will there, then opens it.
+struct HeldBatch {
+    open: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<Result<(u64, Vec<Change>), ApplyError>>,
+}
+
+async fn hold_a_batch(projection: Arc<Checkpointed<Gated>>) -> HeldBatch {
+    let (reached, open) = (
+        projection.logic().reached.clone(),
+        projection.logic().open.clone(),
+    );
+    let task = tokio::spawn(async move {
+        let events: Vec<RecordedEvent> = (1..=2)
+            .map(|seq| RecordedEvent::passed_over(seq, "Attempt", "AttemptStarted"))
+            .collect();
+        projection.apply(&events).await
+    });
+    tokio::time::timeout(Duration::from_secs(30), reached.notified())
+        .await
+        .expect("the batch reaches its gate");
+    HeldBatch { open, task }
+}
+
+impl HeldBatch {
+    async fn finish(self) -> Result<(u64, Vec<Change>), ApplyError> {
+        self.open.notify_one();
+        self.task.await.unwrap()
+    }
+}
+
+fn gated(db: &TestDb) -> Arc<Checkpointed<Gated>> {
+    Arc::new(Checkpointed::new(
+        db.pool.clone(),
+        Gated {
+            reached: Arc::default(),
+            open: Arc::default(),
+        },
+    ))
+}
+
+/// A batch that writes events (the notification policy's) holds readers of
+/// the log back only from its first write: while it reads and decides,
+/// events committed by others are readable at once.
+#[tokio::test]
+async fn a_batch_that_writes_events_holds_no_reader_back_before_it_writes() {
+    let db = TestDb::new().await;
+    let projection = gated(&db);
+    let held = hold_a_batch(projection.clone()).await;
+    insert_event(&mut db.pool.acquire().await.unwrap(), "meanwhile")
+        .await
+        .unwrap();
+    until_readable(
+        &db.pool,
+        "an event committed while the batch reads is readable",
+        &["Inbox:meanwhile:1"],
+    )
+    .await;
+    assert_eq!(held.finish().await.unwrap().0, 2);
+    assert_eq!(projection.checkpoint().await.unwrap(), 2);
+    until_readable(
+        &db.pool,
+        "the batch's own event follows",
+        &["Inbox:meanwhile:1", "Inbox:gated-2:1"],
+    )
+    .await;
+}
+
+/// Such a batch reads its checkpoint without a lock, so it checks at the
+/// end that the checkpoint is still where it was and the lease still its
+/// owner's: if not, nothing of it commits, its events included.
+#[tokio::test]
+async fn a_batch_that_writes_events_commits_nothing_once_its_checkpoint_moved_or_lease_went() {
+    let db = TestDb::new().await;
+    let projection = gated(&db);
+    let held = hold_a_batch(projection.clone()).await;
+    // Another applier moves the checkpoint meanwhile.
+    sqlx::query("INSERT INTO projection_checkpoints (name, seq) VALUES ('gated', 1)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    match held.finish().await {
+        Err(ApplyError::Gap { checkpoint: 1 }) => {}
+        other => panic!("expected a gap at 1, got {other:?}"),
+    }
+    assert_eq!(projection.checkpoint().await.unwrap(), 1);
+    assert_eq!(
+        db.event_count().await,
+        0,
+        "the batch's event was not committed"
+    );
+
+    // A fenced one whose lease changes hands meanwhile.
+    sqlx::query(
+        "INSERT INTO leases (name, owner, token, expires_at)
+         VALUES ('gated', 'this', 3, now() + interval '1 hour')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let fence = Fence::new("gated");
+    fence.set_token(3);
+    let fenced = Arc::new(
+        Checkpointed::new(
+            db.pool.clone(),
+            Gated {
+                reached: Arc::default(),
+                open: Arc::default(),
+            },
+        )
+        .fenced_by(fence),
+    );
+    sqlx::query("UPDATE projection_checkpoints SET seq = 0")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let held = hold_a_batch(fenced.clone()).await;
+    sqlx::query("UPDATE leases SET owner = 'another', token = 4")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    match held.finish().await {
+        Err(ApplyError::Fenced { lease }) => assert_eq!(lease, "gated"),
+        other => panic!("expected to be fenced, got {other:?}"),
+    }
+    assert_eq!(fenced.checkpoint().await.unwrap(), 0);
+    assert_eq!(
+        db.event_count().await,
+        0,
+        "the batch's event was not committed"
+    );
+}
