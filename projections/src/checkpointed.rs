@@ -155,11 +155,7 @@ impl<L: ProjectionLogic> Checkpointed<L> {
     /// the fence (see [`Fence::holds`]) in the same statement: a batch's
     /// opening is one round trip. The row is made on the first batch.
     async fn lock_checkpoint(&self, conn: &mut PgConnection) -> Result<u64, ApplyError> {
-        let lease = match &self.fence {
-            Some(fence) if fence.token() == 0 => return Err(self.fenced()),
-            Some(fence) => Some(fence.name()),
-            None => None,
-        };
+        let (lease, _) = self.lease()?;
         for first in [true, false] {
             let row: Option<(i64, Option<i64>)> = sqlx::query_as(
                 "SELECT c.seq, (SELECT token FROM leases WHERE name = $2 FOR KEY SHARE)
@@ -187,6 +183,16 @@ impl<L: ProjectionLogic> Checkpointed<L> {
             }
         }
         Err(ApplyError::Database(sqlx::Error::RowNotFound))
+    }
+
+    /// The lease this projection's writes must still hold and the token it
+    /// was given (`None` when unfenced); fenced at once while it holds none.
+    fn lease(&self) -> Result<(Option<&str>, i64), ApplyError> {
+        match &self.fence {
+            Some(fence) if fence.token() == 0 => Err(self.fenced()),
+            Some(fence) => Ok((Some(fence.name()), fence.token())),
+            None => Ok((None, 0)),
+        }
     }
 
     fn fenced(&self) -> ApplyError {
@@ -249,11 +255,7 @@ impl<L: ProjectionLogic> Checkpointed<L> {
         conn: &mut PgConnection,
         events: &[RecordedEvent],
     ) -> Result<(u64, Vec<Change>), ApplyError> {
-        let (lease, token) = match &self.fence {
-            Some(fence) if fence.token() == 0 => return Err(self.fenced()),
-            Some(fence) => (Some(fence.name()), fence.token()),
-            None => (None, 0),
-        };
+        let (lease, token) = self.lease()?;
         let checkpoint = checkpoint_of(&mut *conn, self.name()).await?;
         let Some(fresh) = fresh_after(events, checkpoint)? else {
             return Ok((checkpoint, Vec::new()));

@@ -133,9 +133,9 @@ impl ProjectionLogic for NotificationPolicy {
     /// Decides a whole batch in memory, from the bests it can touch (read in
     /// one statement), then writes the new bests and creates every
     /// notification it decided on (one statement) in the same transaction as
-    /// its checkpoint:
-    /// a batch notifies all of its notifications or none, in the order
-    /// decided, and a redelivered event finds its notifications there.
+    /// its checkpoint: a batch notifies all of its notifications or none, in
+    /// the order decided, and a redelivered event finds its notifications
+    /// there.
     async fn apply_batch(
         &self,
         conn: &mut PgConnection,
