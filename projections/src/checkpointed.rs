@@ -155,7 +155,7 @@ impl<L: ProjectionLogic> Checkpointed<L> {
     /// the fence (see [`Fence::holds`]) in the same statement: a batch's
     /// opening is one round trip. The row is made on the first batch.
     async fn lock_checkpoint(&self, conn: &mut PgConnection) -> Result<u64, ApplyError> {
-        let (lease, _) = self.lease()?;
+        let (lease, token) = self.lease()?;
         for first in [true, false] {
             let row: Option<(i64, Option<i64>)> = sqlx::query_as(
                 "SELECT c.seq, (SELECT token FROM leases WHERE name = $2 FOR KEY SHARE)
@@ -165,12 +165,14 @@ impl<L: ProjectionLogic> Checkpointed<L> {
             .bind(lease)
             .fetch_optional(&mut *conn)
             .await?;
-            match (row, &self.fence) {
-                (Some((_, token)), Some(fence)) if token != Some(fence.token()) => {
+            match row {
+                // The token this batch started with, as the compare-and-set
+                // of a batch that writes events uses it.
+                Some((_, current)) if lease.is_some() && current != Some(token) => {
                     return Err(self.fenced())
                 }
-                (Some((seq, _)), _) => return Ok(seq as u64),
-                (None, _) if first => {
+                Some((seq, _)) => return Ok(seq as u64),
+                None if first => {
                     sqlx::query(
                         "INSERT INTO projection_checkpoints (name, seq) VALUES ($1, 0)
                          ON CONFLICT (name) DO NOTHING",
@@ -179,7 +181,7 @@ impl<L: ProjectionLogic> Checkpointed<L> {
                     .execute(&mut *conn)
                     .await?;
                 }
-                (None, _) => break,
+                None => break,
             }
         }
         Err(ApplyError::Database(sqlx::Error::RowNotFound))
