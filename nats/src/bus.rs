@@ -73,13 +73,17 @@ pub enum StreamPosition {
     Missing { wanted: u64, first_kept: u64 },
 }
 
+/// The log seq a message's headers carry, if it is one of ours.
+pub fn seq_header(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(SEQ_HEADER)
+        .and_then(|v| v.as_str().parse::<u64>().ok())
+}
+
 /// The log seq of stream message `sequence`, if it is one of ours.
 async fn log_seq_at(stream: &stream::Stream, sequence: u64) -> Result<Option<u64>, BusError> {
     match stream.get_raw_message(sequence).await {
-        Ok(message) => Ok(message
-            .headers
-            .get(SEQ_HEADER)
-            .and_then(|v| v.as_str().parse::<u64>().ok())),
+        Ok(message) => Ok(seq_header(&message.headers)),
         // Deleted from the middle of the stream: treat it as not ours.
         Err(err) if err.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
         Err(err) => Err(BusError::Stream {
@@ -158,6 +162,15 @@ impl EventBus {
             .subscribe(self.subjects.every_change())
             .await
             .map_err(|err| BusError::Connect(err.to_string()))
+    }
+
+    /// The log seq (its header) and the aggregate and event types (its
+    /// subject) of an events-stream message, read without decoding its
+    /// payload; `None` when either is missing.
+    pub fn kind_of<'m>(&self, message: &'m jetstream::Message) -> Option<(u64, &'m str, &'m str)> {
+        let seq = seq_header(message.headers.as_ref()?)?;
+        let (aggregate_type, event_type) = self.subjects.event_kind(&message.subject)?;
+        Some((seq, aggregate_type, event_type))
     }
 
     pub fn subjects(&self) -> &Subjects {

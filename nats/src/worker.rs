@@ -38,7 +38,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{stopped_during, Backoff};
-use crate::bus::{StreamPosition, SEQ_HEADER};
+use crate::bus::StreamPosition;
 use crate::EventBus;
 
 /// What a projection reports after committing a batch.
@@ -488,14 +488,8 @@ impl<P: Projection> Worker<P> {
     /// subject says the type, its header the seq) passed over undecoded,
     /// any other decoded.
     fn delivery(&self, message: &Message) -> Delivery {
-        let header_seq = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(SEQ_HEADER))
-            .and_then(|v| v.as_str().parse::<u64>().ok());
-        let kind = self.bus.subjects().event_kind(&message.subject);
-        match (header_seq, kind) {
-            (Some(seq), Some((aggregate_type, event_type)))
+        match self.bus.kind_of(message) {
+            Some((seq, aggregate_type, event_type))
                 if !self.projection.wants(aggregate_type, event_type) =>
             {
                 Delivery {
@@ -504,7 +498,10 @@ impl<P: Projection> Worker<P> {
                     wanted: false,
                 }
             }
-            _ => decoded(message, header_seq),
+            _ => decoded(
+                message,
+                message.headers.as_ref().and_then(crate::bus::seq_header),
+            ),
         }
     }
 

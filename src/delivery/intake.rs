@@ -147,7 +147,10 @@ async fn pull_until_broken(
 ) -> Result<(), String> {
     let stream = bus.events_stream().await.map_err(|e| e.to_string())?;
     let filter_subject = match channel {
-        Channel::Email => bus.subjects().event("Notification", "NotificationCreated"),
+        Channel::Email => {
+            let (aggregate_type, event_type) = super::plan::EMAILED;
+            bus.subjects().event(aggregate_type, event_type)
+        }
         Channel::Webhook => bus.subjects().all_events(),
     };
     let name = consumer_name(channel);
@@ -203,9 +206,24 @@ async fn pull_until_broken(
                 _ => break,
             }
         }
+        // What the channel records now: events it cannot use (for webhooks
+        // that no endpoint subscribes to, most of the log) are passed over
+        // without decoding, read off their subjects.
+        let interest = deliveries.interest(&[channel]).await;
         let mut events = Vec::with_capacity(batch.len());
         let mut readable = Vec::with_capacity(batch.len());
+        // The last event this batch takes in.
+        let mut last = None;
         for message in batch {
+            if let (Ok(interest), Some((seq, aggregate_type, event_type))) =
+                (&interest, bus.kind_of(&message))
+            {
+                if !interest.wants(aggregate_type, event_type) {
+                    last = last.max(Some(seq));
+                    readable.push(message);
+                    continue;
+                }
+            }
             match serde_json::from_slice::<RecordedEvent>(&message.payload) {
                 // A stream being filled again from the log may still hand
                 // out events from before the start position found.
@@ -213,6 +231,7 @@ async fn pull_until_broken(
                     let _ = message.ack().await;
                 }
                 Ok(event) => {
+                    last = last.max(Some(event.seq));
                     events.push(event);
                     readable.push(message);
                 }
@@ -223,8 +242,8 @@ async fn pull_until_broken(
             }
         }
         let recorded = async {
-            let recorded = deliveries.intake(&[channel], &events).await?;
-            if let Some(last) = events.iter().map(|e| e.seq).max() {
+            let recorded = deliveries.intake_with(&interest?, &events).await?;
+            if let Some(last) = last {
                 mark.took_in(last);
             }
             if recorded > 0 || mark.due() {

@@ -137,6 +137,25 @@ impl Endpoint {
     }
 }
 
+/// What the channels can record deliveries of at one moment
+/// ([`Deliveries::interest`]).
+pub struct Interest {
+    /// Emails of notifications (an SMTP server is configured).
+    email: bool,
+    /// The active webhook endpoints.
+    endpoints: Vec<Endpoint>,
+}
+
+impl Interest {
+    /// Whether an event of this type can record a delivery. Intake passes
+    /// the others over without decoding them.
+    pub fn wants(&self, aggregate_type: &str, event_type: &str) -> bool {
+        (self.email && plan::emailed(aggregate_type, event_type))
+            || plan::webhook_kind(aggregate_type, event_type)
+                .is_some_and(|kind| self.endpoints.iter().any(|e| e.wants(kind)))
+    }
+}
+
 /// A delivery taken to be sent.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -473,11 +492,41 @@ impl Deliveries {
         self.senders.email.is_some()
     }
 
+    /// What `channels` can record deliveries of now: emails of
+    /// notifications when an SMTP server is configured, and the webhook
+    /// types the active endpoints subscribe to.
+    pub async fn interest(&self, channels: &[Channel]) -> StoreResult<Interest> {
+        let endpoints = if channels.contains(&Channel::Webhook) {
+            let mut endpoints = self.store.endpoints().await?;
+            endpoints.retain(Endpoint::active);
+            endpoints
+        } else {
+            Vec::new()
+        };
+        Ok(Interest {
+            email: channels.contains(&Channel::Email) && self.emails(),
+            endpoints,
+        })
+    }
+
     /// Records the deliveries `events` ask for on `channels`, and wakes this
-    /// instance's dispatcher. Events that ask for none cost no query.
+    /// instance's dispatcher.
     pub async fn intake(&self, channels: &[Channel], events: &[RecordedEvent]) -> StoreResult<u64> {
+        let interest = self.interest(channels).await?;
+        self.intake_with(&interest, events).await
+    }
+
+    /// [`Self::intake`] with what the channels record read already. Events
+    /// that no channel wants are passed over undecoded; events that ask for
+    /// nothing cost no query.
+    pub async fn intake_with(
+        &self,
+        interest: &Interest,
+        events: &[RecordedEvent],
+    ) -> StoreResult<u64> {
         let decoded: Vec<_> = events
             .iter()
+            .filter(|recorded| interest.wants(&recorded.aggregate_type, &recorded.event_type))
             .filter_map(|recorded| match recorded.decode() {
                 Ok(event) => Some((recorded, event)),
                 Err(err) => {
@@ -487,7 +536,7 @@ impl Deliveries {
             })
             .collect();
         let mut planned = Vec::new();
-        if channels.contains(&Channel::Email) && self.emails() {
+        if interest.email {
             let recipients: HashSet<&str> = decoded
                 .iter()
                 .filter_map(|(_, event)| plan::notice(event))
@@ -503,13 +552,8 @@ impl Deliveries {
                 );
             }
         }
-        if channels.contains(&Channel::Webhook) {
-            let endpoints = self.store.endpoints().await?;
-            if endpoints.iter().any(Endpoint::active) {
-                for (recorded, event) in &decoded {
-                    planned.extend(plan::webhooks(recorded, event, &endpoints));
-                }
-            }
+        for (recorded, event) in &decoded {
+            planned.extend(plan::webhooks(recorded, event, &interest.endpoints));
         }
         if planned.is_empty() {
             return Ok(0);
@@ -777,6 +821,64 @@ mod tests {
         let gone = Finish::of(Outcome::Gone, 1, &schedule, Some(endpoint));
         assert_eq!((gone.status, gone.disable), ("failed", Some(endpoint)));
         assert_eq!(gone.outcome(), "disabled");
+    }
+
+    #[test]
+    fn intake_decodes_only_events_a_channel_can_send_now() {
+        const TYPES: [(&str, &str); 5] = [
+            ("Attempt", "AttemptStarted"),
+            ("Attempt", "AttemptSubmitted"),
+            ("Notification", "NotificationCreated"),
+            ("Notification", "NotificationRead"),
+            ("Test", "TestPublished"),
+        ];
+        let endpoint = |events: &[&str], status: &str| Endpoint {
+            id: Uuid::from_u128(1),
+            url: "http://127.0.0.1:9/hook".into(),
+            events: events.iter().map(|e| e.to_string()).collect(),
+            secret: new_secret(),
+            status: status.into(),
+            created_at: Utc::now(),
+        };
+        let wanted = |interest: &Interest| -> Vec<&str> {
+            TYPES
+                .iter()
+                .filter(|(aggregate, event)| interest.wants(aggregate, event))
+                .map(|(_, event)| *event)
+                .collect()
+        };
+        let nothing = Interest {
+            email: false,
+            endpoints: Vec::new(),
+        };
+        assert!(wanted(&nothing).is_empty());
+        let email = Interest {
+            email: true,
+            endpoints: Vec::new(),
+        };
+        assert_eq!(wanted(&email), ["NotificationCreated"]);
+        let every_type = Interest {
+            email: false,
+            endpoints: vec![endpoint(&[], "active")],
+        };
+        assert_eq!(
+            wanted(&every_type),
+            ["AttemptSubmitted", "NotificationCreated", "TestPublished"]
+        );
+        let tests_only = Interest {
+            email: false,
+            endpoints: vec![endpoint(&["test.published"], "active")],
+        };
+        assert_eq!(wanted(&tests_only), ["TestPublished"]);
+        // Every webhook type of the contract is read off some event type.
+        for kind in WEBHOOK_EVENTS {
+            assert!(
+                TYPES
+                    .iter()
+                    .any(|(a, e)| plan::webhook_kind(a, e) == Some(kind)),
+                "{kind}"
+            );
+        }
     }
 
     #[test]

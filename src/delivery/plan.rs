@@ -20,6 +20,27 @@ pub const WEBHOOK_EVENTS: [&str; 3] = [
     "test.published",
 ];
 
+/// The aggregate and event type of the notifications that become emails.
+pub const EMAILED: (&str, &str) = ("Notification", "NotificationCreated");
+
+/// Whether events of this type can become emails.
+pub fn emailed(aggregate_type: &str, event_type: &str) -> bool {
+    (aggregate_type, event_type) == EMAILED
+}
+
+/// The webhook event type that events of this aggregate and event type
+/// become, if any: what intake reads off a message's subject to pass the
+/// others over undecoded. The same as [`webhook_event`] says of the
+/// decoded event (a test holds them to it).
+pub fn webhook_kind(aggregate_type: &str, event_type: &str) -> Option<&'static str> {
+    match (aggregate_type, event_type) {
+        ("Attempt", "AttemptSubmitted") => Some("attempt.submitted"),
+        EMAILED => Some("notification.created"),
+        ("Test", "TestPublished") => Some("test.published"),
+        _ => None,
+    }
+}
+
 /// Sent first: everything but announcements.
 pub const PERSONAL: i16 = 0;
 /// Sent when nothing personal waits: announcements, which go to many at once.
