@@ -23,6 +23,7 @@ impl ScratchDb {
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
         let name = format!("podium_bench_{}", uuid::Uuid::new_v4().simple());
         let mut admin = PgConnection::connect(&maintenance).await?;
+        drop_abandoned(&mut admin).await?;
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut admin)
             .await?;
@@ -47,6 +48,29 @@ impl ScratchDb {
             .await?;
         Ok(())
     }
+}
+
+/// Drops the scratch databases of earlier runs that were stopped before they
+/// could (killed, or interrupted): those that no session uses. A database
+/// that someone connects to meanwhile is left alone.
+async fn drop_abandoned(admin: &mut PgConnection) -> anyhow::Result<()> {
+    let abandoned: Vec<String> = sqlx::query_scalar(
+        "SELECT datname FROM pg_database d
+          WHERE datname LIKE 'podium\\_bench\\_%'
+            AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datname = d.datname)",
+    )
+    .fetch_all(&mut *admin)
+    .await?;
+    for name in abandoned {
+        match sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\""))
+            .execute(&mut *admin)
+            .await
+        {
+            Ok(_) => eprintln!("dropped {name}, left behind by an earlier run"),
+            Err(err) => eprintln!("left {name} (an earlier run's) alone: {err}"),
+        }
+    }
+    Ok(())
 }
 
 /// The numbers given on the command line, in order.
