@@ -498,7 +498,8 @@ impl<P: Projection> Worker<P> {
                     wanted: false,
                 }
             }
-            _ => decoded(
+            Some((seq, ..)) => decoded(message, Some(seq)),
+            None => decoded(
                 message,
                 message.headers.as_ref().and_then(crate::bus::seq_header),
             ),
