@@ -288,6 +288,9 @@ struct Preloaded {
 
 impl Preloaded {
     /// Reads the bests the submissions of users `keys` (test, user) can touch.
+    /// Each is looked up by its key (`LIMIT 1` keeps the lookups from being
+    /// turned into a join, which a plan made while the table was small
+    /// would go on hashing by a scan of the whole table).
     async fn load(conn: &mut PgConnection, keys: Vec<(Uuid, String)>) -> Result<Self, BoxError> {
         let mut loaded = Self {
             bests: MemoryBests::default(),
@@ -308,9 +311,10 @@ impl Preloaded {
                      ORDER BY best_score DESC, achieved_at, user_id LIMIT $2) p
              UNION
              SELECT b.test_id, b.user_id, b.best_score, b.achieved_at
-               FROM policy_bests b
-               JOIN UNNEST($3::uuid[], $4::text[]) k(test_id, user_id)
-                 ON b.test_id = k.test_id AND b.user_id = k.user_id",
+               FROM UNNEST($3::uuid[], $4::text[]) k(test_id, user_id)
+               CROSS JOIN LATERAL (
+                    SELECT * FROM policy_bests b
+                     WHERE b.test_id = k.test_id AND b.user_id = k.user_id LIMIT 1) b",
         )
         .bind(&tests)
         .bind(TOP)

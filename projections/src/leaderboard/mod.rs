@@ -173,7 +173,26 @@ impl LeaderboardProjection {
             .collect();
         keys.sort();
         keys.dedup();
-        let before = self.load(conn, &keys).await?;
+        // The rank index may rank the boards it holds: their last changes
+        // are read with the entries.
+        let indexed = match (&self.boards, self.generation, checkpoint) {
+            (Some(boards), Generation::Live, Some(checkpoint)) => {
+                let mut held: Vec<Uuid> = keys
+                    .iter()
+                    .map(|(board, _)| *board)
+                    .filter(|board| boards.last_change(*board).is_some())
+                    .collect();
+                held.dedup();
+                Some((checkpoint, held))
+            }
+            _ => None,
+        };
+        let held = indexed.as_ref().map_or(&[][..], |(_, held)| &held[..]);
+        let (before, last_changes) = self.load(conn, &keys, held).await?;
+        let indexed = indexed.map(|(checkpoint, _)| Indexed {
+            checkpoint,
+            last_changes,
+        });
         let mut current: HashMap<(Uuid, String), Entry> = before
             .iter()
             .map(|(key, (entry, _))| (key.clone(), entry.clone()))
@@ -215,23 +234,23 @@ impl LeaderboardProjection {
                 }
             }
         }
-        self.write(conn, &before, after, &moves, checkpoint).await
+        self.write(conn, &before, after, &moves, indexed).await
     }
 
     /// Writes the entries a batch changed (`after`, each with the seq of its
     /// change; `before`: every entry the batch read, as it was): entries,
     /// score counts and moves in one statement ([`Self::store`]). A live
     /// batch announces, for each entry it changed, the entry's rank after
-    /// the batch and before it (from the rank index, or else one set-wise
-    /// rank query before the write), or one `resync` for a board with more
-    /// than [`ANNOUNCE_LIMIT`] changes.
+    /// the batch and before it (from the rank index when `indexed`, or else
+    /// one set-wise rank query before the write), or one `resync` for a board
+    /// with more than [`ANNOUNCE_LIMIT`] changes.
     async fn write(
         &self,
         conn: &mut PgConnection,
         before: &Entries,
         entries: Entries,
         moves: &[(u64, Uuid, Entry)],
-        checkpoint: Option<u64>,
+        indexed: Option<Indexed>,
     ) -> Result<Vec<Change>, sqlx::Error> {
         let live = self.generation == Generation::Live;
         // Where each changed entry stood, and how the score counts move.
@@ -262,15 +281,15 @@ impl LeaderboardProjection {
             .map(|(board, (_, last))| (board, last))
             .collect();
         // Boards ranked in memory, then the rest in SQL.
-        let in_memory = match (&self.boards, live, checkpoint) {
-            (Some(boards), true, Some(checkpoint)) => {
+        let in_memory = match (&self.boards, indexed) {
+            (Some(boards), Some(indexed)) if live => {
                 rank_in_memory(
                     conn,
                     boards.as_ref(),
                     &entries,
                     &old_keys,
                     &crowded,
-                    checkpoint,
+                    indexed,
                 )
                 .await?
             }
@@ -402,25 +421,49 @@ impl LeaderboardProjection {
         Ok(())
     }
 
-    /// The entries under `keys` (board, user) that exist.
+    /// The entries under `keys` (board, user) that exist and, in the same
+    /// statement, the last change (0: none) of each of the boards `held`.
+    /// Each entry is looked up by its key: as a join, a generic plan made
+    /// while the table was small goes on hashing it by a whole-table scan as
+    /// it grows (`LIMIT 1`, which the key allows anyway, keeps it a lookup).
     async fn load(
         &self,
         conn: &mut PgConnection,
         keys: &[(Uuid, String)],
-    ) -> Result<Entries, sqlx::Error> {
+        held: &[Uuid],
+    ) -> Result<(Entries, HashMap<Uuid, u64>), sqlx::Error> {
         let (boards, users): (Vec<Uuid>, Vec<String>) = keys.iter().cloned().unzip();
+        // A board's last change is a row without a user.
         let rows = sqlx::query(&format!(
             "SELECT e.test_id, e.user_id, e.best_score, e.max_score, e.attempt_id, e.achieved_at,
                     e.attempts, e.changed_seq
-               FROM {} e JOIN UNNEST($1::uuid[], $2::text[]) k(test_id, user_id)
-                 ON e.test_id = k.test_id AND e.user_id = k.user_id",
-            self.entries
+               FROM UNNEST($1::uuid[], $2::text[]) k(test_id, user_id)
+               CROSS JOIN LATERAL (
+                    SELECT * FROM {e} e
+                     WHERE e.test_id = k.test_id AND e.user_id = k.user_id LIMIT 1) e
+             UNION ALL
+             SELECT t.test_id, NULL, NULL, NULL, NULL, NULL, NULL,
+                    COALESCE((SELECT max(changed_seq) FROM {e} e WHERE e.test_id = t.test_id), 0)
+               FROM UNNEST($3::uuid[]) t(test_id)",
+            e = self.entries
         ))
         .bind(&boards)
         .bind(&users)
+        .bind(held)
         .fetch_all(&mut *conn)
         .await?;
-        rows.iter().map(keyed_entry).collect()
+        let mut entries = Entries::with_capacity(rows.len());
+        let mut last_changes = HashMap::with_capacity(held.len());
+        for row in &rows {
+            if row.try_get::<Option<&str>, _>("user_id")?.is_some() {
+                let (key, entry) = keyed_entry(row)?;
+                entries.insert(key, entry);
+            } else {
+                let last: i64 = row.try_get("changed_seq")?;
+                last_changes.insert(row.try_get("test_id")?, last as u64);
+            }
+        }
+        Ok((entries, last_changes))
     }
 
     /// The tests of the collections that hold any of `tests`; in the same
@@ -755,25 +798,38 @@ async fn rank_in_sql(
         .collect())
 }
 
+/// What the rank index needs to rank a batch: the seq before it (the
+/// transaction has written nothing yet) and the last changes of the boards
+/// the index held when the batch read its entries, read with them.
+struct Indexed {
+    checkpoint: u64,
+    last_changes: HashMap<Uuid, u64>,
+}
+
 /// Ranks the changed `entries` (each user's entry after the batch, by test
 /// and user; `before`: the keys of those who had one) of every uncrowded
 /// test whose board `boards` holds exactly as the transaction sees it,
 /// bringing a board that is a few changes behind forward first. Before the
 /// batch, a key's rank is its board's; after it, the board's minus the
 /// batch's old keys ahead of it plus its new keys ahead of it. Checked
-/// before the batch writes anything (`checkpoint`: the seq before it).
+/// before the batch writes anything. A board whose last change the batch
+/// did not read is left to SQL.
 async fn rank_in_memory(
     conn: &mut PgConnection,
     boards: &dyn LiveBoards,
     entries: &HashMap<(Uuid, String), (Entry, u64)>,
     before: &HashMap<(Uuid, String), RankKey>,
     crowded: &HashMap<Uuid, u64>,
-    checkpoint: u64,
+    indexed: Indexed,
 ) -> Result<BatchRanks, sqlx::Error> {
+    let Indexed {
+        checkpoint,
+        last_changes: current,
+    } = indexed;
     let mut tests: Vec<Uuid> = entries
         .keys()
         .map(|(test, _)| *test)
-        .filter(|test| !crowded.contains_key(test))
+        .filter(|test| !crowded.contains_key(test) && current.contains_key(test))
         .collect();
     tests.sort();
     tests.dedup();
@@ -786,10 +842,9 @@ async fn rank_in_memory(
         return Ok(ranked);
     }
     let tests: Vec<Uuid> = held.iter().map(|(test, _)| *test).collect();
-    let current = LeaderboardQueries::last_changes(&mut *conn, &tests).await?;
     let batches = BoardBatch::by_board(entries, before, |board| tests.binary_search(board).is_ok());
     for (test, held) in held {
-        let now = current.get(&test).copied().unwrap_or(0);
+        let now = current[&test];
         if held < now {
             match LeaderboardQueries::changed_after(conn, test, held, PULL_LIMIT).await? {
                 Some(changed) => boards.advance(test, &changed, checkpoint),
