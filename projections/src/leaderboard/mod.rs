@@ -177,12 +177,10 @@ impl LeaderboardProjection {
         // are read with the entries.
         let indexed = match (&self.boards, self.generation, checkpoint) {
             (Some(boards), Generation::Live, Some(checkpoint)) => {
-                let mut held: Vec<Uuid> = keys
-                    .iter()
-                    .map(|(board, _)| *board)
-                    .filter(|board| boards.last_change(*board).is_some())
-                    .collect();
+                // Keys are sorted: each board is asked about once.
+                let mut held: Vec<Uuid> = keys.iter().map(|(board, _)| *board).collect();
                 held.dedup();
+                held.retain(|board| boards.last_change(*board).is_some());
                 Some((checkpoint, held))
             }
             _ => None,
@@ -443,9 +441,10 @@ impl LeaderboardProjection {
                      WHERE e.test_id = k.test_id AND e.user_id = k.user_id LIMIT 1) e
              UNION ALL
              SELECT t.test_id, NULL, NULL, NULL, NULL, NULL, NULL,
-                    COALESCE((SELECT max(changed_seq) FROM {e} e WHERE e.test_id = t.test_id), 0)
+                    COALESCE({last}, 0)
                FROM UNNEST($3::uuid[]) t(test_id)",
-            e = self.entries
+            e = self.entries,
+            last = queries::last_change_of(&self.entries, "t.test_id"),
         ))
         .bind(&boards)
         .bind(&users)

@@ -454,11 +454,10 @@ impl LeaderboardQueries {
         db: impl PgExecutor<'e>,
         tests: &[Uuid],
     ) -> Result<std::collections::HashMap<Uuid, u64>, sqlx::Error> {
-        let rows: Vec<(Uuid, Option<i64>)> = sqlx::query_as(
-            "SELECT t.test_id,
-                    (SELECT max(changed_seq) FROM lb_entries e WHERE e.test_id = t.test_id)
-               FROM UNNEST($1::uuid[]) t(test_id)",
-        )
+        let rows: Vec<(Uuid, Option<i64>)> = sqlx::query_as(&format!(
+            "SELECT t.test_id, {} FROM UNNEST($1::uuid[]) t(test_id)",
+            last_change_of("lb_entries", "t.test_id")
+        ))
         .bind(tests)
         .fetch_all(db)
         .await?;
@@ -532,4 +531,11 @@ pub struct Page {
     pub entries: Vec<RankedEntry>,
     /// Whether entries follow the last one.
     pub more: bool,
+}
+
+/// The seq of the last change to board `test` (a column or parameter) in
+/// `entries`, NULL for an empty board: the newest of its `lb_entries_changed`
+/// index.
+pub(crate) fn last_change_of(entries: &str, test: &str) -> String {
+    format!("(SELECT max(changed_seq) FROM {entries} e WHERE e.test_id = {test})")
 }
