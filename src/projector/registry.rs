@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use podium_projections::attempts::{self, AttemptsFold, AttemptsProjection};
 use podium_projections::catalog::{self, CatalogProjection};
-use podium_projections::feed::{self, FeedProjection};
+use podium_projections::feed::{self, FeedFold, FeedProjection};
 use podium_projections::fold::Fold;
 use podium_projections::leaderboard::{self, LeaderboardFold, LeaderboardProjection, LiveBoards};
 use podium_projections::{Generation, ProjectionLogic};
@@ -56,7 +56,8 @@ impl ReadModel {
         match self {
             Self::Leaderboard => Some(Box::new(LeaderboardFold::default())),
             Self::Attempts => Some(Box::new(AttemptsFold::default())),
-            Self::Feed | Self::Catalog => None,
+            Self::Feed => Some(Box::new(FeedFold::default())),
+            Self::Catalog => None,
         }
     }
 

@@ -279,3 +279,159 @@ impl FeedProjection {
         })
     }
 }
+
+/// The feeds computed in memory from the log, by the same rules as
+/// [`FeedProjection`] (a notification created twice counts once; a read
+/// marks an unread item and takes it off its recipient's count; reading
+/// all marks every unread item the user received before it), written with
+/// COPY. A log holds about one notification per submission (the policy
+/// grades each), so a replay without it would apply them a batch at a time.
+#[derive(Default)]
+pub struct FeedFold {
+    items: Vec<Folded>,
+    /// Where each notification is in `items`.
+    at: std::collections::HashMap<uuid::Uuid, usize>,
+    /// Each recipient's unread count, and the items that may still be
+    /// unread (a read of one alone leaves it here, marked).
+    users: std::collections::HashMap<String, (i32, Vec<usize>)>,
+}
+
+/// A feed item as the fold keeps it.
+struct Folded {
+    user: String,
+    item: FeedItem,
+    changed_seq: u64,
+}
+
+impl FeedFold {
+    fn create(&mut self, created: Created) {
+        let std::collections::hash_map::Entry::Vacant(slot) = self.at.entry(created.item.id) else {
+            return;
+        };
+        let index = self.items.len();
+        slot.insert(index);
+        let (unread, unread_items) = self.users.entry(created.user.clone()).or_default();
+        *unread += 1;
+        unread_items.push(index);
+        self.items.push(Folded {
+            user: created.user,
+            changed_seq: created.seq,
+            item: created.item,
+        });
+    }
+
+    /// Takes `read` items off `user`'s count, which exists: reads only
+    /// follow items counted in (as [`FeedProjection::count_read`] finds).
+    fn count_read(&mut self, user: &str, read: i32) -> Result<(), BoxError> {
+        match self.users.get_mut(user) {
+            Some((unread, _)) if *unread >= read => {
+                *unread -= read;
+                Ok(())
+            }
+            _ => Err(format!("{user} read {read} notifications not counted in").into()),
+        }
+    }
+
+    fn read(&mut self, event: &RecordedEvent) -> Result<(), BoxError> {
+        match event.decode()? {
+            PodiumEvent::Notification(NotificationEvent::NotificationRead {
+                notification_id,
+                recipient,
+                read_at,
+            }) => {
+                let Some(&index) = self.at.get(&notification_id) else {
+                    return Ok(());
+                };
+                let folded = &mut self.items[index];
+                if folded.item.read_at.is_some() {
+                    return Ok(());
+                }
+                folded.item.read_at = Some(read_at);
+                folded.changed_seq = event.seq;
+                self.count_read(recipient.as_str(), 1)
+            }
+            PodiumEvent::Inbox(InboxEvent::AllNotificationsRead { user_id, read_at }) => {
+                // Every item folded so far came earlier in the log.
+                let Some((_, unread_items)) = self.users.get_mut(user_id.as_str()) else {
+                    return Ok(());
+                };
+                let mut read = 0;
+                for index in std::mem::take(unread_items) {
+                    let folded = &mut self.items[index];
+                    if folded.item.read_at.is_none() {
+                        folded.item.read_at = Some(read_at);
+                        folded.changed_seq = event.seq;
+                        read += 1;
+                    }
+                }
+                if read > 0 {
+                    self.count_read(user_id.as_str(), read)?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl crate::fold::Fold for FeedFold {
+    fn add(&mut self, events: &[RecordedEvent]) -> Result<(), BoxError> {
+        for event in events {
+            if let Some(created) = created_of(event)? {
+                self.create(created);
+            } else if is_feeds(&event.aggregate_type) {
+                self.read(event)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write<'c>(
+        self: Box<Self>,
+        conn: &'c mut PgConnection,
+    ) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>> {
+        Box::pin(async move {
+            use crate::fold::CopyWriter;
+            let next = Generation::Next;
+            let mut rows = CopyWriter::fresh(
+                conn,
+                &next.table("feed_items"),
+                "notification_id, user_id, feed_seq, kind, title, body, link, created_at, read_at, changed_seq",
+            )
+            .await?;
+            // In key order: the copy's primary key then grows at its right
+            // edge instead of splitting pages all over.
+            let mut items = self.items;
+            items.sort_unstable_by_key(|folded| folded.item.id);
+            for Folded {
+                user,
+                item,
+                changed_seq,
+            } in &items
+            {
+                rows.field(item.id)
+                    .field(user)
+                    .field(item.feed_seq)
+                    .field(&item.kind)
+                    .field(&item.title)
+                    .field(&item.body)
+                    .field(&item.link)
+                    .field(item.created_at)
+                    .field(item.read_at)
+                    .field(changed_seq);
+                rows.end_row().await?;
+            }
+            rows.finish().await?;
+            let mut rows =
+                CopyWriter::fresh(conn, &next.table("feed_counters"), "user_id, unread").await?;
+            let mut users: Vec<_> = self.users.into_iter().collect();
+            users.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
+            for (user, (unread, _)) in &users {
+                rows.field(user).field(unread);
+                rows.end_row().await?;
+            }
+            rows.finish().await?;
+            Ok(())
+        })
+    }
+}
