@@ -112,6 +112,31 @@ impl Submission {
     }
 }
 
+/// The fields of an entry a later submission changes, wherever the entry
+/// is kept ([`Entry`], or a rebuild's leaner copy).
+pub struct Best<'a> {
+    pub score: &'a mut u32,
+    pub max_score: &'a mut u32,
+    pub attempt_id: &'a mut Uuid,
+    pub achieved_at: &'a mut DateTime<Utc>,
+    pub attempts: &'a mut u32,
+}
+
+impl Submission {
+    /// Counts this submission in an entry of its user's: one attempt more;
+    /// a better score replaces the best, an equal or lower one does not
+    /// (the earliest time a score was reached is what ranks).
+    pub fn count_in(&self, best: Best<'_>) {
+        *best.attempts += 1;
+        if self.score > *best.score {
+            *best.score = self.score;
+            *best.max_score = self.max_score;
+            *best.attempt_id = self.attempt_id;
+            *best.achieved_at = self.submitted_at;
+        }
+    }
+}
+
 /// A user's entry on one test's leaderboard: their best attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -149,13 +174,13 @@ impl Entry {
 
     /// [`Entry::record`] in place: this entry after `submission` (its user's).
     pub fn absorb(&mut self, submission: &Submission) {
-        self.attempts += 1;
-        if submission.score > self.best_score {
-            self.best_score = submission.score;
-            self.max_score = submission.max_score;
-            self.attempt_id = submission.attempt_id;
-            self.achieved_at = submission.submitted_at;
-        }
+        submission.count_in(Best {
+            score: &mut self.best_score,
+            max_score: &mut self.max_score,
+            attempt_id: &mut self.attempt_id,
+            achieved_at: &mut self.achieved_at,
+            attempts: &mut self.attempts,
+        });
     }
 
     pub fn rank_key(&self) -> RankKey {
