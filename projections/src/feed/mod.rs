@@ -310,7 +310,11 @@ impl FeedFold {
         };
         let index = self.items.len();
         slot.insert(index);
-        let (unread, unread_items) = self.users.entry(created.user.clone()).or_default();
+        // Looked up before it is inserted: most users are met again.
+        if !self.users.contains_key(&created.user) {
+            self.users.insert(created.user.clone(), Default::default());
+        }
+        let (unread, unread_items) = self.users.get_mut(&created.user).expect("just inserted");
         *unread += 1;
         unread_items.push(index);
         self.items.push(Folded {

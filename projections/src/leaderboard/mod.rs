@@ -1009,6 +1009,19 @@ impl Folded {
         }
     }
 
+    /// The entry `submission` opens (as [`Entry::record`] with none before),
+    /// without building the user id it does not keep.
+    fn first(submission: &Submission, seq: u64) -> Self {
+        Self {
+            best_score: submission.score,
+            max_score: submission.max_score,
+            attempts: 1,
+            attempt_id: submission.attempt_id,
+            achieved_at: submission.submitted_at,
+            seq,
+        }
+    }
+
     fn entry(&self, user_id: &str) -> Entry {
         Entry {
             user_id: user_id.to_string(),
@@ -1023,6 +1036,22 @@ impl Folded {
 
 fn key(board: u32, user: u32) -> u64 {
     (u64::from(board) << 32) | u64::from(user)
+}
+
+/// The board and user numbers of a [`key`].
+fn numbers(key: u64) -> (usize, usize) {
+    ((key >> 32) as usize, (key & u64::from(u32::MAX)) as usize)
+}
+
+/// Each value's place in the sorted order of `values`.
+fn places<T: Ord>(values: &[T]) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..values.len() as u32).collect();
+    order.sort_unstable_by(|a, b| values[*a as usize].cmp(&values[*b as usize]));
+    let mut place = vec![0u32; values.len()];
+    for (at, number) in order.into_iter().enumerate() {
+        place[number as usize] = at as u32;
+    }
+    place
 }
 
 impl LeaderboardFold {
@@ -1074,9 +1103,9 @@ impl LeaderboardFold {
             .flat_map(|board| board.components.iter().map(|c| (*c, Vec::new())))
             .collect();
         for key in self.entries.keys() {
-            let board = self.boards.values[(key >> 32) as usize];
-            if let Some(users) = users_of.get_mut(&board) {
-                users.push(self.users.values[(key & u64::from(u32::MAX)) as usize].clone());
+            let (board, user) = numbers(*key);
+            if let Some(users) = users_of.get_mut(&self.boards.values[board]) {
+                users.push(self.users.values[user].clone());
             }
         }
         for board in &boards {
@@ -1130,7 +1159,7 @@ impl crate::fold::Fold for LeaderboardFold {
                             attempts: &mut folded.attempts,
                         })
                     })
-                    .or_insert_with(|| Folded::of(&Entry::record(None, &submission), event.seq));
+                    .or_insert_with(|| Folded::first(&submission, event.seq));
                 folded.seq = event.seq;
             }
             for board in self.collections.touched_by(&submission) {
@@ -1183,34 +1212,19 @@ impl crate::fold::Fold for LeaderboardFold {
             // In key order (board id, user id): the copy's primary key then
             // grows at its right edge instead of splitting pages all over.
             // Each number's place in that order, then the entries by them.
-            let place = |count: usize, order: &dyn Fn(&u32, &u32) -> std::cmp::Ordering| {
-                let mut numbers: Vec<u32> = (0..count as u32).collect();
-                numbers.sort_unstable_by(order);
-                let mut place = vec![0u32; count];
-                for (at, number) in numbers.into_iter().enumerate() {
-                    place[number as usize] = at as u32;
-                }
-                place
-            };
             let (boards, users) = (&this.boards.values, &this.users.values);
-            let board_place = place(boards.len(), &|a, b| {
-                boards[*a as usize].cmp(&boards[*b as usize])
-            });
-            let user_place = place(users.len(), &|a, b| {
-                users[*a as usize].cmp(&users[*b as usize])
-            });
+            let (board_place, user_place) = (places(boards), places(users));
             let mut entries: Vec<(u64, Folded)> = this.entries.into_iter().collect();
-            entries.sort_unstable_by_key(|(numbers, _)| {
-                key(
-                    board_place[(numbers >> 32) as usize],
-                    user_place[(numbers & u64::from(u32::MAX)) as usize],
-                )
+            entries.sort_unstable_by_key(|(numbered, _)| {
+                let (board, user) = numbers(*numbered);
+                key(board_place[board], user_place[user])
             });
-            for (key, folded) in entries {
-                let test = boards[(key >> 32) as usize];
+            for (numbered, folded) in entries {
+                let (board, user) = numbers(numbered);
+                let test = boards[board];
                 *counts.entry((test, folded.best_score)).or_default() += 1;
                 rows.field(test)
-                    .field(&users[(key & u64::from(u32::MAX)) as usize])
+                    .field(&users[user])
                     .field(folded.best_score)
                     .field(folded.max_score)
                     .field(folded.attempt_id)
