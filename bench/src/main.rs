@@ -1020,9 +1020,12 @@ async fn backlog_scenario(
         let mut quiet = |_, _| {};
         let (test_id, events) =
             podium::cli::bulk_seed::bulk(&db.pool, attempts, &mut quiet).await?;
+        let nats = server::nats_server_pid(&nats_url());
+        let cpu_before = (server::machine_busy_secs(), nats.and_then(server::process_cpu_secs));
         let started = Instant::now();
         let server = server_with_workers(&db.url, &prefix).await?;
         let mut done: Vec<(&str, Duration)> = Vec::new();
+        let mut cpu = String::new();
         while done.len() < PROJECTIONS.len() {
             anyhow::ensure!(
                 started.elapsed() < Duration::from_secs(3600),
@@ -1041,6 +1044,9 @@ async fn backlog_scenario(
                         done.push((projection, started.elapsed()));
                     }
                 }
+            }
+            if done.len() == PROJECTIONS.len() {
+                cpu = cpu_shares(started.elapsed(), cpu_before, nats, server.cpu_secs());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -1071,7 +1077,7 @@ async fn backlog_scenario(
                 format!(
                     "backlog: one live instance works off {events} events (relay and four projections)"
                 ),
-                format!("{rate:.0} events/s ({})", each.join(", ")),
+                format!("{rate:.0} events/s ({}){cpu}", each.join(", ")),
                 replay_rate.map(|r| (r, format!("replay: {r:.0} events/s"))),
                 "≥ 50% of the replay rate",
                 0.5,
@@ -1094,6 +1100,35 @@ async fn backlog_scenario(
     cleanup_nats(&prefix).await;
     db.drop().await?;
     result
+}
+
+/// Where the machine's CPU went over `took`, from the machine's and NATS's
+/// busy time at its start (`before`) and the server's CPU time since it
+/// started: "; CPU: the machine 97% busy, of that Podium 35%, NATS 26%,
+/// Postgres and the rest 39%", or nothing where `/proc` does not tell.
+fn cpu_shares(
+    took: Duration,
+    before: (Option<f64>, Option<f64>),
+    nats: Option<u32>,
+    podium: f64,
+) -> String {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let (Some(machine_before), Some(machine)) = (before.0, server::machine_busy_secs()) else {
+        return String::new();
+    };
+    let busy = (machine - machine_before).max(0.001);
+    let nats = match (before.1, nats.and_then(server::process_cpu_secs)) {
+        (Some(from), Some(to)) => to - from,
+        _ => return String::new(),
+    };
+    let share = |secs: f64| 100.0 * secs / busy;
+    format!(
+        "; CPU: the machine {:.0}% busy, of that Podium {:.0}%, NATS {:.0}%, Postgres and the rest {:.0}%",
+        100.0 * busy / (took.as_secs_f64() * cores),
+        share(podium),
+        share(nats),
+        share(busy - podium - nats),
+    )
 }
 
 /// What works off a backlog: the relay first (when it is done, what is left

@@ -143,24 +143,74 @@ impl Server {
 
     /// CPU time the server has used (user and system), in seconds.
     pub fn cpu_secs(&self) -> f64 {
-        // Clock ticks, 100 a second on Linux (USER_HZ).
-        const TICKS: f64 = 100.0;
-        let Some(pid) = self.child.id() else {
-            return 0.0;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // Fields after the command name, which is in parentheses: utime and
-        // stime are the 12th and 13th of them.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map_or("", |(_, rest)| rest)
-            .split_whitespace()
-            .collect();
-        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
-        ticks(11).unwrap_or(0.0) / TICKS + ticks(12).unwrap_or(0.0) / TICKS
+        self.child.id().and_then(process_cpu_secs).unwrap_or(0.0)
     }
 
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
+    }
+}
+
+/// Clock ticks a second in `/proc` (USER_HZ, 100 on Linux).
+const TICKS: f64 = 100.0;
+
+/// CPU time process `pid` has used (user and system), in seconds.
+pub fn process_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses: utime and
+    // stime are the 12th and 13th of them.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    Some((ticks(11)? + ticks(12)?) / TICKS)
+}
+
+/// CPU time the whole machine has spent busy (all but idle and waiting for
+/// I/O), summed over its cores, in seconds.
+pub fn machine_busy_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal …
+    let busy: f64 = fields
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    Some(busy / TICKS)
+}
+
+/// The NATS server at `url`'s port: the one `nats-server` process whose
+/// command line names that port, or the only one when none does (started
+/// on its default port).
+pub fn nats_server_pid(url: &str) -> Option<u32> {
+    let port = url
+        .rsplit(':')
+        .next()
+        .unwrap_or("4222")
+        .trim_end_matches('/');
+    let servers: Vec<(u32, String)> = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|entry| {
+            let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            (comm.trim() == "nats-server").then_some(())?;
+            let args = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            Some((pid, String::from_utf8_lossy(&args).replace('\0', " ")))
+        })
+        .collect();
+    let named = servers
+        .iter()
+        .filter(|(_, args)| args.split([' ', ':']).any(|arg| arg == port));
+    match named.map(|(pid, _)| *pid).collect::<Vec<_>>()[..] {
+        [pid] => Some(pid),
+        [] if servers.len() == 1 => Some(servers[0].0),
+        _ => None,
     }
 }
