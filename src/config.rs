@@ -15,8 +15,9 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_NATS_PREFIX: &str = "podium";
 pub const DEFAULT_DB_SLOW_STATEMENT_MS: u64 = 250;
 pub const DEFAULT_LEASE_TTL_MS: u64 = 5_000;
-/// Events behind the head of the log from which a read model catches up by
-/// a rebuild rather than through NATS.
+/// Events behind the head of the log from which a projection catches up from
+/// the log rather than through NATS: a read model by a rebuild, the
+/// notification policy by reading the log itself.
 pub const DEFAULT_CATCH_UP_REBUILD_FROM: u64 = 100_000;
 
 /// A secret string whose `Debug` output is redacted.
@@ -261,11 +262,12 @@ pub struct Settings {
     /// before another instance takes it over.
     #[arg(long, env = "PODIUM_LEASE_TTL_MS", default_value_t = DEFAULT_LEASE_TTL_MS)]
     pub lease_ttl_ms: u64,
-    /// Events behind the head of the log from which a read model whose
+    /// Events behind the head of the log from which a projection whose
     /// lease an instance takes (at start, or after a failover) catches up
-    /// by a rebuild from the log, with the other read models as far behind,
-    /// instead of through NATS; only when it is also behind by at least
-    /// half the log. 0: never.
+    /// from the log instead of through NATS: a read model by a rebuild, with
+    /// the other read models as far behind, only when it is also behind by
+    /// at least half the log; the notification policy by reading the log
+    /// itself in large batches. 0: never.
     #[arg(long, env = "PODIUM_CATCH_UP_REBUILD_FROM", default_value_t = DEFAULT_CATCH_UP_REBUILD_FROM)]
     pub catch_up_rebuild_from: u64,
     /// Where the API, leaderboard windows and the rate limiter read the

@@ -62,6 +62,31 @@ impl LogCursor {
         }
     }
 
+    /// The cursor after the first `seq` events of the log, for a reader that
+    /// has had them (a checkpoint): every one of them lay below the horizon
+    /// when it was numbered, so none can appear before them since.
+    pub async fn after_first(conn: &mut PgConnection, seq: u64) -> Result<Self, sqlx::Error> {
+        if seq == 0 {
+            return Ok(Self::start());
+        }
+        // The offset in the statement, as `read_after`'s limit is.
+        let (epoch, txid, position): (i32, String, i64) = sqlx::query_as(&format!(
+            "SELECT epoch, txid::text, position FROM events
+              ORDER BY epoch, txid, position OFFSET {} LIMIT 1",
+            seq - 1
+        ))
+        .fetch_one(conn)
+        .await?;
+        Ok(Self {
+            key: LogKey {
+                epoch,
+                txid,
+                position,
+            },
+            seq,
+        })
+    }
+
     /// The next events after this cursor (at most `limit`), numbered, and
     /// the cursor after them. Does not move `self`.
     pub async fn peek(

@@ -321,10 +321,9 @@ impl Register for Spawner<'_> {
                         {
                             return RoleExit::Failed(err.to_string());
                         }
-                        // Far behind, it catches up from the log first.
-                        catch_up
-                            .run(&pool, projection.name(), &owner, &role_stop)
-                            .await;
+                        // Far behind, it catches up from the log first: a
+                        // read model by a rebuild, the policy by reading it.
+                        catch_up.run(&pool, &*projection, &owner, &role_stop).await;
                         role_exit(worker.run(role_stop).await)
                     }
                 })),

@@ -1331,3 +1331,84 @@ async fn a_batch_that_writes_events_commits_nothing_once_its_checkpoint_moved_or
         "the batch's event was not committed"
     );
 }
+
+/// A notification policy far behind the log reads the log itself, from its
+/// checkpoint, before its worker starts (`CatchUp`): with no relay and no
+/// NATS, the backlog's notifications are all there, each once, exactly
+/// what the policy decides over the log in memory; a catch-up that finds
+/// it close to the head does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_far_behind_reads_the_log_itself_from_its_checkpoint() {
+    use podium::command::policy::{decide, MemoryBests, NotificationPolicy};
+    use podium::projector::operations::CatchUp;
+    use podium_nats::Projection;
+    use podium_projections::ranking::Submission;
+
+    let db = TestDb::new().await;
+    let mut quiet = |_, _| {};
+    let (_, seeded) = podium::cli::bulk_seed::bulk(&db.pool, 6_000, &mut quiet)
+        .await
+        .unwrap();
+    let aggregates = Arc::new(Aggregates::new(&db.pool));
+    let policy = PgProjection::new(Checkpointed::new(
+        db.pool.clone(),
+        NotificationPolicy::new(aggregates),
+    ));
+    // What it decides over the seeded log, in memory.
+    let mut reader = db.pool.acquire().await.unwrap();
+    let (log, _) = LogCursor::start()
+        .peek(&mut reader, seeded as i64)
+        .await
+        .unwrap();
+    assert_eq!(log.len() as u64, seeded);
+    let mut bests = MemoryBests::default();
+    let mut expected = 0;
+    let mut submissions = 0;
+    for event in &log {
+        if let Some(submission) = Submission::of(event).unwrap() {
+            expected += decide(&mut bests, &submission).await.unwrap().len();
+            submissions += 1;
+        }
+    }
+    assert_eq!(submissions, 6_000);
+    // The first part of the log through the worker's path: the catch-up
+    // starts from a checkpoint inside the log, not from its start.
+    policy.apply(&log[..2_345]).await.unwrap();
+    let stop = CancellationToken::new();
+    let no_relay = |rebuild_from| CatchUp {
+        relay: "nothing-relays-this".into(),
+        rebuild_from,
+    };
+    // Not far enough behind: left to the worker.
+    no_relay(1_000_000)
+        .run(&db.pool, &policy, "this-instance", &stop)
+        .await;
+    assert_eq!(policy.checkpoint().await.unwrap(), 2_345);
+
+    no_relay(1_000)
+        .run(&db.pool, &policy, "this-instance", &stop)
+        .await;
+    let notifications = |pool: PgPool| async move {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT count(*), count(DISTINCT metadata->>'request_id') FROM events
+              WHERE event_type = 'NotificationCreated'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let (created, sources) = notifications(db.pool.clone()).await;
+    assert_eq!(created as usize, expected, "every notification, once");
+    assert_eq!(sources, 6_000, "every submission notified");
+    // It read on past the seeded log: its own notifications, passed over.
+    let total = db.event_count().await;
+    assert_eq!(total, seeded as i64 + created);
+    assert_eq!(policy.checkpoint().await.unwrap(), total as u64);
+
+    // A takeover at the head: nothing to read, nothing new.
+    no_relay(1_000)
+        .run(&db.pool, &policy, "another-instance", &stop)
+        .await;
+    assert_eq!(notifications(db.pool.clone()).await, (created, sources));
+    assert_eq!(policy.checkpoint().await.unwrap(), total as u64);
+}

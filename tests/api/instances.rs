@@ -1201,8 +1201,9 @@ async fn read_models_far_behind_catch_up_in_one_rebuild_then_live_and_a_takeover
     );
 
     // Then live: what is submitted now reaches every read model, and the
-    // policy (no read model of its own) worked the seeded log off through
-    // NATS (a graded notification for each seeded submission).
+    // policy (no read model of its own) worked the seeded log off by reading
+    // it, then went on through NATS (a graded notification for each seeded
+    // submission).
     let test = deployment.published_test(1).await;
     let mut acknowledged = HashSet::new();
     for i in 0..10 {
