@@ -69,14 +69,24 @@ impl LogCursor {
         if seq == 0 {
             return Ok(Self::start());
         }
-        // The offset in the statement, as `read_after`'s limit is.
+        // The offset in the statement, as `read_after`'s limit is. Ordered
+        // by qualified columns: a bare `txid` would name the text output
+        // column, and sort every row as text ("1000000" before "999999").
+        // Counted along the commit-order index: for a large offset on a
+        // table not vacuumed lately the planner prefers reading the whole
+        // table and sorting it.
+        let mut tx = sqlx::Connection::begin(conn).await?;
+        sqlx::query("SET LOCAL enable_seqscan = off")
+            .execute(&mut *tx)
+            .await?;
         let (epoch, txid, position): (i32, String, i64) = sqlx::query_as(&format!(
             "SELECT epoch, txid::text, position FROM events
-              ORDER BY epoch, txid, position OFFSET {} LIMIT 1",
+              ORDER BY events.epoch, events.txid, events.position OFFSET {} LIMIT 1",
             seq - 1
         ))
-        .fetch_one(conn)
+        .fetch_one(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(Self {
             key: LogKey {
                 epoch,

@@ -340,8 +340,10 @@ async fn what_lies_after_a_key_is_counted_without_walking_a_long_backlog() {
 /// of the log matches a comparison, and used to scan from the table's
 /// start for a row that usually is not there: a whole-table read per batch,
 /// 630 ms at 2,000,000 events, for the relay, every projection and every
-/// rebuild). Told by the scans of `events` that the reading transaction
-/// counted.
+/// rebuild). So does finding where a reader that has had the first n
+/// events goes on (`LogCursor::after_first`, for a far-behind projection),
+/// which must order by the txid as a number, not as its text. Told by the
+/// scans of `events` that the reading transaction counted.
 #[tokio::test]
 async fn reading_an_analyzed_log_never_scans_the_whole_table() {
     use podium::log::postgres::{any_after, count_after, last_key, LogCursor};
@@ -355,8 +357,14 @@ async fn reading_an_analyzed_log_never_scans_the_whole_table() {
         .await
         .unwrap();
     let mut tx = db.pool.begin().await.unwrap();
+    // A parallel scan's counts would be its workers'.
+    sqlx::query("SET LOCAL max_parallel_workers_per_gather = 0")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     let mut cursor = LogCursor::start();
     let mut read = 0;
+    let mut cursors = Vec::new();
     loop {
         let (batch, after) = cursor.peek(&mut tx, 1_000).await.unwrap();
         if batch.is_empty() {
@@ -364,8 +372,37 @@ async fn reading_an_analyzed_log_never_scans_the_whole_table() {
         }
         read += batch.len() as u64;
         cursor = after;
+        cursors.push(cursor.clone());
     }
     assert_eq!(read, events, "the whole log is read");
+    // Where a reader that has had the first n events goes on (a far-behind
+    // projection's checkpoint), found by counting along the log's order:
+    // where reading them left the cursor, across the seed's transactions,
+    // by reading the first n entries of the commit-order index (ordering by
+    // the txid's text instead would read all of them, and sort).
+    // Its entries read in this transaction (`idx_tup_read`).
+    const INDEX_READS: &str =
+        "SELECT pg_stat_get_xact_tuples_returned('events_commit_order'::regclass)";
+    for cursor in &cursors {
+        let before: i64 = sqlx::query_scalar(INDEX_READS)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(
+            &LogCursor::after_first(&mut tx, cursor.seq).await.unwrap(),
+            cursor
+        );
+        let after: i64 = sqlx::query_scalar(INDEX_READS)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        let read = after - before;
+        assert!(
+            read <= cursor.seq as i64,
+            "{read} index entries read to find the cursor after {} events",
+            cursor.seq
+        );
+    }
     let last = last_key(&mut tx).await.unwrap().unwrap();
     assert!(!any_after(&mut tx, &last).await.unwrap());
     assert_eq!(count_after(&mut tx, &last).await.unwrap(), 0);
