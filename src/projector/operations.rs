@@ -634,8 +634,8 @@ impl CatchUp {
     ) {
         let name = projection.name();
         let caught_up = match read_model(name) {
-            Ok(_) => self
-                .catch_up(pool, name, instance, stop)
+            Ok(model) => self
+                .catch_up(pool, model, instance, stop)
                 .await
                 .map_err(|e| e.to_string()),
             Err(_) => self.read_the_log(pool, projection, stop).await,
@@ -652,8 +652,8 @@ impl CatchUp {
     /// the lease's fence, so nothing is applied twice or by an ex-owner.
     /// Through NATS the same backlog would wait for the relay, cost NATS a
     /// delivery per event, and go in the smaller batches that the stream
-    /// happens to hold (on 2 cores, 200,001 events took 21–24 s that way and
-    /// 15–16 s this way: BENCHMARKS.md).
+    /// happens to hold (on 2 cores, a backlog of 200,001 events was worked
+    /// off in 19–22 s that way and 16–18 s this way: BENCHMARKS.md).
     async fn read_the_log<P: Projection>(
         &self,
         pool: &PgPool,
@@ -704,13 +704,10 @@ impl CatchUp {
     async fn catch_up(
         &self,
         pool: &PgPool,
-        projection: &str,
+        model: ReadModel,
         instance: &str,
         stop: &CancellationToken,
     ) -> Result<(), RebuildError> {
-        let Ok(model) = read_model(projection) else {
-            return Ok(());
-        };
         let mut refused = false;
         loop {
             // Whether a rebuild is running first: far_behind counts what
@@ -743,7 +740,7 @@ impl CatchUp {
                 .filter(|m| !running.iter().any(|name| name == m.name()))
                 .collect();
             let names: Vec<&str> = models.iter().map(|m| m.name()).collect();
-            tracing::info!(projection, projections = ?names, "far behind the log: catching up by a rebuild");
+            tracing::info!(projection = model.name(), projections = ?names, "far behind the log: catching up by a rebuild");
             let own = own_pool(pool).await?;
             let mut quiet = |_, _| {};
             let outcome = tokio::select! {
