@@ -1339,10 +1339,10 @@ async fn a_batch_that_writes_events_commits_nothing_once_its_checkpoint_moved_or
 /// it close to the head does nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_far_behind_reads_the_log_itself_from_its_checkpoint() {
-    use podium::command::policy::{decide, MemoryBests, NotificationPolicy};
+    use crate::helpers::{notifications_created, policy_decisions};
+    use podium::command::policy::NotificationPolicy;
     use podium::projector::operations::CatchUp;
     use podium_nats::Projection;
-    use podium_projections::ranking::Submission;
 
     let db = TestDb::new().await;
     let mut quiet = |_, _| {};
@@ -1355,22 +1355,10 @@ async fn a_policy_far_behind_reads_the_log_itself_from_its_checkpoint() {
         NotificationPolicy::new(aggregates),
     ));
     // What it decides over the seeded log, in memory.
-    let mut reader = db.pool.acquire().await.unwrap();
-    let (log, _) = LogCursor::start()
-        .peek(&mut reader, seeded as i64)
-        .await
-        .unwrap();
-    assert_eq!(log.len() as u64, seeded);
-    let mut bests = MemoryBests::default();
-    let mut expected = 0;
-    let mut submissions = 0;
-    for event in &log {
-        if let Some(submission) = Submission::of(event).unwrap() {
-            expected += decide(&mut bests, &submission).await.unwrap().len();
-            submissions += 1;
-        }
-    }
+    let (expected, submissions) = policy_decisions(&db.pool, seeded).await;
     assert_eq!(submissions, 6_000);
+    let mut reader = db.pool.acquire().await.unwrap();
+    let (log, _) = LogCursor::start().peek(&mut reader, 2_345).await.unwrap();
     // The first part of the log through the worker's path: the catch-up
     // starts from a checkpoint inside the log, not from its start.
     policy.apply(&log[..2_345]).await.unwrap();
@@ -1388,16 +1376,7 @@ async fn a_policy_far_behind_reads_the_log_itself_from_its_checkpoint() {
     no_relay(1_000)
         .run(&db.pool, &policy, "this-instance", &stop)
         .await;
-    let notifications = |pool: PgPool| async move {
-        sqlx::query_as::<_, (i64, i64)>(
-            "SELECT count(*), count(DISTINCT metadata->>'request_id') FROM events
-              WHERE event_type = 'NotificationCreated'",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap()
-    };
-    let (created, sources) = notifications(db.pool.clone()).await;
+    let (created, sources) = notifications_created(&db.pool).await;
     assert_eq!(created as usize, expected, "every notification, once");
     assert_eq!(sources, 6_000, "every submission notified");
     // It read on past the seeded log: its own notifications, passed over.
@@ -1409,6 +1388,6 @@ async fn a_policy_far_behind_reads_the_log_itself_from_its_checkpoint() {
     no_relay(1_000)
         .run(&db.pool, &policy, "another-instance", &stop)
         .await;
-    assert_eq!(notifications(db.pool.clone()).await, (created, sources));
+    assert_eq!(notifications_created(&db.pool).await, (created, sources));
     assert_eq!(policy.checkpoint().await.unwrap(), total as u64);
 }

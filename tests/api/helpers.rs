@@ -557,3 +557,37 @@ pub async fn refuse_attempts_of(pool: &sqlx::PgPool, like: &str) {
     .await
     .unwrap();
 }
+
+/// What the notification policy decides over the first `events` of the log,
+/// in memory: the notifications it creates, and the submissions among them.
+pub async fn policy_decisions(pool: &PgPool, events: u64) -> (usize, usize) {
+    use podium::command::policy::{decide, MemoryBests};
+    use podium::log::postgres::LogCursor;
+    use podium_projections::ranking::Submission;
+    let mut reader = pool.acquire().await.unwrap();
+    let (log, _) = LogCursor::start()
+        .peek(&mut reader, events as i64)
+        .await
+        .unwrap();
+    assert_eq!(log.len() as u64, events);
+    let mut bests = MemoryBests::default();
+    let (mut notifications, mut submissions) = (0, 0);
+    for event in &log {
+        if let Some(submission) = Submission::of(event).unwrap() {
+            notifications += decide(&mut bests, &submission).await.unwrap().len();
+            submissions += 1;
+        }
+    }
+    (notifications, submissions)
+}
+
+/// The notifications in the log, and the source events they name.
+pub async fn notifications_created(pool: &PgPool) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*), count(DISTINCT metadata->>'request_id') FROM events
+          WHERE event_type = 'NotificationCreated'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}

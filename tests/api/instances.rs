@@ -1237,6 +1237,92 @@ async fn read_models_far_behind_catch_up_in_one_rebuild_then_live_and_a_takeover
     deployment.replays_to(&board).await;
 }
 
+/// The owner of a far-behind notification policy killed (kill -9) while it
+/// reads the log itself: the standby takes the policy over and finishes the
+/// backlog from the checkpoint the dead owner committed. Every notification
+/// the policy decides over the log is created, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_owner_killed_while_it_reads_the_log_loses_and_doubles_nothing() {
+    use crate::helpers::{notifications_created, policy_decisions};
+    let db = TestDb::new().await;
+    let mut quiet = |_, _| {};
+    let (_, seeded) = podium::cli::bulk_seed::bulk(&db.pool, 20_000, &mut quiet)
+        .await
+        .unwrap();
+    let (expected, submissions) = policy_decisions(&db.pool, seeded).await;
+    let env = vec![(
+        "PODIUM_CATCH_UP_REBUILD_FROM".to_string(),
+        "1000".to_string(),
+    )];
+    let mut deployment = Deployment::start_on(db.url(), db.pool.clone(), 2, nats_url(), env).await;
+    let policy = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COALESCE(max(seq), 0) FROM projection_checkpoints
+              WHERE name = 'notification-policy'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap_or(0)
+    };
+    // Killed once it has committed part of the seeded log.
+    let at = poll(
+        "the policy to be part-way through the seeded log",
+        Duration::from_secs(120),
+        || async {
+            let checkpoint = policy().await;
+            if checkpoint > 0 {
+                Ok(checkpoint)
+            } else {
+                Err(checkpoint)
+            }
+        },
+    )
+    .await;
+    deployment.kill(0);
+    assert!(
+        (at as u64) < seeded,
+        "the owner was killed before it finished the seeded log (at {at} of {seeded})"
+    );
+    poll(
+        "every seeded submission notified",
+        Duration::from_secs(180),
+        || async {
+            let (created, sources) = notifications_created(&db.pool).await;
+            if sources as usize == submissions {
+                Ok(())
+            } else {
+                Err((created, sources, policy().await))
+            }
+        },
+    )
+    .await;
+    // Once the standby has passed over the notifications too.
+    poll(
+        "the policy at the head",
+        Duration::from_secs(120),
+        || async {
+            let head: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+            let checkpoint = policy().await;
+            if checkpoint >= head {
+                Ok(())
+            } else {
+                Err((checkpoint, head))
+            }
+        },
+    )
+    .await;
+    let (created, sources) = notifications_created(&db.pool).await;
+    assert_eq!(created as usize, expected, "every notification, once");
+    assert_eq!(sources as usize, submissions);
+    assert!(
+        deployment.owned_by(deployment.pid(1)).await > 0,
+        "the standby took over"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_listed_everywhere_and_retried_or_skipped_by_the_owner() {
     use reqwest::Method;
