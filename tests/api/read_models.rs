@@ -400,11 +400,50 @@ async fn live_read_models_equal_a_replay_and_the_rules_applied_to_the_log() {
         "one attempt_graded notification per submission"
     );
 
+    let shape = shapes(&app.pool).await;
     let mut progress = |_: u64, _: u64| {};
     replay(&app.pool, &Scope::All.read_models(), &mut progress)
         .await
         .unwrap();
     assert_same(&snapshot(&app.pool).await, &live);
+    // The folds' copies are written without their keys, which are built
+    // afterwards: every table keeps its keys, constraints and indexes, also
+    // after a second replay.
+    assert_eq!(shapes(&app.pool).await, shape);
+    replay(&app.pool, &Scope::All.read_models(), &mut progress)
+        .await
+        .unwrap();
+    assert_eq!(shapes(&app.pool).await, shape);
+    assert_same(&snapshot(&app.pool).await, &live);
+}
+
+/// Every read-model table's constraints and indexes, without their names.
+async fn shapes(pool: &PgPool) -> Vec<(String, String)> {
+    let tables: Vec<&str> = podium::projector::registry::ReadModel::ALL
+        .iter()
+        .flat_map(|model| model.tables().iter().copied())
+        .collect();
+    let shapes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT conrelid::regclass::text, contype::text || ' ' || pg_get_constraintdef(oid)
+           FROM pg_constraint WHERE conrelid = ANY($1::text[]::regclass[])
+         UNION ALL
+         SELECT indrelid::regclass::text,
+                regexp_replace(pg_get_indexdef(indexrelid), 'INDEX \\S+ ON', 'INDEX ON')
+           FROM pg_index WHERE indrelid = ANY($1::text[]::regclass[])
+          ORDER BY 1, 2",
+    )
+    .bind(&tables)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(
+        shapes
+            .iter()
+            .any(|(table, shape)| table == "lb_entries"
+                && shape == "p PRIMARY KEY (test_id, user_id)"),
+        "{shapes:?}"
+    );
+    shapes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
