@@ -324,6 +324,10 @@ pub struct AttemptsFold {
 }
 
 impl crate::fold::Fold for AttemptsFold {
+    fn expect(&mut self, rows: &dyn Fn(&str) -> usize) {
+        self.attempts.reserve(rows("my_attempts"));
+    }
+
     fn add(&mut self, events: &[RecordedEvent]) -> Result<(), BoxError> {
         for event in events {
             match AttemptStep::of(event)? {

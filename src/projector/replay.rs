@@ -7,6 +7,7 @@
 //! live projection, whose worker carries on from there: nothing written during
 //! the rebuild is lost, nothing is applied twice.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -176,6 +177,26 @@ pub async fn replay(
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(pool)
         .await?;
+    // The folds sized for the read models as they stand (Postgres'
+    // estimate of their rows; none for tables never analyzed).
+    let tables: Vec<&str> = projections
+        .iter()
+        .flat_map(|p| p.tables())
+        .copied()
+        .collect();
+    let live_rows: HashMap<String, i64> = sqlx::query_as(
+        "SELECT t, GREATEST((SELECT reltuples FROM pg_class WHERE oid = to_regclass(t)), 0)::int8
+           FROM unnest($1::text[]) AS t",
+    )
+    .bind(&tables)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .collect();
+    let rows = |table: &str| live_rows.get(table).map_or(0, |&n| n as usize);
+    for fold in projections.iter_mut().filter_map(|p| p.fold.as_mut()) {
+        fold.expect(&rows);
+    }
     let mut reader = pool.acquire().await?;
     let mut cursor = LogCursor::start();
     let mut next = cursor.peek(&mut reader, BATCH).await?;

@@ -379,6 +379,13 @@ impl FeedFold {
 }
 
 impl crate::fold::Fold for FeedFold {
+    fn expect(&mut self, rows: &dyn Fn(&str) -> usize) {
+        let items = rows("feed_items");
+        self.items.reserve(items);
+        self.at.reserve(items);
+        self.users.reserve(rows("feed_counters"));
+    }
+
     fn add(&mut self, events: &[RecordedEvent]) -> Result<(), BoxError> {
         for event in events {
             if let Some(created) = created_of(event)? {

@@ -1124,6 +1124,10 @@ impl LeaderboardFold {
 }
 
 impl crate::fold::Fold for LeaderboardFold {
+    fn expect(&mut self, rows: &dyn Fn(&str) -> usize) {
+        self.entries.reserve(rows("lb_entries"));
+    }
+
     fn add(&mut self, events: &[RecordedEvent]) -> Result<(), BoxError> {
         for event in events {
             if let Some((collection, tests)) = collection_members(event)? {
