@@ -171,8 +171,7 @@ pub async fn replay(
     };
     let mut deferred = Deferred::default();
     for projection in &projections {
-        let written_at_the_end = projection.fold.is_some();
-        prepare_next(pool, projection, written_at_the_end, &mut deferred).await?;
+        prepare_next(pool, projection, &mut deferred).await?;
     }
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(pool)
@@ -286,7 +285,7 @@ pub async fn replay(
     }
     side_by_side(pool, writes).await?;
     lap("write the folds", &mut phases);
-    // The secondary indexes, built once over the whole result rather than
+    // The deferred indexes, built once over the whole result rather than
     // kept up row by row, side by side (building indexes only share-locks
     // a table), each with room to sort in memory.
     let mut builds: Vec<Step<'_>> = Vec::new();
@@ -360,16 +359,16 @@ struct Deferred {
 /// checkpoint. Their secondary indexes are dropped, and their definitions
 /// kept in `deferred` to be built once the copies are full. Copies applied
 /// batch by batch keep their primary keys and unique indexes (what a batch
-/// looks rows up by); those `written_at_the_end` (by a fold, with COPY)
-/// lose them too: an index built once over sorted rows costs less than
+/// looks rows up by); those written at the end (by a fold, with COPY) lose
+/// them too: an index built once over sorted rows costs less than
 /// one kept up row by row (4,000,000 leaderboard entries in key order: 3.4
 /// s copied without their key, and 2.2 s to build it, against 6.6 s with it).
 async fn prepare_next(
     pool: &PgPool,
     projection: &Rebuilding,
-    written_at_the_end: bool,
     deferred: &mut Deferred,
 ) -> Result<(), sqlx::Error> {
+    let written_at_the_end = projection.fold.is_some();
     let mut tx = begin_writing_no_events(pool).await?;
     for table in projection.tables() {
         let next = Generation::Next.table(table);

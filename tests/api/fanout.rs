@@ -1345,10 +1345,7 @@ async fn a_policy_far_behind_reads_the_log_itself_from_its_checkpoint() {
     use podium_nats::Projection;
 
     let db = TestDb::new().await;
-    let mut quiet = |_, _| {};
-    let (_, seeded) = podium::cli::bulk_seed::bulk(&db.pool, 6_000, &mut quiet)
-        .await
-        .unwrap();
+    let seeded = crate::helpers::seed_log(&db.pool, 6_000).await;
     let aggregates = Arc::new(Aggregates::new(&db.pool));
     let policy = PgProjection::new(Checkpointed::new(
         db.pool.clone(),

@@ -581,6 +581,16 @@ pub async fn policy_decisions(pool: &PgPool, events: u64) -> (usize, usize) {
     (notifications, submissions)
 }
 
+/// A log of `attempts` users' attempts written straight into the event
+/// store (`podium seed --bulk`); its length in events.
+pub async fn seed_log(pool: &PgPool, attempts: u64) -> u64 {
+    let mut quiet = |_, _| {};
+    let (_, events) = podium::cli::bulk_seed::bulk(pool, attempts, &mut quiet)
+        .await
+        .unwrap();
+    events
+}
+
 /// The notifications in the log, and the source events they name.
 pub async fn notifications_created(pool: &PgPool) -> (i64, i64) {
     sqlx::query_as(

@@ -1154,10 +1154,7 @@ async fn rebuilds(pool: &PgPool) -> Vec<RebuildRow> {
 async fn read_models_far_behind_catch_up_in_one_rebuild_then_live_and_a_takeover_rebuilds_nothing()
 {
     let db = TestDb::new().await;
-    let mut quiet = |_, _| {};
-    let (_, seeded) = podium::cli::bulk_seed::bulk(&db.pool, 3_000, &mut quiet)
-        .await
-        .unwrap();
+    let seeded = crate::helpers::seed_log(&db.pool, 3_000).await;
     // 6,001 events behind, over half the log: far behind for 1,000.
     let env = vec![(
         "PODIUM_CATCH_UP_REBUILD_FROM".to_string(),
@@ -1245,10 +1242,7 @@ async fn read_models_far_behind_catch_up_in_one_rebuild_then_live_and_a_takeover
 async fn a_policy_owner_killed_while_it_reads_the_log_loses_and_doubles_nothing() {
     use crate::helpers::{notifications_created, policy_decisions};
     let db = TestDb::new().await;
-    let mut quiet = |_, _| {};
-    let (_, seeded) = podium::cli::bulk_seed::bulk(&db.pool, 20_000, &mut quiet)
-        .await
-        .unwrap();
+    let seeded = crate::helpers::seed_log(&db.pool, 20_000).await;
     let (expected, submissions) = policy_decisions(&db.pool, seeded).await;
     let env = vec![(
         "PODIUM_CATCH_UP_REBUILD_FROM".to_string(),

@@ -282,10 +282,7 @@ async fn the_last_key_of_the_log_orders_transaction_ids_as_numbers() {
 async fn what_lies_after_a_key_is_counted_without_walking_a_long_backlog() {
     use podium::log::postgres::{any_after, count_after, last_key, LogKey, COUNTED_EXACTLY};
     let db = crate::helpers::TestDb::new().await;
-    let mut quiet = |_, _| {};
-    let (_, events) = podium::cli::bulk_seed::bulk(&db.pool, 6_000, &mut quiet)
-        .await
-        .unwrap();
+    let events = crate::helpers::seed_log(&db.pool, 6_000).await;
     let events = events as i64;
     assert!(
         events > COUNTED_EXACTLY,
@@ -348,10 +345,7 @@ async fn what_lies_after_a_key_is_counted_without_walking_a_long_backlog() {
 async fn reading_an_analyzed_log_never_scans_the_whole_table() {
     use podium::log::postgres::{any_after, count_after, last_key, LogCursor};
     let db = crate::helpers::TestDb::new().await;
-    let mut quiet = |_, _| {};
-    let (_, events) = podium::cli::bulk_seed::bulk(&db.pool, 6_000, &mut quiet)
-        .await
-        .unwrap();
+    let events = crate::helpers::seed_log(&db.pool, 6_000).await;
     sqlx::query("ANALYZE events")
         .execute(&db.pool)
         .await
