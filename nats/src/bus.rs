@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::header::{HeaderMap, NATS_MESSAGE_ID};
+use async_nats::header::{HeaderMap, NATS_EXPECTED_LAST_MESSAGE_ID, NATS_MESSAGE_ID};
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures::future::try_join_all;
@@ -227,31 +227,112 @@ impl EventBus {
         Ok(())
     }
 
-    /// Publishes `events` in order and waits until JetStream stored each one.
-    /// Each carries `Nats-Msg-Id` = its identity, so publishing a batch again
-    /// (after a crash or a failed ack) stores nothing twice.
-    pub async fn publish_events(&self, events: &[RecordedEvent]) -> Result<(), BusError> {
+    /// Publishes `events` in order and returns once JetStream has stored
+    /// each one. Each carries `Nats-Msg-Id` = its identity, so publishing a
+    /// batch again (after a crash or a failed ack) stores nothing twice.
+    ///
+    /// `last` is the identity of the caller's last event, when that is the
+    /// last message on the stream. Then the batch goes with one
+    /// acknowledgement instead of one per event: each message is stored only
+    /// right after the event before it (`Nats-Expected-Last-Msg-Id`), the
+    /// first only right after `last`. Messages from one connection are
+    /// handled in the order sent, so the last one stored (not a duplicate)
+    /// proves that the one before it was stored just before it, and so on
+    /// back to the first: the whole batch is on the stream, in order, with
+    /// nothing between. Anything else (a message refused, a duplicate,
+    /// another publisher's message in between) sends the batch again, each
+    /// event acknowledged; what is stored already is then a duplicate.
+    ///
+    /// An events stream has one publisher at a time, the relay that holds
+    /// the lead. One that lost it while paused can still send the rest of
+    /// the batch it was publishing, but that batch is behind the new
+    /// leader's first, which goes acknowledged event by event: its events
+    /// are never those of a batch sent this way.
+    ///
+    /// `last` is left as the identity of this batch's last event if that is
+    /// the stream's last message now, else `None`.
+    pub async fn publish_events(
+        &self,
+        events: &[RecordedEvent],
+        last: &mut Option<String>,
+    ) -> Result<(), BusError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        if let Some(after) = last.take() {
+            if self.publish_chained(events, after).await {
+                *last = events.last().map(RecordedEvent::identity);
+                return Ok(());
+            }
+        }
         let mut acks = Vec::with_capacity(events.len());
         for event in events {
-            let mut headers = HeaderMap::new();
-            headers.insert(NATS_MESSAGE_ID, event.identity().as_str());
-            headers.insert(SEQ_HEADER, event.seq.to_string().as_str());
-            let payload =
-                serde_json::to_vec(event).map_err(|e| BusError::Publish(e.to_string()))?;
-            let subject = self
-                .subjects
-                .event(&event.aggregate_type, &event.event_type);
+            let (subject, headers, payload) = self.message(event)?;
             let ack = self
                 .jetstream
-                .publish_with_headers(subject, headers, Bytes::from(payload))
+                .publish_with_headers(subject, headers, payload)
                 .await
                 .map_err(|err| BusError::Publish(err.to_string()))?;
             acks.push(std::future::IntoFuture::into_future(ack));
         }
-        try_join_all(acks)
+        let acks = try_join_all(acks)
             .await
             .map_err(|err| BusError::Publish(err.to_string()))?;
+        // A duplicate's first copy may lie anywhere before the stream's end.
+        if acks.last().is_some_and(|ack| !ack.duplicate) {
+            *last = events.last().map(RecordedEvent::identity);
+        }
         Ok(())
+    }
+
+    /// Sends `events` each chained to the one before (the first to `after`)
+    /// with only the last acknowledged: whether the whole batch was stored.
+    async fn publish_chained(&self, events: &[RecordedEvent], mut after: String) -> bool {
+        let Some((final_event, rest)) = events.split_last() else {
+            return true;
+        };
+        let chained = |event: &RecordedEvent, after: &str| {
+            let (subject, mut headers, payload) = self.message(event).ok()?;
+            headers.insert(NATS_EXPECTED_LAST_MESSAGE_ID, after);
+            Some((subject, headers, payload))
+        };
+        for event in rest {
+            let Some((subject, headers, payload)) = chained(event, &after) else {
+                return false;
+            };
+            if self
+                .client
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            after = event.identity();
+        }
+        let Some((subject, headers, payload)) = chained(final_event, &after) else {
+            return false;
+        };
+        match self
+            .jetstream
+            .publish_with_headers(subject, headers, payload)
+            .await
+        {
+            Ok(ack) => ack.await.is_ok_and(|ack| !ack.duplicate),
+            Err(_) => false,
+        }
+    }
+
+    /// The subject, headers and body `event` is published with.
+    fn message(&self, event: &RecordedEvent) -> Result<(String, HeaderMap, Bytes), BusError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_ID, event.identity().as_str());
+        headers.insert(SEQ_HEADER, event.seq.to_string().as_str());
+        let payload = serde_json::to_vec(event).map_err(|e| BusError::Publish(e.to_string()))?;
+        let subject = self
+            .subjects
+            .event(&event.aggregate_type, &event.event_type);
+        Ok((subject, headers, Bytes::from(payload)))
     }
 
     /// Publishes a "changed" notification on core NATS (fire and forget:

@@ -217,6 +217,11 @@ impl Relay {
         // published (a backlog then goes at the pace of the slower of the
         // two, not of both in turn).
         let mut read_ahead = None;
+        // The identity of the last event this relay published, while that
+        // is the last message on the events stream: the next batch then
+        // goes with one acknowledgement. The first batch of a lead goes
+        // event by event.
+        let mut last_on_stream = None;
         loop {
             if stop.is_cancelled() {
                 return Err(RelayError::Stopped);
@@ -239,6 +244,7 @@ impl Relay {
                     () = tokio::time::sleep(wait) => {
                         if wait == self.config.poll_interval && self.recreated_stream().await {
                             cursor = LogCursor::start();
+                            last_on_stream = None;
                         }
                     }
                     () = stop.cancelled() => return Err(RelayError::Stopped),
@@ -248,7 +254,9 @@ impl Relay {
             let span = tracing::debug_span!("relay_batch", from = cursor.seq + 1, to = next.seq);
             // A full batch says more is waiting: read it meanwhile.
             let more = events.len() as i64 == self.config.batch_size;
-            let publish = self.publish(&events, stop).instrument(span);
+            let publish = self
+                .publish(&events, &mut last_on_stream, stop)
+                .instrument(span);
             let (published, read) = if more {
                 let (published, read) =
                     tokio::join!(publish, next.peek(&mut conn, self.config.batch_size));
@@ -262,6 +270,7 @@ impl Relay {
                         "a reader is behind the relay: reading the log again from its start"
                     );
                     cursor = LogCursor::start();
+                    last_on_stream = None;
                     continue;
                 }
                 other => other?,
@@ -279,12 +288,13 @@ impl Relay {
     async fn publish(
         &self,
         events: &[RecordedEvent],
+        last_on_stream: &mut Option<String>,
         stop: &CancellationToken,
     ) -> Result<(), RelayError> {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.config.max_backoff);
         loop {
             let sent = match &self.target {
-                Target::Nats(bus) => match bus.publish_events(events).await {
+                Target::Nats(bus) => match bus.publish_events(events, last_on_stream).await {
                     Err(_) if self.recreated_stream().await => return Err(RelayError::Rewind),
                     other => other.map_err(|e| e.to_string()),
                 },

@@ -1388,3 +1388,149 @@ async fn a_policy_far_behind_reads_the_log_itself_from_its_checkpoint() {
     assert_eq!(notifications_created(&db.pool).await, (created, sources));
     assert_eq!(policy.checkpoint().await.unwrap(), total as u64);
 }
+
+/// Event `seq` of a made-up log, its payload `bytes` long or so.
+fn made_up(seq: u64, bytes: usize) -> RecordedEvent {
+    RecordedEvent {
+        seq,
+        position: seq as i64,
+        aggregate_type: "Probe".into(),
+        aggregate_id: format!("probe-{seq}"),
+        sequence: 1,
+        event_type: "Probed".into(),
+        event_version: "1.0".into(),
+        payload: podium_domain::log::payload_of(&serde_json::json!({"pad": "x".repeat(bytes)})),
+        metadata: HashMap::new(),
+        recorded_at: Utc::now(),
+    }
+}
+
+/// The log seqs on the events stream, in stream order (`None`: a message
+/// that carries none).
+async fn stream_seqs(bus: &TestBus) -> Vec<Option<u64>> {
+    let mut stream = bus.bus.events_stream().await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut seqs = Vec::new();
+    for n in 1..=last {
+        let message = stream.get_raw_message(n).await.unwrap();
+        seqs.push(podium_nats::bus::seq_header(&message.headers));
+    }
+    seqs
+}
+
+/// Publishes `event` as another relay would, acknowledged, under the
+/// de-duplication id `msg_id`.
+async fn publish_as_another(bus: &TestBus, event: &RecordedEvent, msg_id: &str) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+    headers.insert(podium_nats::bus::SEQ_HEADER, event.seq.to_string().as_str());
+    let subject = bus
+        .bus
+        .subjects()
+        .event(&event.aggregate_type, &event.event_type);
+    let payload = serde_json::to_vec(event).unwrap();
+    bus.bus
+        .jetstream()
+        .publish_with_headers(subject, headers, payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// Batches after the first go with one acknowledgement, each message
+/// stored only right after the event before it. Whatever breaks that chain
+/// (a message the stream refuses, another publisher's message in between)
+/// sends the batch again event by event: the stream never misses an event
+/// of a batch said to be published, and holds each once.
+#[tokio::test]
+async fn batches_published_with_one_acknowledgement_miss_nothing_when_the_chain_breaks() {
+    let bus = TestBus::new().await;
+    let events: Vec<RecordedEvent> = (1..=30)
+        .map(|seq| made_up(seq, if seq == 23 { 4_000 } else { 10 }))
+        .collect();
+    let batch = |from: u64, to: u64| &events[from as usize - 1..to as usize];
+    let mut last = None;
+
+    // The first batch goes event by event, the second chained to it.
+    bus.bus
+        .publish_events(batch(1, 10), &mut last)
+        .await
+        .unwrap();
+    assert_eq!(last, Some(events[9].identity()));
+    bus.bus
+        .publish_events(batch(11, 20), &mut last)
+        .await
+        .unwrap();
+    assert_eq!(last, Some(events[19].identity()));
+    let expected: Vec<Option<u64>> = (1..=20).map(Some).collect();
+    assert_eq!(stream_seqs(&bus).await, expected);
+
+    // The stream refuses event 23 (too large for it): the events after it
+    // in the batch are chained to it and refused too, the batch is sent
+    // again event by event, and the refusal is reported, not passed over.
+    let name = bus.bus.subjects().events_stream();
+    let mut config = bus
+        .bus
+        .events_stream()
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    let limit = config.max_message_size;
+    config.max_message_size = 2_000;
+    bus.bus.jetstream().update_stream(&config).await.unwrap();
+    let refused = bus.bus.publish_events(batch(21, 25), &mut last).await;
+    assert!(refused.is_err(), "a refused event must fail the batch");
+    assert_eq!(last, None);
+    config.max_message_size = limit;
+    bus.bus.jetstream().update_stream(&config).await.unwrap();
+    bus.bus
+        .publish_events(batch(21, 25), &mut last)
+        .await
+        .unwrap();
+    // Event 25 was on the stream already: the stream ends with event 23.
+    assert_eq!(last, None);
+
+    // Another relay stores event 33 ahead of its time. Sent event by event,
+    // 26 to 30 follow it; 31 to 35 are chained to 30, and 33 among them is
+    // a duplicate that breaks the chain: the batch goes again event by event.
+    let mut events = events;
+    events.extend((31..=45).map(|seq| made_up(seq, 10)));
+    let batch = |from: u64, to: u64| &events[from as usize - 1..to as usize];
+    publish_as_another(&bus, &events[32], &events[32].identity()).await;
+    bus.bus
+        .publish_events(batch(26, 30), &mut last)
+        .await
+        .unwrap();
+    assert_eq!(last, Some(events[29].identity()));
+    bus.bus
+        .publish_events(batch(31, 35), &mut last)
+        .await
+        .unwrap();
+    assert_eq!(last, Some(events[34].identity()));
+
+    // Another relay's message lands after event 35 (one that lost the lead
+    // sends an old event again, after the de-duplication window): the next
+    // batch, chained to 35, goes again event by event; the one after it is
+    // chained to that.
+    publish_as_another(&bus, &events[4], "late-copy").await;
+    bus.bus
+        .publish_events(batch(36, 40), &mut last)
+        .await
+        .unwrap();
+    assert_eq!(last, Some(events[39].identity()));
+    bus.bus
+        .publish_events(batch(41, 45), &mut last)
+        .await
+        .unwrap();
+    assert_eq!(last, Some(events[44].identity()));
+
+    let mut expected: Vec<Option<u64>> = (1..=22).map(Some).collect();
+    expected.extend([24, 25, 23, 33].map(Some));
+    expected.extend((26..=32).map(Some));
+    expected.extend([34, 35, 5].map(Some));
+    expected.extend((36..=45).map(Some));
+    assert_eq!(stream_seqs(&bus).await, expected, "stream {name}");
+}
