@@ -288,18 +288,21 @@ impl EventBus {
     /// Sends `events` each chained to the one before (the first to `after`)
     /// with only the last acknowledged: whether the whole batch was stored.
     async fn publish_chained(&self, events: &[RecordedEvent], mut after: String) -> bool {
-        let Some((final_event, rest)) = events.split_last() else {
-            return true;
-        };
-        let chained = |event: &RecordedEvent, after: &str| {
-            let (subject, mut headers, payload) = self.message(event).ok()?;
-            headers.insert(NATS_EXPECTED_LAST_MESSAGE_ID, after);
-            Some((subject, headers, payload))
-        };
-        for event in rest {
-            let Some((subject, headers, payload)) = chained(event, &after) else {
+        for (at, event) in events.iter().enumerate() {
+            let Ok((subject, mut headers, payload)) = self.message(event) else {
                 return false;
             };
+            headers.insert(NATS_EXPECTED_LAST_MESSAGE_ID, after.as_str());
+            if at + 1 == events.len() {
+                return match self
+                    .jetstream
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+                {
+                    Ok(ack) => ack.await.is_ok_and(|ack| !ack.duplicate),
+                    Err(_) => false,
+                };
+            }
             if self
                 .client
                 .publish_with_headers(subject, headers, payload)
@@ -310,17 +313,7 @@ impl EventBus {
             }
             after = event.identity();
         }
-        let Some((subject, headers, payload)) = chained(final_event, &after) else {
-            return false;
-        };
-        match self
-            .jetstream
-            .publish_with_headers(subject, headers, payload)
-            .await
-        {
-            Ok(ack) => ack.await.is_ok_and(|ack| !ack.duplicate),
-            Err(_) => false,
-        }
+        true
     }
 
     /// The subject, headers and body `event` is published with.

@@ -1438,6 +1438,17 @@ async fn publish_as_another(bus: &TestBus, event: &RecordedEvent, msg_id: &str) 
         .unwrap();
 }
 
+/// Publishes `events` after those `last` says, and returns what it says
+/// then: the identity of the batch's last event if that ends the stream.
+async fn published(
+    bus: &TestBus,
+    events: &[RecordedEvent],
+    last: &mut Option<String>,
+) -> Option<String> {
+    bus.bus.publish_events(events, last).await.unwrap();
+    last.clone()
+}
+
 /// Batches after the first go with one acknowledgement, each message
 /// stored only right after the event before it. Whatever breaks that chain
 /// (a message the stream refuses, another publisher's message in between)
@@ -1446,23 +1457,17 @@ async fn publish_as_another(bus: &TestBus, event: &RecordedEvent, msg_id: &str) 
 #[tokio::test]
 async fn batches_published_with_one_acknowledgement_miss_nothing_when_the_chain_breaks() {
     let bus = TestBus::new().await;
-    let events: Vec<RecordedEvent> = (1..=30)
+    let events: Vec<RecordedEvent> = (1..=45)
         .map(|seq| made_up(seq, if seq == 23 { 4_000 } else { 10 }))
         .collect();
-    let batch = |from: u64, to: u64| &events[from as usize - 1..to as usize];
+    let batch = |from: usize, to: usize| &events[from - 1..to];
+    // The identity of event `seq`, as `last` holds it.
+    let id = |seq: usize| Some(events[seq - 1].identity());
     let mut last = None;
 
     // The first batch goes event by event, the second chained to it.
-    bus.bus
-        .publish_events(batch(1, 10), &mut last)
-        .await
-        .unwrap();
-    assert_eq!(last, Some(events[9].identity()));
-    bus.bus
-        .publish_events(batch(11, 20), &mut last)
-        .await
-        .unwrap();
-    assert_eq!(last, Some(events[19].identity()));
+    assert_eq!(published(&bus, batch(1, 10), &mut last).await, id(10));
+    assert_eq!(published(&bus, batch(11, 20), &mut last).await, id(20));
     let expected: Vec<Option<u64>> = (1..=20).map(Some).collect();
     assert_eq!(stream_seqs(&bus).await, expected);
 
@@ -1486,46 +1491,24 @@ async fn batches_published_with_one_acknowledgement_miss_nothing_when_the_chain_
     assert_eq!(last, None);
     config.max_message_size = limit;
     bus.bus.jetstream().update_stream(&config).await.unwrap();
-    bus.bus
-        .publish_events(batch(21, 25), &mut last)
-        .await
-        .unwrap();
     // Event 25 was on the stream already: the stream ends with event 23.
-    assert_eq!(last, None);
+    assert_eq!(published(&bus, batch(21, 25), &mut last).await, None);
 
     // Another relay stores event 33 ahead of its time. Sent event by event,
     // 26 to 30 follow it; 31 to 35 are chained to 30, and 33 among them is
     // a duplicate that breaks the chain: the batch goes again event by event.
-    let mut events = events;
-    events.extend((31..=45).map(|seq| made_up(seq, 10)));
-    let batch = |from: u64, to: u64| &events[from as usize - 1..to as usize];
-    publish_as_another(&bus, &events[32], &events[32].identity()).await;
-    bus.bus
-        .publish_events(batch(26, 30), &mut last)
-        .await
-        .unwrap();
-    assert_eq!(last, Some(events[29].identity()));
-    bus.bus
-        .publish_events(batch(31, 35), &mut last)
-        .await
-        .unwrap();
-    assert_eq!(last, Some(events[34].identity()));
+    let ahead = &events[33 - 1];
+    publish_as_another(&bus, ahead, &ahead.identity()).await;
+    assert_eq!(published(&bus, batch(26, 30), &mut last).await, id(30));
+    assert_eq!(published(&bus, batch(31, 35), &mut last).await, id(35));
 
     // Another relay's message lands after event 35 (one that lost the lead
     // sends an old event again, after the de-duplication window): the next
     // batch, chained to 35, goes again event by event; the one after it is
     // chained to that.
-    publish_as_another(&bus, &events[4], "late-copy").await;
-    bus.bus
-        .publish_events(batch(36, 40), &mut last)
-        .await
-        .unwrap();
-    assert_eq!(last, Some(events[39].identity()));
-    bus.bus
-        .publish_events(batch(41, 45), &mut last)
-        .await
-        .unwrap();
-    assert_eq!(last, Some(events[44].identity()));
+    publish_as_another(&bus, &events[5 - 1], "late-copy").await;
+    assert_eq!(published(&bus, batch(36, 40), &mut last).await, id(40));
+    assert_eq!(published(&bus, batch(41, 45), &mut last).await, id(45));
 
     let mut expected: Vec<Option<u64>> = (1..=22).map(Some).collect();
     expected.extend([24, 25, 23, 33].map(Some));
