@@ -270,9 +270,12 @@ pub async fn any_after(conn: &mut PgConnection, after: &LogKey) -> Result<bool, 
 
 /// Seconds the transaction that holds the log's horizon back has been
 /// running: while it runs, every tailer waits behind it. 0 when none does.
+/// Measured against the clock, not `now()`: this statement's own
+/// transaction may have started a moment before the writer's, and the age
+/// came out negative.
 pub async fn oldest_writer_age_secs(pool: &PgPool) -> Result<f64, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT COALESCE(max(EXTRACT(EPOCH FROM now() - xact_start)), 0)::float8
+        "SELECT GREATEST(COALESCE(max(EXTRACT(EPOCH FROM clock_timestamp() - xact_start)), 0), 0)::float8
            FROM pg_stat_activity
           WHERE backend_xid::text::bigint
                 = podium_log_horizon(pg_current_snapshot())::text::bigint % 4294967296",
