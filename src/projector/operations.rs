@@ -678,35 +678,20 @@ impl CatchUp {
         let mut cursor = LogCursor::after_first(&mut reader, checkpoint)
             .await
             .map_err(|e| e.to_string())?;
-        // The batch after the one being applied is read meanwhile, on the
-        // reader's own connection: the backlog goes at the pace of the
-        // slower of the two, not of both in turn.
-        let mut batch = cursor.peek(&mut reader, LOG_BATCH).await;
-        let mut read_ahead = false;
         while !stop.is_cancelled() {
-            let (events, next) = batch.map_err(|e| e.to_string())?;
-            let full = events.len() == LOG_BATCH as usize;
-            if !full && read_ahead {
-                // Read before the batch in front of it committed what it
-                // writes to the log (its notifications): read it again.
-                batch = cursor.peek(&mut reader, LOG_BATCH).await;
-                read_ahead = false;
-                continue;
-            }
+            let (events, next) = cursor
+                .peek(&mut reader, LOG_BATCH)
+                .await
+                .map_err(|e| e.to_string())?;
             if events.is_empty() {
                 break;
             }
-            if !full {
+            projection.apply(&events).await.map_err(|e| e.to_string())?;
+            cursor = next;
+            if events.len() < LOG_BATCH as usize {
                 // At the head: the worker goes on from here.
-                projection.apply(&events).await.map_err(|e| e.to_string())?;
-                cursor = next;
                 break;
             }
-            let (applied, read) =
-                tokio::join!(projection.apply(&events), next.peek(&mut reader, LOG_BATCH));
-            applied.map_err(|e| e.to_string())?;
-            (batch, read_ahead) = (read, true);
-            cursor = next;
         }
         tracing::info!(
             projection = projection.name(),
