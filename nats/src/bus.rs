@@ -267,7 +267,7 @@ impl EventBus {
         }
         let mut acks = Vec::with_capacity(events.len());
         for event in events {
-            let (subject, headers, payload) = self.message(event)?;
+            let (subject, headers, payload, _) = self.message(event)?;
             let ack = self
                 .jetstream
                 .publish_with_headers(subject, headers, payload)
@@ -289,7 +289,7 @@ impl EventBus {
     /// with only the last acknowledged: whether the whole batch was stored.
     async fn publish_chained(&self, events: &[RecordedEvent], mut after: String) -> bool {
         for (at, event) in events.iter().enumerate() {
-            let Ok((subject, mut headers, payload)) = self.message(event) else {
+            let Ok((subject, mut headers, payload, identity)) = self.message(event) else {
                 return false;
             };
             headers.insert(NATS_EXPECTED_LAST_MESSAGE_ID, after.as_str());
@@ -311,21 +311,26 @@ impl EventBus {
             {
                 return false;
             }
-            after = event.identity();
+            after = identity;
         }
         true
     }
 
-    /// The subject, headers and body `event` is published with.
-    fn message(&self, event: &RecordedEvent) -> Result<(String, HeaderMap, Bytes), BusError> {
+    /// The subject, headers and body `event` is published with, and its
+    /// identity (its `Nats-Msg-Id`).
+    fn message(
+        &self,
+        event: &RecordedEvent,
+    ) -> Result<(String, HeaderMap, Bytes, String), BusError> {
+        let identity = event.identity();
         let mut headers = HeaderMap::new();
-        headers.insert(NATS_MESSAGE_ID, event.identity().as_str());
+        headers.insert(NATS_MESSAGE_ID, identity.as_str());
         headers.insert(SEQ_HEADER, event.seq.to_string().as_str());
         let payload = serde_json::to_vec(event).map_err(|e| BusError::Publish(e.to_string()))?;
         let subject = self
             .subjects
             .event(&event.aggregate_type, &event.event_type);
-        Ok((subject, headers, Bytes::from(payload)))
+        Ok((subject, headers, Bytes::from(payload), identity))
     }
 
     /// Publishes a "changed" notification on core NATS (fire and forget:

@@ -275,7 +275,7 @@ pub async fn any_after(conn: &mut PgConnection, after: &LogKey) -> Result<bool, 
 /// came out negative.
 pub async fn oldest_writer_age_secs(pool: &PgPool) -> Result<f64, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT GREATEST(COALESCE(max(EXTRACT(EPOCH FROM clock_timestamp() - xact_start)), 0), 0)::float8
+        "SELECT GREATEST(max(EXTRACT(EPOCH FROM clock_timestamp() - xact_start)), 0)::float8
            FROM pg_stat_activity
           WHERE backend_xid::text::bigint
                 = podium_log_horizon(pg_current_snapshot())::text::bigint % 4294967296",
