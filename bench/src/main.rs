@@ -58,7 +58,7 @@ enum Command {
     Delivery(AllArgs),
     /// Only the backlog a live instance works off, printed to stderr (its
     /// ratios are against placeholders: `all` measures their ceilings).
-    Backlog(AllArgs),
+    Backlog(BacklogArgs),
     /// Only a collection's board against its test's (freshness), printed
     /// to stderr.
     Collections(AllArgs),
@@ -75,6 +75,49 @@ struct AllArgs {
     /// Where the charts go (the report links them relative to itself).
     #[arg(long, default_value = "docs/bench")]
     charts: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct BacklogArgs {
+    #[command(flatten)]
+    all: AllArgs,
+    /// Only these of the jobs a backlog makes (repeat it for several), the
+    /// others' leases held by someone else for as long as they run: what a
+    /// job costs by itself, or beside another.
+    #[arg(long, value_enum)]
+    only: Vec<BacklogJob>,
+}
+
+/// The jobs a live instance works a backlog off with, each on leases of its
+/// own.
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum BacklogJob {
+    /// The relay, publishing the log to NATS.
+    Relay,
+    /// The notification policy, reading the log itself and notifying.
+    Policy,
+    /// The read models, caught up by one rebuild.
+    ReadModels,
+}
+
+impl BacklogJob {
+    /// Whether `role` (a name of [`BACKLOG_PROJECTIONS`], or `catalog`) is
+    /// one of this job's.
+    fn runs(self, role: &str) -> bool {
+        match self {
+            Self::Relay => role == "relay",
+            Self::Policy => role == "notification-policy",
+            Self::ReadModels => !matches!(role, "relay" | "notification-policy"),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Relay => "the relay",
+            Self::Policy => "the notification policy",
+            Self::ReadModels => "the read models' rebuild",
+        }
+    }
 }
 
 /// How big and how long.
@@ -176,7 +219,12 @@ fn main() -> anyhow::Result<()> {
         }),
         Command::Backlog(args) => runtime.block_on(async {
             let mut report = Report::default();
-            backlog_scenario(&Sizes::new(args.smoke), None, &mut report).await?;
+            let sizes = Sizes::new(args.all.smoke);
+            if args.only.is_empty() {
+                backlog_scenario(&sizes, None, &mut report).await?;
+            } else {
+                backlog_jobs_alone(&sizes, &args.only, &mut report).await?;
+            }
             eprintln!("{}", report.markdown("", "podium-bench backlog"));
             anyhow::Ok(())
         }),
@@ -1011,45 +1059,17 @@ async fn backlog_scenario(
     ceilings: Option<(f64, f64)>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    const PROJECTIONS: [&str; 5] = BACKLOG_PROJECTIONS;
     let db = ScratchDb::create(2).await?;
     let prefix = format!("benchbl{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let result = async {
         let attempts = (sizes.attempts / 10).max(1_000);
-        eprintln!("backlog of {attempts} attempts…");
-        let mut quiet = |_, _| {};
-        let (test_id, events) =
-            podium::cli::bulk_seed::bulk(&db.pool, attempts, &mut quiet).await?;
-        let nats = server::nats_server_pid(&nats_url());
-        let cpu_before = (server::machine_busy_secs(), nats.and_then(server::process_cpu_secs));
-        let started = Instant::now();
-        let server = server_with_workers(&db.url, &prefix).await?;
-        let mut done: Vec<(&str, Duration)> = Vec::new();
-        let mut cpu = String::new();
-        while done.len() < PROJECTIONS.len() {
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(3600),
-                "the backlog was not worked off within an hour"
-            );
-            let checkpoints: Vec<(String, i64)> = sqlx::query_as(
-                "SELECT name, seq FROM projection_checkpoints
-                 UNION ALL SELECT 'relay', seq FROM relay_checkpoints",
-            )
-            .fetch_all(&db.pool)
-            .await?;
-            for (name, seq) in checkpoints {
-                let projection = PROJECTIONS.iter().find(|p| **p == name);
-                if let Some(projection) = projection {
-                    if seq as u64 >= events && !done.iter().any(|(p, _)| p == projection) {
-                        done.push((projection, started.elapsed()));
-                    }
-                }
-            }
-            if done.len() == PROJECTIONS.len() {
-                cpu = cpu_shares(started.elapsed(), cpu_before, nats, server.cpu_secs());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let WorkedOff {
+            test_id,
+            events,
+            server,
+            done,
+            cpu,
+        } = work_off(&db, &prefix, attempts, &BACKLOG_PROJECTIONS, &[]).await?;
         // Past boards are read on a settled database, not behind the vacuum
         // of what the backlog wrote.
         sqlx::query("VACUUM (ANALYZE) my_attempts, lb_entries, events")
@@ -1094,6 +1114,141 @@ async fn backlog_scenario(
                 ratio.map(|ratio| ratio >= factor),
             );
         }
+        anyhow::Ok(())
+    }
+    .await;
+    cleanup_nats(&prefix).await;
+    db.drop().await?;
+    result
+}
+
+/// A backlog being worked off: the test it was seeded on, its events, the
+/// server, how long each role took to reach its end, and where the
+/// machine's CPU went meanwhile.
+struct WorkedOff {
+    test_id: uuid::Uuid,
+    events: u64,
+    server: Server,
+    done: Vec<(&'static str, Duration)>,
+    cpu: String,
+}
+
+/// Seeds the log of `db` with `attempts` attempts directly (as after every
+/// instance was down for long), then starts one `podium serve` with NATS
+/// on it, its relay and projections catching up from nothing, and waits
+/// until each of `roles` (names of [`BACKLOG_PROJECTIONS`]) has reached the
+/// end of the seeded log. The leases named in `held` are taken first by
+/// someone that never lets go: the server leaves those jobs alone.
+async fn work_off(
+    db: &ScratchDb,
+    prefix: &str,
+    attempts: u64,
+    roles: &[&'static str],
+    held: &[String],
+) -> anyhow::Result<WorkedOff> {
+    eprintln!("backlog of {attempts} attempts…");
+    let mut quiet = |_, _| {};
+    let (test_id, events) = podium::cli::bulk_seed::bulk(&db.pool, attempts, &mut quiet).await?;
+    sqlx::query(
+        "INSERT INTO leases (name, owner, token, expires_at)
+         SELECT name, 'podium-bench, holding it', 1, now() + interval '1 day'
+           FROM UNNEST($1::text[]) AS held(name)",
+    )
+    .bind(held)
+    .execute(&db.pool)
+    .await?;
+    let nats = server::nats_server_pid(&nats_url());
+    let cpu_before = (
+        server::machine_busy_secs(),
+        nats.and_then(server::process_cpu_secs),
+    );
+    let started = Instant::now();
+    let server = server_with_workers(&db.url, prefix).await?;
+    let mut done: Vec<(&str, Duration)> = Vec::new();
+    let mut cpu = String::new();
+    while done.len() < roles.len() {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(3600),
+            "the backlog was not worked off within an hour"
+        );
+        let checkpoints: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT name, seq FROM projection_checkpoints
+             UNION ALL SELECT 'relay', seq FROM relay_checkpoints",
+        )
+        .fetch_all(&db.pool)
+        .await?;
+        for (name, seq) in checkpoints {
+            if let Some(role) = roles.iter().find(|p| **p == name) {
+                if seq as u64 >= events && !done.iter().any(|(p, _)| p == role) {
+                    done.push((role, started.elapsed()));
+                }
+            }
+        }
+        if done.len() == roles.len() {
+            cpu = cpu_shares(started.elapsed(), cpu_before, nats, server.cpu_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(WorkedOff {
+        test_id,
+        events,
+        server,
+        done,
+        cpu,
+    })
+}
+
+/// Some jobs of [`backlog_scenario`]'s by themselves (`podium-bench
+/// backlog --only`): the same backlog, the other jobs' leases held
+/// elsewhere.
+async fn backlog_jobs_alone(
+    sizes: &Sizes,
+    jobs: &[BacklogJob],
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let db = ScratchDb::create(2).await?;
+    let prefix = format!("benchbl{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let result = async {
+        let attempts = (sizes.attempts / 10).max(1_000);
+        let roles: Vec<&str> = BACKLOG_PROJECTIONS
+            .into_iter()
+            .filter(|role| jobs.iter().any(|job| job.runs(role)))
+            .collect();
+        let held: Vec<String> = BACKLOG_PROJECTIONS
+            .into_iter()
+            .chain(["catalog"])
+            .filter(|role| !jobs.iter().any(|job| job.runs(role)))
+            .map(|role| match role {
+                "relay" => podium::relay::lease_name(&prefix),
+                projection => podium::projector::lease_name(projection),
+            })
+            .collect();
+        let worked = work_off(&db, &prefix, attempts, &roles, &held).await?;
+        worked.server.stop().await;
+        let slowest = worked
+            .done
+            .iter()
+            .map(|(_, d)| *d)
+            .max()
+            .unwrap_or_default();
+        let names: Vec<&str> = jobs.iter().map(|job| job.name()).collect();
+        report.row(
+            &format!(
+                "backlog: {} alone work off {} events",
+                names.join(" and "),
+                worked.events
+            ),
+            format!(
+                "{:.0} events/s in {:.1} s{}",
+                worked.events as f64 / slowest.as_secs_f64(),
+                slowest.as_secs_f64(),
+                worked.cpu
+            ),
+            "—".into(),
+            None,
+            "—",
+            None,
+        );
         anyhow::Ok(())
     }
     .await;

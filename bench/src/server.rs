@@ -11,6 +11,8 @@ pub const SECRET: &str = "podium-bench-secret-0123456789abcdef012345";
 /// Server mode: settings from the parent's environment; prints the port and
 /// serves until stdin closes.
 pub async fn serve() -> anyhow::Result<()> {
+    // Its log to stderr, filtered by RUST_LOG (PODIUM_BENCH_SERVER_LOG).
+    podium::ops::telemetry::init();
     let mut settings = podium::Settings::new(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         std::env::var("DATABASE_URL")?,
@@ -103,7 +105,12 @@ impl Server {
             .env("PODIUM_HTTP_METRICS", options.metrics.to_string())
             .env("PODIUM_WORKERS", options.workers.to_string())
             .env("PODIUM_QUERY_CACHE", options.cache.to_string())
-            .env("RUST_LOG", "warn")
+            // PODIUM_BENCH_SERVER_LOG: the servers' log filter (warnings
+            // only by default), to see what a scenario's server did.
+            .env(
+                "RUST_LOG",
+                std::env::var("PODIUM_BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
