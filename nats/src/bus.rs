@@ -375,6 +375,24 @@ impl EventBus {
         }
     }
 
+    /// The log seq of the last event on the events stream (`None` while it
+    /// holds none, or ends with a message that is not one of ours).
+    pub async fn last_log_seq(&self) -> Result<Option<u64>, BusError> {
+        let stream = self.events_stream().await?;
+        let state = stream
+            .get_info()
+            .await
+            .map_err(|e| BusError::Stream {
+                stream: self.subjects.events_stream(),
+                reason: e.to_string(),
+            })?
+            .state;
+        if state.messages == 0 {
+            return Ok(None);
+        }
+        log_seq_at(&stream, state.last_sequence).await
+    }
+
     /// Where on the events stream a reader wanting log seq `next` (and what
     /// follows) starts: the first stream message whose log seq is `next` or
     /// later, found by bisecting the stream (the relay publishes in log

@@ -9,6 +9,15 @@
 //! out when delivery is deployed, and the first requests' events are not
 //! missed however late the consumer is made); after its stream or itself
 //! was deleted, where it stopped.
+//!
+//! While no active endpoint exists, the webhook channel (whose consumer
+//! takes every event of the log) holds no consumer open: it looks for an
+//! endpoint four times a second and moves its mark to the last event on the
+//! stream, read before each look. Once one is there, its consumer is made
+//! again after that mark, so the endpoint gets every event after the last
+//! look that found none, and NATS delivered and took acknowledgements for
+//! none of the events before it (a third of the CPU of a relay working off
+//! a backlog, in `podium-bench backlog --only relay`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +45,9 @@ const RETRY: Duration = Duration::from_secs(1);
 /// recorded nothing, taken in twice, record nothing again.
 const MARK_EVERY: Duration = Duration::from_secs(1);
 
+/// How often a webhook intake without endpoints looks for one.
+const IDLE_LOOK: Duration = Duration::from_millis(250);
+
 /// The consumer's name on the events stream.
 pub fn consumer_name(channel: Channel) -> String {
     format!("delivery-{}", channel.as_str())
@@ -52,8 +64,12 @@ pub async fn run(
 ) {
     let mut backoff = podium_nats::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
+        if channel == Channel::Webhook && !until_wanted(&deliveries, &bus, &stop).await {
+            return;
+        }
         match pull_until_broken(&deliveries, &bus, channel, max_ack_pending, &stop).await {
-            Ok(()) => return,
+            Ok(Pulled::Stopped) => return,
+            Ok(Pulled::Unwanted) => {}
             Err(err) => {
                 tracing::warn!(channel = channel.as_str(), %err, "delivery intake interrupted; reconnecting");
                 if backoff.wait(&stop).await {
@@ -62,6 +78,49 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Waits while no active webhook endpoint exists, and returns whether the
+/// intake goes on (`false`: stopped). Each look first reads the last event
+/// on the stream, then the endpoints: when there are none, everything up to
+/// that event is marked taken in, as nothing read before that look can want
+/// it. If it waited, the consumer is deleted, so that it is made again
+/// after the mark instead of after whatever it took in before.
+async fn until_wanted(deliveries: &Deliveries, bus: &EventBus, stop: &CancellationToken) -> bool {
+    let mut waited = false;
+    loop {
+        let last = bus.last_log_seq().await;
+        match deliveries.interest(&[Channel::Webhook]).await {
+            Ok(interest) if interest.endpoints.is_empty() => {
+                if let Ok(Some(seq)) = last {
+                    if let Err(err) = deliveries.store.note_intake(Channel::Webhook, seq).await {
+                        tracing::warn!(%err, "cannot write the webhook intake's mark");
+                    }
+                }
+                waited = true;
+            }
+            // An endpoint, or no telling: the consumer decides event by event.
+            _ => break,
+        }
+        if podium_nats::stopped_during(IDLE_LOOK, stop).await {
+            return false;
+        }
+    }
+    if waited {
+        let name = consumer_name(Channel::Webhook);
+        if let Ok(stream) = bus.events_stream().await {
+            // Gone already (another instance was first) is as good.
+            let _ = stream.delete_consumer(&name).await;
+        }
+    }
+    true
+}
+
+/// Why [`pull_until_broken`] stopped pulling without an error.
+enum Pulled {
+    Stopped,
+    /// The webhook channel has no active endpoint any more.
+    Unwanted,
 }
 
 /// Where a consumer made afresh starts, and the last event taken in before
@@ -137,14 +196,16 @@ impl Mark {
     }
 }
 
-/// `Ok` when stopped; `Err` when the consumer or its messages broke off.
+/// `Ok` when stopped, or when the webhook channel has no endpoint left
+/// (its last batch taken in); `Err` when the consumer or its messages
+/// broke off.
 async fn pull_until_broken(
     deliveries: &Deliveries,
     bus: &EventBus,
     channel: Channel,
     max_ack_pending: i64,
     stop: &CancellationToken,
-) -> Result<(), String> {
+) -> Result<Pulled, String> {
     let stream = bus.events_stream().await.map_err(|e| e.to_string())?;
     let filter_subject = match channel {
         Channel::Email => {
@@ -185,7 +246,7 @@ async fn pull_until_broken(
     loop {
         let first = tokio::select! {
             next = messages.next() => next,
-            () = stop.cancelled() => return Ok(()),
+            () = stop.cancelled() => return Ok(Pulled::Stopped),
             // Quiet now: the mark catches up with what was taken in.
             () = mark.until_due(), if mark.pending.is_some() => {
                 if let Err(err) = mark.write(deliveries, channel).await {
@@ -210,6 +271,8 @@ async fn pull_until_broken(
         // that no endpoint subscribes to, most of the log) are passed over
         // without decoding, read off their subjects.
         let interest = deliveries.interest(&[channel]).await;
+        let unwanted =
+            channel == Channel::Webhook && interest.as_ref().is_ok_and(|i| i.endpoints.is_empty());
         let mut events = Vec::with_capacity(batch.len());
         let mut readable = Vec::with_capacity(batch.len());
         // The last event this batch takes in.
@@ -265,9 +328,12 @@ async fn pull_until_broken(
                     let _ = message.ack_with(AckKind::Nak(Some(RETRY))).await;
                 }
                 if podium_nats::stopped_during(RETRY, stop).await {
-                    return Ok(());
+                    return Ok(Pulled::Stopped);
                 }
             }
+        }
+        if unwanted {
+            return Ok(Pulled::Unwanted);
         }
     }
 }

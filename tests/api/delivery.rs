@@ -1704,3 +1704,79 @@ async fn a_recreated_events_stream_sends_nothing_twice() {
     assert_eq!(got.len(), 5, "each test once: {got:?}");
     assert_eq!(sorted.len(), 5);
 }
+
+/// With no active webhook endpoint, the webhook intake holds no consumer on
+/// the events stream: NATS hands it none of the log's events. An endpoint
+/// registered later gets the events after it, none of those before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_endpoints_webhooks_take_in_nothing_and_a_later_endpoint_gets_what_follows() {
+    let receiver = Receiver::start().await;
+    let prefix = unique_prefix();
+    let stream_prefix = prefix.clone();
+    let app = spawn_app_with(move |s| {
+        s.nats.nats_url = Some(nats_url());
+        s.nats.nats_prefix = prefix;
+        s.delivery.delivery_poll_ms = 50;
+    })
+    .await;
+    let before = [app.published_test().await, app.published_test().await];
+    // Published, and marked taken in by a look that found no endpoint.
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    poll(
+        "the webhook intake's mark past the events so far",
+        Duration::from_secs(30),
+        || async {
+            let mark: Option<i64> =
+                sqlx::query_scalar("SELECT seq FROM delivery_intake WHERE channel = 'webhook'")
+                    .fetch_optional(&app.pool)
+                    .await
+                    .unwrap();
+            match mark {
+                Some(mark) if mark >= events => Ok(()),
+                other => Err(other),
+            }
+        },
+    )
+    .await;
+    let bus = podium_nats::EventBus::connect(&nats_url(), &stream_prefix)
+        .await
+        .unwrap();
+    let stream = bus.events_stream().await.unwrap();
+    let consumer = stream
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
+            &podium::delivery::intake::consumer_name(podium::delivery::Channel::Webhook),
+        )
+        .await;
+    if let Ok(mut consumer) = consumer {
+        let info = consumer.info().await.unwrap();
+        assert_eq!(
+            info.delivered.stream_sequence, 0,
+            "no event handed to the webhook intake: {info:?}"
+        );
+    }
+
+    receiver
+        .register(&app, "tests", Behaviour::Ok, Some(&["test.published"]))
+        .await;
+    let after = [app.published_test().await, app.published_test().await];
+    for test in &after {
+        receiver
+            .wait_for_test("tests", test, Duration::from_secs(30))
+            .await;
+    }
+    let got: Vec<String> = receiver
+        .received("tests")
+        .iter()
+        .map(|r| r.body["data"]["id"].as_str().unwrap().to_string())
+        .collect();
+    for test in &before {
+        assert!(
+            !got.contains(test),
+            "{test}, from before the endpoint: {got:?}"
+        );
+    }
+    assert_eq!(got.len(), 2, "each test after the endpoint once: {got:?}");
+}
