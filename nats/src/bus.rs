@@ -375,9 +375,8 @@ impl EventBus {
         }
     }
 
-    /// The log seq of the last event on the events stream (`None` while it
-    /// holds none, or ends with a message that is not one of ours).
-    pub async fn last_log_seq(&self) -> Result<Option<u64>, BusError> {
+    /// The events stream and its state now.
+    async fn events_stream_state(&self) -> Result<(stream::Stream, stream::State), BusError> {
         let stream = self.events_stream().await?;
         let state = stream
             .get_info()
@@ -387,6 +386,13 @@ impl EventBus {
                 reason: e.to_string(),
             })?
             .state;
+        Ok((stream, state))
+    }
+
+    /// The log seq of the last event on the events stream (`None` while it
+    /// holds none, or ends with a message that is not one of ours).
+    pub async fn last_log_seq(&self) -> Result<Option<u64>, BusError> {
+        let (stream, state) = self.events_stream_state().await?;
         if state.messages == 0 {
             return Ok(None);
         }
@@ -399,15 +405,7 @@ impl EventBus {
     /// order). The stream's own sequence numbers differ from log seqs once
     /// a stream was recreated or trimmed, so they are never assumed equal.
     pub async fn position_of(&self, next: u64) -> Result<StreamPosition, BusError> {
-        let stream = self.events_stream().await?;
-        let state = stream
-            .get_info()
-            .await
-            .map_err(|e| BusError::Stream {
-                stream: self.subjects.events_stream(),
-                reason: e.to_string(),
-            })?
-            .state;
+        let (stream, state) = self.events_stream_state().await?;
         if state.messages == 0 {
             return Ok(StreamPosition::Await(state.last_sequence + 1));
         }
