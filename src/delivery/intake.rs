@@ -88,14 +88,23 @@ pub async fn run(
 /// after the mark instead of after whatever it took in before.
 async fn until_wanted(deliveries: &Deliveries, bus: &EventBus, stop: &CancellationToken) -> bool {
     let mut waited = false;
+    // The mark this instance wrote last: written again only once the
+    // stream has grown, not four times a second for as long as it waits.
+    let mut marked = None;
     loop {
         let last = bus.last_log_seq().await;
         match deliveries.interest(&[Channel::Webhook]).await {
             Ok(interest) if interest.endpoints.is_empty() => {
-                if let Ok(Some(seq)) = last {
-                    if let Err(err) = deliveries.store.note_intake(Channel::Webhook, seq).await {
-                        tracing::warn!(%err, "cannot write the webhook intake's mark");
+                match last {
+                    Ok(Some(seq)) if marked < Some(seq) => {
+                        match deliveries.store.note_intake(Channel::Webhook, seq).await {
+                            Ok(()) => marked = Some(seq),
+                            Err(err) => {
+                                tracing::warn!(%err, "cannot write the webhook intake's mark")
+                            }
+                        }
                     }
+                    _ => {}
                 }
                 waited = true;
             }
