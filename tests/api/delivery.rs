@@ -1705,21 +1705,24 @@ async fn a_recreated_events_stream_sends_nothing_twice() {
     assert_eq!(sorted.len(), 5);
 }
 
-/// With no active webhook endpoint, the webhook intake holds no consumer on
-/// the events stream: NATS hands it none of the log's events. An endpoint
-/// registered later gets the events after it, none of those before it.
+/// With no active webhook endpoint, the webhook intakes of two instances
+/// hold no consumer on the events stream: NATS hands them none of the log's
+/// events. An endpoint registered later gets each event after it once
+/// (both instances then make the consumer again, racing), none of those
+/// before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_endpoints_webhooks_take_in_nothing_and_a_later_endpoint_gets_what_follows() {
     let receiver = Receiver::start().await;
     let prefix = unique_prefix();
     let stream_prefix = prefix.clone();
-    let app = spawn_app_with(move |s| {
+    let settings = move |s: &mut Settings| {
         s.nats.nats_url = Some(nats_url());
         s.nats.nats_prefix = prefix;
         s.delivery.delivery_poll_ms = 50;
-    })
-    .await;
-    let before = [app.published_test().await, app.published_test().await];
+    };
+    let app = spawn_app_with(settings.clone()).await;
+    let second = app.another_instance(settings).await;
+    let before = [app.published_test().await, second.published_test().await];
     // Published, and marked taken in by a look that found no endpoint.
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&app.pool)
@@ -1761,12 +1764,17 @@ async fn without_endpoints_webhooks_take_in_nothing_and_a_later_endpoint_gets_wh
     receiver
         .register(&app, "tests", Behaviour::Ok, Some(&["test.published"]))
         .await;
-    let after = [app.published_test().await, app.published_test().await];
+    let mut after = Vec::new();
+    for _ in 0..2 {
+        after.push(app.published_test().await);
+        after.push(second.published_test().await);
+    }
     for test in &after {
         receiver
             .wait_for_test("tests", test, Duration::from_secs(30))
             .await;
     }
+    no_delivery_pending(&app.pool, Duration::from_secs(10)).await;
     let got: Vec<String> = receiver
         .received("tests")
         .iter()
@@ -1778,5 +1786,9 @@ async fn without_endpoints_webhooks_take_in_nothing_and_a_later_endpoint_gets_wh
             "{test}, from before the endpoint: {got:?}"
         );
     }
-    assert_eq!(got.len(), 2, "each test after the endpoint once: {got:?}");
+    assert_eq!(
+        got.len(),
+        after.len(),
+        "each test after the endpoint once: {got:?}"
+    );
 }
