@@ -1063,13 +1063,15 @@ async fn backlog_scenario(
     let prefix = format!("benchbl{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let result = async {
         let attempts = (sizes.attempts / 10).max(1_000);
+        let worked = work_off(&db, &prefix, attempts, &BACKLOG_PROJECTIONS, &[]).await?;
+        let slowest = worked.slowest();
         let WorkedOff {
             test_id,
             events,
             server,
             done,
             cpu,
-        } = work_off(&db, &prefix, attempts, &BACKLOG_PROJECTIONS, &[]).await?;
+        } = worked;
         // Past boards are read on a settled database, not behind the vacuum
         // of what the backlog wrote.
         sqlx::query("VACUUM (ANALYZE) my_attempts, lb_entries, events")
@@ -1077,7 +1079,6 @@ async fn backlog_scenario(
             .await?;
         as_of_rows(&server, test_id, attempts, sizes, report).await?;
         server.stop().await;
-        let slowest = done.iter().map(|(_, d)| *d).max().unwrap_or_default();
         let rate = events as f64 / slowest.as_secs_f64();
         let each: Vec<String> = done
             .iter()
@@ -1131,6 +1132,13 @@ struct WorkedOff {
     server: Server,
     done: Vec<(&'static str, Duration)>,
     cpu: String,
+}
+
+impl WorkedOff {
+    /// How long the last role took.
+    fn slowest(&self) -> Duration {
+        self.done.iter().map(|(_, d)| *d).max().unwrap_or_default()
+    }
 }
 
 /// Seeds the log of `db` with `attempts` attempts directly (as after every
@@ -1224,13 +1232,8 @@ async fn backlog_jobs_alone(
             })
             .collect();
         let worked = work_off(&db, &prefix, attempts, &roles, &held).await?;
+        let slowest = worked.slowest();
         worked.server.stop().await;
-        let slowest = worked
-            .done
-            .iter()
-            .map(|(_, d)| *d)
-            .max()
-            .unwrap_or_default();
         let names: Vec<&str> = jobs.iter().map(|job| job.name()).collect();
         report.row(
             &format!(
