@@ -1723,27 +1723,7 @@ async fn without_endpoints_webhooks_take_in_nothing_and_a_later_endpoint_gets_wh
     let app = spawn_app_with(settings.clone()).await;
     let second = app.another_instance(settings).await;
     let before = [app.published_test().await, second.published_test().await];
-    // Published, and marked taken in by a look that found no endpoint.
-    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    poll(
-        "the webhook intake's mark past the events so far",
-        Duration::from_secs(30),
-        || async {
-            let mark: Option<i64> =
-                sqlx::query_scalar("SELECT seq FROM delivery_intake WHERE channel = 'webhook'")
-                    .fetch_optional(&app.pool)
-                    .await
-                    .unwrap();
-            match mark {
-                Some(mark) if mark >= events => Ok(()),
-                other => Err(other),
-            }
-        },
-    )
-    .await;
+    webhook_mark_past_every_event(&app.pool).await;
     let bus = podium_nats::EventBus::connect(&nats_url(), &stream_prefix)
         .await
         .unwrap();
@@ -1791,4 +1771,116 @@ async fn without_endpoints_webhooks_take_in_nothing_and_a_later_endpoint_gets_wh
         after.len(),
         "each test after the endpoint once: {got:?}"
     );
+}
+
+/// A `podium serve` process beside an in-process instance, both starting
+/// with no webhook endpoint (so neither holds the webhook consumer), then an
+/// endpoint registered and the process paused (SIGSTOP) in the middle of
+/// the tests being published: every test reaches the endpoint through the
+/// other instance (what the paused one may hold comes back after
+/// JetStream's ack wait), none from before it; after SIGCONT at most the
+/// sends in flight arrive twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_endpoint_made_while_idle_gets_everything_though_an_instance_is_paused() {
+    const CONCURRENCY: usize = 4;
+    let receiver = Receiver::start().await;
+    let prefix = unique_prefix();
+    let app_prefix = prefix.clone();
+    let app = spawn_app_with(move |s| {
+        s.nats.nats_url = Some(nats_url());
+        s.nats.nats_prefix = app_prefix;
+        s.delivery.delivery_poll_ms = 100;
+        s.delivery.delivery_lease_ms = 2_000;
+        s.delivery.webhook_timeout_ms = 1_000;
+        s.delivery.delivery_concurrency = CONCURRENCY;
+    })
+    .await;
+    let concurrency = CONCURRENCY.to_string();
+    let env = [
+        ("NATS_URL", nats_url()),
+        ("PODIUM_NATS_PREFIX", prefix.clone()),
+        ("PODIUM_DELIVERY_CONCURRENCY", concurrency),
+        ("PODIUM_DELIVERY_LEASE_MS", "2000".to_string()),
+        ("PODIUM_WEBHOOK_TIMEOUT_MS", "1000".to_string()),
+        ("PODIUM_DELIVERY_POLL_MS", "100".to_string()),
+        ("PODIUM_LEASE_TTL_MS", "3000".to_string()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (paused, address) = podium_process(&app.db.url(), &env);
+    let before = app.published_test().await;
+    webhook_mark_past_every_event(&app.pool).await;
+    receiver
+        .register(&app, "tests", Behaviour::Ok, Some(&["test.published"]))
+        .await;
+    let mut published = Vec::new();
+    for _ in 0..5 {
+        published.push(app.published_test().await);
+    }
+    let pid = paused.0.id().to_string();
+    let signal = |signal: &str| {
+        assert!(Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    signal("-STOP");
+    for _ in 0..5 {
+        published.push(app.published_test().await);
+    }
+    for test in &published {
+        receiver
+            .wait_for_test("tests", test, Duration::from_secs(90))
+            .await;
+    }
+    signal("-CONT");
+    poll(
+        "the paused instance awake",
+        Duration::from_secs(30),
+        || async {
+            match reqwest::get(format!("{address}/healthz")).await {
+                Ok(r) if r.status().is_success() => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    no_delivery_pending(&app.pool, Duration::from_secs(30)).await;
+    let got: Vec<String> = receiver
+        .received("tests")
+        .iter()
+        .map(|r| r.body["data"]["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!got.contains(&before), "from before the endpoint: {got:?}");
+    let twice = got.len() - published.len();
+    assert!(
+        twice <= CONCURRENCY,
+        "{twice} tests arrived twice; at most the {CONCURRENCY} in flight may: {got:?}"
+    );
+    delete_streams(nats_url(), prefix);
+}
+
+/// Waits until the events written so far are published and marked taken in
+/// by a webhook intake's look that found no endpoint.
+async fn webhook_mark_past_every_event(pool: &sqlx::PgPool) {
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    poll(
+        "the webhook intake's mark past the events so far",
+        Duration::from_secs(30),
+        || async {
+            let mark: Option<i64> =
+                sqlx::query_scalar("SELECT seq FROM delivery_intake WHERE channel = 'webhook'")
+                    .fetch_optional(pool)
+                    .await
+                    .unwrap();
+            match mark {
+                Some(mark) if mark >= events => Ok(()),
+                other => Err(other),
+            }
+        },
+    )
+    .await;
 }
