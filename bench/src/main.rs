@@ -86,6 +86,10 @@ struct BacklogArgs {
     /// job costs by itself, or beside another.
     #[arg(long, value_enum)]
     only: Vec<BacklogJob>,
+    /// Attempts in the backlog (two events each; 100,000 by default, 1,000
+    /// with `--smoke`): 1000000 makes the 2,000,000-event backlog of issue 14.
+    #[arg(long)]
+    attempts: Option<u64>,
 }
 
 /// The jobs a live instance works a backlog off with, each on leases of its
@@ -134,6 +138,9 @@ struct Sizes {
     deliveries: usize,
     /// Recipients of the announcement a personal best is sent behind.
     crowd: usize,
+    /// Attempts in the log a backlog run works off (two events each): a
+    /// tenth of the replay's, so that the full run stays near ten minutes.
+    backlog_attempts: u64,
 }
 
 impl Sizes {
@@ -149,6 +156,7 @@ impl Sizes {
                 redis_requests: 2_000,
                 deliveries: 100,
                 crowd: 200,
+                backlog_attempts: 1_000,
             }
         } else {
             Self {
@@ -161,6 +169,7 @@ impl Sizes {
                 redis_requests: 300_000,
                 deliveries: 5_000,
                 crowd: 10_000,
+                backlog_attempts: 100_000,
             }
         }
     }
@@ -219,7 +228,11 @@ fn main() -> anyhow::Result<()> {
         }),
         Command::Backlog(args) => runtime.block_on(async {
             let mut report = Report::default();
-            let sizes = Sizes::new(args.all.smoke);
+            let mut sizes = Sizes::new(args.all.smoke);
+            if let Some(attempts) = args.attempts {
+                anyhow::ensure!(attempts > 0, "--attempts: at least one attempt");
+                sizes.backlog_attempts = attempts;
+            }
             if args.only.is_empty() {
                 backlog_scenario(&sizes, None, &mut report).await?;
             } else {
@@ -1062,7 +1075,7 @@ async fn backlog_scenario(
     let db = ScratchDb::create(2).await?;
     let prefix = format!("benchbl{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let result = async {
-        let attempts = (sizes.attempts / 10).max(1_000);
+        let attempts = sizes.backlog_attempts;
         let worked = work_off(&db, &prefix, attempts, &BACKLOG_PROJECTIONS, &[]).await?;
         let slowest = worked.slowest();
         let WorkedOff {
@@ -1217,7 +1230,7 @@ async fn backlog_jobs_alone(
     let db = ScratchDb::create(2).await?;
     let prefix = format!("benchbl{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let result = async {
-        let attempts = (sizes.attempts / 10).max(1_000);
+        let attempts = sizes.backlog_attempts;
         let roles: Vec<&str> = BACKLOG_PROJECTIONS
             .into_iter()
             .filter(|role| jobs.iter().any(|job| job.runs(role)))
