@@ -456,8 +456,9 @@ pub async fn rebuild(
     };
     let read = done.load(Ordering::Relaxed);
     // Done: every event up to the checkpoint swapped in, including those
-    // written while the log was read (the swap applied them), and that is
-    // the whole of it. Failed: as far as it read, of the total it expected.
+    // written while the log was read (applied to the copies before the swap
+    // or by it), and that is the whole of it; the live worker goes on from
+    // there. Failed: as far as it read, of the total it expected.
     let (state, error, processed, total) = match &result {
         Ok(rebuilt) => {
             let reached = rebuilt.iter().map(|r| r.checkpoint).max().unwrap_or(read);

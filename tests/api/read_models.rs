@@ -700,3 +700,166 @@ async fn a_replay_waiting_for_a_long_reader_leaves_the_leaderboard_readable() {
     rebuild.await.unwrap().unwrap();
     assert_same(&snapshot(&app.pool).await, &live);
 }
+
+/// What the log takes in while a replay writes its folds and builds its
+/// indexes is applied to the copies before the swap asks for its lock on
+/// the live tables, which every query of them waits behind: the swap then
+/// applies only what came during its last batch, not a backlog's tail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_applies_what_came_while_it_wrote_before_it_locks_the_live_tables() {
+    use sqlx::Connection;
+    let (app, _) = spawn_app_with_workers().await;
+    let tests = published_tests(&app, 1).await;
+    traffic(&app, &tests, 20, 5).await;
+    settle(&app.pool).await;
+    // The fold's write stops at its checkpoint, behind a row this session
+    // is inserting and has not committed; the read before it is not held,
+    // nor is the log (the session says it writes no events).
+    let mut holder = sqlx::PgConnection::connect(&app.db.url()).await.unwrap();
+    let mut holding = holder.begin().await.unwrap();
+    sqlx::query("SELECT podium_writes_no_events()")
+        .execute(&mut *holding)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO projection_checkpoints (name, seq) VALUES ('leaderboard__next', 0)")
+        .execute(&mut *holding)
+        .await
+        .unwrap();
+    let pool = app.pool.clone();
+    let rebuild = tokio::spawn(async move {
+        let mut progress = |_: u64, _: u64| {};
+        replay(&pool, &Scope::Leaderboard.read_models(), &mut progress).await
+    });
+    let waits_for = |what: &'static str, statement: &'static str| {
+        let pool = app.pool.clone();
+        async move {
+            crate::helpers::poll(what, Duration::from_secs(60), || async {
+                let waiting: bool = sqlx::query_scalar(statement)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                if waiting {
+                    Ok(())
+                } else {
+                    Err("not waiting")
+                }
+            })
+            .await
+        }
+    };
+    waits_for(
+        "the fold's write to wait for its checkpoint row",
+        "SELECT EXISTS(SELECT 1 FROM pg_stat_activity
+                        WHERE wait_event_type = 'Lock'
+                          AND query LIKE '%INSERT INTO projection_checkpoints%')",
+    )
+    .await;
+    let folded: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    // The tail: submissions (and the policy's notifications) the fold did
+    // not read.
+    traffic(&app, &tests, 15, 7).await;
+    settle(&app.pool).await;
+    let head: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(head > folded, "the tail was written: {folded} then {head}");
+    let live = snapshot(&app.pool).await;
+    // A long reader of the live table holds the swap at its lock.
+    let mut report = sqlx::PgConnection::connect(&app.db.url()).await.unwrap();
+    let mut reading = report.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM lb_entries")
+        .execute(&mut *reading)
+        .await
+        .unwrap();
+    holding.rollback().await.unwrap();
+    waits_for(
+        "the swap to wait for the live table",
+        "SELECT EXISTS(SELECT 1 FROM pg_locks
+                        WHERE relation = 'lb_entries'::regclass
+                          AND mode = 'AccessExclusiveLock' AND NOT granted)",
+    )
+    .await;
+    // Asking for the lock, the copies have the tail already.
+    let copies: i64 = sqlx::query_scalar(
+        "SELECT seq FROM projection_checkpoints WHERE name = 'leaderboard__next'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        copies, head,
+        "the copies at {copies} when the swap asks for its lock, the log at {head} (folded to {folded})"
+    );
+    reading.commit().await.unwrap();
+    rebuild.await.unwrap().unwrap();
+    assert_same(&snapshot(&app.pool).await, &live);
+}
+
+/// A rebuilt leaderboard records no moves: when it holds submissions the
+/// live one never applied (its owner stood still while they were written),
+/// cursors from before them cannot be continued exactly, and the moves
+/// horizon says so, though the swap itself applied none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_past_the_live_leaderboard_marks_the_moves_it_did_not_record() {
+    let (app, _) = spawn_app_with_workers().await;
+    let tests = published_tests(&app, 1).await;
+    traffic(&app, &tests, 10, 3).await;
+    settle(&app.pool).await;
+    let live: i64 =
+        sqlx::query_scalar("SELECT seq FROM projection_checkpoints WHERE name = 'leaderboard'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    // The leaderboard's lease taken by an owner that never applies: its
+    // worker stands by, the fence keeps it from writing.
+    sqlx::query(
+        "UPDATE leases SET owner = 'elsewhere', token = token + 1,
+                           expires_at = now() + interval '1 day'
+          WHERE name = $1",
+    )
+    .bind(podium::projector::lease_name("leaderboard"))
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    traffic(&app, &tests, 10, 4).await;
+    // The submissions after the live checkpoint, by their seq in the log.
+    let last_submission = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT max(seq) FROM (
+                 SELECT row_number() OVER (ORDER BY epoch, txid, position) AS seq, event_type
+                   FROM events) numbered
+              WHERE event_type = 'AttemptSubmitted'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    let last = last_submission().await;
+    assert!(
+        last > live,
+        "submissions after the live checkpoint {live}: up to {last}"
+    );
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>(
+            "SELECT seq FROM projection_checkpoints WHERE name = 'leaderboard'"
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap(),
+        live,
+        "the live leaderboard stood still"
+    );
+    let mut progress = |_: u64, _: u64| {};
+    replay(&app.pool, &Scope::Leaderboard.read_models(), &mut progress)
+        .await
+        .unwrap();
+    let horizon: i64 = sqlx::query_scalar("SELECT seq FROM lb_moves_horizon")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(horizon, last, "the moves horizon after the replay");
+}
