@@ -211,8 +211,6 @@ pub async fn replay(
         if events.is_empty() {
             break;
         }
-        // Rebuilt tables are thrown away if the replay fails, so their
-        // commits need not wait for the disk.
         // Read the next batch while this one is applied: the replay then
         // runs at the pace of the slower of the two, not of both in turn.
         // Each projection in a transaction of its own (their copies and
@@ -222,10 +220,7 @@ pub async fn replay(
         let apply = futures::future::try_join_all(applying.into_iter().map(|projection| {
             let events = &events;
             async move {
-                let mut tx = begin_writing_no_events(pool).await?;
-                sqlx::query("SET LOCAL synchronous_commit = off")
-                    .execute(&mut *tx)
-                    .await?;
+                let mut tx = begin_writing_copies(pool).await?;
                 projection
                     .apply_in(&mut tx, events)
                     .await
@@ -337,10 +332,7 @@ pub async fn replay(
         if events.is_empty() {
             break;
         }
-        let mut tx = begin_writing_no_events(pool).await?;
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
-            .await?;
+        let mut tx = begin_writing_copies(pool).await?;
         for projection in &projections {
             projection
                 .apply_in(&mut tx, &events)
@@ -588,6 +580,19 @@ async fn lock_holders(pool: &PgPool, projections: &[Rebuilding]) -> String {
         Ok(holders) => holders.join("; "),
         Err(err) => format!("(cannot tell: {err})"),
     }
+}
+
+/// A transaction that writes the copies (and no events). Rebuilt tables
+/// are thrown away if the replay fails, so its commit need not wait for the
+/// disk; the swap's commit, which does, comes after it.
+async fn begin_writing_copies(
+    pool: &PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    let mut tx = begin_writing_no_events(pool).await?;
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
 }
 
 /// The last of `events` that can move leaderboard entries (a submission;

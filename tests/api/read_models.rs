@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use podium::log::postgres::LogCursor;
-use podium::projector::replay::{replay, Scope};
+use podium::projector::replay::{replay, Rebuilt, Scope};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -637,6 +637,44 @@ async fn a_rebuild_keeps_attempts_in_progress_and_repeated_submissions() {
     assert_same(&snapshot(&app.pool).await, &live);
 }
 
+/// Whether a replay's swap waits for its lock on the live leaderboard.
+const SWAP_WAITS: &str = "SELECT EXISTS(SELECT 1 FROM pg_locks
+                                        WHERE relation = 'lb_entries'::regclass
+                                          AND mode = 'AccessExclusiveLock' AND NOT granted)";
+
+/// Waits until `statement` (a `SELECT EXISTS …`) answers true.
+async fn until(pool: &PgPool, what: &str, statement: &str) {
+    crate::helpers::poll(what, Duration::from_secs(60), || async {
+        let yes: bool = sqlx::query_scalar(statement).fetch_one(pool).await.unwrap();
+        if yes {
+            Ok(())
+        } else {
+            Err("not yet")
+        }
+    })
+    .await
+}
+
+/// A session that has read the live leaderboard in a transaction it keeps
+/// open (a report, a dump) until the test sends `COMMIT`.
+async fn long_reader(app: &TestApp) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    let mut report = sqlx::PgConnection::connect(&app.db.url()).await.unwrap();
+    for statement in ["BEGIN", "SELECT count(*) FROM lb_entries"] {
+        sqlx::query(statement).execute(&mut report).await.unwrap();
+    }
+    report
+}
+
+/// A replay of the leaderboard, in a task of its own.
+fn replay_leaderboard(app: &TestApp) -> tokio::task::JoinHandle<anyhow::Result<Vec<Rebuilt>>> {
+    let pool = app.pool.clone();
+    tokio::spawn(async move {
+        let mut progress = |_: u64, _: u64| {};
+        replay(&pool, &Scope::Leaderboard.read_models(), &mut progress).await
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_waiting_for_a_long_reader_leaves_the_leaderboard_readable() {
     use sqlx::Connection;
@@ -651,38 +689,15 @@ async fn a_replay_waiting_for_a_long_reader_leaves_the_leaderboard_readable() {
         .unwrap();
     // A long reader of the leaderboard's table (a report, a dump), open
     // until the test ends it.
-    let mut report = sqlx::PgConnection::connect(&app.db.url()).await.unwrap();
-    let mut reading = report.begin().await.unwrap();
-    sqlx::query("SELECT count(*) FROM lb_entries")
-        .execute(&mut *reading)
-        .await
-        .unwrap();
-    let pool = app.pool.clone();
-    let rebuild = tokio::spawn(async move {
-        let mut progress = |_: u64, _: u64| {};
-        replay(&pool, &Scope::Leaderboard.read_models(), &mut progress).await
-    });
+    let mut report = long_reader(&app).await;
+    let rebuild = replay_leaderboard(&app);
     // The replay reaches its swap and asks for the table, again and again.
     let mut reader = sqlx::PgConnection::connect(&app.db.url()).await.unwrap();
     for _ in 0..2 {
-        crate::helpers::poll(
+        until(
+            &app.pool,
             "the replay to wait for the live table",
-            Duration::from_secs(60),
-            || async {
-                let waiting: bool = sqlx::query_scalar(
-                    "SELECT EXISTS(SELECT 1 FROM pg_locks
-                                    WHERE relation = 'lb_entries'::regclass
-                                      AND mode = 'AccessExclusiveLock' AND NOT granted)",
-                )
-                .fetch_one(&app.pool)
-                .await
-                .unwrap();
-                if waiting {
-                    Ok(())
-                } else {
-                    Err("not waiting")
-                }
-            },
+            SWAP_WAITS,
         )
         .await;
         // Other readers queue behind the waiting lock only as long as one
@@ -696,7 +711,7 @@ async fn a_replay_waiting_for_a_long_reader_leaves_the_leaderboard_readable() {
         assert_eq!(read, entries);
     }
     assert!(!rebuild.is_finished(), "the replay waits for the report");
-    reading.commit().await.unwrap();
+    sqlx::query("COMMIT").execute(&mut report).await.unwrap();
     rebuild.await.unwrap().unwrap();
     assert_same(&snapshot(&app.pool).await, &live);
 }
@@ -725,29 +740,9 @@ async fn a_replay_applies_what_came_while_it_wrote_before_it_locks_the_live_tabl
         .execute(&mut *holding)
         .await
         .unwrap();
-    let pool = app.pool.clone();
-    let rebuild = tokio::spawn(async move {
-        let mut progress = |_: u64, _: u64| {};
-        replay(&pool, &Scope::Leaderboard.read_models(), &mut progress).await
-    });
-    let waits_for = |what: &'static str, statement: &'static str| {
-        let pool = app.pool.clone();
-        async move {
-            crate::helpers::poll(what, Duration::from_secs(60), || async {
-                let waiting: bool = sqlx::query_scalar(statement)
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
-                if waiting {
-                    Ok(())
-                } else {
-                    Err("not waiting")
-                }
-            })
-            .await
-        }
-    };
-    waits_for(
+    let rebuild = replay_leaderboard(&app);
+    until(
+        &app.pool,
         "the fold's write to wait for its checkpoint row",
         "SELECT EXISTS(SELECT 1 FROM pg_stat_activity
                         WHERE wait_event_type = 'Lock'
@@ -769,20 +764,9 @@ async fn a_replay_applies_what_came_while_it_wrote_before_it_locks_the_live_tabl
     assert!(head > folded, "the tail was written: {folded} then {head}");
     let live = snapshot(&app.pool).await;
     // A long reader of the live table holds the swap at its lock.
-    let mut report = sqlx::PgConnection::connect(&app.db.url()).await.unwrap();
-    let mut reading = report.begin().await.unwrap();
-    sqlx::query("SELECT count(*) FROM lb_entries")
-        .execute(&mut *reading)
-        .await
-        .unwrap();
+    let mut report = long_reader(&app).await;
     holding.rollback().await.unwrap();
-    waits_for(
-        "the swap to wait for the live table",
-        "SELECT EXISTS(SELECT 1 FROM pg_locks
-                        WHERE relation = 'lb_entries'::regclass
-                          AND mode = 'AccessExclusiveLock' AND NOT granted)",
-    )
-    .await;
+    until(&app.pool, "the swap to wait for the live table", SWAP_WAITS).await;
     // Asking for the lock, the copies have the tail already.
     let copies: i64 = sqlx::query_scalar(
         "SELECT seq FROM projection_checkpoints WHERE name = 'leaderboard__next'",
@@ -794,7 +778,7 @@ async fn a_replay_applies_what_came_while_it_wrote_before_it_locks_the_live_tabl
         copies, head,
         "the copies at {copies} when the swap asks for its lock, the log at {head} (folded to {folded})"
     );
-    reading.commit().await.unwrap();
+    sqlx::query("COMMIT").execute(&mut report).await.unwrap();
     rebuild.await.unwrap().unwrap();
     assert_same(&snapshot(&app.pool).await, &live);
 }
