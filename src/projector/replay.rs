@@ -37,9 +37,10 @@ const MAX_SIDE_BY_SIDE: usize = 3;
 const SWAP_LOCK_WAIT: Duration = Duration::from_secs(2);
 /// How long the swap keeps trying before the replay fails.
 const SWAP_PATIENCE: Duration = Duration::from_secs(300);
-/// Most batches the swap applies under its lock on the live tables: what
-/// came since the copies caught up, up to this; the live worker goes on
-/// from the checkpoint swapped in.
+/// Most batches the swap applies under its lock on the live tables of what
+/// came since the copies caught up, once they are as far as the live read
+/// models (never behind them); the live worker goes on from the checkpoint
+/// swapped in.
 const SWAP_BATCHES: usize = 4;
 /// How long Postgres lets the swap's transaction sit idle before it ends the
 /// session: a runner paused (or cut off) while it holds the live tables
@@ -489,8 +490,9 @@ async fn set_checkpoint(conn: &mut PgConnection, name: &str, seq: u64) -> Result
 }
 
 /// Under a lock on the live tables: applies what was written since the
-/// copies caught up (at most [`SWAP_BATCHES`] batches of it), then renames
-/// the copies in and moves the checkpoints over.
+/// copies caught up (as far as the live read models got, and at most
+/// [`SWAP_BATCHES`] batches beyond), then renames the copies in and moves
+/// the checkpoints over.
 ///
 /// The lock is waited for [`SWAP_LOCK_WAIT`] at a time: every query of the
 /// live tables queues behind a waiting exclusive lock, so a long reader
@@ -631,15 +633,20 @@ async fn swap_once(
     // locks its checkpoint before it writes its tables, so taking them in
     // the same order cannot deadlock with one, and none commits in between.
     let mut live_leaderboard = 0;
+    // The furthest of the live read models: the copies are not swapped in
+    // behind it, so no read model goes back in time.
+    let mut live_ahead = 0;
     for projection in projections {
         let live: Option<i64> =
             sqlx::query_scalar("SELECT seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE")
                 .bind(projection.name())
                 .fetch_optional(&mut *tx)
                 .await?;
+        let live = live.unwrap_or(0) as u64;
         if projection.model == ReadModel::Leaderboard {
-            live_leaderboard = live.unwrap_or(0) as u64;
+            live_leaderboard = live;
         }
+        live_ahead = live_ahead.max(live);
     }
     let live: Vec<&str> = projections
         .iter()
@@ -651,7 +658,10 @@ async fn swap_once(
     ))
     .execute(&mut *tx)
     .await?;
-    for _ in 0..SWAP_BATCHES {
+    for batch in 0.. {
+        if batch >= SWAP_BATCHES && cursor.seq >= live_ahead {
+            break;
+        }
         let (events, after) = cursor.peek(&mut tx, BATCH).await?;
         if events.is_empty() {
             break;

@@ -847,3 +847,36 @@ async fn a_replay_past_the_live_leaderboard_marks_the_moves_it_did_not_record() 
         .unwrap();
     assert_eq!(horizon, last, "the moves horizon after the replay");
 }
+
+/// A swap held at its lock while the live read models go on (thousands of
+/// events, more than it applies beyond them) swaps its copies in no
+/// further back than the live ones were: no read model goes back in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_held_while_the_live_read_models_went_on_swaps_in_as_far_as_they_got() {
+    let (app, _) = spawn_app_with_workers().await;
+    let tests = published_tests(&app, 1).await;
+    traffic(&app, &tests, 10, 3).await;
+    settle(&app.pool).await;
+    let mut report = long_reader(&app).await;
+    let rebuild = replay_leaderboard(&app);
+    until(&app.pool, "the swap to wait for the live table", SWAP_WAITS).await;
+    // 5,001 events written straight into the log (and the policy's 2,500
+    // notifications), applied by the live workers between the swap's tries.
+    let mut quiet = |_, _| {};
+    podium::cli::bulk_seed::bulk_from(&app.pool, 1_000_000, 2_500, &mut quiet)
+        .await
+        .unwrap();
+    settle(&app.pool).await;
+    let live = snapshot(&app.pool).await;
+    let head: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query("COMMIT").execute(&mut report).await.unwrap();
+    let rebuilt = rebuild.await.unwrap().unwrap();
+    assert_eq!(
+        rebuilt[0].checkpoint, head as u64,
+        "the copies swapped in at"
+    );
+    assert_same(&snapshot(&app.pool).await, &live);
+}
