@@ -661,10 +661,44 @@ async fn long_reader(app: &TestApp) -> sqlx::PgConnection {
     use sqlx::Connection;
     let mut report = sqlx::PgConnection::connect(&app.db.url()).await.unwrap();
     for statement in ["BEGIN", "SELECT count(*) FROM lb_entries"] {
-        sqlx::query(statement).execute(&mut report).await.unwrap();
+        run(&mut report, statement).await;
     }
     report
 }
+
+/// Runs `statement` on `conn`.
+async fn run(conn: &mut sqlx::PgConnection, statement: &str) {
+    sqlx::query(statement).execute(conn).await.unwrap();
+}
+
+/// A session in a transaction that writes no events (so it holds no reader
+/// of the log back), to hold a replay at one of its steps.
+async fn holder(app: &TestApp) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&app.db.url()).await.unwrap();
+    for statement in ["BEGIN", "SELECT podium_writes_no_events()"] {
+        run(&mut conn, statement).await;
+    }
+    conn
+}
+
+/// A holder that stops a leaderboard replay's fold write at its checkpoint,
+/// behind a row it is inserting and has not committed (`ROLLBACK` lets it
+/// go); the read of the log before it is not held.
+async fn holding_the_fold_write(app: &TestApp) -> sqlx::PgConnection {
+    let mut fold = holder(app).await;
+    run(
+        &mut fold,
+        "INSERT INTO projection_checkpoints (name, seq) VALUES ('leaderboard__next', 0)",
+    )
+    .await;
+    fold
+}
+
+/// Whether a replay's fold write waits for its checkpoint row.
+const FOLD_WRITE_WAITS: &str = "SELECT EXISTS(SELECT 1 FROM pg_stat_activity
+                                               WHERE wait_event_type = 'Lock'
+                                                 AND query LIKE '%INSERT INTO projection_checkpoints%')";
 
 /// A replay of the leaderboard, in a task of its own.
 fn replay_leaderboard(app: &TestApp) -> tokio::task::JoinHandle<anyhow::Result<Vec<Rebuilt>>> {
@@ -711,7 +745,7 @@ async fn a_replay_waiting_for_a_long_reader_leaves_the_leaderboard_readable() {
         assert_eq!(read, entries);
     }
     assert!(!rebuild.is_finished(), "the replay waits for the report");
-    sqlx::query("COMMIT").execute(&mut report).await.unwrap();
+    run(&mut report, "COMMIT").await;
     rebuild.await.unwrap().unwrap();
     assert_same(&snapshot(&app.pool).await, &live);
 }
@@ -722,31 +756,16 @@ async fn a_replay_waiting_for_a_long_reader_leaves_the_leaderboard_readable() {
 /// applies only what came during its last batch, not a backlog's tail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_applies_what_came_while_it_wrote_before_it_locks_the_live_tables() {
-    use sqlx::Connection;
     let (app, _) = spawn_app_with_workers().await;
     let tests = published_tests(&app, 1).await;
     traffic(&app, &tests, 20, 5).await;
     settle(&app.pool).await;
-    // The fold's write stops at its checkpoint, behind a row this session
-    // is inserting and has not committed; the read before it is not held,
-    // nor is the log (the session says it writes no events).
-    let mut holder = sqlx::PgConnection::connect(&app.db.url()).await.unwrap();
-    let mut holding = holder.begin().await.unwrap();
-    sqlx::query("SELECT podium_writes_no_events()")
-        .execute(&mut *holding)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO projection_checkpoints (name, seq) VALUES ('leaderboard__next', 0)")
-        .execute(&mut *holding)
-        .await
-        .unwrap();
+    let mut fold = holding_the_fold_write(&app).await;
     let rebuild = replay_leaderboard(&app);
     until(
         &app.pool,
         "the fold's write to wait for its checkpoint row",
-        "SELECT EXISTS(SELECT 1 FROM pg_stat_activity
-                        WHERE wait_event_type = 'Lock'
-                          AND query LIKE '%INSERT INTO projection_checkpoints%')",
+        FOLD_WRITE_WAITS,
     )
     .await;
     let folded: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
@@ -765,7 +784,7 @@ async fn a_replay_applies_what_came_while_it_wrote_before_it_locks_the_live_tabl
     let live = snapshot(&app.pool).await;
     // A long reader of the live table holds the swap at its lock.
     let mut report = long_reader(&app).await;
-    holding.rollback().await.unwrap();
+    run(&mut fold, "ROLLBACK").await;
     until(&app.pool, "the swap to wait for the live table", SWAP_WAITS).await;
     // Asking for the lock, the copies have the tail already.
     let copies: i64 = sqlx::query_scalar(
@@ -778,7 +797,7 @@ async fn a_replay_applies_what_came_while_it_wrote_before_it_locks_the_live_tabl
         copies, head,
         "the copies at {copies} when the swap asks for its lock, the log at {head} (folded to {folded})"
     );
-    sqlx::query("COMMIT").execute(&mut report).await.unwrap();
+    run(&mut report, "COMMIT").await;
     rebuild.await.unwrap().unwrap();
     assert_same(&snapshot(&app.pool).await, &live);
 }
@@ -810,23 +829,6 @@ async fn a_replay_past_the_live_leaderboard_marks_the_moves_it_did_not_record() 
     .await
     .unwrap();
     traffic(&app, &tests, 10, 4).await;
-    // The submissions after the live checkpoint, by their seq in the log.
-    let last_submission = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT max(seq) FROM (
-                 SELECT row_number() OVER (ORDER BY epoch, txid, position) AS seq, event_type
-                   FROM events) numbered
-              WHERE event_type = 'AttemptSubmitted'",
-        )
-        .fetch_one(&app.pool)
-        .await
-        .unwrap()
-    };
-    let last = last_submission().await;
-    assert!(
-        last > live,
-        "submissions after the live checkpoint {live}: up to {last}"
-    );
     assert_eq!(
         sqlx::query_scalar::<_, i64>(
             "SELECT seq FROM projection_checkpoints WHERE name = 'leaderboard'"
@@ -838,9 +840,26 @@ async fn a_replay_past_the_live_leaderboard_marks_the_moves_it_did_not_record() 
         "the live leaderboard stood still"
     );
     let mut progress = |_: u64, _: u64| {};
-    replay(&app.pool, &Scope::Leaderboard.read_models(), &mut progress)
+    let rebuilt = replay(&app.pool, &Scope::Leaderboard.read_models(), &mut progress)
         .await
         .unwrap();
+    // The last submission the rebuilt leaderboard holds (those the policy
+    // still held back from readers of the log may come after it), by its
+    // seq in the log.
+    let last: i64 = sqlx::query_scalar(
+        "SELECT max(seq) FROM (
+             SELECT row_number() OVER (ORDER BY epoch, txid, position) AS seq, event_type
+               FROM events) numbered
+          WHERE event_type = 'AttemptSubmitted' AND seq <= $1",
+    )
+    .bind(rebuilt[0].checkpoint as i64)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(
+        last > live,
+        "submissions after the live checkpoint {live} in the rebuilt leaderboard: up to {last}"
+    );
     let horizon: i64 = sqlx::query_scalar("SELECT seq FROM lb_moves_horizon")
         .fetch_one(&app.pool)
         .await
@@ -872,7 +891,7 @@ async fn a_swap_held_while_the_live_read_models_went_on_swaps_in_as_far_as_they_
         .fetch_one(&app.pool)
         .await
         .unwrap();
-    sqlx::query("COMMIT").execute(&mut report).await.unwrap();
+    run(&mut report, "COMMIT").await;
     let rebuilt = rebuild.await.unwrap().unwrap();
     assert_eq!(
         rebuilt[0].checkpoint, head as u64,
