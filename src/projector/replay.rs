@@ -320,13 +320,11 @@ pub async fn replay(
     // What the log took in while the folds were written and the indexes
     // built (on a live log: new submissions, a backlog's notifications),
     // applied to the copies now, a batch to a transaction, up to the head
-    // as it is now. The swap then applies at most a few batches of what
-    // came since, under its lock on the live tables, which every query of
-    // them waits behind (a 2,000,001-event backlog's tail held it 16.5 s
-    // before this).
-    let head: Option<i64> = sqlx::query_scalar("SELECT max(position) FROM events")
-        .fetch_one(pool)
-        .await?;
+    // as it is now, and on while the live read models are further. The
+    // swap then applies at most a few batches of what came since, under
+    // its lock on the live tables, which every query of them waits behind
+    // (a 2,000,001-event backlog's tail held it 16.5 s before this).
+    let mut head = log_head(pool).await?;
     let mut reader = pool.acquire().await?;
     loop {
         let (events, after) = cursor.peek(&mut reader, BATCH).await?;
@@ -346,7 +344,20 @@ pub async fn replay(
         progress(cursor.seq, total.max(cursor.seq as i64) as u64);
         let past_head = events.last().map(|e| e.position) >= head;
         if events.len() < BATCH as usize || past_head {
-            break;
+            // The live read models may have gone further meanwhile (this
+            // runner paused here, or slower than their workers): the swap
+            // applies as far as they got under its lock, so the copies go
+            // on while that is more than its few batches.
+            let live: i64 = sqlx::query_scalar(
+                "SELECT COALESCE(max(seq), 0) FROM projection_checkpoints WHERE name = ANY($1)",
+            )
+            .bind(projections.iter().map(|p| p.name()).collect::<Vec<_>>())
+            .fetch_one(pool)
+            .await?;
+            if live as u64 <= cursor.seq + SWAP_BATCHES as u64 * BATCH as u64 {
+                break;
+            }
+            head = log_head(pool).await?;
         }
     }
     drop(reader);
@@ -582,6 +593,14 @@ async fn lock_holders(pool: &PgPool, projections: &[Rebuilding]) -> String {
         Ok(holders) => holders.join("; "),
         Err(err) => format!("(cannot tell: {err})"),
     }
+}
+
+/// The position of the newest event written (committed or not): where a
+/// catch-up of the copies stops.
+async fn log_head(pool: &PgPool) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT max(position) FROM events")
+        .fetch_one(pool)
+        .await
 }
 
 /// A transaction that writes the copies (and no events). Rebuilt tables

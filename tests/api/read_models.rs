@@ -642,10 +642,16 @@ const SWAP_WAITS: &str = "SELECT EXISTS(SELECT 1 FROM pg_locks
                                         WHERE relation = 'lb_entries'::regclass
                                           AND mode = 'AccessExclusiveLock' AND NOT granted)";
 
-/// Waits until `statement` (a `SELECT EXISTS …`) answers true.
-async fn until(pool: &PgPool, what: &str, statement: &str) {
+/// Waits until `statement` (a `SELECT EXISTS …`) answers true, asked on a
+/// connection of its own (a held replay may hold the app's pool).
+async fn until(app: &TestApp, what: &str, statement: &str) {
+    use sqlx::Connection;
+    let conn = tokio::sync::Mutex::new(sqlx::PgConnection::connect(&app.db.url()).await.unwrap());
     crate::helpers::poll(what, Duration::from_secs(60), || async {
-        let yes: bool = sqlx::query_scalar(statement).fetch_one(pool).await.unwrap();
+        let yes: bool = sqlx::query_scalar(statement)
+            .fetch_one(&mut *conn.lock().await)
+            .await
+            .unwrap();
         if yes {
             Ok(())
         } else {
@@ -700,10 +706,15 @@ const FOLD_WRITE_WAITS: &str = "SELECT EXISTS(SELECT 1 FROM pg_stat_activity
                                                WHERE wait_event_type = 'Lock'
                                                  AND query LIKE '%INSERT INTO projection_checkpoints%')";
 
-/// A replay of the leaderboard, in a task of its own.
+/// A replay of the leaderboard, in a task of its own, on a pool of its own
+/// (held at one of its steps, it keeps its connections).
 fn replay_leaderboard(app: &TestApp) -> tokio::task::JoinHandle<anyhow::Result<Vec<Rebuilt>>> {
-    let pool = app.pool.clone();
+    let url = app.db.url();
     tokio::spawn(async move {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(5)
+            .connect(&url)
+            .await?;
         let mut progress = |_: u64, _: u64| {};
         replay(&pool, &Scope::Leaderboard.read_models(), &mut progress).await
     })
@@ -728,12 +739,7 @@ async fn a_replay_waiting_for_a_long_reader_leaves_the_leaderboard_readable() {
     // The replay reaches its swap and asks for the table, again and again.
     let mut reader = sqlx::PgConnection::connect(&app.db.url()).await.unwrap();
     for _ in 0..2 {
-        until(
-            &app.pool,
-            "the replay to wait for the live table",
-            SWAP_WAITS,
-        )
-        .await;
+        until(&app, "the replay to wait for the live table", SWAP_WAITS).await;
         // Other readers queue behind the waiting lock only as long as one
         // try lasts, not for as long as the report runs.
         let read =
@@ -763,7 +769,7 @@ async fn a_replay_applies_what_came_while_it_wrote_before_it_locks_the_live_tabl
     let mut fold = holding_the_fold_write(&app).await;
     let rebuild = replay_leaderboard(&app);
     until(
-        &app.pool,
+        &app,
         "the fold's write to wait for its checkpoint row",
         FOLD_WRITE_WAITS,
     )
@@ -785,7 +791,7 @@ async fn a_replay_applies_what_came_while_it_wrote_before_it_locks_the_live_tabl
     // A long reader of the live table holds the swap at its lock.
     let mut report = long_reader(&app).await;
     run(&mut fold, "ROLLBACK").await;
-    until(&app.pool, "the swap to wait for the live table", SWAP_WAITS).await;
+    until(&app, "the swap to wait for the live table", SWAP_WAITS).await;
     // Asking for the lock, the copies have the tail already.
     let copies: i64 = sqlx::query_scalar(
         "SELECT seq FROM projection_checkpoints WHERE name = 'leaderboard__next'",
@@ -878,7 +884,7 @@ async fn a_swap_held_while_the_live_read_models_went_on_swaps_in_as_far_as_they_
     settle(&app.pool).await;
     let mut report = long_reader(&app).await;
     let rebuild = replay_leaderboard(&app);
-    until(&app.pool, "the swap to wait for the live table", SWAP_WAITS).await;
+    until(&app, "the swap to wait for the live table", SWAP_WAITS).await;
     // 5,001 events written straight into the log (and the policy's 2,500
     // notifications), applied by the live workers between the swap's tries.
     let mut quiet = |_, _| {};
@@ -897,5 +903,98 @@ async fn a_swap_held_while_the_live_read_models_went_on_swaps_in_as_far_as_they_
         rebuilt[0].checkpoint, head as u64,
         "the copies swapped in at"
     );
+    assert_same(&snapshot(&app.pool).await, &live);
+}
+
+/// A rebuild held while it catches its copies up (a paused runner), while
+/// the live read models go on by thousands of events: the copies catch up
+/// with them too before the swap asks for its lock, so the swap applies
+/// only a few batches under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_held_while_catching_up_reach_the_live_read_models_before_the_swap_locks() {
+    let (app, _) = spawn_app_with_workers().await;
+    let tests = published_tests(&app, 1).await;
+    traffic(&app, &tests, 10, 3).await;
+    settle(&app.pool).await;
+    let mut fold = holding_the_fold_write(&app).await;
+    let rebuild = replay_leaderboard(&app);
+    until(
+        &app,
+        "the fold's write to wait for its checkpoint row",
+        FOLD_WRITE_WAITS,
+    )
+    .await;
+    // The index builds, behind a writer of the copy whose lock is asked for
+    // while the fold's write holds the table: it comes first when that
+    // write commits.
+    let mut builds = holder(&app).await;
+    let builds = tokio::spawn(async move {
+        run(
+            &mut builds,
+            "LOCK TABLE lb_entries__next IN ROW EXCLUSIVE MODE",
+        )
+        .await;
+        builds
+    });
+    until(&app,
+        "the copy's writer to wait for the fold's write",
+        "SELECT EXISTS(SELECT 1 FROM pg_stat_activity
+                        WHERE wait_event_type = 'Lock' AND query LIKE 'LOCK TABLE lb_entries__next%')",
+    )
+    .await;
+    run(&mut fold, "ROLLBACK").await;
+    let mut builds = builds.await.unwrap();
+    until(
+        &app,
+        "an index build to wait",
+        "SELECT EXISTS(SELECT 1 FROM pg_stat_activity
+                        WHERE wait_event_type = 'Lock' AND query LIKE 'CREATE%lb_entries__next%')",
+    )
+    .await;
+    // A tail for the catch-up, whose first batch then waits for the copies'
+    // checkpoint row.
+    traffic(&app, &tests, 5, 7).await;
+    settle(&app.pool).await;
+    let mut catch_up = holder(&app).await;
+    run(
+        &mut catch_up,
+        "SELECT 1 FROM projection_checkpoints WHERE name = 'leaderboard__next' FOR UPDATE",
+    )
+    .await;
+    run(&mut builds, "COMMIT").await;
+    until(
+        &app,
+        "the catch-up to wait for the copies' checkpoint",
+        "SELECT EXISTS(SELECT 1 FROM pg_stat_activity
+                        WHERE wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE OF c%')",
+    )
+    .await;
+    // Meanwhile the live read models go on: 5,001 events written straight
+    // into the log and the policy's 2,500 notifications.
+    let mut quiet = |_, _| {};
+    podium::cli::bulk_seed::bulk_from(&app.pool, 1_000_000, 2_500, &mut quiet)
+        .await
+        .unwrap();
+    settle(&app.pool).await;
+    let live = snapshot(&app.pool).await;
+    let head: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let mut report = long_reader(&app).await;
+    run(&mut catch_up, "COMMIT").await;
+    until(&app, "the swap to wait for the live table", SWAP_WAITS).await;
+    let copies: i64 = sqlx::query_scalar(
+        "SELECT seq FROM projection_checkpoints WHERE name = 'leaderboard__next'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        copies, head,
+        "the copies when the swap asks for its lock, against the live read models"
+    );
+    run(&mut report, "COMMIT").await;
+    rebuild.await.unwrap().unwrap();
     assert_same(&snapshot(&app.pool).await, &live);
 }
