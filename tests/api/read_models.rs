@@ -701,6 +701,42 @@ async fn holding_the_fold_write(app: &TestApp) -> sqlx::PgConnection {
     fold
 }
 
+/// A replay of the leaderboard held at its fold write (the log read), and
+/// the holder that lets it go with `ROLLBACK`.
+async fn replay_held_at_its_fold_write(
+    app: &TestApp,
+) -> (
+    sqlx::PgConnection,
+    tokio::task::JoinHandle<anyhow::Result<Vec<Rebuilt>>>,
+) {
+    let fold = holding_the_fold_write(app).await;
+    let rebuild = replay_leaderboard(app);
+    until(
+        app,
+        "the fold's write to wait for its checkpoint row",
+        FOLD_WRITE_WAITS,
+    )
+    .await;
+    (fold, rebuild)
+}
+
+/// The live read models go on: 5,001 events written straight into the log
+/// and the policy's 2,500 notifications, all applied; their snapshot and
+/// the log's length then.
+async fn the_live_read_models_go_on(app: &TestApp) -> (BTreeMap<&'static str, Vec<Value>>, i64) {
+    let mut quiet = |_, _| {};
+    podium::cli::bulk_seed::bulk_from(&app.pool, 1_000_000, 2_500, &mut quiet)
+        .await
+        .unwrap();
+    settle(&app.pool).await;
+    let live = snapshot(&app.pool).await;
+    let head: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    (live, head)
+}
+
 /// Whether a replay's fold write waits for its checkpoint row.
 const FOLD_WRITE_WAITS: &str = "SELECT EXISTS(SELECT 1 FROM pg_stat_activity
                                                WHERE wait_event_type = 'Lock'
@@ -766,14 +802,7 @@ async fn a_replay_applies_what_came_while_it_wrote_before_it_locks_the_live_tabl
     let tests = published_tests(&app, 1).await;
     traffic(&app, &tests, 20, 5).await;
     settle(&app.pool).await;
-    let mut fold = holding_the_fold_write(&app).await;
-    let rebuild = replay_leaderboard(&app);
-    until(
-        &app,
-        "the fold's write to wait for its checkpoint row",
-        FOLD_WRITE_WAITS,
-    )
-    .await;
+    let (mut fold, rebuild) = replay_held_at_its_fold_write(&app).await;
     let folded: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&app.pool)
         .await
@@ -885,18 +914,8 @@ async fn a_swap_held_while_the_live_read_models_went_on_swaps_in_as_far_as_they_
     let mut report = long_reader(&app).await;
     let rebuild = replay_leaderboard(&app);
     until(&app, "the swap to wait for the live table", SWAP_WAITS).await;
-    // 5,001 events written straight into the log (and the policy's 2,500
-    // notifications), applied by the live workers between the swap's tries.
-    let mut quiet = |_, _| {};
-    podium::cli::bulk_seed::bulk_from(&app.pool, 1_000_000, 2_500, &mut quiet)
-        .await
-        .unwrap();
-    settle(&app.pool).await;
-    let live = snapshot(&app.pool).await;
-    let head: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    // Applied by the live workers between the swap's tries.
+    let (live, head) = the_live_read_models_go_on(&app).await;
     run(&mut report, "COMMIT").await;
     let rebuilt = rebuild.await.unwrap().unwrap();
     assert_eq!(
@@ -916,14 +935,7 @@ async fn copies_held_while_catching_up_reach_the_live_read_models_before_the_swa
     let tests = published_tests(&app, 1).await;
     traffic(&app, &tests, 10, 3).await;
     settle(&app.pool).await;
-    let mut fold = holding_the_fold_write(&app).await;
-    let rebuild = replay_leaderboard(&app);
-    until(
-        &app,
-        "the fold's write to wait for its checkpoint row",
-        FOLD_WRITE_WAITS,
-    )
-    .await;
+    let (mut fold, rebuild) = replay_held_at_its_fold_write(&app).await;
     // The index builds, behind a writer of the copy whose lock is asked for
     // while the fold's write holds the table: it comes first when that
     // write commits.
@@ -969,18 +981,7 @@ async fn copies_held_while_catching_up_reach_the_live_read_models_before_the_swa
                         WHERE wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE OF c%')",
     )
     .await;
-    // Meanwhile the live read models go on: 5,001 events written straight
-    // into the log and the policy's 2,500 notifications.
-    let mut quiet = |_, _| {};
-    podium::cli::bulk_seed::bulk_from(&app.pool, 1_000_000, 2_500, &mut quiet)
-        .await
-        .unwrap();
-    settle(&app.pool).await;
-    let live = snapshot(&app.pool).await;
-    let head: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let (live, head) = the_live_read_models_go_on(&app).await;
     let mut report = long_reader(&app).await;
     run(&mut catch_up, "COMMIT").await;
     until(&app, "the swap to wait for the live table", SWAP_WAITS).await;
