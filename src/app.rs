@@ -37,7 +37,8 @@ use podium_nats::{EventBus, StreamLimits};
 use podium_projections::leaderboard::LiveBoards;
 
 /// Connections in the projection workers' pool: one transaction per
-/// projection, the notification policy's commands, and lease renewals.
+/// projection, the relay's reads, and the notification policy's commands
+/// (leases have connections of their own: [`crate::ops::db::connect_leases`]).
 const WORKER_CONNECTIONS: u32 = 7;
 
 /// How often the metrics that cost a query (lags, checkpoints, lease owners)
@@ -66,6 +67,8 @@ pub struct Application {
     /// Connections of the projection workers' own, so that a burst of
     /// commands queueing for the main pool cannot starve them (production).
     worker_pool: Option<sqlx::PgPool>,
+    /// The background roles' leases' own connections (production).
+    lease_pool: Option<sqlx::PgPool>,
     shutdown_timeout: Duration,
     /// How long a background role stays with an instance that stopped renewing it.
     lease_ttl: Duration,
@@ -94,6 +97,7 @@ struct Wired {
     repository: Repository,
     pool: Option<sqlx::PgPool>,
     worker_pool: Option<sqlx::PgPool>,
+    lease_pool: Option<sqlx::PgPool>,
     local: Option<Arc<LocalProjector>>,
     ranks: Option<Arc<RankIndex>>,
     deliveries: Arc<dyn DeliveryStore>,
@@ -105,6 +109,7 @@ enum Stores {
         pool: sqlx::PgPool,
         read_pool: sqlx::PgPool,
         worker_pool: sqlx::PgPool,
+        lease_pool: sqlx::PgPool,
     },
     Embedded {
         projector: Arc<LocalProjector>,
@@ -159,6 +164,11 @@ impl Stores {
             Duration::from_millis(settings.lease_ttl_ms),
         )
         .await?;
+        let lease_pool = crate::ops::db::connect_leases(
+            &settings.database,
+            Duration::from_millis(settings.lease_ttl_ms),
+        )
+        .await?;
         crate::ops::db::migrate(&pool).await?;
         let read_pool = crate::ops::db::connect_read(&settings.database, &pool).await?;
         crate::log::postgres::sync_epoch(&pool).await?;
@@ -166,6 +176,7 @@ impl Stores {
             pool,
             read_pool,
             worker_pool,
+            lease_pool,
         })
     }
 }
@@ -266,6 +277,7 @@ impl Application {
                 pool,
                 read_pool,
                 worker_pool,
+                lease_pool,
             } => {
                 metrics.watch_pool("primary", &pool);
                 if settings.database.database_read_url.is_some() {
@@ -275,6 +287,7 @@ impl Application {
                     }));
                 }
                 metrics.watch_pool("workers", &worker_pool);
+                metrics.watch_pool("leases", &lease_pool);
                 metrics.watch(Arc::new(LogProbe { pool: pool.clone() }));
                 // Ranks from memory need to hear of every change, as the cache does.
                 let ranks = (query.rank_index_max_bytes > 0 && changes_known).then(|| {
@@ -309,6 +322,7 @@ impl Application {
                     deliveries: Arc::new(PgDeliveries { pool: pool.clone() }),
                     pool: Some(pool),
                     worker_pool: Some(worker_pool),
+                    lease_pool: Some(lease_pool),
                     local: None,
                     ranks,
                 }
@@ -322,6 +336,7 @@ impl Application {
                     operations: None,
                     pool: None,
                     worker_pool: None,
+                    lease_pool: None,
                     local: Some(projector),
                     ranks: None,
                     deliveries: Arc::new(MemoryDeliveries::default()),
@@ -375,6 +390,7 @@ impl Application {
             workers: settings.workers,
             pool: wired.pool,
             worker_pool: wired.worker_pool,
+            lease_pool: wired.lease_pool,
             local: wired.local,
             shutdown_timeout: Duration::from_secs(settings.shutdown_timeout_secs),
             lease_ttl: Duration::from_millis(settings.lease_ttl_ms),
@@ -446,8 +462,11 @@ impl Application {
             )));
         }
         let relay_on = self.state.bus.as_ref().filter(|_| self.workers);
-        if let (Some(bus), Some(_), Some(worker_pool)) = (relay_on, &self.pool, &self.worker_pool) {
+        if let (Some(bus), Some(_), Some(worker_pool), Some(lease_pool)) =
+            (relay_on, &self.pool, &self.worker_pool, &self.lease_pool)
+        {
             let relay = Relay::new(worker_pool.clone(), bus.clone(), relay_config.clone())
+                .leased_through(lease_pool.clone())
                 .timed_by(self.state.metrics.relay_delay.clone());
             self.state.metrics.watch(relay.probe());
             spawned.push(tasks.spawn(relay.run(stop.clone())));
@@ -465,6 +484,7 @@ impl Application {
                 &tasks,
                 &stop,
                 crate::projector::Leases {
+                    pool: lease_pool,
                     ttl: self.lease_ttl,
                     owner: &self.instance,
                     rebuild_from: self.catch_up_rebuild_from,

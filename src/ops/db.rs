@@ -26,6 +26,7 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         settings.db_max_connections,
         settings,
         IDLE_IN_TRANSACTION_TIMEOUT,
+        &[],
     )
     .await
 }
@@ -41,8 +42,38 @@ pub async fn connect_workers(
 ) -> anyhow::Result<PgPool> {
     let url = primary_url(settings)?;
     let idle = format!("{}ms", idle_timeout.as_millis().max(1));
-    connect_to(url, "DATABASE_URL", connections, settings, &idle).await
+    connect_to(url, "DATABASE_URL", connections, settings, &idle, &[]).await
 }
+
+/// Connections of the leases' own ([`crate::ops::lease`]): renewing a lease
+/// waits neither for a free connection of the workers (each may be in a
+/// batch that waits on the disk) nor for the write-ahead log to reach the
+/// disk. A renewal or takeover lost in a crash of Postgres loses nothing:
+/// the lease lapses sooner, and a takeover is on disk before anything its
+/// new owner writes under it is (the log is flushed in order), while every
+/// such write checks the lease's token. A disk slow to sync (seconds, on a
+/// busy host) then no longer moves every lease of an instance at once.
+pub async fn connect_leases(
+    settings: &DatabaseSettings,
+    idle_timeout: Duration,
+) -> anyhow::Result<PgPool> {
+    let url = primary_url(settings)?;
+    let idle = format!("{}ms", idle_timeout.as_millis().max(1));
+    let no_wait = [("synchronous_commit", "off")];
+    connect_to(
+        url,
+        "DATABASE_URL",
+        LEASE_CONNECTIONS,
+        settings,
+        &idle,
+        &no_wait,
+    )
+    .await
+}
+
+/// Connections in the leases' pool: a renewal or a look is one short
+/// statement, for the few roles an instance holds or waits for.
+const LEASE_CONNECTIONS: u32 = 2;
 
 fn primary_url(settings: &DatabaseSettings) -> anyhow::Result<&Secret> {
     settings
@@ -62,6 +93,7 @@ pub async fn connect_read(settings: &DatabaseSettings, primary: &PgPool) -> anyh
                 settings.db_read_max_connections,
                 settings,
                 IDLE_IN_TRANSACTION_TIMEOUT,
+                &[],
             )
             .await
         }
@@ -75,12 +107,14 @@ async fn connect_to(
     max_connections: u32,
     settings: &DatabaseSettings,
     idle_in_transaction: &str,
+    settings_of_its_own: &[(&str, &str)],
 ) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::from_str(url.expose())
         .with_context(|| format!("{variable} is not a valid Postgres URL"))?
         // A transaction left open holds back every tailer of the log (they
         // read only below the oldest running transaction): end such sessions.
         .options([("idle_in_transaction_session_timeout", idle_in_transaction)])
+        .options(settings_of_its_own.iter().copied())
         .log_slow_statements(
             log::LevelFilter::Warn,
             Duration::from_millis(settings.db_slow_statement_ms),

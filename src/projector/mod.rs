@@ -242,6 +242,8 @@ pub fn lease_name(projection: &str) -> String {
 /// How this instance holds its projections' leases.
 #[derive(Clone, Copy)]
 pub struct Leases<'a> {
+    /// The leases' own connections ([`crate::ops::db::connect_leases`]).
+    pub pool: &'a PgPool,
     /// How long a lease stays with an instance that stopped renewing it.
     pub ttl: Duration,
     /// This instance's name in the lease rows.
@@ -268,7 +270,7 @@ impl Register for Spawner<'_> {
     fn register<L: ProjectionLogic>(&mut self, logic: L) {
         let name = logic.name().to_string();
         let lease = Lease::new(
-            self.pool.clone(),
+            self.leases.pool.clone(),
             &lease_name(&name),
             self.leases.ttl,
             self.leases.owner,

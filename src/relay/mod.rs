@@ -117,6 +117,9 @@ pub enum Target {
 
 pub struct Relay {
     pool: PgPool,
+    /// Where its lease is renewed, if not on `pool`
+    /// ([`crate::ops::db::connect_leases`]).
+    lease_pool: Option<PgPool>,
     target: Target,
     config: RelayConfig,
     stats: Arc<RelayStats>,
@@ -133,12 +136,19 @@ impl Relay {
     pub fn to(pool: PgPool, target: Target, config: RelayConfig) -> Self {
         Self {
             pool,
+            lease_pool: None,
             target,
             config,
             stats: Arc::default(),
             status: Arc::default(),
             delays: None,
         }
+    }
+
+    /// Takes and renews its lease through `pool`.
+    pub fn leased_through(mut self, pool: PgPool) -> Self {
+        self.lease_pool = Some(pool);
+        self
     }
 
     /// Observes in `delays` how long each event waited to be published.
@@ -179,7 +189,7 @@ impl Relay {
     /// a database error it steps down and tries again.
     pub async fn run(self, stop: CancellationToken) {
         let lease = Lease::new(
-            self.pool.clone(),
+            self.lease_pool.clone().unwrap_or_else(|| self.pool.clone()),
             &lease_name(self.name()),
             self.config.lease_ttl,
             &self.config.owner,

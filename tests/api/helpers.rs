@@ -421,6 +421,7 @@ pub fn podium_process(database_url: &str, env: &[(&str, &str)]) -> (Killed, Stri
         .stderr(std::process::Stdio::piped());
     let mut server = Killed(command.spawn().expect("the podium binary starts"));
     let stderr = server.0.stderr.take().unwrap();
+    let pid = server.0.id();
     let (port_tx, port_rx) = std::sync::mpsc::channel();
     // PODIUM_TEST_SERVER_LOGS=1 shows what the server logs.
     let echo = std::env::var_os("PODIUM_TEST_SERVER_LOGS").is_some();
@@ -431,7 +432,7 @@ pub fn podium_process(database_url: &str, env: &[(&str, &str)]) -> (Killed, Stri
             .map_while(Result::ok)
         {
             if echo {
-                eprintln!("[server] {line}");
+                eprintln!("[server {pid}] {line}");
             }
             if let Some(rest) = line.split("address=127.0.0.1:").nth(1) {
                 let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
