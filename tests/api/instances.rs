@@ -592,15 +592,22 @@ async fn killing_the_owner_mid_load_loses_and_doubles_nothing() {
     assert_eq!(dead_letters, 0.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_minute_without_postgres_loses_nothing_and_heals_without_a_restart() {
+/// `n` instances on a Postgres server of the test's own (which it stops or
+/// reconfigures), with a small pool of the test's on it.
+async fn on_private_postgres(n: usize) -> (PrivatePostgres, PgPool, Deployment) {
     let postgres = PrivatePostgres::start();
     let pool = PgPoolOptions::new()
         .max_connections(2)
         .connect(&postgres.url())
         .await
         .unwrap();
-    let deployment = Deployment::start(postgres.url(), pool.clone(), 1).await;
+    let deployment = Deployment::start(postgres.url(), pool.clone(), n).await;
+    (postgres, pool, deployment)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minute_without_postgres_loses_nothing_and_heals_without_a_restart() {
+    let (postgres, _pool, deployment) = on_private_postgres(1).await;
     let pid = deployment.pid(0);
     let test = deployment.published_test(0).await;
     let load = |from: usize, to: usize| {
@@ -682,13 +689,7 @@ async fn a_minute_without_postgres_loses_nothing_and_heals_without_a_restart() {
 /// the work goes on once the commits do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_that_hang_move_no_lease() {
-    let postgres = PrivatePostgres::start();
-    let pool = PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&postgres.url())
-        .await
-        .unwrap();
-    let deployment = Deployment::start(postgres.url(), pool.clone(), 2).await;
+    let (postgres, pool, deployment) = on_private_postgres(2).await;
     let test = deployment.published_test(1).await;
     let mut acknowledged: HashSet<String> = deployment
         .take(1, &test, "before", 1)
