@@ -720,6 +720,31 @@ async fn replay_held_at_its_fold_write(
     (fold, rebuild)
 }
 
+/// Lets a held replay go (`release` on its holder) while a long reader of
+/// the live table holds the swap at its lock; asserts that the copies stand
+/// at `head` when the swap asks for it (`at` says so from where they stand),
+/// then lets the swap through and waits for the replay.
+async fn the_swap_asks_for_its_lock_with_the_copies_at(
+    app: &TestApp,
+    (holder, release): (&mut sqlx::PgConnection, &str),
+    rebuild: tokio::task::JoinHandle<anyhow::Result<Vec<Rebuilt>>>,
+    head: i64,
+    at: impl FnOnce(i64) -> String,
+) {
+    let mut report = long_reader(app).await;
+    run(holder, release).await;
+    until(app, "the swap to wait for the live table", SWAP_WAITS).await;
+    let copies: i64 = sqlx::query_scalar(
+        "SELECT seq FROM projection_checkpoints WHERE name = 'leaderboard__next'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(copies, head, "{}", at(copies));
+    run(&mut report, "COMMIT").await;
+    rebuild.await.unwrap().unwrap();
+}
+
 /// The live read models go on: 5,001 events written straight into the log
 /// and the policy's 2,500 notifications, all applied; their snapshot and
 /// the log's length then.
@@ -817,23 +842,12 @@ async fn a_replay_applies_what_came_while_it_wrote_before_it_locks_the_live_tabl
         .unwrap();
     assert!(head > folded, "the tail was written: {folded} then {head}");
     let live = snapshot(&app.pool).await;
-    // A long reader of the live table holds the swap at its lock.
-    let mut report = long_reader(&app).await;
-    run(&mut fold, "ROLLBACK").await;
-    until(&app, "the swap to wait for the live table", SWAP_WAITS).await;
     // Asking for the lock, the copies have the tail already.
-    let copies: i64 = sqlx::query_scalar(
-        "SELECT seq FROM projection_checkpoints WHERE name = 'leaderboard__next'",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        copies, head,
-        "the copies at {copies} when the swap asks for its lock, the log at {head} (folded to {folded})"
-    );
-    run(&mut report, "COMMIT").await;
-    rebuild.await.unwrap().unwrap();
+    let at = |copies| {
+        format!("the copies at {copies} when the swap asks for its lock, the log at {head} (folded to {folded})")
+    };
+    the_swap_asks_for_its_lock_with_the_copies_at(&app, (&mut fold, "ROLLBACK"), rebuild, head, at)
+        .await;
     assert_same(&snapshot(&app.pool).await, &live);
 }
 
@@ -982,20 +996,14 @@ async fn copies_held_while_catching_up_reach_the_live_read_models_before_the_swa
     )
     .await;
     let (live, head) = the_live_read_models_go_on(&app).await;
-    let mut report = long_reader(&app).await;
-    run(&mut catch_up, "COMMIT").await;
-    until(&app, "the swap to wait for the live table", SWAP_WAITS).await;
-    let copies: i64 = sqlx::query_scalar(
-        "SELECT seq FROM projection_checkpoints WHERE name = 'leaderboard__next'",
+    let at = |_| "the copies when the swap asks for its lock, against the live read models".into();
+    the_swap_asks_for_its_lock_with_the_copies_at(
+        &app,
+        (&mut catch_up, "COMMIT"),
+        rebuild,
+        head,
+        at,
     )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        copies, head,
-        "the copies when the swap asks for its lock, against the live read models"
-    );
-    run(&mut report, "COMMIT").await;
-    rebuild.await.unwrap().unwrap();
+    .await;
     assert_same(&snapshot(&app.pool).await, &live);
 }
