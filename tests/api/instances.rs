@@ -892,7 +892,15 @@ async fn a_rebuild_asked_through_any_instance_runs_once_on_the_owner_while_submi
         assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}: {body}");
     }
     let admin = deployment.token("operator", Role::Admin);
-    // Every instance sees the same five projections, owned by the first.
+    // Every instance sees the same five projections, each with one owner:
+    // the first instance, which took every lease, unless a lease changed
+    // hands since (a starved instance may miss a renewal).
+    let leases: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT name, owner, token FROM leases WHERE name LIKE 'projection:%'")
+            .fetch_all(&deployment.pool)
+            .await
+            .unwrap();
+    let mut owners: Vec<Vec<String>> = Vec::new();
     for instance in 0..3 {
         let (status, body) = deployment
             .call(instance, Method::GET, "/v1/admin/projections", &admin)
@@ -905,12 +913,28 @@ async fn a_rebuild_asked_through_any_instance_runs_once_on_the_owner_while_submi
             .map(|p| p["name"].as_str().unwrap())
             .collect();
         assert_eq!(names, PROJECTIONS);
-        for p in body["items"].as_array().unwrap() {
-            assert!(
-                deployment.is_instance(p["owner"].as_str().unwrap_or_default(), 0),
-                "{p}"
-            );
-        }
+        owners.push(
+            body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["owner"].as_str().unwrap_or_default().to_string())
+                .collect(),
+        );
+    }
+    assert!(owners.windows(2).all(|w| w[0] == w[1]), "{owners:?}");
+    for (name, owner) in PROJECTIONS.iter().zip(&owners[0]) {
+        assert!(
+            (0..3).any(|i| deployment.is_instance(owner, i)),
+            "{name}: {owner}"
+        );
+        let handed_on = leases
+            .iter()
+            .any(|(lease, _, token)| lease == &format!("projection:{name}") && *token > 1);
+        assert!(
+            handed_on || deployment.is_instance(owner, 0),
+            "{name}: {owner}, {leases:?}"
+        );
     }
     deployment
         .wait_converged(&acknowledged, Duration::from_secs(60))
@@ -960,6 +984,8 @@ async fn a_rebuild_asked_through_any_instance_runs_once_on_the_owner_while_submi
         }
         acknowledged
     };
+    // The owner when the rebuild is asked for runs it (if the lease stays).
+    let owner = leaderboard_lease(&deployment).await;
     let rebuild = async {
         let (status, body) = deployment.leaderboard_rebuild(1, Method::POST).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
@@ -1007,10 +1033,19 @@ async fn a_rebuild_asked_through_any_instance_runs_once_on_the_owner_while_submi
         done["finished_at"].is_string() && done["started_at"].is_string(),
         "{done}"
     );
-    assert!(
-        deployment.is_instance(done["runner"].as_str().unwrap(), 0),
-        "the owner ran it: {done}"
-    );
+    let runner = done["runner"].as_str().unwrap();
+    let owner_after = leaderboard_lease(&deployment).await;
+    match (&owner, &owner_after) {
+        (Some((owner, token)), Some((_, token_after))) if token == token_after => {
+            assert_eq!(runner, owner, "the owner ran it: {done}");
+        }
+        // The lease changed hands: the rebuild runs on whichever owner
+        // picked the request up, on one of the instances.
+        _ => assert!(
+            (0..3).any(|i| deployment.is_instance(runner, i)),
+            "an instance ran it: {done}, leases {owner:?} then {owner_after:?}"
+        ),
+    }
     let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM projection_rebuilds")
         .fetch_one(&deployment.pool)
         .await
@@ -1153,8 +1188,15 @@ async fn the_board_is_a_fresh_replay(mut deployment: Deployment, via: usize) {
 
 /// The instance holding the leaderboard's lease now.
 async fn leaderboard_owner(deployment: &Deployment) -> Option<String> {
-    sqlx::query_scalar(
-        "SELECT owner FROM leases WHERE name = 'projection:leaderboard' AND expires_at > now()",
+    leaderboard_lease(deployment).await.map(|(owner, _)| owner)
+}
+
+/// The leaderboard's live lease now: its owner and token (which grows each
+/// time the lease changes hands).
+async fn leaderboard_lease(deployment: &Deployment) -> Option<(String, i64)> {
+    sqlx::query_as(
+        "SELECT owner, token FROM leases
+          WHERE name = 'projection:leaderboard' AND expires_at > now()",
     )
     .fetch_optional(&deployment.pool)
     .await
