@@ -268,6 +268,33 @@ pub async fn any_after(conn: &mut PgConnection, after: &LogKey) -> Result<bool, 
     .await
 }
 
+/// For a reader that must read every committed event (a replay), after a
+/// read after `after` came back empty: whether to read again. Yes, after a
+/// short pause, while a committed event waits behind the log's horizon and
+/// `deadline` has not passed: a running transaction that cannot be told
+/// apart from this log's writers holds every reader back until it ends
+/// (one that has a transaction id and said nothing, or another database's
+/// `CREATE` or `DROP DATABASE`, which locks only shared catalogs). No at the
+/// end of the log, or once the deadline passed (said in the log: the
+/// reader goes on without what waits).
+pub async fn read_again(
+    conn: &mut PgConnection,
+    after: &LogKey,
+    deadline: std::time::Instant,
+) -> Result<bool, sqlx::Error> {
+    if !any_after(conn, after).await? {
+        return Ok(false);
+    }
+    if std::time::Instant::now() >= deadline {
+        tracing::warn!(
+            "committed events still wait behind a running transaction that holds the log back: going on without them"
+        );
+        return Ok(false);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    Ok(true)
+}
+
 /// Seconds the transaction that holds the log's horizon back has been
 /// running: while it runs, every tailer waits behind it. 0 when none does.
 /// Measured against the clock, not `now()`: this statement's own

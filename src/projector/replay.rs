@@ -22,7 +22,7 @@ use sqlx::{PgConnection, PgPool};
 use podium_projections::fold::Fold;
 
 use super::registry::{ReadModel, Register};
-use crate::log::postgres::LogCursor;
+use crate::log::postgres::{read_again, LogCursor};
 
 /// Events per transaction while rebuilding.
 const BATCH: i64 = 1_000;
@@ -31,6 +31,10 @@ const ANALYZE_EVERY: u64 = 100_000;
 /// What each index build of a replay may sort in memory (Postgres' default,
 /// 64 MB, spills a leaderboard of millions of entries to disk).
 const INDEX_SORT_MEMORY: &str = "256MB";
+/// How long a replay at the end of what it may read waits for committed
+/// events held back behind a running transaction ([`read_again`]) before it
+/// goes on without them (the live workers apply them later).
+const HELD_BACK_WAIT: Duration = Duration::from_secs(30);
 /// Most writes, index builds or vacuums of a replay at once.
 const MAX_SIDE_BY_SIDE: usize = 3;
 /// How long one try of the swap waits for its lock on the live tables.
@@ -206,12 +210,22 @@ pub async fn replay(
     // The last event read that can move leaderboard entries: the rebuilt
     // leaderboard records no moves ([`swap_once`]).
     let mut last_move = None;
+    // Since when the log's end has been held back, if it is.
+    let mut held_back: Option<Instant> = None;
     let mut next = cursor.peek(&mut reader, BATCH).await?;
     loop {
         let (events, after) = next;
         if events.is_empty() {
+            // Everything committed is read, also what waits behind a
+            // transaction that holds the log back, for up to HELD_BACK_WAIT.
+            let deadline = *held_back.get_or_insert_with(|| Instant::now() + HELD_BACK_WAIT);
+            if read_again(&mut reader, &cursor.key, deadline).await? {
+                next = cursor.peek(&mut reader, BATCH).await?;
+                continue;
+            }
             break;
         }
+        held_back = None;
         // Read the next batch while this one is applied: the replay then
         // runs at the pace of the slower of the two, not of both in turn.
         // Each projection in a transaction of its own (their copies and

@@ -147,6 +147,8 @@ async fn replay_order(pool: &PgPool, n: usize) -> Vec<(u64, String)> {
     .await
 }
 
+/// What a reader can take now, from the start of the log: up to the
+/// horizon, not waiting for what is held back behind it.
 async fn read_log(pool: &PgPool) -> Vec<(u64, String)> {
     let mut conn = pool.acquire().await.unwrap();
     let mut cursor = LogCursor::start();
@@ -609,20 +611,17 @@ async fn the_log_is_read_in_numeric_transaction_order() {
         .unwrap();
     }
     let mut conn = db.pool.acquire().await.unwrap();
-    let mut cursor = LogCursor::start();
-    let mut order = Vec::new();
     // One event per read, so the cursor's key does the ordering too.
-    loop {
-        let (events, next) = cursor.peek(&mut conn, 1).await.unwrap();
-        let Some(event) = events.first() else { break };
-        order.push((event.seq, event.aggregate_id.clone()));
-        cursor = next;
-    }
+    let order: Vec<(u64, String)> = crate::helpers::whole_log(&mut conn, 1)
+        .await
+        .into_iter()
+        .map(|event| (event.seq, event.aggregate_id))
+        .collect();
     assert_eq!(
         order,
         [(1, "9".to_string()), (2, "10".into()), (3, "100".into())]
     );
-    let (all, _) = LogCursor::start().peek(&mut conn, 10).await.unwrap();
+    let all = crate::helpers::whole_log(&mut conn, 10).await;
     let ids: Vec<&str> = all.iter().map(|e| e.aggregate_id.as_str()).collect();
     assert_eq!(ids, ["9", "10", "100"]);
 }
@@ -735,7 +734,7 @@ async fn events_a_projection_does_not_want_are_passed_over_undecoded_in_order() 
             .await
             .unwrap();
     let mut conn = db.pool.acquire().await.unwrap();
-    let (log, _) = LogCursor::start().peek(&mut conn, 100).await.unwrap();
+    let log = crate::helpers::whole_log(&mut conn, 100).await;
     assert_eq!(log.len(), 40);
     let expected: Vec<(i64, String, serde_json::Value)> = log
         .iter()
@@ -1355,7 +1354,7 @@ async fn a_policy_far_behind_reads_the_log_itself_from_its_checkpoint() {
     let (expected, submissions) = policy_decisions(&db.pool, seeded).await;
     assert_eq!(submissions, 6_000);
     let mut reader = db.pool.acquire().await.unwrap();
-    let (log, _) = LogCursor::start().peek(&mut reader, 2_345).await.unwrap();
+    let log = crate::helpers::whole_log(&mut reader, 2_345).await;
     // The first part of the log through the worker's path: the catch-up
     // starts from a checkpoint inside the log, not from its start.
     policy.apply(&log[..2_345]).await.unwrap();

@@ -188,15 +188,11 @@ async fn snapshot(pool: &PgPool) -> BTreeMap<&'static str, Vec<Value>> {
 /// rules of API.md, without any projection code.
 async fn naive(pool: &PgPool) -> (Boards, BTreeMap<String, i64>) {
     let mut conn = pool.acquire().await.unwrap();
-    let mut cursor = LogCursor::start();
     let mut best: HashMap<(String, String), (i64, DateTime<Utc>, i64)> = HashMap::new();
     let mut unread: HashMap<String, Vec<(String, bool)>> = HashMap::new();
     let mut owner: HashMap<String, String> = HashMap::new();
-    loop {
-        let (events, next) = cursor.peek(&mut conn, 500).await.unwrap();
-        if events.is_empty() {
-            break;
-        }
+    {
+        let events = crate::helpers::whole_log(&mut conn, 500).await;
         for e in &events {
             let payload = e.payload_value();
             let body = &payload[&e.event_type];
@@ -242,7 +238,6 @@ async fn naive(pool: &PgPool) -> (Boards, BTreeMap<String, i64>) {
                 _ => {}
             }
         }
-        cursor = next;
     }
     let mut boards: Boards = BTreeMap::new();
     for ((test, user), (score, at, attempts)) in best {
@@ -520,7 +515,7 @@ async fn redelivering_every_event_changes_nothing_and_notifies_no_one_twice() {
         Renamed(podium::command::policy::NotificationPolicy::new(aggregates)),
     );
     let mut conn = app.pool.acquire().await.unwrap();
-    let (log, _) = LogCursor::start().peek(&mut conn, i64::MAX).await.unwrap();
+    let log = crate::helpers::whole_log(&mut conn, 10_000).await;
     drop(conn);
     for batch in log.chunks(200) {
         policy.apply(batch).await.unwrap();
@@ -815,6 +810,82 @@ async fn a_replay_waiting_for_a_long_reader_leaves_the_leaderboard_readable() {
     run(&mut report, "COMMIT").await;
     rebuild.await.unwrap().unwrap();
     assert_same(&snapshot(&app.pool).await, &live);
+}
+
+/// A replay reads every event committed before it reached the end of the
+/// log, also those that wait behind a running transaction holding the log
+/// back (here one of this database that has an id; another test's `DROP
+/// DATABASE` does the same to every database of the cluster): it waits for
+/// that transaction to end instead of swapping in a board without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_reads_what_committed_behind_a_transaction_holding_the_log_back() {
+    use sqlx::Connection;
+    // No workers: nothing else reads the log.
+    let app = crate::helpers::spawn_app().await;
+    let test = app.published_test().await;
+    let submit = |user: String| {
+        let app = &app;
+        let test = &test;
+        async move {
+            let token = app.user(&user);
+            let attempt = app.started_attempt(test, &token).await;
+            let answers = json!({"answers": {"q1": 1, "q2": 0}});
+            let response = app.submit(&attempt, &token, Some(answers)).await;
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+    };
+    for i in 0..5 {
+        submit(format!("before-{i}")).await;
+    }
+    // A transaction with an id that has said nothing: every event committed
+    // after it waits behind it.
+    let mut holder = sqlx::PgConnection::connect(&app.db.url()).await.unwrap();
+    run(&mut holder, "BEGIN").await;
+    run(&mut holder, "SELECT pg_current_xact_id()").await;
+    for i in 0..5 {
+        submit(format!("behind-{i}")).await;
+    }
+    let rebuild = replay_leaderboard(&app);
+    // The replay has read what it may and asks whether more has committed.
+    let asked = "SELECT EXISTS(SELECT 1 FROM pg_stat_activity
+                   WHERE datname = current_database() AND pid <> pg_backend_pid()
+                     AND query LIKE 'SELECT (SELECT position FROM events%')";
+    crate::helpers::poll(
+        "the replay to wait behind the holder, or to end",
+        Duration::from_secs(60),
+        || async {
+            let waits: bool = sqlx::query_scalar(asked)
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+            if waits || rebuild.is_finished() {
+                Ok(())
+            } else {
+                Err("neither")
+            }
+        },
+    )
+    .await;
+    run(&mut holder, "COMMIT").await;
+    tokio::time::timeout(Duration::from_secs(60), rebuild)
+        .await
+        .expect("the replay ends once the holder has")
+        .unwrap()
+        .unwrap();
+    let users: Vec<String> =
+        sqlx::query_scalar("SELECT user_id FROM lb_entries WHERE test_id::text = $1 ORDER BY 1")
+            .bind(&test)
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    let expected: Vec<String> = (0..5)
+        .map(|i| format!("before-{i}"))
+        .chain((0..5).map(|i| format!("behind-{i}")))
+        .collect();
+    assert_eq!(
+        users, expected,
+        "every submission, also those behind the holder"
+    );
 }
 
 /// What the log takes in while a replay writes its folds and builds its
