@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use podium::log::postgres::LogCursor;
 use podium::projector::replay::{replay, Rebuilt, Scope};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
