@@ -268,6 +268,11 @@ pub async fn any_after(conn: &mut PgConnection, after: &LogKey) -> Result<bool, 
     .await
 }
 
+/// How long a reader that must read every committed event ([`read_again`])
+/// waits for those held back behind a running transaction before it goes
+/// on without them (the live workers apply them later).
+pub const HELD_BACK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// For a reader that must read every committed event (a replay), after a
 /// read after `after` came back empty: whether to read again. Yes, after a
 /// short pause, while a committed event waits behind the log's horizon and

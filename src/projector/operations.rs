@@ -19,7 +19,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use podium_nats::{DeadLetter, Projection, ProjectionError};
@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::registry::ReadModel;
 use super::replay::{replay, Rebuilt};
-use crate::log::postgres::LogCursor;
+use crate::log::postgres::{any_after, read_again, LogCursor, HELD_BACK_WAIT};
 use crate::ops::lease::{RoleState, RoleStatus};
 use crate::ops::operator::{DeadLetterView, Operator, ProjectionView, RebuildView, Refused};
 
@@ -679,20 +679,56 @@ impl CatchUp {
         let mut cursor = LogCursor::after_first(&mut reader, checkpoint)
             .await
             .map_err(|e| e.to_string())?;
+        // The batch after the one being applied is read meanwhile, on the
+        // reader's own connection: the backlog goes at the pace of the
+        // slower of the two, not of both in turn.
+        let mut batch = cursor.peek(&mut reader, LOG_BATCH).await;
+        let mut read_ahead = false;
+        // Until when it reads on past committed events held back behind a
+        // running transaction, once one was.
+        let mut held_back: Option<Instant> = None;
         while !stop.is_cancelled() {
-            let (events, next) = cursor
-                .peek(&mut reader, LOG_BATCH)
-                .await
-                .map_err(|e| e.to_string())?;
+            let (events, next) = batch.map_err(|e| e.to_string())?;
+            if events.len() < LOG_BATCH as usize && read_ahead {
+                // Read before the batch in front of it committed what it
+                // writes to the log (its notifications): read it again.
+                batch = cursor.peek(&mut reader, LOG_BATCH).await;
+                read_ahead = false;
+                continue;
+            }
             if events.is_empty() {
+                let deadline = *held_back.get_or_insert_with(|| Instant::now() + HELD_BACK_WAIT);
+                if read_again(&mut reader, &cursor.key, deadline)
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    batch = cursor.peek(&mut reader, LOG_BATCH).await;
+                    continue;
+                }
                 break;
             }
-            projection.apply(&events).await.map_err(|e| e.to_string())?;
-            cursor = next;
             if events.len() < LOG_BATCH as usize {
-                // At the head: the worker goes on from here.
-                break;
+                // As far as it can read: the head, unless committed events
+                // wait behind a transaction that holds the log back (another
+                // database's CREATE DATABASE, say), which it reads once that
+                // ends. From the head, the worker goes on.
+                let held = any_after(&mut reader, &next.key)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                projection.apply(&events).await.map_err(|e| e.to_string())?;
+                cursor = next;
+                let deadline = *held_back.get_or_insert_with(|| Instant::now() + HELD_BACK_WAIT);
+                if !held || Instant::now() >= deadline {
+                    break;
+                }
+                batch = cursor.peek(&mut reader, LOG_BATCH).await;
+                continue;
             }
+            let (applied, read) =
+                tokio::join!(projection.apply(&events), next.peek(&mut reader, LOG_BATCH));
+            applied.map_err(|e| e.to_string())?;
+            (batch, read_ahead) = (read, true);
+            cursor = next;
         }
         tracing::info!(
             projection = projection.name(),

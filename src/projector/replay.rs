@@ -22,7 +22,7 @@ use sqlx::{PgConnection, PgPool};
 use podium_projections::fold::Fold;
 
 use super::registry::{ReadModel, Register};
-use crate::log::postgres::{read_again, LogCursor};
+use crate::log::postgres::{read_again, LogCursor, HELD_BACK_WAIT};
 
 /// Events per transaction while rebuilding.
 const BATCH: i64 = 1_000;
@@ -31,10 +31,6 @@ const ANALYZE_EVERY: u64 = 100_000;
 /// What each index build of a replay may sort in memory (Postgres' default,
 /// 64 MB, spills a leaderboard of millions of entries to disk).
 const INDEX_SORT_MEMORY: &str = "256MB";
-/// How long a replay at the end of what it may read waits for committed
-/// events held back behind a running transaction ([`read_again`]) before it
-/// goes on without them (the live workers apply them later).
-const HELD_BACK_WAIT: Duration = Duration::from_secs(30);
 /// Most writes, index builds or vacuums of a replay at once.
 const MAX_SIDE_BY_SIDE: usize = 3;
 /// How long one try of the swap waits for its lock on the live tables.
