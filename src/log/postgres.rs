@@ -28,6 +28,11 @@ pub struct LogKey {
 }
 
 impl LogKey {
+    /// The key's place in the log's order, comparable.
+    fn order(&self) -> (i32, u64, i64) {
+        (self.epoch, self.txid.parse().unwrap_or(0), self.position)
+    }
+
     /// Before the first event.
     pub fn start() -> Self {
         Self {
@@ -268,36 +273,60 @@ pub async fn any_after(conn: &mut PgConnection, after: &LogKey) -> Result<bool, 
     .await
 }
 
-/// How long a reader that must read every committed event ([`read_again`])
-/// waits for those held back behind a running transaction before it goes
-/// on without them (the live workers apply them later).
+/// How long a reader that reads to the end ([`ReadToEnd`]) waits for
+/// events held back behind a running transaction before it goes on without
+/// them (the live workers apply them later).
 pub const HELD_BACK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// For a reader that must read every committed event (a replay), after a
-/// read after `after` came back empty: whether to read again. Yes, after a
-/// short pause, while a committed event waits behind the log's horizon and
-/// `deadline` has not passed: a running transaction that cannot be told
-/// apart from this log's writers holds every reader back until it ends
-/// (one that has a transaction id and said nothing, or another database's
-/// `CREATE` or `DROP DATABASE`, which locks only shared catalogs). No at the
-/// end of the log, or once the deadline passed (said in the log: the
-/// reader goes on without what waits).
-pub async fn read_again(
-    conn: &mut PgConnection,
-    after: &LogKey,
-    deadline: std::time::Instant,
-) -> Result<bool, sqlx::Error> {
-    if !any_after(conn, after).await? {
-        return Ok(false);
+/// A reader that must read every event committed by the time it first came
+/// to the end of what it could read (a replay, a far-behind projection's
+/// catch-up). A read can come back short while committed events wait
+/// behind the log's horizon: a running transaction that cannot be told
+/// apart from this log's writers holds every reader back until it ends (one
+/// that has a transaction id and said nothing, or another database's
+/// `CREATE` or `DROP DATABASE`, which locks only shared catalogs). The
+/// reader then reads again, up to the last event committed when it first
+/// came that far, for at most [`HELD_BACK_WAIT`]; events committed later do
+/// not move that end, so a reader on a busy log stops.
+#[derive(Default)]
+pub struct ReadToEnd {
+    /// The last committed event when the reader first came to the end (none
+    /// in an empty log), and until when it waits for it.
+    end: Option<(Option<LogKey>, std::time::Instant)>,
+}
+
+impl ReadToEnd {
+    /// After a read after `after` came back short: whether `after` is the
+    /// end. If not, after a short pause, the caller reads again.
+    pub async fn at_end(
+        &mut self,
+        conn: &mut PgConnection,
+        after: &LogKey,
+    ) -> Result<bool, sqlx::Error> {
+        let (end, deadline) = match &self.end {
+            Some(end) => end.clone(),
+            None => {
+                let end = (
+                    last_key(conn).await?,
+                    std::time::Instant::now() + HELD_BACK_WAIT,
+                );
+                self.end = Some(end.clone());
+                end
+            }
+        };
+        let Some(end) = end else { return Ok(true) };
+        if after.order() >= end.order() {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(
+                "committed events still wait behind a running transaction that holds the log back: going on without them"
+            );
+            return Ok(true);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        Ok(false)
     }
-    if std::time::Instant::now() >= deadline {
-        tracing::warn!(
-            "committed events still wait behind a running transaction that holds the log back: going on without them"
-        );
-        return Ok(false);
-    }
-    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    Ok(true)
 }
 
 /// Seconds the transaction that holds the log's horizon back has been

@@ -19,7 +19,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use podium_nats::{DeadLetter, Projection, ProjectionError};
@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::registry::ReadModel;
 use super::replay::{replay, Rebuilt};
-use crate::log::postgres::{any_after, read_again, LogCursor, HELD_BACK_WAIT};
+use crate::log::postgres::{LogCursor, ReadToEnd};
 use crate::ops::lease::{RoleState, RoleStatus};
 use crate::ops::operator::{DeadLetterView, Operator, ProjectionView, RebuildView, Refused};
 
@@ -684,9 +684,9 @@ impl CatchUp {
         // slower of the two, not of both in turn.
         let mut batch = cursor.peek(&mut reader, LOG_BATCH).await;
         let mut read_ahead = false;
-        // Until when it reads on past committed events held back behind a
-        // running transaction, once one was.
-        let mut held_back: Option<Instant> = None;
+        // Everything committed when it first came to the head is read, also
+        // what waits behind a transaction that holds the log back.
+        let mut to_end = ReadToEnd::default();
         while !stop.is_cancelled() {
             let (events, next) = batch.map_err(|e| e.to_string())?;
             if events.len() < LOG_BATCH as usize && read_ahead {
@@ -696,29 +696,21 @@ impl CatchUp {
                 read_ahead = false;
                 continue;
             }
-            if events.is_empty() {
-                let deadline = *held_back.get_or_insert_with(|| Instant::now() + HELD_BACK_WAIT);
-                if read_again(&mut reader, &cursor.key, deadline)
-                    .await
-                    .map_err(|e| e.to_string())?
-                {
-                    batch = cursor.peek(&mut reader, LOG_BATCH).await;
-                    continue;
-                }
-                break;
-            }
             if events.len() < LOG_BATCH as usize {
                 // As far as it can read: the head, unless committed events
                 // wait behind a transaction that holds the log back (another
                 // database's CREATE DATABASE, say), which it reads once that
-                // ends. From the head, the worker goes on.
-                let held = any_after(&mut reader, &next.key)
+                // ends. Asked before its batch writes: its own notifications
+                // are the worker's. From the head, the worker goes on.
+                let at_end = to_end
+                    .at_end(&mut reader, &next.key)
                     .await
                     .map_err(|e| e.to_string())?;
-                projection.apply(&events).await.map_err(|e| e.to_string())?;
-                cursor = next;
-                let deadline = *held_back.get_or_insert_with(|| Instant::now() + HELD_BACK_WAIT);
-                if !held || Instant::now() >= deadline {
+                if !events.is_empty() {
+                    projection.apply(&events).await.map_err(|e| e.to_string())?;
+                    cursor = next;
+                }
+                if at_end {
                     break;
                 }
                 batch = cursor.peek(&mut reader, LOG_BATCH).await;

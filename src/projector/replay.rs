@@ -22,7 +22,7 @@ use sqlx::{PgConnection, PgPool};
 use podium_projections::fold::Fold;
 
 use super::registry::{ReadModel, Register};
-use crate::log::postgres::{read_again, LogCursor, HELD_BACK_WAIT};
+use crate::log::postgres::{LogCursor, ReadToEnd};
 
 /// Events per transaction while rebuilding.
 const BATCH: i64 = 1_000;
@@ -206,22 +206,19 @@ pub async fn replay(
     // The last event read that can move leaderboard entries: the rebuilt
     // leaderboard records no moves ([`swap_once`]).
     let mut last_move = None;
-    // Since when the log's end has been held back, if it is.
-    let mut held_back: Option<Instant> = None;
+    // Everything committed when it first came to the end is read, also
+    // what waits behind a transaction that holds the log back.
+    let mut to_end = ReadToEnd::default();
     let mut next = cursor.peek(&mut reader, BATCH).await?;
     loop {
         let (events, after) = next;
         if events.is_empty() {
-            // Everything committed is read, also what waits behind a
-            // transaction that holds the log back, for up to HELD_BACK_WAIT.
-            let deadline = *held_back.get_or_insert_with(|| Instant::now() + HELD_BACK_WAIT);
-            if read_again(&mut reader, &cursor.key, deadline).await? {
+            if !to_end.at_end(&mut reader, &cursor.key).await? {
                 next = cursor.peek(&mut reader, BATCH).await?;
                 continue;
             }
             break;
         }
-        held_back = None;
         // Read the next batch while this one is applied: the replay then
         // runs at the pace of the slower of the two, not of both in turn.
         // Each projection in a transaction of its own (their copies and

@@ -559,42 +559,23 @@ pub async fn refuse_attempts_of(pool: &sqlx::PgPool, like: &str) {
     .unwrap();
 }
 
-/// Whether a reader whose read after `cursor` came back empty is at the end
-/// of the log for good. Not while a committed event waits behind the
-/// horizon ([`podium::log::postgres::read_again`]): another test's `CREATE`
-/// or `DROP DATABASE` holds every reader of the cluster back, for up to a
-/// second under load. Then this waits a moment and says to read again,
-/// until `deadline`.
-pub async fn at_log_end(
-    conn: &mut PgConnection,
-    cursor: &podium::log::postgres::LogCursor,
-    deadline: std::time::Instant,
-) -> bool {
-    let again = podium::log::postgres::read_again(conn, &cursor.key, deadline)
-        .await
-        .unwrap();
-    assert!(
-        again || std::time::Instant::now() < deadline,
-        "the log stayed held back after seq {}",
-        cursor.seq
-    );
-    !again
-}
-
 /// Every event of the log, in its order, read `batch` at a time as a
-/// tailer reads it, to its end for good ([`at_log_end`]).
+/// tailer reads it, to its end: also what waits behind a transaction that
+/// holds the log back ([`podium::log::postgres::ReadToEnd`]; another
+/// test's `CREATE` or `DROP DATABASE` holds every database's log for up to
+/// a second under load).
 pub async fn whole_log(
     conn: &mut PgConnection,
     batch: i64,
 ) -> Vec<podium_domain::log::RecordedEvent> {
-    use podium::log::postgres::LogCursor;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    use podium::log::postgres::{LogCursor, ReadToEnd};
+    let mut to_end = ReadToEnd::default();
     let mut cursor = LogCursor::start();
     let mut log = Vec::new();
     loop {
         let (events, next) = cursor.peek(conn, batch).await.unwrap();
         if events.is_empty() {
-            if at_log_end(conn, &cursor, deadline).await {
+            if to_end.at_end(conn, &cursor.key).await.unwrap() {
                 return log;
             }
             continue;

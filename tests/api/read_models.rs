@@ -845,10 +845,11 @@ async fn a_replay_reads_what_committed_behind_a_transaction_holding_the_log_back
         submit(format!("behind-{i}")).await;
     }
     let rebuild = replay_leaderboard(&app);
-    // The replay has read what it may and asks whether more has committed.
+    // The replay has read what it may and asks where the log ends
+    // (`log::postgres::last_key`, which nothing else runs here).
     let asked = "SELECT EXISTS(SELECT 1 FROM pg_stat_activity
                    WHERE datname = current_database() AND pid <> pg_backend_pid()
-                     AND query LIKE 'SELECT (SELECT position FROM events%')";
+                     AND query LIKE '%ORDER BY events.epoch DESC%')";
     crate::helpers::poll(
         "the replay to wait behind the holder, or to end",
         Duration::from_secs(60),
