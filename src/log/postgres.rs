@@ -29,7 +29,7 @@ pub struct LogKey {
 
 impl LogKey {
     /// The key's place in the log's order, comparable.
-    fn order(&self) -> (i32, u64, i64) {
+    pub(crate) fn order(&self) -> (i32, u64, i64) {
         (self.epoch, self.txid.parse().unwrap_or(0), self.position)
     }
 
@@ -45,6 +45,7 @@ impl LogKey {
 
 /// One row read from the log: its key and the event (whose `seq` the caller
 /// assigns by counting, as the relay and replay both do).
+#[derive(Clone)]
 pub struct LogRow {
     pub key: LogKey,
     pub event: RecordedEvent,
@@ -109,7 +110,12 @@ impl LogCursor {
         conn: &mut PgConnection,
         limit: i64,
     ) -> Result<(Vec<RecordedEvent>, LogCursor), sqlx::Error> {
-        let rows = read_after(conn, &self.key, limit).await?;
+        Ok(self.numbered(read_after(conn, &self.key, limit).await?))
+    }
+
+    /// `rows`, read after this cursor, numbered on from it, and the cursor
+    /// after them.
+    pub fn numbered(&self, rows: Vec<LogRow>) -> (Vec<RecordedEvent>, LogCursor) {
         let mut next = self.clone();
         let events = rows
             .into_iter()
@@ -122,7 +128,7 @@ impl LogCursor {
                 }
             })
             .collect();
-        Ok((events, next))
+        (events, next)
     }
 }
 

@@ -679,10 +679,15 @@ impl CatchUp {
         let mut cursor = LogCursor::after_first(&mut reader, checkpoint)
             .await
             .map_err(|e| e.to_string())?;
+        // What the relay and a rebuild here read of the same stretch is
+        // read once.
+        let shared = crate::log::shared::Reader::join(&mut reader, &cursor.key)
+            .await
+            .map_err(|e| e.to_string())?;
         // The batch after the one being applied is read meanwhile, on the
         // reader's own connection: the backlog goes at the pace of the
         // slower of the two, not of both in turn.
-        let mut batch = cursor.peek(&mut reader, LOG_BATCH).await;
+        let mut batch = shared.peek(&cursor, &mut reader, LOG_BATCH).await;
         let mut read_ahead = false;
         // Everything committed when it first came to the head is read, also
         // what waits behind a transaction that holds the log back.
@@ -692,7 +697,7 @@ impl CatchUp {
             if events.len() < LOG_BATCH as usize && read_ahead {
                 // Read before the batch in front of it committed what it
                 // writes to the log (its notifications): read it again.
-                batch = cursor.peek(&mut reader, LOG_BATCH).await;
+                batch = shared.peek(&cursor, &mut reader, LOG_BATCH).await;
                 read_ahead = false;
                 continue;
             }
@@ -713,11 +718,13 @@ impl CatchUp {
                 if at_end {
                     break;
                 }
-                batch = cursor.peek(&mut reader, LOG_BATCH).await;
+                batch = shared.peek(&cursor, &mut reader, LOG_BATCH).await;
                 continue;
             }
-            let (applied, read) =
-                tokio::join!(projection.apply(&events), next.peek(&mut reader, LOG_BATCH));
+            let (applied, read) = tokio::join!(
+                projection.apply(&events),
+                shared.peek(&next, &mut reader, LOG_BATCH)
+            );
             applied.map_err(|e| e.to_string())?;
             (batch, read_ahead) = (read, true);
             cursor = next;

@@ -202,19 +202,22 @@ pub async fn replay(
         fold.expect(&rows);
     }
     let mut reader = pool.acquire().await?;
+    // What the relay and the policy's catch-up here read of the same
+    // stretch is read once.
     let mut cursor = LogCursor::start();
+    let shared = crate::log::shared::Reader::join(&mut reader, &cursor.key).await?;
     // The last event read that can move leaderboard entries: the rebuilt
     // leaderboard records no moves ([`swap_once`]).
     let mut last_move = None;
     // Everything committed when it first came to the end is read, also
     // what waits behind a transaction that holds the log back.
     let mut to_end = ReadToEnd::default();
-    let mut next = cursor.peek(&mut reader, BATCH).await?;
+    let mut next = shared.peek(&cursor, &mut reader, BATCH).await?;
     loop {
         let (events, after) = next;
         if events.is_empty() {
             if !to_end.at_end(&mut reader, &cursor.key).await? {
-                next = cursor.peek(&mut reader, BATCH).await?;
+                next = shared.peek(&cursor, &mut reader, BATCH).await?;
                 continue;
             }
             break;
@@ -247,7 +250,8 @@ pub async fn replay(
             }
             anyhow::Ok(())
         };
-        let (read, applied, folded) = tokio::join!(after.peek(&mut reader, BATCH), apply, fold);
+        let (read, applied, folded) =
+            tokio::join!(shared.peek(&after, &mut reader, BATCH), apply, fold);
         applied?;
         folded?;
         next = read?;
@@ -334,7 +338,7 @@ pub async fn replay(
     let mut head = log_head(pool).await?;
     let mut reader = pool.acquire().await?;
     loop {
-        let (events, after) = cursor.peek(&mut reader, BATCH).await?;
+        let (events, after) = shared.peek(&cursor, &mut reader, BATCH).await?;
         if events.is_empty() {
             break;
         }

@@ -223,6 +223,9 @@ impl Relay {
         listener.listen(CHANNEL).await?;
         let mut cursor = self.load_checkpoint(&mut conn).await?;
         self.stats.seq.store(cursor.seq, Ordering::Relaxed);
+        // A backlog's stretch of the log is read once for this relay and a
+        // far-behind projection's catch-up in this process, not once each.
+        let reader = crate::log::shared::Reader::join(&mut conn, &cursor.key).await?;
         // The batch after `cursor`, read while the one before it was being
         // published (a backlog then goes at the pace of the slower of the
         // two, not of both in turn).
@@ -238,7 +241,11 @@ impl Relay {
             }
             let (events, next) = match read_ahead.take() {
                 Some(batch) => batch,
-                None => cursor.peek(&mut conn, self.config.batch_size).await?,
+                None => {
+                    reader
+                        .peek(&cursor, &mut conn, self.config.batch_size)
+                        .await?
+                }
             };
             if events.is_empty() {
                 // Committed events that we may not read yet wait behind an
@@ -268,8 +275,10 @@ impl Relay {
                 .publish(&events, &mut last_on_stream, stop)
                 .instrument(span);
             let (published, read) = if more {
-                let (published, read) =
-                    tokio::join!(publish, next.peek(&mut conn, self.config.batch_size));
+                let (published, read) = tokio::join!(
+                    publish,
+                    reader.peek(&next, &mut conn, self.config.batch_size)
+                );
                 (published, Some(read))
             } else {
                 (publish.await, None)

@@ -414,3 +414,152 @@ async fn reading_an_analyzed_log_never_scans_the_whole_table() {
     assert_eq!(whole, 0, "sequential scans of the log while reading it");
     assert!(indexed > 0, "the reads went through an index");
 }
+
+/// Reads `reader`'s log to its `expected`th event in batches of `batch`,
+/// waiting while its writers have yet to commit them (30 s at most).
+async fn read_shared(
+    reader: &podium::log::shared::Reader,
+    conn: &mut sqlx::PgConnection,
+    batch: i64,
+    expected: &tokio::sync::watch::Receiver<Option<usize>>,
+) -> Vec<(u64, i64)> {
+    use podium::log::postgres::LogCursor;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut cursor = LogCursor::start();
+    let mut read = Vec::new();
+    loop {
+        let (events, next) = reader.peek(&cursor, conn, batch).await.unwrap();
+        read.extend(events.iter().map(|e| (e.seq, e.position)));
+        cursor = next;
+        if events.is_empty() {
+            if *expected.borrow() == Some(read.len()) {
+                return read;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} events read, {:?} expected",
+                read.len(),
+                *expected.borrow()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Readers of one log in one process that share their reads (the relay, a
+/// rebuild and the policy's catch-up in a backlog) each read exactly the
+/// log a reader of their own reads, event for event and in its order, also
+/// while writers commit out of order under them, whatever their batch; and
+/// a reader of another database reads its own log, not theirs. One that
+/// comes after another reads from what the other read.
+#[tokio::test]
+async fn readers_that_share_their_reads_read_the_log_as_one_alone_does() {
+    use podium::log::postgres::LogKey;
+    use podium::log::shared::Reader;
+    let db = crate::helpers::TestDb::with_pool_size(6).await;
+    let other = crate::helpers::TestDb::new().await;
+    let seeded = crate::helpers::seed_log(&db.pool, 1_000).await;
+    let other_seeded = crate::helpers::seed_log(&other.pool, 300).await;
+
+    // One reader after another: the second takes all from the first's reads.
+    let mut first_conn = db.pool.acquire().await.unwrap();
+    let mut second_conn = db.pool.acquire().await.unwrap();
+    let first = Reader::join(&mut first_conn, &LogKey::start())
+        .await
+        .unwrap();
+    let second = Reader::join(&mut second_conn, &LogKey::start())
+        .await
+        .unwrap();
+    let (_, all_there) = tokio::sync::watch::channel(Some(seeded as usize));
+    let alone = crate::helpers::whole_log(&mut first_conn, 500).await;
+    let alone: Vec<(u64, i64)> = alone.iter().map(|e| (e.seq, e.position)).collect();
+    assert_eq!(
+        read_shared(&first, &mut first_conn, 100, &all_there).await,
+        alone
+    );
+    assert_eq!(
+        read_shared(&second, &mut second_conn, 37, &all_there).await,
+        alone
+    );
+    assert_eq!(first.rows_read(), seeded);
+    assert_eq!((second.rows_shared(), second.rows_read()), (seeded, 0));
+    drop((first, second, first_conn, second_conn));
+
+    // Side by side while transactions commit out of order: a transaction
+    // that began first (lower id) commits after one that began later.
+    let (done, expected) = tokio::sync::watch::channel(None);
+    let writer = {
+        let pool = db.pool.clone();
+        tokio::spawn(async move {
+            let insert = |id: String| {
+                sqlx::query(
+                    "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                         event_version, payload, metadata)
+                     VALUES ('Test', $1, 1, 'TestArchived', '1', '{}', '{}')",
+                )
+                .bind(id)
+            };
+            for n in 0..150 {
+                let mut early = pool.begin().await.unwrap();
+                insert(format!("early-{n}"))
+                    .execute(&mut *early)
+                    .await
+                    .unwrap();
+                let mut late = pool.begin().await.unwrap();
+                insert(format!("late-{n}"))
+                    .execute(&mut *late)
+                    .await
+                    .unwrap();
+                late.commit().await.unwrap();
+                tokio::task::yield_now().await;
+                early.commit().await.unwrap();
+            }
+        })
+    };
+    let mut readers = Vec::new();
+    for batch in [7, 64, 300] {
+        let mut conn = db.pool.acquire().await.unwrap();
+        // Joined before any of them reads: each keeps what it reads for the
+        // others from its first read.
+        let reader = Reader::join(&mut conn, &LogKey::start()).await.unwrap();
+        let expected = expected.clone();
+        readers.push(async move {
+            let read = read_shared(&reader, &mut conn, batch, &expected).await;
+            (read, reader.rows_shared())
+        });
+    }
+    let readers: Vec<_> = readers.into_iter().map(tokio::spawn).collect();
+    let mut other_conn = other.pool.acquire().await.unwrap();
+    let other_reader = Reader::join(&mut other_conn, &LogKey::start())
+        .await
+        .unwrap();
+    let (_, other_there) = tokio::sync::watch::channel(Some(other_seeded as usize));
+    let other_read = read_shared(&other_reader, &mut other_conn, 50, &other_there).await;
+    writer.await.unwrap();
+    let total = seeded as usize + 300;
+    done.send(Some(total)).unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let log: Vec<(u64, i64)> = crate::helpers::whole_log(&mut conn, 1_000)
+        .await
+        .iter()
+        .map(|e| (e.seq, e.position))
+        .collect();
+    assert_eq!(log.len(), total);
+    let mut shared = 0;
+    for reader in readers {
+        let (read, from_others) = reader.await.unwrap();
+        assert!(
+            read == log,
+            "a sharing reader read another log than the log"
+        );
+        shared += from_others;
+    }
+    assert!(shared > 0, "the readers side by side shared nothing");
+    let other_log: Vec<(u64, i64)> = crate::helpers::whole_log(&mut other_conn, 1_000)
+        .await
+        .iter()
+        .map(|e| (e.seq, e.position))
+        .collect();
+    assert_eq!(other_read, other_log);
+    assert_eq!(other_reader.rows_shared(), 0);
+}
