@@ -32,6 +32,9 @@ use super::postgres::{read_after, LogCursor, LogKey, LogRow};
 /// Rows kept for a log at most: about 30 MB of submissions.
 pub const KEPT_ROWS: usize = 50_000;
 
+/// How long a reader waits for another's read of the same stretch, at most.
+const WAIT_FOR_ANOTHER: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// A place in the log's order ([`LogKey::order`]).
 type Order = (i32, u64, i64);
 
@@ -115,7 +118,7 @@ impl Reader {
     /// another reader left, then from Postgres on `conn`. Where another
     /// reader is reading the same stretch from Postgres right now (two
     /// readers side by side at the front of a backlog), waits for its rows
-    /// once rather than read them as well.
+    /// once, up to [`WAIT_FOR_ANOTHER`], rather than read them as well.
     pub async fn read_after(
         &self,
         conn: &mut PgConnection,
@@ -158,7 +161,10 @@ impl Reader {
             }
             if wait {
                 waited = true;
-                read_done.await;
+                // At most a while: a read whose reader is not polled (busy
+                // folding, say) must not hold this one up longer than its
+                // own read would take.
+                let _ = tokio::time::timeout(WAIT_FOR_ANOTHER, read_done).await;
                 continue;
             }
             let reading = Reading {

@@ -563,3 +563,35 @@ async fn readers_that_share_their_reads_read_the_log_as_one_alone_does() {
     assert_eq!(other_read, other_log);
     assert_eq!(other_reader.rows_shared(), 0);
 }
+
+/// A reader waits for another's read of the same stretch only a moment: one
+/// whose reader is not polled (busy folding a batch, say) never holds it up.
+#[tokio::test]
+async fn a_shared_read_never_waits_long_for_another_readers_read() {
+    use podium::log::postgres::LogCursor;
+    use podium::log::shared::Reader;
+    let db = crate::helpers::TestDb::new().await;
+    crate::helpers::seed_log(&db.pool, 100).await;
+    let mut stalled_conn = db.pool.acquire().await.unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let start = LogCursor::start();
+    let stalled = Reader::join(&mut stalled_conn, &start.key).await.unwrap();
+    let reader = Reader::join(&mut conn, &start.key).await.unwrap();
+    // Its read sent, then never polled again.
+    let mut stalled_read = Box::pin(stalled.peek(&start, &mut stalled_conn, 50));
+    assert!(futures::poll!(stalled_read.as_mut()).is_pending());
+    let (events, _) = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        reader.peek(&start, &mut conn, 50),
+    )
+    .await
+    .expect("the read waited on a read that never ends")
+    .unwrap();
+    drop(stalled_read);
+    let log = crate::helpers::whole_log(&mut stalled_conn, 50).await;
+    let seqs = |events: &[podium_domain::log::RecordedEvent]| -> Vec<(u64, i64)> {
+        events.iter().map(|e| (e.seq, e.position)).collect()
+    };
+    assert_eq!(seqs(&events), seqs(&log[..50]));
+    assert_eq!(reader.rows_read(), 50);
+}
