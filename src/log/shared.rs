@@ -38,6 +38,11 @@ const WAIT_FOR_ANOTHER: std::time::Duration = std::time::Duration::from_millis(1
 /// A place in the log's order ([`LogKey::order`]).
 type Order = (i32, u64, i64);
 
+/// The first place after `order`: what is after it starts there.
+fn just_after(order: Order) -> Order {
+    (order.0, order.1, order.2 + 1)
+}
+
 /// A log's identity: its cluster's system identifier and its database's oid.
 type LogId = (i64, i64);
 
@@ -302,8 +307,7 @@ impl Kept {
 
     /// Drops the rows after `last_kept`.
     fn drop_beyond(&mut self, last_kept: Order) {
-        self.rows
-            .split_off(&(last_kept.0, last_kept.1, last_kept.2 + 1));
+        self.rows.split_off(&just_after(last_kept));
         self.stretches.retain(|&start, _| start < last_kept);
         if let Some((_, end)) = self.stretches.range_mut(..last_kept).next_back() {
             *end = (*end).min(last_kept);
@@ -315,7 +319,7 @@ impl Kept {
         let Some(&slowest) = self.readers.values().min() else {
             return;
         };
-        self.rows = self.rows.split_off(&(slowest.0, slowest.1, slowest.2 + 1));
+        self.rows = self.rows.split_off(&just_after(slowest));
         let passed: Vec<Order> = self
             .stretches
             .range((Unbounded, Included(slowest)))
