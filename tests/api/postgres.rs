@@ -415,6 +415,11 @@ async fn reading_an_analyzed_log_never_scans_the_whole_table() {
     assert!(indexed > 0, "the reads went through an index");
 }
 
+/// Each event's place: its seq and its row's position.
+fn places(events: &[podium_domain::log::RecordedEvent]) -> Vec<(u64, i64)> {
+    events.iter().map(|e| (e.seq, e.position)).collect()
+}
+
 /// Reads `reader`'s log to its `expected`th event in batches of `batch`,
 /// waiting while its writers have yet to commit them (30 s at most).
 async fn read_shared(
@@ -429,7 +434,7 @@ async fn read_shared(
     let mut read = Vec::new();
     loop {
         let (events, next) = reader.peek(&cursor, conn, batch).await.unwrap();
-        read.extend(events.iter().map(|e| (e.seq, e.position)));
+        read.extend(places(&events));
         cursor = next;
         if events.is_empty() {
             if *expected.borrow() == Some(read.len()) {
@@ -472,7 +477,7 @@ async fn readers_that_share_their_reads_read_the_log_as_one_alone_does() {
         .unwrap();
     let (_, all_there) = tokio::sync::watch::channel(Some(seeded as usize));
     let alone = crate::helpers::whole_log(&mut first_conn, 500).await;
-    let alone: Vec<(u64, i64)> = alone.iter().map(|e| (e.seq, e.position)).collect();
+    let alone = places(&alone);
     assert_eq!(
         read_shared(&first, &mut first_conn, 100, &all_there).await,
         alone
@@ -539,11 +544,7 @@ async fn readers_that_share_their_reads_read_the_log_as_one_alone_does() {
     let total = seeded as usize + 300;
     done.send(Some(total)).unwrap();
     let mut conn = db.pool.acquire().await.unwrap();
-    let log: Vec<(u64, i64)> = crate::helpers::whole_log(&mut conn, 1_000)
-        .await
-        .iter()
-        .map(|e| (e.seq, e.position))
-        .collect();
+    let log = places(&crate::helpers::whole_log(&mut conn, 1_000).await);
     assert_eq!(log.len(), total);
     let mut shared = 0;
     for reader in readers {
@@ -555,11 +556,7 @@ async fn readers_that_share_their_reads_read_the_log_as_one_alone_does() {
         shared += from_others;
     }
     assert!(shared > 0, "the readers side by side shared nothing");
-    let other_log: Vec<(u64, i64)> = crate::helpers::whole_log(&mut other_conn, 1_000)
-        .await
-        .iter()
-        .map(|e| (e.seq, e.position))
-        .collect();
+    let other_log = places(&crate::helpers::whole_log(&mut other_conn, 1_000).await);
     assert_eq!(other_read, other_log);
     assert_eq!(other_reader.rows_shared(), 0);
 }
@@ -577,21 +574,50 @@ async fn a_shared_read_never_waits_long_for_another_readers_read() {
     let start = LogCursor::start();
     let stalled = Reader::join(&mut stalled_conn, &start.key).await.unwrap();
     let reader = Reader::join(&mut conn, &start.key).await.unwrap();
+    // The log locked for a moment, so that a read sent cannot be answered.
+    let mut locker = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
     // Its read sent, then never polled again.
     let mut stalled_read = Box::pin(stalled.peek(&start, &mut stalled_conn, 50));
     assert!(futures::poll!(stalled_read.as_mut()).is_pending());
-    let (events, _) = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        reader.peek(&start, &mut conn, 50),
+    // The lock let go once the other reader, done waiting, reads itself:
+    // two reads of the log then wait for it.
+    let reads_waiting = "SELECT count(*) FROM pg_stat_activity
+                          WHERE datname = current_database() AND wait_event_type = 'Lock'
+                            AND query LIKE '%FROM events%'";
+    let release = async {
+        crate::helpers::poll(
+            "the other reader to read the log itself",
+            std::time::Duration::from_secs(10),
+            || async {
+                let waiting: i64 = sqlx::query_scalar(reads_waiting)
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap();
+                if waiting >= 2 {
+                    Ok(())
+                } else {
+                    Err(waiting)
+                }
+            },
+        )
+        .await;
+        locker.commit().await.unwrap();
+    };
+    let ((events, _), ()) = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        futures::future::join(
+            async { reader.peek(&start, &mut conn, 50).await.unwrap() },
+            release,
+        ),
     )
     .await
-    .expect("the read waited on a read that never ends")
-    .unwrap();
+    .expect("the read waited on a read that never ends");
     drop(stalled_read);
     let log = crate::helpers::whole_log(&mut stalled_conn, 50).await;
-    let seqs = |events: &[podium_domain::log::RecordedEvent]| -> Vec<(u64, i64)> {
-        events.iter().map(|e| (e.seq, e.position)).collect()
-    };
-    assert_eq!(seqs(&events), seqs(&log[..50]));
+    assert_eq!(places(&events), places(&log[..50]));
     assert_eq!(reader.rows_read(), 50);
 }
