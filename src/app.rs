@@ -23,6 +23,7 @@ use crate::delivery::{Channel, Deliveries, DeliveryStore};
 use crate::http::{self, AppParts, AppState};
 use crate::log::memory::MemLog;
 use crate::log::postgres::LogProbe;
+use crate::ops::lease::Roster;
 use crate::ops::metrics::Metrics;
 use crate::projector::local::LocalProjector;
 use crate::projector::operations::{Operations, Owners};
@@ -74,6 +75,8 @@ pub struct Application {
     lease_ttl: Duration,
     /// Events behind from which a read model catches up by a rebuild.
     catch_up_rebuild_from: u64,
+    /// Whether the background roles spread over the instances.
+    spread_roles: bool,
     /// This instance's name in lease rows and metrics.
     instance: String,
     /// The rank index the query API reads and the leaderboard worker ranks with.
@@ -395,6 +398,7 @@ impl Application {
             shutdown_timeout: Duration::from_secs(settings.shutdown_timeout_secs),
             lease_ttl: Duration::from_millis(settings.lease_ttl_ms),
             catch_up_rebuild_from: settings.catch_up_rebuild_from,
+            spread_roles: settings.spread_roles,
             instance: crate::ops::lease::new_instance_id(),
             ranks: wired.ranks,
             operations: wired.operations,
@@ -465,9 +469,18 @@ impl Application {
         if let (Some(bus), Some(_), Some(worker_pool), Some(lease_pool)) =
             (relay_on, &self.pool, &self.worker_pool, &self.lease_pool)
         {
-            let relay = Relay::new(worker_pool.clone(), bus.clone(), relay_config.clone())
+            // The roles spread over the instances that are live.
+            let roster = self.spread_roles.then(|| {
+                let roster = Roster::new(lease_pool.clone(), &self.instance, self.lease_ttl);
+                spawned.push(tasks.spawn(roster.clone().keep_present(stop.clone())));
+                roster
+            });
+            let mut relay = Relay::new(worker_pool.clone(), bus.clone(), relay_config.clone())
                 .leased_through(lease_pool.clone())
                 .timed_by(self.state.metrics.relay_delay.clone());
+            if let Some(roster) = &roster {
+                relay = relay.on_roster(roster);
+            }
             self.state.metrics.watch(relay.probe());
             spawned.push(tasks.spawn(relay.run(stop.clone())));
             // The policy's commands go through the workers' pool, off the
@@ -487,6 +500,7 @@ impl Application {
                     pool: lease_pool,
                     ttl: self.lease_ttl,
                     owner: &self.instance,
+                    roster: roster.as_ref(),
                     rebuild_from: self.catch_up_rebuild_from,
                 },
             );

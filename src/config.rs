@@ -270,6 +270,13 @@ pub struct Settings {
     /// itself in large batches. 0: never.
     #[arg(long, env = "PODIUM_CATCH_UP_REBUILD_FROM", default_value_t = DEFAULT_CATCH_UP_REBUILD_FROM)]
     pub catch_up_rebuild_from: u64,
+    /// Spread the background roles over the instances: each takes at most
+    /// ⌈roles / live instances⌉ of them and hands what it holds beyond that
+    /// over, one role at a time. false: the first instance to take a role
+    /// keeps it until it stops (one instance running every role, the others
+    /// standing by).
+    #[arg(long, env = "PODIUM_SPREAD_ROLES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub spread_roles: bool,
     /// Where the API, leaderboard windows and the rate limiter read the
     /// time: the system's; tests set a manual one.
     #[arg(skip)]
@@ -313,6 +320,7 @@ impl Settings {
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
             lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
             catch_up_rebuild_from: DEFAULT_CATCH_UP_REBUILD_FROM,
+            spread_roles: true,
             clock: crate::clock::Clock::system(),
         }
     }

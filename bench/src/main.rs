@@ -235,6 +235,7 @@ fn main() -> anyhow::Result<()> {
             }
             if args.only.is_empty() {
                 backlog_scenario(&sizes, None, &mut report).await?;
+                backlog_jobs_apart(&sizes, None, &mut report).await?;
             } else {
                 backlog_jobs_alone(&sizes, &args.only, &mut report).await?;
             }
@@ -271,6 +272,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     scale.drop().await?;
     let replay_rate = result?;
     backlog_scenario(&sizes, Some((replay_rate, ingest_rate)), &mut report).await?;
+    backlog_jobs_apart(&sizes, Some(replay_rate), &mut report).await?;
     collection_scenario(&sizes, &mut report).await?;
     instances_scenario(&sizes, &mut report).await?;
     delivery_scenario(&sizes, &mut report).await?;
@@ -1227,6 +1229,89 @@ async fn backlog_jobs_alone(
     jobs: &[BacklogJob],
     report: &mut Report,
 ) -> anyhow::Result<()> {
+    let alone = jobs_alone(sizes, jobs).await?;
+    let names: Vec<&str> = jobs.iter().map(|job| job.name()).collect();
+    report.row(
+        &format!(
+            "backlog: {} alone work off {} events",
+            names.join(" and "),
+            alone.events
+        ),
+        format!(
+            "{:.0} events/s in {:.1} s{}",
+            alone.rate(),
+            alone.took.as_secs_f64(),
+            alone.cpu
+        ),
+        "—".into(),
+        None,
+        "—",
+        None,
+    );
+    Ok(())
+}
+
+/// Each job of [`backlog_scenario`]'s working off the same backlog with the
+/// machine to itself, one after another: the backlog as instances that
+/// each own one job would work it off, each on cores of its own (Podium
+/// spreads the leases of its jobs over its instances). Against the replay
+/// rate of the same run, when it measured it: the slowest job.
+async fn backlog_jobs_apart(
+    sizes: &Sizes,
+    replay_rate: Option<f64>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let mut each = Vec::new();
+    for job in [
+        BacklogJob::Relay,
+        BacklogJob::Policy,
+        BacklogJob::ReadModels,
+    ] {
+        each.push((job, jobs_alone(sizes, &[job]).await?));
+    }
+    let (_, alone) = each
+        .iter()
+        .min_by(|a, b| a.1.rate().total_cmp(&b.1.rate()))
+        .expect("three jobs");
+    let rate = alone.rate();
+    let rates: Vec<String> = each
+        .iter()
+        .map(|(job, alone)| format!("{} {:.0}/s", job.name(), alone.rate()))
+        .collect();
+    let ratio = replay_rate.map(|replay| rate / replay);
+    report.row(
+        &format!(
+            "backlog: each job on an instance of its own works off {} events (one job at a time, the machine to itself)",
+            alone.events
+        ),
+        format!("{rate:.0} events/s, the slowest of: {}", rates.join(", ")),
+        replay_rate.map_or_else(
+            || "not measured in this run".into(),
+            |r| format!("replay: {r:.0} events/s"),
+        ),
+        ratio,
+        "≥ 50% of the replay rate",
+        ratio.map(|ratio| ratio >= 0.5),
+    );
+    Ok(())
+}
+
+/// What some jobs of a backlog did by themselves.
+struct Alone {
+    events: u64,
+    took: Duration,
+    cpu: String,
+}
+
+impl Alone {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.took.as_secs_f64()
+    }
+}
+
+/// `jobs` working off a backlog of their own, the other jobs' leases held
+/// elsewhere.
+async fn jobs_alone(sizes: &Sizes, jobs: &[BacklogJob]) -> anyhow::Result<Alone> {
     let db = ScratchDb::create(2).await?;
     let prefix = format!("benchbl{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let result = async {
@@ -1245,27 +1330,13 @@ async fn backlog_jobs_alone(
             })
             .collect();
         let worked = work_off(&db, &prefix, attempts, &roles, &held).await?;
-        let slowest = worked.slowest();
+        let took = worked.slowest();
         worked.server.stop().await;
-        let names: Vec<&str> = jobs.iter().map(|job| job.name()).collect();
-        report.row(
-            &format!(
-                "backlog: {} alone work off {} events",
-                names.join(" and "),
-                worked.events
-            ),
-            format!(
-                "{:.0} events/s in {:.1} s{}",
-                worked.events as f64 / slowest.as_secs_f64(),
-                slowest.as_secs_f64(),
-                worked.cpu
-            ),
-            "—".into(),
-            None,
-            "—",
-            None,
-        );
-        anyhow::Ok(())
+        anyhow::Ok(Alone {
+            events: worked.events,
+            took,
+            cpu: worked.cpu,
+        })
     }
     .await;
     cleanup_nats(&prefix).await;

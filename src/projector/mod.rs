@@ -248,6 +248,8 @@ pub struct Leases<'a> {
     pub ttl: Duration,
     /// This instance's name in the lease rows.
     pub owner: &'a str,
+    /// The instances it spreads its roles over with, if it does.
+    pub roster: Option<&'a Arc<crate::ops::lease::Roster>>,
     /// Events behind the head from which a read model whose lease this
     /// instance takes catches up by a rebuild ([`operations::CatchUp`]).
     pub rebuild_from: u64,
@@ -269,12 +271,15 @@ struct Spawner<'a> {
 impl Register for Spawner<'_> {
     fn register<L: ProjectionLogic>(&mut self, logic: L) {
         let name = logic.name().to_string();
-        let lease = Lease::new(
+        let mut lease = Lease::new(
             self.leases.pool.clone(),
             &lease_name(&name),
             self.leases.ttl,
             self.leases.owner,
         );
+        if let Some(roster) = self.leases.roster {
+            lease = lease.on_roster(roster);
+        }
         let projection = Arc::new(PgProjection {
             apply_seconds: Some(self.metrics.projection_apply.with_label_values(&[&name])),
             delay_seconds: Some(self.metrics.projection_delay.with_label_values(&[&name])),

@@ -120,6 +120,8 @@ pub struct Relay {
     /// Where its lease is renewed, if not on `pool`
     /// ([`crate::ops::db::connect_leases`]).
     lease_pool: Option<PgPool>,
+    /// The instances it spreads its lease over with, if any.
+    roster: Option<Arc<crate::ops::lease::Roster>>,
     target: Target,
     config: RelayConfig,
     stats: Arc<RelayStats>,
@@ -137,6 +139,7 @@ impl Relay {
         Self {
             pool,
             lease_pool: None,
+            roster: None,
             target,
             config,
             stats: Arc::default(),
@@ -148,6 +151,13 @@ impl Relay {
     /// Takes and renews its lease through `pool`.
     pub fn leased_through(mut self, pool: PgPool) -> Self {
         self.lease_pool = Some(pool);
+        self
+    }
+
+    /// Takes its lease within this instance's share of the roles
+    /// ([`crate::ops::lease::Roster`]).
+    pub fn on_roster(mut self, roster: &Arc<crate::ops::lease::Roster>) -> Self {
+        self.roster = Some(roster.clone());
         self
     }
 
@@ -188,12 +198,15 @@ impl Relay {
     /// Relays until `stop` is cancelled: waits to lead, then publishes; after
     /// a database error it steps down and tries again.
     pub async fn run(self, stop: CancellationToken) {
-        let lease = Lease::new(
+        let mut lease = Lease::new(
             self.lease_pool.clone().unwrap_or_else(|| self.pool.clone()),
             &lease_name(self.name()),
             self.config.lease_ttl,
             &self.config.owner,
         );
+        if let Some(roster) = &self.roster {
+            lease = lease.on_roster(roster);
+        }
         let status = self.status.clone();
         let this = &self;
         let fence = lease.fence().clone();

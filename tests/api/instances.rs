@@ -110,6 +110,9 @@ impl Deployment {
             ("PODIUM_LEASE_TTL_MS", LEASE_TTL_MS.to_string()),
             ("PODIUM_DB_MAX_CONNECTIONS", "4".to_string()),
             ("PODIUM_DB_ACQUIRE_TIMEOUT_SECS", "2".to_string()),
+            // The tests know who owns what: the first instance keeps every
+            // role (the spread is tested by itself, with this set to true).
+            ("PODIUM_SPREAD_ROLES", "false".to_string()),
         ];
         let env: Vec<(&str, &str)> = env
             .iter()
@@ -438,6 +441,111 @@ async fn three_instances_share_one_owner_per_projection_and_redeliver_almost_not
             "{projection}: {redeliveries} redeliveries for {log} events"
         );
     }
+}
+
+/// Whether the processes `pids` hold every role, an equal share each.
+async fn spread_over(deployment: &Deployment, pids: &[u32]) -> bool {
+    let mut held = Vec::new();
+    for pid in pids {
+        held.push(deployment.owned_by(*pid).await);
+    }
+    let share = ROLES.div_ceil(pids.len());
+    held.iter().sum::<usize>() == ROLES && held.iter().all(|&n| n == share)
+}
+
+/// The live leases' owners and tokens, by lease.
+async fn lease_holders(pool: &PgPool) -> Vec<(String, String, i64)> {
+    sqlx::query_as("SELECT name, owner, token FROM leases WHERE expires_at > now() ORDER BY name")
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_roles_spread_over_the_instances_and_over_the_rest_when_one_is_killed() {
+    let db = TestDb::new().await;
+    let spread = vec![("PODIUM_SPREAD_ROLES".to_string(), "true".to_string())];
+    // The first instance takes every role while it is alone.
+    let mut deployment =
+        Deployment::start_on(db.url(), db.pool.clone(), 1, nats_url(), spread).await;
+    deployment.add_instance();
+    deployment.add_instance();
+    let all = vec![deployment.pid(0), deployment.pid(1), deployment.pid(2)];
+    wait_until(
+        Duration::from_secs(30),
+        "two roles on each of three instances",
+        || spread_over(&deployment, &all),
+    )
+    .await;
+    // Spread, the leases stay where they are: nothing is handed back and
+    // forth.
+    let settled = lease_holders(&deployment.pool).await;
+    let test = deployment.published_test(1).await;
+    let mut acknowledged: HashSet<String> = HashSet::new();
+    for i in 0..30 {
+        acknowledged.extend(
+            deployment
+                .take(i % 3, &test, &format!("learner-{}", i % 12), i as u64)
+                .await,
+        );
+    }
+    assert_eq!(acknowledged.len(), 30, "every submission is acknowledged");
+    deployment
+        .wait_converged(&acknowledged, Duration::from_secs(60))
+        .await;
+    assert_eq!(lease_holders(&deployment.pool).await, settled);
+
+    // One of them is killed mid-load: its roles go to the other two, three
+    // each, and nothing is lost or doubled.
+    for i in 30..60 {
+        if i == 40 {
+            deployment.kill(2);
+        }
+        let instance = if i < 40 { i % 3 } else { i % 2 };
+        acknowledged.extend(
+            deployment
+                .take(instance, &test, &format!("learner-{}", i % 12), i as u64)
+                .await,
+        );
+    }
+    assert!(
+        acknowledged.len() >= 55,
+        "{} acknowledged",
+        acknowledged.len()
+    );
+    let rest = vec![deployment.pid(0), deployment.pid(1)];
+    wait_until(
+        Duration::from_secs(30),
+        "three roles on each of the two left",
+        || spread_over(&deployment, &rest),
+    )
+    .await;
+    deployment
+        .wait_converged(&acknowledged, Duration::from_secs(60))
+        .await;
+    deployment
+        .wait_ranks_agree(&[0, 1], &test, Duration::from_secs(30))
+        .await;
+    for projection in PROJECTIONS {
+        let label = format!("projection=\"{projection}\"");
+        let mut owners = 0.0;
+        for instance in 0..2 {
+            for state in ["running", "catching_up"] {
+                let state = format!("state=\"{state}\"");
+                owners += deployment
+                    .metric(instance, "podium_projection_state", &[&label, &state])
+                    .await;
+            }
+        }
+        assert_eq!(owners, 1.0, "{projection} has exactly one active owner");
+    }
+    let mut dead_letters = 0.0;
+    for instance in 0..2 {
+        dead_letters += deployment
+            .metric(instance, "podium_projection_dead_letters_total", &[])
+            .await;
+    }
+    assert_eq!(dead_letters, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
