@@ -229,6 +229,29 @@ impl Deployment {
             .sum()
     }
 
+    /// `name` with `labels`, summed over `instances`.
+    async fn summed(&self, instances: &[usize], name: &str, labels: &[&str]) -> f64 {
+        let mut sum = 0.0;
+        for &instance in instances {
+            sum += self.metric(instance, name, labels).await;
+        }
+        sum
+    }
+
+    /// How many of `instances` apply `projection` now (running or catching
+    /// up).
+    async fn active_owners(&self, instances: &[usize], projection: &str) -> f64 {
+        let label = format!("projection=\"{projection}\"");
+        let mut owners = 0.0;
+        for state in ["running", "catching_up"] {
+            let state = format!("state=\"{state}\"");
+            owners += self
+                .summed(instances, "podium_projection_state", &[&label, &state])
+                .await;
+        }
+        owners
+    }
+
     async fn ready(&self, instance: usize) -> Option<StatusCode> {
         let response = self
             .client
@@ -422,19 +445,14 @@ async fn three_instances_share_one_owner_per_projection_and_redeliver_almost_not
         .unwrap();
     for projection in PROJECTIONS {
         let label = format!("projection=\"{projection}\"");
-        let mut owners = 0.0;
-        let mut redeliveries = 0.0;
-        for instance in 0..3 {
-            for state in ["running", "catching_up"] {
-                let state = format!("state=\"{state}\"");
-                owners += deployment
-                    .metric(instance, "podium_projection_state", &[&label, &state])
-                    .await;
-            }
-            redeliveries += deployment
-                .metric(instance, "podium_projection_redeliveries_total", &[&label])
-                .await;
-        }
+        let owners = deployment.active_owners(&[0, 1, 2], projection).await;
+        let redeliveries = deployment
+            .summed(
+                &[0, 1, 2],
+                "podium_projection_redeliveries_total",
+                &[&label],
+            )
+            .await;
         assert_eq!(owners, 1.0, "{projection} has exactly one active owner");
         assert!(
             redeliveries * 100.0 <= log as f64,
@@ -527,24 +545,12 @@ async fn the_roles_spread_over_the_instances_and_over_the_rest_when_one_is_kille
         .wait_ranks_agree(&[0, 1], &test, Duration::from_secs(30))
         .await;
     for projection in PROJECTIONS {
-        let label = format!("projection=\"{projection}\"");
-        let mut owners = 0.0;
-        for instance in 0..2 {
-            for state in ["running", "catching_up"] {
-                let state = format!("state=\"{state}\"");
-                owners += deployment
-                    .metric(instance, "podium_projection_state", &[&label, &state])
-                    .await;
-            }
-        }
+        let owners = deployment.active_owners(&[0, 1], projection).await;
         assert_eq!(owners, 1.0, "{projection} has exactly one active owner");
     }
-    let mut dead_letters = 0.0;
-    for instance in 0..2 {
-        dead_letters += deployment
-            .metric(instance, "podium_projection_dead_letters_total", &[])
-            .await;
-    }
+    let dead_letters = deployment
+        .summed(&[0, 1], "podium_projection_dead_letters_total", &[])
+        .await;
     assert_eq!(dead_letters, 0.0);
 }
 
@@ -691,12 +697,9 @@ async fn killing_the_owner_mid_load_loses_and_doubles_nothing() {
         "every learner on the collection's board"
     );
     assert_eq!(composed, summed);
-    let mut dead_letters = 0.0;
-    for instance in 1..3 {
-        dead_letters += deployment
-            .metric(instance, "podium_projection_dead_letters_total", &[])
-            .await;
-    }
+    let dead_letters = deployment
+        .summed(&[1, 2], "podium_projection_dead_letters_total", &[])
+        .await;
     assert_eq!(dead_letters, 0.0);
 }
 
