@@ -1195,9 +1195,7 @@ async fn work_off(
     // The backlog is caught up from the log at any size (the default
     // threshold at the full size; a smoke run's backlog is below it, and a
     // job alone, without the relay, would wait for NATS for ever).
-    let from = (events / 2)
-        .max(1)
-        .min(podium::config::DEFAULT_CATCH_UP_REBUILD_FROM);
+    let from = (events / 2).clamp(1, podium::config::DEFAULT_CATCH_UP_REBUILD_FROM);
     let server = Server::start_with(
         Options::full(&db.url, &nats_url(), prefix),
         &[("PODIUM_CATCH_UP_REBUILD_FROM", from.to_string())],
